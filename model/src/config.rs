@@ -1,0 +1,160 @@
+//! Model shape, mirroring Hugging Face `config.json` for Llama so that checkpoints load in other
+//! programs unchanged.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// A Llama-style decoder's shape. Field names are those of HF `config.json` (`LlamaConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Grouped-query attention when smaller than `num_attention_heads`.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-5
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+
+/// Hard caps on untrusted configs, so that a hostile `config.json` cannot make us allocate
+/// terabytes before any tensor is read.
+pub const MAX_HIDDEN: usize = 1 << 16;
+pub const MAX_LAYERS: usize = 1 << 10;
+pub const MAX_VOCAB: usize = 1 << 21;
+pub const MAX_POSITIONS: usize = 1 << 20;
+
+impl ModelConfig {
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Checks the shape is consistent and within the caps; call on every config read from outside.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if self.hidden_size == 0 || self.hidden_size > MAX_HIDDEN {
+            return bad(format!("hidden_size {} not in 1..={MAX_HIDDEN}", self.hidden_size));
+        }
+        if self.intermediate_size == 0 || self.intermediate_size > 4 * MAX_HIDDEN {
+            return bad(format!("intermediate_size {} out of range", self.intermediate_size));
+        }
+        if self.num_hidden_layers == 0 || self.num_hidden_layers > MAX_LAYERS {
+            return bad(format!("num_hidden_layers {} not in 1..={MAX_LAYERS}", self.num_hidden_layers));
+        }
+        if self.vocab_size == 0 || self.vocab_size > MAX_VOCAB {
+            return bad(format!("vocab_size {} not in 1..={MAX_VOCAB}", self.vocab_size));
+        }
+        if self.max_position_embeddings == 0 || self.max_position_embeddings > MAX_POSITIONS {
+            return bad(format!(
+                "max_position_embeddings {} not in 1..={MAX_POSITIONS}",
+                self.max_position_embeddings
+            ));
+        }
+        let heads = self.num_attention_heads;
+        if heads == 0 || self.hidden_size % heads != 0 {
+            return bad(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {heads}",
+                self.hidden_size
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!("head dim {} must be even for RoPE", self.head_dim()));
+        }
+        let kv = self.num_kv_heads();
+        if kv == 0 || heads % kv != 0 {
+            return bad(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+            ));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return bad(format!("rms_norm_eps {} must be positive", self.rms_norm_eps));
+        }
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return bad(format!("rope_theta {} must be positive", self.rope_theta));
+        }
+        Ok(())
+    }
+
+    /// Parameter count of the whole model (embedding, layers, final norm, and the head if untied).
+    pub fn num_parameters(&self) -> usize {
+        let h = self.hidden_size;
+        let kv = self.num_kv_heads() * self.head_dim();
+        let attn = h * h * 2 + h * kv * 2;
+        let mlp = 3 * h * self.intermediate_size;
+        let layer = attn + mlp + 2 * h;
+        let embed = self.vocab_size * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + self.num_hidden_layers * layer + h + head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig {
+            hidden_size: 64,
+            intermediate_size: 172,
+            num_hidden_layers: 5,
+            num_attention_heads: 8,
+            num_key_value_heads: Some(4),
+            vocab_size: 512,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 512,
+            tie_word_embeddings: true,
+        }
+    }
+
+    #[test]
+    fn parses_hf_config_json() {
+        let json = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":172,
+            "num_hidden_layers":5,"num_attention_heads":8,"num_key_value_heads":4,"vocab_size":512,
+            "rms_norm_eps":1e-5,"rope_theta":10000.0,"max_position_embeddings":512,
+            "tie_word_embeddings":true,"torch_dtype":"float32"}"#;
+        let cfg: ModelConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(cfg, tiny());
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn parameter_count_of_stories260k() {
+        // stories260K: 260K parameters as its name says (tied classifier).
+        let n = tiny().num_parameters();
+        assert!((250_000..270_000).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn rejects_inconsistent_shapes() {
+        let mut c = tiny();
+        c.num_key_value_heads = Some(3);
+        assert!(c.validate().is_err());
+        let mut c = tiny();
+        c.hidden_size = 60;
+        assert!(c.validate().is_err());
+        let mut c = tiny();
+        c.vocab_size = usize::MAX;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,8 @@
+//! The swarm: peers over QUIC (identity, mutual TLS, wire protocol, link shaping, membership), and
+//! on top of it the trainer, the peer server, replica sync, audits and the contribution ledger.
+
+pub mod error;
+pub mod identity;
+
+pub use error::{Error, Result};
+pub use identity::{Identity, PeerId};

@@ -1,0 +1,11 @@
+//! One module per subcommand; each has an `Args` struct (clap) and `run(args) -> anyhow::Result<()>`.
+
+pub mod bench_codec;
+pub mod bench_link;
+pub mod bench_model;
+pub mod eval;
+pub mod generate;
+pub mod join;
+pub mod sim;
+pub mod status;
+pub mod train;

@@ -1,0 +1,70 @@
+//! `swarm`: train transformer language models across a swarm of volunteer machines.
+//!
+//! Every command prints human output, and with `--json` its last line of stdout is one JSON object.
+//! Business logic lives in the library crates; this binary parses arguments, shows progress and
+//! prints results.
+
+mod cmd;
+mod ui;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "swarm", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing-subscriber EnvFilter syntax), e.g. `info` or `swarm_core=debug`.
+    #[arg(long, global = true, env = "SWARM_LOG", default_value = "warn")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model: `--local` in this process (the reference run).
+    Train(cmd::train::TrainArgs),
+    /// Mean next-token loss (and last-position logits) of a checkpoint.
+    Eval(cmd::eval::EvalArgs),
+    /// Sample text from a checkpoint.
+    Generate(cmd::generate::GenerateArgs),
+    /// Start a peer and join a swarm (or start a new one).
+    Join(cmd::join::JoinArgs),
+    /// Show the swarm as one peer sees it.
+    Status(cmd::status::StatusArgs),
+    /// Simulate a large swarm with the router's logic.
+    Sim(cmd::sim::SimArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Forward, backward and optimizer time of the default model.
+    Model(cmd::bench_model::BenchModelArgs),
+    /// Ratio, error and speed of the codecs on realistic tensors.
+    Codec(cmd::bench_codec::BenchCodecArgs),
+    /// Transfer throughput over a shaped QUIC link.
+    Link(cmd::bench_link::BenchLinkArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    ui::init_tracing(&cli.log);
+    let result = match cli.command {
+        Command::Train(a) => cmd::train::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Join(a) => cmd::join::run(a),
+        Command::Status(a) => cmd::status::run(a),
+        Command::Sim(a) => cmd::sim::run(a),
+        Command::Bench(BenchCommand::Model(a)) => cmd::bench_model::run(a),
+        Command::Bench(BenchCommand::Codec(a)) => cmd::bench_codec::run(a),
+        Command::Bench(BenchCommand::Link(a)) => cmd::bench_link::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
