@@ -16,6 +16,9 @@ pub enum Error {
         path: std::path::PathBuf,
         reason: String,
     },
+    /// Bytes from a peer were refused by the wire protocol decoder.
+    #[error("wire protocol: {0}")]
+    Wire(#[from] crate::wire::WireError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
