@@ -16,6 +16,28 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Training data cannot be read or batched as asked (empty corpus, id outside the vocabulary,
+    /// sequence longer than the split).
+    #[error("data: {0}")]
+    Data(String),
+    /// A tokenizer file is malformed or of an unsupported kind.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A checkpoint file is malformed: truncated, hostile or unparsable header, unknown format.
+    #[error("malformed checkpoint: {0}")]
+    Checkpoint(String),
+    /// A checkpoint lacks a tensor its config requires.
+    #[error("checkpoint is missing tensor {name}")]
+    MissingTensor { name: String },
+    /// A checkpoint has a tensor its config does not explain (a typo or another architecture).
+    #[error("checkpoint has unexpected tensor {name}")]
+    UnexpectedTensor { name: String },
+    /// A checkpoint tensor's shape disagrees with the config.
+    #[error("tensor {name} has shape {found:?}, config implies {expected:?}")]
+    TensorShape { name: String, expected: Vec<usize>, found: Vec<usize> },
+    /// A checkpoint tensor has a dtype we do not load (only f32, f16 and bf16 are weights).
+    #[error("tensor {name} has dtype {dtype}, expected F32, F16 or BF16")]
+    TensorDtype { name: String, dtype: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

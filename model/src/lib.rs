@@ -2,7 +2,11 @@
 //! VJP backward, plus optimizer, checkpoints, tokenizer and data. Knows nothing of peers or codecs.
 
 pub mod config;
+pub mod data;
 pub mod error;
+pub mod tokenizer;
 
 pub use config::ModelConfig;
+pub use data::{Batch, Corpus};
 pub use error::{Error, Result};
+pub use tokenizer::{ByteTokenizer, Tokenizer};
