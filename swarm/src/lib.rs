@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod identity;
+pub mod membership;
 pub mod wire;
 
 pub use error::{Error, Result};
