@@ -53,16 +53,28 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |msg: String| Err(Error::Config(msg));
         if self.hidden_size == 0 || self.hidden_size > MAX_HIDDEN {
-            return bad(format!("hidden_size {} not in 1..={MAX_HIDDEN}", self.hidden_size));
+            return bad(format!(
+                "hidden_size {} not in 1..={MAX_HIDDEN}",
+                self.hidden_size
+            ));
         }
         if self.intermediate_size == 0 || self.intermediate_size > 4 * MAX_HIDDEN {
-            return bad(format!("intermediate_size {} out of range", self.intermediate_size));
+            return bad(format!(
+                "intermediate_size {} out of range",
+                self.intermediate_size
+            ));
         }
         if self.num_hidden_layers == 0 || self.num_hidden_layers > MAX_LAYERS {
-            return bad(format!("num_hidden_layers {} not in 1..={MAX_LAYERS}", self.num_hidden_layers));
+            return bad(format!(
+                "num_hidden_layers {} not in 1..={MAX_LAYERS}",
+                self.num_hidden_layers
+            ));
         }
         if self.vocab_size == 0 || self.vocab_size > MAX_VOCAB {
-            return bad(format!("vocab_size {} not in 1..={MAX_VOCAB}", self.vocab_size));
+            return bad(format!(
+                "vocab_size {} not in 1..={MAX_VOCAB}",
+                self.vocab_size
+            ));
         }
         if self.max_position_embeddings == 0 || self.max_position_embeddings > MAX_POSITIONS {
             return bad(format!(
@@ -71,23 +83,29 @@ impl ModelConfig {
             ));
         }
         let heads = self.num_attention_heads;
-        if heads == 0 || self.hidden_size % heads != 0 {
+        if heads == 0 || !self.hidden_size.is_multiple_of(heads) {
             return bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {heads}",
                 self.hidden_size
             ));
         }
-        if self.head_dim() % 2 != 0 {
-            return bad(format!("head dim {} must be even for RoPE", self.head_dim()));
+        if !self.head_dim().is_multiple_of(2) {
+            return bad(format!(
+                "head dim {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || heads % kv != 0 {
+        if kv == 0 || !heads.is_multiple_of(kv) {
             return bad(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
             ));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
-            return bad(format!("rms_norm_eps {} must be positive", self.rms_norm_eps));
+            return bad(format!(
+                "rms_norm_eps {} must be positive",
+                self.rms_norm_eps
+            ));
         }
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
             return bad(format!("rope_theta {} must be positive", self.rope_theta));

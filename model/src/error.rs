@@ -38,6 +38,21 @@ pub enum Error {
     /// A checkpoint tensor has a dtype we do not load (only f32, f16 and bf16 are weights).
     #[error("tensor {name} has dtype {dtype}, expected F32, F16 or BF16")]
     TensorDtype { name: String, dtype: String },
+    /// A shard was asked for a piece it does not hold, or pieces were combined wrongly (e.g. a
+    /// tied head without its embedding, overlapping stages).
+    #[error("piece: {0}")]
+    Piece(String),
+    /// Forward input does not fit the model: token out of vocab, wrong shape or dtype, too long.
+    #[error("bad input: {0}")]
+    Input(String),
+    /// A forward context was used after the weights it was computed with were replaced by an
+    /// optimizer step or a state import; its gradients would be wrong.
+    #[error("forward context is stale: the weights changed since its forward pass")]
+    StaleContext,
+    /// Serialized shard state (weights + optimizer moments) does not match the shard's names,
+    /// shapes or dtypes, or is malformed.
+    #[error("bad shard state: {0}")]
+    State(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

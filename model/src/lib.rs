@@ -4,9 +4,12 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod ops;
+pub mod shard;
 pub mod tokenizer;
 
 pub use config::ModelConfig;
 pub use data::{Batch, Corpus};
 pub use error::{Error, Result};
+pub use shard::{AdamW, ForwardCtx, Piece, Shard, clip_scale};
 pub use tokenizer::{ByteTokenizer, Tokenizer};

@@ -1,0 +1,776 @@
+//! Model pieces and the shard that holds, runs and trains some of them.
+//!
+//! A run splits the decoder into [`Piece`]s: the token embedding, stages (contiguous layer ranges)
+//! and the head (final norm, LM head, loss). A [`Shard`] holds one or more pieces with their
+//! parameters (HF tensor names), gradients and AdamW state, so that a peer can serve a stage and
+//! the trainer can hold the "ends" (embedding + head, which share one weight when embeddings are
+//! tied).
+//!
+//! Protocol for one micro-batch (what the local trainer and the swarm both do):
+//! 1. `embed_forward` -> `stage_forward` for each stage in order -> `head_forward` (loss).
+//! 2. `head_backward(ctx, 1/micro_batches)` -> `stage_backward` in reverse -> `embed_backward`.
+//!    Each backward consumes its context, returns the input gradient and adds the parameter
+//!    gradients into the shard's accumulators. Dropping a context instead frees its graph.
+//!
+//! At the step boundary: `grad_sq_norm` on every shard, sum them, [`clip_scale`], then
+//! `optimizer_step(lr, scale)` and `zero_grads` on every shard.
+//!
+//! Weights are initialised from `(seed, tensor name)` alone, so a shard holding layers 4..8 has
+//! exactly the weights the single-process model has for them.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use rand_distr::{Distribution, Normal};
+
+use crate::ops::{self, RopeTables};
+use crate::{Error, ModelConfig, Result};
+
+/// A part of the model that can be built and run alone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Piece {
+    /// `model.embed_tokens.weight`: tokens -> hidden states `(batch, seq, hidden)`.
+    Embedding,
+    /// Transformer layers `layers` (the run's stage number `index`): hidden -> hidden.
+    Stage { index: usize, layers: Range<usize> },
+    /// Final RMSNorm and LM head (`model.norm.weight`, `lm_head.weight`, or the embedding when
+    /// tied): hidden -> logits, and the mean cross-entropy loss.
+    Head,
+}
+
+impl Piece {
+    /// Sort key: embedding, stages by first layer, head. Shards keep pieces in this order.
+    fn order(&self) -> (usize, usize) {
+        match self {
+            Piece::Embedding => (0, 0),
+            Piece::Stage { layers, .. } => (1, layers.start),
+            Piece::Head => (2, 0),
+        }
+    }
+
+    /// The pieces of a run with stage boundaries `bounds` (e.g. `[0, 2, 4]` -> layers 0..2, 2..4).
+    pub fn all(bounds: &[usize]) -> Vec<Piece> {
+        let mut v = vec![Piece::Embedding];
+        v.extend(Self::stages(bounds));
+        v.push(Piece::Head);
+        v
+    }
+
+    /// The stages for boundaries `bounds`.
+    pub fn stages(bounds: &[usize]) -> Vec<Piece> {
+        bounds
+            .windows(2)
+            .enumerate()
+            .map(|(index, w)| Piece::Stage {
+                index,
+                layers: w[0]..w[1],
+            })
+            .collect()
+    }
+
+    /// Names and shapes of this piece's own parameters, in the stable order the shard uses for
+    /// flat gradients, digests and state. With tied embeddings the head owns no LM head (it uses
+    /// `model.embed_tokens.weight`, which belongs to the embedding).
+    pub fn parameters(&self, cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+        let h = cfg.hidden_size;
+        let kv = cfg.num_kv_heads() * cfg.head_dim();
+        let i = cfg.intermediate_size;
+        match self {
+            Piece::Embedding => vec![("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h])],
+            Piece::Stage { layers, .. } => {
+                let mut v = Vec::with_capacity(layers.len() * 9);
+                for l in layers.clone() {
+                    let p = format!("model.layers.{l}");
+                    v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+                    v.push((format!("{p}.self_attn.q_proj.weight"), vec![h, h]));
+                    v.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+                    v.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+                    v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
+                    v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+                    v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+                    v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+                    v.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+                }
+                v
+            }
+            Piece::Head => {
+                let mut v = vec![("model.norm.weight".to_string(), vec![h])];
+                if !cfg.tie_word_embeddings {
+                    v.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
+                }
+                v
+            }
+        }
+    }
+}
+
+/// The initial value of parameter `name`: RMSNorm weights are 1; matrices are N(0, 0.02), with
+/// the residual projections (`o_proj`, `down_proj`) scaled by 1/sqrt(2 * layers) as in GPT-2.
+/// Drawn from ChaCha20 keyed by BLAKE3(seed, name), so it depends on nothing else.
+pub fn init_values(cfg: &ModelConfig, seed: u64, name: &str, len: usize) -> Vec<f64> {
+    if name.ends_with("norm.weight") {
+        return vec![1.0; len];
+    }
+    let mut std = 0.02;
+    if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+        std /= (2.0 * cfg.num_hidden_layers as f64).sqrt();
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(b"swarm-model init v1\0");
+    h.update(&seed.to_le_bytes());
+    h.update(name.as_bytes());
+    let mut rng = ChaCha20Rng::from_seed(*h.finalize().as_bytes());
+    let normal = Normal::new(0.0, std).expect("std is positive and finite");
+    (0..len).map(|_| normal.sample(&mut rng)).collect()
+}
+
+/// The clip factor for gradients whose global squared norm (summed over all shards of the
+/// model) is `total_sq_norm`: `max_norm / norm` when the norm exceeds `max_norm`, else 1.
+/// `max_norm <= 0` disables clipping.
+pub fn clip_scale(total_sq_norm: f64, max_norm: f64) -> f64 {
+    let norm = total_sq_norm.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / norm
+    } else {
+        1.0
+    }
+}
+
+/// AdamW hyper-parameters (the learning rate is passed per step, from the schedule).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay, applied to matrices only (not to RMSNorm weights).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+struct Param {
+    name: String,
+    shape: Vec<usize>,
+    var: Var,
+    /// Accumulated gradient; `None` means zero.
+    grad: Option<Tensor>,
+    /// AdamW first and second moments, f32, allocated on the first step.
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// What a backward pass needs from its forward pass: the graph (kept alive by the output
+/// tensor), the input variable, and the weights it used. Dropping it frees the graph.
+pub struct ForwardCtx {
+    piece: usize,
+    input: Option<Var>,
+    root: Tensor,
+    /// The parameter variables the forward used, to detect stale contexts.
+    vars: Vec<Var>,
+}
+
+impl std::fmt::Debug for ForwardCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardCtx")
+            .field("piece", &self.piece)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Some pieces of the model with their parameters, gradients and optimizer state.
+pub struct Shard {
+    cfg: ModelConfig,
+    pieces: Vec<Piece>,
+    params: Vec<Param>,
+    by_name: HashMap<String, usize>,
+    rope: RopeTables,
+    dtype: DType,
+    device: Device,
+    step: u64,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("pieces", &self.pieces)
+            .field("dtype", &self.dtype)
+            .field("step", &self.step)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_pieces(cfg: &ModelConfig, pieces: &[Piece]) -> Result<Vec<Piece>> {
+    cfg.validate()?;
+    if pieces.is_empty() {
+        return Err(Error::Piece("a shard needs at least one piece".into()));
+    }
+    let mut sorted = pieces.to_vec();
+    sorted.sort_by_key(Piece::order);
+    for w in sorted.windows(2) {
+        if w[0] == w[1] {
+            return Err(Error::Piece(format!("{:?} given twice", w[0])));
+        }
+    }
+    let mut last_end = 0;
+    for p in &sorted {
+        if let Piece::Stage { layers, index } = p {
+            if layers.is_empty() || layers.end > cfg.num_hidden_layers {
+                return Err(Error::Piece(format!(
+                    "stage {index} layers {layers:?} not a non-empty part of 0..{}",
+                    cfg.num_hidden_layers
+                )));
+            }
+            if layers.start < last_end {
+                return Err(Error::Piece(format!(
+                    "stage {index} layers {layers:?} overlap"
+                )));
+            }
+            last_end = layers.end;
+        }
+    }
+    let has = |q: &Piece| sorted.contains(q);
+    if cfg.tie_word_embeddings && has(&Piece::Head) != has(&Piece::Embedding) {
+        return Err(Error::Piece(
+            "with tied embeddings the embedding and head must be in the same shard".into(),
+        ));
+    }
+    Ok(sorted)
+}
+
+impl Shard {
+    /// Builds `pieces` with weights initialised from `seed` (see [`init_values`]).
+    /// `dtype` is F32 for training; F64 exists for gradient checks.
+    pub fn new(
+        cfg: &ModelConfig,
+        pieces: &[Piece],
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let pieces = check_pieces(cfg, pieces)?;
+        let mut tensors = HashMap::new();
+        for p in &pieces {
+            for (name, shape) in p.parameters(cfg) {
+                let n = shape.iter().product();
+                let vals = init_values(cfg, seed, &name, n);
+                let t = Tensor::from_vec(vals, shape, device)?.to_dtype(dtype)?;
+                tensors.insert(name, t);
+            }
+        }
+        Self::from_tensors(cfg, &pieces, &tensors, dtype, device)
+    }
+
+    /// Builds `pieces` from named tensors (HF names; e.g. a checkpoint or another shard's
+    /// [`Shard::tensors`]). Every parameter must be present with its exact shape and a float
+    /// dtype (converted to `dtype`); extra names are ignored so a whole checkpoint can feed one
+    /// stage. The tensors are copied, never aliased.
+    pub fn from_tensors(
+        cfg: &ModelConfig,
+        pieces: &[Piece],
+        tensors: &HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let pieces = check_pieces(cfg, pieces)?;
+        if !matches!(dtype, DType::F32 | DType::F64) {
+            return Err(Error::Input(format!(
+                "shard dtype {dtype:?} (f32 or f64 only)"
+            )));
+        }
+        let mut params = Vec::new();
+        let mut by_name = HashMap::new();
+        for p in &pieces {
+            for (name, shape) in p.parameters(cfg) {
+                let t = tensors
+                    .get(&name)
+                    .ok_or_else(|| Error::State(format!("missing tensor {name}")))?;
+                if t.dims() != shape.as_slice() {
+                    return Err(Error::State(format!(
+                        "{name}: shape {:?}, expected {shape:?}",
+                        t.dims()
+                    )));
+                }
+                if !t.dtype().is_float() {
+                    return Err(Error::State(format!(
+                        "{name}: dtype {:?} is not float",
+                        t.dtype()
+                    )));
+                }
+                let var = Var::from_tensor(&t.to_device(device)?.to_dtype(dtype)?.copy()?)?;
+                by_name.insert(name.clone(), params.len());
+                params.push(Param {
+                    name,
+                    shape,
+                    var,
+                    grad: None,
+                    m: vec![],
+                    v: vec![],
+                });
+            }
+        }
+        let max_len = cfg.max_position_embeddings;
+        Ok(Self {
+            rope: RopeTables::new(cfg.head_dim(), max_len, cfg.rope_theta),
+            cfg: cfg.clone(),
+            pieces,
+            params,
+            by_name,
+            dtype,
+            device: device.clone(),
+            step: 0,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The pieces held, in canonical order (embedding, stages by layer, head).
+    pub fn pieces(&self) -> &[Piece] {
+        &self.pieces
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Optimizer steps taken (AdamW's bias correction counter).
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Parameter names and shapes in the stable order: pieces in canonical order, each piece's
+    /// [`Piece::parameters`] order.
+    pub fn parameter_names(&self) -> Vec<(String, Vec<usize>)> {
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.shape.clone()))
+            .collect()
+    }
+
+    /// Total number of scalar parameters held.
+    pub fn num_parameters(&self) -> usize {
+        self.params.iter().map(|p| p.var.elem_count()).sum()
+    }
+
+    /// The current weights by HF name (cheap clones sharing storage; do not mutate).
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+            .collect()
+    }
+
+    fn piece_index(&self, want: impl Fn(&Piece) -> bool, what: &str) -> Result<usize> {
+        self.pieces
+            .iter()
+            .position(want)
+            .ok_or_else(|| Error::Piece(format!("this shard does not hold {what}")))
+    }
+
+    fn w(&self, name: &str) -> Result<&Var> {
+        self.by_name
+            .get(name)
+            .map(|&i| &self.params[i].var)
+            .ok_or_else(|| Error::Piece(format!("no parameter {name}")))
+    }
+
+    fn piece_vars(&self, piece: usize) -> Vec<Var> {
+        let mut names: Vec<String> = self.pieces[piece]
+            .parameters(&self.cfg)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        if self.pieces[piece] == Piece::Head && self.cfg.tie_word_embeddings {
+            names.push("model.embed_tokens.weight".into());
+        }
+        names
+            .iter()
+            .map(|n| self.params[self.by_name[n]].var.clone())
+            .collect()
+    }
+
+    fn check_hidden(&self, x: &Tensor) -> Result<(usize, usize)> {
+        let (b, t, h) = x.dims3().map_err(|_| {
+            Error::Input(format!(
+                "hidden states must be (batch, seq, hidden), got {:?}",
+                x.dims()
+            ))
+        })?;
+        if h != self.cfg.hidden_size || b == 0 || t == 0 {
+            return Err(Error::Input(format!("hidden states shape {:?}", x.dims())));
+        }
+        if t > self.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "sequence length {t} > max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        if x.dtype() != self.dtype {
+            return Err(Error::Input(format!(
+                "dtype {:?}, shard is {:?}",
+                x.dtype(),
+                self.dtype
+            )));
+        }
+        Ok((b, t))
+    }
+
+    fn check_tokens(&self, tokens: &[u32], batch: usize, seq: usize) -> Result<()> {
+        if batch == 0 || seq == 0 || tokens.len() != batch * seq {
+            return Err(Error::Input(format!(
+                "{} tokens for batch {batch} x seq {seq}",
+                tokens.len()
+            )));
+        }
+        if seq > self.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "sequence length {seq} > max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::Input(format!(
+                "token {t} >= vocab_size {}",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Embedding forward: `tokens` (row-major `batch x seq`) -> hidden `(batch, seq, hidden)`.
+    pub fn embed_forward(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<(Tensor, ForwardCtx)> {
+        let piece = self.piece_index(|p| *p == Piece::Embedding, "the embedding")?;
+        self.check_tokens(tokens, batch, seq)?;
+        let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
+        let x = self
+            .w("model.embed_tokens.weight")?
+            .index_select(&ids, 0)?
+            .reshape((batch, seq, self.cfg.hidden_size))?;
+        let ctx = ForwardCtx {
+            piece,
+            input: None,
+            root: x.clone(),
+            vars: self.piece_vars(piece),
+        };
+        Ok((x.detach(), ctx))
+    }
+
+    /// Stage `index` forward: hidden `(batch, seq, hidden)` -> hidden of the same shape.
+    pub fn stage_forward(&self, index: usize, x: &Tensor) -> Result<(Tensor, ForwardCtx)> {
+        let piece = self.piece_index(
+            |p| matches!(p, Piece::Stage { index: i, .. } if *i == index),
+            &format!("stage {index}"),
+        )?;
+        let (b, t) = self.check_hidden(x)?;
+        let Piece::Stage { layers, .. } = self.pieces[piece].clone() else {
+            unreachable!()
+        };
+        let input = Var::from_tensor(&x.detach().copy()?)?;
+        let h = self.cfg.hidden_size;
+        let mut y = input.as_tensor().reshape((b * t, h))?;
+        for l in layers {
+            y = self.layer(l, &y, b, t)?;
+        }
+        let y = y.reshape((b, t, h))?;
+        let ctx = ForwardCtx {
+            piece,
+            input: Some(input),
+            root: y.clone(),
+            vars: self.piece_vars(piece),
+        };
+        Ok((y.detach(), ctx))
+    }
+
+    /// Head forward: hidden `(batch, seq, hidden)` and next-token `targets` (row-major) -> mean
+    /// cross-entropy in nats per token, and the context for [`Shard::head_backward`].
+    pub fn head_forward(&self, x: &Tensor, targets: &[u32]) -> Result<(f64, ForwardCtx)> {
+        let piece = self.piece_index(|p| *p == Piece::Head, "the head")?;
+        let (b, t) = self.check_hidden(x)?;
+        self.check_tokens(targets, b, t)?;
+        let input = Var::from_tensor(&x.detach().copy()?)?;
+        let logits = self.head_logits(input.as_tensor(), b * t)?;
+        let loss = ops::cross_entropy(&logits, Arc::new(targets.to_vec()))?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let ctx = ForwardCtx {
+            piece,
+            input: Some(input),
+            root: loss,
+            vars: self.piece_vars(piece),
+        };
+        Ok((value, ctx))
+    }
+
+    /// Head logits without a loss or a context (inference): `(batch, seq, vocab)`.
+    pub fn head_logits_only(&self, x: &Tensor) -> Result<Tensor> {
+        self.piece_index(|p| *p == Piece::Head, "the head")?;
+        let (b, t) = self.check_hidden(x)?;
+        let logits = self.head_logits(&x.detach(), b * t)?;
+        Ok(logits.reshape((b, t, self.cfg.vocab_size))?.detach())
+    }
+
+    fn head_logits(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        let x = x.reshape((n, self.cfg.hidden_size))?;
+        let xn = ops::rms_normalize(&x, self.cfg.rms_norm_eps)?
+            .broadcast_mul(self.w("model.norm.weight")?)?;
+        let lm = if self.cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        Ok(xn.matmul(&self.w(lm)?.t()?)?)
+    }
+
+    /// One decoder layer on the residual stream `x` of shape `(batch * seq, hidden)`.
+    fn layer(&self, l: usize, x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let rep = nh / nkv;
+        let p = format!("model.layers.{l}");
+        let w = |s: &str| self.w(&format!("{p}.{s}.weight"));
+        let eps = cfg.rms_norm_eps;
+
+        let xn = ops::rms_normalize(x, eps)?.broadcast_mul(w("input_layernorm")?)?;
+        // (b*t, heads*hd) -> (b, heads, t, hd)
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?)
+        };
+        let q = heads(xn.matmul(&w("self_attn.q_proj")?.t()?)?, nh)?;
+        let k = heads(xn.matmul(&w("self_attn.k_proj")?.t()?)?, nkv)?;
+        let v = heads(xn.matmul(&w("self_attn.v_proj")?.t()?)?, nkv)?.contiguous()?;
+        let q = self.rope.apply(&q, t)?;
+        let k = self.rope.apply(&k, t)?;
+        // Query heads sharing a KV head are consecutive: stack them as rep*t rows, no KV copies.
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let scores = q.matmul(&k.t()?)?;
+        let att = ops::causal_softmax(&scores, 1.0 / (hd as f64).sqrt(), t)?;
+        let y = att.matmul(&v)?; // (b, nkv, rep*t, hd)
+        let y = y
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b * t, nh * hd))?;
+        let x = (x + y.matmul(&w("self_attn.o_proj")?.t()?)?)?;
+
+        let xn = ops::rms_normalize(&x, eps)?.broadcast_mul(w("post_attention_layernorm")?)?;
+        let gate = xn.matmul(&w("mlp.gate_proj")?.t()?)?;
+        let up = xn.matmul(&w("mlp.up_proj")?.t()?)?;
+        let act = (gate.silu()? * up)?;
+        Ok((x + act.matmul(&w("mlp.down_proj")?.t()?)?)?)
+    }
+
+    /// Backward of an embedding or stage forward: `grad_out` is the gradient of the loss with
+    /// respect to that forward's output. Adds the parameter gradients into the accumulators and
+    /// returns the gradient of the input (`None` for the embedding, whose input is tokens).
+    pub fn backward(&mut self, ctx: ForwardCtx, grad_out: &Tensor) -> Result<Option<Tensor>> {
+        if self.pieces.get(ctx.piece) == Some(&Piece::Head) {
+            return Err(Error::Piece("use head_backward for the head".into()));
+        }
+        if grad_out.dims() != ctx.root.dims() || grad_out.dtype() != self.dtype {
+            return Err(Error::Input(format!(
+                "output grad {:?} {:?}, expected {:?} {:?}",
+                grad_out.dims(),
+                grad_out.dtype(),
+                ctx.root.dims(),
+                self.dtype
+            )));
+        }
+        let root = ops::vjp_root(&ctx.root, grad_out)?;
+        self.run_backward(&ctx, &root)
+    }
+
+    /// Backward of a head forward, for the loss multiplied by `loss_scale` (e.g. 1/micro_batches,
+    /// so that accumulated gradients are those of the mean loss over the step). Returns the
+    /// gradient of the head's input.
+    pub fn head_backward(&mut self, ctx: ForwardCtx, loss_scale: f64) -> Result<Tensor> {
+        if self.pieces.get(ctx.piece) != Some(&Piece::Head) {
+            return Err(Error::Piece("head_backward needs a head context".into()));
+        }
+        let root = (&ctx.root * loss_scale)?;
+        self.run_backward(&ctx, &root)?
+            .ok_or_else(|| Error::Piece("head input has no gradient".into()))
+    }
+
+    fn run_backward(&mut self, ctx: &ForwardCtx, root: &Tensor) -> Result<Option<Tensor>> {
+        if ctx.piece >= self.pieces.len() {
+            return Err(Error::Piece("context from another shard".into()));
+        }
+        let current = self.piece_vars(ctx.piece);
+        let fresh = current.len() == ctx.vars.len()
+            && current
+                .iter()
+                .zip(&ctx.vars)
+                .all(|(a, b)| a.as_tensor().id() == b.as_tensor().id());
+        if !fresh {
+            return Err(Error::StaleContext);
+        }
+        let mut grads = root.backward()?;
+        for var in &current {
+            let i = self.param_index_of(var);
+            let g = grads
+                .remove(var.as_tensor())
+                .ok_or_else(|| Error::Piece(format!("no gradient for {}", self.params[i].name)))?;
+            let p = &mut self.params[i];
+            p.grad = Some(match p.grad.take() {
+                Some(acc) => (acc + g)?,
+                None => g,
+            });
+        }
+        Ok(match &ctx.input {
+            Some(v) => grads.remove(v.as_tensor()),
+            None => None,
+        })
+    }
+
+    fn param_index_of(&self, var: &Var) -> usize {
+        let id = var.as_tensor().id();
+        self.params
+            .iter()
+            .position(|p| p.var.as_tensor().id() == id)
+            .expect("var of this shard")
+    }
+
+    /// Forgets all accumulated gradients.
+    pub fn zero_grads(&mut self) {
+        for p in &mut self.params {
+            p.grad = None;
+        }
+    }
+
+    /// The accumulated gradients, flattened in parameter order, as f32 (zeros where none).
+    pub fn grads_flat(&self) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.num_parameters());
+        for p in &self.params {
+            match &p.grad {
+                Some(g) => out.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => out.resize(out.len() + p.var.elem_count(), 0.0),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Overwrites the accumulated gradients from a flat f32 vector in parameter order (e.g. the
+    /// average over replicas).
+    pub fn set_grads_flat(&mut self, flat: &[f32]) -> Result<()> {
+        if flat.len() != self.num_parameters() {
+            return Err(Error::Input(format!(
+                "{} gradient values for {} parameters",
+                flat.len(),
+                self.num_parameters()
+            )));
+        }
+        let mut off = 0;
+        for p in &mut self.params {
+            let n = p.var.elem_count();
+            let g = Tensor::from_slice(&flat[off..off + n], p.shape.as_slice(), &self.device)?
+                .to_dtype(self.dtype)?;
+            p.grad = Some(g);
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Sum of squared accumulated gradients, in f64, in parameter order (so every replica of
+    /// the same shard gets the same bits). The caller sums over shards for global clipping.
+    pub fn grad_sq_norm(&self) -> Result<f64> {
+        let mut total = 0f64;
+        for p in &self.params {
+            if let Some(g) = &p.grad {
+                let g = g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                total += g.iter().map(|x| x * x).sum::<f64>();
+            }
+        }
+        Ok(total)
+    }
+
+    /// One AdamW step on every parameter with gradient `clip_scale * grad` (see [`clip_scale`])
+    /// and learning rate `lr`. Math in f32 element by element, so the result is bitwise
+    /// reproducible. Does not zero the gradients. Contexts from earlier forwards become stale.
+    pub fn optimizer_step(&mut self, hp: &AdamW, lr: f64, clip_scale: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - hp.beta1.powi(t);
+        let bc2 = 1.0 - hp.beta2.powi(t);
+        let (b1, b2) = (hp.beta1 as f32, hp.beta2 as f32);
+        let step_size = (lr / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let eps = hp.eps as f32;
+        let scale = clip_scale as f32;
+        for p in &mut self.params {
+            let n = p.var.elem_count();
+            let decay = if p.shape.len() >= 2 {
+                (1.0 - lr * hp.weight_decay) as f32
+            } else {
+                1.0
+            };
+            let mut w = p
+                .var
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            let g = match &p.grad {
+                Some(g) => g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                None => vec![0.0; n],
+            };
+            if p.m.is_empty() {
+                p.m = vec![0.0; n];
+                p.v = vec![0.0; n];
+            }
+            for i in 0..n {
+                let gi = g[i] * scale;
+                p.m[i] = b1 * p.m[i] + (1.0 - b1) * gi;
+                p.v[i] = b2 * p.v[i] + (1.0 - b2) * gi * gi;
+                let denom = p.v[i].sqrt() / bc2_sqrt + eps;
+                w[i] = w[i] * decay - step_size * p.m[i] / denom;
+            }
+            let t = Tensor::from_vec(w, p.shape.as_slice(), &self.device)?.to_dtype(self.dtype)?;
+            // A new variable rather than an in-place write: outstanding contexts keep the
+            // weights they were computed with and are detected as stale.
+            p.var = Var::from_tensor(&t)?;
+        }
+        Ok(())
+    }
+
+    /// BLAKE3 over the parameters in order (name, shape, little-endian f32 values), so replicas
+    /// can check they hold identical weights.
+    pub fn weights_digest(&self) -> Result<[u8; 32]> {
+        let mut h = blake3::Hasher::new();
+        for p in &self.params {
+            h.update(p.name.as_bytes());
+            h.update(&[0]);
+            for d in &p.shape {
+                h.update(&(*d as u64).to_le_bytes());
+            }
+            let w = p
+                .var
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            for x in w {
+                h.update(&x.to_le_bytes());
+            }
+        }
+        Ok(*h.finalize().as_bytes())
+    }
+}
