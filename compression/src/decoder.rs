@@ -1,0 +1,154 @@
+//! [`Decoder`]: validates a frame from an untrusted peer and writes its tensor into a caller's buffer.
+
+use crate::codec::Values;
+use crate::error::{Error, Result};
+use crate::frame::{self, FrameInfo, IndexCoding, Limits};
+use crate::{index, quant, rotate};
+
+/// Decodes frames of any codec, keeping scratch space between calls.
+///
+/// The header is validated completely (against the caller's [`Limits`]) and the checksum verified
+/// before any buffer is sized from it; after warm-up decoding allocates nothing. One decoder per
+/// thread; it is `Send`.
+#[derive(Default)]
+pub struct Decoder {
+    raw: Vec<u8>,
+    positions: Vec<u32>,
+    vals: Vec<f32>,
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder").finish_non_exhaustive()
+    }
+}
+
+impl Decoder {
+    /// A decoder with empty scratch.
+    pub fn new() -> Decoder {
+        Decoder::default()
+    }
+
+    /// Decodes `frame` into `out`, which is resized to the frame's element count (its capacity is
+    /// reused). Returns the validated header.
+    pub fn decode(
+        &mut self,
+        frame: &[u8],
+        limits: &Limits,
+        out: &mut Vec<f32>,
+    ) -> Result<FrameInfo> {
+        let info = self.check(frame, limits)?;
+        out.clear();
+        out.resize(info.elements, 0.0);
+        self.decode_checked(frame, &info, out)?;
+        Ok(info)
+    }
+
+    /// Decodes `frame` into `out`, whose length must equal the frame's element count (e.g. a
+    /// gradient buffer of known shape). `out` is unspecified after an error.
+    pub fn decode_into(
+        &mut self,
+        frame: &[u8],
+        limits: &Limits,
+        out: &mut [f32],
+    ) -> Result<FrameInfo> {
+        let info = self.check(frame, limits)?;
+        if out.len() != info.elements {
+            return Err(Error::OutputLength {
+                needed: info.elements,
+                have: out.len(),
+            });
+        }
+        self.decode_checked(frame, &info, out)?;
+        Ok(info)
+    }
+
+    /// Header validation and checksum.
+    fn check(&mut self, frame: &[u8], limits: &Limits) -> Result<FrameInfo> {
+        let info = FrameInfo::read(frame, limits)?;
+        let actual = frame::checksum(frame, info.header_len);
+        if actual != info.checksum {
+            return Err(Error::Checksum {
+                expected: info.checksum,
+                actual,
+            });
+        }
+        Ok(info)
+    }
+
+    fn decode_checked(&mut self, frame: &[u8], info: &FrameInfo, out: &mut [f32]) -> Result<()> {
+        let payload = &frame[info.header_len..];
+        let raw_len = info.raw_payload_len();
+        let raw: &[u8] = if info.codec.zstd.is_some() {
+            if self.zstd.is_none() {
+                self.zstd = Some(
+                    zstd::bulk::Decompressor::new()
+                        .map_err(|_| Error::Corrupt("zstd context could not be created"))?,
+                );
+            }
+            let z = self.zstd.as_mut().expect("set above");
+            // Sized from validated lengths (a few bytes per element under the caller's cap).
+            self.raw.clear();
+            self.raw.resize(raw_len, 0);
+            let (zidx, zrest) = payload.split_at(info.zstd_index_len);
+            let (idx, rest) = self.raw.split_at_mut(info.index_len);
+            for (src, dst) in [(zidx, idx), (zrest, rest)] {
+                if dst.is_empty() {
+                    continue; // and `src` is empty too, as the header check ensured
+                }
+                let n = z.decompress_to_buffer(src, dst).map_err(|_| {
+                    Error::Corrupt("zstd stream does not decode to the declared size")
+                })?;
+                if n != dst.len() {
+                    return Err(Error::Corrupt(
+                        "zstd stream is shorter than the declared sections",
+                    ));
+                }
+            }
+            &self.raw
+        } else {
+            payload
+        };
+        let (idx, rest) = raw.split_at(info.index_len);
+        let (scales, values) = rest.split_at(info.scales_len);
+        let block = match info.codec.values {
+            Values::Quant { block, .. } => block as usize,
+            _ => 0,
+        };
+        match info.index {
+            IndexCoding::Dense => {
+                quant::decode(info.codec.values, scales, values, out)?;
+                if info.codec.rotate {
+                    rotate::inverse(out, block, info.seed);
+                }
+            }
+            coding => {
+                if coding == IndexCoding::Bitmap {
+                    index::read_bitmap(idx, info.elements, info.kept, &mut self.positions)?;
+                } else {
+                    index::read_varint(idx, info.elements, info.kept, &mut self.positions)?;
+                }
+                self.vals.clear();
+                self.vals.resize(info.kept, 0.0);
+                quant::decode(info.codec.values, scales, values, &mut self.vals)?;
+                if info.codec.rotate {
+                    rotate::inverse(&mut self.vals, block, info.seed);
+                }
+                out.fill(0.0);
+                for (&p, &v) in self.positions.iter().zip(&self.vals) {
+                    // Positions were checked to be increasing and below the element count.
+                    out[p as usize] = v;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decodes one frame with a fresh decoder: convenient, but allocates; streams keep a [`Decoder`].
+pub fn decode_frame(frame: &[u8], limits: &Limits) -> Result<(FrameInfo, Vec<f32>)> {
+    let mut out = Vec::new();
+    let info = Decoder::new().decode(frame, limits, &mut out)?;
+    Ok((info, out))
+}

@@ -1,0 +1,220 @@
+//! [`Encoder`]: runs a [`Codec`] over `&[f32]`, writing a frame into a reusable buffer.
+
+use crate::codec::{Codec, Values};
+use crate::error::{Error, Result};
+use crate::frame::{self, HeaderFields, IndexCoding, MAX_DIMS};
+use crate::{index, quant, rotate, topk};
+
+/// Default rotation seed; any fixed value works, what matters is that it travels in the frame.
+pub const DEFAULT_SEED: u64 = 0x5357_4152_4d5f_5248; // "SWARM_RH"
+
+/// Encodes tensors with one codec, keeping scratch space between calls.
+///
+/// After the first call for the largest tensor, [`Encoder::encode`] allocates nothing (given an
+/// `out` buffer that is reused too). One encoder per stream and thread; it is `Send`.
+pub struct Encoder {
+    codec: Codec,
+    seed: u64,
+    topk: topk::Scratch,
+    positions: Vec<u32>,
+    vals: Vec<f32>,
+    codes: Vec<u8>,
+    raw: Vec<u8>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("codec", &self.codec.to_string())
+            .field("seed", &self.seed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Encoder {
+    /// An encoder for `codec` (validated) with the default rotation seed.
+    pub fn new(codec: Codec) -> Result<Encoder> {
+        codec.validate()?;
+        let zstd = match codec.zstd {
+            Some(level) => {
+                Some(zstd::bulk::Compressor::new(level).map_err(|e| Error::Zstd(e.to_string()))?)
+            }
+            None => None,
+        };
+        Ok(Encoder {
+            codec,
+            seed: DEFAULT_SEED,
+            topk: topk::Scratch::default(),
+            positions: Vec::new(),
+            vals: Vec::new(),
+            codes: Vec::new(),
+            raw: Vec::new(),
+            zstd,
+        })
+    }
+
+    /// Sets the seed of the randomized Hadamard rotation (written into each frame). Replicas that
+    /// must produce identical bytes use the same seed, e.g. one derived from the run's seed.
+    pub fn with_seed(mut self, seed: u64) -> Encoder {
+        self.seed = seed;
+        self
+    }
+
+    /// The codec this encoder runs.
+    pub fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    /// Encodes `data` (of the given `shape`, row-major) as one frame, replacing the contents of
+    /// `out`. The bytes are a pure function of (codec, seed, data, shape).
+    ///
+    /// Errors: [`Error::Shape`] if the shape does not multiply to `data.len()`, has more than
+    /// [`MAX_DIMS`] dimensions, or a top-k codec gets 2^32 elements or more; [`Error::NonFinite`]
+    /// if a quantizer (q8/q4/q2) meets NaN or infinity. fp32/fp16/bf16 carry non-finite values
+    /// through (fp16 saturates above 65504 to infinity).
+    pub fn encode(&mut self, data: &[f32], shape: &[usize], out: &mut Vec<u8>) -> Result<()> {
+        let n = data.len();
+        let product = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if shape.len() > MAX_DIMS
+            || product != Some(n)
+            || (self.codec.topk.is_some() && n > u32::MAX as usize)
+        {
+            return Err(Error::Shape {
+                shape: shape.to_vec(),
+                len: n,
+                max_dims: MAX_DIMS,
+            });
+        }
+        let codec = self.codec;
+
+        // 1. Which elements: positions (top-k) or all.
+        let index_coding;
+        let sparse = match codec.topk {
+            Some(t) => {
+                self.positions.clear();
+                if t.per_row {
+                    let row = shape.last().copied().unwrap_or(n);
+                    if row > 0 {
+                        let k = t.k_of(row);
+                        for (r, chunk) in data.chunks_exact(row).enumerate() {
+                            topk::select(
+                                chunk,
+                                k,
+                                (r * row) as u32,
+                                &mut self.topk,
+                                &mut self.positions,
+                            );
+                        }
+                    }
+                } else {
+                    topk::select(data, t.k_of(n), 0, &mut self.topk, &mut self.positions);
+                }
+                debug_assert_eq!(self.positions.len(), frame::kept_count(&t, n, shape));
+                self.vals.clear();
+                self.vals
+                    .extend(self.positions.iter().map(|&p| data[p as usize]));
+                true
+            }
+            None => false,
+        };
+        let kept = if sparse { self.positions.len() } else { n };
+        let index_len = if sparse {
+            let bitmap = index::bitmap_size(n);
+            let varint = index::varint_size(&self.positions);
+            if varint < bitmap {
+                index_coding = IndexCoding::DeltaVarint;
+                varint
+            } else {
+                index_coding = IndexCoding::Bitmap;
+                bitmap
+            }
+        } else {
+            index_coding = IndexCoding::Dense;
+            0
+        };
+
+        // 2. Rotation works in place, so dense input is copied first.
+        if codec.rotate {
+            if !sparse {
+                self.vals.clear();
+                self.vals.extend_from_slice(data);
+            }
+            if let Values::Quant { block, .. } = codec.values {
+                rotate::forward(&mut self.vals, block as usize, self.seed);
+            }
+        }
+        let vals: &[f32] = if sparse || codec.rotate {
+            &self.vals
+        } else {
+            data
+        };
+
+        // 3. Sections: index, scales, values; straight into `out` unless zstd follows.
+        let scales_len = frame::scales_section_len(codec.values, kept);
+        let values_len = frame::values_section_len(codec.values, kept).expect("n < 2^62 elements");
+        let header_len = frame::write_header(
+            out,
+            &HeaderFields {
+                codec: &codec,
+                seed: self.seed,
+                shape,
+                elements: n,
+                kept,
+                index: index_coding,
+                index_len,
+                scales_len,
+                values_len,
+            },
+        );
+        let raw_len = index_len + scales_len + values_len;
+        let raw: &mut Vec<u8> = if codec.zstd.is_some() {
+            &mut self.raw
+        } else {
+            out
+        };
+        let start = if codec.zstd.is_some() { 0 } else { header_len };
+        raw.truncate(start);
+        raw.resize(start + raw_len, 0);
+        let (idx, rest) = raw[start..].split_at_mut(index_len);
+        let (scales, values) = rest.split_at_mut(scales_len);
+        match index_coding {
+            IndexCoding::Dense => {}
+            IndexCoding::Bitmap => index::write_bitmap(&self.positions, idx),
+            IndexCoding::DeltaVarint => index::write_varint(&self.positions, idx),
+        }
+        if quant::encode(vals, codec.values, scales, values, &mut self.codes).is_err() {
+            return Err(quant::non_finite_error(vals, &codec));
+        }
+
+        // 4. zstd: the index, then scales and values, as two frames (see the frame docs).
+        let mut zstd_index_len = 0;
+        if let Some(z) = self.zstd.as_mut() {
+            let (idx, rest) = self.raw.split_at(index_len);
+            let bound = |len: usize| {
+                if len == 0 {
+                    0
+                } else {
+                    zstd::zstd_safe::compress_bound(len)
+                }
+            };
+            out.resize(header_len + bound(idx.len()) + bound(rest.len()), 0);
+            let mut at = header_len;
+            for (part, is_index) in [(idx, true), (rest, false)] {
+                if part.is_empty() {
+                    continue;
+                }
+                let written = z
+                    .compress_to_buffer(part, &mut out[at..])
+                    .map_err(|e| Error::Zstd(e.to_string()))?;
+                if is_index {
+                    zstd_index_len = written;
+                }
+                at += written;
+            }
+            out.truncate(at);
+        }
+        frame::seal(out, header_len, zstd_index_len);
+        Ok(())
+    }
+}

@@ -1,0 +1,274 @@
+//! Value codings: fp32, fp16, bf16 casts and blockwise absmax 8/4/2-bit quantization.
+//!
+//! Loops are written so that LLVM vectorizes them on baseline x86-64 (SSE2): magnitudes are
+//! compared as integers and rounding uses the 1.5·2^23 trick instead of `f32::round` (a libm call
+//! without SSE4.1).
+
+use crate::codec::Values;
+use crate::error::{Error, Result};
+
+/// Adding this to `|v| < 2^22` rounds `v` to the nearest integer (ties to even) in the mantissa.
+const MAGIC: f32 = 12_582_912.0;
+const MAGIC_BITS: i32 = 0x4B40_0000;
+
+#[inline(always)]
+fn round_i32(v: f32) -> i32 {
+    (v + MAGIC).to_bits() as i32 - MAGIC_BITS
+}
+
+/// Largest magnitude of `v` as bits (non-finite values give `>= 0x7f80_0000`).
+#[inline]
+fn absmax_bits(v: &[f32]) -> u32 {
+    let mut m = 0u32;
+    for &x in v {
+        m = m.max(x.to_bits() & 0x7fff_ffff);
+    }
+    m
+}
+
+fn first_non_finite(v: &[f32]) -> usize {
+    v.iter().position(|x| !x.is_finite()).unwrap_or(0)
+}
+
+/// Levels either side of zero: 8-bit ±127, 4-bit ±7; 2-bit uses the four levels ±1/3, ±1.
+fn qmax(bits: u8) -> f32 {
+    match bits {
+        8 => 127.0,
+        4 => 7.0,
+        _ => 3.0,
+    }
+}
+
+/// A quantizer met NaN or infinity (the encoder turns this into [`Error::NonFinite`]).
+#[derive(Debug)]
+pub(crate) struct NonFiniteInput;
+
+/// Writes the scales and values sections for `vals`. `scales` and `out` have exactly the lengths
+/// of [`crate::frame`]'s formulas; `codes` is scratch for 4- and 2-bit packing.
+pub(crate) fn encode(
+    vals: &[f32],
+    coding: Values,
+    scales: &mut [u8],
+    out: &mut [u8],
+    codes: &mut Vec<u8>,
+) -> std::result::Result<(), NonFiniteInput> {
+    match coding {
+        Values::F32 => {
+            for (d, &v) in out.chunks_exact_mut(4).zip(vals) {
+                d.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Values::Bf16 => {
+            for (d, &v) in out.chunks_exact_mut(2).zip(vals) {
+                d.copy_from_slice(&f32_to_bf16(v).to_le_bytes());
+            }
+        }
+        Values::F16 => {
+            // Through a stack buffer so that `half` can use F16C when the CPU has it.
+            let mut buf = [half::f16::ZERO; 256];
+            for (dst, src) in out.chunks_mut(512).zip(vals.chunks(256)) {
+                let b = &mut buf[..src.len()];
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(b, src);
+                for (d, h) in dst.chunks_exact_mut(2).zip(b.iter()) {
+                    d.copy_from_slice(&h.to_bits().to_le_bytes());
+                }
+            }
+        }
+        Values::Quant { bits, block } => {
+            let block = block as usize;
+            let qm = qmax(bits);
+            if bits == 8 {
+                for ((chunk, s), dst) in vals
+                    .chunks(block)
+                    .zip(scales.chunks_exact_mut(4))
+                    .zip(out.chunks_mut(block))
+                {
+                    let inv = block_scale(chunk, qm, s)?;
+                    for (d, &x) in dst.iter_mut().zip(chunk) {
+                        *d = round_i32(x * inv) as i8 as u8;
+                    }
+                }
+            } else {
+                codes.clear();
+                codes.resize(vals.len(), 0);
+                for ((chunk, s), dst) in vals
+                    .chunks(block)
+                    .zip(scales.chunks_exact_mut(4))
+                    .zip(codes.chunks_mut(block))
+                {
+                    let inv = block_scale(chunk, qm, s)?;
+                    if bits == 4 {
+                        for (d, &x) in dst.iter_mut().zip(chunk) {
+                            *d = (round_i32(x * inv) + 8) as u8;
+                        }
+                    } else {
+                        for (d, &x) in dst.iter_mut().zip(chunk) {
+                            // x·inv in [-3, 3] -> code in {0, 1, 2, 3} for levels -3, -1, 1, 3.
+                            *d = round_i32((x * inv + 3.0) * 0.5).clamp(0, 3) as u8;
+                        }
+                    }
+                }
+                if bits == 4 {
+                    for (d, c) in out.iter_mut().zip(codes.chunks(2)) {
+                        *d = c[0] | (c.get(1).copied().unwrap_or(0) << 4);
+                    }
+                } else {
+                    for (d, c) in out.iter_mut().zip(codes.chunks(4)) {
+                        let mut b = 0u8;
+                        for (j, &x) in c.iter().enumerate() {
+                            b |= x << (2 * j);
+                        }
+                        *d = b;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the block's scale to `s` and returns the multiplier to quantization levels.
+#[inline]
+fn block_scale(chunk: &[f32], qm: f32, s: &mut [u8]) -> std::result::Result<f32, NonFiniteInput> {
+    let m = absmax_bits(chunk);
+    if m >= 0x7f80_0000 {
+        return Err(NonFiniteInput);
+    }
+    let absmax = f32::from_bits(m);
+    let scale = absmax / qm;
+    s.copy_from_slice(&scale.to_le_bytes());
+    Ok(if absmax > 0.0 { qm / absmax } else { 0.0 })
+}
+
+/// The error for a quantizer input holding NaN or infinity, naming the first one.
+pub(crate) fn non_finite_error(vals: &[f32], codec: &crate::Codec) -> Error {
+    Error::NonFinite {
+        index: first_non_finite(vals),
+        codec: codec.to_string(),
+    }
+}
+
+/// Decodes the values section (and scales) into `out`, whose length is the kept count.
+pub(crate) fn decode(coding: Values, scales: &[u8], values: &[u8], out: &mut [f32]) -> Result<()> {
+    match coding {
+        Values::F32 => {
+            for (o, s) in out.iter_mut().zip(values.chunks_exact(4)) {
+                *o = f32::from_le_bytes(s.try_into().expect("4 bytes"));
+            }
+        }
+        Values::Bf16 => {
+            for (o, s) in out.iter_mut().zip(values.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([s[0], s[1]]) as u32) << 16);
+            }
+        }
+        Values::F16 => {
+            let mut buf = [half::f16::ZERO; 256];
+            for (dst, src) in out.chunks_mut(256).zip(values.chunks(512)) {
+                let b = &mut buf[..dst.len()];
+                for (h, s) in b.iter_mut().zip(src.chunks_exact(2)) {
+                    *h = half::f16::from_bits(u16::from_le_bytes([s[0], s[1]]));
+                }
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(b, dst);
+            }
+        }
+        Values::Quant { bits, block } => {
+            let block = block as usize;
+            let per_byte = 8 / bits as usize;
+            let n = out.len();
+            // Padding bits of the last byte must be zero: one canonical frame per tensor.
+            if !n.is_multiple_of(per_byte) {
+                let used = (n % per_byte) * bits as usize;
+                if values.last().copied().unwrap_or(0) >> used != 0 {
+                    return Err(Error::Corrupt(
+                        "padding bits of the last value byte are set",
+                    ));
+                }
+            }
+            for (bi, (chunk, s)) in out
+                .chunks_mut(block)
+                .zip(scales.chunks_exact(4))
+                .enumerate()
+            {
+                let scale = f32::from_le_bytes(s.try_into().expect("4 bytes"));
+                if !(scale.is_finite() && scale >= 0.0) {
+                    return Err(Error::Corrupt("a block scale is negative or not finite"));
+                }
+                let start = bi * block;
+                match bits {
+                    8 => {
+                        for (o, &q) in chunk.iter_mut().zip(&values[start..]) {
+                            *o = (q as i8) as f32 * scale;
+                        }
+                    }
+                    4 => {
+                        for (j, o) in chunk.iter_mut().enumerate() {
+                            let i = start + j;
+                            let q = (values[i / 2] >> ((i & 1) * 4)) & 0xf;
+                            *o = (q as i32 - 8) as f32 * scale;
+                        }
+                    }
+                    _ => {
+                        for (j, o) in chunk.iter_mut().enumerate() {
+                            let i = start + j;
+                            let c = (values[i / 4] >> ((i & 3) * 2)) & 3;
+                            *o = (2 * c as i32 - 3) as f32 * scale;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// fp32 to bfloat16 bits, rounding to nearest even; NaN stays NaN (quiet).
+#[inline(always)]
+pub(crate) fn f32_to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) as u16) | 0x0040;
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn magic_rounding_is_round_half_even() {
+        for (v, r) in [
+            (0.4f32, 0),
+            (0.5, 0),
+            (1.5, 2),
+            (2.5, 2),
+            (-0.6, -1),
+            (-127.0, -127),
+            (126.7, 127),
+        ] {
+            assert_eq!(round_i32(v), r, "{v}");
+        }
+    }
+
+    #[test]
+    fn bf16_matches_half() {
+        for v in [
+            0.0f32,
+            -0.0,
+            1.0,
+            1.0 + 1.0 / 256.0,
+            1.0039063,
+            2.71,
+            -2.5e-30,
+            1e38,
+            f32::INFINITY,
+            f32::MAX,
+        ] {
+            assert_eq!(f32_to_bf16(v), half::bf16::from_f32(v).to_bits(), "{v}");
+        }
+        assert!(f32::from_bits((f32_to_bf16(f32::NAN) as u32) << 16).is_nan());
+    }
+}

@@ -1,0 +1,189 @@
+//! Exact top-k by magnitude, ties broken by lower index, in about one pass over the data.
+//!
+//! A threshold just below the k-th largest magnitude is estimated from a fixed pseudo-random sample,
+//! one branch-free pass collects the candidates above it, and an exact selection among the
+//! candidates (about 1.2 k of them) finds the true k-th magnitude. Ties at that magnitude go to the
+//! lowest indices, so the result is a pure function of the data: every replica selects the same set.
+
+/// Magnitude as an orderable integer: for non-NaN floats, `|a| < |b|` iff `key(a) < key(b)`.
+/// NaN sorts above infinity, so it is always kept (and then rejected by quantizers).
+#[inline(always)]
+fn key(x: f32) -> u32 {
+    x.to_bits() & 0x7fff_ffff
+}
+
+/// Below this many elements the sampling is not worth it: select among all.
+const SAMPLE_FROM: usize = 1 << 15;
+const SAMPLES: usize = 4096;
+
+/// Reusable buffers for selection; grow to the largest tensor seen, never shrink.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    cand: Vec<u32>,
+    keys: Vec<u32>,
+}
+
+/// Appends to `out`, in increasing order, `offset +` the positions of the `k` elements of `data`
+/// with the largest magnitudes (ties: lower index first).
+pub fn select(data: &[f32], k: usize, offset: u32, s: &mut Scratch, out: &mut Vec<u32>) {
+    let n = data.len();
+    if k == 0 {
+        return;
+    }
+    if k >= n {
+        out.extend((0..n as u32).map(|i| offset + i));
+        return;
+    }
+    let lo = if n >= SAMPLE_FROM {
+        sampled_threshold(data, k, &mut s.keys)
+    } else {
+        0
+    };
+    if s.cand.len() < n {
+        s.cand.resize(n, 0);
+    }
+    let mut c = collect(data, lo, &mut s.cand[..n]);
+    if c < k {
+        // The sample overestimated the threshold (rare, or adversarial data): take everything.
+        c = collect(data, 0, &mut s.cand[..n]);
+    }
+    let cand = &s.cand[..c];
+    s.keys.clear();
+    s.keys.extend(cand.iter().map(|&p| key(data[p as usize])));
+    // The k-th largest key among candidates is the k-th largest overall, since every element
+    // that is not a candidate is below `lo` <= every candidate.
+    let (_, &mut t, _) = s.keys.select_nth_unstable(c - k);
+    let greater = s.keys.iter().filter(|&&x| x > t).count();
+    let mut ties_left = k - greater;
+    out.reserve(k);
+    for &p in cand {
+        let kk = key(data[p as usize]);
+        if kk > t {
+            out.push(offset + p);
+        } else if kk == t && ties_left > 0 {
+            ties_left -= 1;
+            out.push(offset + p);
+        }
+    }
+}
+
+/// Writes the positions of elements with `key >= lo` to the front of `cand`; returns how many.
+fn collect(data: &[f32], lo: u32, cand: &mut [u32]) -> usize {
+    let mut c = 0usize;
+    let last = cand.len() - 1;
+    for (i, &x) in data.iter().enumerate() {
+        // Branch-free: always write, advance only when kept (at ~10% density a branch mispredicts).
+        cand[c.min(last)] = i as u32;
+        c += (key(x) >= lo) as usize;
+    }
+    c
+}
+
+/// A key that at least `k` elements are very likely to reach: the sample's quantile at rank
+/// `k/n`, moved down by three standard deviations of the sample count.
+fn sampled_threshold(data: &[f32], k: usize, keys: &mut Vec<u32>) -> u32 {
+    let n = data.len();
+    keys.clear();
+    // Fixed-seed pseudo-random positions: deterministic, and blind to periodic structure such as
+    // outlier channels repeating every row.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..SAMPLES {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let i = ((z >> 32) * n as u64) >> 32;
+        keys.push(key(data[i as usize]));
+    }
+    let q = k as f64 / n as f64;
+    let expected = q * SAMPLES as f64;
+    let margin = 3.0 * (expected * (1.0 - q)).sqrt() + 8.0;
+    let rank = (expected + margin).ceil() as usize;
+    if rank >= SAMPLES {
+        return 0;
+    }
+    // rank-th largest of the sample.
+    let (_, &mut t, _) = keys.select_nth_unstable(SAMPLES - 1 - rank);
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition: sort by (magnitude desc, index asc), take k, sort positions.
+    fn reference(data: &[f32], k: usize) -> Vec<u32> {
+        let mut idx: Vec<u32> = (0..data.len() as u32).collect();
+        idx.sort_by(|&a, &b| {
+            key(data[b as usize])
+                .cmp(&key(data[a as usize]))
+                .then(a.cmp(&b))
+        });
+        idx.truncate(k);
+        idx.sort();
+        idx
+    }
+
+    fn lcg_data(n: usize, seed: u64, levels: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let v = ((s >> 33) as u32 % levels) as f32 - (levels / 2) as f32;
+                v * 0.25
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_reference_small_and_large_with_ties() {
+        let mut s = Scratch::default();
+        for (n, levels) in [
+            (1usize, 3u32),
+            (7, 3),
+            (100, 5),
+            (5000, 7),
+            (70_000, 9),
+            (200_000, 1000),
+        ] {
+            let data = lcg_data(n, n as u64, levels);
+            for frac in [0.001, 0.01, 0.1, 0.5, 0.99] {
+                let k = ((n as f64 * frac).round() as usize).max(1);
+                let mut out = Vec::new();
+                select(&data, k, 0, &mut s, &mut out);
+                assert_eq!(out, reference(&data, k), "n={n} k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn offset_and_edge_cases() {
+        let mut s = Scratch::default();
+        let mut out = vec![99];
+        select(&[1.0, -3.0, 2.0], 0, 10, &mut s, &mut out);
+        assert_eq!(out, vec![99]);
+        select(&[1.0, -3.0, 2.0], 2, 10, &mut s, &mut out);
+        assert_eq!(out, vec![99, 11, 12]);
+        out.clear();
+        select(&[1.0, -3.0], 5, 0, &mut s, &mut out);
+        assert_eq!(out, vec![0, 1]);
+    }
+
+    #[test]
+    fn periodic_outliers_do_not_fool_the_sample() {
+        // Every 512th element huge: a strided sample would see all or none of them.
+        let mut data = lcg_data(1 << 20, 3, 1000);
+        for i in (0..data.len()).step_by(512) {
+            data[i] = 1e6 + i as f32;
+        }
+        let mut s = Scratch::default();
+        for k in [100, 2048, 2049, 100_000] {
+            let mut out = Vec::new();
+            select(&data, k, 0, &mut s, &mut out);
+            assert_eq!(out, reference(&data, k), "k={k}");
+        }
+    }
+}
