@@ -19,6 +19,46 @@ pub enum Error {
     /// Bytes from a peer were refused by the wire protocol decoder.
     #[error("wire protocol: {0}")]
     Wire(#[from] crate::wire::WireError),
+    /// Building a TLS configuration or certificate failed.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    /// A peer id in text form is not 64 hex digits.
+    #[error("not a peer id: `{0}`")]
+    BadPeerId(String),
+    /// A link shape specification is invalid (the message says which part).
+    #[error("bad link shape: {0}")]
+    BadShape(String),
+    /// Binding or configuring the UDP socket failed.
+    #[error("socket: {0}")]
+    Socket(#[source] std::io::Error),
+    /// A connection could not be started (bad address, endpoint closed, config refused).
+    #[error("connect to {addr}: {reason}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
+    /// An established connection failed or was closed (handshake refusal, timeout, peer gone).
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The peer proved a different id than the one we dialled.
+    #[error("peer at {addr} is {got}, expected {expected}")]
+    WrongPeer {
+        addr: std::net::SocketAddr,
+        expected: crate::identity::PeerId,
+        got: crate::identity::PeerId,
+    },
+    /// Reading or writing a stream failed.
+    #[error("stream: {0}")]
+    Stream(String),
+    /// A request got no answer in time.
+    #[error("{what} timed out after {after:?}")]
+    Timeout {
+        what: &'static str,
+        after: std::time::Duration,
+    },
+    /// The remote peer refused a request with an application error.
+    #[error("peer refused the request: {0}")]
+    Remote(crate::rpc::RemoteError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -4,6 +4,10 @@
 pub mod error;
 pub mod identity;
 pub mod membership;
+pub mod rpc;
+pub mod shaping;
+pub mod tls;
+pub mod transport;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -629,7 +629,10 @@ mod tests {
     fn every_truncation_is_refused() {
         let bytes = encode_envelope(&sample()).unwrap();
         for cut in 0..bytes.len() {
-            assert!(decode_envelope::<Sample>(&bytes[..cut]).is_err(), "cut {cut}");
+            assert!(
+                decode_envelope::<Sample>(&bytes[..cut]).is_err(),
+                "cut {cut}"
+            );
         }
     }
 
@@ -656,10 +659,7 @@ mod tests {
         assert!(matches!(Header::parse(&bad), Err(WireError::BadMagic(_))));
         let mut bad = good;
         bad[4] = 2;
-        assert_eq!(
-            Header::parse(&bad),
-            Err(WireError::BadVersion { got: 2 })
-        );
+        assert_eq!(Header::parse(&bad), Err(WireError::BadVersion { got: 2 }));
         assert_eq!(
             Header::parse(&Header::encode(999, 0)),
             Err(WireError::UnknownKind(999))
@@ -739,10 +739,7 @@ mod tests {
     fn oversized_message_is_refused_on_encode() {
         let mut big = sample();
         big.payload = vec![0; 5000];
-        assert!(matches!(
-            encode_body(&big),
-            Err(WireError::TooLong { .. })
-        ));
+        assert!(matches!(encode_body(&big), Err(WireError::TooLong { .. })));
     }
 
     proptest! {
