@@ -1,9 +1,11 @@
 //! The model: Llama-style decoder split into pieces (embedding, stages, head), each with forward and
 //! VJP backward, plus optimizer, checkpoints, tokenizer and data. Knows nothing of peers or codecs.
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod llama2c;
 pub mod ops;
 pub mod shard;
 pub mod tokenizer;
