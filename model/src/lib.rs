@@ -7,11 +7,13 @@ pub mod data;
 pub mod error;
 pub mod llama2c;
 pub mod ops;
+pub mod optim;
 pub mod shard;
 pub mod tokenizer;
 
 pub use config::ModelConfig;
 pub use data::{Batch, Corpus};
 pub use error::{Error, Result};
-pub use shard::{AdamW, ForwardCtx, Piece, Shard, clip_scale};
+pub use optim::{AdamW, LrSchedule, clip_scale};
+pub use shard::{ForwardCtx, Piece, Shard};
 pub use tokenizer::{ByteTokenizer, Tokenizer};

@@ -12,7 +12,7 @@
 //!    Each backward consumes its context, returns the input gradient and adds the parameter
 //!    gradients into the shard's accumulators. Dropping a context instead frees its graph.
 //!
-//! At the step boundary: `grad_sq_norm` on every shard, sum them, [`clip_scale`], then
+//! At the step boundary: `grad_sq_norm` on every shard, sum them, [`crate::clip_scale`], then
 //! `optimizer_step(lr, scale)` and `zero_grads` on every shard.
 //!
 //! Weights are initialised from `(seed, tensor name)` alone, so a shard holding layers 4..8 has
@@ -28,6 +28,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::ops::{self, RopeTables};
+use crate::optim::AdamW;
 use crate::{Error, ModelConfig, Result};
 
 /// A part of the model that can be built and run alone.
@@ -126,39 +127,6 @@ pub fn init_values(cfg: &ModelConfig, seed: u64, name: &str, len: usize) -> Vec<
     let mut rng = ChaCha20Rng::from_seed(*h.finalize().as_bytes());
     let normal = Normal::new(0.0, std).expect("std is positive and finite");
     (0..len).map(|_| normal.sample(&mut rng)).collect()
-}
-
-/// The clip factor for gradients whose global squared norm (summed over all shards of the
-/// model) is `total_sq_norm`: `max_norm / norm` when the norm exceeds `max_norm`, else 1.
-/// `max_norm <= 0` disables clipping.
-pub fn clip_scale(total_sq_norm: f64, max_norm: f64) -> f64 {
-    let norm = total_sq_norm.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        max_norm / norm
-    } else {
-        1.0
-    }
-}
-
-/// AdamW hyper-parameters (the learning rate is passed per step, from the schedule).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamW {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    /// Decoupled weight decay, applied to matrices only (not to RMSNorm weights).
-    pub weight_decay: f64,
-}
-
-impl Default for AdamW {
-    fn default() -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        }
-    }
 }
 
 struct Param {
@@ -773,4 +741,126 @@ impl Shard {
         }
         Ok(*h.finalize().as_bytes())
     }
+
+    /// The full training state (weights, AdamW moments, step) as safetensors bytes: each weight
+    /// under its HF name, moments under `optimizer.exp_avg.{name}` / `optimizer.exp_avg_sq.{name}`,
+    /// all f32, and metadata `format` = [`STATE_FORMAT`], `step`. A replica sends this to a peer
+    /// joining mid-run; [`Shard::import_state`] restores it exactly.
+    pub fn export_state(&self) -> Result<Vec<u8>> {
+        let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> =
+            Vec::with_capacity(3 * self.params.len());
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        for p in &self.params {
+            let w = p
+                .var
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            bufs.push((p.name.clone(), p.shape.clone(), bytes(&w)));
+            let zeros;
+            let (m, v) = if p.m.is_empty() {
+                zeros = vec![0f32; w.len()];
+                (&zeros, &zeros)
+            } else {
+                (&p.m, &p.v)
+            };
+            bufs.push((
+                format!("optimizer.exp_avg.{}", p.name),
+                p.shape.clone(),
+                bytes(m),
+            ));
+            bufs.push((
+                format!("optimizer.exp_avg_sq.{}", p.name),
+                p.shape.clone(),
+                bytes(v),
+            ));
+        }
+        let views = bufs
+            .iter()
+            .map(|(n, shape, b)| {
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                        .map_err(|e| Error::State(e.to_string()))?;
+                Ok((n.clone(), view))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta = HashMap::from([
+            ("format".to_string(), STATE_FORMAT.to_string()),
+            ("step".to_string(), self.step.to_string()),
+        ]);
+        safetensors::serialize(views, Some(meta)).map_err(|e| Error::State(e.to_string()))
+    }
+
+    /// Replaces weights, moments and step with `bytes` from [`Shard::export_state`] of a shard
+    /// holding the same pieces. The bytes are untrusted: names must match exactly (no missing,
+    /// no extra), shapes and dtype (f32) must match, values must be finite; on any error the
+    /// shard is unchanged. Gradients are cleared; earlier contexts become stale.
+    pub fn import_state(&mut self, bytes: &[u8]) -> Result<()> {
+        use safetensors::SafeTensors;
+        let bad = |m: String| Error::State(m);
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+        let info = meta.metadata().clone().unwrap_or_default();
+        if info.get("format").map(String::as_str) != Some(STATE_FORMAT) {
+            return Err(bad(format!(
+                "format is {:?}, expected {STATE_FORMAT}",
+                info.get("format")
+            )));
+        }
+        let step: u64 = info
+            .get("step")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("missing or invalid step".into()))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        if st.len() != 3 * self.params.len() {
+            return Err(bad(format!(
+                "{} tensors, expected {}",
+                st.len(),
+                3 * self.params.len()
+            )));
+        }
+        let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t = st
+                .tensor(name)
+                .map_err(|_| bad(format!("missing tensor {name}")))?;
+            if t.dtype() != safetensors::Dtype::F32 || t.shape() != shape {
+                return Err(bad(format!(
+                    "{name}: {:?} {:?}, expected F32 {shape:?}",
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            // safetensors has checked that the data is exactly shape x 4 bytes.
+            let v: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(bad(format!("{name}: non-finite value")));
+            }
+            Ok(v)
+        };
+        let mut new = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let w = read(&p.name, &p.shape)?;
+            let m = read(&format!("optimizer.exp_avg.{}", p.name), &p.shape)?;
+            let v = read(&format!("optimizer.exp_avg_sq.{}", p.name), &p.shape)?;
+            if v.iter().any(|&x| x < 0.0) {
+                return Err(bad(format!("{}: negative second moment", p.name)));
+            }
+            let t = Tensor::from_vec(w, p.shape.as_slice(), &self.device)?.to_dtype(self.dtype)?;
+            new.push((Var::from_tensor(&t)?, m, v));
+        }
+        for (p, (var, m, v)) in self.params.iter_mut().zip(new) {
+            p.var = var;
+            p.m = m;
+            p.v = v;
+            p.grad = None;
+        }
+        self.step = step;
+        Ok(())
+    }
 }
+
+/// The `format` metadata of [`Shard::export_state`] bytes.
+pub const STATE_FORMAT: &str = "swarm-shard-state/1";

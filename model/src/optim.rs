@@ -1,0 +1,91 @@
+//! Optimizer pieces shared by every shard: AdamW hyper-parameters, global-norm clipping and the
+//! learning-rate schedule. The update itself is `Shard::optimizer_step`.
+
+use std::f64::consts::PI;
+
+/// AdamW hyper-parameters (the learning rate is passed per step, from [`LrSchedule`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay (`w *= 1 - lr * weight_decay`), applied to matrices only, not to
+    /// RMSNorm weights.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+/// The clip factor for gradients whose global squared norm (summed over all shards of the
+/// model, see `Shard::grad_sq_norm`) is `total_sq_norm`: `max_norm / norm` when the norm
+/// exceeds `max_norm`, else 1. `max_norm <= 0` disables clipping.
+pub fn clip_scale(total_sq_norm: f64, max_norm: f64) -> f64 {
+    let norm = total_sq_norm.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / norm
+    } else {
+        1.0
+    }
+}
+
+/// Linear warmup to `lr`, then cosine decay to `min_lr` at `total_steps`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrSchedule {
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+}
+
+impl LrSchedule {
+    /// The learning rate of step `step` (0-based): `lr * (step + 1) / warmup_steps` during
+    /// warmup, then `min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2`, `min_lr` after the end.
+    pub fn at(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.total_steps.saturating_sub(self.warmup_steps).max(1);
+        let progress = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
+        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (PI * progress).cos())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_min() {
+        let s = LrSchedule {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 10,
+            total_steps: 110,
+        };
+        assert_eq!(s.at(0), 1e-4);
+        assert_eq!(s.at(9), 1e-3);
+        assert!((s.at(10) - 1e-3).abs() < 1e-15);
+        assert!((s.at(60) - 5.5e-4).abs() < 1e-12); // halfway: the mean of lr and min_lr
+        assert!((s.at(110) - 1e-4).abs() < 1e-15);
+        assert!((s.at(1000) - 1e-4).abs() < 1e-15);
+        for k in 10..110 {
+            assert!(s.at(k + 1) <= s.at(k));
+        }
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm() {
+        assert_eq!(clip_scale(16.0, 1.0), 0.25);
+        assert_eq!(clip_scale(0.25, 1.0), 1.0);
+        assert_eq!(clip_scale(16.0, 0.0), 1.0);
+    }
+}
