@@ -1,0 +1,173 @@
+//! Run metrics: loss per step, throughput, tensor bytes on the wire per channel, faults.
+
+use serde::Serialize;
+
+/// A tensor channel of the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    /// Forward activations between stages (and trainer <-> first/last stage).
+    Activations,
+    /// Backward activation gradients.
+    Gradients,
+    /// Gradient shares exchanged between replicas at the step boundary.
+    Sync,
+    /// Weights + optimizer state transfers (joins, checkpoints, restores); reported apart.
+    State,
+}
+
+/// Bytes of one channel: what crossed the network and what fp32 would have needed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ChannelBytes {
+    pub wire_bytes: u64,
+    pub dense_bytes: u64,
+    pub frames: u64,
+}
+
+impl ChannelBytes {
+    pub fn add(&mut self, wire: u64, dense: u64) {
+        self.wire_bytes += wire;
+        self.dense_bytes += dense;
+        self.frames += 1;
+    }
+
+    pub fn merge(&mut self, other: &ChannelBytes) {
+        self.wire_bytes += other.wire_bytes;
+        self.dense_bytes += other.dense_bytes;
+        self.frames += other.frames;
+    }
+
+    /// dense / wire (how many times fewer bytes than fp32); 0 when nothing was sent.
+    pub fn ratio(&self) -> f64 {
+        if self.wire_bytes == 0 {
+            0.0
+        } else {
+            self.dense_bytes as f64 / self.wire_bytes as f64
+        }
+    }
+}
+
+/// Per-channel byte counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WireStats {
+    pub activations: ChannelBytes,
+    pub gradients: ChannelBytes,
+    pub sync: ChannelBytes,
+    pub state: ChannelBytes,
+}
+
+impl WireStats {
+    pub fn channel_mut(&mut self, c: Channel) -> &mut ChannelBytes {
+        match c {
+            Channel::Activations => &mut self.activations,
+            Channel::Gradients => &mut self.gradients,
+            Channel::Sync => &mut self.sync,
+            Channel::State => &mut self.state,
+        }
+    }
+
+    pub fn merge(&mut self, other: &WireStats) {
+        self.activations.merge(&other.activations);
+        self.gradients.merge(&other.gradients);
+        self.sync.merge(&other.sync);
+        self.state.merge(&other.state);
+    }
+
+    /// Tensor bytes of training traffic (activations, gradients, sync; state transfers apart).
+    pub fn tensor_wire_bytes(&self) -> u64 {
+        self.activations.wire_bytes + self.gradients.wire_bytes + self.sync.wire_bytes
+    }
+
+    /// What fp32 would have needed for the same tensors.
+    pub fn tensor_dense_bytes(&self) -> u64 {
+        self.activations.dense_bytes + self.gradients.dense_bytes + self.sync.dense_bytes
+    }
+}
+
+/// One finished step.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepReport {
+    pub step: u64,
+    /// Mean loss over the step's micro-batches (nats/token).
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    /// Seconds the step took (wall clock, informational).
+    pub seconds: f64,
+    pub retries: u64,
+    /// Replicas whose digest differed from the majority after the optimizer step.
+    pub hash_mismatches: u64,
+    /// Replicas per stage that took part in the sync.
+    pub participants: Vec<usize>,
+}
+
+/// The run's summary: the JSON of `swarm train` and `swarm demo`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub initial_loss: f64,
+    pub final_loss: f64,
+    pub tokens_per_s: f64,
+    pub wire_bytes: u64,
+    pub dense_bytes: u64,
+    pub retries: u64,
+    pub peers_lost: u64,
+    pub replica_hash_mismatches: u64,
+}
+
+/// Everything measured during a run.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    pub steps: Vec<StepReport>,
+    pub wire: WireStats,
+    pub retries: u64,
+    pub peers_lost: u64,
+    pub replica_hash_mismatches: u64,
+    pub tokens: u64,
+    /// Seconds spent training (excludes waiting for peers before the first step).
+    pub train_seconds: f64,
+    /// Seconds joiners took to fetch their stage state (one entry per join).
+    pub state_sync_seconds: Vec<f64>,
+}
+
+impl Metrics {
+    pub fn summary(&self) -> Summary {
+        Summary {
+            steps: self.steps.len() as u64,
+            initial_loss: self.steps.first().map_or(f64::NAN, |s| s.loss),
+            final_loss: self.steps.last().map_or(f64::NAN, |s| s.loss),
+            tokens_per_s: if self.train_seconds > 0.0 {
+                self.tokens as f64 / self.train_seconds
+            } else {
+                0.0
+            },
+            wire_bytes: self.wire.tensor_wire_bytes(),
+            dense_bytes: self.wire.tensor_dense_bytes(),
+            retries: self.retries,
+            peers_lost: self.peers_lost,
+            replica_hash_mismatches: self.replica_hash_mismatches,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_sums_tensor_channels_but_not_state() {
+        let mut m = Metrics::default();
+        m.wire.channel_mut(Channel::Activations).add(10, 100);
+        m.wire.channel_mut(Channel::Gradients).add(20, 100);
+        m.wire.channel_mut(Channel::Sync).add(5, 400);
+        m.wire.channel_mut(Channel::State).add(1000, 1000);
+        m.tokens = 300;
+        m.train_seconds = 3.0;
+        let s = m.summary();
+        assert_eq!((s.wire_bytes, s.dense_bytes), (35, 600));
+        assert_eq!(s.tokens_per_s, 100.0);
+        assert!(s.initial_loss.is_nan());
+        assert_eq!(m.wire.activations.ratio(), 10.0);
+    }
+}
