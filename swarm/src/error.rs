@@ -59,6 +59,15 @@ pub enum Error {
     /// The remote peer refused a request with an application error.
     #[error("peer refused the request: {0}")]
     Remote(crate::rpc::RemoteError),
+    /// The bootstrap peer belongs to another run than the one asked for.
+    #[error("the bootstrap peer serves run {got}, not {expected}")]
+    WrongRun {
+        expected: crate::membership::RunId,
+        got: crate::membership::RunId,
+    },
+    /// Listening on an unspecified address (0.0.0.0 or ::) with nobody to tell us our address.
+    #[error("listening on {listen} with no bootstrap: give an address to announce")]
+    NoAnnounceAddress { listen: std::net::SocketAddr },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod identity;
 pub mod membership;
+pub mod peer;
 pub mod rpc;
 pub mod shaping;
 pub mod tls;

@@ -1,0 +1,733 @@
+//! The long-running peer service behind `swarm join`: one [`Node`], the [`Membership`] state
+//! machine, and a dispatcher of message kinds to handlers.
+//!
+//! [`Peer::start`] binds the node, bootstraps (JOIN to the bootstrap address, then a gossip push
+//! of its own record), and spawns the RPC server and the gossip loop. The loop drives the state
+//! machine with the wall clock: it expires records, refreshes the local one, and exchanges records
+//! push-pull with the targets `poll_gossip_targets` picks. [`Peer::leave`] announces LEAVING to a
+//! few peers and closes. Later code registers more message kinds with [`Peer::register`] and
+//! updates what this peer announces with [`Peer::update_local`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::identity::{Identity, PeerId};
+use crate::membership::{
+    GossipPush, GossipReply, GossipTarget, JoinReply, JoinRequest, Membership, MembershipConfig,
+    PeerRecord, PeerState, RecordInfo, RunId, StatusReply, StatusRequest, UnixMillis,
+};
+use crate::rpc::{self, Reply, RpcError, Service, code};
+use crate::shaping::LinkShape;
+use crate::tls::AllowList;
+use crate::transport::{Node, PeerConn, TransportConfig};
+use crate::wire::{self, WireMessage, kind};
+
+/// Everything `Peer::start` needs. `Default` gives a new swarm on an ephemeral loopback port.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// Address to listen on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// A peer of the swarm to join; `None` starts a new swarm.
+    pub bootstrap: Option<SocketAddr>,
+    /// The run of a new swarm (random if `None`). When joining, the bootstrap's run is used and a
+    /// different one given here is an error.
+    pub run_id: Option<RunId>,
+    /// Addresses to announce. Empty: the listen address, or (when listening on 0.0.0.0 / ::) the
+    /// address the bootstrap saw us connect from.
+    pub announce: Vec<SocketAddr>,
+    /// Stages served, throughput and state announced at start.
+    pub stages: Vec<u32>,
+    pub throughput: f64,
+    pub state: PeerState,
+    /// Software version announced (defaults to this crate's version).
+    pub version: String,
+    pub membership: MembershipConfig,
+    pub transport: TransportConfig,
+    pub shape: Option<LinkShape>,
+    pub allow: Option<AllowList>,
+    /// Longest wait for one request (connect + answer).
+    pub rpc_timeout: Duration,
+    /// Seed of the gossip target choice (random if `None`).
+    pub seed: Option<u64>,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        PeerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            bootstrap: None,
+            run_id: None,
+            announce: Vec::new(),
+            stages: Vec::new(),
+            throughput: 0.0,
+            state: PeerState::Online,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            membership: MembershipConfig::default(),
+            transport: TransportConfig::default(),
+            shape: None,
+            allow: None,
+            rpc_timeout: Duration::from_secs(10),
+            seed: None,
+        }
+    }
+}
+
+/// Who sent a request.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestCtx {
+    /// The id the sender proved in the TLS handshake.
+    pub from: PeerId,
+    /// The address its packets come from.
+    pub remote_addr: SocketAddr,
+}
+
+/// The answer of a handler: (kind, body); a refusal (sent back to the caller); or a malformed
+/// request (the connection is closed).
+pub type HandlerResult = std::result::Result<Reply, RpcError>;
+/// A boxed handler future.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
+
+/// Serves one message kind. Implemented for closures `Fn(Arc<PeerShared>, RequestCtx, Vec<u8>)`.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, peer: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>) -> HandlerFuture;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Arc<PeerShared>, RequestCtx, Vec<u8>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    fn handle(&self, peer: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>) -> HandlerFuture {
+        Box::pin(self(peer, ctx, body))
+    }
+}
+
+/// The state shared by the server, the gossip loop and handlers.
+pub struct PeerShared {
+    node: Node,
+    membership: Mutex<Membership>,
+    handlers: RwLock<HashMap<u16, Arc<dyn Handler>>>,
+    conns: tokio::sync::Mutex<HashMap<PeerId, PeerConn>>,
+    rpc_timeout: Duration,
+}
+
+impl std::fmt::Debug for PeerShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerShared({:?})", self.node)
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn unix_now() -> UnixMillis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl PeerShared {
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Runs `f` on the membership state (short critical sections only: no awaits inside).
+    pub fn with_membership<T>(&self, f: impl FnOnce(&mut Membership) -> T) -> T {
+        let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut m)
+    }
+
+    /// A cached connection to `peer` at `addr`, or a new one. A cached connection that has closed
+    /// is replaced.
+    pub async fn connect(&self, addr: SocketAddr, peer: Option<PeerId>) -> Result<PeerConn> {
+        if let Some(id) = peer {
+            let conns = self.conns.lock().await;
+            if let Some(c) = conns.get(&id)
+                && c.close_reason().is_none()
+            {
+                return Ok(c.clone());
+            }
+        }
+        let conn = tokio::time::timeout(self.rpc_timeout, self.node.connect(addr, peer))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "connect",
+                after: self.rpc_timeout,
+            })??;
+        self.conns
+            .lock()
+            .await
+            .insert(conn.remote_id(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets a cached connection after an error on it.
+    pub async fn drop_conn(&self, peer: PeerId) {
+        if let Some(c) = self.conns.lock().await.remove(&peer) {
+            c.close(0u32.into(), b"dropped");
+        }
+    }
+
+    /// One request to `addr` (expecting `peer` if known), on a cached connection.
+    pub async fn call<Req: WireMessage, Resp: WireMessage>(
+        &self,
+        addr: SocketAddr,
+        peer: Option<PeerId>,
+        req: &Req,
+    ) -> Result<(PeerId, Resp)> {
+        let conn = self.connect(addr, peer).await?;
+        let id = conn.remote_id();
+        match rpc::call_timeout::<Req, Resp>(&conn, req, self.rpc_timeout).await {
+            Ok(resp) => Ok((id, resp)),
+            Err(e) => {
+                self.drop_conn(id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn dispatch(self: Arc<Self>, ctx: RequestCtx, kind: u16, body: Vec<u8>) -> HandlerResult {
+        let handler = self
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&kind)
+            .cloned();
+        match handler {
+            Some(h) => h.handle(self.clone(), ctx, body).await,
+            None => rpc::builtin(kind, &body).unwrap_or_else(|| {
+                Err(RpcError::refused(
+                    code::UNSUPPORTED,
+                    format!("kind {} not served", wire::kind_name(kind)),
+                ))
+            }),
+        }
+    }
+
+    /// One push-pull exchange with `target`; returns how many records were accepted.
+    async fn exchange(&self, target: GossipTarget) -> Result<usize> {
+        let records = self.with_membership(|m| m.records_for_exchange());
+        let (id, reply): (PeerId, GossipReply) = self
+            .call(target.addr, target.peer, &GossipPush { records })
+            .await?;
+        let now = unix_now();
+        let out = self.with_membership(|m| {
+            let out = m.handle_records(now, reply.records);
+            m.handle_contact(now, id);
+            out
+        });
+        if out.suspicious() > 0 {
+            tracing::warn!(peer = %id.short(), refused = out.suspicious(), "gossip reply carried invalid records");
+        }
+        Ok(out.accepted.len())
+    }
+}
+
+/// A running peer. Dropping it aborts its tasks without a goodbye; call [`Peer::leave`] to leave
+/// gracefully.
+pub struct Peer {
+    shared: Arc<PeerShared>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Peer({:?})", self.shared.node)
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Peer {
+    /// Binds, bootstraps and starts serving. Must be called inside a tokio runtime.
+    pub async fn start(identity: Identity, config: PeerConfig) -> Result<Peer> {
+        let node = Node::bind(
+            identity.clone(),
+            config.listen,
+            config.transport.clone(),
+            config.shape.clone(),
+            config.allow.clone(),
+        )?;
+        let local = node.local_addr()?;
+        let mut rng = match config.seed {
+            Some(s) => ChaCha8Rng::seed_from_u64(s),
+            None => ChaCha8Rng::from_os_rng(),
+        };
+
+        // Bootstrap: learn the run, our outside address and the view.
+        let mut joined: Option<(PeerId, JoinReply)> = None;
+        let mut boot_conn = None;
+        if let Some(addr) = config.bootstrap {
+            let conn = tokio::time::timeout(config.rpc_timeout, node.connect(addr, None))
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: "connect to bootstrap",
+                    after: config.rpc_timeout,
+                })??;
+            let reply: JoinReply =
+                rpc::call_timeout(&conn, &JoinRequest, config.rpc_timeout).await?;
+            if let Some(want) = config.run_id
+                && want != reply.run_id
+            {
+                return Err(Error::WrongRun {
+                    expected: want,
+                    got: reply.run_id,
+                });
+            }
+            joined = Some((conn.remote_id(), reply));
+            boot_conn = Some(conn);
+        }
+        let run_id = match (&joined, config.run_id) {
+            (Some((_, r)), _) => r.run_id,
+            (None, Some(r)) => r,
+            (None, None) => RunId::random(&mut rng),
+        };
+        let addrs = if !config.announce.is_empty() {
+            config.announce.clone()
+        } else if !local.ip().is_unspecified() {
+            vec![local]
+        } else if let Some((_, r)) = &joined {
+            vec![SocketAddr::new(r.observed_addr.ip(), local.port())]
+        } else if let Some(ip) = primary_ip(local.is_ipv6()) {
+            vec![SocketAddr::new(ip, local.port())]
+        } else {
+            return Err(Error::NoAnnounceAddress { listen: local });
+        };
+        let info = RecordInfo {
+            addrs,
+            stages: config.stages.clone(),
+            throughput: config.throughput,
+            state: config.state,
+            version: config.version.clone(),
+        };
+        let now = unix_now();
+        let seeds = config.bootstrap.into_iter().collect();
+        let mut membership = Membership::new(
+            identity,
+            run_id,
+            config.membership.clone(),
+            info,
+            seeds,
+            now,
+        );
+        if let Some((_, reply)) = &joined {
+            let out = membership.handle_records(now, reply.records.clone());
+            tracing::debug!(
+                accepted = out.accepted.len(),
+                refused = out.refused.len(),
+                "bootstrap view"
+            );
+        }
+
+        let shared = Arc::new(PeerShared {
+            node: node.clone(),
+            membership: Mutex::new(membership),
+            handlers: RwLock::new(HashMap::new()),
+            conns: tokio::sync::Mutex::new(HashMap::new()),
+            rpc_timeout: config.rpc_timeout,
+        });
+        register_membership_handlers(&shared);
+        if let Some(c) = boot_conn {
+            shared.conns.lock().await.insert(c.remote_id(), c);
+        }
+
+        let (stop, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(serve(shared.clone()));
+        // Announce ourselves to the bootstrap before returning, so that `join` printing its line
+        // means the swarm can already reach us.
+        if let (Some(addr), Some((id, _))) = (config.bootstrap, &joined) {
+            shared
+                .exchange(GossipTarget {
+                    peer: Some(*id),
+                    addr,
+                })
+                .await?;
+        }
+        let gossip = tokio::spawn(gossip_loop(shared.clone(), rng, stop_rx));
+        tracing::info!(peer = %shared.node.peer_id().short(), addr = %local, run = %run_id, "peer started");
+        Ok(Peer {
+            shared,
+            stop,
+            tasks: vec![server, gossip],
+            addr: local,
+        })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.node.peer_id()
+    }
+
+    /// The bound socket address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn run_id(&self) -> RunId {
+        self.shared.with_membership(|m| m.run_id())
+    }
+
+    /// The state shared with handlers (node, membership, connection cache).
+    pub fn shared(&self) -> &Arc<PeerShared> {
+        &self.shared
+    }
+
+    /// This peer's current signed record.
+    pub fn local_record(&self) -> PeerRecord {
+        self.shared.with_membership(|m| m.local_record().clone())
+    }
+
+    /// The view as a status answer (own record first).
+    pub fn status(&self) -> StatusReply {
+        self.shared.with_membership(|m| m.status(unix_now()))
+    }
+
+    /// Changes what this peer announces (stages, throughput, state) and re-signs its record; the
+    /// next gossip rounds spread it.
+    pub fn update_local(&self, f: impl FnOnce(&mut RecordInfo)) {
+        let now = unix_now();
+        self.shared.with_membership(|m| m.update_local(now, f));
+    }
+
+    /// Serves `kind` with `handler` (replacing any previous one). Membership kinds are registered
+    /// at start; issue #6 adds forward/backward/sync here.
+    pub fn register(&self, kind: u16, handler: impl Handler) {
+        register(&self.shared, kind, handler);
+    }
+
+    /// Leaves gracefully: stops gossiping, pushes the LEAVING record to up to `2 * fanout` live
+    /// peers (bounded by the RPC timeout), then closes the node. Returns how many peers took it.
+    pub async fn leave(mut self) -> usize {
+        let _ = self.stop.send(true);
+        let now = unix_now();
+        let (leaving, targets) = self.shared.with_membership(|m| {
+            let leaving = m.leave(now);
+            let fanout = m.config().fanout * 2;
+            let mut rng = ChaCha8Rng::seed_from_u64(now);
+            let live: Vec<GossipTarget> = m
+                .live()
+                .filter_map(|e| {
+                    e.record.info.addrs.first().map(|a| GossipTarget {
+                        peer: Some(e.record.peer_id),
+                        addr: *a,
+                    })
+                })
+                .collect();
+            use rand::seq::IndexedRandom;
+            let targets: Vec<GossipTarget> =
+                live.choose_multiple(&mut rng, fanout).cloned().collect();
+            (leaving, targets)
+        });
+        let pushes = targets.into_iter().map(|t| {
+            let shared = self.shared.clone();
+            let push = GossipPush {
+                records: vec![leaving.clone()],
+            };
+            async move {
+                shared
+                    .call::<GossipPush, GossipReply>(t.addr, t.peer, &push)
+                    .await
+                    .is_ok()
+            }
+        });
+        let told = futures::future::join_all(pushes)
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count();
+        tracing::info!(peer = %self.peer_id().short(), told, "left");
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.shared.node.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.node.wait_idle()).await;
+        told
+    }
+}
+
+fn register(shared: &Arc<PeerShared>, kind: u16, handler: impl Handler) {
+    shared
+        .handlers
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(kind, Arc::new(handler));
+}
+
+fn register_membership_handlers(shared: &Arc<PeerShared>) {
+    register(
+        shared,
+        kind::GOSSIP,
+        |peer: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| async move {
+            let push: GossipPush = wire::decode_body(&body).map_err(RpcError::from)?;
+            let now = unix_now();
+            let (out, records) = peer.with_membership(|m| {
+                let out = m.handle_records(now, push.records);
+                m.handle_contact(now, ctx.from);
+                (out, m.records_for_exchange())
+            });
+            if out.suspicious() > 0 {
+                tracing::warn!(peer = %ctx.from.short(), refused = out.suspicious(), "gossip push carried invalid records");
+            }
+            rpc::reply(&GossipReply { records })
+        },
+    );
+    register(
+        shared,
+        kind::JOIN,
+        |peer: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| async move {
+            wire::decode_body::<JoinRequest>(&body).map_err(RpcError::from)?;
+            let (run_id, records) =
+                peer.with_membership(|m| (m.run_id(), m.records_for_exchange()));
+            tracing::debug!(peer = %ctx.from.short(), addr = %ctx.remote_addr, "join request");
+            rpc::reply(&JoinReply {
+                run_id,
+                observed_addr: ctx.remote_addr,
+                records,
+            })
+        },
+    );
+    register(
+        shared,
+        kind::STATUS,
+        |peer: Arc<PeerShared>, _ctx: RequestCtx, body: Vec<u8>| async move {
+            wire::decode_body::<StatusRequest>(&body).map_err(RpcError::from)?;
+            let status = peer.with_membership(|m| m.status(unix_now()));
+            rpc::reply(&status)
+        },
+    );
+}
+
+/// The dispatcher as seen by one connection (handlers get the sender's address, which JOIN
+/// reports back as the observed address).
+struct ConnService {
+    shared: Arc<PeerShared>,
+    remote_addr: SocketAddr,
+}
+
+impl Service for ConnService {
+    fn handle(
+        &self,
+        from: PeerId,
+        kind: u16,
+        body: Vec<u8>,
+    ) -> futures::future::BoxFuture<'_, HandlerResult> {
+        let ctx = RequestCtx {
+            from,
+            remote_addr: self.remote_addr,
+        };
+        Box::pin(self.shared.clone().dispatch(ctx, kind, body))
+    }
+}
+
+/// Accepts connections and serves their requests through the dispatcher until the node closes.
+async fn serve(shared: Arc<PeerShared>) {
+    while let Some(incoming) = shared.node.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let addr = incoming.remote_addr();
+            match incoming.handshake().await {
+                Ok(conn) => {
+                    let service = Arc::new(ConnService {
+                        shared,
+                        remote_addr: conn.remote_addr(),
+                    });
+                    rpc::serve_connection(conn, service).await
+                }
+                Err(e) => tracing::info!(%addr, error = %e, "handshake refused"),
+            }
+        });
+    }
+}
+
+/// Drives membership with the clock until `stop`.
+async fn gossip_loop(
+    shared: Arc<PeerShared>,
+    mut rng: ChaCha8Rng,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let now = unix_now();
+        let (targets, next) = shared.with_membership(|m| {
+            let gone = m.expire(now);
+            if !gone.is_empty() {
+                tracing::info!(count = gone.len(), "peer records expired");
+            }
+            m.refresh_local(now);
+            let targets = m.poll_gossip_targets(now, &mut rng);
+            (targets, m.poll_timeout())
+        });
+        for t in targets {
+            let shared = shared.clone();
+            // Each exchange in its own task: a dead target costs a timeout, not a stalled loop.
+            tokio::spawn(async move {
+                if let Err(e) = shared.exchange(t.clone()).await {
+                    tracing::debug!(addr = %t.addr, error = %e, "gossip exchange failed");
+                }
+            });
+        }
+        let wait = Duration::from_millis(next.saturating_sub(unix_now()).clamp(10, 60_000));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The address of the interface that routes to the internet, found by "connecting" a UDP socket
+/// (which sends nothing) and reading its local address. Used when a new swarm's first peer listens
+/// on 0.0.0.0 and nobody can tell it what it looks like from outside.
+fn primary_ip(v6: bool) -> Option<std::net::IpAddr> {
+    let (bind, probe): (SocketAddr, SocketAddr) = if v6 {
+        (
+            "[::]:0".parse().ok()?,
+            "[2001:4860:4860::8888]:53".parse().ok()?,
+        )
+    } else {
+        ("0.0.0.0:0".parse().ok()?, "8.8.8.8:53".parse().ok()?)
+    };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(probe).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::{Ping, Pong};
+    use std::time::Instant;
+
+    fn fast(bootstrap: Option<SocketAddr>, seed: u64) -> PeerConfig {
+        PeerConfig {
+            bootstrap,
+            membership: MembershipConfig::with_ttl(3_000),
+            rpc_timeout: Duration::from_secs(5),
+            seed: Some(seed),
+            ..PeerConfig::default()
+        }
+    }
+
+    async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn live_ids(p: &Peer) -> Vec<PeerId> {
+        let mut v: Vec<PeerId> = p
+            .shared()
+            .with_membership(|m| m.live().map(|e| e.record.peer_id).collect());
+        v.sort();
+        v
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peers_converge_leave_and_serve_extra_kinds() {
+        let a = Peer::start(Identity::from_secret([1; 32]), fast(None, 1))
+            .await
+            .unwrap();
+        let b = Peer::start(
+            Identity::from_secret([2; 32]),
+            fast(Some(a.local_addr()), 2),
+        )
+        .await
+        .unwrap();
+        // C joins through B, not A.
+        let c = Peer::start(
+            Identity::from_secret([3; 32]),
+            fast(Some(b.local_addr()), 3),
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.run_id(), b.run_id());
+        assert_eq!(a.run_id(), c.run_id());
+        let peers = [&a, &b, &c];
+        wait_until("everyone sees everyone", Duration::from_secs(20), || {
+            peers.iter().all(|p| live_ids(p).len() == 2)
+        })
+        .await;
+
+        // A later module's handler, reached through the same dispatcher; PING stays built in.
+        a.register(
+            kind::PING,
+            |_p: Arc<PeerShared>, _ctx: RequestCtx, body: Vec<u8>| async move {
+                let ping: Ping = wire::decode_body(&body)?;
+                rpc::reply(&Pong {
+                    nonce: ping.nonce + 1,
+                })
+            },
+        );
+        let (_, pong): (PeerId, Pong) = b
+            .shared()
+            .call(a.local_addr(), Some(a.peer_id()), &Ping { nonce: 41 })
+            .await
+            .unwrap();
+        assert_eq!(pong.nonce, 42);
+        let (_, pong): (PeerId, Pong) = a
+            .shared()
+            .call(b.local_addr(), Some(b.peer_id()), &Ping { nonce: 7 })
+            .await
+            .unwrap();
+        assert_eq!(pong.nonce, 7);
+
+        // An update of the local record spreads.
+        c.update_local(|i| {
+            i.stages = vec![3];
+            i.throughput = 99.0;
+        });
+        let c_id = c.peer_id();
+        wait_until("C's new stages reach A", Duration::from_secs(20), || {
+            a.shared().with_membership(|m| {
+                m.get(&c_id)
+                    .is_some_and(|e| e.record.info.stages == vec![3])
+            })
+        })
+        .await;
+
+        // C leaves: A and B drop it from the live set long before its record would expire.
+        let told = c.leave().await;
+        assert!(told >= 1);
+        wait_until("C's departure spreads", Duration::from_secs(20), || {
+            [&a, &b].iter().all(|p| !live_ids(p).contains(&c_id))
+        })
+        .await;
+        // The LEAVING record is held as a tombstone (refusing older ONLINE records of C).
+        assert!([&a, &b].iter().any(|p| p.shared().with_membership(|m| {
+            m.get(&c_id)
+                .is_some_and(|e| e.record.info.state == PeerState::Leaving)
+        })));
+        a.leave().await;
+        b.leave().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn joining_with_the_wrong_run_is_refused() {
+        let a = Peer::start(Identity::from_secret([4; 32]), fast(None, 4))
+            .await
+            .unwrap();
+        let mut cfg = fast(Some(a.local_addr()), 5);
+        cfg.run_id = Some(RunId([9; 16]));
+        let err = Peer::start(Identity::from_secret([5; 32]), cfg)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::WrongRun { .. }), "{err}");
+        a.leave().await;
+    }
+}
