@@ -5,6 +5,7 @@ pub mod error;
 pub mod identity;
 pub mod membership;
 pub mod peer;
+pub mod protocol;
 pub mod rpc;
 pub mod shaping;
 pub mod tls;

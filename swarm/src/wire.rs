@@ -99,6 +99,55 @@ pub mod kind {
     /// Membership: the view with last-seen ages (`membership::StatusReply`).
     pub const STATUS_REPLY: u16 = 15;
 
+    // Pipeline (issue #6, `protocol`): see each message's doc for sender and receiver.
+    /// Activations into a stage (`protocol::Forward`).
+    pub const FORWARD: u16 = 30;
+    /// Last stage's output to the trainer (`protocol::ForwardOut`).
+    pub const FORWARD_OUT: u16 = 31;
+    /// Output gradient into a stage (`protocol::Backward`).
+    pub const BACKWARD: u16 = 32;
+    /// Stage 0's input gradient to the trainer (`protocol::BackwardOut`).
+    pub const BACKWARD_OUT: u16 = 33;
+    /// A stage accumulated a micro-batch (`protocol::Counted`).
+    pub const COUNTED: u16 = 34;
+    /// A send to the next hop failed (`protocol::HopFailed`).
+    pub const HOP_FAILED: u16 = 35;
+    /// Drop an attempt's contexts (`protocol::Abandon`).
+    pub const ABANDON: u16 = 36;
+    /// Empty acknowledgement (`protocol::Ack`).
+    pub const ACK: u16 = 37;
+    /// Ask the trainer for the run (`protocol::RunInfoRequest`).
+    pub const RUN_INFO: u16 = 38;
+    /// The run described (`protocol::RunInfo`).
+    pub const RUN_INFO_REPLY: u16 = 39;
+    /// Ask to serve a stage (`protocol::Admit`).
+    pub const ADMIT: u16 = 40;
+    /// Admission and where to get the state (`protocol::AdmitReply`).
+    pub const ADMIT_REPLY: u16 = 41;
+    /// State loaded, serving (`protocol::Ready`).
+    pub const READY: u16 = 42;
+    /// Graceful leave announced (`protocol::Leave`).
+    pub const LEAVE: u16 = 43;
+    /// When a leaving peer may go (`protocol::LeaveReply`).
+    pub const LEAVE_REPLY: u16 = 44;
+    // Replica sync and state (issue #6, `protocol`).
+    /// Start a stage's step-end sync (`protocol::SyncStart`).
+    pub const SYNC_START: u16 = 60;
+    /// One replica's compressed accumulated gradient (`protocol::GradShare`).
+    pub const GRAD_SHARE: u16 = 61;
+    /// A replica summed all shares (`protocol::SyncDone`).
+    pub const SYNC_DONE: u16 = 62;
+    /// Run the optimizer step (`protocol::Apply`).
+    pub const APPLY: u16 = 63;
+    /// Weights digest after the step (`protocol::Applied`).
+    pub const APPLIED: u16 = 64;
+    /// Ask for a chunk of a stage's state (`protocol::FetchState`).
+    pub const FETCH_STATE: u16 = 65;
+    /// A chunk of a stage's state (`protocol::StateChunk`).
+    pub const STATE_CHUNK: u16 = 66;
+    /// Replace a replica's state (`protocol::Reload`).
+    pub const RELOAD: u16 = 67;
+
     const KIB: usize = 1024;
     const MIB: usize = 1024 * KIB;
 
@@ -116,6 +165,30 @@ pub mod kind {
         KindInfo::new(JOIN_REPLY, "join_reply", 4 * MIB),
         KindInfo::new(STATUS, "status", 0),
         KindInfo::new(STATUS_REPLY, "status_reply", 4 * MIB),
+        // Training protocol: caps from `protocol::caps` (frames up to `protocol::MAX_FRAME_BYTES`).
+        KindInfo::new(FORWARD, "forward", crate::protocol::caps::FORWARD),
+        KindInfo::new(FORWARD_OUT, "forward_out", crate::protocol::caps::FORWARD_OUT),
+        KindInfo::new(BACKWARD, "backward", crate::protocol::caps::BACKWARD),
+        KindInfo::new(BACKWARD_OUT, "backward_out", crate::protocol::caps::BACKWARD_OUT),
+        KindInfo::new(COUNTED, "counted", crate::protocol::caps::SMALL),
+        KindInfo::new(HOP_FAILED, "hop_failed", crate::protocol::caps::SMALL),
+        KindInfo::new(ABANDON, "abandon", crate::protocol::caps::SMALL),
+        KindInfo::new(ACK, "ack", 0),
+        KindInfo::new(RUN_INFO, "run_info", 0),
+        KindInfo::new(RUN_INFO_REPLY, "run_info_reply", crate::protocol::caps::RUN_INFO),
+        KindInfo::new(ADMIT, "admit", crate::protocol::caps::SMALL),
+        KindInfo::new(ADMIT_REPLY, "admit_reply", crate::protocol::caps::ADMIT_REPLY),
+        KindInfo::new(READY, "ready", crate::protocol::caps::SMALL),
+        KindInfo::new(LEAVE, "leave", crate::protocol::caps::SMALL),
+        KindInfo::new(LEAVE_REPLY, "leave_reply", 64),
+        KindInfo::new(SYNC_START, "sync_start", crate::protocol::caps::SYNC_START),
+        KindInfo::new(GRAD_SHARE, "grad_share", crate::protocol::caps::GRAD_SHARE),
+        KindInfo::new(SYNC_DONE, "sync_done", crate::protocol::caps::SMALL),
+        KindInfo::new(APPLY, "apply", crate::protocol::caps::SMALL),
+        KindInfo::new(APPLIED, "applied", crate::protocol::caps::SMALL),
+        KindInfo::new(FETCH_STATE, "fetch_state", crate::protocol::caps::SMALL),
+        KindInfo::new(STATE_CHUNK, "state_chunk", crate::protocol::caps::STATE_CHUNK),
+        KindInfo::new(RELOAD, "reload", crate::protocol::caps::RELOAD),
     ];
 
     /// The registry row of `kind`, if registered.
