@@ -2,6 +2,7 @@
 //! VJP backward, plus optimizer, checkpoints, tokenizer and data. Knows nothing of peers or codecs.
 
 pub mod checkpoint;
+pub mod checkpoint_eval;
 pub mod config;
 pub mod data;
 pub mod error;
