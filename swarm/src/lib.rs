@@ -1,6 +1,7 @@
 //! The swarm: peers over QUIC (identity, mutual TLS, wire protocol, link shaping, membership), and
 //! on top of it the trainer, the peer server, replica sync, audits and the contribution ledger.
 
+pub mod bench_link;
 pub mod error;
 pub mod identity;
 pub mod membership;

@@ -127,9 +127,9 @@ impl fmt::Display for LinkShape {
 }
 
 fn fmt_rate(bps: u64) -> String {
-    if bps % 1_000_000 == 0 {
+    if bps.is_multiple_of(1_000_000) {
         format!("{}mbit", bps / 1_000_000)
-    } else if bps % 1_000 == 0 {
+    } else if bps.is_multiple_of(1_000) {
         format!("{}kbit", bps / 1_000)
     } else {
         format!("{bps}bit")

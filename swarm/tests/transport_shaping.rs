@@ -1,0 +1,113 @@
+//! The link shaper under real QUIC on loopback. Bounds are generous where they depend on a loaded
+//! machine keeping up, and tight where the shaper's own accounting decides (it can never deliver
+//! faster than its rate, and delay is always added).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use swarm_core::Identity;
+use swarm_core::bench_link::{LinkCase, run_case};
+use swarm_core::rpc::{self, BasicService, Ping, Pong};
+use swarm_core::shaping::LinkShape;
+use swarm_core::transport::{Node, TransportConfig};
+
+const LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+
+#[tokio::test]
+async fn configured_delay_shows_in_the_rtt() {
+    let delay = Duration::from_millis(40);
+    let shape: LinkShape = "delay=40ms,seed=1".parse().unwrap();
+    let b = Node::bind(
+        Identity::from_secret([2; 32]),
+        LOOPBACK,
+        TransportConfig::default(),
+        None,
+        None,
+    )
+    .unwrap();
+    tokio::spawn(rpc::serve(b.clone(), Arc::new(BasicService)));
+    let a = Node::bind(
+        Identity::from_secret([1; 32]),
+        LOOPBACK,
+        TransportConfig::default(),
+        Some(shape),
+        None,
+    )
+    .unwrap();
+    let conn = tokio::time::timeout(
+        Duration::from_secs(20),
+        a.connect(b.local_addr().unwrap(), None),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    for nonce in 0..5 {
+        let t = Instant::now();
+        let pong: Pong = rpc::call_timeout(&conn, &Ping { nonce }, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(pong.nonce, nonce);
+        let rtt = t.elapsed();
+        // Only our egress is delayed: one delay per round trip, at least.
+        assert!(rtt >= delay, "ping rtt {rtt:?} < {delay:?}");
+    }
+    assert!(conn.rtt() >= delay, "quinn rtt {:?}", conn.rtt());
+    let counters = a.shape_counters().unwrap();
+    assert!(counters.up_packets > 0 && counters.up_lost == 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20_mbit_link_carries_at_most_20_mbit() {
+    let rate = 20_000_000u64;
+    let case = LinkCase {
+        name: "20mbit".into(),
+        rate_bps: rate,
+        rtt: Duration::from_millis(20),
+        loss: 0.0,
+        transport: TransportConfig::for_link(rate, Duration::from_millis(20)),
+        duration: Duration::from_secs(3),
+        seed: 1,
+    };
+    let r = tokio::time::timeout(Duration::from_secs(60), run_case(&case, None))
+        .await
+        .unwrap()
+        .unwrap();
+    eprintln!("{r:?}");
+    let goodput = r.goodput_mbit * 1e6;
+    // Never faster than the link (plus a burst's worth of slack).
+    assert!(goodput <= rate as f64 * 1.05, "goodput {goodput}");
+    // The shaper's accounting: bytes it put on the link over the span it was sending.
+    let shaped = r.sender_shaper.up_rate_bps().unwrap();
+    assert!(shaped <= rate as f64 * 1.02, "shaper rate {shaped}");
+    // It did move real data at a good fraction of the rate (generous: the machine is shared).
+    assert!(goodput >= rate as f64 * 0.3, "goodput {goodput}");
+    assert!(r.measured_rtt_ms >= 20.0, "rtt {}", r.measured_rtt_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_loss_follows_the_seeded_rate() {
+    let case = LinkCase {
+        name: "lossy".into(),
+        rate_bps: 20_000_000,
+        rtt: Duration::from_millis(10),
+        loss: 0.05,
+        transport: TransportConfig::default(),
+        duration: Duration::from_secs(2),
+        seed: 3,
+    };
+    let r = tokio::time::timeout(Duration::from_secs(60), run_case(&case, None))
+        .await
+        .unwrap()
+        .unwrap();
+    let c = r.sender_shaper;
+    assert!(c.up_packets > 500, "{c:?}");
+    let p = c.up_lost as f64 / c.up_packets as f64;
+    // 5% of >500 Bernoulli draws: far outside this band only if the loss logic is wrong.
+    assert!(
+        (0.02..0.09).contains(&p),
+        "loss {p} over {} packets",
+        c.up_packets
+    );
+    assert!(r.bytes > 0);
+}
