@@ -580,6 +580,52 @@ impl Shard {
             .ok_or_else(|| Error::Piece("head input has no gradient".into()))
     }
 
+    /// [`Shard::backward`] without touching the accumulated parameter gradients: returns only the
+    /// gradient of the input. A swarm stage uses it for a micro-batch retried after this stage
+    /// already counted it, so the retry reaches earlier stages without counting it twice here. The
+    /// input gradient is bitwise the one [`Shard::backward`] returns.
+    pub fn backward_input_only(
+        &self,
+        ctx: ForwardCtx,
+        grad_out: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        if ctx.piece >= self.pieces.len() || self.pieces[ctx.piece] == Piece::Head {
+            return Err(Error::Piece(
+                "backward_input_only needs a stage or embedding context".into(),
+            ));
+        }
+        if grad_out.dims() != ctx.root.dims() || grad_out.dtype() != self.dtype {
+            return Err(Error::Input(format!(
+                "output grad {:?} {:?}, expected {:?} {:?}",
+                grad_out.dims(),
+                grad_out.dtype(),
+                ctx.root.dims(),
+                self.dtype
+            )));
+        }
+        let Some(input) = &ctx.input else {
+            return Ok(None);
+        };
+        self.check_fresh(&ctx)?;
+        let mut grads = ops::vjp_root(&ctx.root, grad_out)?.backward()?;
+        Ok(grads.remove(input.as_tensor()))
+    }
+
+    /// Errors if the weights changed since `ctx`'s forward (its gradients would be wrong).
+    fn check_fresh(&self, ctx: &ForwardCtx) -> Result<()> {
+        let current = self.piece_vars(ctx.piece);
+        let fresh = current.len() == ctx.vars.len()
+            && current
+                .iter()
+                .zip(&ctx.vars)
+                .all(|(a, b)| a.as_tensor().id() == b.as_tensor().id());
+        if fresh {
+            Ok(())
+        } else {
+            Err(Error::StaleContext)
+        }
+    }
+
     fn run_backward(&mut self, ctx: &ForwardCtx, root: &Tensor) -> Result<Option<Tensor>> {
         if ctx.piece >= self.pieces.len() {
             return Err(Error::Piece("context from another shard".into()));
