@@ -11,6 +11,7 @@ pub mod ops;
 pub mod optim;
 pub mod shard;
 pub mod tokenizer;
+pub mod tokenizer_bpe;
 
 pub use config::ModelConfig;
 pub use data::{Batch, Corpus};

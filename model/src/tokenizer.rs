@@ -40,6 +40,18 @@ impl Tokenizer for ByteTokenizer {
     }
 }
 
+/// Loads a tokenizer: a HF `tokenizer.json` file, or a directory containing one.
+pub fn load_tokenizer(path: &std::path::Path) -> Result<Box<dyn Tokenizer>, crate::Error> {
+    let file = if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_path_buf()
+    };
+    Ok(Box::new(crate::tokenizer_bpe::BpeTokenizer::from_file(
+        &file,
+    )?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
