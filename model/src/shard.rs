@@ -630,15 +630,8 @@ impl Shard {
         if ctx.piece >= self.pieces.len() {
             return Err(Error::Piece("context from another shard".into()));
         }
+        self.check_fresh(ctx)?;
         let current = self.piece_vars(ctx.piece);
-        let fresh = current.len() == ctx.vars.len()
-            && current
-                .iter()
-                .zip(&ctx.vars)
-                .all(|(a, b)| a.as_tensor().id() == b.as_tensor().id());
-        if !fresh {
-            return Err(Error::StaleContext);
-        }
         let mut grads = root.backward()?;
         for var in &current {
             let i = self.param_index_of(var);
@@ -902,6 +895,66 @@ impl Shard {
             p.m = m;
             p.v = v;
             p.grad = None;
+        }
+        self.step = step;
+        Ok(())
+    }
+
+    /// The AdamW moments by name, `{name}.exp_avg` and `{name}.exp_avg_sq` (f32, the parameter's
+    /// shape), as checkpoints store them beside the weights; empty before the first step.
+    pub fn optimizer_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for p in &self.params {
+            if p.m.is_empty() {
+                continue;
+            }
+            let shape = p.shape.as_slice();
+            let m = Tensor::from_slice(&p.m, shape, &self.device)?;
+            let v = Tensor::from_slice(&p.v, shape, &self.device)?;
+            out.insert(format!("{}.exp_avg", p.name), m);
+            out.insert(format!("{}.exp_avg_sq", p.name), v);
+        }
+        Ok(out)
+    }
+
+    /// Restores the optimizer step counter and moments (from [`Shard::optimizer_tensors`] names;
+    /// extra names are ignored so one checkpoint can feed several shards). With `step == 0` the
+    /// moments may be absent; otherwise every parameter's pair must be present with its shape.
+    pub fn set_optimizer_state(
+        &mut self,
+        step: u64,
+        moments: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        let mut new = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let get = |suffix: &str| -> Result<Option<Vec<f32>>> {
+                let name = format!("{}.{suffix}", p.name);
+                match moments.get(&name) {
+                    None if step == 0 => Ok(None),
+                    None => Err(Error::State(format!("missing optimizer tensor {name}"))),
+                    Some(t) if t.dims() != p.shape.as_slice() => Err(Error::State(format!(
+                        "{name}: shape {:?}, expected {:?}",
+                        t.dims(),
+                        p.shape
+                    ))),
+                    Some(t) => {
+                        let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                        if v.iter().any(|x| !x.is_finite()) {
+                            return Err(Error::State(format!("{name}: non-finite value")));
+                        }
+                        Ok(Some(v))
+                    }
+                }
+            };
+            let (m, v) = (get("exp_avg")?, get("exp_avg_sq")?);
+            if m.is_some() != v.is_some() {
+                return Err(Error::State(format!("{}: only one AdamW moment", p.name)));
+            }
+            new.push((m.unwrap_or_default(), v.unwrap_or_default()));
+        }
+        for (p, (m, v)) in self.params.iter_mut().zip(new) {
+            p.m = m;
+            p.v = v;
         }
         self.step = step;
         Ok(())

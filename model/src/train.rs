@@ -1,0 +1,276 @@
+//! The local trainer: the reference run that a swarm run is compared with.
+//!
+//! It holds the model as a swarm does: one "ends" shard (embedding + head, the trainer's part)
+//! and one shard per stage (a peer's part), and runs them in the swarm's order of operations:
+//!
+//! - per micro-batch ([`micro_batch`]): embedding -> stage 0 -> ... -> head (loss), then head
+//!   backward with loss scale `1/micro_batches` -> stages in reverse -> embedding, gradients
+//!   accumulated in each shard;
+//! - per step ([`apply_step`]): sum of every shard's `grad_sq_norm` (in stage order) -> global
+//!   clip factor -> `optimizer_step(lr, clip)` and `zero_grads` on every shard.
+//!
+//! The swarm's trainer reuses these two functions' contract: the same batches
+//! (`Corpus::train_batch(seed, step, micro, ..)`), the same loss scale, the same norm sum order.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::TrainState;
+use crate::data::{Batch, Corpus};
+use crate::optim::{AdamW, clip_scale};
+use crate::run::{DataConfig, RunConfig};
+use crate::shard::{Piece, Shard};
+use crate::{Error, Result};
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// The step just taken (0-based).
+    pub step: u64,
+    /// Mean training loss over the step's micro-batches, nats per token.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens processed.
+    pub tokens: usize,
+}
+
+/// One micro-batch forward and backward through `ends` (embedding + head) and `stages` (in
+/// order), accumulating parameter gradients for the loss times `loss_scale`. Returns the
+/// (unscaled) mean loss of the micro-batch.
+pub fn micro_batch(
+    ends: &mut Shard,
+    stages: &mut [Shard],
+    batch: &Batch,
+    loss_scale: f64,
+) -> Result<f64> {
+    let (mut x, embed_ctx) = ends.embed_forward(&batch.inputs, batch.batch_size, batch.seq_len)?;
+    let mut ctxs = Vec::with_capacity(stages.len());
+    for (k, s) in stages.iter().enumerate() {
+        let (y, c) = s.stage_forward(k, &x)?;
+        ctxs.push(c);
+        x = y;
+    }
+    let (loss, head_ctx) = ends.head_forward(&x, &batch.targets)?;
+    drop(x);
+    let mut g = ends.head_backward(head_ctx, loss_scale)?;
+    for (s, c) in stages.iter_mut().zip(ctxs).rev() {
+        g = s
+            .backward(c, &g)?
+            .ok_or_else(|| Error::Piece("stage gave no input grad".into()))?;
+    }
+    ends.backward(embed_ctx, &g)?;
+    Ok(loss)
+}
+
+/// The step boundary: global gradient norm over `shards` (summed in the order given), clipping
+/// to `max_norm` (0: off), one AdamW step with `lr` on every shard, gradients zeroed. Returns
+/// the norm before clipping.
+pub fn apply_step(shards: &mut [&mut Shard], hp: &AdamW, lr: f64, max_norm: f64) -> Result<f64> {
+    let mut sq = 0.0;
+    for s in shards.iter() {
+        sq += s.grad_sq_norm()?;
+    }
+    let scale = clip_scale(sq, max_norm);
+    for s in shards.iter_mut() {
+        s.optimizer_step(hp, lr, scale)?;
+        s.zero_grads();
+    }
+    Ok(sq.sqrt())
+}
+
+/// The corpus a run's `[data]` section names: a file or folder with the byte tokenizer, or the
+/// built-in corpus.
+pub fn load_corpus(data: &DataConfig) -> Result<Corpus> {
+    if data.tokenizer.is_some() {
+        return Err(Error::Config(
+            "data.tokenizer: HF tokenizer.json is not supported yet".into(),
+        ));
+    }
+    if (data.val_fraction - crate::data::VAL_FRACTION).abs() > 1e-12 {
+        return Err(Error::Config(format!(
+            "data.val_fraction: only {} is supported so far",
+            crate::data::VAL_FRACTION
+        )));
+    }
+    match &data.path {
+        Some(p) => Corpus::from_path(p, &crate::tokenizer::ByteTokenizer),
+        None => Ok(Corpus::builtin()),
+    }
+}
+
+/// A whole model in one process, split like a swarm run: ends + one shard per stage.
+pub struct LocalTrainer {
+    cfg: RunConfig,
+    ends: Shard,
+    stages: Vec<Shard>,
+}
+
+impl std::fmt::Debug for LocalTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalTrainer")
+            .field("step", &self.step())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalTrainer {
+    /// Fresh weights from the run's seed.
+    pub fn new(cfg: &RunConfig) -> Result<Self> {
+        cfg.validate()?;
+        let dev = Device::Cpu;
+        let ends = Shard::new(
+            &cfg.model,
+            &[Piece::Embedding, Piece::Head],
+            cfg.seed,
+            DType::F32,
+            &dev,
+        )?;
+        let stages = Piece::stages(&cfg.stages)
+            .into_iter()
+            .map(|p| Shard::new(&cfg.model, &[p], cfg.seed, DType::F32, &dev))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            ends,
+            stages,
+        })
+    }
+
+    /// Weights (and, to resume, optimizer state) from a checkpoint; `tensors` by HF name.
+    pub fn from_tensors(
+        cfg: &RunConfig,
+        tensors: &HashMap<String, Tensor>,
+        state: Option<&TrainState>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let dev = Device::Cpu;
+        let build = |p: &[Piece]| Shard::from_tensors(&cfg.model, p, tensors, DType::F32, &dev);
+        let mut ends = build(&[Piece::Embedding, Piece::Head])?;
+        let mut stages = Piece::stages(&cfg.stages)
+            .into_iter()
+            .map(|p| build(&[p]))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(st) = state {
+            ends.set_optimizer_state(st.step, &st.optimizer)?;
+            for s in &mut stages {
+                s.set_optimizer_state(st.step, &st.optimizer)?;
+            }
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            ends,
+            stages,
+        })
+    }
+
+    pub fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+
+    /// Steps taken so far.
+    pub fn step(&self) -> u64 {
+        self.ends.step()
+    }
+
+    /// The ends shard (embedding + head).
+    pub fn ends(&self) -> &Shard {
+        &self.ends
+    }
+
+    /// The stage shards, in order.
+    pub fn stages(&self) -> &[Shard] {
+        &self.stages
+    }
+
+    /// One optimizer step on the micro-batches `corpus.train_batch(seed, step, 0..micro_batches)`.
+    pub fn train_step(&mut self, corpus: &Corpus) -> Result<StepStats> {
+        let t = &self.cfg.train;
+        let step = self.step();
+        let n = t.micro_batches;
+        let mut loss = 0.0;
+        for micro in 0..n {
+            let batch = corpus.train_batch(
+                self.cfg.seed,
+                step,
+                micro as u64,
+                t.micro_batch_size,
+                t.seq_len,
+            )?;
+            loss += micro_batch(&mut self.ends, &mut self.stages, &batch, 1.0 / n as f64)?;
+        }
+        let lr = self.cfg.schedule().at(step);
+        let hp = self.cfg.adamw();
+        let max_norm = t.grad_clip;
+        let mut shards: Vec<&mut Shard> = std::iter::once(&mut self.ends)
+            .chain(self.stages.iter_mut())
+            .collect();
+        let grad_norm = apply_step(&mut shards, &hp, lr, max_norm)?;
+        Ok(StepStats {
+            step,
+            loss: loss / n as f64,
+            lr,
+            grad_norm,
+            tokens: self.cfg.tokens_per_step(),
+        })
+    }
+
+    /// Mean loss over the first `batches` validation batches (forward only).
+    pub fn eval(&self, corpus: &Corpus, batches: usize) -> Result<f64> {
+        let t = &self.cfg.train;
+        let mut total = 0.0;
+        for i in 0..batches {
+            let b = corpus.val_batch(i as u64, t.micro_batch_size, t.seq_len)?;
+            total += self.loss(&b)?;
+        }
+        Ok(total / batches.max(1) as f64)
+    }
+
+    /// Mean loss of one batch, forward only.
+    pub fn loss(&self, b: &Batch) -> Result<f64> {
+        let (mut x, _) = self
+            .ends
+            .embed_forward(&b.inputs, b.batch_size, b.seq_len)?;
+        for (k, s) in self.stages.iter().enumerate() {
+            x = s.stage_forward(k, &x)?.0;
+        }
+        Ok(self.ends.head_forward(&x, &b.targets)?.0)
+    }
+
+    /// All weights by HF name (for checkpoints).
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        let mut t = self.ends.tensors();
+        for s in &self.stages {
+            t.extend(s.tensors());
+        }
+        t
+    }
+
+    /// Step and AdamW moments (for checkpoints), with the run config as metadata.
+    pub fn train_state(&self) -> Result<TrainState> {
+        let mut optimizer = self.ends.optimizer_tensors()?;
+        for s in &self.stages {
+            optimizer.extend(s.optimizer_tensors()?);
+        }
+        let mut metadata = BTreeMap::new();
+        metadata.insert("run_config".to_string(), self.cfg.to_toml()?);
+        Ok(TrainState {
+            step: self.step(),
+            optimizer,
+            metadata,
+        })
+    }
+
+    /// BLAKE3 of every shard's weights digest, in order (ends, stages).
+    pub fn weights_digest(&self) -> Result<[u8; 32]> {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.ends.weights_digest()?);
+        for s in &self.stages {
+            h.update(&s.weights_digest()?);
+        }
+        Ok(*h.finalize().as_bytes())
+    }
+}
