@@ -187,6 +187,11 @@ impl Node {
         shape: Option<LinkShape>,
         allow: Option<AllowList>,
     ) -> Result<Node> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Socket(std::io::Error::other(
+                "Node::bind must be called inside a tokio runtime",
+            )));
+        }
         let allow = allow.map(Arc::new);
         let (cert, key) = tls::certificate(&identity)?;
         let transport = Arc::new(config.to_quinn()?);

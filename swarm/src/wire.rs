@@ -472,6 +472,11 @@ impl<'a> Reader<'a> {
             }
             value |= bits << (7 * i);
             if byte & 0x80 == 0 {
+                // A zero final byte after the first is an overlong encoding: refused, so every
+                // value has exactly one encoding (signed records rely on canonical bytes).
+                if i > 0 && byte == 0 {
+                    return Err(WireError::BadVarint);
+                }
                 return Ok(value);
             }
         }
@@ -775,6 +780,9 @@ mod tests {
             r.finish().unwrap();
         }
         assert_eq!(Reader::new(&[0xff; 11]).varint(), Err(WireError::BadVarint));
+        // Overlong: 0 and 1 padded with a continuation byte.
+        assert_eq!(Reader::new(&[0x80, 0x00]).varint(), Err(WireError::BadVarint));
+        assert_eq!(Reader::new(&[0x81, 0x80, 0x00]).varint(), Err(WireError::BadVarint));
         let mut over = [0xffu8; 10];
         over[9] = 0x02;
         assert_eq!(Reader::new(&over).varint(), Err(WireError::BadVarint));

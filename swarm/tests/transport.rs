@@ -237,3 +237,9 @@ fn a_dead_peer_is_noticed_within_seconds() {
         );
     });
 }
+
+#[test]
+fn binding_outside_a_runtime_is_an_error_not_a_panic() {
+    let r = Node::bind(ident(1), LOOPBACK, TransportConfig::default(), None, None);
+    assert!(matches!(r, Err(Error::Socket(_))), "{r:?}");
+}

@@ -111,3 +111,60 @@ async fn random_loss_follows_the_seeded_rate() {
     );
     assert!(r.bytes > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_survive_loss_and_jitter_on_both_sides() {
+    let shape = |seed| -> LinkShape {
+        format!("up=20mbit,down=20mbit,delay=10ms,jitter=5ms,loss=2%,seed={seed}")
+            .parse()
+            .unwrap()
+    };
+    let b = Node::bind(
+        Identity::from_secret([2; 32]),
+        LOOPBACK,
+        TransportConfig::default(),
+        Some(shape(2)),
+        None,
+    )
+    .unwrap();
+    tokio::spawn(rpc::serve(b.clone(), Arc::new(BasicService)));
+    let a = Node::bind(
+        Identity::from_secret([1; 32]),
+        LOOPBACK,
+        TransportConfig::default(),
+        Some(shape(1)),
+        None,
+    )
+    .unwrap();
+    let limit = Duration::from_secs(30);
+    let conn = tokio::time::timeout(limit, a.connect(b.local_addr().unwrap(), None))
+        .await
+        .unwrap()
+        .unwrap();
+    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let ack: rpc::BulkAck = tokio::time::timeout(
+        limit,
+        rpc::call(
+            &conn,
+            &rpc::Bulk {
+                payload: payload.clone(),
+            },
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(ack.bytes, payload.len() as u64);
+    assert_eq!(ack.hash, blake3::hash(&payload).as_bytes()[..8]);
+    let c = a.shape_counters().unwrap();
+    assert!(
+        c.up_lost > 0,
+        "2% loss over {} packets lost none",
+        c.up_packets
+    );
+    let pong: Pong = tokio::time::timeout(limit, rpc::call(&conn, &Ping { nonce: 9 }))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pong.nonce, 9);
+}
