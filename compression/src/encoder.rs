@@ -97,18 +97,18 @@ impl Encoder {
                     let row = shape.last().copied().unwrap_or(n);
                     if row > 0 {
                         let k = t.k_of(row);
+                        // Rows of one tensor look alike: each row's k-th magnitude is a good
+                        // first threshold for the next.
+                        let mut hint = 0;
                         for (r, chunk) in data.chunks_exact(row).enumerate() {
-                            topk::select(
-                                chunk,
-                                k,
-                                (r * row) as u32,
-                                &mut self.topk,
-                                &mut self.positions,
-                            );
+                            let off = (r * row) as u32;
+                            let (s, pos) = (&mut self.topk, &mut self.positions);
+                            let kth = topk::select(chunk, k, off, hint, s, pos);
+                            hint = topk::next_hint(kth);
                         }
                     }
                 } else {
-                    topk::select(data, t.k_of(n), 0, &mut self.topk, &mut self.positions);
+                    topk::select(data, t.k_of(n), 0, 0, &mut self.topk, &mut self.positions);
                 }
                 debug_assert_eq!(self.positions.len(), frame::kept_count(&t, n, shape));
                 self.vals.clear();

@@ -13,13 +13,14 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Flips the sign of element `i` of `v` (global position `start + i`) when its seeded bit is set.
-fn apply_signs(v: &mut [f32], start: usize, seed: u64) {
-    for (j, x) in v.iter_mut().enumerate() {
-        let i = start + j;
-        let word = mix(seed ^ ((i as u64 >> 6).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
-        let bit = ((word >> (i & 63)) & 1) as u32;
-        *x = f32::from_bits(x.to_bits() ^ (bit << 31));
+/// Flips the sign of element `i` of `v` when bit `i % 64` of the seeded word `i / 64` is set.
+fn apply_signs(v: &mut [f32], seed: u64) {
+    for (w, chunk) in v.chunks_mut(64).enumerate() {
+        let word = mix(seed ^ (w as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for (j, x) in chunk.iter_mut().enumerate() {
+            let bit = ((word >> j) & 1) as u32;
+            *x = f32::from_bits(x.to_bits() ^ (bit << 31));
+        }
     }
 }
 
@@ -27,6 +28,18 @@ fn apply_signs(v: &mut [f32], start: usize, seed: u64) {
 fn fwht(a: &mut [f32]) {
     let n = a.len();
     let mut h = 1;
+    if n >= 4 {
+        // The first two stages together on groups of four: the generic loop below is slow for
+        // spans of 1 and 2.
+        for q in a.chunks_exact_mut(4) {
+            let (a0, a1, a2, a3) = (q[0] + q[1], q[0] - q[1], q[2] + q[3], q[2] - q[3]);
+            q[0] = a0 + a2;
+            q[1] = a1 + a3;
+            q[2] = a0 - a2;
+            q[3] = a1 - a3;
+        }
+        h = 4;
+    }
     while h < n {
         for pair in a.chunks_exact_mut(2 * h) {
             let (lo, hi) = pair.split_at_mut(h);
@@ -49,8 +62,9 @@ fn scale(a: &mut [f32]) {
 
 /// Rotates every full block of `v` in place; a short last block is left as is.
 pub(crate) fn forward(v: &mut [f32], block: usize, seed: u64) {
-    for (b, chunk) in v.chunks_exact_mut(block).enumerate() {
-        apply_signs(chunk, b * block, seed);
+    let full = v.len() / block * block;
+    apply_signs(&mut v[..full], seed);
+    for chunk in v[..full].chunks_exact_mut(block) {
         fwht(chunk);
         scale(chunk);
     }
@@ -58,11 +72,12 @@ pub(crate) fn forward(v: &mut [f32], block: usize, seed: u64) {
 
 /// Undoes [`forward`] (H is symmetric and H·H = n·I).
 pub(crate) fn inverse(v: &mut [f32], block: usize, seed: u64) {
-    for (b, chunk) in v.chunks_exact_mut(block).enumerate() {
+    let full = v.len() / block * block;
+    for chunk in v[..full].chunks_exact_mut(block) {
         fwht(chunk);
         scale(chunk);
-        apply_signs(chunk, b * block, seed);
     }
+    apply_signs(&mut v[..full], seed);
 }
 
 #[cfg(test)]
@@ -92,6 +107,28 @@ mod tests {
             inverse(&mut v, block, 42);
             for (a, b) in v.iter().zip(&orig) {
                 assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn fwht_matches_the_definition() {
+        // H[i][j] = (-1)^popcount(i & j).
+        for n in [1usize, 2, 4, 8, 32] {
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 1.7).sin()).collect();
+            let mut y = x.clone();
+            fwht(&mut y);
+            for (i, yi) in y.iter().enumerate() {
+                let want: f32 = (0..n)
+                    .map(|j| {
+                        if (i & j).count_ones() % 2 == 0 {
+                            x[j]
+                        } else {
+                            -x[j]
+                        }
+                    })
+                    .sum();
+                assert!((yi - want).abs() < 1e-4, "n={n} i={i}");
             }
         }
     }
