@@ -20,7 +20,7 @@ use crate::checkpoint::TrainState;
 use crate::data::{Batch, Corpus};
 use crate::optim::{AdamW, clip_scale};
 use crate::run::{DataConfig, RunConfig};
-use crate::shard::{Piece, Shard};
+use crate::shard::{ForwardCtx, Piece, Shard};
 use crate::{Error, Result};
 
 /// What one optimizer step did.
@@ -38,31 +38,67 @@ pub struct StepStats {
     pub tokens: usize,
 }
 
-/// One micro-batch forward and backward through `ends` (embedding + head) and `stages` (in
-/// order), accumulating parameter gradients for the loss times `loss_scale`. Returns the
-/// (unscaled) mean loss of the micro-batch.
-pub fn micro_batch(
-    ends: &mut Shard,
-    stages: &mut [Shard],
+/// The forward contexts of one micro-batch in flight (embedding, stages, head).
+pub struct MicroBatchCtx {
+    embed: ForwardCtx,
+    stages: Vec<ForwardCtx>,
+    head: ForwardCtx,
+}
+
+/// Forward of one micro-batch through `ends` (embedding + head) and `stages` (in order):
+/// returns its mean loss and the contexts for [`backward_micro_batch`].
+pub fn forward_micro_batch(
+    ends: &Shard,
+    stages: &[Shard],
     batch: &Batch,
-    loss_scale: f64,
-) -> Result<f64> {
-    let (mut x, embed_ctx) = ends.embed_forward(&batch.inputs, batch.batch_size, batch.seq_len)?;
+) -> Result<(f64, MicroBatchCtx)> {
+    let (mut x, embed) = ends.embed_forward(&batch.inputs, batch.batch_size, batch.seq_len)?;
     let mut ctxs = Vec::with_capacity(stages.len());
     for (k, s) in stages.iter().enumerate() {
         let (y, c) = s.stage_forward(k, &x)?;
         ctxs.push(c);
         x = y;
     }
-    let (loss, head_ctx) = ends.head_forward(&x, &batch.targets)?;
-    drop(x);
-    let mut g = ends.head_backward(head_ctx, loss_scale)?;
-    for (s, c) in stages.iter_mut().zip(ctxs).rev() {
+    let (loss, head) = ends.head_forward(&x, &batch.targets)?;
+    Ok((
+        loss,
+        MicroBatchCtx {
+            embed,
+            stages: ctxs,
+            head,
+        },
+    ))
+}
+
+/// Backward of a micro-batch for its loss times `loss_scale`: head, stages in reverse,
+/// embedding; parameter gradients accumulate in each shard.
+pub fn backward_micro_batch(
+    ends: &mut Shard,
+    stages: &mut [Shard],
+    ctx: MicroBatchCtx,
+    loss_scale: f64,
+) -> Result<()> {
+    let mut g = ends.head_backward(ctx.head, loss_scale)?;
+    for (s, c) in stages.iter_mut().zip(ctx.stages).rev() {
         g = s
             .backward(c, &g)?
             .ok_or_else(|| Error::Piece("stage gave no input grad".into()))?;
     }
-    ends.backward(embed_ctx, &g)?;
+    ends.backward(ctx.embed, &g)?;
+    Ok(())
+}
+
+/// One micro-batch forward and backward ([`forward_micro_batch`], [`backward_micro_batch`]),
+/// accumulating parameter gradients for the loss times `loss_scale`. Returns the (unscaled)
+/// mean loss of the micro-batch.
+pub fn micro_batch(
+    ends: &mut Shard,
+    stages: &mut [Shard],
+    batch: &Batch,
+    loss_scale: f64,
+) -> Result<f64> {
+    let (loss, ctx) = forward_micro_batch(ends, stages, batch)?;
+    backward_micro_batch(ends, stages, ctx, loss_scale)?;
     Ok(loss)
 }
 
@@ -216,6 +252,29 @@ impl LocalTrainer {
             grad_norm,
             tokens: self.cfg.tokens_per_step(),
         })
+    }
+
+    /// Seconds of forward, backward and `step(shards)` for one micro-batch (benchmarks).
+    pub fn timed_micro_batch(
+        &mut self,
+        batch: &Batch,
+        step: impl FnOnce(&mut [&mut Shard]) -> Result<()>,
+    ) -> Result<(f64, f64, f64)> {
+        let t0 = std::time::Instant::now();
+        let (_, ctx) = forward_micro_batch(&self.ends, &self.stages, batch)?;
+        let t1 = std::time::Instant::now();
+        backward_micro_batch(&mut self.ends, &mut self.stages, ctx, 1.0)?;
+        let t2 = std::time::Instant::now();
+        let mut shards: Vec<&mut Shard> = std::iter::once(&mut self.ends)
+            .chain(self.stages.iter_mut())
+            .collect();
+        step(&mut shards)?;
+        let t3 = std::time::Instant::now();
+        Ok((
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            (t3 - t2).as_secs_f64(),
+        ))
     }
 
     /// Mean loss over the first `batches` validation batches (forward only).

@@ -1,12 +1,198 @@
-//! `swarm train` (issue #2).
+//! `swarm train --local`: the single-process reference run (issue #2). Without `--local` it will
+//! drive a distributed run (issue #6).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use swarm_model::train::load_corpus;
+use swarm_model::{LocalTrainer, RunConfig, checkpoint};
+
+use crate::ui;
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
+    /// Train in this process (the reference run). Required until distributed runs land.
+    #[arg(long)]
+    pub local: bool,
+    /// Run config (TOML, see experiments/run.toml); default: the built-in default run.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Training text: a file or a folder (overrides `[data] path`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Optimizer steps (overrides `[train] steps`; also the length of the LR schedule).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Checkpoint directory (HF format + optimizer state). If it holds a checkpoint with
+    /// training state, the run resumes from it exactly.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Print the result as one JSON object on the last line of stdout.
     #[arg(long)]
     pub json: bool,
+    /// Options of the distributed run (without `--local`).
+    #[command(flatten)]
+    pub swarm: super::train_swarm::SwarmFlags,
 }
 
-pub fn run(_args: TrainArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`swarm train` is not built yet (issue #2)")
+#[derive(Serialize)]
+struct Summary {
+    steps: u64,
+    tokens: u64,
+    initial_loss: Option<f64>,
+    final_loss: Option<f64>,
+    val_loss: f64,
+    tokens_per_s: f64,
+    wall_s: f64,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    if !args.local {
+        return super::train_swarm::run_cli(&args);
+    }
+    let mut cfg = match &args.config {
+        Some(p) => RunConfig::from_file(p)?,
+        None => RunConfig::default(),
+    };
+    if let Some(d) = &args.data {
+        cfg.data.path = Some(d.clone());
+    }
+    if let Some(s) = args.steps {
+        cfg.train.steps = s;
+    }
+    cfg.validate()?;
+
+    let corpus = load_corpus(&cfg.data).context("loading training data")?;
+    if corpus.vocab_size() > cfg.model.vocab_size {
+        bail!(
+            "the tokenizer has {} ids but model.vocab_size is {}",
+            corpus.vocab_size(),
+            cfg.model.vocab_size
+        );
+    }
+
+    let mut trainer = match &args.out {
+        Some(dir) if dir.join(checkpoint::STATE_FILE).exists() => {
+            let ck = checkpoint::load(dir)
+                .with_context(|| format!("resuming from {}", dir.display()))?;
+            if ck.config != cfg.model {
+                bail!(
+                    "{} holds a different model than the run config",
+                    dir.display()
+                );
+            }
+            let t = LocalTrainer::from_tensors(&cfg, &ck.tensors, ck.state.as_ref())?;
+            if !args.json {
+                eprintln!("resuming from {} at step {}", dir.display(), t.step());
+            }
+            t
+        }
+        _ => LocalTrainer::new(&cfg)?,
+    };
+
+    let t = &cfg.train;
+    let params = cfg.model.num_parameters();
+    if !args.json {
+        println!(
+            "model: {params} parameters, {} layers in stages {:?}; data: {} ({} train tokens); \
+             {} tokens/step",
+            cfg.model.num_hidden_layers,
+            cfg.stages,
+            corpus.source(),
+            corpus.train_tokens().len(),
+            cfg.tokens_per_step()
+        );
+    }
+    let save = |trainer: &LocalTrainer| -> anyhow::Result<()> {
+        if let Some(dir) = &args.out {
+            checkpoint::save(
+                dir,
+                &cfg.model,
+                &trainer.tensors(),
+                Some(&trainer.train_state()?),
+            )
+            .with_context(|| format!("saving checkpoint to {}", dir.display()))?;
+        }
+        Ok(())
+    };
+
+    let bar = ui::progress(t.steps, args.json);
+    bar.set_position(trainer.step().min(t.steps));
+    let start = Instant::now();
+    let (mut initial_loss, mut final_loss) = (None, None);
+    let mut tokens: u64 = 0;
+    while trainer.step() < t.steps {
+        let s = trainer.train_step(&corpus)?;
+        tokens += s.tokens as u64;
+        initial_loss.get_or_insert(s.loss);
+        final_loss = Some(s.loss);
+        let done = s.step + 1;
+        let tps = tokens as f64 / start.elapsed().as_secs_f64();
+        bar.set_position(done);
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e} {:.0} tok/s",
+            s.loss, s.lr, tps
+        ));
+        tracing::debug!(
+            step = s.step,
+            loss = s.loss,
+            lr = s.lr,
+            grad_norm = s.grad_norm,
+            "step"
+        );
+        if t.eval_every > 0 && done % t.eval_every == 0 && done < t.steps {
+            let v = trainer.eval(&corpus, t.eval_batches)?;
+            tracing::info!(step = done, val_loss = v, "eval");
+            if !args.json {
+                bar.println(format!(
+                    "step {done:>6}: train loss {:.4}, val loss {v:.4}",
+                    s.loss
+                ));
+            }
+        }
+        if t.checkpoint_every > 0 && done % t.checkpoint_every == 0 && done < t.steps {
+            save(&trainer)?;
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let v = trainer.eval(&corpus, t.eval_batches)?;
+    save(&trainer)?;
+
+    let summary = Summary {
+        steps: trainer.step(),
+        tokens,
+        initial_loss,
+        final_loss,
+        val_loss: v,
+        tokens_per_s: if wall > 0.0 {
+            tokens as f64 / wall
+        } else {
+            0.0
+        },
+        wall_s: wall,
+    };
+    if args.json {
+        ui::print_json(&summary)?;
+    } else {
+        let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.4}"));
+        println!(
+            "trained to step {}: {} tokens in {:.1} s ({:.0} tokens/s); train loss {} -> {}; \
+             val loss {:.4} nats/token{}",
+            summary.steps,
+            summary.tokens,
+            summary.wall_s,
+            summary.tokens_per_s,
+            fmt(initial_loss),
+            fmt(final_loss),
+            summary.val_loss,
+            args.out.as_ref().map_or(String::new(), |d| format!(
+                "; checkpoint in {}",
+                d.display()
+            ))
+        );
+    }
+    Ok(())
 }
