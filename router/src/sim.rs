@@ -102,8 +102,8 @@ impl SimConfig {
             stages,
             churn_per_hour_percent,
             seed,
-            duration_s: 600.0,
-            warmup_s: 150.0,
+            duration_s: 750.0,
+            warmup_s: 300.0,
             workload: Workload {
                 tokens: 1024,
                 hidden: 4096,

@@ -24,10 +24,10 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Simulated seconds.
-    #[arg(long, default_value_t = 600.0)]
+    #[arg(long, default_value_t = 750.0)]
     pub duration: f64,
     /// Simulated seconds before throughput is measured.
-    #[arg(long, default_value_t = 150.0)]
+    #[arg(long, default_value_t = 300.0)]
     pub warmup: f64,
     /// Micro-batches kept in flight per initial peer (the trainers' demand).
     #[arg(long, default_value_t = 4.0)]
