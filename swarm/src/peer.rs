@@ -562,15 +562,16 @@ async fn gossip_loop(
 ) {
     loop {
         let now = unix_now();
-        let (targets, next) = shared.with_membership(|m| {
+        let (gone, targets, next) = shared.with_membership(|m| {
             let gone = m.expire(now);
-            if !gone.is_empty() {
-                tracing::info!(count = gone.len(), "peer records expired");
-            }
             m.refresh_local(now);
             let targets = m.poll_gossip_targets(now, &mut rng);
-            (targets, m.poll_timeout())
+            (gone, targets, m.poll_timeout())
         });
+        for id in gone {
+            tracing::info!(peer = %id.short(), "peer record expired");
+            shared.drop_conn(id).await;
+        }
         for t in targets {
             let shared = shared.clone();
             // Each exchange in its own task: a dead target costs a timeout, not a stalled loop.

@@ -1,12 +1,220 @@
-//! `swarm join` (issue #4).
+//! `swarm join [BOOTSTRAP]`: start a peer, join a swarm (or start a new one), serve until Ctrl-C,
+//! then leave gracefully (announce LEAVING to a few peers).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use swarm_core::Identity;
+use swarm_core::membership::{MembershipConfig, RunId};
+use swarm_core::peer::{Peer, PeerConfig};
+use swarm_core::shaping::LinkShape;
+
+use crate::ui;
 
 #[derive(clap::Args)]
 pub struct JoinArgs {
-    /// Print the result as one JSON object on the last line of stdout.
+    /// Address (host:port) of any peer of the swarm; without it, start a new swarm.
+    pub bootstrap: Option<String>,
+
+    /// UDP address to listen on (port 0 picks a free one).
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    pub listen: SocketAddr,
+
+    /// Folder holding this peer's identity key (created on first start).
+    #[arg(long, env = "SWARM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Emulate a home link, e.g. `up=20mbit,down=80mbit,delay=30ms,jitter=5ms,loss=0.1%`.
+    #[arg(long)]
+    pub shape: Option<LinkShape>,
+
+    /// Run id (32 hex digits) of a new swarm; when joining, must match the bootstrap's run.
+    #[arg(long)]
+    pub run_id: Option<String>,
+
+    /// Address others should use to reach this peer (repeatable); default: the listen address,
+    /// or as seen by the bootstrap peer when listening on 0.0.0.0.
+    #[arg(long)]
+    pub announce: Vec<SocketAddr>,
+
+    /// Stages this peer announces it serves (comma-separated indices).
+    #[arg(long, value_delimiter = ',')]
+    pub stages: Vec<u32>,
+
+    /// Milliseconds between gossip rounds.
+    #[arg(long, env = "SWARM_GOSSIP_INTERVAL_MS", default_value_t = 2_000)]
+    pub gossip_interval_ms: u64,
+
+    /// Lifetime of this peer's record in milliseconds: a peer that vanishes leaves every view
+    /// within about this long.
+    #[arg(long, env = "SWARM_RECORD_TTL_MS", default_value_t = 60_000)]
+    pub record_ttl_ms: u64,
+
+    /// Milliseconds between re-signings of this peer's record (default: a quarter of the ttl).
+    #[arg(long, env = "SWARM_REFRESH_INTERVAL_MS")]
+    pub refresh_interval_ms: Option<u64>,
+
+    /// Peers contacted per gossip round.
+    #[arg(long, env = "SWARM_FANOUT", default_value_t = 3)]
+    pub fanout: usize,
+
+    /// Print the startup line and the final summary as JSON.
     #[arg(long)]
     pub json: bool,
 }
 
-pub fn run(_args: JoinArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`swarm join` is not built yet (issue #4)")
+#[derive(Serialize)]
+struct Started {
+    id: String,
+    addr: String,
+    run_id: String,
+    peers: usize,
+}
+
+#[derive(Serialize)]
+struct Left {
+    id: String,
+    left: bool,
+    told: usize,
+}
+
+/// The data folder: `--data-dir`, else `$XDG_DATA_HOME/swarm`, else `~/.local/share/swarm`.
+pub fn default_data_dir() -> anyhow::Result<PathBuf> {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(d).join("swarm"));
+    }
+    let home = std::env::var_os("HOME").context("no --data-dir given and $HOME is not set")?;
+    Ok(PathBuf::from(home).join(".local/share/swarm"))
+}
+
+/// Resolves `host:port` to one socket address.
+pub fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("cannot resolve `{addr}` (expected host:port)"))?
+        .next()
+        .with_context(|| format!("`{addr}` resolves to no address"))
+}
+
+fn membership_config(args: &JoinArgs) -> anyhow::Result<MembershipConfig> {
+    let ttl = args.record_ttl_ms;
+    let refresh = args.refresh_interval_ms.unwrap_or(ttl / 4);
+    if ttl < 100 {
+        bail!("--record-ttl-ms must be at least 100");
+    }
+    if refresh == 0 || refresh >= ttl {
+        bail!("--refresh-interval-ms must be positive and below the record ttl ({ttl} ms)");
+    }
+    if args.gossip_interval_ms == 0 || args.gossip_interval_ms >= ttl {
+        bail!("--gossip-interval-ms must be positive and below the record ttl ({ttl} ms)");
+    }
+    if args.fanout == 0 {
+        bail!("--fanout must be at least 1");
+    }
+    let defaults = MembershipConfig::default();
+    Ok(MembershipConfig {
+        record_ttl_ms: ttl,
+        refresh_interval_ms: refresh,
+        gossip_interval_ms: args.gossip_interval_ms,
+        fanout: args.fanout,
+        leave_ttl_ms: ttl,
+        // Accept others' lifetimes up to 10x ours: peers may be configured differently.
+        max_ttl_ms: defaults.max_ttl_ms.max(ttl * 10),
+        ..defaults
+    })
+}
+
+pub fn run(args: JoinArgs) -> anyhow::Result<()> {
+    let membership = membership_config(&args)?;
+    let data_dir = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => default_data_dir()?,
+    };
+    let identity = Identity::load_or_create(&data_dir)?;
+    let bootstrap = args.bootstrap.as_deref().map(resolve).transpose()?;
+    let run_id = match &args.run_id {
+        Some(s) => Some(RunId::parse(s).context("--run-id must be 32 hex digits")?),
+        None => None,
+    };
+    let config = PeerConfig {
+        listen: args.listen,
+        bootstrap,
+        run_id,
+        announce: args.announce.clone(),
+        stages: args.stages.clone(),
+        membership,
+        shape: args.shape.clone(),
+        ..PeerConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let peer = Peer::start(identity, config)
+            .await
+            .with_context(|| match bootstrap {
+                Some(b) => format!("joining the swarm through {b}"),
+                None => "starting a new swarm".to_owned(),
+            })?;
+        let record = peer.local_record();
+        let addr = record
+            .info
+            .addrs
+            .first()
+            .copied()
+            .unwrap_or(peer.local_addr());
+        let peers = peer.status().entries.len();
+        if args.json {
+            ui::print_json(&Started {
+                id: peer.peer_id().to_string(),
+                addr: addr.to_string(),
+                run_id: peer.run_id().to_string(),
+                peers,
+            })?;
+        } else {
+            println!("peer   {}", peer.peer_id());
+            println!("addr   {addr}");
+            println!("run    {}", peer.run_id());
+            match bootstrap {
+                Some(b) => println!("joined through {b}; {peers} peer(s) known. Ctrl-C to leave."),
+                None => println!(
+                    "started a new swarm; others join with `swarm join {addr}`. Ctrl-C to leave."
+                ),
+            }
+        }
+        wait_for_shutdown_signal().await?;
+        let id = peer.peer_id();
+        let told = tokio::time::timeout(Duration::from_secs(30), peer.leave())
+            .await
+            .unwrap_or(0);
+        if args.json {
+            ui::print_json(&Left {
+                id: id.to_string(),
+                left: true,
+                told,
+            })?;
+        } else {
+            println!("left the swarm (told {told} peer(s))");
+        }
+        Ok(())
+    })
+}
+
+/// Ctrl-C, or SIGTERM on Unix (service managers, `kill`).
+async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await?;
+    Ok(())
 }
