@@ -109,6 +109,37 @@ impl Hop {
     }
 }
 
+/// Tensor bytes of the earlier hops of one pass (forward or backward) of one micro-batch attempt:
+/// frames as sent (`wire`) and what fp32 would have needed (`dense`). Each hop adds its own frame
+/// before passing it on, so the trainer learns what crossed every link of the route, including
+/// the stage-to-stage links it does not see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Traffic {
+    pub wire: u64,
+    pub dense: u64,
+}
+
+impl Traffic {
+    /// This traffic plus one frame of `wire` bytes standing for `elements` fp32 values.
+    pub fn plus_frame(self, wire: usize, elements: usize) -> Traffic {
+        Traffic {
+            wire: self.wire.saturating_add(wire as u64),
+            dense: self.dense.saturating_add(4 * elements as u64),
+        }
+    }
+}
+
+fn put_traffic(w: &mut Writer, t: &Traffic) {
+    w.varint(t.wire).varint(t.dense);
+}
+
+fn get_traffic(r: &mut Reader<'_>) -> Result<Traffic, WireError> {
+    Ok(Traffic {
+        wire: r.varint()?,
+        dense: r.varint()?,
+    })
+}
+
 fn put_run(w: &mut Writer, run: &RunId, epoch: u32) {
     w.array(&run.0).u32(epoch);
 }
@@ -262,6 +293,8 @@ pub struct Forward {
     /// Bit `s`: stage `s` accumulates parameter gradients for this attempt.
     pub accumulate: u64,
     /// The activations, a compression frame of shape `[batch, seq, hidden]`.
+    /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
+    pub upstream: Traffic,
     pub activations: Vec<u8>,
 }
 
@@ -284,7 +317,9 @@ impl WireMessage for Forward {
         }
         w.u32(self.hop);
         put_endpoint(w, &self.trainer);
-        w.u64(self.accumulate).bytes(&self.activations);
+        w.u64(self.accumulate);
+        put_traffic(w, &self.upstream);
+        w.bytes(&self.activations);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
@@ -317,6 +352,7 @@ impl WireMessage for Forward {
             hop,
             trainer: get_endpoint(r)?,
             accumulate: r.u64()?,
+            upstream: get_traffic(r)?,
             activations: get_frame(r, "activations")?,
         })
     }
@@ -333,6 +369,8 @@ pub struct ForwardOut {
     pub key: MbKey,
     /// The stage that produced it (the last one).
     pub stage: u32,
+    /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
+    pub upstream: Traffic,
     pub activations: Vec<u8>,
 }
 
@@ -341,7 +379,9 @@ impl WireMessage for ForwardOut {
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         put_key(w, &self.key);
-        w.u32(self.stage).bytes(&self.activations);
+        w.u32(self.stage);
+        put_traffic(w, &self.upstream);
+        w.bytes(&self.activations);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
@@ -350,6 +390,7 @@ impl WireMessage for ForwardOut {
             epoch,
             key: get_key(r)?,
             stage: get_stage(r)?,
+            upstream: get_traffic(r)?,
             activations: get_frame(r, "activations")?,
         })
     }
@@ -369,6 +410,8 @@ pub struct Backward {
     pub epoch: u32,
     pub key: MbKey,
     pub stage: u32,
+    /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
+    pub upstream: Traffic,
     pub grad: Vec<u8>,
 }
 
@@ -377,7 +420,9 @@ impl WireMessage for Backward {
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         put_key(w, &self.key);
-        w.u32(self.stage).bytes(&self.grad);
+        w.u32(self.stage);
+        put_traffic(w, &self.upstream);
+        w.bytes(&self.grad);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
@@ -386,6 +431,7 @@ impl WireMessage for Backward {
             epoch,
             key: get_key(r)?,
             stage: get_stage(r)?,
+            upstream: get_traffic(r)?,
             grad: get_frame(r, "gradient")?,
         })
     }
@@ -400,6 +446,8 @@ pub struct BackwardOut {
     pub run: RunId,
     pub epoch: u32,
     pub key: MbKey,
+    /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
+    pub upstream: Traffic,
     pub grad: Vec<u8>,
 }
 
@@ -408,6 +456,7 @@ impl WireMessage for BackwardOut {
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         put_key(w, &self.key);
+        put_traffic(w, &self.upstream);
         w.bytes(&self.grad);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -416,6 +465,7 @@ impl WireMessage for BackwardOut {
             run,
             epoch,
             key: get_key(r)?,
+            upstream: get_traffic(r)?,
             grad: get_frame(r, "gradient")?,
         })
     }
@@ -1342,6 +1392,10 @@ mod tests {
                 addr: addr(9000),
             },
             accumulate: 0b10,
+            upstream: Traffic {
+                wire: 10,
+                dense: 40,
+            },
             activations: vec![1, 2, 3, 4, 5],
         }
     }
@@ -1366,6 +1420,7 @@ mod tests {
                 epoch: 1,
                 key: KEY,
                 stage: 1,
+                upstream: Traffic::default(),
                 activations: vec![9; 40],
             }),
             e(&Backward {
@@ -1373,12 +1428,17 @@ mod tests {
                 epoch: 1,
                 key: KEY,
                 stage: 1,
+                upstream: Traffic { wire: 1, dense: 2 },
                 grad: vec![8; 33],
             }),
             e(&BackwardOut {
                 run: RUN,
                 epoch: 1,
                 key: KEY,
+                upstream: Traffic {
+                    wire: 300,
+                    dense: 1 << 40,
+                },
                 grad: vec![],
             }),
             e(&Counted {
@@ -1654,6 +1714,7 @@ mod tests {
         let mut w = Writer::new();
         w.array(&RUN.0).u32(0);
         put_key(&mut w, &KEY);
+        put_traffic(&mut w, &Traffic::default());
         w.varint(u64::MAX >> 1);
         assert!(matches!(
             decode_body::<BackwardOut>(w.as_slice()),
