@@ -68,6 +68,18 @@ pub enum Error {
     /// Listening on an unspecified address (0.0.0.0 or ::) with nobody to tell us our address.
     #[error("listening on {listen} with no bootstrap: give an address to announce")]
     NoAnnounceAddress { listen: std::net::SocketAddr },
+    /// The model crate refused an operation (tensor shapes, state bytes, checkpoints).
+    #[error("model: {0}")]
+    Model(#[from] swarm_model::Error),
+    /// A tensor frame could not be encoded or decoded.
+    #[error("codec: {0}")]
+    Codec(#[from] swarm_compression::Error),
+    /// The router could not plan or place (e.g. a stage has no replica).
+    #[error("router: {0}")]
+    Router(#[from] swarm_router::Error),
+    /// The training run cannot go on (the message says why).
+    #[error("run: {0}")]
+    Run(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -10,6 +10,7 @@ pub mod protocol;
 pub mod rpc;
 pub mod shaping;
 pub mod tls;
+pub mod trainer;
 pub mod transport;
 pub mod wire;
 

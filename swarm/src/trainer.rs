@@ -3,7 +3,10 @@
 //! coordinates the replica sync at every step boundary, checkpoints and resumes.
 
 pub mod book;
+pub mod checkpoint;
+mod driver;
 pub mod metrics;
 
 pub use book::{Attempt, Column, CountOutcome, Holder, StepBook};
+pub use driver::{Trainer, TrainerEvent, TrainerOptions, run_id_of};
 pub use metrics::{Channel, ChannelBytes, Metrics, StepReport, Summary, WireStats};

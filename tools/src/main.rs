@@ -28,6 +28,8 @@ enum Command {
     Eval(cmd::eval::EvalArgs),
     /// Sample text from a checkpoint.
     Generate(cmd::generate::GenerateArgs),
+    /// A whole swarm on loopback: a trainer and N shaped peer processes train the default model.
+    Demo(cmd::demo::DemoArgs),
     /// Start a peer and join a swarm (or start a new one).
     Join(cmd::join::JoinArgs),
     /// Show the swarm as one peer sees it.
@@ -56,6 +58,7 @@ fn main() {
         Command::Train(a) => cmd::train::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
         Command::Join(a) => cmd::join::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Sim(a) => cmd::sim::run(a),

@@ -100,6 +100,10 @@ pub struct StepReport {
     pub hash_mismatches: u64,
     /// Replicas per stage that took part in the sync.
     pub participants: Vec<usize>,
+    /// Tensor bytes on the wire since the run started (activations, gradients, sync) and their
+    /// fp32 size.
+    pub wire_bytes: u64,
+    pub dense_bytes: u64,
 }
 
 /// The run's summary: the JSON of `swarm train` and `swarm demo`.

@@ -3,9 +3,11 @@
 pub mod bench_codec;
 pub mod bench_link;
 pub mod bench_model;
+pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod join;
 pub mod sim;
 pub mod status;
 pub mod train;
+pub mod train_swarm;

@@ -1,0 +1,1928 @@
+//! The trainer process: a peer of the swarm that creates the run, admits stage replicas, drives
+//! steps (micro-batches through the pipeline with several in flight, retries, exactly-once
+//! accounting), coordinates the replica sync, and checkpoints.
+//!
+//! One task (the driver, [`Trainer::run`]) owns all mutable run state: the ends shard (embedding
+//! and head), the step book, the router's view. Message handlers only validate, answer with a small
+//! acknowledgement and forward what they received to the driver through a channel, so nothing is
+//! shared but the registry that answers `RunInfo` and `Admit`.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use swarm_compression::{Codec, Decoder, Encoder, Limits};
+use swarm_model::{Corpus, ForwardCtx, Piece, RunConfig, Shard, clip_scale};
+use swarm_router as router;
+use tokio::sync::mpsc;
+
+use super::book::{Column, CountOutcome, Holder, StepBook};
+use super::checkpoint;
+use super::metrics::{Channel, Metrics, StepReport};
+use crate::error::{Error, Result};
+use crate::identity::{Identity, PeerId};
+use crate::membership::RunId;
+use crate::peer::{Peer, PeerConfig, PeerShared, RequestCtx};
+use crate::protocol::{
+    Abandon, Ack, Admit, AdmitReply, Applied, Apply, Backward, BackwardOut, Counted, Endpoint,
+    FetchState, Forward, ForwardOut, Hop, HopFailed, Leave, LeaveReply, MbKey, Ready, Reload,
+    RunInfo, RunInfoRequest, RunPhase, StateChunk, StateSource, SyncDone, SyncStart, Traffic,
+};
+use crate::rpc::{self, RpcError, code};
+use crate::rpc::{Ping, Pong};
+use crate::shaping::LinkShape;
+use crate::transport::TransportConfig;
+use crate::wire::{self, kind};
+
+/// The run id of a config: the first 16 bytes of BLAKE3 of its canonical TOML, so that anyone
+/// holding the config can recompute it.
+pub fn run_id_of(config_toml: &str) -> RunId {
+    let h = blake3::hash(config_toml.as_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.as_bytes()[..16]);
+    RunId(id)
+}
+
+/// How the trainer runs. `TrainerOptions::new(config)` gives loopback defaults.
+#[derive(Clone, Debug)]
+pub struct TrainerOptions {
+    pub config: RunConfig,
+    pub identity: Identity,
+    /// Address to listen on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Addresses to announce (empty: the listen address).
+    pub announce: Vec<SocketAddr>,
+    /// Checkpoint directory (HF format); a checkpoint found there is resumed from.
+    pub out: Option<PathBuf>,
+    pub shape: Option<LinkShape>,
+    pub transport: TransportConfig,
+    /// Serving replicas each stage needs before the first step.
+    pub min_replicas: usize,
+    /// Micro-batches in flight at once (0: twice the number of stages).
+    pub max_in_flight: usize,
+    /// An attempt of a micro-batch that has not finished after this long is retried.
+    pub attempt_timeout: Duration,
+    /// Longest wait for the replicas' sync reports and optimizer steps.
+    pub sync_timeout: Duration,
+    /// Longest wait for the replicas needed to start (or to resume after a stage lost them all).
+    pub wait_for_peers: Duration,
+    /// Longest wait at a step boundary for an admitted joiner to load its state.
+    pub join_timeout: Duration,
+    /// Stop after this many steps of this process (the run's own step count still bounds it).
+    pub max_steps: Option<u64>,
+}
+
+impl TrainerOptions {
+    pub fn new(config: RunConfig) -> TrainerOptions {
+        TrainerOptions {
+            config,
+            identity: Identity::generate(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            announce: Vec::new(),
+            out: None,
+            shape: None,
+            transport: TransportConfig::default(),
+            min_replicas: 1,
+            max_in_flight: 0,
+            attempt_timeout: Duration::from_secs(60),
+            sync_timeout: Duration::from_secs(120),
+            wait_for_peers: Duration::from_secs(600),
+            join_timeout: Duration::from_secs(120),
+            max_steps: None,
+        }
+    }
+}
+
+/// What the driver tells its caller as the run goes (progress bars, logs).
+#[derive(Clone, Debug)]
+pub enum TrainerEvent {
+    /// Waiting for replicas: `serving[k]` replicas serve stage `k`, `need` per stage.
+    Waiting { serving: Vec<usize>, need: usize },
+    /// A replica became routable (`sync_ms`: how long it took to load its state).
+    Joined {
+        peer: PeerId,
+        stage: u32,
+        sync_ms: u64,
+    },
+    /// A replica was lost (dead, banned or gone).
+    Lost { peer: PeerId, stage: u32 },
+    /// A step finished.
+    Step(StepReport),
+    /// A checkpoint was written after `step` steps.
+    Checkpoint { step: u64, dir: PathBuf },
+    /// The run is paused: stage `stage` has no replica left.
+    Paused { stage: u32 },
+}
+
+/// Messages from handlers (and helper tasks) to the driver.
+#[derive(Debug)]
+enum Inbound {
+    ForwardOut(PeerId, ForwardOut),
+    BackwardOut(PeerId, BackwardOut),
+    Counted(PeerId, Counted),
+    HopFailed(PeerId, HopFailed),
+    SyncDone(PeerId, SyncDone),
+    Ready(PeerId, Ready),
+    Leave(PeerId),
+    /// Our own send of attempt `key` to `peer` failed.
+    SendFailed {
+        key: MbKey,
+        peer: PeerId,
+        busy: bool,
+    },
+    /// A replica stopped answering pings.
+    Down(PeerId),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReplicaState {
+    /// Admitted, loading its state.
+    Joining,
+    /// Routable.
+    Serving,
+    /// Announced it is leaving: no new work.
+    Leaving,
+}
+
+#[derive(Clone, Debug)]
+struct Replica {
+    addr: SocketAddr,
+    state: ReplicaState,
+}
+
+/// A stage state the trainer serves itself (after resuming from a checkpoint).
+struct ServedState {
+    step: u64,
+    bytes: Vec<u8>,
+    hash: [u8; 32],
+    digest: [u8; 32],
+}
+
+/// What handlers read and the driver updates.
+struct Registry {
+    epoch: u32,
+    /// Steps done (the state replicas hold between steps).
+    step: u64,
+    /// A step is running: joiners must load the state after it.
+    in_step: bool,
+    phase: RunPhase,
+    stages: Vec<BTreeMap<PeerId, Replica>>,
+    /// The weights digest every replica of each stage holds at `step` (None before anyone knows).
+    digests: Vec<Option<[u8; 32]>>,
+    served: HashMap<u32, ServedState>,
+    /// Whether stage state exists only from the seed (step 0 of a fresh run).
+    fresh: bool,
+}
+
+struct Shared {
+    run: RunId,
+    config_toml: String,
+    endpoint: Endpoint,
+    registry: Mutex<Registry>,
+    inbox: mpsc::UnboundedSender<Inbound>,
+}
+
+impl Shared {
+    fn reg<T>(&self, f: impl FnOnce(&mut Registry) -> T) -> T {
+        f(&mut self.registry.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn check_run(&self, run: RunId, epoch: u32) -> std::result::Result<(), RpcError> {
+        let current = self.reg(|r| r.epoch);
+        if run != self.run || epoch != current {
+            return Err(RpcError::refused(
+                code::BAD_REQUEST,
+                format!(
+                    "run {run} epoch {epoch}; this trainer runs {} epoch {current}",
+                    self.run
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One attempt of a micro-batch in flight.
+struct InFlight {
+    key: MbKey,
+    route: Vec<Hop>,
+    plan: router::Plan,
+    embed_ctx: Option<ForwardCtx>,
+    targets: Vec<u32>,
+    embedding: bool,
+    head: bool,
+    deadline: Instant,
+    /// BackwardOut seen (the pipeline pass is over; only Counted reports may be missing).
+    returned: bool,
+}
+
+/// A running trainer. [`Trainer::start`] binds and serves; [`Trainer::run`] trains.
+pub struct Trainer {
+    opts: TrainerOptions,
+    peer: Peer,
+    shared: Arc<Shared>,
+    inbox: mpsc::UnboundedReceiver<Inbound>,
+    corpus: Arc<Corpus>,
+    ends: Arc<Mutex<Shard>>,
+    /// Stage shards built from the seed, only to know the digests replicas must report at step 0.
+    view: router::SwarmView,
+    rng: ChaCha8Rng,
+    metrics: Metrics,
+    act_codec: Codec,
+    grad_codec: Codec,
+    limits: Limits,
+    events: Vec<TrainerEvent>,
+    pinger: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn ends_pieces() -> Vec<Piece> {
+    vec![Piece::Embedding, Piece::Head]
+}
+
+fn key_of(p: &PeerId) -> router::PeerKey {
+    router::PeerKey(p.0)
+}
+
+/// A link assumed for peers we have not measured (home broadband: 20 Mbit/s up, 80 down).
+fn default_link() -> router::Link {
+    router::Link {
+        up_bytes_per_s: 2.5e6,
+        down_bytes_per_s: 1.0e7,
+        coord: router::Coord::default(),
+    }
+}
+
+fn run_err(m: impl Into<String>) -> Error {
+    Error::Run(m.into())
+}
+
+impl Trainer {
+    /// Creates (or resumes, when `opts.out` holds a checkpoint) the run, binds the peer and starts
+    /// serving. Must be called inside a tokio runtime.
+    pub async fn start(opts: TrainerOptions) -> Result<Trainer> {
+        let cfg = opts.config.clone();
+        cfg.validate()?;
+        let config_toml = cfg.to_toml()?;
+        let run = run_id_of(&config_toml);
+        // The same corpus the local trainer reads, so batches match step for step.
+        let corpus = swarm_model::train::load_corpus(&cfg.data)?;
+        if corpus.vocab_size() > cfg.model.vocab_size {
+            return Err(run_err(format!(
+                "corpus vocab {} > model vocab {}",
+                corpus.vocab_size(),
+                cfg.model.vocab_size
+            )));
+        }
+        let num_stages = cfg.stages.len() - 1;
+        let device = Device::Cpu;
+        let mut ends = Shard::new(&cfg.model, &ends_pieces(), cfg.seed, DType::F32, &device)?;
+
+        // Resume from a checkpoint in `out`.
+        let mut epoch = 0;
+        let mut step = 0;
+        let mut served = HashMap::new();
+        let mut digests = vec![None; num_stages];
+        if let Some(dir) = &opts.out
+            && checkpoint::exists(dir)
+        {
+            let restored = checkpoint::restore(dir, &cfg, &device)?;
+            if restored.run != run {
+                return Err(run_err(format!(
+                    "{} holds a checkpoint of run {}, not of this config's run {run}",
+                    dir.display(),
+                    restored.run
+                )));
+            }
+            ends.import_state(&restored.ends_state)?;
+            epoch = restored.epoch + 1;
+            step = restored.step;
+            for (k, s) in restored.stages.into_iter().enumerate() {
+                digests[k] = Some(s.digest);
+                served.insert(
+                    k as u32,
+                    ServedState {
+                        step,
+                        hash: *blake3::hash(&s.bytes).as_bytes(),
+                        bytes: s.bytes,
+                        digest: s.digest,
+                    },
+                );
+            }
+            tracing::info!(%run, step, epoch, dir = %dir.display(), "resumed from checkpoint");
+        }
+
+        let peer = Peer::start(
+            opts.identity.clone(),
+            PeerConfig {
+                listen: opts.listen,
+                run_id: Some(run),
+                announce: opts.announce.clone(),
+                transport: opts.transport.clone(),
+                shape: opts.shape.clone(),
+                seed: Some(cfg.seed),
+                ..PeerConfig::default()
+            },
+        )
+        .await?;
+        let addr = opts
+            .announce
+            .first()
+            .copied()
+            .unwrap_or_else(|| peer.local_addr());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            run,
+            config_toml,
+            endpoint: Endpoint {
+                peer: peer.peer_id(),
+                addr,
+            },
+            registry: Mutex::new(Registry {
+                epoch,
+                step,
+                in_step: false,
+                phase: RunPhase::Running,
+                stages: vec![BTreeMap::new(); num_stages],
+                digests,
+                fresh: step == 0 && served.is_empty(),
+                served,
+            }),
+            inbox: tx,
+        });
+        register_handlers(&peer, &shared);
+
+        let workload = router::Workload {
+            tokens: (cfg.train.micro_batch_size * cfg.train.seq_len) as u32,
+            hidden: cfg.model.hidden_size as u32,
+            codec_ratio: 1.0,
+        };
+        let view = router::SwarmView::new(num_stages as u16, workload)?;
+        let act_codec: Codec = cfg.codec.activations.parse()?;
+        let grad_codec: Codec = cfg.codec.gradients.parse()?;
+        let elems = cfg.train.micro_batch_size * cfg.train.seq_len * cfg.model.hidden_size;
+        tracing::info!(%run, addr = %addr, stages = num_stages, "trainer started");
+        Ok(Trainer {
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x7261_6e64),
+            opts,
+            peer,
+            shared,
+            inbox: rx,
+            corpus: Arc::new(corpus),
+            ends: Arc::new(Mutex::new(ends)),
+            view,
+            metrics: Metrics::default(),
+            act_codec,
+            grad_codec,
+            limits: Limits::new(elems),
+            events: Vec::new(),
+            pinger: None,
+        })
+    }
+
+    /// Where peers reach the trainer.
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.endpoint.addr
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.endpoint.peer
+    }
+
+    pub fn run_id(&self) -> RunId {
+        self.shared.run
+    }
+
+    /// The run's canonical config TOML.
+    pub fn config_toml(&self) -> &str {
+        &self.shared.config_toml
+    }
+
+    /// Steps done so far (the next step to run).
+    pub fn step(&self) -> u64 {
+        self.shared.reg(|r| r.step)
+    }
+
+    pub fn epoch(&self) -> u32 {
+        self.shared.reg(|r| r.epoch)
+    }
+
+    /// Metrics so far.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn cfg(&self) -> &RunConfig {
+        &self.opts.config
+    }
+
+    fn num_stages(&self) -> usize {
+        self.cfg().stages.len() - 1
+    }
+
+    fn emit(&mut self, e: TrainerEvent, on_event: &mut dyn FnMut(&TrainerEvent)) {
+        on_event(&e);
+        self.events.push(e);
+    }
+
+    /// Trains until the run's last step (or `max_steps` steps of this process), calling
+    /// `on_event` as it goes. Returns the metrics.
+    pub async fn run(&mut self, on_event: &mut dyn FnMut(&TrainerEvent)) -> Result<Metrics> {
+        self.start_pinger();
+        let total = self.cfg().train.steps;
+        let first = self.step();
+        let last = match self.opts.max_steps {
+            Some(n) => total.min(first + n),
+            None => total,
+        };
+        let started = Instant::now();
+        self.wait_for_replicas(self.opts.min_replicas.max(1), on_event)
+            .await?;
+        let train_start = Instant::now();
+        let waited = train_start - started;
+        tracing::debug!(?waited, "replicas ready");
+        while self.step() < last {
+            self.admit_joiners(on_event).await?;
+            self.wait_for_replicas(1, on_event).await?;
+            let report = self.run_step(on_event).await?;
+            self.metrics.train_seconds = train_start.elapsed().as_secs_f64();
+            let step = report.step + 1;
+            self.emit(TrainerEvent::Step(report.clone()), on_event);
+            self.metrics.steps.push(report);
+            let every = self.cfg().train.checkpoint_every;
+            if let Some(dir) = self.opts.out.clone()
+                && ((every > 0 && step % every == 0) || step == last)
+            {
+                self.save_checkpoint(&dir).await?;
+                self.emit(TrainerEvent::Checkpoint { step, dir }, on_event);
+            }
+        }
+        self.shared.reg(|r| {
+            if r.step >= total {
+                r.phase = RunPhase::Finished;
+            }
+        });
+        Ok(self.metrics.clone())
+    }
+
+    /// Stops serving (peers see the connection close).
+    pub async fn shutdown(mut self) {
+        if let Some(p) = self.pinger.take() {
+            p.abort();
+        }
+        self.peer.leave().await;
+    }
+
+    fn start_pinger(&mut self) {
+        if self.pinger.is_some() {
+            return;
+        }
+        let shared = self.shared.clone();
+        let peer_shared = self.peer.shared().clone();
+        self.pinger = Some(tokio::spawn(ping_loop(shared, peer_shared)));
+    }
+
+    fn serving(&self, stage: usize) -> Vec<(PeerId, SocketAddr)> {
+        self.shared.reg(|r| {
+            r.stages[stage]
+                .iter()
+                .filter(|(_, rep)| rep.state == ReplicaState::Serving)
+                .map(|(p, rep)| (*p, rep.addr))
+                .collect()
+        })
+    }
+
+    fn stage_of(&self, peer: &PeerId) -> Option<u32> {
+        self.shared.reg(|r| {
+            r.stages
+                .iter()
+                .position(|s| s.contains_key(peer))
+                .map(|k| k as u32)
+        })
+    }
+
+    /// Waits until every stage has `need` serving replicas, handling messages meanwhile.
+    async fn wait_for_replicas(
+        &mut self,
+        need: usize,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Result<()> {
+        let deadline = Instant::now() + self.opts.wait_for_peers;
+        let mut last_report: Option<Vec<usize>> = None;
+        loop {
+            let serving: Vec<usize> = (0..self.num_stages())
+                .map(|k| self.serving(k).len())
+                .collect();
+            if serving.iter().all(|&n| n >= need) {
+                return Ok(());
+            }
+            if last_report.as_ref() != Some(&serving) {
+                self.emit(
+                    TrainerEvent::Waiting {
+                        serving: serving.clone(),
+                        need,
+                    },
+                    on_event,
+                );
+                if let Some(k) = serving.iter().position(|&n| n == 0)
+                    && self.step() > 0
+                {
+                    self.shared.reg(|r| r.phase = RunPhase::Paused);
+                    self.emit(TrainerEvent::Paused { stage: k as u32 }, on_event);
+                }
+                last_report = Some(serving.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(run_err(format!(
+                    "waited {:?} for {need} replica(s) per stage; serving: {serving:?}",
+                    self.opts.wait_for_peers
+                )));
+            }
+            let wait = (deadline - now).min(Duration::from_millis(500));
+            if let Ok(Some(msg)) = tokio::time::timeout(wait, self.inbox.recv()).await {
+                self.handle_idle(msg, on_event).await;
+            }
+        }
+        // (unreachable)
+    }
+
+    /// Between steps: Ready, Leave and Down are acted on; pipeline traffic is stale and dropped.
+    async fn handle_idle(&mut self, msg: Inbound, on_event: &mut dyn FnMut(&TrainerEvent)) {
+        match msg {
+            Inbound::Ready(from, ready) => self.on_ready(from, ready, on_event),
+            Inbound::Leave(from) | Inbound::Down(from) => {
+                self.lose_peer(from, None, on_event);
+            }
+            other => tracing::debug!(?other, "message between steps ignored"),
+        }
+    }
+
+    fn on_ready(&mut self, from: PeerId, ready: Ready, on_event: &mut dyn FnMut(&TrainerEvent)) {
+        let stage = ready.stage as usize;
+        let (ok, addr) = self.shared.reg(|r| {
+            let expected_step = r.step;
+            let want = r.digests.get(stage).copied().flatten();
+            let Some(rep) = r.stages.get_mut(stage).and_then(|s| s.get_mut(&from)) else {
+                return (false, None);
+            };
+            let digest_ok = want.is_none_or(|d| d == ready.digest);
+            if ready.step != expected_step || !digest_ok {
+                tracing::warn!(peer = %from.short(), stage, step = ready.step, expected_step, digest_ok, "replica ready with the wrong state");
+                return (false, Some(rep.addr));
+            }
+            rep.state = ReplicaState::Serving;
+            if want.is_none() {
+                r.digests[stage] = Some(ready.digest);
+            }
+            (true, Some(rep.addr))
+        });
+        if !ok {
+            if let Some(addr) = addr {
+                self.send_reload(from, addr, stage as u32);
+            }
+            return;
+        }
+        let info = router::PeerInfo {
+            stages: stage as u16..stage as u16 + 1,
+            compute_tokens_per_s: 5_000.0,
+            link: default_link(),
+            state: router::PeerState::Serving,
+        };
+        let _ = self.view.remove(&key_of(&from));
+        if let Err(e) = self.view.insert(key_of(&from), info, now_ms()) {
+            tracing::warn!(error = %e, "router view refused a replica");
+        }
+        self.metrics
+            .state_sync_seconds
+            .push(ready.sync_ms as f64 / 1000.0);
+        self.emit(
+            TrainerEvent::Joined {
+                peer: from,
+                stage: stage as u32,
+                sync_ms: ready.sync_ms,
+            },
+            on_event,
+        );
+    }
+
+    /// Tells a replica with the wrong state to load the stage's agreed state.
+    fn send_reload(&self, peer: PeerId, addr: SocketAddr, stage: u32) {
+        let source = self.state_source(stage, Some(peer));
+        let (epoch, step) = self.shared.reg(|r| (r.epoch, r.step));
+        let msg = Reload {
+            run: self.shared.run,
+            epoch,
+            stage,
+            step,
+            source,
+        };
+        let ps = self.peer.shared().clone();
+        let tx = self.shared.inbox.clone();
+        tokio::spawn(async move {
+            match ps.call::<Reload, Applied>(addr, Some(peer), &msg).await {
+                Ok((_, applied)) => {
+                    let _ = tx.send(Inbound::Ready(
+                        peer,
+                        Ready {
+                            run: applied.run,
+                            epoch: applied.epoch,
+                            stage: applied.stage,
+                            step: applied.step,
+                            digest: applied.digest,
+                            sync_ms: 0,
+                        },
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %peer.short(), error = %e, "reload failed");
+                    let _ = tx.send(Inbound::Down(peer));
+                }
+            }
+        });
+    }
+
+    fn state_source(&self, stage: u32, except: Option<PeerId>) -> StateSource {
+        state_source(&self.shared, stage, except)
+    }
+
+    /// Removes a replica: from the registry, the router, and this step's accounting.
+    fn lose_peer(
+        &mut self,
+        peer: PeerId,
+        book: Option<&mut StepBook>,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Vec<usize> {
+        let stage = self.stage_of(&peer);
+        let removed = self
+            .shared
+            .reg(|r| r.stages.iter_mut().any(|s| s.remove(&peer).is_some()));
+        let _ = self.view.remove(&key_of(&peer));
+        let lost = book.map(|b| b.exclude(peer)).unwrap_or_default();
+        if removed {
+            self.metrics.peers_lost += 1;
+            tracing::warn!(peer = %peer.short(), ?stage, lost = lost.len(), "replica lost");
+            self.emit(
+                TrainerEvent::Lost {
+                    peer,
+                    stage: stage.unwrap_or(u32::MAX),
+                },
+                on_event,
+            );
+        }
+        lost
+    }
+
+    /// At a step boundary: waits (bounded) for admitted joiners to report Ready.
+    async fn admit_joiners(&mut self, on_event: &mut dyn FnMut(&TrainerEvent)) -> Result<()> {
+        let deadline = Instant::now() + self.opts.join_timeout;
+        // Drain what already arrived.
+        while let Ok(msg) = self.inbox.try_recv() {
+            self.handle_idle(msg, on_event).await;
+        }
+        loop {
+            let joining: Vec<PeerId> = self.shared.reg(|r| {
+                r.stages
+                    .iter()
+                    .flat_map(|s| s.iter())
+                    .filter(|(_, rep)| rep.state == ReplicaState::Joining)
+                    .map(|(p, _)| *p)
+                    .collect()
+            });
+            if joining.is_empty() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                for p in joining {
+                    tracing::warn!(peer = %p.short(), "joiner did not load its state in time");
+                    self.lose_peer(p, None, on_event);
+                }
+                return Ok(());
+            }
+            if let Ok(Some(msg)) = tokio::time::timeout(deadline - now, self.inbox.recv()).await {
+                self.handle_idle(msg, on_event).await;
+            }
+        }
+    }
+
+    /// One optimizer step: every micro-batch counted exactly once, then the replica sync.
+    async fn run_step(&mut self, on_event: &mut dyn FnMut(&TrainerEvent)) -> Result<StepReport> {
+        let started = Instant::now();
+        let (step, epoch) = self.shared.reg(|r| {
+            r.in_step = true;
+            r.phase = RunPhase::Running;
+            (r.step, r.epoch)
+        });
+        let stages = self.num_stages();
+        let m = self.cfg().train.micro_batches;
+        let mut book = StepBook::new(stages as u16, m);
+        let mut queue: VecDeque<usize> = (0..m).collect();
+        let mut inflight: HashMap<usize, InFlight> = HashMap::new();
+        let max_in_flight = if self.opts.max_in_flight == 0 {
+            2 * stages
+        } else {
+            self.opts.max_in_flight
+        };
+        let mut pending_sync: Vec<usize> = (0..stages).collect();
+        let mut norms: HashMap<usize, f64> = HashMap::new();
+        let mut mismatches = 0u64;
+        let mut participants_per_stage = vec![0usize; stages];
+
+        loop {
+            // Micro-batch phase.
+            while !book.all_complete() {
+                while inflight.len() < max_in_flight
+                    && let Some(mb) = queue.pop_front()
+                {
+                    if book.is_complete(mb) || inflight.contains_key(&mb) {
+                        continue;
+                    }
+                    match self.dispatch(step, epoch, mb, &mut book).await {
+                        Ok(f) => {
+                            inflight.insert(mb, f);
+                        }
+                        Err(Error::Router(e)) => {
+                            // No routable replica for some stage: wait for one (pauses the run).
+                            tracing::warn!(error = %e, "cannot route; waiting for replicas");
+                            queue.push_front(mb);
+                            self.wait_for_replicas(1, on_event).await?;
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                let next_deadline = inflight.values().map(|f| f.deadline).min();
+                let wait = next_deadline
+                    .map(|d| d.saturating_duration_since(Instant::now()))
+                    .unwrap_or(Duration::from_millis(200))
+                    .max(Duration::from_millis(1));
+                let msg = match tokio::time::timeout(wait, self.inbox.recv()).await {
+                    Ok(Some(msg)) => Some(msg),
+                    Ok(None) => return Err(run_err("trainer inbox closed")),
+                    Err(_) => None,
+                };
+                let mut failed: Vec<(usize, Option<PeerId>, bool)> = Vec::new();
+                let mut lost_mbs: Vec<usize> = Vec::new();
+                match msg {
+                    None => {}
+                    Some(Inbound::ForwardOut(from, out)) => {
+                        let mb = out.key.mb as usize;
+                        // Only the route's last replica may deliver the output.
+                        if out.key.step == step
+                            && let Some(f) = inflight.get(&mb)
+                            && f.key == out.key
+                            && f.route.last().map(|h| h.peer) == Some(from)
+                        {
+                            if let Err(e) = self.on_forward_out(&mut book, f, &out).await {
+                                tracing::warn!(error = %e, mb, "bad forward output");
+                                let last = f.route.last().map(|h| h.peer);
+                                failed.push((mb, last, false));
+                            }
+                        }
+                    }
+                    Some(Inbound::BackwardOut(from, out)) => {
+                        let mb = out.key.mb as usize;
+                        if out.key.step == step
+                            && let Some(f) = inflight.get_mut(&mb)
+                            && f.key == out.key
+                            && f.route.first().map(|h| h.peer) == Some(from)
+                            && !f.returned
+                        {
+                            let res = on_backward_out(
+                                &self.ends,
+                                &mut self.grad_dec(),
+                                &self.limits,
+                                f,
+                                &out,
+                                &mut self.metrics,
+                            )
+                            .await;
+                            match res {
+                                Ok(()) => {
+                                    f.returned = true;
+                                    if f.embedding {
+                                        book.count(
+                                            mb,
+                                            f.key.attempt,
+                                            Column::Embedding,
+                                            Holder::Trainer,
+                                        );
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, mb, "bad input gradient");
+                                    failed.push((mb, f.route.first().map(|h| h.peer), false));
+                                }
+                            }
+                        }
+                    }
+                    Some(Inbound::Counted(from, c)) => {
+                        if c.key.step == step {
+                            let out = book.count(
+                                c.key.mb as usize,
+                                c.key.attempt,
+                                Column::Stage(c.stage as u16),
+                                Holder::Peer(from),
+                            );
+                            if out == CountOutcome::Tainted {
+                                tracing::warn!(peer = %from.short(), mb = c.key.mb, attempt = c.key.attempt, "unexpected count: replica excluded from this step");
+                                lost_mbs.extend(book.exclude(from));
+                            }
+                        }
+                    }
+                    Some(Inbound::HopFailed(from, h)) => {
+                        let mb = h.key.mb as usize;
+                        let on_route = inflight
+                            .get(&mb)
+                            .is_some_and(|f| f.route.iter().any(|x| x.peer == from));
+                        if h.key.step == step && book.is_current(mb, h.key.attempt) && on_route {
+                            failed.push((mb, Some(h.failed), h.busy));
+                        }
+                    }
+                    Some(Inbound::SendFailed { key, peer, busy }) => {
+                        let mb = key.mb as usize;
+                        if key.step == step && book.is_current(mb, key.attempt) {
+                            failed.push((mb, Some(peer), busy));
+                        }
+                    }
+                    Some(Inbound::Down(p)) | Some(Inbound::Leave(p)) => {
+                        lost_mbs.extend(self.lose_peer(p, Some(&mut book), on_event));
+                        for (mb, f) in &inflight {
+                            if f.route.iter().any(|h| h.peer == p) {
+                                failed.push((*mb, Some(p), false));
+                            }
+                        }
+                    }
+                    Some(Inbound::Ready(from, r)) => self.on_ready(from, r, on_event),
+                    Some(Inbound::SyncDone(from, d)) => {
+                        tracing::debug!(peer = %from.short(), step = d.step, "sync report outside a sync ignored");
+                    }
+                }
+                // Deadlines.
+                let now = Instant::now();
+                for (mb, f) in &inflight {
+                    if f.deadline <= now {
+                        failed.push((*mb, None, false));
+                    }
+                }
+                for (mb, who, busy) in failed {
+                    if let Some(f) = inflight.remove(&mb) {
+                        self.fail_attempt(f, who, busy);
+                        queue.push_front(mb);
+                    }
+                }
+                for mb in lost_mbs {
+                    if !inflight.contains_key(&mb) && !queue.contains(&mb) {
+                        queue.push_back(mb);
+                    }
+                }
+                // Finished attempts.
+                let done: Vec<usize> = inflight
+                    .iter()
+                    .filter(|(mb, f)| f.returned && book.is_complete(**mb))
+                    .map(|(mb, _)| *mb)
+                    .collect();
+                for mb in done {
+                    if let Some(f) = inflight.remove(&mb) {
+                        for hop in &f.plan.hops {
+                            self.view.add_load(&hop.peer, -1);
+                            let _ = self.view.report(
+                                &hop.peer,
+                                router::Outcome::Success,
+                                now_ms(),
+                                &router::HealthConfig::default(),
+                            );
+                        }
+                    }
+                }
+                // An attempt that came back but whose counts were lost (a replica died after
+                // counting) must run again for the missing columns.
+                let stale: Vec<usize> = inflight
+                    .iter()
+                    .filter(|(mb, f)| f.returned && !book.is_complete(**mb))
+                    .filter(|(_, f)| f.deadline <= Instant::now() + self.opts.attempt_timeout / 2)
+                    .map(|(mb, _)| *mb)
+                    .collect();
+                for mb in stale {
+                    if let Some(f) = inflight.remove(&mb) {
+                        self.release(&f);
+                        queue.push_back(mb);
+                    }
+                }
+            }
+            // Attempts still in flight are complete (their late messages are ignored).
+            for (_, f) in inflight.drain() {
+                self.release(&f);
+            }
+
+            // Sync phase, for the stages not yet synced.
+            let outcome = self
+                .sync_stages(step, epoch, &book, &pending_sync, on_event)
+                .await?;
+            for (k, n, parts) in outcome.done {
+                norms.insert(k, n);
+                participants_per_stage[k] = parts;
+            }
+            mismatches += outcome.norm_mismatches;
+            let mut lost_mbs = Vec::new();
+            for p in &outcome.failed_peers {
+                lost_mbs.extend(self.lose_peer(*p, Some(&mut book), on_event));
+            }
+            pending_sync = (0..stages).filter(|k| !norms.contains_key(k)).collect();
+            if pending_sync.is_empty() {
+                break;
+            }
+            for mb in lost_mbs {
+                if !queue.contains(&mb) {
+                    queue.push_back(mb);
+                }
+            }
+            tracing::warn!(stages = ?pending_sync, "sync failed; re-running lost micro-batches");
+        }
+
+        // Global norm, clip, learning rate, optimizer everywhere.
+        let ends_norm = {
+            let ends = self.ends.clone();
+            tokio::task::spawn_blocking(move || {
+                ends.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .grad_sq_norm()
+            })
+            .await
+            .map_err(|e| run_err(e.to_string()))??
+        };
+        let total: f64 = (0..stages).map(|k| norms[&k]).sum::<f64>() + ends_norm;
+        let cfg = self.cfg().clone();
+        let scale = clip_scale(total, cfg.train.grad_clip);
+        let lr = cfg.schedule().at(step);
+        let hp = cfg.adamw();
+        {
+            let ends = self.ends.clone();
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
+                e.optimizer_step(&hp, lr, scale)?;
+                e.zero_grads();
+                Ok(())
+            })
+            .await
+            .map_err(|e| run_err(e.to_string()))??;
+        }
+        mismatches += self
+            .apply_all(step, epoch, &book, lr, scale, on_event)
+            .await?;
+        self.metrics.replica_hash_mismatches += mismatches;
+        self.metrics.retries += book.retries();
+        let tokens = cfg.tokens_per_step() as u64;
+        self.metrics.tokens += tokens;
+        self.shared.reg(|r| {
+            r.step = step + 1;
+            r.in_step = false;
+            r.fresh = false;
+            r.served.retain(|_, s| s.step == step + 1);
+        });
+        let loss = book
+            .mean_loss()
+            .ok_or_else(|| run_err("step finished without every loss"))?;
+        Ok(StepReport {
+            step,
+            loss,
+            lr,
+            grad_norm: total.sqrt(),
+            tokens,
+            seconds: started.elapsed().as_secs_f64(),
+            retries: book.retries(),
+            hash_mismatches: mismatches,
+            participants: participants_per_stage,
+            wire_bytes: self.metrics.wire.tensor_wire_bytes(),
+            dense_bytes: self.metrics.wire.tensor_dense_bytes(),
+        })
+    }
+
+    fn grad_dec(&self) -> Decoder {
+        Decoder::new()
+    }
+
+    /// Starts an attempt of micro-batch `mb`: plan, embedding forward, Forward to stage 0.
+    async fn dispatch(
+        &mut self,
+        step: u64,
+        epoch: u32,
+        mb: usize,
+        book: &mut StepBook,
+    ) -> Result<InFlight> {
+        let cfg = self.cfg().clone();
+        let stages = self.num_stages();
+        let req = router::PlanRequest {
+            workload: *self.view.workload(),
+            client: default_link(),
+        };
+        let plan = router::plan(
+            &self.view,
+            &req,
+            now_ms(),
+            &router::PlanConfig::default(),
+            &mut self.rng,
+        )?;
+        let mut route = Vec::with_capacity(stages);
+        for hop in &plan.hops {
+            let peer = PeerId(hop.peer.0);
+            let addr = self
+                .shared
+                .reg(|r| r.stages[hop.stage as usize].get(&peer).map(|x| x.addr))
+                .ok_or_else(|| {
+                    run_err(format!("planned peer {} is not a replica", peer.short()))
+                })?;
+            route.push(Hop {
+                stage: hop.stage as u32,
+                peer,
+                addr,
+            });
+        }
+        if route.len() != stages {
+            return Err(run_err("plan does not cover every stage"));
+        }
+        self.view.note_dispatched(&plan);
+        let peers: Vec<PeerId> = route.iter().map(|h| h.peer).collect();
+        let att = book.start_attempt(mb, &peers);
+        let key = MbKey {
+            step,
+            mb: mb as u32,
+            attempt: att.attempt,
+        };
+        let batch = self.corpus.train_batch(
+            cfg.seed,
+            step,
+            mb as u64,
+            cfg.train.micro_batch_size,
+            cfg.train.seq_len,
+        )?;
+        let ends = self.ends.clone();
+        let codec = self.act_codec.clone();
+        let inputs = batch.inputs.clone();
+        let (bsz, seq) = (batch.batch_size, batch.seq_len);
+        let (ctx, frame, dense) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let e = ends.lock().unwrap_or_else(|e| e.into_inner());
+            let (x, ctx) = e.embed_forward(&inputs, bsz, seq)?;
+            drop(e);
+            let (frame, dense) = encode_tensor(&codec, &x)?;
+            Ok((ctx, frame, dense))
+        })
+        .await
+        .map_err(|e| run_err(e.to_string()))??;
+        // Counted when the pass returns: ForwardOut carries every hop's bytes.
+        let _ = dense;
+        let msg = Forward {
+            run: self.shared.run,
+            epoch,
+            key,
+            route: route.clone(),
+            hop: 0,
+            trainer: self.shared.endpoint,
+            accumulate: att.stage_mask,
+            upstream: Traffic::default(),
+            activations: frame,
+        };
+        self.send::<Forward>(route[0].addr, route[0].peer, key, msg);
+        let timeout = self.opts.attempt_timeout.max(Duration::from_secs_f64(
+            (4.0 * plan.expected_s).min(3600.0_f64),
+        ));
+        Ok(InFlight {
+            key,
+            route,
+            plan,
+            embed_ctx: att.embedding.then_some(ctx),
+            targets: batch.targets,
+            embedding: att.embedding,
+            head: att.head,
+            deadline: Instant::now() + timeout,
+            returned: false,
+        })
+    }
+
+    /// Sends a pipeline message in the background; a failure comes back as `SendFailed`.
+    fn send<M: wire::WireMessage + Send + Sync + 'static>(
+        &self,
+        addr: SocketAddr,
+        peer: PeerId,
+        key: MbKey,
+        msg: M,
+    ) {
+        let ps = self.peer.shared().clone();
+        let tx = self.shared.inbox.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ps.call::<M, Ack>(addr, Some(peer), &msg).await {
+                let busy = matches!(&e, Error::Remote(r) if r.code == code::BUSY);
+                tracing::debug!(peer = %peer.short(), error = %e, busy, "pipeline send failed");
+                let _ = tx.send(Inbound::SendFailed { key, peer, busy });
+            }
+        });
+    }
+
+    /// The last stage's output: loss, head backward, gradient to the last stage.
+    async fn on_forward_out(
+        &mut self,
+        book: &mut StepBook,
+        f: &InFlight,
+        out: &ForwardOut,
+    ) -> Result<()> {
+        let ends = self.ends.clone();
+        let limits = self.limits;
+        let frame = out.activations.clone();
+        let targets = f.targets.clone();
+        let accumulate = f.head;
+        let scale = 1.0 / self.cfg().train.micro_batches as f64;
+        let codec = self.grad_codec.clone();
+        let (bsz, seq, hidden) = (
+            self.cfg().train.micro_batch_size,
+            self.cfg().train.seq_len,
+            self.cfg().model.hidden_size,
+        );
+        let (loss, grad, dense) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let x = decode_tensor(&frame, &limits, &[bsz, seq, hidden])?;
+            let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
+            let (loss, ctx) = e.head_forward(&x, &targets)?;
+            let grad = if accumulate {
+                e.head_backward(ctx, scale)?
+            } else {
+                // The head already counted this micro-batch: compute the input gradient only.
+                let saved = e.grads_flat()?;
+                let g = e.head_backward(ctx, scale)?;
+                e.set_grads_flat(&saved)?;
+                g
+            };
+            drop(e);
+            let (frame, dense) = encode_tensor(&codec, &grad)?;
+            Ok((loss, frame, dense))
+        })
+        .await
+        .map_err(|e| run_err(e.to_string()))??;
+        // The whole forward pass (every hop's frame) and the gradient we send now; the rest of
+        // the backward pass comes with BackwardOut.
+        self.metrics.wire.channel_mut(Channel::Activations).add(
+            out.upstream.wire + out.activations.len() as u64,
+            out.upstream.dense + dense,
+        );
+        let _ = grad.len();
+        if accumulate {
+            book.count(
+                f.key.mb as usize,
+                f.key.attempt,
+                Column::Head,
+                Holder::Trainer,
+            );
+            book.set_loss(f.key.mb as usize, loss);
+        }
+        let last = *f.route.last().expect("non-empty route");
+        let msg = Backward {
+            run: self.shared.run,
+            epoch: out.epoch,
+            key: f.key,
+            stage: last.stage,
+            upstream: Traffic::default(),
+            grad,
+        };
+        self.send::<Backward>(last.addr, last.peer, f.key, msg);
+        Ok(())
+    }
+
+    /// Gives up on an attempt: health report, Abandon to its route, load released.
+    fn fail_attempt(&mut self, f: InFlight, who: Option<PeerId>, busy: bool) {
+        let now = now_ms();
+        let health = router::HealthConfig::default();
+        match who {
+            Some(p) if !busy => {
+                let _ = self
+                    .view
+                    .report(&key_of(&p), router::Outcome::Failure, now, &health);
+            }
+            Some(_) => {}
+            None => {
+                // A deadline: we do not know which hop stalled; suspect them all mildly.
+                for h in &f.route {
+                    let _ =
+                        self.view
+                            .report(&key_of(&h.peer), router::Outcome::Timeout, now, &health);
+                }
+            }
+        }
+        tracing::info!(mb = f.key.mb, attempt = f.key.attempt, who = ?who.map(|p| p.short()), busy, "micro-batch attempt failed; retrying");
+        self.release(&f);
+    }
+
+    /// Releases an attempt's router load and asks its route to drop the contexts.
+    fn release(&mut self, f: &InFlight) {
+        for hop in &f.plan.hops {
+            self.view.add_load(&hop.peer, -1);
+        }
+        if f.returned {
+            return;
+        }
+        let epoch = self.shared.reg(|r| r.epoch);
+        for h in &f.route {
+            let ps = self.peer.shared().clone();
+            let msg = Abandon {
+                run: self.shared.run,
+                epoch,
+                key: f.key,
+            };
+            let (addr, peer) = (h.addr, h.peer);
+            tokio::spawn(async move {
+                let _ = ps.call::<Abandon, Ack>(addr, Some(peer), &msg).await;
+            });
+        }
+    }
+
+    /// Starts the sync of `stages` and waits for every participant's report.
+    async fn sync_stages(
+        &mut self,
+        step: u64,
+        epoch: u32,
+        book: &StepBook,
+        stages: &[usize],
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Result<SyncOutcome> {
+        let mut out = SyncOutcome::default();
+        // participants per stage, in a fixed order (by peer id).
+        let mut waiting: HashMap<(usize, PeerId), ()> = HashMap::new();
+        let mut parts_of: HashMap<usize, Vec<PeerId>> = HashMap::new();
+        for &k in stages {
+            let replicas: Vec<(PeerId, SocketAddr)> = self.shared.reg(|r| {
+                r.stages[k]
+                    .iter()
+                    .filter(|(_, rep)| rep.state != ReplicaState::Joining)
+                    .map(|(p, rep)| (*p, rep.addr))
+                    .collect()
+            });
+            let counts = book.stage_counts(k as u16);
+            let parts: Vec<(PeerId, SocketAddr)> = replicas
+                .iter()
+                .filter(|(p, _)| !book.is_excluded(p))
+                .copied()
+                .collect();
+            if parts.is_empty() {
+                return Err(run_err(format!("stage {k} has no replica left to sync")));
+            }
+            let counted: u32 = parts
+                .iter()
+                .map(|(p, _)| counts.get(p).copied().unwrap_or(0))
+                .sum();
+            if counted as usize != book.micro_batches() {
+                return Err(run_err(format!(
+                    "stage {k}: participants counted {counted} micro-batches of {}",
+                    book.micro_batches()
+                )));
+            }
+            let msg = SyncStart {
+                run: self.shared.run,
+                epoch,
+                step,
+                stage: k as u32,
+                participants: parts.iter().map(|(p, _)| *p).collect(),
+                mb_counts: parts
+                    .iter()
+                    .map(|(p, _)| counts.get(p).copied().unwrap_or(0))
+                    .collect(),
+                addrs: parts.iter().map(|(_, a)| *a).collect(),
+            };
+            for (p, addr) in &replicas {
+                let ps = self.peer.shared().clone();
+                let tx = self.shared.inbox.clone();
+                let (p, addr, msg) = (*p, *addr, msg.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = ps.call::<SyncStart, Ack>(addr, Some(p), &msg).await {
+                        tracing::warn!(peer = %p.short(), error = %e, "SyncStart failed");
+                        let _ = tx.send(Inbound::Down(p));
+                    }
+                });
+            }
+            for (p, _) in &parts {
+                waiting.insert((k, *p), ());
+            }
+            parts_of.insert(k, parts.iter().map(|(p, _)| *p).collect());
+        }
+        let mut reports: HashMap<usize, Vec<(PeerId, f64, [u8; 32])>> = HashMap::new();
+        let deadline = Instant::now() + self.opts.sync_timeout;
+        while !waiting.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
+                for (k, p) in waiting.keys() {
+                    tracing::warn!(peer = %p.short(), stage = k, "no sync report in time");
+                    out.failed_peers.push(*p);
+                }
+                break;
+            }
+            let Ok(msg) = tokio::time::timeout(deadline - now, self.inbox.recv()).await else {
+                continue;
+            };
+            match msg {
+                Some(Inbound::SyncDone(from, d)) => {
+                    let k = d.stage as usize;
+                    if d.step == step && waiting.remove(&(k, from)).is_some() {
+                        self.metrics
+                            .wire
+                            .channel_mut(Channel::Sync)
+                            .add(d.share_bytes, d.share_dense_bytes);
+                        reports
+                            .entry(k)
+                            .or_default()
+                            .push((from, d.grad_sq_norm, d.grad_digest));
+                    }
+                }
+                Some(Inbound::Down(p)) | Some(Inbound::Leave(p)) => {
+                    let keys: Vec<(usize, PeerId)> =
+                        waiting.keys().filter(|(_, q)| *q == p).copied().collect();
+                    for key in keys {
+                        waiting.remove(&key);
+                        out.failed_peers.push(p);
+                    }
+                    if !out.failed_peers.contains(&p) {
+                        self.lose_peer(p, None, on_event);
+                    }
+                }
+                Some(Inbound::Ready(from, r)) => self.on_ready(from, r, on_event),
+                Some(other) => tracing::debug!(?other, "pipeline message during sync ignored"),
+                None => return Err(run_err("trainer inbox closed")),
+            }
+        }
+        for &k in stages {
+            let failed_here = parts_of[&k].iter().any(|p| out.failed_peers.contains(p));
+            if failed_here {
+                continue;
+            }
+            let reps = reports.remove(&k).unwrap_or_default();
+            let Some(first) = reps.first() else { continue };
+            // Replicas must agree bitwise; the majority wins and the rest re-sync after Apply.
+            let mut tally: HashMap<(u64, [u8; 32]), usize> = HashMap::new();
+            for (_, n, d) in &reps {
+                *tally.entry((n.to_bits(), *d)).or_default() += 1;
+            }
+            let best = tally
+                .iter()
+                .max_by_key(|(key, c)| (**c, std::cmp::Reverse(key.0)))
+                .map(|(key, _)| *key)
+                .unwrap_or((first.1.to_bits(), first.2));
+            let disagree = reps
+                .iter()
+                .filter(|(_, n, d)| (n.to_bits(), *d) != best)
+                .count();
+            if disagree > 0 {
+                tracing::warn!(
+                    stage = k,
+                    disagree,
+                    "replicas disagree on the summed gradient"
+                );
+                out.norm_mismatches += disagree as u64;
+            }
+            out.done
+                .push((k, f64::from_bits(best.0), parts_of[&k].len()));
+        }
+        Ok(out)
+    }
+
+    /// Sends Apply to every participant, compares digests, reloads the odd ones out. Returns the
+    /// number of replicas whose digest disagreed.
+    async fn apply_all(
+        &mut self,
+        step: u64,
+        epoch: u32,
+        book: &StepBook,
+        lr: f64,
+        clip: f64,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Result<u64> {
+        let mut calls = Vec::new();
+        let mut idle = Vec::new();
+        for k in 0..self.num_stages() {
+            let replicas: Vec<(PeerId, SocketAddr)> = self.shared.reg(|r| {
+                r.stages[k]
+                    .iter()
+                    .filter(|(_, rep)| rep.state != ReplicaState::Joining)
+                    .map(|(p, rep)| (*p, rep.addr))
+                    .collect()
+            });
+            for (p, addr) in replicas {
+                if book.is_excluded(&p) {
+                    idle.push((k, p, addr));
+                    continue;
+                }
+                let ps = self.peer.shared().clone();
+                let msg = Apply {
+                    run: self.shared.run,
+                    epoch,
+                    step,
+                    stage: k as u32,
+                    lr,
+                    clip_scale: clip,
+                };
+                let timeout = self.opts.sync_timeout;
+                calls.push(async move {
+                    let r = tokio::time::timeout(
+                        timeout,
+                        ps.call::<Apply, Applied>(addr, Some(p), &msg),
+                    )
+                    .await;
+                    (k, p, addr, r)
+                });
+            }
+        }
+        let results = futures::future::join_all(calls).await;
+        let mut digests: Vec<Vec<(PeerId, SocketAddr, [u8; 32])>> =
+            vec![Vec::new(); self.num_stages()];
+        for (k, p, addr, r) in results {
+            match r {
+                Ok(Ok((_, a))) if a.step == step + 1 || a.step == step => {
+                    digests[k].push((p, addr, a.digest))
+                }
+                Ok(Ok((_, a))) => {
+                    tracing::warn!(peer = %p.short(), got = a.step, "Applied reports another step");
+                    digests[k].push((p, addr, a.digest));
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %p.short(), error = %e, "Apply failed");
+                    self.lose_peer(p, None, on_event);
+                }
+                Err(_) => {
+                    tracing::warn!(peer = %p.short(), "Apply timed out");
+                    self.lose_peer(p, None, on_event);
+                }
+            }
+        }
+        let mut mismatches = 0u64;
+        for (k, ds) in digests.iter().enumerate() {
+            let mut tally: HashMap<[u8; 32], usize> = HashMap::new();
+            for (_, _, d) in ds {
+                *tally.entry(*d).or_default() += 1;
+            }
+            let Some(best) = tally
+                .iter()
+                .max_by_key(|(d, c)| (**c, std::cmp::Reverse(**d)))
+                .map(|(d, _)| *d)
+            else {
+                continue;
+            };
+            self.shared.reg(|r| r.digests[k] = Some(best));
+            for (p, addr, d) in ds {
+                if *d != best {
+                    mismatches += 1;
+                    tracing::warn!(peer = %p.short(), stage = k, "replica digest differs; re-syncing it");
+                    self.mark_joining(*p, k);
+                    self.send_reload_at(*p, *addr, k as u32, step + 1);
+                }
+            }
+        }
+        for (k, p, addr) in idle {
+            // Excluded this step (suspected but alive): it skipped the sync, so it loads the new
+            // state from a replica that applied it.
+            self.mark_joining(p, k);
+            self.send_reload_at(p, addr, k as u32, step + 1);
+        }
+        Ok(mismatches)
+    }
+
+    fn mark_joining(&mut self, p: PeerId, k: usize) {
+        self.shared.reg(|r| {
+            if let Some(rep) = r.stages[k].get_mut(&p) {
+                rep.state = ReplicaState::Joining;
+            }
+        });
+        let _ = self.view.remove(&key_of(&p));
+    }
+
+    fn send_reload_at(&self, peer: PeerId, addr: SocketAddr, stage: u32, step: u64) {
+        // The registry's step moves to `step` when run_step returns; the source is the same.
+        let _ = step;
+        self.send_reload(peer, addr, stage);
+    }
+
+    /// Fetches every stage's state from a replica and writes the whole model to `dir`.
+    async fn save_checkpoint(&mut self, dir: &std::path::Path) -> Result<()> {
+        let (epoch, step) = self.shared.reg(|r| (r.epoch, r.step));
+        let mut stage_states = Vec::new();
+        for k in 0..self.num_stages() {
+            let mut last_err = None;
+            let mut got = None;
+            for (p, addr) in self.serving(k) {
+                match fetch_state(
+                    self.peer.shared(),
+                    self.shared.run,
+                    epoch,
+                    k as u32,
+                    step,
+                    p,
+                    addr,
+                )
+                .await
+                {
+                    Ok(bytes) => {
+                        got = Some(bytes);
+                        break;
+                    }
+                    Err(e) => last_err = Some(e),
+                }
+            }
+            let bytes = match got {
+                Some(b) => b,
+                None => {
+                    return Err(last_err.unwrap_or_else(|| {
+                        run_err(format!("stage {k} has no replica to checkpoint from"))
+                    }));
+                }
+            };
+            self.metrics
+                .wire
+                .channel_mut(Channel::State)
+                .add(bytes.len() as u64, bytes.len() as u64);
+            stage_states.push(bytes);
+        }
+        let ends_state = {
+            let e = self.ends.lock().unwrap_or_else(|e| e.into_inner());
+            e.export_state()?
+        };
+        let cfg = self.cfg().clone();
+        let dir = dir.to_path_buf();
+        let run = self.shared.run;
+        tokio::task::spawn_blocking(move || {
+            checkpoint::save(&dir, &cfg, run, epoch, step, &ends_state, &stage_states)
+        })
+        .await
+        .map_err(|e| run_err(e.to_string()))??;
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct SyncOutcome {
+    /// (stage, agreed grad_sq_norm, participants)
+    done: Vec<(usize, f64, usize)>,
+    failed_peers: Vec<PeerId>,
+    norm_mismatches: u64,
+}
+
+/// Embedding backward for a returned attempt (accumulating if the embedding has not counted).
+async fn on_backward_out(
+    ends: &Arc<Mutex<Shard>>,
+    dec: &mut Decoder,
+    limits: &Limits,
+    f: &mut InFlight,
+    out: &BackwardOut,
+    metrics: &mut Metrics,
+) -> Result<()> {
+    let _ = dec;
+    let info = swarm_compression::frame::FrameInfo::read(&out.grad, limits)?;
+    // The whole backward pass: every earlier hop (including our own Backward) and this frame.
+    metrics.wire.channel_mut(Channel::Gradients).add(
+        out.upstream.wire + out.grad.len() as u64,
+        out.upstream.dense + info.elements as u64 * 4,
+    );
+    if !f.embedding {
+        return Ok(());
+    }
+    let Some(ctx) = f.embed_ctx.take() else {
+        return Err(run_err("embedding context already used"));
+    };
+    let ends = ends.clone();
+    let frame = out.grad.clone();
+    let limits = *limits;
+    let shape = {
+        let e = ends.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = &e;
+        info.shape().to_vec()
+    };
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let g = decode_tensor(&frame, &limits, &shape)?;
+        let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
+        e.backward(ctx, &g)?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| run_err(e.to_string()))?
+}
+
+/// Encodes a tensor as one frame; returns the frame and its fp32 size.
+fn encode_tensor(codec: &Codec, x: &Tensor) -> Result<(Vec<u8>, u64)> {
+    let shape = x.dims().to_vec();
+    let data = x
+        .flatten_all()
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(swarm_model::Error::from)?;
+    let mut enc = Encoder::new(codec.clone())?;
+    let mut frame = Vec::new();
+    enc.encode(&data, &shape, &mut frame)?;
+    Ok((frame, data.len() as u64 * 4))
+}
+
+/// Decodes a frame that must have shape `shape` into an f32 tensor.
+fn decode_tensor(frame: &[u8], limits: &Limits, shape: &[usize]) -> Result<Tensor> {
+    let mut out = Vec::new();
+    let info = Decoder::new().decode(frame, limits, &mut out)?;
+    if info.shape() != shape {
+        return Err(run_err(format!(
+            "tensor of shape {:?}, expected {shape:?}",
+            info.shape()
+        )));
+    }
+    Tensor::from_vec(out, shape, &Device::Cpu).map_err(|e| swarm_model::Error::from(e).into())
+}
+
+fn now_ms() -> u64 {
+    crate::peer::unix_now()
+}
+
+fn state_source(shared: &Shared, stage: u32, except: Option<PeerId>) -> StateSource {
+    shared.reg(|r| {
+        if let Some(s) = r.served.get(&stage)
+            && s.step == r.step
+        {
+            return StateSource::Fetch {
+                from: vec![shared.endpoint],
+                digest: s.digest,
+            };
+        }
+        if r.fresh && !r.in_step {
+            return StateSource::Init;
+        }
+        let from: Vec<Endpoint> = r.stages[stage as usize]
+            .iter()
+            .filter(|(p, rep)| rep.state == ReplicaState::Serving && Some(**p) != except)
+            .map(|(p, rep)| Endpoint {
+                peer: *p,
+                addr: rep.addr,
+            })
+            .collect();
+        match r.digests[stage as usize] {
+            Some(digest) if !from.is_empty() => StateSource::Fetch { from, digest },
+            _ if r.fresh => StateSource::Init,
+            _ => StateSource::Fetch {
+                from,
+                digest: [0; 32],
+            },
+        }
+    })
+}
+
+/// Fetches a stage's exported state in chunks and checks its hash.
+async fn fetch_state(
+    ps: &Arc<PeerShared>,
+    run: RunId,
+    epoch: u32,
+    stage: u32,
+    step: u64,
+    peer: PeerId,
+    addr: SocketAddr,
+) -> Result<Vec<u8>> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut total: Option<(u64, [u8; 32])> = None;
+    loop {
+        let req = FetchState {
+            run,
+            epoch,
+            stage,
+            step,
+            offset: buf.len() as u64,
+            max_len: 4 << 20,
+        };
+        let (_, chunk): (PeerId, StateChunk) = ps.call(addr, Some(peer), &req).await?;
+        let (len, hash) = *total.get_or_insert((chunk.total_len, chunk.state_hash));
+        if chunk.total_len != len
+            || chunk.state_hash != hash
+            || chunk.offset != buf.len() as u64
+            || len > crate::protocol::MAX_STATE_BYTES
+            || buf.len() as u64 + chunk.data.len() as u64 > len
+            || (chunk.data.is_empty() && (buf.len() as u64) < len)
+        {
+            return Err(run_err(format!(
+                "inconsistent state chunk from {}",
+                peer.short()
+            )));
+        }
+        buf.extend_from_slice(&chunk.data);
+        if buf.len() as u64 == len {
+            if blake3::hash(&buf).as_bytes() != &hash {
+                return Err(run_err(format!(
+                    "state from {} fails its hash",
+                    peer.short()
+                )));
+            }
+            return Ok(buf);
+        }
+    }
+}
+
+/// Pings every replica each second; two misses in a row report it down.
+async fn ping_loop(shared: Arc<Shared>, ps: Arc<PeerShared>) {
+    let mut misses: HashMap<PeerId, u32> = HashMap::new();
+    let mut reported: HashSet<PeerId> = HashSet::new();
+    let mut nonce = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let peers: Vec<(PeerId, SocketAddr)> = shared.reg(|r| {
+            r.stages
+                .iter()
+                .flat_map(|s| s.iter().map(|(p, rep)| (*p, rep.addr)))
+                .collect()
+        });
+        reported.retain(|p| peers.iter().any(|(q, _)| q == p));
+        let pings = peers.iter().map(|(p, addr)| {
+            nonce += 1;
+            let ps = ps.clone();
+            let (p, addr, n) = (*p, *addr, nonce);
+            async move {
+                let ok = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    ps.call::<Ping, Pong>(addr, Some(p), &Ping { nonce: n }),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
+                (p, ok)
+            }
+        });
+        for (p, ok) in futures::future::join_all(pings).await {
+            if ok {
+                misses.remove(&p);
+            } else {
+                let m = misses.entry(p).or_default();
+                *m += 1;
+                if *m >= 2 && reported.insert(p) {
+                    let _ = shared.inbox.send(Inbound::Down(p));
+                }
+            }
+        }
+    }
+}
+
+fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
+    macro_rules! forward_to_driver {
+        ($kind:expr, $ty:ty, $variant:ident) => {{
+            let shared = shared.clone();
+            peer.register(
+                $kind,
+                move |_p: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| {
+                    let shared = shared.clone();
+                    async move {
+                        let msg: $ty = wire::decode_body(&body).map_err(RpcError::from)?;
+                        shared.check_run(msg.run, msg.epoch)?;
+                        let _ = shared.inbox.send(Inbound::$variant(ctx.from, msg));
+                        rpc::reply(&Ack)
+                    }
+                },
+            );
+        }};
+    }
+    forward_to_driver!(kind::FORWARD_OUT, ForwardOut, ForwardOut);
+    forward_to_driver!(kind::BACKWARD_OUT, BackwardOut, BackwardOut);
+    forward_to_driver!(kind::COUNTED, Counted, Counted);
+    forward_to_driver!(kind::HOP_FAILED, HopFailed, HopFailed);
+    forward_to_driver!(kind::SYNC_DONE, SyncDone, SyncDone);
+    forward_to_driver!(kind::READY, Ready, Ready);
+
+    let s = shared.clone();
+    peer.register(
+        kind::RUN_INFO,
+        move |_p: Arc<PeerShared>, _ctx: RequestCtx, body: Vec<u8>| {
+            let s = s.clone();
+            async move {
+                wire::decode_body::<RunInfoRequest>(&body).map_err(RpcError::from)?;
+                let info = s.reg(|r| RunInfo {
+                    run: s.run,
+                    epoch: r.epoch,
+                    step: r.step,
+                    phase: r.phase,
+                    config_toml: s.config_toml.clone(),
+                    trainer: s.endpoint,
+                    replicas: r
+                        .stages
+                        .iter()
+                        .map(|st| st.keys().copied().collect())
+                        .collect(),
+                });
+                rpc::reply(&info)
+            }
+        },
+    );
+
+    let s = shared.clone();
+    peer.register(
+        kind::ADMIT,
+        move |_p: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| {
+            let s = s.clone();
+            async move {
+                let a: Admit = wire::decode_body(&body).map_err(RpcError::from)?;
+                s.check_run(a.run, a.epoch)?;
+                let stages = s.reg(|r| r.stages.len());
+                if a.stage as usize >= stages {
+                    return Err(RpcError::refused(
+                        code::BAD_REQUEST,
+                        format!("stage {} of a {stages}-stage run", a.stage),
+                    ));
+                }
+                // A joiner loads the state replicas will hold at the next step boundary.
+                let (epoch, step) = s.reg(|r| {
+                    for st in r.stages.iter_mut() {
+                        st.remove(&ctx.from);
+                    }
+                    r.stages[a.stage as usize].insert(
+                        ctx.from,
+                        Replica {
+                            addr: a.addr,
+                            state: ReplicaState::Joining,
+                        },
+                    );
+                    (r.epoch, if r.in_step { r.step + 1 } else { r.step })
+                });
+                let source = state_source(&s, a.stage, Some(ctx.from));
+                tracing::info!(peer = %ctx.from.short(), stage = a.stage, step, "admitted");
+                rpc::reply(&AdmitReply {
+                    run: s.run,
+                    epoch,
+                    stage: a.stage,
+                    step,
+                    source,
+                })
+            }
+        },
+    );
+
+    let s = shared.clone();
+    peer.register(
+        kind::LEAVE,
+        move |_p: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| {
+            let s = s.clone();
+            async move {
+                let l: Leave = wire::decode_body(&body).map_err(RpcError::from)?;
+                s.check_run(l.run, l.epoch)?;
+                let (known, in_step, step) = s.reg(|r| {
+                    let mut known = false;
+                    for st in r.stages.iter_mut() {
+                        if let Some(rep) = st.get_mut(&ctx.from) {
+                            rep.state = ReplicaState::Leaving;
+                            known = true;
+                        }
+                    }
+                    (known, r.in_step, r.step)
+                });
+                if known && !in_step {
+                    let _ = s.inbox.send(Inbound::Leave(ctx.from));
+                }
+                // Mid-step: it finishes its work and takes part in this step's sync; the driver
+                // drops it at the boundary.
+                rpc::reply(&LeaveReply {
+                    stay_for_step: (known && in_step).then_some(step),
+                })
+            }
+        },
+    );
+
+    let s = shared.clone();
+    peer.register(
+        kind::FETCH_STATE,
+        move |_p: Arc<PeerShared>, _ctx: RequestCtx, body: Vec<u8>| {
+            let s = s.clone();
+            async move {
+                let f: FetchState = wire::decode_body(&body).map_err(RpcError::from)?;
+                s.check_run(f.run, f.epoch)?;
+                s.reg(|r| {
+                    let Some(st) = r.served.get(&f.stage) else {
+                        return Err(RpcError::refused(
+                            code::BAD_REQUEST,
+                            "the trainer serves no state for this stage",
+                        ));
+                    };
+                    if st.step != f.step {
+                        return Err(RpcError::refused(
+                            code::BAD_REQUEST,
+                            format!("state at step {}, asked for {}", st.step, f.step),
+                        ));
+                    }
+                    let len = st.bytes.len() as u64;
+                    if f.offset > len {
+                        return Err(RpcError::refused(
+                            code::BAD_REQUEST,
+                            "offset beyond the state",
+                        ));
+                    }
+                    let n = (f.max_len as u64)
+                        .min(crate::protocol::MAX_CHUNK_BYTES as u64)
+                        .min(len - f.offset) as usize;
+                    let off = f.offset as usize;
+                    rpc::reply(&StateChunk {
+                        run: s.run,
+                        epoch: r.epoch,
+                        stage: f.stage,
+                        step: st.step,
+                        total_len: len,
+                        offset: f.offset,
+                        state_hash: st.hash,
+                        digest: st.digest,
+                        data: st.bytes[off..off + n].to_vec(),
+                    })
+                })
+            }
+        },
+    );
+}

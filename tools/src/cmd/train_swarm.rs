@@ -1,0 +1,268 @@
+//! `swarm train` without `--local`: the distributed trainer of issue #6. It creates the run (or
+//! resumes it from `--out`), is the bootstrap peer for it, and drives steps through the stage
+//! replicas that `swarm join ADDR` brings; progress on stderr, summary (and `--json`) on stdout.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::ProgressBar;
+use serde::Serialize;
+use swarm_core::Identity;
+use swarm_core::shaping::LinkShape;
+use swarm_core::trainer::{Metrics, Summary, Trainer, TrainerEvent, TrainerOptions};
+use swarm_model::RunConfig;
+
+use crate::ui;
+
+/// What the distributed path of `swarm train` takes (the clap arguments live in `train.rs`).
+#[derive(Clone, Debug)]
+pub struct SwarmTrainArgs {
+    pub config: Option<PathBuf>,
+    /// Training text (overrides `[data] path`).
+    pub data: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub out: Option<PathBuf>,
+    pub shape: Option<LinkShape>,
+    /// Replicas per stage to wait for before the first step.
+    pub min_replicas: usize,
+    /// Stop after this many steps (the config's `train.steps` otherwise).
+    pub steps: Option<u64>,
+    pub data_dir: Option<PathBuf>,
+    pub json: bool,
+}
+
+/// The JSON of `swarm train` (and `swarm demo`): the summary fields of the issue, plus the loss of
+/// every step and the bytes per channel.
+#[derive(Serialize)]
+pub struct Report {
+    #[serde(flatten)]
+    pub summary: Summary,
+    pub losses: Vec<f64>,
+    pub channels: swarm_core::trainer::WireStats,
+    pub state_sync_seconds: Vec<f64>,
+    pub wall_s: f64,
+}
+
+pub fn report(m: &Metrics, wall_s: f64) -> Report {
+    Report {
+        summary: m.summary(),
+        losses: m.steps.iter().map(|s| s.loss).collect(),
+        channels: m.wire,
+        state_sync_seconds: m.state_sync_seconds.clone(),
+        wall_s,
+    }
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+/// Progress bar updates for trainer events (shared with `swarm demo`).
+pub struct Progress {
+    pub bar: ProgressBar,
+    wire: u64,
+    dense: u64,
+    tokens: u64,
+    secs: f64,
+}
+
+impl Progress {
+    pub fn new(steps: u64, json: bool) -> Progress {
+        Progress {
+            bar: ui::progress(steps, json),
+            wire: 0,
+            dense: 0,
+            tokens: 0,
+            secs: 0.0,
+        }
+    }
+
+    pub fn on_event(&mut self, e: &TrainerEvent) {
+        match e {
+            TrainerEvent::Waiting { serving, need } => self.bar.set_message(format!(
+                "waiting for replicas: {serving:?} serving, {need} needed per stage"
+            )),
+            TrainerEvent::Joined {
+                peer,
+                stage,
+                sync_ms,
+            } => {
+                tracing::info!(peer = %peer.short(), stage, sync_ms, "replica joined");
+            }
+            TrainerEvent::Lost { peer, stage } => {
+                self.bar
+                    .println(format!("replica {} of stage {stage} lost", peer.short()));
+            }
+            TrainerEvent::Paused { stage } => self.bar.set_message(format!(
+                "paused: stage {stage} has no replica; waiting for a peer to take it"
+            )),
+            TrainerEvent::Checkpoint { step, dir } => {
+                tracing::info!(step, dir = %dir.display(), "checkpoint written");
+            }
+            TrainerEvent::Step(r) => {
+                (self.wire, self.dense) = (r.wire_bytes, r.dense_bytes);
+                self.tokens += r.tokens;
+                self.secs += r.seconds;
+                let tps = if self.secs > 0.0 {
+                    self.tokens as f64 / self.secs
+                } else {
+                    0.0
+                };
+                let ratio = if self.wire > 0 {
+                    self.dense as f64 / self.wire as f64
+                } else {
+                    0.0
+                };
+                self.bar.set_position(r.step + 1);
+                self.bar.set_message(format!(
+                    "step {} loss {:.4} | {tps:.0} tok/s | {} on the wire ({ratio:.1}x less than fp32) | retries {}",
+                    r.step + 1,
+                    r.loss,
+                    mb(self.wire),
+                    r.retries
+                ));
+            }
+        }
+    }
+}
+
+/// Human summary lines.
+pub fn print_summary(m: &Metrics, wall_s: f64) {
+    let s = m.summary();
+    println!(
+        "trained {} steps in {wall_s:.1}s: loss {:.4} -> {:.4}, {:.0} tokens/s",
+        s.steps, s.initial_loss, s.final_loss, s.tokens_per_s
+    );
+    let ratio = if s.wire_bytes > 0 {
+        s.dense_bytes as f64 / s.wire_bytes as f64
+    } else {
+        0.0
+    };
+    println!(
+        "tensors on the wire: {} ({} as fp32, {ratio:.1}x less): activations {}, gradients {}, sync {}",
+        mb(s.wire_bytes),
+        mb(s.dense_bytes),
+        mb(m.wire.activations.wire_bytes),
+        mb(m.wire.gradients.wire_bytes),
+        mb(m.wire.sync.wire_bytes),
+    );
+    println!(
+        "retries {}, peers lost {}, replica hash mismatches {}",
+        s.retries, s.peers_lost, s.replica_hash_mismatches
+    );
+    if !m.state_sync_seconds.is_empty() {
+        let max = m.state_sync_seconds.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "{} replica state loads, longest {max:.2}s",
+            m.state_sync_seconds.len()
+        );
+    }
+}
+
+/// Loads the run config (the built-in default without `--config`).
+pub fn load_config(
+    path: Option<&std::path::Path>,
+    steps: Option<u64>,
+) -> anyhow::Result<RunConfig> {
+    let mut cfg = match path {
+        Some(p) => RunConfig::from_file(p).with_context(|| format!("reading {}", p.display()))?,
+        None => RunConfig::default(),
+    };
+    if let Some(n) = steps {
+        cfg.train.steps = n;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The flags `swarm train` takes for a distributed run (flattened into `TrainArgs`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct SwarmFlags {
+    /// UDP address the trainer listens on; peers join with `swarm join ADDR`.
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    pub listen: SocketAddr,
+    /// Emulate a home link on the trainer's socket, e.g. `up=20mbit,down=80mbit,delay=15ms`.
+    #[arg(long)]
+    pub shape: Option<LinkShape>,
+    /// Serving replicas each stage needs before the first step.
+    #[arg(long, default_value_t = 1)]
+    pub min_replicas: usize,
+    /// Folder holding the trainer's identity key (a new identity each start without it).
+    #[arg(long, env = "SWARM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// `swarm train` without `--local`.
+pub fn run_cli(args: &super::train::TrainArgs) -> anyhow::Result<()> {
+    run(SwarmTrainArgs {
+        config: args.config.clone(),
+        data: args.data.clone(),
+        listen: args.swarm.listen,
+        out: args.out.clone(),
+        shape: args.swarm.shape.clone(),
+        min_replicas: args.swarm.min_replicas,
+        steps: args.steps,
+        data_dir: args.swarm.data_dir.clone(),
+        json: args.json,
+    })
+}
+
+pub fn run(args: SwarmTrainArgs) -> anyhow::Result<()> {
+    let mut cfg = load_config(args.config.as_deref(), args.steps)?;
+    if let Some(d) = &args.data {
+        cfg.data.path = Some(d.clone());
+    }
+    let identity = match &args.data_dir {
+        Some(d) => Identity::load_or_create(d)?,
+        None => Identity::generate(),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut opts = TrainerOptions::new(cfg);
+        opts.identity = identity;
+        opts.listen = args.listen;
+        opts.out = args.out.clone();
+        opts.shape = args.shape.clone();
+        opts.min_replicas = args.min_replicas.max(1);
+        let mut trainer = Trainer::start(opts).await?;
+        println!(
+            "trainer {} listening on {} (run {}, resuming at step {}); peers join with: swarm join {}",
+            trainer.peer_id(),
+            trainer.addr(),
+            trainer.run_id(),
+            trainer.step(),
+            trainer.addr()
+        );
+        std::io::stdout().flush()?;
+        let total = trainer_total_steps(&trainer);
+        let mut progress = Progress::new(total, args.json);
+        progress.bar.set_position(trainer.step());
+        let started = std::time::Instant::now();
+        let result = {
+            let mut on_event = |e: &TrainerEvent| progress.on_event(e);
+            tokio::select! {
+                r = trainer.run(&mut on_event) => r.map_err(anyhow::Error::from),
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            }
+        };
+        progress.bar.finish_and_clear();
+        let metrics = result?;
+        let wall = started.elapsed().as_secs_f64();
+        trainer.shutdown().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        print_summary(&metrics, wall);
+        if args.json {
+            ui::print_json(&report(&metrics, wall))?;
+        }
+        Ok(())
+    })
+}
+
+fn trainer_total_steps(t: &Trainer) -> u64 {
+    swarm_model::RunConfig::from_toml(t.config_toml())
+        .map(|c| c.train.steps)
+        .unwrap_or(0)
+}
