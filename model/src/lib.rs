@@ -14,6 +14,7 @@ pub mod optim;
 pub mod run;
 pub mod shard;
 pub mod tokenizer;
+pub mod tokenizer_bpe;
 pub mod train;
 
 pub use config::ModelConfig;
