@@ -1,18 +1,19 @@
-//! Inference on a loaded checkpoint: loss, last-position logits, and sampling. The forward is the
-//! shard's (all pieces in one [`Shard`]), so evaluation runs exactly the code that trains.
+//! Inference on a loaded checkpoint: loss over token streams, last-position logits, and sampling,
+//! on top of [`Model`] (whose forward is the training shard's, so evaluation runs exactly the code
+//! that trains).
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint::Checkpoint;
-use crate::{Corpus, Error, ModelConfig, Piece, Shard};
+use crate::{Corpus, Error, Model, ModelConfig};
 
 /// A whole model held for inference.
 pub struct Evaluator {
-    shard: Shard,
+    model: Model,
 }
 
 /// Mean loss over some tokens.
@@ -27,9 +28,9 @@ pub struct LossSummary {
 impl Evaluator {
     /// Builds the model from named HF tensors (f32 on the CPU).
     pub fn new(cfg: &ModelConfig, tensors: &HashMap<String, Tensor>) -> Result<Self, Error> {
-        let pieces = Piece::all(&[0, cfg.num_hidden_layers]);
-        let shard = Shard::from_tensors(cfg, &pieces, tensors, DType::F32, &Device::Cpu)?;
-        Ok(Evaluator { shard })
+        Ok(Evaluator {
+            model: Model::from_tensors(cfg, tensors)?,
+        })
     }
 
     /// From a loaded checkpoint.
@@ -38,19 +39,15 @@ impl Evaluator {
     }
 
     pub fn config(&self) -> &ModelConfig {
-        self.shard.config()
-    }
-
-    fn hidden(&self, tokens: &[u32], batch: usize, seq: usize) -> Result<Tensor, Error> {
-        let (x, _) = self.shard.embed_forward(tokens, batch, seq)?;
-        let (x, _) = self.shard.stage_forward(0, &x)?;
-        Ok(x)
+        self.model.config()
     }
 
     /// Logits at the last position of `tokens` (the distribution of the next token).
     pub fn last_logits(&self, tokens: &[u32]) -> Result<Vec<f32>, Error> {
-        let x = self.hidden(tokens, 1, tokens.len())?;
-        let logits = self.shard.head_logits_only(&x)?;
+        if tokens.is_empty() {
+            return Err(Error::Input("no tokens".into()));
+        }
+        let logits = self.model.logits(tokens, 1, tokens.len())?;
         Ok(logits.get(0)?.get(tokens.len() - 1)?.to_vec1::<f32>()?)
     }
 
@@ -69,9 +66,7 @@ impl Evaluator {
                 inputs.len()
             )));
         }
-        let x = self.hidden(inputs, batch, seq)?;
-        let (loss, _ctx) = self.shard.head_forward(&x, targets)?;
-        Ok(loss)
+        self.model.loss(inputs, targets, batch, seq)
     }
 
     /// Mean loss of predicting `tokens[1..]` from their prefixes (None with fewer than 2 tokens).
@@ -236,8 +231,7 @@ mod tests {
             max_position_embeddings: 8,
             tie_word_embeddings: true,
         };
-        let shard = Shard::new(&cfg, &Piece::all(&[0, 1]), 3, DType::F32, &Device::Cpu).unwrap();
-        Evaluator::new(&cfg, &shard.tensors()).unwrap()
+        Evaluator::new(&cfg, &Model::new(&cfg, 3).unwrap().tensors()).unwrap()
     }
 
     #[test]
