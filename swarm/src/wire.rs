@@ -167,17 +167,33 @@ pub mod kind {
         KindInfo::new(STATUS_REPLY, "status_reply", 4 * MIB),
         // Training protocol: caps from `protocol::caps` (frames up to `protocol::MAX_FRAME_BYTES`).
         KindInfo::new(FORWARD, "forward", crate::protocol::caps::FORWARD),
-        KindInfo::new(FORWARD_OUT, "forward_out", crate::protocol::caps::FORWARD_OUT),
+        KindInfo::new(
+            FORWARD_OUT,
+            "forward_out",
+            crate::protocol::caps::FORWARD_OUT,
+        ),
         KindInfo::new(BACKWARD, "backward", crate::protocol::caps::BACKWARD),
-        KindInfo::new(BACKWARD_OUT, "backward_out", crate::protocol::caps::BACKWARD_OUT),
+        KindInfo::new(
+            BACKWARD_OUT,
+            "backward_out",
+            crate::protocol::caps::BACKWARD_OUT,
+        ),
         KindInfo::new(COUNTED, "counted", crate::protocol::caps::SMALL),
         KindInfo::new(HOP_FAILED, "hop_failed", crate::protocol::caps::SMALL),
         KindInfo::new(ABANDON, "abandon", crate::protocol::caps::SMALL),
         KindInfo::new(ACK, "ack", 0),
         KindInfo::new(RUN_INFO, "run_info", 0),
-        KindInfo::new(RUN_INFO_REPLY, "run_info_reply", crate::protocol::caps::RUN_INFO),
+        KindInfo::new(
+            RUN_INFO_REPLY,
+            "run_info_reply",
+            crate::protocol::caps::RUN_INFO,
+        ),
         KindInfo::new(ADMIT, "admit", crate::protocol::caps::SMALL),
-        KindInfo::new(ADMIT_REPLY, "admit_reply", crate::protocol::caps::ADMIT_REPLY),
+        KindInfo::new(
+            ADMIT_REPLY,
+            "admit_reply",
+            crate::protocol::caps::ADMIT_REPLY,
+        ),
         KindInfo::new(READY, "ready", crate::protocol::caps::SMALL),
         KindInfo::new(LEAVE, "leave", crate::protocol::caps::SMALL),
         KindInfo::new(LEAVE_REPLY, "leave_reply", 64),
@@ -187,7 +203,11 @@ pub mod kind {
         KindInfo::new(APPLY, "apply", crate::protocol::caps::SMALL),
         KindInfo::new(APPLIED, "applied", crate::protocol::caps::SMALL),
         KindInfo::new(FETCH_STATE, "fetch_state", crate::protocol::caps::SMALL),
-        KindInfo::new(STATE_CHUNK, "state_chunk", crate::protocol::caps::STATE_CHUNK),
+        KindInfo::new(
+            STATE_CHUNK,
+            "state_chunk",
+            crate::protocol::caps::STATE_CHUNK,
+        ),
         KindInfo::new(RELOAD, "reload", crate::protocol::caps::RELOAD),
     ];
 
@@ -781,8 +801,14 @@ mod tests {
         }
         assert_eq!(Reader::new(&[0xff; 11]).varint(), Err(WireError::BadVarint));
         // Overlong: 0 and 1 padded with a continuation byte.
-        assert_eq!(Reader::new(&[0x80, 0x00]).varint(), Err(WireError::BadVarint));
-        assert_eq!(Reader::new(&[0x81, 0x80, 0x00]).varint(), Err(WireError::BadVarint));
+        assert_eq!(
+            Reader::new(&[0x80, 0x00]).varint(),
+            Err(WireError::BadVarint)
+        );
+        assert_eq!(
+            Reader::new(&[0x81, 0x80, 0x00]).varint(),
+            Err(WireError::BadVarint)
+        );
         let mut over = [0xffu8; 10];
         over[9] = 0x02;
         assert_eq!(Reader::new(&over).varint(), Err(WireError::BadVarint));

@@ -12,7 +12,12 @@ use swarm_core::{membership as m, protocol as p, rpc as r};
 fn check<M: WireMessage>(body: &[u8]) {
     if let Ok(msg) = wire::decode_body::<M>(body) {
         let again = wire::encode_body(&msg).expect("a decoded message re-encodes");
-        assert_eq!(again, body, "non-canonical encoding accepted for kind {}", M::KIND);
+        assert_eq!(
+            again,
+            body,
+            "non-canonical encoding accepted for kind {}",
+            M::KIND
+        );
     }
 }
 
@@ -59,7 +64,9 @@ fn decode_kind(k: u16, body: &[u8]) {
 
 /// Interprets the input as a program of primitive reads with hostile caps.
 fn primitives(data: &[u8]) {
-    let Some((&ops, rest)) = data.split_first() else { return };
+    let Some((&ops, rest)) = data.split_first() else {
+        return;
+    };
     let mut r = Reader::new(rest);
     for i in 0..16 {
         let op = (ops.rotate_left(i) ^ i as u8) % 9;
@@ -68,7 +75,10 @@ fn primitives(data: &[u8]) {
             1 => r.u32().is_ok(),
             2 => r.varint().is_ok(),
             3 => r.bool().is_ok(),
-            4 => r.bytes("b", 1 << 20).map(|b| b.len() <= 1 << 20).unwrap_or(true),
+            4 => r
+                .bytes("b", 1 << 20)
+                .map(|b| b.len() <= 1 << 20)
+                .unwrap_or(true),
             5 => r.str("s", 64).map(|s| s.len() <= 64).unwrap_or(true),
             6 => r.f32s("f", usize::MAX).is_ok(),
             7 => r.len("n", usize::MAX, 0).is_ok(),
