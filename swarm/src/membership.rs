@@ -549,8 +549,11 @@ impl Membership {
     }
 
     /// Checks one record against the time window, the run and the held one, without storing it.
+    ///
+    /// The cheap checks run first and the signature last: in gossip most records are duplicates
+    /// of held ones, and those are refused as stale without an ed25519 verification.
     pub fn check(&self, now: UnixMillis, record: &PeerRecord) -> Result<(), Refusal> {
-        record.verify()?;
+        record.check_shape()?;
         if record.run_id != self.run_id {
             return Err(Refusal::WrongRun);
         }
@@ -571,7 +574,7 @@ impl Membership {
         {
             return Err(Refusal::Stale);
         }
-        Ok(())
+        record.verify()
     }
 
     /// Takes a batch of records from gossip: each is verified and stored if newer than the held one.
@@ -699,6 +702,58 @@ impl Membership {
             .collect()
     }
 
+    /// What this peer holds, as (id, seq) pairs: ours first, then every held record. Sent instead
+    /// of the records themselves so that an exchange costs 40 bytes per known peer, plus only the
+    /// records that actually differ.
+    pub fn digest(&self) -> Vec<Digest> {
+        std::iter::once(&self.local)
+            .chain(self.peers.values().map(|e| &e.record))
+            .take(MAX_RECORDS_PER_MESSAGE)
+            .map(|r| Digest {
+                peer: r.peer_id,
+                seq: r.seq,
+            })
+            .collect()
+    }
+
+    /// Compares a remote digest with what this peer holds at `now`: returns the unexpired records
+    /// the remote lacks or holds older (ours included), and the ids of which the remote holds a
+    /// newer record than we do (to ask for).
+    pub fn diff(&self, now: UnixMillis, remote: &[Digest]) -> (Vec<PeerRecord>, Vec<PeerId>) {
+        let theirs: HashMap<PeerId, u64> = remote.iter().map(|d| (d.peer, d.seq)).collect();
+        let newer: Vec<PeerRecord> = std::iter::once(&self.local)
+            .chain(self.peers.values().map(|e| &e.record))
+            .filter(|r| r.expires_at > now && theirs.get(&r.peer_id).is_none_or(|s| *s < r.seq))
+            .take(MAX_RECORDS_PER_MESSAGE)
+            .cloned()
+            .collect();
+        let me = self.identity.peer_id();
+        let want: Vec<PeerId> = remote
+            .iter()
+            .filter(|d| {
+                d.peer != me && self.peers.get(&d.peer).is_none_or(|e| e.record.seq < d.seq)
+            })
+            .map(|d| d.peer)
+            .take(MAX_RECORDS_PER_MESSAGE)
+            .collect();
+        (newer, want)
+    }
+
+    /// The held records (ours included) of `ids`, for answering a `want` list.
+    pub fn records_of(&self, ids: &[PeerId]) -> Vec<PeerRecord> {
+        ids.iter()
+            .filter_map(|id| {
+                if *id == self.identity.peer_id() {
+                    Some(&self.local)
+                } else {
+                    self.peers.get(id).map(|e| &e.record)
+                }
+            })
+            .take(MAX_RECORDS_PER_MESSAGE)
+            .cloned()
+            .collect()
+    }
+
     /// Every held peer, LEAVING ones included, sorted by id.
     pub fn view(&self) -> Vec<&ViewEntry> {
         let mut v: Vec<&ViewEntry> = self.peers.values().collect();
@@ -721,9 +776,12 @@ impl Membership {
 
 // ---------------------------------------------------------------------------------------------
 // Messages. The newcomer sends `JoinRequest` to its bootstrap and learns the run, its own address
-// as seen from outside, and the bootstrap's view; after that every exchange is a `GossipPush`
-// (the sender's records) answered by a `GossipReply` (the receiver's). `StatusRequest` asks a peer
-// for its view with how long ago it heard from each peer.
+// as seen from outside, and the bootstrap's full view. After that, an exchange is anti-entropy by
+// digest (as in Scuttlebutt / Cassandra): A sends `GossipPush { records: [A's own], digest: A's
+// (id, seq) list }`; B takes the records and answers `GossipReply { records: those A lacks or holds
+// older, want: ids A holds newer }`; if `want` is not empty A sends those records in a
+// `GossipPush` without digest (push only; B answers an empty reply). A LEAVING announcement is
+// such a push-only message. `StatusRequest` asks a peer for its view with last-seen ages.
 
 fn encode_records(w: &mut Writer, records: &[PeerRecord]) {
     w.len_prefix(records.len());
@@ -744,27 +802,57 @@ fn decode_records(r: &mut Reader<'_>) -> Result<Vec<PeerRecord>, WireError> {
     Ok(out)
 }
 
-/// Push half of a gossip exchange: the sender's own record and the ones it holds.
+/// One entry of a digest: a peer and the sequence number of the record held for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Digest {
+    pub peer: PeerId,
+    pub seq: u64,
+}
+
+/// Opening of a gossip exchange: records pushed (the sender's own, or wanted ones), and with
+/// `digest` what the sender holds, asking for what it lacks. Without a digest: push only.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GossipPush {
     pub records: Vec<PeerRecord>,
+    pub digest: Option<Vec<Digest>>,
 }
 
-/// Pull half of a gossip exchange: the receiver's records, sent back.
+/// Answer to a [`GossipPush`]: records the sender lacks or holds older, and the ids of which the
+/// sender holds newer records (it pushes them next). Both empty for a push-only message.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GossipReply {
     pub records: Vec<PeerRecord>,
+    pub want: Vec<PeerId>,
 }
 
 impl WireMessage for GossipPush {
     const KIND: u16 = kind::GOSSIP;
     fn encode(&self, w: &mut Writer) {
         encode_records(w, &self.records);
+        w.bool(self.digest.is_some());
+        if let Some(d) = &self.digest {
+            w.len_prefix(d.len());
+            for e in d {
+                w.array(&e.peer.0).u64(e.seq);
+            }
+        }
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
-        Ok(GossipPush {
-            records: decode_records(r)?,
-        })
+        let records = decode_records(r)?;
+        let digest = if r.bool()? {
+            let n = r.len("digest", MAX_RECORDS_PER_MESSAGE, 40)?;
+            let mut d = Vec::with_capacity(n);
+            for _ in 0..n {
+                d.push(Digest {
+                    peer: PeerId(r.array()?),
+                    seq: r.u64()?,
+                });
+            }
+            Some(d)
+        } else {
+            None
+        };
+        Ok(GossipPush { records, digest })
     }
 }
 
@@ -772,11 +860,19 @@ impl WireMessage for GossipReply {
     const KIND: u16 = kind::GOSSIP_REPLY;
     fn encode(&self, w: &mut Writer) {
         encode_records(w, &self.records);
+        w.len_prefix(self.want.len());
+        for id in &self.want {
+            w.array(&id.0);
+        }
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
-        Ok(GossipReply {
-            records: decode_records(r)?,
-        })
+        let records = decode_records(r)?;
+        let n = r.len("want", MAX_RECORDS_PER_MESSAGE, 32)?;
+        let mut want = Vec::with_capacity(n);
+        for _ in 0..n {
+            want.push(PeerId(r.array()?));
+        }
+        Ok(GossipReply { records, want })
     }
 }
 
@@ -1082,9 +1178,22 @@ mod tests {
         assert!(w.len() <= MAX_RECORD_LEN, "{} > {MAX_RECORD_LEN}", w.len());
         let push = GossipPush {
             records: vec![r.clone(); MAX_RECORDS_PER_MESSAGE],
+            digest: Some(vec![
+                Digest {
+                    peer: r.peer_id,
+                    seq: u64::MAX
+                };
+                MAX_RECORDS_PER_MESSAGE
+            ]),
         };
         let body = encode_body(&push).unwrap();
         assert_eq!(decode_body::<GossipPush>(&body).unwrap(), push);
+        let reply = GossipReply {
+            records: vec![r.clone(); MAX_RECORDS_PER_MESSAGE],
+            want: vec![r.peer_id; MAX_RECORDS_PER_MESSAGE],
+        };
+        let body = encode_body(&reply).unwrap();
+        assert_eq!(decode_body::<GossipReply>(&body).unwrap(), reply);
         let status = StatusReply {
             run_id: RUN,
             entries: vec![
@@ -1112,9 +1221,34 @@ mod tests {
         for cut in 0..body.len() {
             assert!(decode_body::<JoinReply>(&body[..cut]).is_err(), "cut {cut}");
         }
-        let reply = GossipReply { records };
+        let reply = GossipReply {
+            records: records.clone(),
+            want: vec![ident(5).peer_id()],
+        };
         let body = encode_body(&reply).unwrap();
         assert_eq!(decode_body::<GossipReply>(&body).unwrap(), reply);
+        for push in [
+            GossipPush {
+                records: records.clone(),
+                digest: None,
+            },
+            GossipPush {
+                records,
+                digest: Some(vec![Digest {
+                    peer: ident(3).peer_id(),
+                    seq: 4,
+                }]),
+            },
+        ] {
+            let body = encode_body(&push).unwrap();
+            assert_eq!(decode_body::<GossipPush>(&body).unwrap(), push);
+            for cut in 0..body.len() {
+                assert!(
+                    decode_body::<GossipPush>(&body[..cut]).is_err(),
+                    "cut {cut}"
+                );
+            }
+        }
         assert!(decode_body::<JoinRequest>(&[0]).is_err());
         assert_eq!(decode_body::<StatusRequest>(&[]).unwrap(), StatusRequest);
     }
@@ -1363,6 +1497,86 @@ mod tests {
         );
     }
 
+    fn pair(v: &mut [Membership], i: usize, j: usize) -> (&mut Membership, &mut Membership) {
+        assert_ne!(i, j);
+        if i < j {
+            let (lo, hi) = v.split_at_mut(j);
+            (&mut lo[i], &mut hi[0])
+        } else {
+            let (lo, hi) = v.split_at_mut(i);
+            (&mut hi[0], &mut lo[j])
+        }
+    }
+
+    /// Sends `m` through its wire encoding, as the network would.
+    fn wire<M: WireMessage>(m: &M) -> M {
+        decode_body(&encode_body(m).unwrap()).unwrap()
+    }
+
+    /// One digest exchange initiated by `a` (what `peer.rs` does over RPC); returns the records
+    /// carried, to measure the protocol's cost.
+    fn exchange(a: &mut Membership, b: &mut Membership, now: UnixMillis) -> usize {
+        let push = wire(&GossipPush {
+            records: vec![a.local_record().clone()],
+            digest: Some(a.digest()),
+        });
+        b.handle_records(now, push.records.clone());
+        let (records, want) = b.diff(now, push.digest.as_deref().unwrap());
+        let reply = wire(&GossipReply { records, want });
+        a.handle_records(now, reply.records.clone());
+        a.handle_contact(now, b.peer_id());
+        let wanted = a.records_of(&reply.want);
+        let carried = push.records.len() + reply.records.len() + wanted.len();
+        if !wanted.is_empty() {
+            b.handle_records(
+                now,
+                wire(&GossipPush {
+                    records: wanted,
+                    digest: None,
+                })
+                .records,
+            );
+        }
+        carried
+    }
+
+    #[test]
+    fn digest_exchange_carries_only_what_differs() {
+        let config = MembershipConfig::default();
+        let mut a = member(0, config.clone(), T0);
+        let mut b = member(1, config, T0);
+        a.handle_records(T0, (2..=6).map(|n| record(n, 1, T0)));
+        b.handle_records(T0, (5..=9).map(|n| record(n, 1, T0)));
+        b.handle_records(T0, [record(5, 2, T0)]);
+        // A lacks 1 (B itself), 7, 8, 9 and holds 5 older; B lacks 0 (A itself), 2, 3, 4.
+        let (newer, want) = b.diff(T0, &a.digest());
+        let mut newer_ids: Vec<PeerId> = newer.iter().map(|r| r.peer_id).collect();
+        newer_ids.sort();
+        let mut expect: Vec<PeerId> = [1, 5, 7, 8, 9]
+            .iter()
+            .map(|n| ident(*n).peer_id())
+            .collect();
+        expect.sort();
+        assert_eq!(newer_ids, expect);
+        let mut want = want;
+        want.sort();
+        let mut expect: Vec<PeerId> = [0, 2, 3, 4].iter().map(|n| ident(*n).peer_id()).collect();
+        expect.sort();
+        assert_eq!(want, expect);
+
+        let carried = exchange(&mut a, &mut b, T0 + 1);
+        assert_eq!(carried, 1 + 5 + 3, "own record, B's five, A's three others");
+        assert_eq!(a.view().len(), 9);
+        assert_eq!(b.view().len(), 9);
+        assert_eq!(a.get(&ident(5).peer_id()).unwrap().record.seq, 2);
+        // In sync: the next exchange carries only A's own record.
+        assert_eq!(exchange(&mut a, &mut b, T0 + 2), 1);
+        // Expired records are not offered.
+        assert!(b.refresh_local(T0 + 60_001));
+        let (newer, _) = b.diff(T0 + 60_001, &[]);
+        assert_eq!(newer.len(), 1, "only B's own (fresh) record: {newer:?}");
+    }
+
     /// Drives a small swarm of state machines with a virtual clock and perfect delivery: everyone
     /// learns everyone through one bootstrap, a silent peer expires, a leaving one drops at once.
     #[test]
@@ -1391,12 +1605,8 @@ mod tests {
                     if !alive[j] {
                         continue;
                     }
-                    let push = peers[i].records_for_exchange();
-                    peers[j].handle_records(now, push);
-                    let reply = peers[j].records_for_exchange();
-                    peers[i].handle_records(now, reply);
-                    let id = peers[j].peer_id();
-                    peers[i].handle_contact(now, id);
+                    let (a, b) = pair(peers, i, j);
+                    exchange(a, b, now);
                 }
             }
         };

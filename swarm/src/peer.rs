@@ -212,20 +212,29 @@ impl PeerShared {
         }
     }
 
-    /// One push-pull exchange with `target`; returns how many records were accepted.
+    /// One digest exchange with `target` (see `membership`'s message docs); returns how many
+    /// records were accepted.
     async fn exchange(&self, target: GossipTarget) -> Result<usize> {
-        let records = self.with_membership(|m| m.records_for_exchange());
-        let (id, reply): (PeerId, GossipReply) = self
-            .call(target.addr, target.peer, &GossipPush { records })
-            .await?;
+        let push = self.with_membership(|m| GossipPush {
+            records: vec![m.local_record().clone()],
+            digest: Some(m.digest()),
+        });
+        let (id, reply): (PeerId, GossipReply) = self.call(target.addr, target.peer, &push).await?;
         let now = unix_now();
-        let out = self.with_membership(|m| {
+        let (out, wanted) = self.with_membership(|m| {
             let out = m.handle_records(now, reply.records);
             m.handle_contact(now, id);
-            out
+            (out, m.records_of(&reply.want))
         });
         if out.suspicious() > 0 {
             tracing::warn!(peer = %id.short(), refused = out.suspicious(), "gossip reply carried invalid records");
+        }
+        if !wanted.is_empty() {
+            let push = GossipPush {
+                records: wanted,
+                digest: None,
+            };
+            let _: (PeerId, GossipReply) = self.call(target.addr, Some(id), &push).await?;
         }
         Ok(out.accepted.len())
     }
@@ -437,6 +446,7 @@ impl Peer {
             let shared = self.shared.clone();
             let push = GossipPush {
                 records: vec![leaving.clone()],
+                digest: None,
             };
             async move {
                 shared
@@ -475,15 +485,19 @@ fn register_membership_handlers(shared: &Arc<PeerShared>) {
         |peer: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| async move {
             let push: GossipPush = wire::decode_body(&body).map_err(RpcError::from)?;
             let now = unix_now();
-            let (out, records) = peer.with_membership(|m| {
+            let (out, reply) = peer.with_membership(|m| {
                 let out = m.handle_records(now, push.records);
                 m.handle_contact(now, ctx.from);
-                (out, m.records_for_exchange())
+                let (records, want) = match &push.digest {
+                    Some(d) => m.diff(now, d),
+                    None => (Vec::new(), Vec::new()),
+                };
+                (out, GossipReply { records, want })
             });
             if out.suspicious() > 0 {
                 tracing::warn!(peer = %ctx.from.short(), refused = out.suspicious(), "gossip push carried invalid records");
             }
-            rpc::reply(&GossipReply { records })
+            rpc::reply(&reply)
         },
     );
     register(

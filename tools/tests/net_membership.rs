@@ -237,6 +237,7 @@ fn wrong_keys_and_forged_records_are_refused() {
         let expired = PeerRecord::sign(&mallory, run, now, now - 10_000, 1_000, info(m_addr));
         let push = GossipPush {
             records: vec![claim_id, claim_key, wrong_run, too_long, expired],
+            digest: Some(Vec::new()),
         };
         let reply: GossipReply = rpc::call_timeout(&conn, &push, Duration::from_secs(10))
             .await
@@ -253,6 +254,7 @@ fn wrong_keys_and_forged_records_are_refused() {
             &conn,
             &GossipPush {
                 records: vec![honest],
+                digest: None,
             },
             Duration::from_secs(10),
         )
@@ -269,7 +271,10 @@ fn wrong_keys_and_forged_records_are_refused() {
         let old = PeerRecord::sign(&mallory, run, now - 1, now - 1, 4_000, info(m_addr));
         let _: GossipReply = rpc::call_timeout(
             &conn,
-            &GossipPush { records: vec![old] },
+            &GossipPush {
+                records: vec![old],
+                digest: None,
+            },
             Duration::from_secs(10),
         )
         .await
