@@ -503,6 +503,93 @@ impl CustomOp1 for CrossEntropyBwd {
 }
 
 // ---------------------------------------------------------------------------------------------
+// SwiGLU: silu(gate) * up in one pass each way (candle's silu + mul keep two activation-sized
+// nodes and a multi-op silu backward).
+
+/// `silu(gate) * up`, elementwise; `gate` and `up` have the same shape.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.shape() != up.shape() {
+        candle_core::bail!("swiglu: gate {:?} != up {:?}", gate.shape(), up.shape());
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
+}
+
+struct Swiglu;
+
+fn sigmoid<T: Real>(x: T) -> T {
+    T::f(1.0) / (T::f(1.0) + (T::f(0.0) - x).exp_())
+}
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch!(s1, self.name(), |T| {
+            let g: &[T] = slice(s1, l1, self.name())?;
+            let u: &[T] = slice(s2, l2, self.name())?;
+            Ok(T::storage(
+                g.iter().zip(u).map(|(&g, &u)| g * sigmoid(g) * u).collect(),
+            ))
+        })?;
+        Ok((out, l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwigluBwd)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// d/dgate = grad * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate); d/dup = grad * silu(gate).
+/// Stacked as `(2, ...)`.
+struct SwigluBwd;
+
+impl candle_core::CustomOp3 for SwigluBwd {
+    fn name(&self) -> &'static str {
+        "swiglu-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch!(s1, self.name(), |T| {
+            let g: &[T] = slice(s1, l1, self.name())?;
+            let u: &[T] = slice(s2, l2, self.name())?;
+            let d: &[T] = slice(s3, l3, self.name())?;
+            let n = g.len();
+            let mut out = vec![T::f(0.0); 2 * n];
+            let (dg, du) = out.split_at_mut(n);
+            for i in 0..n {
+                let s = sigmoid(g[i]);
+                dg[i] = d[i] * u[i] * s * (T::f(1.0) + g[i] * (T::f(1.0) - s));
+                du[i] = d[i] * g[i] * s;
+            }
+            Ok(T::storage(out))
+        })?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Seeding a backward pass with a given output gradient.
 
 /// A scalar whose backward hands `grad` to `output`: `vjp_root(y, g).backward()` computes the
@@ -618,6 +705,13 @@ mod tests {
         let masked = (s * 0.5).unwrap().broadcast_add(&mask).unwrap();
         let want = candle_nn::ops::softmax(&masked, D::Minus1);
         assert!(max_diff(&got, &want.unwrap()) < 1e-12);
+    }
+
+    #[test]
+    fn swiglu_matches_candle_silu() {
+        let (g, u) = (rand(&[5, 7], 8), rand(&[5, 7], 9));
+        let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
+        assert!(max_diff(&swiglu(&g, &u).unwrap(), &want) < 1e-12);
     }
 
     #[test]

@@ -544,7 +544,7 @@ impl Shard {
         let xn = ops::rms_normalize(&x, eps)?.broadcast_mul(w("post_attention_layernorm")?)?;
         let gate = xn.matmul(&w("mlp.gate_proj")?.t()?)?;
         let up = xn.matmul(&w("mlp.up_proj")?.t()?)?;
-        let act = (gate.silu()? * up)?;
+        let act = ops::swiglu(&gate, &up)?;
         Ok((x + act.matmul(&w("mlp.down_proj")?.t()?)?)?)
     }
 

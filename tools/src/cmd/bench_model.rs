@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use swarm_model::RunConfig;
 use swarm_model::bench::bench_model;
 
+use crate::cmd::train::short_candle_spin;
 use crate::ui;
 
 #[derive(clap::Args)]
@@ -25,6 +26,7 @@ pub struct BenchModelArgs {
 }
 
 pub fn run(args: BenchModelArgs) -> anyhow::Result<()> {
+    short_candle_spin();
     let cfg = match &args.config {
         Some(p) => RunConfig::from_file(p)?,
         None => RunConfig::default(),
