@@ -99,6 +99,33 @@ fn killed_peer_leaves_the_views_once_its_record_expires() {
 }
 
 #[test]
+fn restarted_peer_keeps_its_id_and_its_new_address_wins() {
+    // A long ttl: the old record is still valid everywhere when the peer comes back.
+    let long_ttl: &[(&str, &str)] = &[
+        ("SWARM_GOSSIP_INTERVAL_MS", "200"),
+        ("SWARM_RECORD_TTL_MS", "300000"),
+        ("SWARM_REFRESH_INTERVAL_MS", "60000"),
+    ];
+    let a = PeerProc::start(None, long_ttl, &[]);
+    let b = PeerProc::start(Some(a.addr), long_ttl, &[]);
+    let c = PeerProc::start(Some(a.addr), long_ttl, &[]);
+    wait_converged(&[&a, &b, &c], &[&a, &b, &c]);
+    let (id, old_addr) = (c.id.clone(), c.addr);
+    let dir = c.kill_keep_dir();
+    // Back on a new port, bootstrapping through B this time.
+    let c2 = PeerProc::start_in(dir, Some(b.addr), long_ttl, &[]);
+    assert_eq!(c2.id, id, "the identity persists in the data dir");
+    assert_ne!(c2.addr, old_addr);
+    for p in [&a, &b] {
+        wait_for("the restarted peer's new address", LONG, || {
+            let rows = status(p.addr)?;
+            let row = rows.iter().find(|r| r.id == id)?;
+            (row.addr == c2.addr.to_string() && row.state == "ONLINE").then_some(())
+        });
+    }
+}
+
+#[test]
 fn ctrl_c_announces_leaving_and_others_drop_the_peer_before_expiry() {
     // A record lifetime of 5 minutes: the peer can only disappear from the live set this fast
     // because it announced LEAVING.

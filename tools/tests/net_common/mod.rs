@@ -45,7 +45,16 @@ impl PeerProc {
     /// Starts a peer (joining `bootstrap` if given) with `env` timing and extra flags, and waits
     /// (bounded) for its JSON startup line.
     pub fn start(bootstrap: Option<SocketAddr>, env: &[(&str, &str)], extra: &[&str]) -> PeerProc {
-        let dir = tempfile::tempdir().unwrap();
+        PeerProc::start_in(tempfile::tempdir().unwrap(), bootstrap, env, extra)
+    }
+
+    /// [`PeerProc::start`] with a given data dir (to restart a peer with the same identity).
+    pub fn start_in(
+        dir: tempfile::TempDir,
+        bootstrap: Option<SocketAddr>,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> PeerProc {
         let mut cmd = Command::new(BIN);
         cmd.arg("join");
         if let Some(b) = bootstrap {
@@ -78,6 +87,14 @@ impl PeerProc {
             lines,
             _dir: dir,
         }
+    }
+
+    /// SIGKILLs the peer and hands back its data dir.
+    pub fn kill_keep_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self._dir, dir)
     }
 
     /// Sends SIGINT (Ctrl-C) so the peer leaves gracefully.
