@@ -18,12 +18,12 @@ use crate::view::{PeerKey, PeerState, SwarmView, stage_capacity};
 /// Per-stage capacity (serving + joining) divided by the stage's demand (`None` = equal demand).
 pub fn stage_pressure(view: &SwarmView, demand: Option<&[f64]>) -> Result<Vec<f64>, Error> {
     let n = usize::from(view.num_stages());
-    if let Some(d) = demand {
-        if d.len() != n || d.iter().any(|&x| !x.is_finite() || x <= 0.0) {
-            return Err(Error::InvalidConfig(format!(
-                "demand must be {n} finite positive numbers"
-            )));
-        }
+    if let Some(d) = demand
+        && (d.len() != n || d.iter().any(|&x| !x.is_finite() || x <= 0.0))
+    {
+        return Err(Error::InvalidConfig(format!(
+            "demand must be {n} finite positive numbers"
+        )));
     }
     Ok((0..view.num_stages())
         .map(|s| view.planned_capacity(s) / demand.map_or(1.0, |d| d[usize::from(s)]))
@@ -77,7 +77,8 @@ fn best_window(pressure: &[f64], span: u16, num_stages: u16) -> Result<Range<u16
 pub struct RebalanceConfig {
     /// Move only if the bottleneck capacity rises by at least this fraction.
     pub min_relative_gain: f64,
-    /// Seconds over which the gain is credited (how long the peer is expected to stay).
+    /// Seconds over which the gain is credited (how long the peer is expected to stay); the
+    /// download time is deducted from it.
     pub horizon_s: f64,
     /// A peer stays on its stages at least this long after joining or moving, ms.
     pub min_dwell_ms: u64,
@@ -144,8 +145,10 @@ pub fn should_move(
         return Ok(None);
     }
     let download_s = cfg.stage_state_bytes * f64::from(span) / peer.info.link.down_bytes_per_s;
+    // The gain only starts once the state is downloaded; while it downloads, the old stages may
+    // also lose throughput (zero when the mover was surplus there, the usual case).
     let loss = (before - during).max(0.0) * download_s;
-    if gain * cfg.horizon_s <= loss {
+    if gain * (cfg.horizon_s - download_s) <= loss {
         return Ok(None);
     }
     Ok(Some(Move {

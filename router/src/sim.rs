@@ -741,7 +741,7 @@ impl<'a> Sim<'a> {
             }
             self.now = t;
             count += 1;
-            if count % 65_536 == 0 {
+            if count.is_multiple_of(65_536) {
                 obs.progress(t as f64 / 1e6, cfg.duration_s);
             }
             match ev {

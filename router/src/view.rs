@@ -574,10 +574,10 @@ impl SwarmView {
 
     /// RTT between two slots, ms: measured if known, else from coordinates.
     pub(crate) fn rtt_ms(&self, a: u32, b: u32) -> f64 {
-        if !self.rtt.is_empty() {
-            if let Some(&r) = self.rtt.get(&(a.min(b), a.max(b))) {
-                return f64::from(r);
-            }
+        if !self.rtt.is_empty()
+            && let Some(&r) = self.rtt.get(&(a.min(b), a.max(b)))
+        {
+            return f64::from(r);
         }
         self.slot(a)
             .info
