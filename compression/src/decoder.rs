@@ -41,7 +41,7 @@ impl Decoder {
         let info = self.check(frame, limits)?;
         out.clear();
         out.resize(info.elements, 0.0);
-        self.decode_checked(frame, &info, out)?;
+        self.decode_checked(frame, &info, out, true)?;
         Ok(info)
     }
 
@@ -60,7 +60,7 @@ impl Decoder {
                 have: out.len(),
             });
         }
-        self.decode_checked(frame, &info, out)?;
+        self.decode_checked(frame, &info, out, false)?;
         Ok(info)
     }
 
@@ -77,7 +77,14 @@ impl Decoder {
         Ok(info)
     }
 
-    fn decode_checked(&mut self, frame: &[u8], info: &FrameInfo, out: &mut [f32]) -> Result<()> {
+    /// `zeroed`: `out` is known to be all zeros already (skips a fill for sparse frames).
+    fn decode_checked(
+        &mut self,
+        frame: &[u8],
+        info: &FrameInfo,
+        out: &mut [f32],
+        zeroed: bool,
+    ) -> Result<()> {
         let payload = &frame[info.header_len..];
         let raw_len = info.raw_payload_len();
         let raw: &[u8] = if info.codec.zstd.is_some() {
@@ -135,7 +142,9 @@ impl Decoder {
                 if info.codec.rotate {
                     rotate::inverse(&mut self.vals, block, info.seed);
                 }
-                out.fill(0.0);
+                if !zeroed {
+                    out.fill(0.0);
+                }
                 for (&p, &v) in self.positions.iter().zip(&self.vals) {
                     // Positions were checked to be increasing and below the element count.
                     out[p as usize] = v;

@@ -86,6 +86,9 @@ pub enum Error {
         /// Length of the tensor given.
         got: usize,
     },
+    /// [`crate::ErrorFeedback::accumulate`] was called without a preceding `compensate`.
+    #[error("error feedback: accumulate must follow compensate with the frame made from it")]
+    FeedbackOrder,
     /// zstd itself failed (out of memory in its context, or an internal error) while encoding.
     #[error("zstd: {0}")]
     Zstd(String),

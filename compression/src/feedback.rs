@@ -92,9 +92,7 @@ impl ErrorFeedback {
     pub fn accumulate(&mut self, frame: &[u8]) -> Result<()> {
         if !self.pending {
             // Without a compensated tensor the residual would be computed against stale data.
-            return Err(Error::Inconsistent(
-                "accumulate without a preceding compensate",
-            ));
+            return Err(Error::FeedbackOrder);
         }
         let limits = Limits::new(self.residual.len());
         self.decoder.decode(frame, &limits, &mut self.decoded)?;

@@ -123,7 +123,7 @@ fn misuse_is_an_error_and_leaves_the_residual() {
             got: 5
         })
     ));
-    assert!(matches!(ef.accumulate(&out), Err(Error::Inconsistent(_))));
+    assert!(matches!(ef.accumulate(&out), Err(Error::FeedbackOrder)));
     ef.encode(&mut enc, &[1.0, 2.0, 3.0, 4.5], &[4], &mut out)
         .unwrap();
     let before = ef.residual().to_vec();
