@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use swarm_model::{ModelConfig, Piece, Shard};
+use swarm_model::{Model, ModelConfig};
 
 /// `../shared/data/<name>` if present; tests needing it skip with a printed reason otherwise.
 pub fn shared_data(name: &str) -> Option<PathBuf> {
@@ -24,17 +24,14 @@ pub fn shared_data(name: &str) -> Option<PathBuf> {
     }
 }
 
-/// Last-position logits of our own model (all pieces in one shard) on `tokens`.
+/// Last-position logits of our own [`Model`] on `tokens`.
 pub fn our_last_logits(
     cfg: &ModelConfig,
     tensors: &HashMap<String, Tensor>,
     tokens: &[u32],
 ) -> Vec<f32> {
-    let pieces = Piece::all(&[0, cfg.num_hidden_layers]);
-    let shard = Shard::from_tensors(cfg, &pieces, tensors, DType::F32, &Device::Cpu).unwrap();
-    let (x, _) = shard.embed_forward(tokens, 1, tokens.len()).unwrap();
-    let (x, _) = shard.stage_forward(0, &x).unwrap();
-    let logits = shard.head_logits_only(&x).unwrap();
+    let model = Model::from_tensors(cfg, tensors).unwrap();
+    let logits = model.logits(tokens, 1, tokens.len()).unwrap();
     logits
         .get(0)
         .unwrap()
