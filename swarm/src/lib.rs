@@ -9,6 +9,7 @@ pub mod peer;
 pub mod protocol;
 pub mod rpc;
 pub mod shaping;
+pub mod stage;
 pub mod tls;
 pub mod trainer;
 pub mod transport;

@@ -112,7 +112,9 @@ impl Hop {
 /// Tensor bytes of the earlier hops of one pass (forward or backward) of one micro-batch attempt:
 /// frames as sent (`wire`) and what fp32 would have needed (`dense`). Each hop adds its own frame
 /// before passing it on, so the trainer learns what crossed every link of the route, including
-/// the stage-to-stage links it does not see.
+/// the stage-to-stage links it does not see: a pass's total is the `upstream` of the message that
+/// reaches the trainer plus that message's frame (the trainer's own first frame is in `upstream`,
+/// so it must not count it again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Traffic {
     pub wire: u64,

@@ -1,0 +1,1414 @@
+//! The stage worker a peer runs (issue #6): it holds the [`Shard`] of one pipeline stage and serves
+//! the training protocol of [`crate::protocol`] for it.
+//!
+//! - Forward / Backward: every request is checked (run, epoch, stage, hop, the shard's step) and
+//!   acknowledged once queued; the compute runs on tokio's blocking pool so the runtime keeps
+//!   serving, and the result travels on as a new request to the next hop (or the trainer). A send
+//!   that fails is reported to the trainer as `HopFailed`.
+//! - The context table holds what backward needs per attempt, keyed by [`MbKey`]; it has a hard
+//!   cap (`BUSY` past it), and entries leave on backward, on `Abandon`, and at the step's
+//!   `SyncStart`, so memory stays bounded.
+//! - Exactly once: a stage accumulates a micro-batch only if the Forward's bitmask says so and it
+//!   has not counted that micro-batch in this step already; otherwise it runs
+//!   [`Shard::backward_input_only`]. Each accumulation is reported with `Counted`.
+//! - Sync: `SyncStart` -> the participant encodes its accumulated gradient with the sync codec and
+//!   its error-feedback residual (one stream per (stage, this replica)), sends it as `GradShare`
+//!   to the others, decodes *all* shares (its own encoded one too, so every replica sums the same
+//!   values) in participant order, sets the sum as the shard's gradients and reports `SyncDone`.
+//!   `Apply` -> optimizer step, zero the gradients, reply `Applied` with the weights digest. With a
+//!   single participant nothing is exchanged and the gradients are used as they are.
+//! - State: `FetchState` is served in chunks from a cached export (BLAKE3 of the whole and the
+//!   weights digest in every chunk); [`fetch_state`] downloads and verifies both. `Reload`
+//!   replaces the state (re-sync after a digest mismatch, restore after a checkpoint).
+//!
+//! Wire accounting: [`StageStats`] counts frames sent per channel (wire bytes and fp32 bytes), and
+//! every pipeline message carries the upstream [`Traffic`] so the trainer sees all links.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use swarm_compression::{Codec, Decoder, Encoder, ErrorFeedback, Limits};
+use swarm_model::{AdamW, ForwardCtx, Piece, RunConfig, Shard};
+
+use crate::error::{Error, Result};
+use crate::identity::PeerId;
+use crate::membership::RunId;
+use crate::peer::{Peer, PeerShared, RequestCtx};
+use crate::protocol::{
+    Abandon, Ack, Admit, AdmitReply, Applied, Apply, Backward, BackwardOut, Counted, Endpoint,
+    FetchState, Forward, ForwardOut, GradShare, Hop, HopFailed, MAX_CHUNK_BYTES, MbKey, Ready,
+    Reload, RunInfo, RunInfoRequest, StateChunk, StateSource, SyncDone, SyncStart,
+};
+use crate::rpc::{self, RpcError, code};
+use crate::wire::{self, WireMessage, kind};
+
+/// How a stage worker runs. Build with [`StageOptions::new`].
+#[derive(Debug, Clone)]
+pub struct StageOptions {
+    pub run: RunId,
+    pub config: RunConfig,
+    pub stage: u32,
+    /// Most forward contexts held at once (in flight between forward and backward).
+    pub max_contexts: usize,
+    /// Bytes asked per `FetchState` chunk.
+    pub chunk_bytes: u32,
+    /// Tries per send to a next hop or a sync partner before giving up.
+    pub send_tries: u32,
+}
+
+impl StageOptions {
+    /// Defaults: room for every micro-batch of a step twice (retries) plus slack.
+    pub fn new(run: RunId, config: RunConfig, stage: u32) -> StageOptions {
+        let max_contexts = 2 * config.train.micro_batches + 4;
+        StageOptions {
+            run,
+            config,
+            stage,
+            max_contexts,
+            chunk_bytes: 4 * 1024 * 1024,
+            send_tries: 3,
+        }
+    }
+}
+
+/// Tensor bytes this worker sent, per channel: frames as sent, and their fp32 size.
+#[derive(Debug, Default)]
+pub struct StageStats {
+    pub activations_wire: AtomicU64,
+    pub activations_dense: AtomicU64,
+    pub gradients_wire: AtomicU64,
+    pub gradients_dense: AtomicU64,
+    pub sync_wire: AtomicU64,
+    pub sync_dense: AtomicU64,
+    /// State bytes served through FetchState.
+    pub state_served: AtomicU64,
+    pub forwards: AtomicU64,
+    pub backwards: AtomicU64,
+    /// Requests refused with BUSY (context table full).
+    pub busy: AtomicU64,
+}
+
+impl StageStats {
+    fn add(wire: &AtomicU64, dense: &AtomicU64, frame: usize, elements: usize) {
+        wire.fetch_add(frame as u64, Ordering::Relaxed);
+        dense.fetch_add(4 * elements as u64, Ordering::Relaxed);
+    }
+}
+
+/// One held forward context.
+struct CtxEntry {
+    /// `None` while the forward is computing.
+    ctx: Option<ForwardCtx>,
+    route: Vec<Hop>,
+    trainer: Endpoint,
+    accumulate: bool,
+}
+
+/// The step-end sync of the current step.
+struct Round {
+    step: u64,
+    participants: Vec<PeerId>,
+    me: usize,
+    shares: Vec<Option<Vec<u8>>>,
+    trainer: SocketAddr,
+    trainer_id: PeerId,
+    summing: bool,
+    summed: bool,
+    share_bytes: u64,
+    share_dense: u64,
+}
+
+/// A cached export served by FetchState.
+struct Export {
+    epoch: u32,
+    step: u64,
+    bytes: Arc<Vec<u8>>,
+    hash: [u8; 32],
+    digest: [u8; 32],
+}
+
+struct State {
+    epoch: u32,
+    contexts: HashMap<MbKey, CtxEntry>,
+    /// Micro-batches of `acc_step` whose gradients the shard holds.
+    counted: BTreeSet<u32>,
+    acc_step: u64,
+    round: Option<Round>,
+    /// Shares that arrived before their SyncStart: (step, from) -> frame.
+    early: HashMap<(u64, PeerId), Vec<u8>>,
+    export: Option<Arc<Export>>,
+    trainer: Option<Endpoint>,
+}
+
+/// The stage worker. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct StageWorker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    opts: StageOptions,
+    me: PeerId,
+    peer: Arc<PeerShared>,
+    shard: Arc<Mutex<Option<Shard>>>,
+    state: Mutex<State>,
+    feedback: Arc<Mutex<ErrorFeedback>>,
+    adamw: AdamW,
+    act_codec: Codec,
+    grad_codec: Codec,
+    sync_codec: Codec,
+    /// Elements of one boundary tensor: micro_batch_size x seq_len x hidden.
+    boundary_elems: usize,
+    num_params: usize,
+    pieces: Vec<Piece>,
+    stats: StageStats,
+}
+
+impl std::fmt::Debug for StageWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StageWorker(stage {})", self.inner.opts.stage)
+    }
+}
+
+fn refuse(c: u16, m: impl Into<String>) -> RpcError {
+    RpcError::refused(c, m)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn codec(name: &str) -> Result<Codec> {
+    Ok(name.parse::<Codec>()?)
+}
+
+/// The pieces of stage `stage` of `config`.
+pub fn stage_pieces(config: &RunConfig, stage: u32) -> Result<Vec<Piece>> {
+    let all = Piece::stages(&config.stages);
+    all.get(stage as usize)
+        .cloned()
+        .map(|p| vec![p])
+        .ok_or_else(|| Error::Run(format!("the run has no stage {stage}")))
+}
+
+/// The stage's shard as built from the run seed (step 0).
+pub fn init_shard(config: &RunConfig, stage: u32) -> Result<Shard> {
+    let pieces = stage_pieces(config, stage)?;
+    Ok(Shard::new(
+        &config.model,
+        &pieces,
+        config.seed,
+        DType::F32,
+        &Device::Cpu,
+    )?)
+}
+
+/// BLAKE3 of f32 values (little-endian), for comparing summed gradients across replicas.
+pub fn f32_digest(v: &[f32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for x in v {
+        h.update(&x.to_le_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
+    cand(
+        t.flatten_all()
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec1::<f32>()),
+    )
+}
+
+fn cand<T>(r: candle_core::Result<T>) -> Result<T> {
+    r.map_err(|e| Error::Model(e.into()))
+}
+
+impl StageWorker {
+    /// A worker for `opts.stage`, holding `shard` if given (else it waits for a state: see
+    /// [`StageWorker::install`]). Registers its handlers on `peer`.
+    pub fn start(peer: &Peer, opts: StageOptions, shard: Option<Shard>) -> Result<StageWorker> {
+        let w = StageWorker::new(peer.shared().clone(), opts, shard)?;
+        w.register(peer);
+        Ok(w)
+    }
+
+    fn new(peer: Arc<PeerShared>, opts: StageOptions, shard: Option<Shard>) -> Result<StageWorker> {
+        let cfg = &opts.config;
+        let pieces = stage_pieces(cfg, opts.stage)?;
+        let num_params: usize = pieces
+            .iter()
+            .flat_map(|p| p.parameters(&cfg.model))
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        if let Some(s) = &shard
+            && s.pieces() != pieces.as_slice()
+        {
+            return Err(Error::Run(
+                "the shard holds other pieces than the stage".into(),
+            ));
+        }
+        let boundary_elems = cfg.train.micro_batch_size * cfg.train.seq_len * cfg.model.hidden_size;
+        let me = peer.node().peer_id();
+        Ok(StageWorker {
+            inner: Arc::new(Inner {
+                me,
+                adamw: cfg.adamw(),
+                act_codec: codec(&cfg.codec.activations)?,
+                grad_codec: codec(&cfg.codec.gradients)?,
+                sync_codec: codec(&cfg.codec.sync)?,
+                boundary_elems,
+                num_params,
+                pieces,
+                feedback: Arc::new(Mutex::new(ErrorFeedback::new(num_params))),
+                shard: Arc::new(Mutex::new(shard)),
+                state: Mutex::new(State {
+                    epoch: 0,
+                    contexts: HashMap::new(),
+                    counted: BTreeSet::new(),
+                    acc_step: 0,
+                    round: None,
+                    early: HashMap::new(),
+                    export: None,
+                    trainer: None,
+                }),
+                stats: StageStats::default(),
+                peer,
+                opts,
+            }),
+        })
+    }
+
+    /// Serves the training kinds on `peer` with this worker.
+    pub fn register(&self, peer: &Peer) {
+        macro_rules! reg {
+            ($kind:expr, $method:ident) => {{
+                let w = self.clone();
+                peer.register(
+                    $kind,
+                    move |_p: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| {
+                        let w = w.clone();
+                        async move { w.$method(ctx, body).await }
+                    },
+                );
+            }};
+        }
+        reg!(kind::FORWARD, on_forward);
+        reg!(kind::BACKWARD, on_backward);
+        reg!(kind::ABANDON, on_abandon);
+        reg!(kind::SYNC_START, on_sync_start);
+        reg!(kind::GRAD_SHARE, on_grad_share);
+        reg!(kind::APPLY, on_apply);
+        reg!(kind::FETCH_STATE, on_fetch_state);
+        reg!(kind::RELOAD, on_reload);
+    }
+
+    pub fn stage(&self) -> u32 {
+        self.inner.opts.stage
+    }
+
+    pub fn stats(&self) -> &StageStats {
+        &self.inner.stats
+    }
+
+    /// The run epoch the worker is in.
+    pub fn epoch(&self) -> u32 {
+        lock(&self.inner.state).epoch
+    }
+
+    /// Forward contexts currently held.
+    pub fn contexts(&self) -> usize {
+        lock(&self.inner.state).contexts.len()
+    }
+
+    /// Micro-batches accumulated in the current step.
+    pub fn counted(&self) -> Vec<u32> {
+        lock(&self.inner.state).counted.iter().copied().collect()
+    }
+
+    /// Optimizer steps the held shard has taken (`None` without a shard).
+    pub fn step(&self) -> Option<u64> {
+        lock(&self.inner.shard).as_ref().map(Shard::step)
+    }
+
+    /// The held shard's weights digest.
+    pub async fn digest(&self) -> Result<Option<[u8; 32]>> {
+        let shard = self.inner.shard.clone();
+        Ok(
+            tokio::task::spawn_blocking(move || lock(&shard).as_ref().map(Shard::weights_digest))
+                .await
+                .map_err(|e| Error::Run(e.to_string()))?
+                .transpose()?,
+        )
+    }
+
+    /// Runs `f` on the held shard on a blocking thread.
+    pub async fn with_shard<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Shard) -> T + Send + 'static,
+    ) -> Result<T> {
+        let shard = self.inner.shard.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut g = lock(&shard);
+            g.as_mut().map(f)
+        })
+        .await
+        .map_err(|e| Error::Run(e.to_string()))?
+        .ok_or_else(|| Error::Run("no state loaded".into()))
+    }
+
+    /// Replaces the state: a new shard for `epoch`; contexts, accumulator, sync round and the
+    /// error-feedback residual are dropped (they refer to the old state).
+    pub fn install(&self, shard: Shard, epoch: u32) -> Result<()> {
+        if shard.pieces() != self.inner.pieces.as_slice() {
+            return Err(Error::Run(
+                "the shard holds other pieces than the stage".into(),
+            ));
+        }
+        let step = shard.step();
+        *lock(&self.inner.shard) = Some(shard);
+        lock(&self.inner.feedback).reset();
+        let mut st = lock(&self.inner.state);
+        st.epoch = epoch;
+        st.contexts.clear();
+        st.counted.clear();
+        st.acc_step = step;
+        st.round = None;
+        st.early.clear();
+        st.export = None;
+        Ok(())
+    }
+
+    fn check_run(&self, run: &RunId, epoch: u32) -> Result<(), RpcError> {
+        if *run != self.inner.opts.run {
+            return Err(refuse(code::BAD_REQUEST, format!("not run {run}")));
+        }
+        let mine = lock(&self.inner.state).epoch;
+        if epoch != mine {
+            return Err(refuse(
+                code::BAD_REQUEST,
+                format!("epoch {epoch}, this stage is in epoch {mine}"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_stage(&self, stage: u32) -> Result<(), RpcError> {
+        if stage != self.inner.opts.stage {
+            return Err(refuse(
+                code::BAD_REQUEST,
+                format!("stage {stage}, this peer serves {}", self.inner.opts.stage),
+            ));
+        }
+        Ok(())
+    }
+
+    fn limits(&self) -> Limits {
+        Limits::new(self.inner.boundary_elems)
+    }
+
+    // ---- forward ------------------------------------------------------------------------
+
+    async fn on_forward(&self, ctx: RequestCtx, body: Vec<u8>) -> Result<rpc::Reply, RpcError> {
+        let f: Forward = wire::decode_body(&body)?;
+        self.check_run(&f.run, f.epoch)?;
+        let hop = f.route[f.hop as usize];
+        if hop.peer != self.inner.me {
+            return Err(refuse(code::BAD_REQUEST, "this hop is another peer"));
+        }
+        self.check_stage(hop.stage)?;
+        let num_stages = self.inner.opts.config.stages.len().saturating_sub(1);
+        if f.route.len() != num_stages {
+            return Err(refuse(
+                code::BAD_REQUEST,
+                "route length is not the stage count",
+            ));
+        }
+        match self.step() {
+            Some(s) if s == f.key.step => {}
+            Some(s) => {
+                return Err(refuse(
+                    code::BAD_REQUEST,
+                    format!("step {}, this stage is at step {s}", f.key.step),
+                ));
+            }
+            None => return Err(refuse(code::BUSY, "state not loaded yet")),
+        }
+        {
+            let mut st = lock(&self.inner.state);
+            if st.contexts.contains_key(&f.key) {
+                return Err(refuse(code::BAD_REQUEST, "attempt already held"));
+            }
+            if st.contexts.len() >= self.inner.opts.max_contexts {
+                self.inner.stats.busy.fetch_add(1, Ordering::Relaxed);
+                return Err(refuse(code::BUSY, "context table full"));
+            }
+            st.trainer = Some(f.trainer);
+            st.contexts.insert(
+                f.key,
+                CtxEntry {
+                    ctx: None,
+                    route: f.route.clone(),
+                    trainer: f.trainer,
+                    accumulate: f.accumulates(hop.stage),
+                },
+            );
+        }
+        let _ = ctx;
+        let w = self.clone();
+        tokio::spawn(async move { w.run_forward(f).await });
+        rpc::reply(&Ack)
+    }
+
+    async fn run_forward(&self, f: Forward) {
+        let key = f.key;
+        let stage = self.inner.opts.stage;
+        let hidden = self.inner.opts.config.model.hidden_size;
+        let limits = self.limits();
+        let shard = self.inner.shard.clone();
+        let act_codec = self.inner.act_codec;
+        let frame = f.activations;
+        let in_len = frame.len();
+        let computed =
+            tokio::task::spawn_blocking(move || -> Result<(ForwardCtx, Vec<u8>, usize, usize)> {
+                let mut dec = Decoder::new();
+                let mut x = Vec::new();
+                let info = dec.decode(&frame, &limits, &mut x)?;
+                let shape = info.shape();
+                if shape.len() != 3 || shape[2] != hidden {
+                    return Err(Error::Run(format!("activations of shape {shape:?}")));
+                }
+                let x = cand(Tensor::from_vec(
+                    x,
+                    (shape[0], shape[1], shape[2]),
+                    &Device::Cpu,
+                ))?;
+                let g = lock(&shard);
+                let s = g.as_ref().ok_or_else(|| Error::Run("no state".into()))?;
+                let (y, c) = s.stage_forward(stage as usize, &x)?;
+                drop(g);
+                let dims = y.dims().to_vec();
+                let y = tensor_f32(&y)?;
+                let mut out = Vec::new();
+                Encoder::new(act_codec)?.encode(&y, &dims, &mut out)?;
+                Ok((c, out, y.len(), info.elements))
+            })
+            .await
+            .map_err(|e| Error::Run(e.to_string()))
+            .and_then(|r| r);
+        let (c, out, elems, in_elems) = match computed {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(stage, step = key.step, microbatch = key.mb, error = %e, "forward failed");
+                let entry = lock(&self.inner.state).contexts.remove(&key);
+                if let Some(entry) = entry {
+                    self.report_failure(&entry.trainer, key, self.inner.me, false, e.to_string())
+                        .await;
+                }
+                return;
+            }
+        };
+        self.inner.stats.forwards.fetch_add(1, Ordering::Relaxed);
+        // Keep the context unless the attempt was abandoned meanwhile.
+        let (route, trainer) = {
+            let mut st = lock(&self.inner.state);
+            match st.contexts.get_mut(&key) {
+                Some(e) => {
+                    e.ctx = Some(c);
+                    (e.route.clone(), e.trainer)
+                }
+                None => return,
+            }
+        };
+        StageStats::add(
+            &self.inner.stats.activations_wire,
+            &self.inner.stats.activations_dense,
+            out.len(),
+            elems,
+        );
+        // What the previous hop sent us is upstream of the next message.
+        let upstream = f.upstream.plus_frame(in_len, in_elems);
+        let next = f.hop as usize + 1;
+        let (target, result) = if next < route.len() {
+            let msg = Forward {
+                run: f.run,
+                epoch: f.epoch,
+                key,
+                route: route.clone(),
+                hop: next as u32,
+                trainer,
+                accumulate: f.accumulate,
+                upstream,
+                activations: out,
+            };
+            let h = route[next];
+            (h.peer, self.send(h.addr, h.peer, &msg).await)
+        } else {
+            let msg = ForwardOut {
+                run: f.run,
+                epoch: f.epoch,
+                key,
+                stage,
+                upstream,
+                activations: out,
+            };
+            (
+                trainer.peer,
+                self.send(trainer.addr, trainer.peer, &msg).await,
+            )
+        };
+        if let Err(e) = result {
+            let busy = matches!(&e, Error::Remote(r) if r.code == code::BUSY);
+            tracing::info!(stage, step = key.step, microbatch = key.mb, error = %e, "forward send failed");
+            lock(&self.inner.state).contexts.remove(&key);
+            self.report_failure(&trainer, key, target, busy, e.to_string())
+                .await;
+        }
+    }
+
+    async fn send<M: WireMessage>(&self, addr: SocketAddr, peer: PeerId, msg: &M) -> Result<()> {
+        let mut last = None;
+        for attempt in 0..self.inner.opts.send_tries.max(1) {
+            match self.inner.peer.call::<M, Ack>(addr, Some(peer), msg).await {
+                Ok(_) => return Ok(()),
+                // A refusal is an answer: retrying would get the same one.
+                Err(e @ Error::Remote(_)) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(attempt, error = %e, "send failed");
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Run("no send attempted".into())))
+    }
+
+    async fn report_failure(
+        &self,
+        trainer: &Endpoint,
+        key: MbKey,
+        failed: PeerId,
+        busy: bool,
+        reason: String,
+    ) {
+        let msg = HopFailed {
+            run: self.inner.opts.run,
+            epoch: self.epoch(),
+            key,
+            failed,
+            busy,
+            reason,
+        };
+        if let Err(e) = self.send(trainer.addr, trainer.peer, &msg).await {
+            tracing::warn!(error = %e, "could not report a failed hop to the trainer");
+        }
+    }
+
+    // ---- backward -----------------------------------------------------------------------
+
+    async fn on_backward(&self, _ctx: RequestCtx, body: Vec<u8>) -> Result<rpc::Reply, RpcError> {
+        let b: Backward = wire::decode_body(&body)?;
+        self.check_run(&b.run, b.epoch)?;
+        self.check_stage(b.stage)?;
+        let entry = {
+            let mut st = lock(&self.inner.state);
+            match st.contexts.get(&b.key) {
+                Some(e) if e.ctx.is_some() => {}
+                Some(_) => return Err(refuse(code::BAD_REQUEST, "forward still running")),
+                None => return Err(refuse(code::BAD_REQUEST, "no context for this attempt")),
+            }
+            let mut e = st.contexts.remove(&b.key).expect("checked above");
+            // Exactly once per step: never accumulate a micro-batch twice.
+            if e.accumulate {
+                if st.acc_step != b.key.step && st.counted.is_empty() {
+                    st.acc_step = b.key.step;
+                }
+                if st.acc_step != b.key.step || st.counted.contains(&b.key.mb) {
+                    e.accumulate = false;
+                } else {
+                    st.counted.insert(b.key.mb);
+                }
+            }
+            e
+        };
+        let w = self.clone();
+        tokio::spawn(async move { w.run_backward(b, entry).await });
+        rpc::reply(&Ack)
+    }
+
+    async fn run_backward(&self, b: Backward, mut entry: CtxEntry) {
+        let key = b.key;
+        let stage = self.inner.opts.stage;
+        let limits = self.limits();
+        let shard = self.inner.shard.clone();
+        let grad_codec = self.inner.grad_codec;
+        let accumulate = entry.accumulate;
+        let ctx = entry.ctx.take().expect("held context");
+        let frame = b.grad;
+        let in_len = frame.len();
+        let computed = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, usize, usize)> {
+            let mut dec = Decoder::new();
+            let mut g = Vec::new();
+            let info = dec.decode(&frame, &limits, &mut g)?;
+            let shape = info.shape().to_vec();
+            let g = cand(Tensor::from_vec(g, shape.as_slice(), &Device::Cpu))?;
+            let mut guard = lock(&shard);
+            let s = guard
+                .as_mut()
+                .ok_or_else(|| Error::Run("no state".into()))?;
+            let dx = if accumulate {
+                s.backward(ctx, &g)?
+            } else {
+                s.backward_input_only(ctx, &g)?
+            };
+            drop(guard);
+            let dx = dx.ok_or_else(|| Error::Run("stage input has no gradient".into()))?;
+            let dims = dx.dims().to_vec();
+            let dx = tensor_f32(&dx)?;
+            let mut out = Vec::new();
+            Encoder::new(grad_codec)?.encode(&dx, &dims, &mut out)?;
+            Ok((out, dx.len(), info.elements))
+        })
+        .await
+        .map_err(|e| Error::Run(e.to_string()))
+        .and_then(|r| r);
+        let trainer = entry.trainer;
+        let (out, elems, in_elems) = match computed {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(stage, step = key.step, microbatch = key.mb, error = %e, "backward failed");
+                if accumulate {
+                    // The gradient may be half-added: this replica's accumulator is unreliable
+                    // for the step; the trainer excludes it when told (it never got Counted).
+                    lock(&self.inner.state).counted.remove(&key.mb);
+                }
+                self.report_failure(&trainer, key, self.inner.me, false, e.to_string())
+                    .await;
+                return;
+            }
+        };
+        self.inner.stats.backwards.fetch_add(1, Ordering::Relaxed);
+        let epoch = b.epoch;
+        let upstream = b.upstream.plus_frame(in_len, in_elems);
+        if accumulate {
+            let msg = Counted {
+                run: b.run,
+                epoch,
+                key,
+                stage,
+            };
+            if let Err(e) = self.send(trainer.addr, trainer.peer, &msg).await {
+                tracing::warn!(error = %e, "could not report Counted");
+            }
+        }
+        StageStats::add(
+            &self.inner.stats.gradients_wire,
+            &self.inner.stats.gradients_dense,
+            out.len(),
+            elems,
+        );
+        let (target, result) = if stage > 0 {
+            let h = entry.route[stage as usize - 1];
+            let msg = Backward {
+                run: b.run,
+                epoch,
+                key,
+                stage: stage - 1,
+                upstream,
+                grad: out,
+            };
+            (h.peer, self.send(h.addr, h.peer, &msg).await)
+        } else {
+            let msg = BackwardOut {
+                run: b.run,
+                epoch,
+                key,
+                upstream,
+                grad: out,
+            };
+            (
+                trainer.peer,
+                self.send(trainer.addr, trainer.peer, &msg).await,
+            )
+        };
+        if let Err(e) = result {
+            let busy = matches!(&e, Error::Remote(r) if r.code == code::BUSY);
+            self.report_failure(&trainer, key, target, busy, e.to_string())
+                .await;
+        }
+    }
+
+    async fn on_abandon(&self, _ctx: RequestCtx, body: Vec<u8>) -> Result<rpc::Reply, RpcError> {
+        let a: Abandon = wire::decode_body(&body)?;
+        self.check_run(&a.run, a.epoch)?;
+        lock(&self.inner.state).contexts.remove(&a.key);
+        rpc::reply(&Ack)
+    }
+
+    // ---- sync ---------------------------------------------------------------------------
+
+    async fn on_sync_start(&self, ctx: RequestCtx, body: Vec<u8>) -> Result<rpc::Reply, RpcError> {
+        let s: SyncStart = wire::decode_body(&body)?;
+        self.check_run(&s.run, s.epoch)?;
+        self.check_stage(s.stage)?;
+        if s.mb_counts.len() != s.participants.len() || s.addrs.len() != s.participants.len() {
+            return Err(refuse(
+                code::BAD_REQUEST,
+                "participants, counts and addresses differ",
+            ));
+        }
+        if self.step() != Some(s.step) {
+            return Err(refuse(code::BAD_REQUEST, "this stage is not at that step"));
+        }
+        let me = s.participants.iter().position(|p| *p == self.inner.me);
+        let mut st = lock(&self.inner.state);
+        // The step is over: its contexts can never be used.
+        st.contexts.retain(|k, _| k.step > s.step);
+        let Some(me) = me else {
+            // Excluded: drop the accumulator; the trainer re-syncs our weights afterwards.
+            st.counted.clear();
+            st.round = None;
+            drop(st);
+            if let Some(sh) = lock(&self.inner.shard).as_mut() {
+                sh.zero_grads();
+            }
+            return rpc::reply(&Ack);
+        };
+        let mine = if st.acc_step == s.step {
+            st.counted.len() as u32
+        } else {
+            0
+        };
+        if mine != s.mb_counts[me] {
+            return Err(refuse(
+                code::BAD_REQUEST,
+                format!(
+                    "this replica counted {mine} micro-batches, the trainer says {}",
+                    s.mb_counts[me]
+                ),
+            ));
+        }
+        if st.round.as_ref().is_some_and(|r| r.step == s.step) {
+            return Err(refuse(code::BAD_REQUEST, "sync already started"));
+        }
+        let n = s.participants.len();
+        let mut shares = vec![None; n];
+        for (i, p) in s.participants.iter().enumerate() {
+            if let Some(f) = st.early.remove(&(s.step, *p)) {
+                shares[i] = Some(f);
+            }
+        }
+        st.early.clear();
+        st.round = Some(Round {
+            step: s.step,
+            participants: s.participants.clone(),
+            me,
+            shares,
+            trainer: ctx.remote_addr,
+            trainer_id: ctx.from,
+            summing: false,
+            summed: false,
+            share_bytes: 0,
+            share_dense: 0,
+        });
+        drop(st);
+        let w = self.clone();
+        tokio::spawn(async move { w.run_sync(s).await });
+        rpc::reply(&Ack)
+    }
+
+    async fn run_sync(&self, s: SyncStart) {
+        let n = s.participants.len();
+        if n > 1 {
+            // Encode our accumulated gradient with error feedback.
+            let shard = self.inner.shard.clone();
+            let fb = self.inner.feedback.clone();
+            let sync_codec = self.inner.sync_codec;
+            let seed = self.inner.opts.config.seed;
+            let enc = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+                let g = lock(&shard)
+                    .as_ref()
+                    .ok_or_else(|| Error::Run("no state".into()))?
+                    .grads_flat()?;
+                let mut out = Vec::new();
+                let mut enc = Encoder::new(sync_codec)?.with_seed(seed);
+                lock(&fb).encode(&mut enc, &g, &[g.len()], &mut out)?;
+                Ok(out)
+            })
+            .await
+            .map_err(|e| Error::Run(e.to_string()))
+            .and_then(|r| r);
+            let frame = match enc {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(error = %e, "encoding the grad share failed");
+                    return;
+                }
+            };
+            let me = {
+                let mut st = lock(&self.inner.state);
+                let Some(r) = st.round.as_mut().filter(|r| r.step == s.step) else {
+                    return;
+                };
+                r.shares[r.me] = Some(frame.clone());
+                r.share_bytes = (frame.len() * (n - 1)) as u64;
+                r.share_dense = (4 * self.inner.num_params * (n - 1)) as u64;
+                r.me
+            };
+            let msg = GradShare {
+                run: s.run,
+                epoch: s.epoch,
+                step: s.step,
+                stage: s.stage,
+                from: self.inner.me,
+                frame,
+            };
+            let sends = (0..n).filter(|i| *i != me).map(|i| {
+                let (addr, peer) = (s.addrs[i], s.participants[i]);
+                let msg = &msg;
+                async move { (peer, self.send(addr, peer, msg).await) }
+            });
+            for (peer, r) in futures::future::join_all(sends).await {
+                match r {
+                    Ok(()) => StageStats::add(
+                        &self.inner.stats.sync_wire,
+                        &self.inner.stats.sync_dense,
+                        msg.frame.len(),
+                        self.inner.num_params,
+                    ),
+                    Err(e) => {
+                        tracing::warn!(peer = %peer.short(), error = %e, "grad share not delivered")
+                    }
+                }
+            }
+        }
+        self.try_finish_sync(s.step).await;
+    }
+
+    async fn on_grad_share(&self, ctx: RequestCtx, body: Vec<u8>) -> Result<rpc::Reply, RpcError> {
+        let g: GradShare = wire::decode_body(&body)?;
+        self.check_run(&g.run, g.epoch)?;
+        self.check_stage(g.stage)?;
+        if g.from != ctx.from {
+            return Err(refuse(code::FORBIDDEN, "a share must come from its author"));
+        }
+        // Cheap header check before holding the bytes.
+        swarm_compression::FrameInfo::read(&g.frame, &Limits::new(self.inner.num_params))
+            .map_err(|e| refuse(code::BAD_REQUEST, format!("grad share: {e}")))?;
+        let step = g.step;
+        {
+            let mut st = lock(&self.inner.state);
+            match st.round.as_mut() {
+                Some(r) if r.step == step => {
+                    let Some(i) = r.participants.iter().position(|p| *p == g.from) else {
+                        return Err(refuse(code::FORBIDDEN, "not a participant of this sync"));
+                    };
+                    if r.shares[i].is_some() {
+                        return Err(refuse(code::BAD_REQUEST, "share already received"));
+                    }
+                    r.shares[i] = Some(g.frame);
+                }
+                _ => {
+                    // Before our SyncStart: keep it, bounded, for the current step only.
+                    if self.step() != Some(step) || st.early.len() >= crate::protocol::MAX_REPLICAS
+                    {
+                        return Err(refuse(code::BAD_REQUEST, "no sync of that step here"));
+                    }
+                    st.early.insert((step, g.from), g.frame);
+                    return rpc::reply(&Ack);
+                }
+            }
+        }
+        let w = self.clone();
+        tokio::spawn(async move { w.try_finish_sync(step).await });
+        rpc::reply(&Ack)
+    }
+
+    /// When every share of the round is in: decode all in participant order, sum, set the shard's
+    /// gradients and report SyncDone.
+    async fn try_finish_sync(&self, step: u64) {
+        let (frames, trainer, trainer_id, share_bytes, share_dense) = {
+            let mut st = lock(&self.inner.state);
+            let Some(r) = st.round.as_mut().filter(|r| r.step == step) else {
+                return;
+            };
+            let n = r.participants.len();
+            if r.summing || r.summed || (n > 1 && r.shares.iter().any(Option::is_none)) {
+                return;
+            }
+            r.summing = true;
+            let frames: Vec<Vec<u8>> = r.shares.iter().flatten().cloned().collect();
+            (
+                frames,
+                r.trainer,
+                r.trainer_id,
+                r.share_bytes,
+                r.share_dense,
+            )
+        };
+        let shard = self.inner.shard.clone();
+        let n_params = self.inner.num_params;
+        let done = tokio::task::spawn_blocking(move || -> Result<(f64, [u8; 32])> {
+            let mut g = lock(&shard);
+            let s = g.as_mut().ok_or_else(|| Error::Run("no state".into()))?;
+            if frames.len() > 1 {
+                let limits = Limits::new(n_params);
+                let mut dec = Decoder::new();
+                let mut sum: Vec<f32> = Vec::new();
+                let mut buf = Vec::new();
+                for (i, f) in frames.iter().enumerate() {
+                    let info = dec.decode(f, &limits, &mut buf)?;
+                    if info.elements != n_params {
+                        return Err(Error::Run(format!(
+                            "share of {} elements for {n_params} parameters",
+                            info.elements
+                        )));
+                    }
+                    if i == 0 {
+                        sum.clone_from(&buf);
+                    } else {
+                        sum.iter_mut().zip(&buf).for_each(|(a, b)| *a += *b);
+                    }
+                }
+                s.set_grads_flat(&sum)?;
+                Ok((s.grad_sq_norm()?, f32_digest(&sum)))
+            } else {
+                let flat = s.grads_flat()?;
+                Ok((s.grad_sq_norm()?, f32_digest(&flat)))
+            }
+        })
+        .await
+        .map_err(|e| Error::Run(e.to_string()))
+        .and_then(|r| r);
+        let (norm, digest) = match done {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(step, error = %e, "summing the grad shares failed");
+                if let Some(r) = lock(&self.inner.state).round.as_mut() {
+                    r.summing = false;
+                }
+                return;
+            }
+        };
+        if let Some(r) = lock(&self.inner.state).round.as_mut() {
+            r.summing = false;
+            r.summed = true;
+        }
+        let msg = SyncDone {
+            run: self.inner.opts.run,
+            epoch: self.epoch(),
+            step,
+            stage: self.inner.opts.stage,
+            grad_sq_norm: norm,
+            grad_digest: digest,
+            share_bytes,
+            share_dense_bytes: share_dense,
+        };
+        if let Err(e) = self.send(trainer, trainer_id, &msg).await {
+            tracing::warn!(step, error = %e, "could not report SyncDone");
+        }
+    }
+
+    async fn on_apply(&self, _ctx: RequestCtx, body: Vec<u8>) -> Result<rpc::Reply, RpcError> {
+        let a: Apply = wire::decode_body(&body)?;
+        self.check_run(&a.run, a.epoch)?;
+        self.check_stage(a.stage)?;
+        {
+            let st = lock(&self.inner.state);
+            match &st.round {
+                Some(r) if r.step == a.step && r.summed => {}
+                _ => return Err(refuse(code::BAD_REQUEST, "no finished sync of that step")),
+            }
+        }
+        let shard = self.inner.shard.clone();
+        let hp = self.inner.adamw;
+        let digest = tokio::task::spawn_blocking(move || -> Result<[u8; 32]> {
+            let mut g = lock(&shard);
+            let s = g.as_mut().ok_or_else(|| Error::Run("no state".into()))?;
+            s.optimizer_step(&hp, a.lr, a.clip_scale)?;
+            s.zero_grads();
+            Ok(s.weights_digest()?)
+        })
+        .await
+        .map_err(|e| refuse(code::INTERNAL, e.to_string()))?
+        .map_err(|e| refuse(code::INTERNAL, e.to_string()))?;
+        {
+            let mut st = lock(&self.inner.state);
+            st.round = None;
+            st.counted.clear();
+            st.acc_step = a.step + 1;
+            st.contexts.retain(|k, _| k.step > a.step);
+            st.export = None;
+        }
+        rpc::reply(&Applied {
+            run: a.run,
+            epoch: a.epoch,
+            step: a.step,
+            stage: a.stage,
+            digest,
+        })
+    }
+
+    // ---- state --------------------------------------------------------------------------
+
+    async fn export(&self) -> Result<Arc<Export>> {
+        let epoch = self.epoch();
+        if let Some(e) = lock(&self.inner.state).export.clone()
+            && e.epoch == epoch
+            && Some(e.step) == self.step()
+        {
+            return Ok(e);
+        }
+        let shard = self.inner.shard.clone();
+        let e = tokio::task::spawn_blocking(move || -> Result<Export> {
+            let g = lock(&shard);
+            let s = g.as_ref().ok_or_else(|| Error::Run("no state".into()))?;
+            let bytes = s.export_state()?;
+            Ok(Export {
+                epoch,
+                step: s.step(),
+                hash: *blake3::hash(&bytes).as_bytes(),
+                digest: s.weights_digest()?,
+                bytes: Arc::new(bytes),
+            })
+        })
+        .await
+        .map_err(|e| Error::Run(e.to_string()))??;
+        let e = Arc::new(e);
+        lock(&self.inner.state).export = Some(e.clone());
+        Ok(e)
+    }
+
+    async fn on_fetch_state(
+        &self,
+        _ctx: RequestCtx,
+        body: Vec<u8>,
+    ) -> Result<rpc::Reply, RpcError> {
+        let f: FetchState = wire::decode_body(&body)?;
+        self.check_run(&f.run, f.epoch)?;
+        self.check_stage(f.stage)?;
+        if self.step() != Some(f.step) {
+            return Err(refuse(
+                code::BAD_REQUEST,
+                "this replica is not at that step",
+            ));
+        }
+        let e = self
+            .export()
+            .await
+            .map_err(|e| refuse(code::INTERNAL, e.to_string()))?;
+        let reply = serve_chunk(&f, &e.bytes, e.hash, e.digest)?;
+        self.inner
+            .stats
+            .state_served
+            .fetch_add(reply.data.len() as u64, Ordering::Relaxed);
+        rpc::reply(&reply)
+    }
+
+    async fn on_reload(&self, _ctx: RequestCtx, body: Vec<u8>) -> Result<rpc::Reply, RpcError> {
+        let r: Reload = wire::decode_body(&body)?;
+        if r.run != self.inner.opts.run {
+            return Err(refuse(code::BAD_REQUEST, "another run"));
+        }
+        self.check_stage(r.stage)?;
+        let shard = load_state(
+            &self.inner.peer,
+            &self.inner.opts,
+            r.epoch,
+            r.step,
+            &r.source,
+        )
+        .await
+        .map_err(|e| refuse(code::INTERNAL, format!("reload: {e}")))?;
+        let digest = shard
+            .weights_digest()
+            .map_err(|e| refuse(code::INTERNAL, e.to_string()))?;
+        self.install(shard, r.epoch)
+            .map_err(|e| refuse(code::INTERNAL, e.to_string()))?;
+        rpc::reply(&Applied {
+            run: r.run,
+            epoch: r.epoch,
+            step: r.step,
+            stage: r.stage,
+            digest,
+        })
+    }
+}
+
+/// The chunk of `bytes` a FetchState asks for (also used by the trainer to serve restored state).
+pub fn serve_chunk(
+    f: &FetchState,
+    bytes: &[u8],
+    hash: [u8; 32],
+    digest: [u8; 32],
+) -> Result<StateChunk, RpcError> {
+    let total = bytes.len() as u64;
+    if f.offset > total {
+        return Err(refuse(code::BAD_REQUEST, "offset beyond the state"));
+    }
+    let len = (f.max_len as u64)
+        .min(MAX_CHUNK_BYTES as u64)
+        .min(total - f.offset) as usize;
+    let start = f.offset as usize;
+    Ok(StateChunk {
+        run: f.run,
+        epoch: f.epoch,
+        stage: f.stage,
+        step: f.step,
+        total_len: total,
+        offset: f.offset,
+        state_hash: hash,
+        digest,
+        data: bytes[start..start + len].to_vec(),
+    })
+}
+
+/// Largest export we accept for a stage of `num_params` parameters: weights and two moments in
+/// f32 plus a generous safetensors header.
+fn max_export_len(num_params: usize) -> u64 {
+    12 * num_params as u64 + 1024 * 1024
+}
+
+/// Downloads the state of `stage` at `step` from `from` (tried in order) and checks it: BLAKE3 of
+/// the bytes against the chunks' hash, then the imported shard's step and weights digest against
+/// `digest`. Returns the shard.
+pub async fn fetch_state(
+    peer: &PeerShared,
+    opts: &StageOptions,
+    epoch: u32,
+    step: u64,
+    from: &[Endpoint],
+    digest: [u8; 32],
+) -> Result<Shard> {
+    let pieces = stage_pieces(&opts.config, opts.stage)?;
+    let num_params: usize = pieces
+        .iter()
+        .flat_map(|p| p.parameters(&opts.config.model))
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    let mut last = Error::Run("no state source".into());
+    for src in from {
+        match fetch_from(peer, opts, epoch, step, src, num_params).await {
+            Ok(bytes) => {
+                let cfg = opts.config.clone();
+                let stage = opts.stage;
+                let shard = tokio::task::spawn_blocking(move || -> Result<Shard> {
+                    let mut s = init_shard(&cfg, stage)?;
+                    s.import_state(&bytes)?;
+                    Ok(s)
+                })
+                .await
+                .map_err(|e| Error::Run(e.to_string()))?;
+                match shard {
+                    Ok(s) if s.step() == step && s.weights_digest()? == digest => return Ok(s),
+                    Ok(_) => {
+                        last = Error::Run(format!(
+                            "state from {} is not the expected one (step or digest)",
+                            src.peer.short()
+                        ))
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(e) => last = e,
+        }
+        tracing::warn!(source = %src.peer.short(), error = %last, "state fetch failed");
+    }
+    Err(last)
+}
+
+async fn fetch_from(
+    peer: &PeerShared,
+    opts: &StageOptions,
+    epoch: u32,
+    step: u64,
+    src: &Endpoint,
+    num_params: usize,
+) -> Result<Vec<u8>> {
+    let max_total = max_export_len(num_params);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut expect: Option<(u64, [u8; 32], [u8; 32])> = None;
+    // Bounded: every chunk must advance, and the total is capped.
+    let max_chunks = max_total / 1024 + 2;
+    for _ in 0..max_chunks {
+        let req = FetchState {
+            run: opts.run,
+            epoch,
+            stage: opts.stage,
+            step,
+            offset: buf.len() as u64,
+            max_len: opts.chunk_bytes.max(1024),
+        };
+        let (_, c): (PeerId, StateChunk) = peer.call(src.addr, Some(src.peer), &req).await?;
+        if c.offset != req.offset || c.step != step || c.stage != opts.stage {
+            return Err(Error::Run("state chunk does not answer the request".into()));
+        }
+        match expect {
+            None => {
+                if c.total_len > max_total {
+                    return Err(Error::Run(format!(
+                        "state of {} bytes for {num_params} parameters",
+                        c.total_len
+                    )));
+                }
+                buf.reserve_exact(c.total_len as usize);
+                expect = Some((c.total_len, c.state_hash, c.digest));
+            }
+            Some(e) if e != (c.total_len, c.state_hash, c.digest) => {
+                return Err(Error::Run("the state changed during the fetch".into()));
+            }
+            Some(_) => {}
+        }
+        if c.data.is_empty() && (buf.len() as u64) < c.total_len {
+            return Err(Error::Run("empty state chunk".into()));
+        }
+        buf.extend_from_slice(&c.data);
+        if buf.len() as u64 == c.total_len {
+            if *blake3::hash(&buf).as_bytes() != c.state_hash {
+                return Err(Error::Run("state hash mismatch".into()));
+            }
+            return Ok(buf);
+        }
+    }
+    Err(Error::Run("state fetch did not finish".into()))
+}
+
+/// The shard described by `source`: built from the seed (`Init`, step 0) or fetched and verified.
+pub async fn load_state(
+    peer: &PeerShared,
+    opts: &StageOptions,
+    epoch: u32,
+    step: u64,
+    source: &StateSource,
+) -> Result<Shard> {
+    match source {
+        StateSource::Init => {
+            if step != 0 {
+                return Err(Error::Run(format!(
+                    "cannot build step {step} from the seed"
+                )));
+            }
+            let cfg = opts.config.clone();
+            let stage = opts.stage;
+            tokio::task::spawn_blocking(move || init_shard(&cfg, stage))
+                .await
+                .map_err(|e| Error::Run(e.to_string()))?
+        }
+        StateSource::Fetch { from, digest } => {
+            fetch_state(peer, opts, epoch, step, from, *digest).await
+        }
+    }
+}
+
+/// What [`join_run`] did.
+#[derive(Debug)]
+pub struct Joined {
+    pub worker: StageWorker,
+    pub info: RunInfo,
+    /// Time to fetch (or build) the stage's state.
+    pub sync_time: Duration,
+    pub step: u64,
+}
+
+/// The stage a joining peer should serve given the run's occupancy: the router's stage choice
+/// over a view where every current replica counts with equal capacity.
+pub fn choose_stage(info: &RunInfo, config: &RunConfig) -> Result<u32> {
+    use swarm_router::{Coord, Link, PeerInfo, PeerKey, PeerState as RState, SwarmView, Workload};
+    let num_stages = config.stages.len().saturating_sub(1) as u16;
+    let workload = Workload {
+        tokens: (config.train.micro_batch_size * config.train.seq_len) as u32,
+        hidden: config.model.hidden_size as u32,
+        codec_ratio: 1.0,
+    };
+    let mut view = SwarmView::new(num_stages, workload)?;
+    for (s, reps) in info.replicas.iter().enumerate() {
+        for p in reps {
+            let pi = PeerInfo {
+                stages: s as u16..s as u16 + 1,
+                compute_tokens_per_s: 10_000.0,
+                link: Link {
+                    up_bytes_per_s: 1e7,
+                    down_bytes_per_s: 1e7,
+                    coord: Coord::default(),
+                },
+                state: RState::Serving,
+            };
+            // A peer listed twice (serving two stages) keeps its first entry.
+            let _ = view.insert(PeerKey(p.0), pi, 0);
+        }
+    }
+    Ok(swarm_router::choose_stages(&view, 1, None)?.start as u32)
+}
+
+/// Joins the run served by the trainer at `trainer`: RunInfo (checked against the run id),
+/// stage choice (`stage` or [`choose_stage`]), admission, state (built or fetched and verified),
+/// then the worker serves and the trainer is told `Ready`.
+pub async fn join_run(
+    peer: &Peer,
+    trainer: SocketAddr,
+    stage: Option<u32>,
+    tweak: impl FnOnce(&mut StageOptions),
+) -> Result<Joined> {
+    let shared = peer.shared();
+    let (tid, info): (PeerId, RunInfo) = shared.call(trainer, None, &RunInfoRequest).await?;
+    let h = blake3::hash(info.config_toml.as_bytes());
+    if h.as_bytes()[..16] != info.run.0 || info.run != peer.run_id() {
+        return Err(Error::Run("the run info does not match the run id".into()));
+    }
+    let config = RunConfig::from_toml(&info.config_toml)?;
+    let stage = match stage {
+        Some(s) => s,
+        None => choose_stage(&info, &config)?,
+    };
+    let mut opts = StageOptions::new(info.run, config, stage);
+    tweak(&mut opts);
+    let worker = StageWorker::start(peer, opts.clone(), None)?;
+    let addr = peer
+        .local_record()
+        .info
+        .addrs
+        .first()
+        .copied()
+        .unwrap_or(peer.local_addr());
+    let admit = Admit {
+        run: info.run,
+        epoch: info.epoch,
+        stage,
+        addr,
+        throughput: 0.0,
+    };
+    let (_, reply): (PeerId, AdmitReply) = shared.call(trainer, Some(tid), &admit).await?;
+    let t0 = Instant::now();
+    let shard = load_state(shared, &opts, reply.epoch, reply.step, &reply.source).await?;
+    let sync_time = t0.elapsed();
+    let digest = shard.weights_digest()?;
+    worker.install(shard, reply.epoch)?;
+    peer.update_local(|r| r.stages = vec![stage]);
+    let ready = Ready {
+        run: info.run,
+        epoch: reply.epoch,
+        stage,
+        step: reply.step,
+        digest,
+        sync_ms: sync_time.as_millis() as u64,
+    };
+    shared
+        .call::<Ready, Ack>(trainer, Some(tid), &ready)
+        .await?;
+    tracing::info!(
+        stage,
+        step = reply.step,
+        sync_ms = sync_time.as_millis() as u64,
+        "joined the run"
+    );
+    Ok(Joined {
+        worker,
+        info,
+        sync_time,
+        step: reply.step,
+    })
+}
