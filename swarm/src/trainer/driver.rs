@@ -185,6 +185,8 @@ struct Shared {
     endpoint: Endpoint,
     registry: Mutex<Registry>,
     inbox: mpsc::UnboundedSender<Inbound>,
+    /// Steps done, published at every step boundary (joiners admitted mid-step wait for it).
+    boundary: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -353,6 +355,7 @@ impl Trainer {
                 served,
             }),
             inbox: tx,
+            boundary: tokio::sync::watch::channel(step).0,
         });
         register_handlers(&peer, &shared);
 
@@ -583,7 +586,8 @@ impl Trainer {
         });
         if !ok {
             if let Some(addr) = addr {
-                self.send_reload(from, addr, stage as u32);
+                let step = self.shared.reg(|r| r.step);
+                self.send_reload(from, addr, stage as u32, step);
             }
             return;
         }
@@ -611,9 +615,10 @@ impl Trainer {
     }
 
     /// Tells a replica with the wrong state to load the stage's agreed state.
-    fn send_reload(&self, peer: PeerId, addr: SocketAddr, stage: u32) {
+    /// `step`: the steps the state must have applied (the replicas' current state).
+    fn send_reload(&self, peer: PeerId, addr: SocketAddr, stage: u32, step: u64) {
         let source = self.state_source(stage, Some(peer));
-        let (epoch, step) = self.shared.reg(|r| (r.epoch, r.step));
+        let epoch = self.shared.reg(|r| r.epoch);
         let msg = Reload {
             run: self.shared.run,
             epoch,
@@ -920,6 +925,22 @@ impl Trainer {
                 self.release(&f);
             }
 
+            // A replica that died after counting must not be asked to sync: probe them all
+            // first (a crash during the sync itself is handled below, at a higher cost).
+            let dead = self.probe_replicas(&pending_sync).await;
+            if !dead.is_empty() {
+                for p in dead {
+                    for mb in self.lose_peer(p, Some(&mut book), on_event) {
+                        if !queue.contains(&mb) {
+                            queue.push_back(mb);
+                        }
+                    }
+                }
+                if !book.all_complete() {
+                    continue;
+                }
+            }
+
             // Sync phase, for the stages not yet synced.
             let outcome = self
                 .sync_stages(step, epoch, &book, &pending_sync, on_event)
@@ -985,6 +1006,7 @@ impl Trainer {
             r.fresh = false;
             r.served.retain(|_, s| s.step == step + 1);
         });
+        self.shared.boundary.send_replace(step + 1);
         let loss = book
             .mean_loss()
             .ok_or_else(|| run_err("step finished without every loss"))?;
@@ -1471,7 +1493,7 @@ impl Trainer {
                     mismatches += 1;
                     tracing::warn!(peer = %p.short(), stage = k, "replica digest differs; re-syncing it");
                     self.mark_joining(*p, k);
-                    self.send_reload_at(*p, *addr, k as u32, step + 1);
+                    self.send_reload(*p, *addr, k as u32, step + 1);
                 }
             }
         }
@@ -1479,9 +1501,40 @@ impl Trainer {
             // Excluded this step (suspected but alive): it skipped the sync, so it loads the new
             // state from a replica that applied it.
             self.mark_joining(p, k);
-            self.send_reload_at(p, addr, k as u32, step + 1);
+            self.send_reload(p, addr, k as u32, step + 1);
         }
         Ok(mismatches)
+    }
+
+    /// Pings every replica of `stages` (bounded wait); returns the ones that did not answer.
+    async fn probe_replicas(&self, stages: &[usize]) -> Vec<PeerId> {
+        let peers: Vec<(PeerId, SocketAddr)> = self.shared.reg(|r| {
+            stages
+                .iter()
+                .flat_map(|&k| r.stages[k].iter())
+                .filter(|(_, rep)| rep.state != ReplicaState::Joining)
+                .map(|(p, rep)| (*p, rep.addr))
+                .collect()
+        });
+        let ps = self.peer.shared().clone();
+        let probes = peers.into_iter().map(|(p, addr)| {
+            let ps = ps.clone();
+            async move {
+                let ok = tokio::time::timeout(
+                    PROBE_TIMEOUT,
+                    ps.call::<Ping, Pong>(addr, Some(p), &Ping { nonce: 0 }),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
+                (p, ok)
+            }
+        });
+        futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(p, _)| p)
+            .collect()
     }
 
     fn mark_joining(&mut self, p: PeerId, k: usize) {
@@ -1491,12 +1544,6 @@ impl Trainer {
             }
         });
         let _ = self.view.remove(&key_of(&p));
-    }
-
-    fn send_reload_at(&self, peer: PeerId, addr: SocketAddr, stage: u32, step: u64) {
-        // The registry's step moves to `step` when run_step returns; the source is the same.
-        let _ = step;
-        self.send_reload(peer, addr, stage);
     }
 
     /// Fetches every stage's state from a replica and writes the whole model to `dir`.
@@ -1756,6 +1803,12 @@ async fn ping_loop(shared: Arc<Shared>, ps: Arc<PeerShared>) {
     }
 }
 
+/// Longest wait for a replica's answer to the liveness probe before a sync.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Longest an Admit waits for the step boundary (below the joiner's request timeout).
+const ADMIT_WAIT: Duration = Duration::from_secs(8);
+
 fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
     macro_rules! forward_to_driver {
         ($kind:expr, $ty:ty, $variant:ident) => {{
@@ -1821,8 +1874,10 @@ fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
                         format!("stage {} of a {stages}-stage run", a.stage),
                     ));
                 }
-                // A joiner loads the state replicas will hold at the next step boundary.
-                let (epoch, step) = s.reg(|r| {
+                // Registered as joining at once, so the driver holds the next step boundary until it
+                // is ready; answered at a boundary, when replicas hold the state it must load.
+                let mut boundary = s.boundary.subscribe();
+                s.reg(|r| {
                     for st in r.stages.iter_mut() {
                         st.remove(&ctx.from);
                     }
@@ -1833,8 +1888,21 @@ fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
                             state: ReplicaState::Joining,
                         },
                     );
-                    (r.epoch, if r.in_step { r.step + 1 } else { r.step })
                 });
+                let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
+                while s.reg(|r| r.in_step) {
+                    if tokio::time::timeout_at(deadline, boundary.changed())
+                        .await
+                        .is_err()
+                    {
+                        s.reg(|r| r.stages[a.stage as usize].remove(&ctx.from));
+                        return Err(RpcError::refused(
+                            code::BUSY,
+                            "the current step did not end in time; ask again",
+                        ));
+                    }
+                }
+                let (epoch, step) = s.reg(|r| (r.epoch, r.step));
                 let source = state_source(&s, a.stage, Some(ctx.from));
                 tracing::info!(peer = %ctx.from.short(), stage = a.stage, step, "admitted");
                 rpc::reply(&AdmitReply {

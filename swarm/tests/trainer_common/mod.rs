@@ -1,0 +1,90 @@
+//! Helpers of the trainer integration tests: a tiny run config, stage replicas joined over QUIC on
+//! loopback, and the single-process reference losses.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use swarm_core::Identity;
+use swarm_core::peer::{Peer, PeerConfig};
+use swarm_core::stage::{Joined, join_run};
+use swarm_model::{LocalTrainer, RunConfig};
+
+/// A 2-layer, width-32 model in 2 stages; 4 micro-batches of 2 x 16 tokens per step.
+pub fn tiny_config(steps: u64) -> RunConfig {
+    let mut cfg = RunConfig::default();
+    cfg.model.hidden_size = 32;
+    cfg.model.intermediate_size = 64;
+    cfg.model.num_hidden_layers = 2;
+    cfg.model.num_attention_heads = 4;
+    cfg.model.num_key_value_heads = Some(2);
+    cfg.model.max_position_embeddings = 32;
+    cfg.stages = vec![0, 1, 2];
+    cfg.train.steps = steps;
+    cfg.train.micro_batches = 4;
+    cfg.train.micro_batch_size = 2;
+    cfg.train.seq_len = 16;
+    cfg.train.warmup_steps = 1;
+    cfg.train.lr = 1e-2;
+    cfg.validate().unwrap();
+    cfg
+}
+
+/// A stage replica: its peer and its worker.
+pub struct Replica {
+    pub peer: Peer,
+    pub joined: Joined,
+}
+
+impl Replica {
+    /// Crashes it: the endpoint closes at once (connections die, nothing is said).
+    pub fn crash(&self) {
+        self.peer.shared().node().close();
+    }
+}
+
+pub async fn start_replica(trainer: SocketAddr, stage: u32) -> Replica {
+    let peer = Peer::start(
+        Identity::generate(),
+        PeerConfig {
+            bootstrap: Some(trainer),
+            ..PeerConfig::default()
+        },
+    )
+    .await
+    .expect("peer starts");
+    let joined = join_run(&peer, trainer, Some(stage), |_| {})
+        .await
+        .expect("peer joins the run");
+    Replica { peer, joined }
+}
+
+pub async fn start_replicas(trainer: SocketAddr, stages: &[u32]) -> Vec<Replica> {
+    let mut out = Vec::new();
+    for &s in stages {
+        out.push(start_replica(trainer, s).await);
+    }
+    out
+}
+
+/// Losses of the single-process reference run, step by step.
+pub fn local_losses(cfg: &RunConfig, steps: usize) -> (Vec<f64>, LocalTrainer) {
+    let corpus = swarm_model::train::load_corpus(&cfg.data).unwrap();
+    let mut local = LocalTrainer::new(cfg).unwrap();
+    let losses = (0..steps)
+        .map(|_| local.train_step(&corpus).unwrap().loss)
+        .collect();
+    (losses, local)
+}
+
+/// Asserts every step's loss is within `tol` relative of the reference.
+pub fn assert_losses_match(got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len());
+    for (k, (g, w)) in got.iter().zip(want).enumerate() {
+        let rel = (g - w).abs() / w.abs();
+        assert!(
+            rel < tol,
+            "step {k}: swarm loss {g} vs local {w} (rel {rel})"
+        );
+    }
+}
