@@ -54,7 +54,7 @@ pub fn header_config(bytes: &[u8]) -> Result<(ModelConfig, bool), Error> {
             field(1)
         )));
     }
-    let [dim, hidden, layers, heads, kv_heads, vocab, seq_len] = std::array::from_fn(|i| field(i));
+    let [dim, hidden, layers, heads, kv_heads, vocab, seq_len] = std::array::from_fn(field);
     let positive = |name: &str, v: i32| {
         usize::try_from(v)
             .ok()
