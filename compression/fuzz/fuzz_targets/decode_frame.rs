@@ -66,7 +66,9 @@ fuzz_target!(|data: &[u8]| {
         .unwrap()
         .encode(vals, &[rows, cols], &mut frame)
         .unwrap();
-    let info = dec.decode(&frame, &Limits::new(vals.len()), &mut out).unwrap();
+    let info = dec
+        .decode(&frame, &Limits::new(vals.len()), &mut out)
+        .unwrap();
     assert_eq!(info.elements, vals.len());
     for m in muts.chunks_exact(3) {
         let at = u16::from_le_bytes([m[0], m[1]]) as usize % frame.len();
