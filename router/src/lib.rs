@@ -27,6 +27,6 @@ pub use health::{HealthConfig, HealthRecord, Outcome};
 pub use placement::{Move, RebalanceConfig, choose_stages, should_move, stage_pressure};
 pub use plan::{Hop, Plan, PlanConfig, PlanRequest, plan, replacement};
 pub use view::{
-    Coord, Link, PeerInfo, PeerKey, PeerRef, PeerState, SwarmView, Workload, service_time_s,
-    stage_capacity,
+    Coord, KeyHasher, KeyMap, Link, PeerInfo, PeerKey, PeerRef, PeerState, SwarmView, Workload,
+    service_time_s, stage_capacity,
 };

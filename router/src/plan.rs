@@ -69,6 +69,14 @@ pub struct Plan {
     pub expected_s: f64,
 }
 
+#[derive(Clone, Copy)]
+struct End {
+    id: Option<u32>,
+    up: f64,
+    down: f64,
+    coord: crate::view::Coord,
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Ep {
     Client,
@@ -90,19 +98,32 @@ impl Ctx<'_> {
         }
     }
 
-    /// Activation forward, gradient back, and one RTT between two endpoints.
-    fn xfer_s(&self, from: Ep, to: Ep) -> f64 {
-        if from == to {
-            return 0.0;
+    /// An endpoint's link data, copied out once per plan so the search stays in cache.
+    fn end(&self, ep: Ep) -> End {
+        let l = self.link(ep);
+        End {
+            id: match ep {
+                Ep::Client => None,
+                Ep::Peer(id) => Some(id),
+            },
+            up: l.up_bytes_per_s,
+            down: l.down_bytes_per_s,
+            coord: l.coord,
         }
-        let (a, b) = (self.link(from), self.link(to));
-        let rtt_ms = match (from, to) {
-            (Ep::Peer(x), Ep::Peer(y)) => self.view.rtt_ms(x, y),
+    }
+
+    /// Activation forward, gradient back, and one RTT between two endpoints.
+    fn xfer(&self, a: &End, b: &End) -> f64 {
+        let rtt_ms = match (a.id, b.id) {
+            (Some(x), Some(y)) if x == y => return 0.0,
+            (Some(x), Some(y)) if self.view.has_measured_rtt() => self.view.rtt_ms(x, y),
             _ => a.coord.rtt_ms(&b.coord),
         };
-        self.bytes / a.up_bytes_per_s.min(b.down_bytes_per_s)
-            + self.bytes / b.up_bytes_per_s.min(a.down_bytes_per_s)
-            + rtt_ms / 1000.0
+        self.bytes / a.up.min(b.down) + self.bytes / b.up.min(a.down) + rtt_ms / 1000.0
+    }
+
+    fn xfer_s(&self, from: Ep, to: Ep) -> f64 {
+        self.xfer(&self.end(from), &self.end(to))
     }
 
     /// Queue-aware compute time on a peer, penalised by its recent failures.
@@ -221,19 +242,20 @@ pub fn plan<R: Rng + ?Sized>(
         offs.push(cands.len());
     }
     // Shortest path through the layered graph of candidates.
+    let client = ctx.end(Ep::Client);
+    let ends: Vec<End> = cands.iter().map(|&id| ctx.end(Ep::Peer(id))).collect();
     let mut cost = vec![0.0f64; cands.len()];
     let mut node = vec![0.0f64; cands.len()];
     let mut parent = vec![usize::MAX; cands.len()];
     for s in 0..usize::from(stages) {
         for j in offs[s]..offs[s + 1] {
-            let to = Ep::Peer(cands[j]);
             node[j] = ctx.node_s(cands[j]);
             let (best, arg) = if s == 0 {
-                (ctx.xfer_s(Ep::Client, to), usize::MAX)
+                (ctx.xfer(&client, &ends[j]), usize::MAX)
             } else {
                 let mut best = (f64::INFINITY, offs[s - 1]);
                 for i in offs[s - 1]..offs[s] {
-                    let c = cost[i] + ctx.xfer_s(Ep::Peer(cands[i]), to);
+                    let c = cost[i] + ctx.xfer(&ends[i], &ends[j]);
                     if c < best.0 {
                         best = (c, i);
                     }
@@ -247,7 +269,7 @@ pub fn plan<R: Rng + ?Sized>(
     let last = usize::from(stages) - 1;
     let mut end = (f64::INFINITY, offs[last]);
     for j in offs[last]..offs[last + 1] {
-        let c = cost[j] + ctx.xfer_s(Ep::Peer(cands[j]), Ep::Client);
+        let c = cost[j] + ctx.xfer(&ends[j], &client);
         if c < end.0 {
             end = (c, j);
         }
@@ -258,30 +280,34 @@ pub fn plan<R: Rng + ?Sized>(
         chosen[s] = j;
         j = parent[j];
     }
-    let ep_at = |s: usize| Ep::Peer(cands[chosen[s]]);
     let mut hops = Vec::with_capacity(usize::from(stages));
     for s in 0..usize::from(stages) {
-        let prev = if s == 0 { Ep::Client } else { ep_at(s - 1) };
-        let next = if s == last { Ep::Client } else { ep_at(s + 1) };
+        let prev = if s == 0 {
+            &client
+        } else {
+            &ends[chosen[s - 1]]
+        };
+        let next = if s == last {
+            &client
+        } else {
+            &ends[chosen[s + 1]]
+        };
         let me = cands[chosen[s]];
         let fallback = (offs[s]..offs[s + 1])
             .filter(|&c| cands[c] != me)
             .map(|c| {
                 (
-                    ctx.xfer_s(prev, Ep::Peer(cands[c]))
-                        + node[c]
-                        + ctx.xfer_s(Ep::Peer(cands[c]), next),
+                    ctx.xfer(prev, &ends[c]) + node[c] + ctx.xfer(&ends[c], next),
                     c,
                 )
             })
             .min_by(|a, b| a.0.total_cmp(&b.0))
             .map(|(_, c)| view.slot(cands[c]).key);
-        let into = if s == 0 { Ep::Client } else { ep_at(s - 1) };
         hops.push(Hop {
             stage: s as u16,
             peer: view.slot(me).key,
             fallback,
-            expected_s: ctx.xfer_s(into, Ep::Peer(me)) + node[chosen[s]],
+            expected_s: ctx.xfer(prev, &ends[chosen[s]]) + node[chosen[s]],
         });
     }
     Ok(Plan {

@@ -36,7 +36,7 @@
 //!   counted as capacity), so the reported efficiency is conservative.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -46,7 +46,7 @@ use crate::error::Error;
 use crate::health::{HealthConfig, Outcome};
 use crate::placement::{RebalanceConfig, choose_stages, should_move};
 use crate::plan::{PlanConfig, PlanRequest, plan, replacement};
-use crate::view::{Coord, Link, PeerInfo, PeerKey, PeerState, SwarmView, Workload};
+use crate::view::{Coord, KeyMap, Link, PeerInfo, PeerKey, PeerState, SwarmView, Workload};
 
 /// Everything a simulation depends on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,7 +102,7 @@ impl SimConfig {
             stages,
             churn_per_hour_percent,
             seed,
-            duration_s: 750.0,
+            duration_s: 600.0,
             warmup_s: 300.0,
             workload: Workload {
                 tokens: 1024,
@@ -285,7 +285,7 @@ struct Sim<'a> {
     view: SwarmView,
     req: PlanRequest,
     peers: Vec<Peer>,
-    ids: HashMap<PeerKey, u32>,
+    ids: KeyMap<u32>,
     alive: Vec<u32>,
     alive_pos: Vec<usize>,
     mbs: Vec<Mb>,
@@ -328,7 +328,7 @@ impl<'a> Sim<'a> {
             view,
             req,
             peers: Vec::new(),
-            ids: HashMap::new(),
+            ids: KeyMap::default(),
             alive: Vec::new(),
             alive_pos: Vec::new(),
             mbs: Vec::new(),

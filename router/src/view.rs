@@ -13,8 +13,40 @@ use crate::health::{HealthConfig, HealthRecord, Outcome};
 use crate::plan::Plan;
 
 /// A peer's identity: maps one-to-one onto the swarm crate's 32-byte `PeerId` (a BLAKE3 hash).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PeerKey(pub [u8; 32]);
+
+impl std::hash::Hash for PeerKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // The key is already a cryptographic hash: 8 of its bytes are as good as all 32 for a
+        // hash table, and a peer cannot grind a public key to collide them at scale.
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(head));
+    }
+}
+
+/// A hasher for `PeerKey` maps: passes its 8 already-random bytes through.
+#[derive(Default, Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached for non-`PeerKey` keys: FNV-1a keeps it correct if misused.
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 ^= x;
+    }
+}
+
+/// A `HashMap` keyed by `PeerKey` without re-hashing the key.
+pub type KeyMap<V> = HashMap<PeerKey, V, std::hash::BuildHasherDefault<KeyHasher>>;
 
 impl fmt::Display for PeerKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -255,7 +287,7 @@ pub struct SwarmView {
     workload: Workload,
     slots: Vec<Option<Slot>>,
     free: Vec<u32>,
-    index: HashMap<PeerKey, u32>,
+    index: KeyMap<u32>,
     pools: Vec<Pool>,
     rtt: HashMap<(u32, u32), f32>,
 }
@@ -302,7 +334,7 @@ impl SwarmView {
             workload,
             slots: Vec::new(),
             free: Vec::new(),
-            index: HashMap::new(),
+            index: KeyMap::default(),
             pools: vec![Pool::default(); usize::from(num_stages)],
             rtt: HashMap::new(),
         })
@@ -570,6 +602,10 @@ impl SwarmView {
 
     pub(crate) fn id(&self, key: &PeerKey) -> Result<u32, Error> {
         self.index.get(key).copied().ok_or(Error::UnknownPeer(*key))
+    }
+
+    pub(crate) fn has_measured_rtt(&self) -> bool {
+        !self.rtt.is_empty()
     }
 
     /// RTT between two slots, ms: measured if known, else from coordinates.

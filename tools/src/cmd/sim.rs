@@ -24,7 +24,7 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Simulated seconds.
-    #[arg(long, default_value_t = 750.0)]
+    #[arg(long, default_value_t = 600.0)]
     pub duration: f64,
     /// Simulated seconds before throughput is measured.
     #[arg(long, default_value_t = 300.0)]
