@@ -10,3 +10,13 @@ pub mod metrics;
 pub use book::{Attempt, Column, CountOutcome, Holder, StepBook};
 pub use driver::{Trainer, TrainerEvent, TrainerOptions, run_id_of};
 pub use metrics::{Channel, ChannelBytes, Metrics, StepReport, Summary, WireStats};
+
+/// Codecs for runs over home links (the defaults of `swarm demo`). Activations and activation
+/// gradients: randomized Hadamard rotation, 4-bit blockwise quantization, zstd (about 7-8x; top-k
+/// hurts activations, and error feedback cannot apply since every micro-batch differs). Replica
+/// sync: top-2% with error feedback, 8-bit values, zstd (weight gradients tolerate sparsity).
+pub const HOME_ACTIVATIONS: &str = "rht+q4+zstd:3";
+/// See [`HOME_ACTIVATIONS`].
+pub const HOME_GRADIENTS: &str = "rht+q4+zstd:3";
+/// See [`HOME_ACTIVATIONS`].
+pub const HOME_SYNC: &str = "topk:0.02+q8+zstd:3";

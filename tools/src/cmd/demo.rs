@@ -18,12 +18,10 @@ use swarm_core::trainer::{Trainer, TrainerEvent, TrainerOptions};
 use super::train_swarm::{Progress, load_config, print_summary, report};
 use crate::ui;
 
-/// Codecs of the demo unless `--config` sets them: activations and their gradients rotated and
-/// quantized to 4 bits then zstd (top-k hurts activations, see GUIDE section 5); replica sync
-/// top-2% with error feedback, 8-bit values, zstd.
-pub const DEMO_ACTIVATIONS: &str = "rht+q4+zstd:3";
-pub const DEMO_GRADIENTS: &str = "rht+q4+zstd:3";
-pub const DEMO_SYNC: &str = "topk:0.02+q8+zstd:3";
+// Codecs of the demo unless `--config` sets them: see `swarm_core::trainer::HOME_ACTIVATIONS`.
+use swarm_core::trainer::{
+    HOME_ACTIVATIONS as DEMO_ACTIVATIONS, HOME_GRADIENTS as DEMO_GRADIENTS, HOME_SYNC as DEMO_SYNC,
+};
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
