@@ -160,6 +160,30 @@ pub struct PeerRecord {
     pub signature: [u8; 64],
 }
 
+/// A record whose shape, id/key binding and signature have been checked
+/// ([`PeerRecord::into_verified`]); the run, time and staleness checks still apply when stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verified(PeerRecord);
+
+impl Verified {
+    pub fn record(&self) -> &PeerRecord {
+        &self.0
+    }
+}
+
+/// Verifies each record, moving the failures into `refused`.
+pub fn verify_all(records: Vec<PeerRecord>, refused: &mut Vec<(PeerId, Refusal)>) -> Vec<Verified> {
+    let mut ok = Vec::with_capacity(records.len());
+    for r in records {
+        let id = r.peer_id;
+        match r.into_verified() {
+            Ok(v) => ok.push(v),
+            Err(e) => refused.push((id, e)),
+        }
+    }
+    ok
+}
+
 /// Why a record was refused. Refusals are normal in gossip (duplicates arrive all the time), so
 /// these are values, not errors of the crate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -278,6 +302,12 @@ impl PeerRecord {
             return Err(Refusal::BadSignature);
         }
         Ok(())
+    }
+
+    /// Checks the signature and id (see [`PeerRecord::verify`]) and wraps the record as verified.
+    pub fn into_verified(self) -> Result<Verified, Refusal> {
+        self.verify()?;
+        Ok(Verified(self))
     }
 
     /// Writes the record (fields, then signature).
@@ -548,11 +578,8 @@ impl Membership {
         self.local.clone()
     }
 
-    /// Checks one record against the time window, the run and the held one, without storing it.
-    ///
-    /// The cheap checks run first and the signature last: in gossip most records are duplicates
-    /// of held ones, and those are refused as stale without an ed25519 verification.
-    pub fn check(&self, now: UnixMillis, record: &PeerRecord) -> Result<(), Refusal> {
+    /// Every check but the signature: shape, run, time window, self, staleness. Cheap.
+    fn check_cheap(&self, now: UnixMillis, record: &PeerRecord) -> Result<(), Refusal> {
         record.check_shape()?;
         if record.run_id != self.run_id {
             return Err(Refusal::WrongRun);
@@ -574,27 +601,55 @@ impl Membership {
         {
             return Err(Refusal::Stale);
         }
+        Ok(())
+    }
+
+    /// Checks one record against the time window, the run and the held one, without storing it.
+    ///
+    /// The cheap checks run first and the signature last: in gossip most records are duplicates
+    /// of held ones, and those are refused as stale without an ed25519 verification.
+    pub fn check(&self, now: UnixMillis, record: &PeerRecord) -> Result<(), Refusal> {
+        self.check_cheap(now, record)?;
         record.verify()
     }
 
-    /// Takes a batch of records from gossip: each is verified and stored if newer than the held one.
-    pub fn handle_records(
-        &mut self,
+    /// First half of [`Membership::handle_records`], for callers that verify signatures outside
+    /// a lock: returns the records worth verifying and the ones refused by the cheap checks. A
+    /// record of ourselves newer than ours is passed on (it may make us jump our sequence).
+    pub fn triage(
+        &self,
         now: UnixMillis,
         records: impl IntoIterator<Item = PeerRecord>,
+    ) -> (Vec<PeerRecord>, Vec<(PeerId, Refusal)>) {
+        let mut pass = Vec::new();
+        let mut refused = Vec::new();
+        for record in records {
+            match self.check_cheap(now, &record) {
+                Ok(()) => pass.push(record),
+                Err(Refusal::SelfRecord) if record.seq >= self.local.seq => pass.push(record),
+                Err(r) => refused.push((record.peer_id, r)),
+            }
+        }
+        (pass, refused)
+    }
+
+    /// Second half of [`Membership::handle_records`]: stores verified records that still pass
+    /// the cheap checks (the state may have changed since `triage`).
+    pub fn handle_verified(
+        &mut self,
+        now: UnixMillis,
+        records: impl IntoIterator<Item = Verified>,
     ) -> HandleOutcome {
         let mut out = HandleOutcome::default();
-        for record in records {
+        for Verified(record) in records {
             let id = record.peer_id;
-            if let Err(refusal) = self.check(now, &record) {
-                if refusal == Refusal::SelfRecord && record.verify().is_ok() {
+            if let Err(refusal) = self.check_cheap(now, &record) {
+                if refusal == Refusal::SelfRecord && record.seq >= self.local.seq {
                     // A valid record of ours newer than the one we hold was signed by an earlier
                     // run of this process: jump past it so ours wins everywhere.
-                    if record.seq >= self.local.seq {
-                        self.local.seq = record.seq;
-                        let info = self.local.info.clone();
-                        self.resign(now, info);
-                    }
+                    self.local.seq = record.seq;
+                    let info = self.local.info.clone();
+                    self.resign(now, info);
                 }
                 out.refused.push((id, refusal));
                 continue;
@@ -612,6 +667,21 @@ impl Membership {
             );
             out.accepted.push(id);
         }
+        out
+    }
+
+    /// Takes a batch of records from gossip: each is checked and stored if newer than the held
+    /// one. (`triage`, then `PeerRecord::into_verified`, then `handle_verified`.)
+    pub fn handle_records(
+        &mut self,
+        now: UnixMillis,
+        records: impl IntoIterator<Item = PeerRecord>,
+    ) -> HandleOutcome {
+        let (pass, mut refused) = self.triage(now, records);
+        let verified = verify_all(pass, &mut refused);
+        let mut out = self.handle_verified(now, verified);
+        refused.append(&mut out.refused);
+        out.refused = refused;
         out
     }
 
@@ -1348,6 +1418,29 @@ mod tests {
         assert_eq!(out.suspicious(), 1);
         assert!(m.get(&id3).is_none());
         assert_eq!(m.view().len(), 2);
+    }
+
+    #[test]
+    fn split_handling_rechecks_after_verification() {
+        let mut m = member(0, MembershipConfig::default(), T0);
+        m.handle_records(T0, [record(1, 5, T0)]);
+        let mut forged = record(2, 1, T0);
+        forged.info.throughput = 7.0;
+        let (pass, refused) = m.triage(T0, [record(1, 5, T0), record(1, 6, T0), forged]);
+        assert_eq!(refused, vec![(ident(1).peer_id(), Refusal::Stale)]);
+        assert_eq!(
+            pass.len(),
+            2,
+            "newer and unknown records go on to verification"
+        );
+        let mut refused = Vec::new();
+        let verified = verify_all(pass, &mut refused);
+        assert_eq!(refused, vec![(ident(2).peer_id(), Refusal::BadSignature)]);
+        // Meanwhile (the lock was released) an even newer record of peer 1 arrived.
+        m.handle_records(T0, [record(1, 7, T0)]);
+        let out = m.handle_verified(T0, verified);
+        assert_eq!(out.refused, vec![(ident(1).peer_id(), Refusal::Stale)]);
+        assert_eq!(m.get(&ident(1).peer_id()).unwrap().record.seq, 7);
     }
 
     #[test]

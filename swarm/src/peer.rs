@@ -23,8 +23,9 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 use crate::identity::{Identity, PeerId};
 use crate::membership::{
-    GossipPush, GossipReply, GossipTarget, JoinReply, JoinRequest, Membership, MembershipConfig,
-    PeerRecord, PeerState, RecordInfo, RunId, StatusReply, StatusRequest, UnixMillis,
+    GossipPush, GossipReply, GossipTarget, HandleOutcome, JoinReply, JoinRequest, Membership,
+    MembershipConfig, PeerRecord, PeerState, RecordInfo, RunId, StatusReply, StatusRequest,
+    UnixMillis, verify_all,
 };
 use crate::rpc::{self, Reply, RpcError, Service, code};
 use crate::shaping::LinkShape;
@@ -212,6 +213,32 @@ impl PeerShared {
         }
     }
 
+    /// Takes gossiped records: cheap checks under the lock, signatures outside it (on the
+    /// blocking pool when there are many: a big first exchange costs ~50 us per record), then
+    /// stores what still passes.
+    pub async fn take_records(&self, records: Vec<PeerRecord>) -> HandleOutcome {
+        let (pass, mut refused) = self.with_membership(|m| m.triage(unix_now(), records));
+        let verified = if pass.len() > 32 {
+            tokio::task::spawn_blocking(move || {
+                let mut refused = Vec::new();
+                let ok = verify_all(pass, &mut refused);
+                (ok, refused)
+            })
+            .await
+            .map(|(ok, mut bad)| {
+                refused.append(&mut bad);
+                ok
+            })
+            .unwrap_or_default()
+        } else {
+            verify_all(pass, &mut refused)
+        };
+        let mut out = self.with_membership(|m| m.handle_verified(unix_now(), verified));
+        refused.append(&mut out.refused);
+        out.refused = refused;
+        out
+    }
+
     /// One digest exchange with `target` (see `membership`'s message docs); returns how many
     /// records were accepted.
     async fn exchange(&self, target: GossipTarget) -> Result<usize> {
@@ -220,11 +247,10 @@ impl PeerShared {
             digest: Some(m.digest()),
         });
         let (id, reply): (PeerId, GossipReply) = self.call(target.addr, target.peer, &push).await?;
-        let now = unix_now();
-        let (out, wanted) = self.with_membership(|m| {
-            let out = m.handle_records(now, reply.records);
-            m.handle_contact(now, id);
-            (out, m.records_of(&reply.want))
+        let out = self.take_records(reply.records).await;
+        let wanted = self.with_membership(|m| {
+            m.handle_contact(unix_now(), id);
+            m.records_of(&reply.want)
         });
         if out.suspicious() > 0 {
             tracing::warn!(peer = %id.short(), refused = out.suspicious(), "gossip reply carried invalid records");
@@ -484,15 +510,15 @@ fn register_membership_handlers(shared: &Arc<PeerShared>) {
         kind::GOSSIP,
         |peer: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| async move {
             let push: GossipPush = wire::decode_body(&body).map_err(RpcError::from)?;
-            let now = unix_now();
-            let (out, reply) = peer.with_membership(|m| {
-                let out = m.handle_records(now, push.records);
+            let out = peer.take_records(push.records).await;
+            let reply = peer.with_membership(|m| {
+                let now = unix_now();
                 m.handle_contact(now, ctx.from);
                 let (records, want) = match &push.digest {
                     Some(d) => m.diff(now, d),
                     None => (Vec::new(), Vec::new()),
                 };
-                (out, GossipReply { records, want })
+                GossipReply { records, want }
             });
             if out.suspicious() > 0 {
                 tracing::warn!(peer = %ctx.from.short(), refused = out.suspicious(), "gossip push carried invalid records");
