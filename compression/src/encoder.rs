@@ -151,7 +151,7 @@ impl Encoder {
         };
 
         // 3. Sections: index, scales, values; straight into `out` unless zstd follows.
-        let scales_len = frame::scales_section_len(codec.values, kept);
+        let scales_len = frame::scales_section_len(codec.values, kept).expect("n < 2^62 elements");
         let values_len = frame::values_section_len(codec.values, kept).expect("n < 2^62 elements");
         let header_len = frame::write_header(
             out,

@@ -164,10 +164,10 @@ pub(crate) fn values_section_len(values: Values, kept: usize) -> Option<usize> {
 }
 
 /// Bytes of the scales section for `kept` values.
-pub(crate) fn scales_section_len(values: Values, kept: usize) -> usize {
+pub(crate) fn scales_section_len(values: Values, kept: usize) -> Option<usize> {
     match values {
-        Values::Quant { block, .. } => kept.div_ceil(block as usize) * 4,
-        _ => 0,
+        Values::Quant { block, .. } => kept.div_ceil(block as usize).checked_mul(4),
+        _ => Some(0),
     }
 }
 
@@ -333,7 +333,7 @@ fn read_header(frame: &[u8], limits: &Limits) -> Result<FrameInfo> {
             "index length does not fit the kept count",
         ));
     }
-    if scales_len != scales_section_len(values, kept) {
+    if Some(scales_len) != scales_section_len(values, kept) {
         return Err(Error::Inconsistent(
             "scales length does not fit the kept count",
         ));
@@ -343,7 +343,11 @@ fn read_header(frame: &[u8], limits: &Limits) -> Result<FrameInfo> {
             "values length does not fit the kept count",
         ));
     }
-    let raw = index_len + scales_len + values_len; // each is bounded by a few bytes per element
+    // Each is bounded by a few bytes per element, but a caller's cap may be huge: check anyway.
+    let raw = index_len
+        .checked_add(scales_len)
+        .and_then(|r| r.checked_add(values_len))
+        .ok_or(Error::Inconsistent("section lengths overflow"))?;
     if zstd.is_none() && (payload_len != raw || zstd_index_len != 0) {
         return Err(Error::Inconsistent(
             "payload length differs from the sections",

@@ -279,3 +279,28 @@ fn fuzz_regression_random_and_mutated_frames() {
     // Resealed mutations of value bytes legitimately decode; random bytes never do.
     assert!(decoded_ok > 0 && decoded_ok < 1500, "{decoded_ok}");
 }
+
+#[test]
+fn huge_declared_sizes_fail_without_allocating_even_with_no_cap() {
+    for codec in ["q8:1", "topk:0.5+q2:1+zstd", "none"] {
+        let base = frame(codec, 20, 9);
+        for count in [1u64 << 31, 1 << 33, 1 << 62, u64::MAX / 2] {
+            let mut f = base.clone();
+            set_u64(&mut f, 32, count);
+            set_u64(&mut f, 88, count / 2);
+            set_u64(&mut f, 96, 2);
+            set_u64(&mut f, 40, count);
+            set_u64(&mut f, 56, count.wrapping_mul(4));
+            set_u64(&mut f, 64, count);
+            reseal(&mut f);
+            let mut out = Vec::new();
+            let r = Decoder::new().decode(&f, &Limits::new(usize::MAX), &mut out);
+            assert!(r.is_err(), "{codec} count {count}");
+            assert!(
+                out.capacity() < 1 << 20,
+                "{codec}: allocated {}",
+                out.capacity()
+            );
+        }
+    }
+}
