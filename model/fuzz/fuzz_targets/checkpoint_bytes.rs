@@ -10,7 +10,9 @@ use swarm_model::checkpoint::{parse_config, read_safetensors};
 
 fuzz_target!(|data: &[u8]| {
     // First byte picks the decoder; the rest is its input.
-    let Some((&which, rest)) = data.split_first() else { return };
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
     if which % 2 == 0 {
         let _ = parse_config(rest);
         return;
