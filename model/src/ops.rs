@@ -299,6 +299,112 @@ impl CustomOp2 for SoftmaxBwd {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Causal attention core: softmax(scale * q k^T, causal) v as one graph node.
+
+/// `causal_softmax(q k^T, scale, seq_len) v` for `q` of shape `(b, kv_heads, rep * seq_len, hd)`
+/// (the query heads sharing a KV head stacked as row blocks) and `k`, `v` of shape
+/// `(b, kv_heads, seq_len, hd)`. One node in the autograd graph instead of five: the attention
+/// probabilities are kept for backward and the score and probability tensors never get
+/// candle's per-node zero-fill and accumulate in backward.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    seq_len: usize,
+) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (b, h, r, d) = q.dims4()?;
+    if k.dims() != [b, h, seq_len, d] || v.dims() != [b, h, seq_len, d] || r % seq_len != 0 {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?}, seq_len {seq_len}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    q.apply_op3(
+        &k,
+        &v,
+        CausalAttention {
+            scale,
+            seq_len,
+            probs: std::sync::Mutex::new(None),
+        },
+    )
+}
+
+struct CausalAttention {
+    scale: f64,
+    seq_len: usize,
+    /// The softmax probabilities of the forward pass, for backward.
+    probs: std::sync::Mutex<Option<Tensor>>,
+}
+
+fn tensor_of<T: Real>(s: &CpuStorage, l: &Layout, op: &str) -> Result<Tensor> {
+    Tensor::from_slice(slice::<T>(s, l, op)?, l.dims(), &candle_core::Device::Cpu)
+}
+
+impl candle_core::CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let out = dispatch!(s1, name, |T| {
+            let (q, k, v) = (
+                tensor_of::<T>(s1, l1, name)?,
+                tensor_of::<T>(s2, l2, name)?,
+                tensor_of::<T>(s3, l3, name)?,
+            );
+            let scores = q.matmul(&k.t()?)?;
+            let probs = scores.apply_op1_no_bwd(&CausalSoftmax {
+                scale: self.scale,
+                seq_len: self.seq_len,
+            })?;
+            let y = probs.matmul(&v)?;
+            *self
+                .probs
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("attention: poisoned".into()))? = Some(probs);
+            Ok(T::storage(y.flatten_all()?.to_vec1::<T>()?))
+        })?;
+        Ok((out, l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let probs = self
+            .probs
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: poisoned".into()))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("attention: backward before forward".into()))?;
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let dy = grad.detach().contiguous()?;
+        let dv = probs.t()?.matmul(&dy)?;
+        let dp = dy.matmul(&v.t()?)?;
+        let ds = probs.apply_op2_no_bwd(&dp, &SoftmaxBwd { scale: self.scale })?;
+        let dq = ds.matmul(&k)?;
+        let dk = ds.t()?.matmul(&q)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Rotary position embedding, HF "rotate halves" convention.
 
 /// cos/sin tables for positions `0..seq_len`, each `seq_len x head_dim/2`, built in f64.
@@ -730,6 +836,68 @@ mod tests {
         assert!((got - want).abs() < 1e-12);
         assert!(cross_entropy(&x, Arc::new(vec![13; 9])).is_err());
         assert!(cross_entropy(&x, Arc::new(vec![0; 8])).is_err());
+    }
+
+    /// The fused attention against the composed ops, and its gradients by finite differences.
+    #[test]
+    fn causal_attention_matches_composed_and_finite_differences() {
+        let (t, hd) = (4, 3);
+        let q = rand(&[2, 2, 2 * t, hd], 10);
+        let k = rand(&[2, 2, t, hd], 11);
+        let v = rand(&[2, 2, t, hd], 12);
+        let r = rand(&[2, 2, 2 * t, hd], 13);
+        let f = |q: &Tensor, k: &Tensor, v: &Tensor| causal_attention(q, k, v, 0.6, t).unwrap();
+        let composed = causal_softmax(&q.matmul(&k.t().unwrap()).unwrap(), 0.6, t)
+            .unwrap()
+            .matmul(&v)
+            .unwrap();
+        assert!(max_diff(&f(&q, &k, &v), &composed) < 1e-12);
+        let vars: Vec<_> = [&q, &k, &v]
+            .iter()
+            .map(|x| candle_core::Var::from_tensor(x).unwrap())
+            .collect();
+        let y = f(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+        );
+        let grads = vjp_root(&y, &r).unwrap().backward().unwrap();
+        let obj = |q: &Tensor, k: &Tensor, v: &Tensor| -> f64 {
+            (f(q, k, v) * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        for (which, var) in vars.iter().enumerate() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let base = var.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for i in 0..base.len() {
+                let eps = 1e-6;
+                let mut args = [q.clone(), k.clone(), v.clone()];
+                let mut p = base.clone();
+                p[i] += eps;
+                args[which] = Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap();
+                let fp = obj(&args[0], &args[1], &args[2]);
+                let mut m = base.clone();
+                m[i] -= eps;
+                args[which] = Tensor::from_vec(m, var.shape(), &Device::Cpu).unwrap();
+                let fm = obj(&args[0], &args[1], &args[2]);
+                let num = (fp - fm) / (2.0 * eps);
+                assert!(
+                    (num - g[i]).abs() < 1e-6 * (1.0 + num.abs()),
+                    "arg {which}[{i}]: {} vs {num}",
+                    g[i]
+                );
+            }
+        }
     }
 
     /// Central differences of sum(op(x) * r) against each op's backward.

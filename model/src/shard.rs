@@ -532,9 +532,7 @@ impl Shard {
         let k = self.rope.apply(&k, t)?;
         // Query heads sharing a KV head are consecutive: stack them as rep*t rows, no KV copies.
         let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scores = q.matmul(&k.t()?)?;
-        let att = ops::causal_softmax(&scores, 1.0 / (hd as f64).sqrt(), t)?;
-        let y = att.matmul(&v)?; // (b, nkv, rep*t, hd)
+        let y = ops::causal_attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), t)?; // (b, nkv, rep*t, hd)
         let y = y
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?

@@ -4,18 +4,20 @@ use swarm_model::checkpoint;
 use swarm_model::{ByteTokenizer, Corpus, LocalTrainer, Model, ModelConfig, RunConfig};
 
 fn tiny_run(steps: u64) -> RunConfig {
-    let mut c = RunConfig::default();
-    c.model = ModelConfig {
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 3,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(2),
-        vocab_size: 256,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 64,
-        tie_word_embeddings: false,
+    let mut c = RunConfig {
+        model: ModelConfig {
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 3,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            vocab_size: 256,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings: false,
+        },
+        ..RunConfig::default()
     };
     c.stages = vec![0, 1, 3];
     c.train.steps = steps;

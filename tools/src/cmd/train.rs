@@ -147,10 +147,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             let v = trainer.eval(&corpus, t.eval_batches)?;
             tracing::info!(step = done, val_loss = v, "eval");
             if !args.json {
-                bar.println(format!(
-                    "step {done:>6}: train loss {:.4}, val loss {v:.4}",
-                    s.loss
-                ));
+                let line = format!("step {done:>6}: train loss {:.4}, val loss {v:.4}", s.loss);
+                // A hidden bar (stderr not a terminal) drops println: print the line directly.
+                if bar.is_hidden() {
+                    println!("{line}");
+                } else {
+                    bar.println(line);
+                }
             }
         }
         if t.checkpoint_every > 0 && done % t.checkpoint_every == 0 && done < t.steps {
