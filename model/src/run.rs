@@ -352,6 +352,14 @@ mod tests {
     }
 
     #[test]
+    fn recorded_experiment_configs_parse() {
+        let c = RunConfig::from_toml(include_str!("../../experiments/local_tinyshakespeare.toml"))
+            .unwrap();
+        assert_eq!(c.model, RunConfig::default().model);
+        assert!(c.data.path.is_some());
+    }
+
+    #[test]
     fn empty_file_gives_defaults_and_round_trips() {
         let c = RunConfig::from_toml("").unwrap();
         assert_eq!(c, RunConfig::default());
