@@ -1412,3 +1412,52 @@ pub async fn join_run(
         step: reply.step,
     })
 }
+
+/// Finds the trainer of the run: the first of `candidates` (the bootstrap first, then peers from
+/// the view) that answers [`RunInfoRequest`]. `None` when nobody does (a swarm without a run).
+pub async fn find_trainer(peer: &Peer, bootstrap: Option<SocketAddr>) -> Option<SocketAddr> {
+    let mut candidates: Vec<SocketAddr> = bootstrap.into_iter().collect();
+    for e in peer.status().entries.iter().skip(1) {
+        for a in &e.record.info.addrs {
+            if !candidates.contains(a) {
+                candidates.push(*a);
+            }
+        }
+    }
+    // Bounded: a handful of candidates, each within the peer's RPC timeout.
+    for addr in candidates.into_iter().take(16) {
+        match peer
+            .shared()
+            .call::<RunInfoRequest, RunInfo>(addr, None, &RunInfoRequest)
+            .await
+        {
+            Ok(_) => return Some(addr),
+            Err(e) => tracing::debug!(%addr, error = %e, "no run info there"),
+        }
+    }
+    None
+}
+
+impl StageWorker {
+    /// Graceful leave: tells the trainer, then (if it asks) stays until this replica has applied
+    /// step `stay_for_step` or `max_wait` passes. Returns whether the wait ended normally.
+    pub async fn leave(&self, trainer: SocketAddr, max_wait: Duration) -> Result<bool> {
+        let msg = crate::protocol::Leave {
+            run: self.inner.opts.run,
+            epoch: self.epoch(),
+        };
+        let (_, reply): (PeerId, crate::protocol::LeaveReply) =
+            self.inner.peer.call(trainer, None, &msg).await?;
+        let Some(step) = reply.stay_for_step else {
+            return Ok(true);
+        };
+        let deadline = Instant::now() + max_wait;
+        while Instant::now() < deadline {
+            if self.step().is_some_and(|s| s > step) {
+                return Ok(true);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(false)
+    }
+}

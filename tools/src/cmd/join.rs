@@ -44,6 +44,11 @@ pub struct JoinArgs {
     #[arg(long, value_delimiter = ',')]
     pub stages: Vec<u32>,
 
+    /// Serve this pipeline stage of the run (default: the router's choice of the weakest stage).
+    /// Without it, a swarm with no training run is joined for membership only.
+    #[arg(long)]
+    pub stage: Option<u32>,
+
     /// Milliseconds between gossip rounds.
     #[arg(long, env = "SWARM_GOSSIP_INTERVAL_MS", default_value_t = 2_000)]
     pub gossip_interval_ms: u64,
@@ -185,7 +190,16 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                 ),
             }
         }
+        let serving = join_training(&peer, bootstrap, args.stage, args.json).await?;
         wait_for_shutdown_signal().await?;
+        if let Some((worker, trainer)) = &serving {
+            // Finish in-flight work and this step's sync before leaving (bounded).
+            match worker.leave(*trainer, Duration::from_secs(120)).await {
+                Ok(true) => {}
+                Ok(false) => eprintln!("left before the trainer released this replica"),
+                Err(e) => eprintln!("could not tell the trainer we leave: {e:#}"),
+            }
+        }
         let id = peer.peer_id();
         let told = tokio::time::timeout(Duration::from_secs(30), peer.leave())
             .await
@@ -201,6 +215,49 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+#[derive(Serialize)]
+struct Serving {
+    stage: u32,
+    step: u64,
+    sync_ms: u64,
+}
+
+/// Finds the run's trainer and serves a stage of it (issue #6): returns the worker and the
+/// trainer's address, or `None` when the swarm has no run and no `--stage` was asked for.
+async fn join_training(
+    peer: &Peer,
+    bootstrap: Option<SocketAddr>,
+    stage: Option<u32>,
+    json: bool,
+) -> anyhow::Result<Option<(swarm_core::stage::StageWorker, SocketAddr)>> {
+    let Some(trainer) = swarm_core::stage::find_trainer(peer, bootstrap).await else {
+        if stage.is_some() {
+            bail!("--stage given but no peer of this swarm answers as its trainer");
+        }
+        if !json {
+            println!("no training run in this swarm: serving membership only");
+        }
+        return Ok(None);
+    };
+    let joined = swarm_core::stage::join_run(peer, trainer, stage, |_| {})
+        .await
+        .context("joining the training run")?;
+    let serving = Serving {
+        stage: joined.worker.stage(),
+        step: joined.step,
+        sync_ms: joined.sync_time.as_millis() as u64,
+    };
+    if json {
+        ui::print_json(&serving)?;
+    } else {
+        println!(
+            "serving stage {} from step {} (state ready in {} ms)",
+            serving.stage, serving.step, serving.sync_ms
+        );
+    }
+    Ok(Some((joined.worker, trainer)))
 }
 
 /// Ctrl-C, or SIGTERM on Unix (service managers, `kill`).
