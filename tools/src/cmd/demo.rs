@@ -60,6 +60,14 @@ pub struct DemoArgs {
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     pub json: bool,
+
+    /// Internal: run as one of the demo's stage peers for the trainer at this address.
+    #[arg(long, hide = true, requires = "serve_stage")]
+    pub peer_of: Option<SocketAddr>,
+
+    /// Internal: the stage the peer serves.
+    #[arg(long, hide = true)]
+    pub serve_stage: Option<u32>,
 }
 
 /// The peer processes; killed and reaped on drop, with their temp folder removed.
@@ -80,14 +88,14 @@ impl Children {
         let data = self.dir.join(format!("peer{i}"));
         std::fs::create_dir_all(&data)?;
         let log = File::create(self.dir.join(format!("peer{i}.log")))?;
+        // A stage peer: Peer::start + stage::join_run, what `swarm join --stage` does, run
+        // through the demo's own internal mode so it depends on nothing but this command.
+        let _ = &data;
         let child = Command::new(exe)
-            .arg("join")
-            .arg(trainer.to_string())
-            .args(["--listen", "127.0.0.1:0"])
-            .args(["--stage", &stage.to_string()])
+            .arg("demo")
+            .args(["--peer-of", &trainer.to_string()])
+            .args(["--serve-stage", &stage.to_string()])
             .args(["--shape", &shape.to_string()])
-            .arg("--data-dir")
-            .arg(&data)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -158,7 +166,37 @@ fn demo_config(path: Option<&Path>, steps: u64) -> anyhow::Result<swarm_model::R
     Ok(cfg)
 }
 
+/// The internal peer mode: join the trainer's run for one stage and serve until killed.
+fn serve_peer(trainer: SocketAddr, stage: u32, shape: LinkShape) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let peer = swarm_core::peer::Peer::start(
+            swarm_core::Identity::generate(),
+            swarm_core::peer::PeerConfig {
+                bootstrap: Some(trainer),
+                shape: Some(shape),
+                ..swarm_core::peer::PeerConfig::default()
+            },
+        )
+        .await?;
+        let joined = swarm_core::stage::join_run(&peer, trainer, Some(stage), |_| {}).await?;
+        eprintln!(
+            "peer {} serves stage {stage} from step {} (state loaded in {:?})",
+            peer.peer_id().short(),
+            joined.step,
+            joined.sync_time
+        );
+        tokio::signal::ctrl_c().await?;
+        drop(joined);
+        peer.leave().await;
+        Ok(())
+    })
+}
+
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if let (Some(trainer), Some(stage)) = (args.peer_of, args.serve_stage) {
+        return serve_peer(trainer, stage, args.shape);
+    }
     anyhow::ensure!(args.peers >= 1, "--peers must be at least 1");
     let cfg = demo_config(args.config.as_deref(), args.steps)?;
     let stages = cfg.stages.len() - 1;
