@@ -224,6 +224,19 @@ impl StepBook {
         lost
     }
 
+    /// Forgets every count of `stage` (its replicas' accumulators were reset, e.g. after a
+    /// replica died during the sync); returns the micro-batches to run again for it.
+    pub fn clear_stage(&mut self, stage: u16) -> Vec<usize> {
+        let col = Column::Stage(stage);
+        let mut lost = Vec::new();
+        for (i, m) in self.mbs.iter_mut().enumerate() {
+            if m.counted.remove(&col).is_some() {
+                lost.push(i);
+            }
+        }
+        lost
+    }
+
     /// Peers excluded this step.
     pub fn excluded(&self) -> &BTreeSet<PeerId> {
         &self.excluded

@@ -958,6 +958,13 @@ impl Trainer {
             if pending_sync.is_empty() {
                 break;
             }
+            // A replica died during the sync of these stages: the survivors are stuck in that
+            // sync with their accumulators. Reset them to the step's starting state (which they
+            // still hold: nobody applied) and run every micro-batch again for those stages.
+            for &k in &pending_sync {
+                self.reset_stage(k, step).await;
+                lost_mbs.extend(book.clear_stage(k as u16));
+            }
             for mb in lost_mbs {
                 if !queue.contains(&mb) {
                     queue.push_back(mb);
@@ -1504,6 +1511,50 @@ impl Trainer {
             self.send_reload(p, addr, k as u32, step + 1);
         }
         Ok(mismatches)
+    }
+
+    /// Reloads every live replica of stage `k` with its own state at `step` (drops contexts,
+    /// accumulators and any sync in progress); replicas that fail are lost.
+    async fn reset_stage(&mut self, k: usize, step: u64) {
+        let (epoch, reps, digest) = self.shared.reg(|r| {
+            let reps: Vec<(PeerId, SocketAddr)> = r.stages[k]
+                .iter()
+                .filter(|(_, rep)| rep.state != ReplicaState::Joining)
+                .map(|(p, rep)| (*p, rep.addr))
+                .collect();
+            (r.epoch, reps, r.digests[k])
+        });
+        let fresh = self.shared.reg(|r| r.fresh);
+        let calls = reps.iter().map(|&(p, addr)| {
+            let ps = self.peer.shared().clone();
+            let source = match digest {
+                Some(d) if !fresh => StateSource::Fetch {
+                    from: vec![Endpoint { peer: p, addr }],
+                    digest: d,
+                },
+                _ => StateSource::Init,
+            };
+            let msg = Reload {
+                run: self.shared.run,
+                epoch,
+                stage: k as u32,
+                step,
+                source,
+            };
+            let timeout = self.opts.sync_timeout;
+            async move {
+                let r =
+                    tokio::time::timeout(timeout, ps.call::<Reload, Applied>(addr, Some(p), &msg))
+                        .await;
+                (p, matches!(r, Ok(Ok(_))))
+            }
+        });
+        for (p, ok) in futures::future::join_all(calls).await {
+            if !ok {
+                tracing::warn!(peer = %p.short(), stage = k, "reset after a failed sync did not work");
+                self.lose_peer(p, None, &mut |_| {});
+            }
+        }
     }
 
     /// Pings every replica of `stages` (bounded wait); returns the ones that did not answer.

@@ -260,11 +260,11 @@ async fn demo(
             if let TrainerEvent::Step(r) = e {
                 last_step_s = r.seconds;
                 let next = r.step + 1;
-                // Kill mid-step: half a step's time into step K.
+                // Kill mid-step, during the micro-batches: a fifth of a step's time into step K.
                 if args.kill_peer_at_step == Some(next) && kill_thread.is_none() {
                     let cc = cc.clone();
                     let killed = killed.clone();
-                    let delay = Duration::from_secs_f64((last_step_s / 2.0).clamp(0.05, 10.0));
+                    let delay = Duration::from_secs_f64((last_step_s / 5.0).clamp(0.02, 10.0));
                     kill_thread = Some(std::thread::spawn(move || {
                         std::thread::sleep(delay);
                         let i = lock(&cc).kill_one(kill_stage);
