@@ -1168,9 +1168,9 @@ pub fn serve_chunk(
 }
 
 /// Largest export we accept for a stage of `num_params` parameters: weights and two moments in
-/// f32 plus a generous safetensors header.
+/// f32 plus a generous safetensors header (names and offsets of every tensor).
 fn max_export_len(num_params: usize) -> u64 {
-    12 * num_params as u64 + 1024 * 1024
+    12 * num_params as u64 + 16 * 1024 * 1024
 }
 
 /// Downloads the state of `stage` at `step` from `from` (tried in order) and checks it: BLAKE3 of
