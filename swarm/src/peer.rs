@@ -188,6 +188,8 @@ impl PeerShared {
         let id = conn.remote_id();
         match rpc::call_timeout::<Req, Resp>(&conn, req, self.rpc_timeout).await {
             Ok(resp) => Ok((id, resp)),
+            // A refusal is an answer: the connection is fine and stays cached.
+            Err(e @ Error::Remote(_)) => Err(e),
             Err(e) => {
                 self.drop_conn(id).await;
                 Err(e)

@@ -158,6 +158,8 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // Listen for signals before anything slow: a Ctrl-C during startup still leaves cleanly.
+        let shutdown = ShutdownSignal::install()?;
         let peer = Peer::start(identity, config)
             .await
             .with_context(|| match bootstrap {
@@ -191,7 +193,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             }
         }
         let serving = join_training(&peer, bootstrap, args.stage, args.json).await?;
-        wait_for_shutdown_signal().await?;
+        shutdown.wait().await;
         if let Some((worker, trainer)) = &serving {
             // Finish in-flight work and this step's sync before leaving (bounded).
             match worker.leave(*trainer, Duration::from_secs(120)).await {
@@ -260,18 +262,38 @@ async fn join_training(
     Ok(Some((joined.worker, trainer)))
 }
 
-/// Ctrl-C, or SIGTERM on Unix (service managers, `kill`).
-async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+/// Ctrl-C, or SIGTERM on Unix (service managers, `kill`). Registered when installed, so a
+/// signal that arrives before `wait` is not lost (and does not kill the process unannounced).
+struct ShutdownSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    fn install() -> anyhow::Result<ShutdownSignal> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(ShutdownSignal {
+                int: signal(SignalKind::interrupt())?,
+                term: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(ShutdownSignal {})
+    }
+
+    async fn wait(mut self) {
+        #[cfg(unix)]
         tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
-            _ = term.recv() => {}
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await?;
-    Ok(())
 }
