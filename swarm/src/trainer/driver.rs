@@ -782,12 +782,11 @@ impl Trainer {
                             && let Some(f) = inflight.get(&mb)
                             && f.key == out.key
                             && f.route.last().map(|h| h.peer) == Some(from)
+                            && let Err(e) = self.on_forward_out(&mut book, f, &out).await
                         {
-                            if let Err(e) = self.on_forward_out(&mut book, f, &out).await {
-                                tracing::warn!(error = %e, mb, "bad forward output");
-                                let last = f.route.last().map(|h| h.peer);
-                                failed.push((mb, last, false));
-                            }
+                            tracing::warn!(error = %e, mb, "bad forward output");
+                            let last = f.route.last().map(|h| h.peer);
+                            failed.push((mb, last, false));
                         }
                     }
                     Some(Inbound::BackwardOut(from, out)) => {
@@ -826,20 +825,19 @@ impl Trainer {
                             }
                         }
                     }
-                    Some(Inbound::Counted(from, c)) => {
-                        if c.key.step == step {
-                            let out = book.count(
-                                c.key.mb as usize,
-                                c.key.attempt,
-                                Column::Stage(c.stage as u16),
-                                Holder::Peer(from),
-                            );
-                            if out == CountOutcome::Tainted {
-                                tracing::warn!(peer = %from.short(), mb = c.key.mb, attempt = c.key.attempt, "unexpected count: replica excluded from this step");
-                                lost_mbs.extend(book.exclude(from));
-                            }
+                    Some(Inbound::Counted(from, c)) if c.key.step == step => {
+                        let out = book.count(
+                            c.key.mb as usize,
+                            c.key.attempt,
+                            Column::Stage(c.stage as u16),
+                            Holder::Peer(from),
+                        );
+                        if out == CountOutcome::Tainted {
+                            tracing::warn!(peer = %from.short(), mb = c.key.mb, attempt = c.key.attempt, "unexpected count: replica excluded from this step");
+                            lost_mbs.extend(book.exclude(from));
                         }
                     }
+                    Some(Inbound::Counted(..)) => {}
                     Some(Inbound::HopFailed(from, h)) => {
                         let mb = h.key.mb as usize;
                         let on_route = inflight
@@ -1091,7 +1089,7 @@ impl Trainer {
             cfg.train.seq_len,
         )?;
         let ends = self.ends.clone();
-        let codec = self.act_codec.clone();
+        let codec = self.act_codec;
         let inputs = batch.inputs.clone();
         let (bsz, seq) = (batch.batch_size, batch.seq_len);
         let (ctx, frame, dense) = tokio::task::spawn_blocking(move || -> Result<_> {
@@ -1165,7 +1163,7 @@ impl Trainer {
         let targets = f.targets.clone();
         let accumulate = f.head;
         let scale = 1.0 / self.cfg().train.micro_batches as f64;
-        let codec = self.grad_codec.clone();
+        let codec = self.grad_codec;
         let (bsz, seq, hidden) = (
             self.cfg().train.micro_batch_size,
             self.cfg().train.seq_len,
@@ -1709,7 +1707,7 @@ fn encode_tensor(codec: &Codec, x: &Tensor) -> Result<(Vec<u8>, u64)> {
         .and_then(|t| t.to_dtype(DType::F32))
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(swarm_model::Error::from)?;
-    let mut enc = Encoder::new(codec.clone())?;
+    let mut enc = Encoder::new(*codec)?;
     let mut frame = Vec::new();
     enc.encode(&data, &shape, &mut frame)?;
     Ok((frame, data.len() as u64 * 4))
