@@ -33,8 +33,10 @@ async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
 }
 
 fn config(stages: &[usize], sync: &str) -> RunConfig {
-    let mut c = RunConfig::default();
-    c.seed = 42;
+    let mut c = RunConfig {
+        seed: 42,
+        ..RunConfig::default()
+    };
     c.model.hidden_size = 16;
     c.model.intermediate_size = 32;
     c.model.num_hidden_layers = 2;

@@ -27,8 +27,10 @@ async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
 }
 
 fn config() -> RunConfig {
-    let mut c = RunConfig::default();
-    c.seed = 9;
+    let mut c = RunConfig {
+        seed: 9,
+        ..RunConfig::default()
+    };
     c.model.hidden_size = 16;
     c.model.intermediate_size = 32;
     c.model.num_hidden_layers = 2;
