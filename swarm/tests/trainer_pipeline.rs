@@ -5,53 +5,10 @@
 
 use std::time::Duration;
 
-use swarm_core::Identity;
-use swarm_core::peer::{Peer, PeerConfig};
-use swarm_core::stage::join_run;
 use swarm_core::trainer::{Trainer, TrainerEvent, TrainerOptions};
-use swarm_model::{LocalTrainer, RunConfig};
 
-fn tiny_config(steps: u64) -> RunConfig {
-    let mut cfg = RunConfig::default();
-    cfg.model.hidden_size = 32;
-    cfg.model.intermediate_size = 64;
-    cfg.model.num_hidden_layers = 2;
-    cfg.model.num_attention_heads = 4;
-    cfg.model.num_key_value_heads = Some(2);
-    cfg.model.max_position_embeddings = 32;
-    cfg.stages = vec![0, 1, 2];
-    cfg.train.steps = steps;
-    cfg.train.micro_batches = 4;
-    cfg.train.micro_batch_size = 2;
-    cfg.train.seq_len = 16;
-    cfg.train.warmup_steps = 1;
-    cfg.train.lr = 1e-2;
-    cfg.validate().unwrap();
-    cfg
-}
-
-async fn start_replicas(
-    trainer: std::net::SocketAddr,
-    stages: &[u32],
-) -> Vec<(Peer, swarm_core::stage::Joined)> {
-    let mut out = Vec::new();
-    for &s in stages {
-        let peer = Peer::start(
-            Identity::generate(),
-            PeerConfig {
-                bootstrap: Some(trainer),
-                ..PeerConfig::default()
-            },
-        )
-        .await
-        .expect("peer starts");
-        let joined = join_run(&peer, trainer, Some(s), |_| {})
-            .await
-            .expect("peer joins the run");
-        out.push((peer, joined));
-    }
-    out
-}
+mod trainer_common;
+use trainer_common::{assert_losses_match, local_losses, start_replicas, tiny_config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swarm_run_matches_local_run_with_codec_none() {
@@ -77,17 +34,10 @@ async fn swarm_run_matches_local_run_with_codec_none() {
     assert_eq!(metrics.steps.len() as u64, steps);
 
     // The reference: the single-process trainer on the same config.
-    let corpus = swarm_model::train::load_corpus(&cfg.data).unwrap();
-    let mut local = LocalTrainer::new(&cfg).unwrap();
+    let (want, local) = local_losses(&cfg, steps as usize);
+    let got: Vec<f64> = metrics.steps.iter().map(|r| r.loss).collect();
+    assert_losses_match(&got, &want, 1e-4);
     for (k, r) in metrics.steps.iter().enumerate() {
-        let l = local.train_step(&corpus).unwrap();
-        let rel = (r.loss - l.loss).abs() / l.loss.abs();
-        assert!(
-            rel < 1e-4,
-            "step {k}: swarm loss {} vs local {} (rel {rel})",
-            r.loss,
-            l.loss
-        );
         // Both replicas of each stage took part in every sync.
         assert_eq!(r.participants, vec![2, 2], "step {k}");
     }
@@ -119,8 +69,8 @@ async fn swarm_run_matches_local_run_with_codec_none() {
     }
     // Replicas of a stage hold bitwise-identical weights.
     let mut d = Vec::new();
-    for (_, j) in &replicas {
-        d.push(j.worker.digest().await.unwrap().unwrap());
+    for r in &replicas {
+        d.push(r.joined.worker.digest().await.unwrap().unwrap());
     }
     assert_eq!(d[0], d[1]);
     assert_eq!(d[2], d[3]);
