@@ -1,5 +1,5 @@
-//! `swarm train --local`: the single-process reference run (issue #2). Without `--local` it will
-//! drive a distributed run (issue #6).
+//! `swarm train --local`: the single-process reference run (issue #2). Without `--local` it
+//! drives a distributed run (issue #6, `train_swarm.rs`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,7 +13,7 @@ use crate::ui;
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// Train in this process (the reference run). Required until distributed runs land.
+    /// Train in this process (the reference run); without it, train on a swarm.
     #[arg(long)]
     pub local: bool,
     /// Run config (TOML, see experiments/run.toml); default: the built-in default run.
