@@ -34,7 +34,11 @@ pub enum Error {
     UnexpectedTensor { name: String },
     /// A checkpoint tensor's shape disagrees with the config.
     #[error("tensor {name} has shape {found:?}, config implies {expected:?}")]
-    TensorShape { name: String, expected: Vec<usize>, found: Vec<usize> },
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     /// A checkpoint tensor has a dtype we do not load (only f32, f16 and bf16 are weights).
     #[error("tensor {name} has dtype {dtype}, expected F32, F16 or BF16")]
     TensorDtype { name: String, dtype: String },

@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// All dependency names (normal, dev and build) of the crate in `folder`.
@@ -25,7 +28,9 @@ fn assert_absent(folder: &str, forbidden: &[&str]) {
     let deps = deps(folder);
     for f in forbidden {
         assert!(
-            !deps.iter().any(|d| d == f || d.starts_with(&format!("{f}-"))),
+            !deps
+                .iter()
+                .any(|d| d == f || d.starts_with(&format!("{f}-"))),
             "{folder}/ must not depend on {f} (found in {deps:?})"
         );
     }
@@ -58,7 +63,9 @@ fn compression_knows_no_candle_tokio_or_sockets() {
 fn router_is_pure() {
     assert_absent(
         "router",
-        &["candle", "tokio", "quinn", "rustls", "swarm", "socket2", "futures"],
+        &[
+            "candle", "tokio", "quinn", "rustls", "swarm", "socket2", "futures",
+        ],
     );
 }
 
@@ -66,7 +73,9 @@ fn router_is_pure() {
 fn model_knows_no_peers_network_or_codecs() {
     assert_absent(
         "model",
-        &["tokio", "quinn", "rustls", "swarm", "socket2", "zstd", "futures"],
+        &[
+            "tokio", "quinn", "rustls", "swarm", "socket2", "zstd", "futures",
+        ],
     );
 }
 
