@@ -14,6 +14,11 @@
 //! So the RTT between peers A and B is at least `delay_A + delay_B`, and a transfer from A to B
 //! runs at most at `min(up_A, down_B)`. The rate logic ([`Bucket`]) is a pure function of the
 //! times passed in, so it is tested without a clock.
+//!
+//! A link can change while it runs (a link degrading in an experiment): [`ShapedSocket::set_shape`],
+//! or [`reshape_process`] for every shaped socket of this process (what `swarm join
+//! --control-stdin` does, since its socket lives inside the peer). Packets already queued keep
+//! the times they were given; later ones see the new rates, delay and loss.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -22,7 +27,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -377,7 +382,10 @@ struct Egress {
 }
 
 struct Shared {
-    shape: LinkShape,
+    /// The current shape (changed by [`ShapedSocket::set_shape`]).
+    shape: Mutex<LinkShape>,
+    /// Bumped on every change, so the ingress task rebuilds its bucket.
+    generation: AtomicU64,
     origin: Instant,
     egress: Mutex<Egress>,
     egress_ready: Notify,
@@ -396,7 +404,7 @@ pub struct ShapedSocket {
 
 impl fmt::Debug for ShapedSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ShapedSocket({})", self.shared.shape)
+        write!(f, "ShapedSocket({})", self.shared.current_shape())
     }
 }
 
@@ -426,8 +434,10 @@ impl ShapedSocket {
             egress_ready: Notify::new(),
             ready: Mutex::new((VecDeque::new(), None)),
             stats: Arc::new(ShapeStats::default()),
-            shape,
+            shape: Mutex::new(shape),
+            generation: AtomicU64::new(0),
         });
+        register(&shared);
         let egress = tokio::spawn(egress_task(io.clone(), shared.clone()));
         let ingress = tokio::spawn(ingress_task(io.clone(), shared.clone()));
         Ok(ShapedSocket {
@@ -439,6 +449,18 @@ impl ShapedSocket {
 
     pub fn stats(&self) -> Arc<ShapeStats> {
         self.shared.stats.clone()
+    }
+
+    /// The shape in force now.
+    pub fn shape(&self) -> LinkShape {
+        self.shared.current_shape()
+    }
+
+    /// Changes the link from now on (a link degrading or recovering). Packets already admitted
+    /// keep their times; the buckets restart empty at the new rates; a new seed reseeds the
+    /// loss and jitter draws.
+    pub fn set_shape(&self, shape: LinkShape) -> Result<()> {
+        self.shared.set_shape(shape)
     }
 
     fn nanos(&self, t: Instant) -> u64 {
@@ -468,14 +490,14 @@ impl ShapedSocket {
         if stats.up_packets.load(Ordering::Relaxed) == 1 {
             let start = finish_ns.saturating_sub(
                 shared
-                    .shape
+                    .current_shape()
                     .up_bps
                     .map_or(0, |r| tx_ns(data.len() as u64, r)),
             );
             stats.up_first_ns.store(start, Ordering::Relaxed);
         }
         stats.up_last_ns.store(finish_ns, Ordering::Relaxed);
-        let shape = &shared.shape;
+        let shape = shared.current_shape();
         if shape.loss > 0.0 && eg.rng.random::<f64>() < shape.loss {
             stats.up_lost.fetch_add(1, Ordering::Relaxed);
             return;
@@ -496,6 +518,53 @@ impl ShapedSocket {
         drop(eg);
         shared.egress_ready.notify_one();
     }
+}
+
+impl Shared {
+    fn current_shape(&self) -> LinkShape {
+        self.shape.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_shape(&self, shape: LinkShape) -> Result<()> {
+        let shape = shape.validate()?;
+        {
+            // Lock order: egress, then shape (as in `send_one`).
+            let mut eg = self.egress.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cur = self.shape.lock().unwrap_or_else(|e| e.into_inner());
+            eg.bucket = shape.up_bps.map(|r| Bucket::for_rate(r, shape.queue));
+            if shape.seed != cur.seed {
+                eg.rng = ChaCha8Rng::seed_from_u64(shape.seed);
+            }
+            *cur = shape;
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+/// Shaped sockets alive in this process (weak: dropping a socket removes it).
+static LIVE: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
+
+fn register(shared: &Arc<Shared>) {
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    live.retain(|w| w.strong_count() > 0);
+    live.push(Arc::downgrade(shared));
+}
+
+/// Changes the shape of every live [`ShapedSocket`] of this process; returns how many. For a
+/// process with one shaped peer (a `swarm join` child of an experiment) whose socket sits
+/// inside the transport. The shape is validated first: on error nothing changes.
+pub fn reshape_process(shape: &LinkShape) -> Result<usize> {
+    let shape = shape.clone().validate()?;
+    let live: Vec<Arc<Shared>> = {
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|w| w.strong_count() > 0);
+        live.iter().filter_map(Weak::upgrade).collect()
+    };
+    for s in &live {
+        s.set_shape(shape.clone())?;
+    }
+    Ok(live.len())
 }
 
 async fn egress_task(io: Arc<tokio::net::UdpSocket>, shared: Arc<Shared>) {
@@ -527,10 +596,9 @@ async fn egress_task(io: Arc<tokio::net::UdpSocket>, shared: Arc<Shared>) {
 }
 
 async fn ingress_task(io: Arc<tokio::net::UdpSocket>, shared: Arc<Shared>) {
-    let mut bucket = shared
-        .shape
-        .down_bps
-        .map(|r| Bucket::for_rate(r, shared.shape.queue));
+    let down_bucket = |s: &LinkShape| s.down_bps.map(|r| Bucket::for_rate(r, s.queue));
+    let mut generation = shared.generation.load(Ordering::Acquire);
+    let mut bucket = down_bucket(&shared.current_shape());
     let mut pending: VecDeque<Datagram> = VecDeque::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let stats = shared.stats.clone();
@@ -547,6 +615,11 @@ async fn ingress_task(io: Arc<tokio::net::UdpSocket>, shared: Arc<Shared>) {
                     }
                 };
                 let now = Instant::now();
+                let g = shared.generation.load(Ordering::Acquire);
+                if g != generation {
+                    generation = g;
+                    bucket = down_bucket(&shared.current_shape());
+                }
                 let at = match &mut bucket {
                     Some(b) => {
                         let now_ns = now.saturating_duration_since(shared.origin).as_nanos() as u64;
@@ -742,6 +815,54 @@ mod tests {
         let later = now + 1_000_000_000;
         assert_eq!(b.admit(later, 3000), Some(later));
         assert_eq!(b.admit(later, 1000), Some(later + 1_000_000));
+    }
+
+    fn send_n(sock: &ShapedSocket, to: SocketAddr, n: usize) {
+        let data = [7u8; 200];
+        for _ in 0..n {
+            let t = Transmit {
+                destination: to,
+                ecn: None,
+                contents: &data,
+                segment_size: None,
+                src_ip: None,
+            };
+            sock.try_send(&t).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_live_link_can_be_reshaped() {
+        let bind = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sink = bind();
+        let to = sink.local_addr().unwrap();
+        let sock = ShapedSocket::new(bind(), "delay=1ms".parse().unwrap()).unwrap();
+        send_n(&sock, to, 100);
+        assert_eq!(sock.stats().snapshot().up_lost, 0);
+        // Degrade: half the packets now vanish (seeded draws, so the count is fixed).
+        sock.set_shape("delay=1ms,loss=50%,seed=3".parse().unwrap())
+            .unwrap();
+        assert!((sock.shape().loss - 0.5).abs() < 1e-12);
+        send_n(&sock, to, 400);
+        let lost = sock.stats().snapshot().up_lost;
+        assert!((120..280).contains(&lost), "lost {lost} of 400");
+        // A bad shape changes nothing.
+        let bad = LinkShape {
+            loss: 2.0,
+            ..LinkShape::default()
+        };
+        assert!(sock.set_shape(bad.clone()).is_err());
+        assert!(reshape_process(&bad).is_err());
+        assert_eq!(sock.shape().seed, 3);
+        // Every shaped socket of the process: this one (no other unit test of this crate shapes).
+        let n = reshape_process(&"up=1gbit,seed=9".parse().unwrap()).unwrap();
+        assert!(n >= 1);
+        assert_eq!(sock.shape().up_bps, Some(1_000_000_000));
+        assert_eq!(sock.shape().loss, 0.0);
+        let before = sock.stats().snapshot();
+        send_n(&sock, to, 50);
+        let after = sock.stats().snapshot();
+        assert_eq!(after.up_lost, before.up_lost, "loss is gone again");
     }
 
     #[test]

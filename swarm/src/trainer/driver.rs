@@ -1027,6 +1027,7 @@ impl Trainer {
             participants: participants_per_stage,
             wire_bytes: self.metrics.wire.tensor_wire_bytes(),
             dense_bytes: self.metrics.wire.tensor_dense_bytes(),
+            wire: self.metrics.wire,
         })
     }
 

@@ -104,6 +104,8 @@ pub struct StepReport {
     /// fp32 size.
     pub wire_bytes: u64,
     pub dense_bytes: u64,
+    /// Bytes per channel since the run started (state transfers included, apart).
+    pub wire: WireStats,
 }
 
 /// The run's summary: the JSON of `swarm train` and `swarm demo`.
