@@ -77,6 +77,9 @@ pub enum Error {
     /// The router could not plan or place (e.g. a stage has no replica).
     #[error("router: {0}")]
     Router(#[from] swarm_router::Error),
+    /// A contribution ledger was refused (see [`crate::ledger::LedgerError`]).
+    #[error("ledger: {0}")]
+    Ledger(#[from] crate::ledger::LedgerError),
     /// The training run cannot go on (the message says why).
     #[error("run: {0}")]
     Run(String),

@@ -4,6 +4,7 @@
 pub mod bench_link;
 pub mod error;
 pub mod identity;
+pub mod ledger;
 pub mod membership;
 pub mod peer;
 pub mod protocol;
