@@ -4,6 +4,7 @@
 //! Business logic lives in the library crates; this binary parses arguments, shows progress and
 //! prints results.
 
+mod cluster;
 mod cmd;
 mod ui;
 
@@ -34,6 +35,9 @@ enum Command {
     Join(cmd::join::JoinArgs),
     /// Show the swarm as one peer sees it.
     Status(cmd::status::StatusArgs),
+    /// Verify a run's contribution ledger, or show per-peer credit.
+    #[command(subcommand)]
+    Ledger(cmd::ledger::LedgerCommand),
     /// Simulate a large swarm with the router's logic.
     Sim(cmd::sim::SimArgs),
     /// Benchmarks.
@@ -61,6 +65,7 @@ fn main() {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Join(a) => cmd::join::run(a),
         Command::Status(a) => cmd::status::run(a),
+        Command::Ledger(c) => cmd::ledger::run(c),
         Command::Sim(a) => cmd::sim::run(a),
         Command::Bench(BenchCommand::Model(a)) => cmd::bench_model::run(a),
         Command::Bench(BenchCommand::Codec(a)) => cmd::bench_codec::run(a),

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod join;
+pub mod ledger;
 pub mod sim;
 pub mod status;
 pub mod train;
