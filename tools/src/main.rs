@@ -4,7 +4,6 @@
 //! Business logic lives in the library crates; this binary parses arguments, shows progress and
 //! prints results.
 
-mod cluster;
 mod cmd;
 mod ui;
 
