@@ -4,6 +4,7 @@
 //! Business logic lives in the library crates; this binary parses arguments, shows progress and
 //! prints results.
 
+mod cluster;
 mod cmd;
 mod ui;
 

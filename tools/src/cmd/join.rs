@@ -69,6 +69,12 @@ pub struct JoinArgs {
     /// Print the startup line and the final summary as JSON.
     #[arg(long)]
     pub json: bool,
+
+    /// Take commands on stdin, one per line (for experiment runners such as `swarm replay`):
+    /// `shape SPEC` changes this peer's emulated link (needs `--shape`); end of input leaves
+    /// as Ctrl-C does, so a peer never outlives the runner that started it.
+    #[arg(long)]
+    pub control_stdin: bool,
 }
 
 #[derive(Serialize)]
@@ -159,7 +165,10 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         // Listen for signals before anything slow: a Ctrl-C during startup still leaves cleanly.
-        let shutdown = ShutdownSignal::install()?;
+        let mut shutdown = ShutdownSignal::install()?;
+        if args.control_stdin {
+            shutdown.stdin_closed = Some(control_stdin(args.shape.is_some()));
+        }
         let peer = Peer::start(identity, config)
             .await
             .with_context(|| match bootstrap {
@@ -262,9 +271,41 @@ async fn join_training(
     Ok(Some((joined.worker, trainer)))
 }
 
-/// Ctrl-C, or SIGTERM on Unix (service managers, `kill`). Registered when installed, so a
-/// signal that arrives before `wait` is not lost (and does not kill the process unannounced).
+/// Reads `--control-stdin` commands on a thread; the receiver fires when stdin ends.
+fn control_stdin(shaped: bool) -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            let line = line.trim();
+            match line.split_once(' ').unwrap_or((line, "")) {
+                ("", _) => {}
+                ("shape", spec) if shaped => {
+                    match spec
+                        .parse::<LinkShape>()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|s| {
+                            swarm_core::shaping::reshape_process(&s).map_err(anyhow::Error::from)
+                        }) {
+                        Ok(_) => eprintln!("link reshaped: {spec}"),
+                        Err(e) => eprintln!("control: bad shape `{spec}`: {e:#}"),
+                    }
+                }
+                ("shape", _) => eprintln!("control: `shape` needs the peer started with --shape"),
+                _ => eprintln!("control: unknown command `{line}` (expected `shape SPEC`)"),
+            }
+        }
+        let _ = tx.send(());
+    });
+    rx
+}
+
+/// Ctrl-C, or SIGTERM on Unix (service managers, `kill`), or the end of stdin with
+/// `--control-stdin`. Registered when installed, so a signal that arrives before `wait` is not
+/// lost (and does not kill the process unannounced).
 struct ShutdownSignal {
+    stdin_closed: Option<tokio::sync::oneshot::Receiver<()>>,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
     #[cfg(unix)]
@@ -277,23 +318,35 @@ impl ShutdownSignal {
         {
             use tokio::signal::unix::{SignalKind, signal};
             Ok(ShutdownSignal {
+                stdin_closed: None,
                 int: signal(SignalKind::interrupt())?,
                 term: signal(SignalKind::terminate())?,
             })
         }
         #[cfg(not(unix))]
-        Ok(ShutdownSignal {})
+        Ok(ShutdownSignal { stdin_closed: None })
     }
 
     async fn wait(mut self) {
+        let rx = self.stdin_closed.take();
+        let stdin_closed = async move {
+            match rx {
+                Some(rx) => {
+                    let _ = rx.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         #[cfg(unix)]
         tokio::select! {
             _ = self.int.recv() => {}
             _ = self.term.recv() => {}
+            _ = stdin_closed => {}
         }
         #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = stdin_closed => {}
         }
     }
 }
