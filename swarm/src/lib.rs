@@ -3,6 +3,7 @@
 
 pub mod bench_link;
 pub mod error;
+pub mod fault;
 pub mod identity;
 pub mod ledger;
 pub mod membership;
