@@ -9,6 +9,7 @@ pub mod ledger;
 pub mod membership;
 pub mod peer;
 pub mod protocol;
+pub mod receipt;
 pub mod rpc;
 pub mod shaping;
 pub mod stage;

@@ -43,8 +43,13 @@ use crate::protocol::{
     FetchState, Forward, ForwardOut, GradShare, Hop, HopFailed, MAX_CHUNK_BYTES, MbKey, Ready,
     Reload, RunInfo, RunInfoRequest, StateChunk, StateSource, SyncDone, SyncStart,
 };
+use crate::receipt::Pass;
 use crate::rpc::{self, RpcError, code};
 use crate::wire::{self, WireMessage, kind};
+
+// Audits (issue #7): receipts, kept frames, recomputation; a child module for field access.
+#[path = "audit_worker.rs"]
+pub mod audit_worker;
 
 /// How a stage worker runs. Build with [`StageOptions::new`].
 #[derive(Debug, Clone)]
@@ -58,6 +63,8 @@ pub struct StageOptions {
     pub chunk_bytes: u32,
     /// Tries per send to a next hop or a sync partner before giving up.
     pub send_tries: u32,
+    /// Misbehave on purpose (issue #7 fault injection; tests and demos only).
+    pub fault: Option<crate::fault::FaultSpec>,
 }
 
 impl StageOptions {
@@ -71,6 +78,7 @@ impl StageOptions {
             max_contexts,
             chunk_bytes: 4 * 1024 * 1024,
             send_tries: 3,
+            fault: None,
         }
     }
 }
@@ -166,6 +174,8 @@ struct Inner {
     num_params: usize,
     pieces: Vec<Piece>,
     stats: StageStats,
+    fault: Option<Arc<crate::fault::Fault>>,
+    audit: Mutex<audit_worker::AuditStore>,
 }
 
 impl std::fmt::Debug for StageWorker {
@@ -277,6 +287,10 @@ impl StageWorker {
                     trainer: None,
                 }),
                 stats: StageStats::default(),
+                fault: opts
+                    .fault
+                    .map(|f| Arc::new(crate::fault::Fault::new(f, &me.0))),
+                audit: Mutex::new(Default::default()),
                 peer,
                 opts,
             }),
@@ -305,6 +319,7 @@ impl StageWorker {
         reg!(kind::APPLY, on_apply);
         reg!(kind::FETCH_STATE, on_fetch_state);
         reg!(kind::RELOAD, on_reload);
+        self.register_audit(peer);
     }
 
     pub fn stage(&self) -> u32 {
@@ -473,6 +488,7 @@ impl StageWorker {
         let act_codec = self.inner.act_codec;
         let frame = f.activations;
         let in_len = frame.len();
+        let (kept_in, fault) = (frame.clone(), self.inner.fault.clone());
         let computed =
             tokio::task::spawn_blocking(move || -> Result<(ForwardCtx, Vec<u8>, usize, usize)> {
                 let mut dec = Decoder::new();
@@ -490,6 +506,10 @@ impl StageWorker {
                 let g = lock(&shard);
                 let s = g.as_ref().ok_or_else(|| Error::Run("no state".into()))?;
                 let (y, c) = s.stage_forward(stage as usize, &x)?;
+                let y = match &fault {
+                    Some(f) => f.forward(key.step, key.mb, stage as usize, &x, y)?,
+                    None => y,
+                };
                 drop(g);
                 let dims = y.dims().to_vec();
                 let y = tensor_f32(&y)?;
@@ -513,6 +533,7 @@ impl StageWorker {
             }
         };
         self.inner.stats.forwards.fetch_add(1, Ordering::Relaxed);
+        self.record_pass(Pass::Forward, f.run, f.epoch, key, kept_in, out.clone());
         // Keep the context unless the attempt was abandoned meanwhile.
         let (route, trainer) = {
             let mut st = lock(&self.inner.state);
@@ -650,6 +671,7 @@ impl StageWorker {
         let ctx = entry.ctx.take().expect("held context");
         let frame = b.grad;
         let in_len = frame.len();
+        let (kept_in, fault) = (frame.clone(), self.inner.fault.clone());
         let computed = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, usize, usize)> {
             let mut dec = Decoder::new();
             let mut g = Vec::new();
@@ -667,6 +689,10 @@ impl StageWorker {
             };
             drop(guard);
             let dx = dx.ok_or_else(|| Error::Run("stage input has no gradient".into()))?;
+            let dx = match &fault {
+                Some(f) => f.backward(key.step, key.mb, &g, dx)?,
+                None => dx,
+            };
             let dims = dx.dims().to_vec();
             let dx = tensor_f32(&dx)?;
             let mut out = Vec::new();
@@ -692,6 +718,7 @@ impl StageWorker {
             }
         };
         self.inner.stats.backwards.fetch_add(1, Ordering::Relaxed);
+        self.record_pass(Pass::Backward, b.run, b.epoch, key, kept_in, out.clone());
         let epoch = b.epoch;
         let upstream = b.upstream.plus_frame(in_len, in_elems);
         if accumulate {
@@ -1026,9 +1053,13 @@ impl StageWorker {
         }
         let shard = self.inner.shard.clone();
         let hp = self.inner.adamw;
+        let fault = self.inner.fault.clone();
         let digest = tokio::task::spawn_blocking(move || -> Result<[u8; 32]> {
             let mut g = lock(&shard);
             let s = g.as_mut().ok_or_else(|| Error::Run("no state".into()))?;
+            if let Some(f) = &fault {
+                f.before_apply(a.step, s)?;
+            }
             s.optimizer_step(&hp, a.lr, a.clip_scale)?;
             s.zero_grads();
             Ok(s.weights_digest()?)

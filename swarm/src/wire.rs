@@ -147,6 +147,15 @@ pub mod kind {
     pub const STATE_CHUNK: u16 = 66;
     /// Replace a replica's state (`protocol::Reload`).
     pub const RELOAD: u16 = 67;
+    // Audits (issue #7, `receipt`).
+    /// Ask a peer for its receipts and frames of one micro-batch (`receipt::AuditFetch`).
+    pub const AUDIT_FETCH: u16 = 80;
+    /// Receipts and frames kept for one micro-batch (`receipt::AuditRecord`).
+    pub const AUDIT_RECORD: u16 = 81;
+    /// Recompute a micro-batch's stage pass (`receipt::AuditRecompute`).
+    pub const AUDIT_RECOMPUTE: u16 = 82;
+    /// The recomputed frames (`receipt::AuditResult`).
+    pub const AUDIT_RESULT: u16 = 83;
 
     const KIB: usize = 1024;
     const MIB: usize = 1024 * KIB;
@@ -209,6 +218,14 @@ pub mod kind {
             crate::protocol::caps::STATE_CHUNK,
         ),
         KindInfo::new(RELOAD, "reload", crate::protocol::caps::RELOAD),
+        KindInfo::new(AUDIT_FETCH, "audit_fetch", crate::receipt::caps::FETCH),
+        KindInfo::new(AUDIT_RECORD, "audit_record", crate::receipt::caps::RECORD),
+        KindInfo::new(
+            AUDIT_RECOMPUTE,
+            "audit_recompute",
+            crate::receipt::caps::RECOMPUTE,
+        ),
+        KindInfo::new(AUDIT_RESULT, "audit_result", crate::receipt::caps::RESULT),
     ];
 
     /// The registry row of `kind`, if registered.

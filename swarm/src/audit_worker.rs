@@ -1,0 +1,252 @@
+//! The stage side of audits (issue #7): a child module of `stage` (it reads the worker's shard,
+//! codecs and run), declared there with one line.
+//!
+//! - Every forward and backward the worker serves is recorded: a signed [`Receipt`] and the exact
+//!   frames received and sent, kept for the current step only (bounded: at most
+//!   [`records_cap`] attempts; a newer step drops the older ones), so the trainer can audit any
+//!   micro-batch of the step before the replicas apply it.
+//! - `AuditFetch`: the record of one (attempt, stage), with or without the frames.
+//! - `AuditRecompute`: recompute a stage pass from given input frames with this replica's weights
+//!   (which must still be at that step): forward, then the input gradient only (nothing is
+//!   accumulated), both encoded with the run's codecs, as the audited peer should have sent them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use swarm_compression::{Codec, Decoder, Encoder, Limits};
+use swarm_model::Shard;
+
+use super::{StageWorker, cand, lock, refuse, tensor_f32};
+use crate::error::{Error, Result};
+use crate::peer::{Peer, PeerShared, RequestCtx};
+use crate::protocol::MbKey;
+use crate::receipt::{AuditFetch, AuditRecompute, AuditRecord, AuditResult, Pass, Receipt};
+use crate::rpc::{self, RpcError, code};
+use crate::wire::{self, kind};
+
+/// Most attempts recorded per step: every micro-batch, retried a few times.
+pub fn records_cap(micro_batches: usize) -> usize {
+    4 * micro_batches + 16
+}
+
+#[derive(Default)]
+struct Rec {
+    forward: Option<(Receipt, Vec<u8>, Vec<u8>)>,
+    backward: Option<(Receipt, Vec<u8>, Vec<u8>)>,
+}
+
+/// Receipts and frames of the current step, and the weights digest the step started from.
+#[derive(Default)]
+pub(super) struct AuditStore {
+    step: u64,
+    digest: Option<(u64, [u8; 32])>,
+    records: HashMap<MbKey, Rec>,
+}
+
+/// Forward of `fwd_in` through stage `index`, then the input gradient for `bwd_in`, encoded as a
+/// stage sends them. Shared by the auditor and the trainer's own referee recomputation.
+pub fn recompute(
+    shard: &Shard,
+    index: usize,
+    fwd_in: &[u8],
+    bwd_in: &[u8],
+    limits: &Limits,
+    act: Codec,
+    grad: Codec,
+) -> Result<(Vec<u8>, Vec<u8>)> {
+    let hidden = shard.config().hidden_size;
+    let mut dec = Decoder::new();
+    let mut x = Vec::new();
+    let info = dec.decode(fwd_in, limits, &mut x)?;
+    let shape = info.shape().to_vec();
+    if shape.len() != 3 || shape[2] != hidden {
+        return Err(Error::Run(format!("audit input of shape {shape:?}")));
+    }
+    let x = cand(Tensor::from_vec(
+        x,
+        (shape[0], shape[1], shape[2]),
+        &Device::Cpu,
+    ))?;
+    let (y, ctx) = shard.stage_forward(index, &x)?;
+    let dims = y.dims().to_vec();
+    let mut fwd_out = Vec::new();
+    Encoder::new(act)?.encode(&tensor_f32(&y)?, &dims, &mut fwd_out)?;
+    let mut g = Vec::new();
+    let info = dec.decode(bwd_in, limits, &mut g)?;
+    if info.shape() != dims.as_slice() {
+        return Err(Error::Run(format!(
+            "audit gradient of shape {:?}, output {dims:?}",
+            info.shape()
+        )));
+    }
+    let g = cand(Tensor::from_vec(g, dims.as_slice(), &Device::Cpu))?;
+    let dx = shard
+        .backward_input_only(ctx, &g)?
+        .ok_or_else(|| Error::Run("stage input has no gradient".into()))?;
+    let ddims = dx.dims().to_vec();
+    let mut bwd_out = Vec::new();
+    Encoder::new(grad)?.encode(&tensor_f32(&dx)?, &ddims, &mut bwd_out)?;
+    Ok((fwd_out, bwd_out))
+}
+
+impl StageWorker {
+    /// Serves the audit kinds (called from `register`).
+    pub(super) fn register_audit(&self, peer: &Peer) {
+        let w = self.clone();
+        peer.register(
+            kind::AUDIT_FETCH,
+            move |_p: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| {
+                let w = w.clone();
+                async move { w.on_audit_fetch(ctx, body).await }
+            },
+        );
+        let w = self.clone();
+        peer.register(
+            kind::AUDIT_RECOMPUTE,
+            move |_p: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| {
+                let w = w.clone();
+                async move { w.on_audit_recompute(ctx, body).await }
+            },
+        );
+    }
+
+    /// The weights digest of `step`, computed once per step.
+    fn step_digest(&self, step: u64) -> Result<[u8; 32]> {
+        if let Some((s, d)) = lock(&self.inner.audit).digest
+            && s == step
+        {
+            return Ok(d);
+        }
+        let g = lock(&self.inner.shard);
+        let s = g.as_ref().ok_or_else(|| Error::Run("no state".into()))?;
+        if s.step() != step {
+            return Err(Error::Run(format!(
+                "audit of step {step}, the stage is at step {}",
+                s.step()
+            )));
+        }
+        let d = s.weights_digest()?;
+        drop(g);
+        lock(&self.inner.audit).digest = Some((step, d));
+        Ok(d)
+    }
+
+    /// Signs and keeps the receipt and frames of one pass just served.
+    pub(super) fn record_pass(
+        &self,
+        pass: Pass,
+        run: crate::membership::RunId,
+        epoch: u32,
+        key: MbKey,
+        input: Vec<u8>,
+        output: Vec<u8>,
+    ) {
+        let digest = match self.step_digest(key.step) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(step = key.step, microbatch = key.mb, error = %e, "no receipt");
+                return;
+            }
+        };
+        let receipt = Receipt::sign(
+            self.inner.peer.node().identity(),
+            run,
+            epoch,
+            key,
+            self.inner.opts.stage,
+            pass,
+            digest,
+            &input,
+            &output,
+        );
+        let cap = records_cap(self.inner.opts.config.train.micro_batches);
+        let mut st = lock(&self.inner.audit);
+        if key.step > st.step || st.records.is_empty() {
+            st.records.clear();
+            st.step = key.step;
+        }
+        if key.step != st.step {
+            return;
+        }
+        if !st.records.contains_key(&key) && st.records.len() >= cap {
+            tracing::warn!(
+                step = key.step,
+                microbatch = key.mb,
+                "audit record table full"
+            );
+            return;
+        }
+        let rec = st.records.entry(key).or_default();
+        let slot = (receipt, input, output);
+        match pass {
+            Pass::Forward => rec.forward = Some(slot),
+            Pass::Backward => rec.backward = Some(slot),
+        }
+    }
+
+    async fn on_audit_fetch(
+        &self,
+        _ctx: RequestCtx,
+        body: Vec<u8>,
+    ) -> Result<rpc::Reply, RpcError> {
+        let f: AuditFetch = wire::decode_body(&body)?;
+        self.check_run(&f.run, f.epoch)?;
+        self.check_stage(f.stage)?;
+        let st = lock(&self.inner.audit);
+        let Some(rec) = st.records.get(&f.key).filter(|_| st.step == f.key.step) else {
+            return Err(refuse(code::BAD_REQUEST, "no record of this attempt"));
+        };
+        let frames = |s: &Option<(Receipt, Vec<u8>, Vec<u8>)>| match s {
+            Some((_, i, o)) if f.frames => (i.clone(), o.clone()),
+            _ => (Vec::new(), Vec::new()),
+        };
+        let (fwd_in, fwd_out) = frames(&rec.forward);
+        let (bwd_in, bwd_out) = frames(&rec.backward);
+        let out = AuditRecord {
+            forward: rec.forward.as_ref().map(|s| s.0.clone()),
+            backward: rec.backward.as_ref().map(|s| s.0.clone()),
+            fwd_in,
+            fwd_out,
+            bwd_in,
+            bwd_out,
+        };
+        drop(st);
+        rpc::reply(&out)
+    }
+
+    async fn on_audit_recompute(
+        &self,
+        _ctx: RequestCtx,
+        body: Vec<u8>,
+    ) -> Result<rpc::Reply, RpcError> {
+        let a: AuditRecompute = wire::decode_body(&body)?;
+        self.check_run(&a.run, a.epoch)?;
+        self.check_stage(a.stage)?;
+        let digest = self
+            .step_digest(a.key.step)
+            .map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+        let shard = self.inner.shard.clone();
+        let limits = self.limits();
+        let (act, grad) = (self.inner.act_codec, self.inner.grad_codec);
+        let stage = self.inner.opts.stage as usize;
+        let step = a.key.step;
+        let done = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Vec<u8>)> {
+            let g = lock(&shard);
+            let s = g.as_ref().ok_or_else(|| Error::Run("no state".into()))?;
+            if s.step() != step {
+                return Err(Error::Run("the stage moved on".into()));
+            }
+            recompute(s, stage, &a.fwd_in, &a.bwd_in, &limits, act, grad)
+        })
+        .await
+        .map_err(|e| Error::Run(e.to_string()))
+        .and_then(|r| r)
+        .map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+        rpc::reply(&AuditResult {
+            weights_digest: digest,
+            fwd_out: done.0,
+            bwd_out: done.1,
+        })
+    }
+}

@@ -1,0 +1,454 @@
+//! Signed receipts and the audit messages (issue #7).
+//!
+//! For every forward and backward it serves, a stage peer signs a [`Receipt`]: run, epoch,
+//! micro-batch attempt, stage, pass, the weights digest it computed with, and the BLAKE3 hashes of
+//! the exact frame bytes it received and sent. The peer keeps its receipts and frames for the
+//! current step (`audit_worker`); after the micro-batch phase the trainer draws which (micro-batch,
+//! stage) to audit, fetches the audited peer's record ([`AuditFetch`] -> [`AuditRecord`]), checks
+//! it against the receipts of the neighbouring hops and its own hashes of what it sent and got,
+//! and has another replica recompute the same inputs ([`AuditRecompute`] -> [`AuditResult`]).
+//!
+//! Kinds 80-83 (`wire::kind`). The audit requests are answered on the same stream: they are off
+//! the micro-batch path (run between the micro-batch phase and the sync), and a recomputation is
+//! one stage forward and backward.
+
+use crate::identity::{Identity, PeerId};
+use crate::membership::RunId;
+use crate::protocol::{MAX_FRAME_BYTES, MAX_STAGES, MbKey};
+use crate::wire::{Reader, WireError, WireMessage, Writer, kind};
+
+const DOMAIN: &[u8] = b"swarm-receipt-v1";
+
+/// Which pass a receipt covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pass {
+    Forward,
+    Backward,
+}
+
+/// BLAKE3 of frame bytes, as receipts carry them.
+pub fn frame_hash(frame: &[u8]) -> [u8; 32] {
+    *blake3::hash(frame).as_bytes()
+}
+
+/// A peer's signed statement about one pass it served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub run: RunId,
+    pub epoch: u32,
+    pub key: MbKey,
+    pub stage: u32,
+    pub pass: Pass,
+    /// The signer's ed25519 public key; its peer id is BLAKE3 of it.
+    pub public_key: [u8; 32],
+    /// The stage's weights digest at the start of the step.
+    pub weights_digest: [u8; 32],
+    /// BLAKE3 of the frame received (activations for a forward, output gradient for a backward).
+    pub input_hash: [u8; 32],
+    /// BLAKE3 of the frame sent on.
+    pub output_hash: [u8; 32],
+    pub signature: [u8; 64],
+}
+
+/// Encoded size of a receipt.
+pub const RECEIPT_BYTES: usize = 16 + 4 + 8 + 4 + 4 + 4 + 1 + 32 * 4 + 64;
+
+impl Receipt {
+    /// Signs a receipt with `identity`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sign(
+        identity: &Identity,
+        run: RunId,
+        epoch: u32,
+        key: MbKey,
+        stage: u32,
+        pass: Pass,
+        weights_digest: [u8; 32],
+        input: &[u8],
+        output: &[u8],
+    ) -> Receipt {
+        let mut r = Receipt {
+            run,
+            epoch,
+            key,
+            stage,
+            pass,
+            public_key: *identity.public_key().as_bytes(),
+            weights_digest,
+            input_hash: frame_hash(input),
+            output_hash: frame_hash(output),
+            signature: [0; 64],
+        };
+        r.signature = identity.sign(&r.message());
+        r
+    }
+
+    /// The signer's peer id.
+    pub fn peer(&self) -> PeerId {
+        PeerId(*blake3::hash(&self.public_key).as_bytes())
+    }
+
+    fn body(&self, w: &mut Writer) {
+        w.array(&self.run.0)
+            .u32(self.epoch)
+            .u64(self.key.step)
+            .u32(self.key.mb)
+            .u32(self.key.attempt)
+            .u32(self.stage)
+            .u8(match self.pass {
+                Pass::Forward => 0,
+                Pass::Backward => 1,
+            })
+            .array(&self.public_key)
+            .array(&self.weights_digest)
+            .array(&self.input_hash)
+            .array(&self.output_hash);
+    }
+
+    fn message(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(RECEIPT_BYTES + DOMAIN.len());
+        w.raw(DOMAIN);
+        self.body(&mut w);
+        w.into_vec()
+    }
+
+    /// Whether the signature is by the key in the receipt, and that key is `peer`'s.
+    pub fn verify(&self, peer: &PeerId) -> bool {
+        self.peer() == *peer
+            && crate::identity::verify(&self.public_key, &self.message(), &self.signature)
+    }
+
+    pub fn encode(&self, w: &mut Writer) {
+        self.body(w);
+        w.array(&self.signature);
+    }
+
+    pub fn decode(r: &mut Reader<'_>) -> Result<Receipt, WireError> {
+        let run = RunId(r.array()?);
+        let epoch = r.u32()?;
+        let key = MbKey {
+            step: r.u64()?,
+            mb: r.u32()?,
+            attempt: r.u32()?,
+        };
+        let stage = r.u32()?;
+        if stage as usize >= MAX_STAGES {
+            return Err(WireError::Invalid("stage index beyond MAX_STAGES"));
+        }
+        let pass = match r.u8()? {
+            0 => Pass::Forward,
+            1 => Pass::Backward,
+            t => {
+                return Err(WireError::BadTag {
+                    what: "pass",
+                    tag: t as u64,
+                });
+            }
+        };
+        Ok(Receipt {
+            run,
+            epoch,
+            key,
+            stage,
+            pass,
+            public_key: r.array()?,
+            weights_digest: r.array()?,
+            input_hash: r.array()?,
+            output_hash: r.array()?,
+            signature: r.array()?,
+        })
+    }
+}
+
+fn put_opt_receipt(w: &mut Writer, r: &Option<Receipt>) {
+    match r {
+        Some(r) => {
+            w.u8(1);
+            r.encode(w);
+        }
+        None => {
+            w.u8(0);
+        }
+    }
+}
+
+fn get_opt_receipt(r: &mut Reader<'_>) -> Result<Option<Receipt>, WireError> {
+    match r.u8()? {
+        0 => Ok(None),
+        1 => Ok(Some(Receipt::decode(r)?)),
+        t => Err(WireError::BadTag {
+            what: "receipt option",
+            tag: t as u64,
+        }),
+    }
+}
+
+fn get_frame(r: &mut Reader<'_>, what: &'static str) -> Result<Vec<u8>, WireError> {
+    Ok(r.bytes(what, MAX_FRAME_BYTES)?.to_vec())
+}
+
+/// Caps of the audit kinds.
+pub mod caps {
+    use super::*;
+    pub const FETCH: usize = 256;
+    pub const RECORD: usize = 4 * MAX_FRAME_BYTES + 2 * RECEIPT_BYTES + 256;
+    pub const RECOMPUTE: usize = 2 * MAX_FRAME_BYTES + 256;
+    pub const RESULT: usize = 2 * MAX_FRAME_BYTES + 256;
+}
+
+/// Trainer -> the peer that served (`key`, `stage`): send what you kept of it.
+/// Reply: [`AuditRecord`]. With `frames` false only the receipts come back (neighbour checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditFetch {
+    pub run: RunId,
+    pub epoch: u32,
+    pub key: MbKey,
+    pub stage: u32,
+    pub frames: bool,
+}
+
+impl WireMessage for AuditFetch {
+    const KIND: u16 = kind::AUDIT_FETCH;
+    fn encode(&self, w: &mut Writer) {
+        w.array(&self.run.0).u32(self.epoch).u64(self.key.step);
+        w.u32(self.key.mb).u32(self.key.attempt).u32(self.stage);
+        w.bool(self.frames);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        let run = RunId(r.array()?);
+        let epoch = r.u32()?;
+        let key = MbKey {
+            step: r.u64()?,
+            mb: r.u32()?,
+            attempt: r.u32()?,
+        };
+        let stage = r.u32()?;
+        if stage as usize >= MAX_STAGES {
+            return Err(WireError::Invalid("stage index beyond MAX_STAGES"));
+        }
+        Ok(AuditFetch {
+            run,
+            epoch,
+            key,
+            stage,
+            frames: r.bool()?,
+        })
+    }
+}
+
+/// A peer's record of one micro-batch attempt at one stage: its receipts (absent for a pass it
+/// did not serve) and, when asked, the four frames (empty when absent).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuditRecord {
+    pub forward: Option<Receipt>,
+    pub backward: Option<Receipt>,
+    pub fwd_in: Vec<u8>,
+    pub fwd_out: Vec<u8>,
+    pub bwd_in: Vec<u8>,
+    pub bwd_out: Vec<u8>,
+}
+
+impl WireMessage for AuditRecord {
+    const KIND: u16 = kind::AUDIT_RECORD;
+    fn encode(&self, w: &mut Writer) {
+        put_opt_receipt(w, &self.forward);
+        put_opt_receipt(w, &self.backward);
+        w.bytes(&self.fwd_in)
+            .bytes(&self.fwd_out)
+            .bytes(&self.bwd_in)
+            .bytes(&self.bwd_out);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        Ok(AuditRecord {
+            forward: get_opt_receipt(r)?,
+            backward: get_opt_receipt(r)?,
+            fwd_in: get_frame(r, "fwd_in")?,
+            fwd_out: get_frame(r, "fwd_out")?,
+            bwd_in: get_frame(r, "bwd_in")?,
+            bwd_out: get_frame(r, "bwd_out")?,
+        })
+    }
+}
+
+/// Trainer -> an auditor (another replica of `stage`, still at step `key.step`): recompute the
+/// forward of `fwd_in` and the backward of `bwd_in` (input gradient only, nothing accumulated).
+/// Reply: [`AuditResult`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecompute {
+    pub run: RunId,
+    pub epoch: u32,
+    pub key: MbKey,
+    pub stage: u32,
+    pub fwd_in: Vec<u8>,
+    pub bwd_in: Vec<u8>,
+}
+
+impl WireMessage for AuditRecompute {
+    const KIND: u16 = kind::AUDIT_RECOMPUTE;
+    fn encode(&self, w: &mut Writer) {
+        w.array(&self.run.0).u32(self.epoch).u64(self.key.step);
+        w.u32(self.key.mb).u32(self.key.attempt).u32(self.stage);
+        w.bytes(&self.fwd_in).bytes(&self.bwd_in);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        let run = RunId(r.array()?);
+        let epoch = r.u32()?;
+        let key = MbKey {
+            step: r.u64()?,
+            mb: r.u32()?,
+            attempt: r.u32()?,
+        };
+        let stage = r.u32()?;
+        if stage as usize >= MAX_STAGES {
+            return Err(WireError::Invalid("stage index beyond MAX_STAGES"));
+        }
+        Ok(AuditRecompute {
+            run,
+            epoch,
+            key,
+            stage,
+            fwd_in: get_frame(r, "fwd_in")?,
+            bwd_in: get_frame(r, "bwd_in")?,
+        })
+    }
+}
+
+/// An auditor's recomputation: the weights digest it used and the frames it would have sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditResult {
+    pub weights_digest: [u8; 32],
+    pub fwd_out: Vec<u8>,
+    pub bwd_out: Vec<u8>,
+}
+
+impl WireMessage for AuditResult {
+    const KIND: u16 = kind::AUDIT_RESULT;
+    fn encode(&self, w: &mut Writer) {
+        w.array(&self.weights_digest)
+            .bytes(&self.fwd_out)
+            .bytes(&self.bwd_out);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        Ok(AuditResult {
+            weights_digest: r.array()?,
+            fwd_out: get_frame(r, "fwd_out")?,
+            bwd_out: get_frame(r, "bwd_out")?,
+        })
+    }
+}
+
+/// The audit kinds, for the fuzz target.
+pub const KINDS: [u16; 4] = [
+    kind::AUDIT_FETCH,
+    kind::AUDIT_RECORD,
+    kind::AUDIT_RECOMPUTE,
+    kind::AUDIT_RESULT,
+];
+
+/// Decodes `body` as `kind` and re-encodes it (`None` for a kind not in [`KINDS`]).
+pub fn roundtrip_any(kind: u16, body: &[u8]) -> Option<Result<Vec<u8>, WireError>> {
+    fn rt<M: WireMessage>(body: &[u8]) -> Result<Vec<u8>, WireError> {
+        let mut r = Reader::new(body);
+        let m = M::decode(&mut r)?;
+        r.finish()?;
+        let mut w = Writer::new();
+        m.encode(&mut w);
+        Ok(w.into_vec())
+    }
+    Some(match kind {
+        kind::AUDIT_FETCH => rt::<AuditFetch>(body),
+        kind::AUDIT_RECORD => rt::<AuditRecord>(body),
+        kind::AUDIT_RECOMPUTE => rt::<AuditRecompute>(body),
+        kind::AUDIT_RESULT => rt::<AuditResult>(body),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receipt(id: &Identity) -> Receipt {
+        Receipt::sign(
+            id,
+            RunId([1; 16]),
+            2,
+            MbKey {
+                step: 3,
+                mb: 4,
+                attempt: 1,
+            },
+            1,
+            Pass::Backward,
+            [9; 32],
+            b"in",
+            b"out",
+        )
+    }
+
+    #[test]
+    fn receipts_verify_only_for_their_signer_and_content() {
+        let a = Identity::from_secret([1; 32]);
+        let b = Identity::from_secret([2; 32]);
+        let r = receipt(&a);
+        assert!(r.verify(&a.peer_id()));
+        assert!(!r.verify(&b.peer_id()));
+        let mut edited = r.clone();
+        edited.output_hash = frame_hash(b"other");
+        assert!(!edited.verify(&a.peer_id()));
+        // Another key put in the receipt: the id no longer matches the claimed peer.
+        let mut swapped = receipt(&b);
+        swapped.public_key = *a.public_key().as_bytes();
+        assert!(!swapped.verify(&a.peer_id()));
+    }
+
+    #[test]
+    fn messages_round_trip_and_refuse_garbage() {
+        let a = Identity::from_secret([1; 32]);
+        let rec = AuditRecord {
+            forward: None,
+            backward: Some(receipt(&a)),
+            fwd_in: vec![1, 2, 3],
+            fwd_out: vec![],
+            bwd_in: vec![4],
+            bwd_out: vec![5, 6],
+        };
+        let mut w = Writer::new();
+        rec.encode(&mut w);
+        let bytes = w.into_vec();
+        assert_eq!(
+            roundtrip_any(kind::AUDIT_RECORD, &bytes).unwrap().unwrap(),
+            bytes
+        );
+        let mut r = Reader::new(&bytes);
+        assert_eq!(AuditRecord::decode(&mut r).unwrap(), rec);
+        for cut in 0..bytes.len() {
+            assert!(
+                roundtrip_any(kind::AUDIT_RECORD, &bytes[..cut])
+                    .unwrap()
+                    .is_err()
+            );
+        }
+        let f = AuditFetch {
+            run: RunId([7; 16]),
+            epoch: 1,
+            key: MbKey {
+                step: 1,
+                mb: 2,
+                attempt: 3,
+            },
+            stage: 1,
+            frames: true,
+        };
+        let mut w = Writer::new();
+        f.encode(&mut w);
+        let mut bytes = w.into_vec();
+        assert_eq!(
+            roundtrip_any(kind::AUDIT_FETCH, &bytes).unwrap().unwrap(),
+            bytes
+        );
+        *bytes.last_mut().unwrap() = 2;
+        assert!(roundtrip_any(kind::AUDIT_FETCH, &bytes).unwrap().is_err());
+        assert!(roundtrip_any(kind::PING, &bytes).is_none());
+    }
+}
