@@ -119,6 +119,9 @@ struct CtxEntry {
 /// The step-end sync of the current step.
 struct Round {
     step: u64,
+    /// `State::generation` when the round started: tasks of an older round (reset meanwhile)
+    /// must not touch this one.
+    generation: u64,
     participants: Vec<PeerId>,
     me: usize,
     shares: Vec<Option<Vec<u8>>>,
@@ -150,6 +153,8 @@ struct State {
     early: HashMap<(u64, PeerId), Vec<u8>>,
     export: Option<Arc<Export>>,
     trainer: Option<Endpoint>,
+    /// Bumped by every new sync round and every state reset.
+    generation: u64,
 }
 
 /// The stage worker. Cheap to clone (shared state).
@@ -285,6 +290,7 @@ impl StageWorker {
                     early: HashMap::new(),
                     export: None,
                     trainer: None,
+                    generation: 0,
                 }),
                 stats: StageStats::default(),
                 fault: opts
@@ -395,7 +401,24 @@ impl StageWorker {
         st.round = None;
         st.early.clear();
         st.export = None;
+        st.generation += 1;
         Ok(())
+    }
+
+    /// Drops the step's work but keeps the weights: contexts, accumulator (gradients zeroed),
+    /// sync round, early shares and the error-feedback residual (its last update was for a share
+    /// that will not be applied). The trainer's reset of a stage whose sync lost a participant.
+    fn reset_step(&self) {
+        if let Some(s) = lock(&self.inner.shard).as_mut() {
+            s.zero_grads();
+        }
+        lock(&self.inner.feedback).reset();
+        let mut st = lock(&self.inner.state);
+        st.contexts.clear();
+        st.counted.clear();
+        st.round = None;
+        st.early.clear();
+        st.generation += 1;
     }
 
     fn check_run(&self, run: &RunId, epoch: u32) -> Result<(), RpcError> {
@@ -830,8 +853,11 @@ impl StageWorker {
             }
         }
         st.early.clear();
+        st.generation += 1;
+        let generation = st.generation;
         st.round = Some(Round {
             step: s.step,
+            generation,
             participants: s.participants.clone(),
             me,
             shares,
@@ -844,11 +870,11 @@ impl StageWorker {
         });
         drop(st);
         let w = self.clone();
-        tokio::spawn(async move { w.run_sync(s).await });
+        tokio::spawn(async move { w.run_sync(s, generation).await });
         rpc::reply(&Ack)
     }
 
-    async fn run_sync(&self, s: SyncStart) {
+    async fn run_sync(&self, s: SyncStart, generation: u64) {
         let n = s.participants.len();
         if n > 1 {
             // Encode our accumulated gradient with error feedback.
@@ -878,7 +904,11 @@ impl StageWorker {
             };
             let me = {
                 let mut st = lock(&self.inner.state);
-                let Some(r) = st.round.as_mut().filter(|r| r.step == s.step) else {
+                let Some(r) = st
+                    .round
+                    .as_mut()
+                    .filter(|r| r.step == s.step && r.generation == generation)
+                else {
                     return;
                 };
                 r.shares[r.me] = Some(frame.clone());
@@ -958,7 +988,7 @@ impl StageWorker {
     /// When every share of the round is in: decode all in participant order, sum, set the shard's
     /// gradients and report SyncDone.
     async fn try_finish_sync(&self, step: u64) {
-        let (frames, trainer, trainer_id, share_bytes, share_dense) = {
+        let (frames, trainer, trainer_id, share_bytes, share_dense, generation) = {
             let mut st = lock(&self.inner.state);
             let Some(r) = st.round.as_mut().filter(|r| r.step == step) else {
                 return;
@@ -975,6 +1005,7 @@ impl StageWorker {
                 r.trainer_id,
                 r.share_bytes,
                 r.share_dense,
+                r.generation,
             )
         };
         let shard = self.inner.shard.clone();
@@ -1015,13 +1046,22 @@ impl StageWorker {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(step, error = %e, "summing the grad shares failed");
-                if let Some(r) = lock(&self.inner.state).round.as_mut() {
+                if let Some(r) = lock(&self.inner.state)
+                    .round
+                    .as_mut()
+                    .filter(|r| r.generation == generation)
+                {
                     r.summing = false;
                 }
                 return;
             }
         };
-        if let Some(r) = lock(&self.inner.state).round.as_mut() {
+        {
+            let mut st = lock(&self.inner.state);
+            let Some(r) = st.round.as_mut().filter(|r| r.generation == generation) else {
+                // Reset while summing: this round is void (the reset zeroed the gradients).
+                return;
+            };
             r.summing = false;
             r.summed = true;
         }
@@ -1146,6 +1186,15 @@ impl StageWorker {
             return Err(refuse(code::BAD_REQUEST, "another run"));
         }
         self.check_stage(r.stage)?;
+        if let Some(digest) = self.reset_in_place(&r).await {
+            return rpc::reply(&Applied {
+                run: r.run,
+                epoch: r.epoch,
+                step: r.step,
+                stage: r.stage,
+                digest,
+            });
+        }
         let shard = load_state(
             &self.inner.peer,
             &self.inner.opts,
@@ -1167,6 +1216,34 @@ impl StageWorker {
             stage: r.stage,
             digest,
         })
+    }
+}
+
+impl StageWorker {
+    /// A `Reload` naming this replica as the source of the state it already holds (same epoch,
+    /// step and digest) is a reset of the step's work, done in place without a transfer.
+    /// Returns the digest when it was.
+    async fn reset_in_place(&self, r: &Reload) -> Option<[u8; 32]> {
+        let StateSource::Fetch { from, digest } = &r.source else {
+            return None;
+        };
+        if !from.iter().any(|e| e.peer == self.inner.me)
+            || self.epoch() != r.epoch
+            || self.step() != Some(r.step)
+        {
+            return None;
+        }
+        let mine = self.digest().await.ok().flatten()?;
+        if mine != *digest {
+            return None;
+        }
+        self.reset_step();
+        tracing::info!(
+            stage = self.inner.opts.stage,
+            step = r.step,
+            "step work reset"
+        );
+        Some(mine)
     }
 }
 

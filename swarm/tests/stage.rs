@@ -47,6 +47,9 @@ fn config(stages: &[usize], sync: &str) -> RunConfig {
     c.train.micro_batches = 2;
     c.train.micro_batch_size = 2;
     c.train.seq_len = 8;
+    // Exact activations and gradients (the defaults are lossy); the sync codec as asked.
+    c.codec.activations = "none".into();
+    c.codec.gradients = "none".into();
     c.codec.sync = sync.into();
     c.validate().unwrap();
     c

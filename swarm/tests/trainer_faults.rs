@@ -104,3 +104,59 @@ async fn peer_joining_mid_run_syncs_its_stage_and_serves() {
     assert_eq!(metrics.replica_hash_mismatches, 0);
     trainer.shutdown().await;
 }
+
+/// 2 stages x 2 replicas; one replica of stage 1 crashes at step 1 when it receives `kind` (a
+/// sync-phase message). The run must finish on the local run's trajectory without waiting out
+/// the sync timeout (left at its 120 s default: the test's own bound is below it).
+/// `rerun`: whether the lost participant's stage must re-run its micro-batches (Some(true): the
+/// survivor could not finish the round; Some(false): it already had every share; None: either).
+async fn crash_during_sync(kind: u16, rerun: Option<bool>) {
+    let steps = 3;
+    let cfg = tiny_config(steps);
+    let mut opts = TrainerOptions::new(cfg.clone());
+    opts.min_replicas = 2;
+    opts.attempt_timeout = Duration::from_secs(10);
+    opts.wait_for_peers = Duration::from_secs(60);
+    let mut trainer = Trainer::start(opts).await.unwrap();
+    let replicas = Arc::new(start_replicas(trainer.addr(), &[0, 0, 1, 1]).await);
+    let victim = replicas.clone();
+    let mut on_event = move |e: &TrainerEvent| {
+        if let TrainerEvent::Step(r) = e
+            && r.step == 0
+        {
+            victim[3].crash_on(kind);
+        }
+    };
+    let metrics = tokio::time::timeout(Duration::from_secs(90), trainer.run(&mut on_event))
+        .await
+        .expect("run finishes before the sync timeout could have fired")
+        .expect("run succeeds");
+    let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
+    let (want, _) = local_losses(&cfg, steps as usize);
+    assert_losses_match(&losses, &want, 1e-4);
+    assert_eq!(metrics.peers_lost, 1, "{:?}", metrics.summary());
+    assert_eq!(metrics.replica_hash_mismatches, 0);
+    assert_eq!(metrics.steps.last().unwrap().participants, vec![2, 1]);
+    if let Some(rerun) = rerun {
+        assert_eq!(metrics.retries > 0, rerun, "{:?}", metrics.summary());
+    }
+    let d0 = replicas[0].joined.worker.digest().await.unwrap();
+    let d1 = replicas[1].joined.worker.digest().await.unwrap();
+    assert_eq!(d0, d1);
+    trainer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_crash_at_sync_start_resets_the_stage_and_reruns() {
+    crash_during_sync(swarm_core::wire::kind::SYNC_START, Some(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_crash_during_grad_share_exchange() {
+    crash_during_sync(swarm_core::wire::kind::GRAD_SHARE, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_crash_before_apply() {
+    crash_during_sync(swarm_core::wire::kind::APPLY, Some(false)).await;
+}

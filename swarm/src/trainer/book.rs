@@ -65,6 +65,8 @@ pub struct StepBook {
     stages: u16,
     mbs: Vec<Mb>,
     excluded: BTreeSet<PeerId>,
+    /// Stages whose replicas already summed their gradients this step: their counts are final.
+    frozen: BTreeSet<u16>,
     retries: u64,
 }
 
@@ -81,6 +83,7 @@ impl StepBook {
             stages,
             mbs: vec![mb; micro_batches],
             excluded: BTreeSet::new(),
+            frozen: BTreeSet::new(),
             retries: 0,
         }
     }
@@ -214,9 +217,12 @@ impl StepBook {
     pub fn exclude(&mut self, peer: PeerId) -> Vec<usize> {
         self.excluded.insert(peer);
         let mut lost = Vec::new();
+        let frozen = &self.frozen;
         for (i, m) in self.mbs.iter_mut().enumerate() {
             let before = m.counted.len();
-            m.counted.retain(|_, h| *h != Holder::Peer(peer));
+            m.counted.retain(|c, h| {
+                *h != Holder::Peer(peer) || matches!(c, Column::Stage(k) if frozen.contains(k))
+            });
             if m.counted.len() != before {
                 lost.push(i);
             }
@@ -235,6 +241,12 @@ impl StepBook {
             }
         }
         lost
+    }
+
+    /// Marks `stage` as synced: its survivors' summed gradient already holds every micro-batch
+    /// (a replica lost afterwards, e.g. before `Apply`, takes no count with it).
+    pub fn freeze_stage(&mut self, stage: u16) {
+        self.frozen.insert(stage);
     }
 
     /// Peers excluded this step.
@@ -415,6 +427,10 @@ mod tests {
         );
         assert_eq!(b.stage_counts(0)[&p(1)], 3);
         assert!(!b.stage_counts(0).contains_key(&p(2)));
+        // Once stage 1 is synced, losing its replica clears nothing.
+        b.freeze_stage(1);
+        assert!(b.exclude(p(3)).is_empty());
+        assert_eq!(b.incomplete(), vec![3]);
         // Double count of an already counted column is refused.
         assert_eq!(
             b.count(1, a.attempt, Column::Stage(0), Holder::Peer(p(1))),

@@ -75,6 +75,8 @@ pub struct TrainerOptions {
     pub join_timeout: Duration,
     /// Stop after this many steps of this process (the run's own step count still bounds it).
     pub max_steps: Option<u64>,
+    /// Audits and the contribution ledger (issue #7); the ledger defaults to `<out>/ledger`.
+    pub audit: super::audit::AuditConfig,
 }
 
 impl TrainerOptions {
@@ -94,6 +96,7 @@ impl TrainerOptions {
             wait_for_peers: Duration::from_secs(600),
             join_timeout: Duration::from_secs(120),
             max_steps: None,
+            audit: Default::default(),
         }
     }
 }
@@ -177,6 +180,8 @@ struct Registry {
     served: HashMap<u32, ServedState>,
     /// Whether stage state exists only from the seed (step 0 of a fresh run).
     fresh: bool,
+    /// Peers banned by an audit: never admitted again.
+    banned: std::collections::BTreeSet<PeerId>,
 }
 
 struct Shared {
@@ -240,6 +245,7 @@ pub struct Trainer {
     limits: Limits,
     events: Vec<TrainerEvent>,
     pinger: Option<tokio::task::JoinHandle<()>>,
+    audit: super::audit::Auditor,
 }
 
 fn ends_pieces() -> Vec<Piece> {
@@ -353,6 +359,7 @@ impl Trainer {
                 digests,
                 fresh: step == 0 && served.is_empty(),
                 served,
+                banned: Default::default(),
             }),
             inbox: tx,
             boundary: tokio::sync::watch::channel(step).0,
@@ -368,6 +375,12 @@ impl Trainer {
         let act_codec: Codec = cfg.codec.activations.parse()?;
         let grad_codec: Codec = cfg.codec.gradients.parse()?;
         let elems = cfg.train.micro_batch_size * cfg.train.seq_len * cfg.model.hidden_size;
+        let mut audit_cfg = opts.audit.clone();
+        if audit_cfg.ledger.is_none() {
+            audit_cfg.ledger = opts.out.as_ref().map(|o| o.join("ledger"));
+        }
+        let audit =
+            super::audit::Auditor::new(audit_cfg, &opts.identity, run, &cfg, opts.sync_timeout)?;
         tracing::info!(%run, addr = %addr, stages = num_stages, "trainer started");
         Ok(Trainer {
             rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x7261_6e64),
@@ -384,6 +397,7 @@ impl Trainer {
             limits: Limits::new(elems),
             events: Vec::new(),
             pinger: None,
+            audit,
         })
     }
 
@@ -797,6 +811,7 @@ impl Trainer {
                             && f.route.first().map(|h| h.peer) == Some(from)
                             && !f.returned
                         {
+                            self.audit.got_backward(out.key, &out.grad);
                             let res = on_backward_out(
                                 &self.ends,
                                 &mut self.grad_dec(),
@@ -939,6 +954,32 @@ impl Trainer {
                 }
             }
 
+            // Audits (issue #7), before any stage syncs: replicas still hold the step's weights,
+            // receipts and frames. A ban discards the step's gradients everywhere (they may hold
+            // the cheater's outputs) and re-runs the step on honest replicas.
+            if pending_sync.len() == stages {
+                let bans = self.audit_step(step, epoch, &book).await;
+                if !bans.is_empty() {
+                    for b in &bans {
+                        self.shared.reg(|r| r.banned.insert(b.peer));
+                        self.lose_peer(b.peer, Some(&mut book), on_event);
+                    }
+                    for k in 0..stages {
+                        self.reset_stage(k, step).await;
+                    }
+                    let ends = self.ends.clone();
+                    tokio::task::spawn_blocking(move || {
+                        ends.lock().unwrap_or_else(|e| e.into_inner()).zero_grads()
+                    })
+                    .await
+                    .map_err(|e| run_err(e.to_string()))?;
+                    self.metrics.retries += book.retries();
+                    book = StepBook::new(stages as u16, m);
+                    queue = (0..m).collect();
+                    continue;
+                }
+            }
+
             // Sync phase, for the stages not yet synced.
             let outcome = self
                 .sync_stages(step, epoch, &book, &pending_sync, on_event)
@@ -946,6 +987,8 @@ impl Trainer {
             for (k, n, parts) in outcome.done {
                 norms.insert(k, n);
                 participants_per_stage[k] = parts;
+                // Its replicas hold the summed gradient: losing one now costs no count.
+                book.freeze_stage(k as u16);
             }
             mismatches += outcome.norm_mismatches;
             let mut lost_mbs = Vec::new();
@@ -1001,6 +1044,8 @@ impl Trainer {
         mismatches += self
             .apply_all(step, epoch, &book, lr, scale, on_event)
             .await?;
+        let attempts: Vec<Option<u32>> = (0..m).map(|mb| book.current_attempt(mb)).collect();
+        self.audit.end_step(step, &attempts, &cfg);
         self.metrics.replica_hash_mismatches += mismatches;
         self.metrics.retries += book.retries();
         let tokens = cfg.tokens_per_step() as u64;
@@ -1029,6 +1074,43 @@ impl Trainer {
             dense_bytes: self.metrics.wire.tensor_dense_bytes(),
             wire: self.metrics.wire,
         })
+    }
+
+    /// Runs the step's audits (see `audit.rs`); returns the bans.
+    async fn audit_step(
+        &mut self,
+        step: u64,
+        epoch: u32,
+        book: &StepBook,
+    ) -> Vec<super::audit::Ban> {
+        let stages = self.num_stages();
+        let replicas = (0..stages)
+            .map(|k| {
+                let mut v = self.serving(k);
+                v.retain(|(p, _)| !book.is_excluded(p));
+                v
+            })
+            .collect();
+        let ps = self.peer.shared().clone();
+        let config = self.opts.config.clone();
+        let view = super::audit::StepView {
+            run: self.shared.run,
+            epoch,
+            step,
+            config: &config,
+            attempts: (0..book.micro_batches())
+                .map(|mb| book.current_attempt(mb))
+                .collect(),
+            replicas,
+            digests: self.shared.reg(|r| r.digests.clone()),
+            peer: &ps,
+        };
+        self.audit.audit_step(&view).await
+    }
+
+    /// Audit counters so far.
+    pub fn audit_stats(&self) -> &super::audit::AuditStats {
+        &self.audit.stats
     }
 
     fn grad_dec(&self) -> Decoder {
@@ -1104,6 +1186,7 @@ impl Trainer {
         .map_err(|e| run_err(e.to_string()))??;
         // Counted when the pass returns: ForwardOut carries every hop's bytes.
         let _ = dense;
+        self.audit.sent_forward(key, &route, &frame);
         let msg = Forward {
             run: self.shared.run,
             epoch,
@@ -1205,6 +1288,8 @@ impl Trainer {
             );
             book.set_loss(f.key.mb as usize, loss);
         }
+        self.audit.got_forward(f.key, &out.activations);
+        self.audit.sent_backward(f.key, &grad);
         let last = *f.route.last().expect("non-empty route");
         let msg = Backward {
             run: self.shared.run,
@@ -1340,7 +1425,10 @@ impl Trainer {
             if now >= deadline {
                 for (k, p) in waiting.keys() {
                     tracing::warn!(peer = %p.short(), stage = k, "no sync report in time");
-                    out.failed_peers.push(*p);
+                    out.broken.insert(*k);
+                    if !out.failed_peers.contains(p) {
+                        out.failed_peers.push(*p);
+                    }
                 }
                 break;
             }
@@ -1361,16 +1449,48 @@ impl Trainer {
                             .push((from, d.grad_sq_norm, d.grad_digest));
                     }
                 }
-                Some(Inbound::Down(p)) | Some(Inbound::Leave(p)) => {
-                    let keys: Vec<(usize, PeerId)> =
-                        waiting.keys().filter(|(_, q)| *q == p).copied().collect();
-                    for key in keys {
-                        waiting.remove(&key);
-                        out.failed_peers.push(p);
+                Some(Inbound::Down(p)) => {
+                    let mut participant = false;
+                    for (&k, parts) in &parts_of {
+                        if !parts.contains(&p) {
+                            continue;
+                        }
+                        participant = true;
+                        waiting.remove(&(k, p));
+                        // Survivors that have not reported never got (and never will get) its
+                        // share: they are stuck in this round, so the stage's sync is redone.
+                        // Those that reported summed every share, the dead one's included.
+                        let stuck: Vec<PeerId> = parts
+                            .iter()
+                            .filter(|q| waiting.contains_key(&(k, **q)))
+                            .copied()
+                            .collect();
+                        if !stuck.is_empty() {
+                            tracing::warn!(peer = %p.short(), stage = k, stuck = stuck.len(), "participant lost during the sync; the stage's sync restarts");
+                            out.broken.insert(k);
+                            for q in stuck {
+                                waiting.remove(&(k, q));
+                            }
+                        }
                     }
-                    if !out.failed_peers.contains(&p) {
+                    if participant {
+                        if !out.failed_peers.contains(&p) {
+                            out.failed_peers.push(p);
+                        }
+                    } else {
                         self.lose_peer(p, None, on_event);
                     }
+                }
+                Some(Inbound::Leave(p)) => {
+                    // Asked to leave between the micro-batches and the sync: it still takes
+                    // part; it is released at the step boundary.
+                    self.shared.reg(|r| {
+                        for st in r.stages.iter_mut() {
+                            if let Some(rep) = st.get_mut(&p) {
+                                rep.state = ReplicaState::Leaving;
+                            }
+                        }
+                    });
                 }
                 Some(Inbound::Ready(from, r)) => self.on_ready(from, r, on_event),
                 Some(other) => tracing::debug!(?other, "pipeline message during sync ignored"),
@@ -1378,8 +1498,7 @@ impl Trainer {
             }
         }
         for &k in stages {
-            let failed_here = parts_of[&k].iter().any(|p| out.failed_peers.contains(p));
-            if failed_here {
+            if out.broken.contains(&k) {
                 continue;
             }
             let reps = reports.remove(&k).unwrap_or_default();
@@ -1406,8 +1525,7 @@ impl Trainer {
                 );
                 out.norm_mismatches += disagree as u64;
             }
-            out.done
-                .push((k, f64::from_bits(best.0), parts_of[&k].len()));
+            out.done.push((k, f64::from_bits(best.0), reps.len()));
         }
         Ok(out)
     }
@@ -1657,6 +1775,8 @@ struct SyncOutcome {
     /// (stage, agreed grad_sq_norm, participants)
     done: Vec<(usize, f64, usize)>,
     failed_peers: Vec<PeerId>,
+    /// Stages whose sync must be redone (a participant was lost before every survivor summed).
+    broken: HashSet<usize>,
     norm_mismatches: u64,
 }
 
@@ -1918,6 +2038,12 @@ fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
                 let a: Admit = wire::decode_body(&body).map_err(RpcError::from)?;
                 s.check_run(a.run, a.epoch)?;
                 let stages = s.reg(|r| r.stages.len());
+                if s.reg(|r| r.banned.contains(&ctx.from)) {
+                    return Err(RpcError::refused(
+                        code::BAD_REQUEST,
+                        "banned from this run by an audit",
+                    ));
+                }
                 if a.stage as usize >= stages {
                     return Err(RpcError::refused(
                         code::BAD_REQUEST,

@@ -10,7 +10,7 @@ use swarm_core::peer::{Peer, PeerConfig};
 use swarm_core::stage::{Joined, join_run};
 use swarm_model::{LocalTrainer, RunConfig};
 
-/// A 2-layer, width-32 model in 2 stages; 4 micro-batches of 2 x 16 tokens per step.
+/// A 2-layer, width-32 model in 2 stages; 4 micro-batches of 2 x 16 tokens per step; codec none.
 pub fn tiny_config(steps: u64) -> RunConfig {
     let mut cfg = RunConfig::default();
     cfg.model.hidden_size = 32;
@@ -26,6 +26,10 @@ pub fn tiny_config(steps: u64) -> RunConfig {
     cfg.train.seq_len = 16;
     cfg.train.warmup_steps = 1;
     cfg.train.lr = 1e-2;
+    // Exact fp32 on every channel (the defaults are lossy): the run is then the local run.
+    cfg.codec.activations = "none".into();
+    cfg.codec.gradients = "none".into();
+    cfg.codec.sync = "none".into();
     cfg.validate().unwrap();
     cfg
 }
@@ -85,6 +89,25 @@ pub fn assert_losses_match(got: &[f64], want: &[f64], tol: f64) {
         assert!(
             rel < tol,
             "step {k}: swarm loss {g} vs local {w} (rel {rel})"
+        );
+    }
+}
+
+impl Replica {
+    /// Arms a crash: the next request of `kind` this replica receives closes its endpoint instead
+    /// of being served (as a SIGKILL at that moment would).
+    pub fn crash_on(&self, kind: u16) {
+        self.peer.register(
+            kind,
+            |peer: std::sync::Arc<swarm_core::peer::PeerShared>,
+             _ctx: swarm_core::peer::RequestCtx,
+             _body: Vec<u8>| async move {
+                peer.node().close();
+                Err(swarm_core::rpc::RpcError::refused(
+                    swarm_core::rpc::code::INTERNAL,
+                    "crashed",
+                ))
+            },
         );
     }
 }
