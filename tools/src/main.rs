@@ -6,6 +6,8 @@
 
 mod cluster;
 mod cmd;
+mod plot;
+mod scenario;
 mod ui;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +33,9 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// A whole swarm on loopback: a trainer and N shaped peer processes train the default model.
     Demo(cmd::demo::DemoArgs),
+    /// Replay an experiment scenario (experiments/*.toml): every variant as a shaped swarm on
+    /// loopback plus the local baseline; CSV/JSON per step, plots and a markdown summary.
+    Replay(cmd::replay::ReplayArgs),
     /// Start a peer and join a swarm (or start a new one).
     Join(cmd::join::JoinArgs),
     /// Show the swarm as one peer sees it.
@@ -63,6 +68,7 @@ fn main() {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Replay(a) => cmd::replay::run(a),
         Command::Join(a) => cmd::join::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Ledger(c) => cmd::ledger::run(c),

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod generate;
 pub mod join;
 pub mod ledger;
+pub mod replay;
 pub mod sim;
 pub mod status;
 pub mod train;
