@@ -2,6 +2,7 @@
 //! (embedding + head), routes micro-batches through stage replicas, counts each exactly once,
 //! coordinates the replica sync at every step boundary, checkpoints and resumes.
 
+pub mod audit;
 pub mod book;
 pub mod checkpoint;
 mod driver;

@@ -1046,6 +1046,7 @@ impl Trainer {
             .await?;
         let attempts: Vec<Option<u32>> = (0..m).map(|mb| book.current_attempt(mb)).collect();
         self.audit.end_step(step, &attempts, &cfg);
+        self.metrics.audit = self.audit.stats.clone();
         self.metrics.replica_hash_mismatches += mismatches;
         self.metrics.retries += book.retries();
         let tokens = cfg.tokens_per_step() as u64;

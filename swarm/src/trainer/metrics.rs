@@ -120,6 +120,10 @@ pub struct Summary {
     pub retries: u64,
     pub peers_lost: u64,
     pub replica_hash_mismatches: u64,
+    /// Audits run, failed, and the peers they banned (issue #7).
+    pub audits: u64,
+    pub audit_failures: u64,
+    pub banned: Vec<String>,
 }
 
 /// Everything measured during a run.
@@ -135,6 +139,8 @@ pub struct Metrics {
     pub train_seconds: f64,
     /// Seconds joiners took to fetch their stage state (one entry per join).
     pub state_sync_seconds: Vec<f64>,
+    /// Audit counters (issue #7).
+    pub audit: super::audit::AuditStats,
 }
 
 impl Metrics {
@@ -153,6 +159,9 @@ impl Metrics {
             retries: self.retries,
             peers_lost: self.peers_lost,
             replica_hash_mismatches: self.replica_hash_mismatches,
+            audits: self.audit.audits,
+            audit_failures: self.audit.audit_failures,
+            banned: self.audit.banned.iter().map(|p| p.to_string()).collect(),
         }
     }
 }

@@ -1,0 +1,792 @@
+//! The trainer's side of proof of training (issue #7): which micro-batches to audit, checking the
+//! audited peer's receipts and frames, recomputation by another replica, a referee on mismatch,
+//! bans, and the contribution ledger.
+//!
+//! When: after a step's micro-batch phase, before the replicas sync and apply (they still hold
+//! the step's weights, and every peer still keeps the step's receipts and frames). Which: each
+//! (micro-batch, stage) of the attempt that completed, with probability `rate` (a higher
+//! `new_peer_rate` for a peer's first `new_peer_micro_batches`), drawn from ChaCha20 keyed by a
+//! secret seed and (step, micro-batch, stage): unpredictable to peers, and drawn only once every
+//! receipt of the step is committed (signed and held by the peers).
+//!
+//! An audit of peer P at stage k for micro-batch m:
+//! 1. Fetch P's record (receipts + the frames it received and sent). Its receipts must be signed
+//!    by P for this run, epoch, attempt and stage, and hash to the frames it shows.
+//! 2. Chain: the frames P shows must be the ones its neighbours signed for (their receipts'
+//!    output/input hashes), or, at the ends of the pipeline, the ones the trainer itself sent and
+//!    received (hashed here as they pass). A mismatch against the trainer's own hashes proves P
+//!    lied; one against a neighbour's receipt is a dispute between two signers, logged and
+//!    counted (`disputes`): telling them apart needs receipts carried with the frames.
+//! 3. Another replica A recomputes P's forward and input gradient from the same inputs (its
+//!    weights digest must equal the one P signed). Identical frames pass at once; otherwise both
+//!    are decoded and compared by relative L2 distance against `tolerance`.
+//! 4. Mismatch: a referee recomputes: a third replica if the stage has one, else the trainer
+//!    itself from the stage state fetched from A and verified against the digest. The side the
+//!    referee disagrees with is banned.
+//!
+//! A ban removes the peer from the run for good and voids its work in the ledger. The step's
+//! gradients may already hold the banned peer's corrupted outputs (other stages computed on them),
+//! so the driver discards the whole step's accumulated gradients and re-runs it on honest
+//! replicas. Steps already applied are not rolled back (see the code map in ARCHITECTURE.md).
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use serde::Serialize;
+use swarm_compression::{Codec, Decoder, Limits};
+use swarm_model::RunConfig;
+
+use crate::error::{Error, Result};
+use crate::identity::{Identity, PeerId};
+use crate::ledger::{Body, Head, LedgerWriter};
+use crate::membership::RunId;
+use crate::peer::PeerShared;
+use crate::protocol::{Endpoint, Hop, MbKey};
+use crate::receipt::{
+    AuditFetch, AuditRecompute, AuditRecord, AuditResult, Pass, Receipt, frame_hash,
+};
+use crate::stage::{StageOptions, audit_worker::recompute, fetch_state};
+
+/// Default fraction of micro-batches audited per stage.
+pub const DEFAULT_RATE: f64 = 0.05;
+/// Default audit rate for a peer's first [`DEFAULT_NEW_PEER_MICRO_BATCHES`] micro-batches.
+pub const DEFAULT_NEW_PEER_RATE: f64 = 0.2;
+pub const DEFAULT_NEW_PEER_MICRO_BATCHES: u64 = 20;
+/// Relative L2 distance above which two recomputations disagree. Honest recomputations measured
+/// on this machine are bitwise identical at any thread count (see the note in ARCHITECTURE.md);
+/// the bound leaves room for a quantization level flipped by a last-bit difference (about 1e-4
+/// relative with 4-bit codecs), and is far below the smallest fault (1% noise gives ~1e-2).
+pub const DEFAULT_TOLERANCE: f32 = 2e-3;
+
+/// How the trainer audits.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Fraction of (micro-batch, stage) pairs audited; 0 disables audits.
+    pub rate: f64,
+    pub new_peer_rate: f64,
+    pub new_peer_micro_batches: u64,
+    pub tolerance: f32,
+    /// Secret seed of the draws (random unless given; give it only for reproducible tests).
+    pub seed: Option<u64>,
+    /// Where the contribution ledger is written (none: no ledger).
+    pub ledger: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            rate: DEFAULT_RATE,
+            new_peer_rate: DEFAULT_NEW_PEER_RATE,
+            new_peer_micro_batches: DEFAULT_NEW_PEER_MICRO_BATCHES,
+            tolerance: DEFAULT_TOLERANCE,
+            seed: None,
+            ledger: None,
+        }
+    }
+}
+
+/// Audit counters for metrics and the demo's JSON.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AuditStats {
+    pub audits: u64,
+    pub audit_failures: u64,
+    /// Banned peers, in ban order.
+    #[serde(serialize_with = "ser_peers")]
+    pub banned: Vec<PeerId>,
+    /// Chain mismatches between two peers' receipts (not attributable without carried receipts).
+    pub disputes: u64,
+    /// (micro-batch, stage) pairs that completed, i.e. that could have been audited.
+    pub candidates: u64,
+    /// Micro-batch-stage pairs served by each peer before its ban (for the theory comparison).
+    #[serde(skip)]
+    pub served_before_ban: Vec<(PeerId, u64)>,
+    /// Largest distance seen in a passed audit that was not bitwise identical.
+    pub max_passed_distance: f32,
+    /// Audits whose frames were bitwise identical.
+    pub identical: u64,
+    /// Bytes moved by audits (records, recompute requests and results).
+    pub bytes: u64,
+    /// Wall time spent in the audit phase.
+    pub seconds: f64,
+}
+
+fn ser_peers<S: serde::Serializer>(v: &[PeerId], s: S) -> std::result::Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(v.len()))?;
+    for p in v {
+        seq.serialize_element(&p.to_string())?;
+    }
+    seq.end()
+}
+
+/// The hashes the trainer saw for one attempt, and its route.
+#[derive(Default, Clone)]
+struct Seen {
+    route: Vec<Hop>,
+    sent_fwd: Option<[u8; 32]>,
+    got_fwd: Option<[u8; 32]>,
+    sent_bwd: Option<[u8; 32]>,
+    got_bwd: Option<[u8; 32]>,
+}
+
+/// One ban decided by an audit.
+#[derive(Debug, Clone)]
+pub struct Ban {
+    pub peer: PeerId,
+    pub stage: u32,
+    pub reason: String,
+}
+
+/// What the audit phase needs from the driver.
+pub struct StepView<'a> {
+    pub run: RunId,
+    pub epoch: u32,
+    pub step: u64,
+    pub config: &'a RunConfig,
+    /// The final attempt of every micro-batch.
+    pub attempts: Vec<Option<u32>>,
+    /// Live replicas per stage (peer, address), excluding any already excluded this step.
+    pub replicas: Vec<Vec<(PeerId, SocketAddr)>>,
+    /// The agreed weights digest per stage at this step, when known.
+    pub digests: Vec<Option<[u8; 32]>>,
+    pub peer: &'a Arc<PeerShared>,
+}
+
+/// The trainer's auditor: draws, checks, bans, and writes the ledger.
+pub struct Auditor {
+    cfg: AuditConfig,
+    secret: [u8; 32],
+    ledger: Option<LedgerWriter>,
+    step: u64,
+    seen: HashMap<MbKey, Seen>,
+    served: HashMap<PeerId, u64>,
+    banned: BTreeSet<PeerId>,
+    pub stats: AuditStats,
+    act: Codec,
+    grad: Codec,
+    limits: Limits,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Auditor(rate {})", self.cfg.rate)
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Relative L2 distance of two frames' decoded values (0 when bitwise identical; 1 when one does
+/// not decode or the shapes differ).
+pub fn frame_distance(a: &[u8], b: &[u8], limits: &Limits) -> f32 {
+    if a == b {
+        return 0.0;
+    }
+    let mut dec = Decoder::new();
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let (Ok(ia), Ok(ib)) = (dec.decode(a, limits, &mut x), dec.decode(b, limits, &mut y)) else {
+        return 1.0;
+    };
+    if ia.shape() != ib.shape() || x.len() != y.len() {
+        return 1.0;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (p, q) in x.iter().zip(&y) {
+        let d = (*p as f64) - (*q as f64);
+        num += d * d;
+        den += (*q as f64) * (*q as f64);
+    }
+    if !num.is_finite() || !den.is_finite() {
+        return 1.0;
+    }
+    (num.sqrt() / den.sqrt().max(1e-30)) as f32
+}
+
+impl Auditor {
+    /// An auditor for `run`; opens (or continues) the ledger if configured.
+    pub fn new(
+        cfg: AuditConfig,
+        identity: &Identity,
+        run: RunId,
+        config: &RunConfig,
+        timeout: Duration,
+    ) -> Result<Auditor> {
+        let secret = match cfg.seed {
+            Some(s) => *blake3::hash(&s.to_le_bytes()).as_bytes(),
+            None => rand::random(),
+        };
+        let ledger = match &cfg.ledger {
+            Some(p) => Some(LedgerWriter::open(p, identity.clone(), run, now_ms())?),
+            None => None,
+        };
+        let elems = config.train.micro_batch_size * config.train.seq_len * config.model.hidden_size;
+        Ok(Auditor {
+            secret,
+            ledger,
+            step: 0,
+            seen: HashMap::new(),
+            served: HashMap::new(),
+            banned: BTreeSet::new(),
+            stats: AuditStats::default(),
+            act: config.codec.activations.parse()?,
+            grad: config.codec.gradients.parse()?,
+            limits: Limits::new(elems),
+            timeout,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &AuditConfig {
+        &self.cfg
+    }
+
+    /// The ledger's head (for checkpoints), if a ledger is written.
+    pub fn ledger_head(&self) -> Option<Head> {
+        self.ledger.as_ref().map(LedgerWriter::head)
+    }
+
+    pub fn is_banned(&self, p: &PeerId) -> bool {
+        self.banned.contains(p)
+    }
+
+    fn entry(&mut self, key: MbKey) -> &mut Seen {
+        if key.step != self.step {
+            self.seen.clear();
+            self.step = key.step;
+        }
+        self.seen.entry(key).or_default()
+    }
+
+    /// The trainer sent the embedding output `frame` for attempt `key` along `route`.
+    pub fn sent_forward(&mut self, key: MbKey, route: &[Hop], frame: &[u8]) {
+        let s = self.entry(key);
+        s.route = route.to_vec();
+        s.sent_fwd = Some(frame_hash(frame));
+    }
+
+    /// The trainer received the last stage's output for `key`.
+    pub fn got_forward(&mut self, key: MbKey, frame: &[u8]) {
+        self.entry(key).got_fwd = Some(frame_hash(frame));
+    }
+
+    /// The trainer sent the head's input gradient for `key`.
+    pub fn sent_backward(&mut self, key: MbKey, frame: &[u8]) {
+        self.entry(key).sent_bwd = Some(frame_hash(frame));
+    }
+
+    /// The trainer received stage 0's input gradient for `key`.
+    pub fn got_backward(&mut self, key: MbKey, frame: &[u8]) {
+        self.entry(key).got_bwd = Some(frame_hash(frame));
+    }
+
+    fn draw(&self, step: u64, mb: u32, stage: u32, rate: f64) -> bool {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.secret)
+            .update(&step.to_le_bytes())
+            .update(&mb.to_le_bytes())
+            .update(&stage.to_le_bytes());
+        let mut rng = ChaCha20Rng::from_seed(*h.finalize().as_bytes());
+        rng.random::<f64>() < rate
+    }
+
+    async fn call<Q: crate::wire::WireMessage, R: crate::wire::WireMessage>(
+        &self,
+        ps: &PeerShared,
+        addr: SocketAddr,
+        peer: PeerId,
+        msg: &Q,
+    ) -> Result<R> {
+        match tokio::time::timeout(self.timeout, ps.call::<Q, R>(addr, Some(peer), msg)).await {
+            Ok(r) => Ok(r?.1),
+            Err(_) => Err(Error::Timeout {
+                what: "audit request",
+                after: self.timeout,
+            }),
+        }
+    }
+
+    /// Audits the step's micro-batches (see the module doc); returns the peers to ban. Audit
+    /// and ban entries go to the ledger at once.
+    pub async fn audit_step(&mut self, v: &StepView<'_>) -> Vec<Ban> {
+        let started = Instant::now();
+        let mut bans: Vec<Ban> = Vec::new();
+        if self.cfg.rate <= 0.0 && self.cfg.new_peer_rate <= 0.0 {
+            return bans;
+        }
+        let stages = v.replicas.len();
+        let mut jobs = Vec::new();
+        for (mb, att) in v.attempts.iter().enumerate() {
+            let Some(attempt) = *att else { continue };
+            let key = MbKey {
+                step: v.step,
+                mb: mb as u32,
+                attempt,
+            };
+            let Some(seen) = self.seen.get(&key).filter(|_| self.step == v.step) else {
+                continue;
+            };
+            if seen.route.len() != stages {
+                continue;
+            }
+            for k in 0..stages as u32 {
+                let p = seen.route[k as usize].peer;
+                self.stats.candidates += 1;
+                let served = self.served.get(&p).copied().unwrap_or(0);
+                let rate = if served < self.cfg.new_peer_micro_batches {
+                    self.cfg.new_peer_rate.max(self.cfg.rate)
+                } else {
+                    self.cfg.rate
+                };
+                if self.draw(v.step, mb as u32, k, rate) {
+                    jobs.push((key, k));
+                }
+            }
+        }
+        for (key, k) in jobs {
+            let seen = self.seen[&key].clone();
+            let p = seen.route[k as usize];
+            if self.banned.contains(&p.peer) || bans.iter().any(|b| b.peer == p.peer) {
+                continue;
+            }
+            match self.audit_one(v, key, k, &seen).await {
+                Ok(None) => {}
+                Ok(Some(ban)) => bans.push(ban),
+                Err(e) => {
+                    tracing::warn!(step = v.step, microbatch = key.mb, stage = k, error = %e, "audit could not run");
+                }
+            }
+        }
+        // Count this step's work per peer for the new-peer rate (bans are handled by the driver).
+        for (key, seen) in &self.seen {
+            if v.attempts.get(key.mb as usize).copied().flatten() == Some(key.attempt) {
+                for h in &seen.route {
+                    *self.served.entry(h.peer).or_default() += 1;
+                }
+            }
+        }
+        for b in &bans {
+            self.banned.insert(b.peer);
+            self.stats.banned.push(b.peer);
+            let n = self.served.get(&b.peer).copied().unwrap_or(0);
+            self.stats.served_before_ban.push((b.peer, n));
+        }
+        if let Some(l) = self.ledger.as_mut()
+            && let Err(e) = l.sync()
+        {
+            tracing::warn!(error = %e, "ledger sync failed");
+        }
+        self.stats.seconds += started.elapsed().as_secs_f64();
+        bans
+    }
+
+    fn log(&mut self, body: Body) {
+        if let Some(l) = self.ledger.as_mut()
+            && let Err(e) = l.append(body, now_ms())
+        {
+            tracing::warn!(error = %e, "ledger append failed");
+        }
+    }
+
+    fn ban(
+        &mut self,
+        peer: PeerId,
+        step: u64,
+        stage: u32,
+        reason: String,
+        evidence: [u8; 32],
+    ) -> Ban {
+        tracing::warn!(peer = %peer.short(), step, stage, %reason, "peer banned");
+        self.log(Body::Ban {
+            peer,
+            step,
+            reason: reason.clone(),
+            evidence,
+        });
+        Ban {
+            peer,
+            stage,
+            reason,
+        }
+    }
+
+    /// Checks P's record; `Err(reason)` when P provably lied or cannot show its work.
+    fn check_record(
+        &self,
+        v: &StepView<'_>,
+        key: MbKey,
+        k: u32,
+        peer: PeerId,
+        rec: &AuditRecord,
+    ) -> std::result::Result<(Receipt, Receipt), String> {
+        let (Some(f), Some(b)) = (&rec.forward, &rec.backward) else {
+            return Err("no receipt for a pass it was credited".into());
+        };
+        for (r, pass) in [(f, Pass::Forward), (b, Pass::Backward)] {
+            if !r.verify(&peer) {
+                return Err("receipt not signed by the peer".into());
+            }
+            if r.run != v.run
+                || r.epoch != v.epoch
+                || r.key != key
+                || r.stage != k
+                || r.pass != pass
+            {
+                return Err("receipt for another pass".into());
+            }
+        }
+        if frame_hash(&rec.fwd_in) != f.input_hash
+            || frame_hash(&rec.fwd_out) != f.output_hash
+            || frame_hash(&rec.bwd_in) != b.input_hash
+            || frame_hash(&rec.bwd_out) != b.output_hash
+        {
+            return Err("frames shown do not match its own receipts".into());
+        }
+        if f.weights_digest != b.weights_digest {
+            return Err("two weights digests in one step".into());
+        }
+        if let Some(d) = v.digests.get(k as usize).copied().flatten()
+            && d != f.weights_digest
+        {
+            return Err("receipt claims weights other than the stage's agreed state".into());
+        }
+        Ok((f.clone(), b.clone()))
+    }
+
+    async fn audit_one(
+        &mut self,
+        v: &StepView<'_>,
+        key: MbKey,
+        k: u32,
+        seen: &Seen,
+    ) -> Result<Option<Ban>> {
+        let stages = seen.route.len() as u32;
+        let hop = seen.route[k as usize];
+        let p = hop.peer;
+        let fetch = |frames| AuditFetch {
+            run: v.run,
+            epoch: v.epoch,
+            key,
+            stage: k,
+            frames,
+        };
+        let rec: AuditRecord = match self.call(v.peer, hop.addr, p, &fetch(true)).await {
+            Ok(r) => r,
+            Err(e) => {
+                // An alive peer that cannot show the work it was credited for has no proof of it.
+                // A dead one is the driver's business (it was probed just before).
+                tracing::warn!(peer = %p.short(), error = %e, "audited peer did not show its record");
+                return Ok(None);
+            }
+        };
+        self.stats.bytes +=
+            (rec.fwd_in.len() + rec.fwd_out.len() + rec.bwd_in.len() + rec.bwd_out.len()) as u64;
+        self.stats.audits += 1;
+        let (fr, br) = match self.check_record(v, key, k, p, &rec) {
+            Ok(r) => r,
+            Err(reason) => {
+                self.stats.audit_failures += 1;
+                self.log_audit(p, key, k, p, None, false, 1.0);
+                let ev = frame_hash(&crate::wire::encode_body(&rec).unwrap_or_default());
+                return Ok(Some(self.ban(p, key.step, k, reason, ev)));
+            }
+        };
+        // The ends of the pipeline: the trainer's own hashes.
+        let mut lied = None;
+        if k == 0 && seen.sent_fwd.is_some_and(|h| h != fr.input_hash) {
+            lied = Some("forward input differs from what the trainer sent");
+        }
+        if k == 0 && seen.got_bwd.is_some_and(|h| h != br.output_hash) {
+            lied = Some("input gradient differs from what the trainer received");
+        }
+        if k + 1 == stages && seen.got_fwd.is_some_and(|h| h != fr.output_hash) {
+            lied = Some("forward output differs from what the trainer received");
+        }
+        if k + 1 == stages && seen.sent_bwd.is_some_and(|h| h != br.input_hash) {
+            lied = Some("output gradient differs from what the trainer sent");
+        }
+        if let Some(reason) = lied {
+            self.stats.audit_failures += 1;
+            self.log_audit(p, key, k, p, None, false, 1.0);
+            return Ok(Some(self.ban(
+                p,
+                key.step,
+                k,
+                reason.into(),
+                fr.output_hash,
+            )));
+        }
+        // Interior links: the neighbours' receipts.
+        for (nk, up) in [(k.wrapping_sub(1), true), (k + 1, false)] {
+            if nk >= stages {
+                continue;
+            }
+            let n = seen.route[nk as usize];
+            let Ok(nrec) = self
+                .call::<AuditFetch, AuditRecord>(
+                    v.peer,
+                    n.addr,
+                    n.peer,
+                    &AuditFetch {
+                        stage: nk,
+                        ..fetch(false)
+                    },
+                )
+                .await
+            else {
+                continue;
+            };
+            let (Some(nf), Some(nb)) = (nrec.forward, nrec.backward) else {
+                continue;
+            };
+            if !nf.verify(&n.peer) || !nb.verify(&n.peer) {
+                continue;
+            }
+            let ok = if up {
+                nf.output_hash == fr.input_hash && nb.input_hash == br.output_hash
+            } else {
+                nf.input_hash == fr.output_hash && nb.output_hash == br.input_hash
+            };
+            if !ok {
+                self.stats.disputes += 1;
+                tracing::warn!(peer = %p.short(), neighbour = %n.peer.short(), step = key.step, microbatch = key.mb, "receipt chain dispute");
+            }
+        }
+        // Recompute on another replica (or on the trainer when the stage has no other).
+        let others: Vec<(PeerId, SocketAddr)> = v.replicas[k as usize]
+            .iter()
+            .copied()
+            .filter(|(q, _)| *q != p && !self.banned.contains(q))
+            .collect();
+        let req = AuditRecompute {
+            run: v.run,
+            epoch: v.epoch,
+            key,
+            stage: k,
+            fwd_in: rec.fwd_in.clone(),
+            bwd_in: rec.bwd_in.clone(),
+        };
+        let mut auditor = None;
+        for (q, addr) in &others {
+            match self
+                .call::<AuditRecompute, AuditResult>(v.peer, *addr, *q, &req)
+                .await
+            {
+                Ok(r) => {
+                    auditor = Some((*q, *addr, r));
+                    break;
+                }
+                Err(e) => tracing::warn!(auditor = %q.short(), error = %e, "auditor failed"),
+            }
+        }
+        self.stats.bytes += (req.fwd_in.len() + req.bwd_in.len()) as u64;
+        let (a_id, a_res) = match auditor {
+            Some((q, _, r)) => (q, r),
+            None => {
+                let me = PeerId([0; 32]);
+                match self
+                    .trainer_recompute(v, k, fr.weights_digest, &others, &rec)
+                    .await
+                {
+                    Ok(r) => (me, r),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no replica could recompute; audit skipped");
+                        self.stats.audits -= 1;
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        self.stats.bytes += (a_res.fwd_out.len() + a_res.bwd_out.len()) as u64;
+        let dist = |x: &AuditResult, fo: &[u8], bo: &[u8], lim: &Limits| {
+            frame_distance(fo, &x.fwd_out, lim).max(frame_distance(bo, &x.bwd_out, lim))
+        };
+        let d_pa = if a_res.weights_digest != fr.weights_digest {
+            1.0
+        } else {
+            dist(&a_res, &rec.fwd_out, &rec.bwd_out, &self.limits)
+        };
+        if d_pa <= self.cfg.tolerance {
+            if d_pa == 0.0 {
+                self.stats.identical += 1;
+            }
+            self.stats.max_passed_distance = self.stats.max_passed_distance.max(d_pa);
+            self.log_audit(p, key, k, a_id, None, true, d_pa);
+            return Ok(None);
+        }
+        // Mismatch: a referee decides.
+        self.stats.audit_failures += 1;
+        let third: Vec<(PeerId, SocketAddr)> =
+            others.iter().copied().filter(|(q, _)| *q != a_id).collect();
+        let mut referee = None;
+        for (q, addr) in &third {
+            if let Ok(r) = self
+                .call::<AuditRecompute, AuditResult>(v.peer, *addr, *q, &req)
+                .await
+            {
+                referee = Some((*q, r));
+                break;
+            }
+        }
+        let (r_id, r_res) = match referee {
+            Some(r) => r,
+            None => match self
+                .trainer_recompute(v, k, fr.weights_digest, &others, &rec)
+                .await
+            {
+                Ok(r) => (PeerId([0; 32]), r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no referee; nobody banned");
+                    self.log_audit(p, key, k, a_id, None, false, d_pa);
+                    return Ok(None);
+                }
+            },
+        };
+        self.stats.bytes += (r_res.fwd_out.len() + r_res.bwd_out.len()) as u64;
+        let d_pr = dist(&r_res, &rec.fwd_out, &rec.bwd_out, &self.limits);
+        let d_ar = dist(&r_res, &a_res.fwd_out, &a_res.bwd_out, &self.limits);
+        let tol = self.cfg.tolerance;
+        let mut h = blake3::Hasher::new();
+        for f in [&rec.fwd_in, &rec.fwd_out, &rec.bwd_in, &rec.bwd_out] {
+            h.update(&frame_hash(f));
+        }
+        let evidence = *h.finalize().as_bytes();
+        let referee_id = Some(r_id);
+        if d_pr > tol && d_ar <= tol {
+            self.log_audit(p, key, k, a_id, referee_id, false, d_pr);
+            let reason = format!(
+                "stage {k} step {} mb {}: output off by {d_pr:.3e} (relative L2) from two recomputations",
+                key.step, key.mb
+            );
+            return Ok(Some(self.ban(p, key.step, k, reason, evidence)));
+        }
+        if d_ar > tol && d_pr <= tol && a_id != PeerId([0; 32]) {
+            // The auditor lied about an honest peer's work.
+            self.log_audit(p, key, k, a_id, referee_id, true, d_pr);
+            self.log_audit(a_id, key, k, r_id, None, false, d_ar);
+            let reason = format!(
+                "audit of stage {k} step {} mb {}: recomputation off by {d_ar:.3e}",
+                key.step, key.mb
+            );
+            return Ok(Some(self.ban(a_id, key.step, k, reason, evidence)));
+        }
+        tracing::warn!(peer = %p.short(), d_pa, d_pr, d_ar, "audit inconclusive; nobody banned");
+        self.log_audit(p, key, k, a_id, referee_id, false, d_pr);
+        Ok(None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn log_audit(
+        &mut self,
+        peer: PeerId,
+        key: MbKey,
+        stage: u32,
+        auditor: PeerId,
+        referee: Option<PeerId>,
+        passed: bool,
+        distance: f32,
+    ) {
+        let tolerance = self.cfg.tolerance;
+        self.log(Body::Audit {
+            peer,
+            step: key.step,
+            mb: key.mb,
+            stage,
+            auditor,
+            referee,
+            passed,
+            distance: if distance.is_finite() { distance } else { 1.0 },
+            tolerance,
+        });
+    }
+
+    /// The trainer recomputes itself from the stage state fetched from a replica and verified
+    /// against `digest` (at step 0 of a fresh run it can build it from the seed).
+    async fn trainer_recompute(
+        &self,
+        v: &StepView<'_>,
+        k: u32,
+        digest: [u8; 32],
+        sources: &[(PeerId, SocketAddr)],
+        rec: &AuditRecord,
+    ) -> Result<AuditResult> {
+        let opts = StageOptions::new(v.run, v.config.clone(), k);
+        let from: Vec<Endpoint> = sources
+            .iter()
+            .map(|(p, a)| Endpoint { peer: *p, addr: *a })
+            .collect();
+        let shard = if v.step == 0 {
+            let cfg = v.config.clone();
+            let s = tokio::task::spawn_blocking(move || crate::stage::init_shard(&cfg, k))
+                .await
+                .map_err(|e| Error::Run(e.to_string()))??;
+            if s.weights_digest()? != digest {
+                return Err(Error::Run("digest is not the seed's".into()));
+            }
+            s
+        } else {
+            fetch_state(v.peer, &opts, v.epoch, v.step, &from, digest).await?
+        };
+        let (fi, bi) = (rec.fwd_in.clone(), rec.bwd_in.clone());
+        let (limits, act, grad) = (self.limits, self.act, self.grad);
+        let (fo, bo) = tokio::task::spawn_blocking(move || {
+            recompute(&shard, k as usize, &fi, &bi, &limits, act, grad)
+        })
+        .await
+        .map_err(|e| Error::Run(e.to_string()))??;
+        Ok(AuditResult {
+            weights_digest: digest,
+            fwd_out: fo,
+            bwd_out: bo,
+        })
+    }
+
+    /// After the step's Apply: Work entries per (peer, stage) for the micro-batches of the
+    /// completed attempts, then fsync.
+    pub fn end_step(&mut self, step: u64, attempts: &[Option<u32>], config: &RunConfig) {
+        let tokens = (config.train.micro_batch_size * config.train.seq_len) as u64;
+        let layers: Vec<u64> = config
+            .stages
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as u64)
+            .collect();
+        let mut work: std::collections::BTreeMap<(PeerId, u32), u32> = Default::default();
+        for (key, seen) in &self.seen {
+            if key.step != step
+                || attempts.get(key.mb as usize).copied().flatten() != Some(key.attempt)
+            {
+                continue;
+            }
+            for h in &seen.route {
+                *work.entry((h.peer, h.stage)).or_default() += 1;
+            }
+        }
+        for ((peer, stage), mbs) in work {
+            if self.banned.contains(&peer) {
+                continue;
+            }
+            let l = layers.get(stage as usize).copied().unwrap_or(0);
+            self.log(Body::Work {
+                peer,
+                step,
+                stage,
+                micro_batches: mbs,
+                tokens_layers: mbs as u64 * tokens * l,
+            });
+        }
+        if let Some(l) = self.ledger.as_mut()
+            && let Err(e) = l.sync()
+        {
+            tracing::warn!(error = %e, "ledger sync failed");
+        }
+    }
+}

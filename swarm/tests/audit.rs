@@ -1,0 +1,181 @@
+//! Audits over real QUIC on loopback (trainer + stage replicas in one process, tiny model,
+//! codec none): an honest run audited at rate 1 bans nobody, every audit is bitwise identical,
+//! the run is still the local run, and the ledger verifies with credit for every peer; a replica
+//! injecting each fault kind is banned (and only it), its step is re-run on honest replicas, so
+//! the run ends on exactly the local run's losses.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use swarm_core::Identity;
+use swarm_core::fault::{FaultKind, FaultSpec};
+use swarm_core::ledger::{self, Expect};
+use swarm_core::peer::{Peer, PeerConfig};
+use swarm_core::stage::{Joined, join_run};
+use swarm_core::trainer::{Metrics, Trainer, TrainerEvent, TrainerOptions};
+use swarm_model::{LocalTrainer, RunConfig};
+
+fn tiny(steps: u64) -> RunConfig {
+    let mut cfg = RunConfig::default();
+    cfg.model.hidden_size = 32;
+    cfg.model.intermediate_size = 64;
+    cfg.model.num_hidden_layers = 2;
+    cfg.model.num_attention_heads = 4;
+    cfg.model.num_key_value_heads = Some(2);
+    cfg.model.max_position_embeddings = 32;
+    cfg.stages = vec![0, 1, 2];
+    cfg.train.steps = steps;
+    cfg.train.micro_batches = 4;
+    cfg.train.micro_batch_size = 2;
+    cfg.train.seq_len = 16;
+    cfg.train.warmup_steps = 1;
+    cfg.train.lr = 1e-2;
+    cfg.codec.activations = "none".into();
+    cfg.codec.gradients = "none".into();
+    cfg.codec.sync = "none".into();
+    cfg.validate().unwrap();
+    cfg
+}
+
+struct Replica {
+    peer: Peer,
+    #[allow(dead_code)]
+    joined: Joined,
+}
+
+async fn replica(trainer: SocketAddr, stage: u32, fault: Option<FaultSpec>) -> Replica {
+    let peer = Peer::start(
+        Identity::generate(),
+        PeerConfig {
+            bootstrap: Some(trainer),
+            ..PeerConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let joined = join_run(&peer, trainer, Some(stage), |o| o.fault = fault)
+        .await
+        .unwrap();
+    Replica { peer, joined }
+}
+
+fn local_losses(cfg: &RunConfig, steps: usize) -> Vec<f64> {
+    let corpus = swarm_model::train::load_corpus(&cfg.data).unwrap();
+    let mut local = LocalTrainer::new(cfg).unwrap();
+    (0..steps)
+        .map(|_| local.train_step(&corpus).unwrap().loss)
+        .collect()
+}
+
+/// Runs `steps` steps with 2 replicas per stage; `faulty` = (stage, spec) makes the first replica
+/// of that stage misbehave. Returns the metrics, the replicas' ids in start order, the ledger.
+async fn run(
+    cfg: &RunConfig,
+    audit_rate: f64,
+    faulty: Option<(u32, FaultSpec)>,
+) -> (Metrics, Vec<swarm_core::PeerId>, Vec<u8>, swarm_core::PeerId) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = TrainerOptions::new(cfg.clone());
+    opts.min_replicas = 2;
+    opts.wait_for_peers = Duration::from_secs(60);
+    opts.attempt_timeout = Duration::from_secs(30);
+    opts.audit.rate = audit_rate;
+    opts.audit.new_peer_rate = audit_rate;
+    opts.audit.seed = Some(7);
+    opts.audit.ledger = Some(dir.path().join("ledger"));
+    let trainer_id = opts.identity.peer_id();
+    let mut trainer = Trainer::start(opts).await.unwrap();
+    let mut reps = Vec::new();
+    for stage in [0u32, 0, 1, 1] {
+        let fault = match faulty {
+            Some((k, spec)) if k == stage && !reps.iter().any(|(s, _): &(u32, Replica)| *s == k) => {
+                Some(spec)
+            }
+            _ => None,
+        };
+        reps.push((stage, replica(trainer.addr(), stage, fault).await));
+    }
+    let metrics = tokio::time::timeout(
+        Duration::from_secs(120),
+        trainer.run(&mut |_e: &TrainerEvent| {}),
+    )
+    .await
+    .expect("run finishes in time")
+    .expect("run succeeds");
+    let ids = reps.iter().map(|(_, r)| r.peer.peer_id()).collect();
+    drop(reps);
+    trainer.shutdown().await;
+    let bytes = std::fs::read(dir.path().join("ledger")).unwrap();
+    (metrics, ids, bytes, trainer_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_run_audited_at_rate_one_bans_nobody() {
+    let steps = 3;
+    let cfg = tiny(steps);
+    let (m, ids, ledger_bytes, trainer) = run(&cfg, 1.0, None).await;
+    let a = &m.audit;
+    // Every (micro-batch, stage) of every step was audited, and each was bitwise identical.
+    assert_eq!(a.audits, steps * 4 * 2, "{a:?}");
+    assert_eq!(a.identical, a.audits);
+    assert_eq!((a.audit_failures, a.banned.len(), a.disputes), (0, 0, 0));
+    let got: Vec<f64> = m.steps.iter().map(|r| r.loss).collect();
+    let want = local_losses(&cfg, steps as usize);
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() / w.abs() < 1e-4, "{got:?} vs {want:?}");
+    }
+    // The ledger verifies under the trainer's key; every replica's work is credited except the
+    // last step's (audited before it was logged: pending until a later audit).
+    let v = ledger::verify(
+        &ledger_bytes,
+        &Expect {
+            trainer: Some(trainer),
+            ..Expect::default()
+        },
+    )
+    .unwrap();
+    let credits = ledger::credits(&v.entries);
+    let total: u64 = credits
+        .iter()
+        .map(|c| c.credited_micro_batches + c.pending_micro_batches)
+        .sum();
+    assert_eq!(total, steps * 4 * 2);
+    assert!(credits.iter().all(|c| !c.banned && c.audits_failed == 0));
+    assert!(credits.iter().any(|c| c.credited_micro_batches > 0));
+    assert!(credits.iter().all(|c| ids.contains(&c.peer)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fault_kind_is_banned_and_the_run_stays_the_local_run() {
+    let steps = 3;
+    let cfg = tiny(steps);
+    let want = local_losses(&cfg, steps as usize);
+    for (i, kind) in FaultKind::ALL.into_iter().enumerate() {
+        let stage = (i % 2) as u32;
+        let spec = FaultSpec {
+            kind,
+            rate: 1.0,
+            seed: 1,
+        };
+        let (m, ids, ledger_bytes, _) = run(&cfg, 1.0, Some((stage, spec))).await;
+        let faulty = ids[2 * stage as usize];
+        let a = &m.audit;
+        assert_eq!(a.banned, vec![faulty], "{kind:?} at stage {stage}: {a:?}");
+        assert!(a.audit_failures >= 1);
+        // The banned peer's step was re-run on honest replicas before anything was applied.
+        let got: Vec<f64> = m.steps.iter().map(|r| r.loss).collect();
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() / w.abs() < 1e-4,
+                "{kind:?}: {got:?} vs {want:?}"
+            );
+        }
+        let v = ledger::verify(&ledger_bytes, &Expect::default()).unwrap();
+        let credits = ledger::credits(&v.entries);
+        for c in &credits {
+            assert_eq!(c.banned, c.peer == faulty, "{kind:?}");
+        }
+        let bad = credits.iter().find(|c| c.peer == faulty).unwrap();
+        assert_eq!(bad.credited_micro_batches, 0);
+    }
+}
