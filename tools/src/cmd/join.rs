@@ -49,6 +49,11 @@ pub struct JoinArgs {
     #[arg(long)]
     pub stage: Option<u32>,
 
+    /// Misbehave on purpose on a seeded fraction of micro-batches (demos and tests of the audits):
+    /// `KIND:RATE[:SEED]`, KIND one of noise, zero, stale, skip, scale-grad.
+    #[arg(long)]
+    pub fault: Option<swarm_core::fault::FaultSpec>,
+
     /// Milliseconds between gossip rounds.
     #[arg(long, env = "SWARM_GOSSIP_INTERVAL_MS", default_value_t = 2_000)]
     pub gossip_interval_ms: u64,
@@ -201,7 +206,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                 ),
             }
         }
-        let serving = join_training(&peer, bootstrap, args.stage, args.json).await?;
+        let serving = join_training(&peer, bootstrap, args.stage, args.fault, args.json).await?;
         shutdown.wait().await;
         if let Some((worker, trainer)) = &serving {
             // Finish in-flight work and this step's sync before leaving (bounded).
@@ -241,6 +246,7 @@ async fn join_training(
     peer: &Peer,
     bootstrap: Option<SocketAddr>,
     stage: Option<u32>,
+    fault: Option<swarm_core::fault::FaultSpec>,
     json: bool,
 ) -> anyhow::Result<Option<(swarm_core::stage::StageWorker, SocketAddr)>> {
     let Some(trainer) = swarm_core::stage::find_trainer(peer, bootstrap).await else {
@@ -252,7 +258,7 @@ async fn join_training(
         }
         return Ok(None);
     };
-    let joined = swarm_core::stage::join_run(peer, trainer, stage, |_| {})
+    let joined = swarm_core::stage::join_run(peer, trainer, stage, |o| o.fault = fault)
         .await
         .context("joining the training run")?;
     let serving = Serving {
