@@ -516,6 +516,11 @@ pub struct HopFailed {
     /// Whether the next hop answered BUSY (overloaded, alive) rather than failing.
     pub busy: bool,
     pub reason: String,
+    /// Tensor bytes of this attempt's failed pass known to have crossed the network: the
+    /// upstream of the message the reporter got, its frame, and the reporter's own frame when
+    /// the next hop received it (refused it). The trainer counts them: failed attempts use
+    /// the links too.
+    pub traffic: Traffic,
 }
 
 impl WireMessage for HopFailed {
@@ -525,6 +530,7 @@ impl WireMessage for HopFailed {
         put_key(w, &self.key);
         w.array(&self.failed.0).bool(self.busy);
         w.str(truncate(&self.reason, MAX_REASON_BYTES));
+        put_traffic(w, &self.traffic);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
@@ -535,6 +541,7 @@ impl WireMessage for HopFailed {
             failed: PeerId(r.array()?),
             busy: r.bool()?,
             reason: r.str("reason", MAX_REASON_BYTES)?.to_owned(),
+            traffic: get_traffic(r)?,
         })
     }
 }
@@ -1456,6 +1463,10 @@ mod tests {
                 failed: pid(5),
                 busy: true,
                 reason: "timed out ü".into(),
+                traffic: Traffic {
+                    wire: 300,
+                    dense: 1 << 40,
+                },
             }),
             e(&Abandon {
                 run: RUN,

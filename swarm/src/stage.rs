@@ -41,7 +41,7 @@ use crate::peer::{Peer, PeerShared, RequestCtx};
 use crate::protocol::{
     Abandon, Ack, Admit, AdmitReply, Applied, Apply, Backward, BackwardOut, Counted, Endpoint,
     FetchState, Forward, ForwardOut, GradShare, Hop, HopFailed, MAX_CHUNK_BYTES, MbKey, Ready,
-    Reload, RunInfo, RunInfoRequest, StateChunk, StateSource, SyncDone, SyncStart,
+    Reload, RunInfo, RunInfoRequest, StateChunk, StateSource, SyncDone, SyncStart, Traffic,
 };
 use crate::receipt::Pass;
 use crate::rpc::{self, RpcError, code};
@@ -549,8 +549,16 @@ impl StageWorker {
                 tracing::warn!(stage, step = key.step, microbatch = key.mb, error = %e, "forward failed");
                 let entry = lock(&self.inner.state).contexts.remove(&key);
                 if let Some(entry) = entry {
-                    self.report_failure(&entry.trainer, key, self.inner.me, false, e.to_string())
-                        .await;
+                    let traffic = f.upstream.plus_frame(in_len, self.inner.boundary_elems);
+                    self.report_failure(
+                        &entry.trainer,
+                        key,
+                        self.inner.me,
+                        false,
+                        e.to_string(),
+                        traffic,
+                    )
+                    .await;
                 }
                 return;
             }
@@ -576,6 +584,7 @@ impl StageWorker {
         );
         // What the previous hop sent us is upstream of the next message.
         let upstream = f.upstream.plus_frame(in_len, in_elems);
+        let with_ours = upstream.plus_frame(out.len(), elems);
         let next = f.hop as usize + 1;
         let (target, result) = if next < route.len() {
             let msg = Forward {
@@ -609,7 +618,13 @@ impl StageWorker {
             let busy = matches!(&e, Error::Remote(r) if r.code == code::BUSY);
             tracing::info!(stage, step = key.step, microbatch = key.mb, error = %e, "forward send failed");
             lock(&self.inner.state).contexts.remove(&key);
-            self.report_failure(&trainer, key, target, busy, e.to_string())
+            // A refusal means our frame arrived: it crossed the network too.
+            let traffic = if matches!(&e, Error::Remote(_)) {
+                with_ours
+            } else {
+                upstream
+            };
+            self.report_failure(&trainer, key, target, busy, e.to_string(), traffic)
                 .await;
         }
     }
@@ -638,6 +653,7 @@ impl StageWorker {
         failed: PeerId,
         busy: bool,
         reason: String,
+        traffic: Traffic,
     ) {
         let msg = HopFailed {
             run: self.inner.opts.run,
@@ -646,6 +662,7 @@ impl StageWorker {
             failed,
             busy,
             reason,
+            traffic,
         };
         if let Err(e) = self.send(trainer.addr, trainer.peer, &msg).await {
             tracing::warn!(error = %e, "could not report a failed hop to the trainer");
@@ -735,7 +752,8 @@ impl StageWorker {
                     // for the step; the trainer excludes it when told (it never got Counted).
                     lock(&self.inner.state).counted.remove(&key.mb);
                 }
-                self.report_failure(&trainer, key, self.inner.me, false, e.to_string())
+                let traffic = b.upstream.plus_frame(in_len, self.inner.boundary_elems);
+                self.report_failure(&trainer, key, self.inner.me, false, e.to_string(), traffic)
                     .await;
                 return;
             }
@@ -761,6 +779,7 @@ impl StageWorker {
             out.len(),
             elems,
         );
+        let with_ours = upstream.plus_frame(out.len(), elems);
         let (target, result) = if stage > 0 {
             let h = entry.route[stage as usize - 1];
             let msg = Backward {
@@ -787,7 +806,12 @@ impl StageWorker {
         };
         if let Err(e) = result {
             let busy = matches!(&e, Error::Remote(r) if r.code == code::BUSY);
-            self.report_failure(&trainer, key, target, busy, e.to_string())
+            let traffic = if matches!(&e, Error::Remote(_)) {
+                with_ours
+            } else {
+                upstream
+            };
+            self.report_failure(&trainer, key, target, busy, e.to_string(), traffic)
                 .await;
         }
     }
@@ -1220,6 +1244,30 @@ impl StageWorker {
 }
 
 impl StageWorker {
+    /// Serves one pipeline, sync or state request of `kind` as the registered handlers do (for
+    /// wrappers that filter or observe requests, e.g. fault-injection tests).
+    pub async fn handle(
+        &self,
+        kind: u16,
+        ctx: RequestCtx,
+        body: Vec<u8>,
+    ) -> Result<rpc::Reply, RpcError> {
+        match kind {
+            kind::FORWARD => self.on_forward(ctx, body).await,
+            kind::BACKWARD => self.on_backward(ctx, body).await,
+            kind::ABANDON => self.on_abandon(ctx, body).await,
+            kind::SYNC_START => self.on_sync_start(ctx, body).await,
+            kind::GRAD_SHARE => self.on_grad_share(ctx, body).await,
+            kind::APPLY => self.on_apply(ctx, body).await,
+            kind::FETCH_STATE => self.on_fetch_state(ctx, body).await,
+            kind::RELOAD => self.on_reload(ctx, body).await,
+            other => Err(refuse(
+                code::BAD_REQUEST,
+                format!("kind {other} is not a stage request"),
+            )),
+        }
+    }
+
     /// A `Reload` naming this replica as the source of the state it already holds (same epoch,
     /// step and digest) is a reset of the step's work, done in place without a transfer.
     /// Returns the digest when it was.

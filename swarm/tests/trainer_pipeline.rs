@@ -77,3 +77,88 @@ async fn swarm_run_matches_local_run_with_codec_none() {
     drop(replicas);
     trainer.shutdown().await;
 }
+
+/// Runs `steps` steps of the tiny run on 2 stages x 2 replicas; with `refuse_first_forward`, the
+/// first replica of stage 1 refuses the first Forward it receives (the attempt fails after two
+/// activation frames crossed the network: the trainer's and stage 0's) and serves the rest.
+async fn run_counting_bytes(
+    steps: u64,
+    refuse_first_forward: bool,
+) -> swarm_core::trainer::Metrics {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cfg = tiny_config(steps);
+    let mut opts = TrainerOptions::new(cfg.clone());
+    opts.min_replicas = 2;
+    opts.wait_for_peers = Duration::from_secs(60);
+    opts.attempt_timeout = Duration::from_secs(30);
+    let mut trainer = Trainer::start(opts).await.unwrap();
+    let replicas = start_replicas(trainer.addr(), &[0, 0, 1, 1]).await;
+    if refuse_first_forward {
+        let worker = replicas[2].joined.worker.clone();
+        let refused = Arc::new(AtomicBool::new(false));
+        replicas[2].peer.register(
+            swarm_core::wire::kind::FORWARD,
+            move |_p: Arc<swarm_core::peer::PeerShared>,
+                  ctx: swarm_core::peer::RequestCtx,
+                  body: Vec<u8>| {
+                let (worker, refused) = (worker.clone(), refused.clone());
+                async move {
+                    if !refused.swap(true, Ordering::SeqCst) {
+                        return Err(swarm_core::rpc::RpcError::refused(
+                            swarm_core::rpc::code::BAD_REQUEST,
+                            "injected refusal",
+                        ));
+                    }
+                    worker
+                        .handle(swarm_core::wire::kind::FORWARD, ctx, body)
+                        .await
+                }
+            },
+        );
+    }
+    let metrics = tokio::time::timeout(Duration::from_secs(120), trainer.run(&mut |_| {}))
+        .await
+        .expect("run finishes in time")
+        .expect("run succeeds");
+    let (want, _) = local_losses(&cfg, steps as usize);
+    let got: Vec<f64> = metrics.steps.iter().map(|r| r.loss).collect();
+    assert_losses_match(&got, &want, 1e-4);
+    drop(replicas);
+    trainer.shutdown().await;
+    metrics
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_of_failed_attempts_count_as_wire_bytes() {
+    let steps = 2;
+    let clean = run_counting_bytes(steps, false).await;
+    let retried = run_counting_bytes(steps, true).await;
+    assert_eq!((clean.retries, retried.retries), (0, 1));
+    let (a, b) = (clean.wire, retried.wire);
+    // Codec none: every activation frame has the same size; a clean run sends 3 per micro-batch
+    // (trainer -> stage 0 -> stage 1 -> trainer).
+    let cfg = tiny_config(steps);
+    let frames = steps * cfg.train.micro_batches as u64 * 3;
+    assert_eq!(a.activations.wire_bytes % frames, 0, "{a:?}");
+    let (frame, dense) = (
+        a.activations.wire_bytes / frames,
+        a.activations.dense_bytes / frames,
+    );
+    // The failed attempt's two frames crossed the network and are counted, once each.
+    assert_eq!(
+        b.activations.wire_bytes,
+        a.activations.wire_bytes + 2 * frame
+    );
+    assert_eq!(
+        b.activations.dense_bytes,
+        a.activations.dense_bytes + 2 * dense
+    );
+    assert_eq!(b.gradients, a.gradients);
+    assert_eq!(
+        (b.sync.wire_bytes, b.sync.dense_bytes),
+        (a.sync.wire_bytes, a.sync.dense_bytes)
+    );
+    let (sa, sb) = (clean.summary(), retried.summary());
+    assert!(sb.wire_bytes > sa.wire_bytes, "{sa:?} {sb:?}");
+}

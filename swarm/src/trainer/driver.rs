@@ -226,6 +226,10 @@ struct InFlight {
     deadline: Instant,
     /// BackwardOut seen (the pipeline pass is over; only Counted reports may be missing).
     returned: bool,
+    /// Our own frames of this attempt, counted when sent: the first activations and (once the
+    /// forward pass is back) the loss gradient. The passes' `upstream` includes them again.
+    sent_act: Traffic,
+    sent_grad: Option<Traffic>,
 }
 
 /// A running trainer. [`Trainer::start`] binds and serves; [`Trainer::run`] trains.
@@ -793,9 +797,10 @@ impl Trainer {
                         let mb = out.key.mb as usize;
                         // Only the route's last replica may deliver the output.
                         if out.key.step == step
-                            && let Some(f) = inflight.get(&mb)
+                            && let Some(f) = inflight.get_mut(&mb)
                             && f.key == out.key
                             && f.route.last().map(|h| h.peer) == Some(from)
+                            && f.sent_grad.is_none()
                             && let Err(e) = self.on_forward_out(&mut book, f, &out).await
                         {
                             tracing::warn!(error = %e, mb, "bad forward output");
@@ -859,6 +864,18 @@ impl Trainer {
                             .get(&mb)
                             .is_some_and(|f| f.route.iter().any(|x| x.peer == from));
                         if h.key.step == step && book.is_current(mb, h.key.attempt) && on_route {
+                            // What the failed pass had sent, less our own frame (counted when
+                            // sent): the backward pass if it had begun, else the forward one.
+                            if let Some(f) = inflight.get(&mb) {
+                                let (channel, ours) = match f.sent_grad {
+                                    Some(g) => (Channel::Gradients, g),
+                                    None => (Channel::Activations, f.sent_act),
+                                };
+                                self.metrics.wire.channel_mut(channel).add(
+                                    h.traffic.wire.saturating_sub(ours.wire),
+                                    h.traffic.dense.saturating_sub(ours.dense),
+                                );
+                            }
                             failed.push((mb, Some(h.failed), h.busy));
                         }
                     }
@@ -1185,8 +1202,15 @@ impl Trainer {
         })
         .await
         .map_err(|e| run_err(e.to_string()))??;
-        // Counted when the pass returns: ForwardOut carries every hop's bytes.
-        let _ = dense;
+        // Our frame crosses the network whatever happens to the attempt: count it now.
+        let sent_act = Traffic {
+            wire: frame.len() as u64,
+            dense,
+        };
+        self.metrics
+            .wire
+            .channel_mut(Channel::Activations)
+            .add(sent_act.wire, sent_act.dense);
         self.audit.sent_forward(key, &route, &frame);
         let msg = Forward {
             run: self.shared.run,
@@ -1213,6 +1237,8 @@ impl Trainer {
             head: att.head,
             deadline: Instant::now() + timeout,
             returned: false,
+            sent_act,
+            sent_grad: None,
         })
     }
 
@@ -1239,7 +1265,7 @@ impl Trainer {
     async fn on_forward_out(
         &mut self,
         book: &mut StepBook,
-        f: &InFlight,
+        f: &mut InFlight,
         out: &ForwardOut,
     ) -> Result<()> {
         let ends = self.ends.clone();
@@ -1273,13 +1299,21 @@ impl Trainer {
         })
         .await
         .map_err(|e| run_err(e.to_string()))??;
-        // The whole forward pass (every hop's frame) and the gradient we send now; the rest of
-        // the backward pass comes with BackwardOut.
+        // The rest of the forward pass (every hop's frame but our first, counted when sent) and
+        // the gradient we send now; the rest of the backward pass comes with BackwardOut.
         self.metrics.wire.channel_mut(Channel::Activations).add(
-            out.upstream.wire + out.activations.len() as u64,
-            out.upstream.dense + dense,
+            (out.upstream.wire + out.activations.len() as u64).saturating_sub(f.sent_act.wire),
+            (out.upstream.dense + dense).saturating_sub(f.sent_act.dense),
         );
-        let _ = grad.len();
+        let sent_grad = Traffic {
+            wire: grad.len() as u64,
+            dense,
+        };
+        self.metrics
+            .wire
+            .channel_mut(Channel::Gradients)
+            .add(sent_grad.wire, sent_grad.dense);
+        f.sent_grad = Some(sent_grad);
         if accumulate {
             book.count(
                 f.key.mb as usize,
@@ -1792,10 +1826,12 @@ async fn on_backward_out(
 ) -> Result<()> {
     let _ = dec;
     let info = swarm_compression::frame::FrameInfo::read(&out.grad, limits)?;
-    // The whole backward pass: every earlier hop (including our own Backward) and this frame.
+    // The backward pass: every earlier hop and this frame, but our own Backward's frame (in
+    // `upstream` too), counted when sent.
+    let ours = f.sent_grad.unwrap_or_default();
     metrics.wire.channel_mut(Channel::Gradients).add(
-        out.upstream.wire + out.grad.len() as u64,
-        out.upstream.dense + info.elements as u64 * 4,
+        (out.upstream.wire + out.grad.len() as u64).saturating_sub(ours.wire),
+        (out.upstream.dense + info.elements as u64 * 4).saturating_sub(ours.dense),
     );
     if !f.embedding {
         return Ok(());
