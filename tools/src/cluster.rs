@@ -66,6 +66,17 @@ impl Cluster {
         trainer: SocketAddr,
         shape: &LinkShape,
     ) -> anyhow::Result<usize> {
+        self.spawn_with(stage, trainer, shape, &[])
+    }
+
+    /// [`Cluster::spawn`] with extra `swarm join` arguments (e.g. `--fault noise:0.1`).
+    pub fn spawn_with(
+        &mut self,
+        stage: u32,
+        trainer: SocketAddr,
+        shape: &LinkShape,
+        extra: &[String],
+    ) -> anyhow::Result<usize> {
         let index = self.peers.len();
         let data = self.dir.join(format!("peer{index}"));
         std::fs::create_dir_all(&data)?;
@@ -79,6 +90,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&data)
             .arg("--control-stdin")
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -93,6 +105,11 @@ impl Cluster {
             killed: false,
         });
         Ok(index)
+    }
+
+    /// The data folder (identity key) of peer `index`.
+    pub fn data_dir(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("peer{index}"))
     }
 
     /// SIGKILLs peer `index` (no goodbye: a crash). False if it was not running.

@@ -54,6 +54,17 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 30)]
     pub attempt_timeout_s: u64,
 
+    /// Make the first peer misbehave (issue #7): `KIND:RATE[:SEED]`, KIND one of noise, zero,
+    /// stale, skip, scale-grad. The JSON then says whether audits banned it (`banned`) and
+    /// whether they banned anyone else (`false_bans`).
+    #[arg(long)]
+    pub faulty_peer: Option<swarm_core::fault::FaultSpec>,
+
+    /// Fraction of micro-batches audited per stage (newly joined peers: at least 20% for their
+    /// first 20 micro-batches).
+    #[arg(long, default_value_t = swarm_core::trainer::audit::DEFAULT_RATE)]
+    pub audit_rate: f64,
+
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -105,6 +116,11 @@ async fn demo(
     opts.min_replicas = args.peers / stages;
     opts.attempt_timeout = Duration::from_secs(args.attempt_timeout_s.max(1));
     opts.wait_for_peers = Duration::from_secs(300);
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.audit_rate),
+        "--audit-rate must be in [0, 1]"
+    );
+    opts.audit.rate = args.audit_rate;
     let mut trainer = Trainer::start(opts).await?;
     let addr = trainer.addr();
     if !args.json {
@@ -116,7 +132,11 @@ async fn demo(
         );
     }
     for i in 0..args.peers {
-        lock(&cluster).spawn((i % stages) as u32, addr, &args.shape)?;
+        let extra = match (&args.faulty_peer, i) {
+            (Some(f), 0) => vec!["--fault".to_string(), f.to_string()],
+            _ => Vec::new(),
+        };
+        lock(&cluster).spawn_with((i % stages) as u32, addr, &args.shape, &extra)?;
     }
     // The last stage loses a replica; a joiner takes the killed peer's stage, else stage 0.
     let kill_stage = (stages - 1) as u32;
@@ -151,13 +171,51 @@ async fn demo(
     let metrics = result?;
     let wall = started.elapsed().as_secs_f64();
     trainer.shutdown().await;
+    // The faulty peer's id, from its key file (written when it started).
+    let faulty = match &args.faulty_peer {
+        Some(_) => {
+            let dir = lock(&cluster).data_dir(0);
+            Some(
+                swarm_core::Identity::load_or_create(&dir)?
+                    .peer_id()
+                    .to_string(),
+            )
+        }
+        None => None,
+    };
+    let banned: Vec<String> = metrics.audit.banned.iter().map(|p| p.to_string()).collect();
+    let false_bans = banned
+        .iter()
+        .filter(|b| Some(*b) != faulty.as_ref())
+        .count();
     if !args.json {
         print_summary(&metrics, wall);
         for f in &fired {
             println!("{}: {} (during step {})", f.label, f.outcome, f.step);
         }
+        let a = &metrics.audit;
+        println!(
+            "audits {} (rate {}), failed {}, banned {:?}, false bans {false_bans}; audit traffic {:.1} MB, {:.1}s",
+            a.audits,
+            args.audit_rate,
+            a.audit_failures,
+            banned.iter().map(|b| &b[..12]).collect::<Vec<_>>(),
+            a.bytes as f64 / 1e6,
+            a.seconds
+        );
+        if let Some(f) = &faulty {
+            println!(
+                "faulty peer {} ({})",
+                &f[..12],
+                args.faulty_peer.expect("set")
+            );
+        }
     } else {
-        ui::print_json(&report(&metrics, wall))?;
+        let mut j = serde_json::to_value(report(&metrics, wall))?;
+        j["false_bans"] = false_bans.into();
+        j["faulty_peer"] = faulty.into();
+        j["audit"] = serde_json::to_value(&metrics.audit)?;
+        ui::print_json(&j)?;
     }
     Ok(())
 }
