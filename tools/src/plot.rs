@@ -62,6 +62,8 @@ enum Anchor {
 }
 
 enum Prim {
+    /// A filled square centred on `at` (a data point).
+    Dot { at: (f64, f64), color: Rgb },
     Line {
         a: (f64, f64),
         b: (f64, f64),
@@ -242,6 +244,9 @@ impl Chart {
                 if let Some(q) = prev {
                     out.push(line(q, p, color, 2.0, s.dashed));
                 }
+                if s.points.len() <= 40 {
+                    out.push(Prim::Dot { at: p, color });
+                }
                 prev = Some(p);
             }
             // Legend, one row per series.
@@ -270,6 +275,15 @@ impl Chart {
         let hex = |c: Rgb| format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2]);
         for p in self.layout() {
             match p {
+                Prim::Dot { at, color } => {
+                    let _ = writeln!(
+                        s,
+                        "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"5\" height=\"5\" fill=\"{}\"/>",
+                        at.0 - 2.5,
+                        at.1 - 2.5,
+                        hex(color)
+                    );
+                }
                 Prim::Line {
                     a,
                     b,
@@ -325,6 +339,13 @@ impl Chart {
         };
         for p in self.layout() {
             match p {
+                Prim::Dot { at, color } => {
+                    for dx in -2..=2 {
+                        for dy in -2..=2 {
+                            img.set(at.0.round() as i64 + dx, at.1.round() as i64 + dy, color);
+                        }
+                    }
+                }
                 Prim::Line {
                     a,
                     b,

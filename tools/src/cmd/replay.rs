@@ -538,7 +538,7 @@ fn write_plots(out: &Path, scenario: &Scenario, runs: &[&RunResult]) -> anyhow::
             .collect()
     };
     let name = &scenario.name;
-    let charts = [
+    let mut charts = vec![
         (
             "loss_vs_step",
             Chart {
@@ -598,6 +598,33 @@ fn write_plots(out: &Path, scenario: &Scenario, runs: &[&RunResult]) -> anyhow::
             },
         ),
     ];
+    // The frontier: one point per variant, loss penalty at equal steps vs fp32/wire ratio.
+    let local = runs.iter().find(|r| r.name.starts_with("local"));
+    let frontier: Vec<Series> = runs
+        .iter()
+        .filter(|r| !r.name.starts_with("local") && r.wire_bytes() > 0)
+        .filter_map(|r| {
+            let p = penalty(r, local?);
+            let ratio = r.dense_bytes() as f64 / r.wire_bytes() as f64;
+            Some(Series {
+                name: r.name.clone(),
+                points: vec![(ratio, p)],
+                dashed: false,
+            })
+        })
+        .collect();
+    if frontier.len() >= 2 {
+        charts.push((
+            "frontier",
+            Chart {
+                title: format!("{name}: loss penalty vs compression"),
+                x_label: "fp32 bytes / wire bytes".into(),
+                y_label: "final loss - local loss (same step)".into(),
+                series: frontier,
+                markers: Vec::new(),
+            },
+        ));
+    }
     for (file, chart) in charts {
         std::fs::write(out.join(format!("{file}.svg")), chart.svg())?;
         std::fs::write(out.join(format!("{file}.png")), chart.png()?)?;
@@ -620,6 +647,15 @@ fn git_commit() -> String {
         .filter(|o| o.status.success())
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map_or_else(|| "unknown".into(), |s| s.trim().to_owned())
+}
+
+/// A link without its seed and default queue, for people.
+fn link(s: &swarm_core::shaping::LinkShape) -> String {
+    s.to_string()
+        .split(',')
+        .filter(|p| !p.starts_with("seed=") && *p != "queue=100000us")
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn mb(b: u64) -> String {
@@ -719,7 +755,7 @@ fn summary_md(
             .peers
             .iter()
             .enumerate()
-            .map(|(i, (st, sh))| format!("peer {i}: stage {st}, {sh}"))
+            .map(|(i, (st, sh))| format!("peer {i}: stage {st}, {}", link(sh)))
             .collect();
         let _ = writeln!(s, "\n**{}**: {}.", r.name, peers.join("; "));
         for f in &r.events {
@@ -731,5 +767,8 @@ fn summary_md(
         }
     }
     s.push_str("\n![loss vs step](loss_vs_step.png) ![loss vs time](loss_vs_time.png)\n![tokens per second](tokens_per_s.png) ![wire bytes](wire_bytes.png)\n");
+    if results.len() >= 2 {
+        s.push_str("![loss penalty vs compression](frontier.png)\n");
+    }
     s
 }
