@@ -58,6 +58,10 @@ enum BenchCommand {
     Codec(cmd::bench_codec::BenchCodecArgs),
     /// Transfer throughput over a shaped QUIC link.
     Link(cmd::bench_link::BenchLinkArgs),
+    /// How far honest audit recomputations differ across thread counts, fault distances, cost.
+    Audit(cmd::bench_audit::BenchAuditArgs),
+    /// Micro-batches until a faulty peer is banned, over seeded runs, against the theory.
+    AuditBan(cmd::bench_audit::BenchAuditBanArgs),
 }
 
 fn main() {
@@ -76,6 +80,8 @@ fn main() {
         Command::Bench(BenchCommand::Model(a)) => cmd::bench_model::run(a),
         Command::Bench(BenchCommand::Codec(a)) => cmd::bench_codec::run(a),
         Command::Bench(BenchCommand::Link(a)) => cmd::bench_link::run(a),
+        Command::Bench(BenchCommand::Audit(a)) => cmd::bench_audit::run(a),
+        Command::Bench(BenchCommand::AuditBan(a)) => cmd::bench_audit::run_ban(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,5 +1,6 @@
 //! One module per subcommand; each has an `Args` struct (clap) and `run(args) -> anyhow::Result<()>`.
 
+pub mod bench_audit;
 pub mod bench_codec;
 pub mod bench_link;
 pub mod bench_model;
