@@ -1595,24 +1595,39 @@ pub async fn find_trainer(peer: &Peer, bootstrap: Option<SocketAddr>) -> Option<
 }
 
 impl StageWorker {
-    /// Graceful leave: tells the trainer, then (if it asks) stays until this replica has applied
-    /// step `stay_for_step` or `max_wait` passes. Returns whether the wait ended normally.
+    /// Graceful leave: tells the trainer, which stops routing new work here, then keeps serving
+    /// (in-flight micro-batches, this step's sync and `Apply`, a state hand-off if this is the
+    /// stage's last replica) until the trainer releases it at a step boundary (it no longer lists
+    /// this peer in `RunInfo`) or `max_wait` passes. Returns whether it was released.
     pub async fn leave(&self, trainer: SocketAddr, max_wait: Duration) -> Result<bool> {
         let msg = crate::protocol::Leave {
             run: self.inner.opts.run,
             epoch: self.epoch(),
         };
-        let (_, reply): (PeerId, crate::protocol::LeaveReply) =
+        let (tid, reply): (PeerId, crate::protocol::LeaveReply) =
             self.inner.peer.call(trainer, None, &msg).await?;
-        let Some(step) = reply.stay_for_step else {
+        if reply.stay_for_step.is_none() {
             return Ok(true);
-        };
+        }
         let deadline = Instant::now() + max_wait;
         while Instant::now() < deadline {
-            if self.step().is_some_and(|s| s > step) {
-                return Ok(true);
-            }
             tokio::time::sleep(Duration::from_millis(100)).await;
+            match self
+                .inner
+                .peer
+                .call::<RunInfoRequest, RunInfo>(trainer, Some(tid), &RunInfoRequest)
+                .await
+            {
+                Ok((_, info)) if !info.replicas.iter().flatten().any(|p| *p == self.inner.me) => {
+                    return Ok(true);
+                }
+                Ok(_) => {}
+                // The trainer is gone: nothing is left to hand over.
+                Err(e) => {
+                    tracing::warn!(error = %e, "trainer unreachable while leaving");
+                    return Ok(false);
+                }
+            }
         }
         Ok(false)
     }

@@ -160,3 +160,113 @@ async fn replica_crash_during_grad_share_exchange() {
 async fn replica_crash_before_apply() {
     crash_during_sync(swarm_core::wire::kind::APPLY, Some(false)).await;
 }
+
+/// A replica asked to leave mid-run (as Ctrl-C on `swarm join` does): it is taken out of
+/// routing, finishes its work, takes part in that step's sync, and is released at the boundary.
+/// Nothing is retried or lost, and it is not counted as a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_leave_finishes_the_step_and_is_not_a_crash() {
+    let steps = 4;
+    let cfg = tiny_config(steps);
+    let mut opts = TrainerOptions::new(cfg.clone());
+    opts.min_replicas = 2;
+    opts.wait_for_peers = Duration::from_secs(60);
+    let mut trainer = Trainer::start(opts).await.unwrap();
+    let addr = trainer.addr();
+    let replicas = Arc::new(start_replicas(addr, &[0, 0, 1, 1]).await);
+    let left: Arc<Mutex<Option<bool>>> = Arc::new(Mutex::new(None));
+    let (r, slot) = (replicas.clone(), left.clone());
+    let mut on_event = move |e: &TrainerEvent| {
+        if let TrainerEvent::Step(s) = e
+            && s.step == 0
+        {
+            let (r, slot) = (r.clone(), slot.clone());
+            tokio::spawn(async move {
+                let released = r[3]
+                    .joined
+                    .worker
+                    .leave(addr, Duration::from_secs(60))
+                    .await
+                    .expect("the trainer answers Leave");
+                // Released: now it may go (its endpoint closes).
+                r[3].crash();
+                *slot.lock().unwrap() = Some(released);
+            });
+        }
+    };
+    let metrics = tokio::time::timeout(Duration::from_secs(120), trainer.run(&mut on_event))
+        .await
+        .expect("run finishes in time")
+        .expect("run succeeds");
+    // Give the leaver's task a moment to record its answer (bounded).
+    for _ in 0..50 {
+        if left.lock().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(*left.lock().unwrap(), Some(true), "released by the trainer");
+    let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
+    let (want, _) = local_losses(&cfg, steps as usize);
+    assert_losses_match(&losses, &want, 1e-4);
+    let s = metrics.summary();
+    assert_eq!((s.peers_lost, s.peers_left, s.retries), (0, 1, 0), "{s:?}");
+    assert_eq!(metrics.steps.last().unwrap().participants, vec![2, 1]);
+    // The leaver synced the step it left in: it holds the same weights as its stage's survivor
+    // had after that step (both applied it), and the survivor went on alone.
+    assert_eq!(metrics.replica_hash_mismatches, 0);
+    trainer.shutdown().await;
+}
+
+/// The only replica of stage 1 leaves: it hands its state to the trainer at the boundary, the run
+/// pauses until a new peer takes the stage (loading that state from the trainer), and continues
+/// on the uninterrupted trajectory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_replica_leaving_hands_its_state_to_the_next_peer() {
+    let steps = 4;
+    let cfg = tiny_config(steps);
+    let mut opts = TrainerOptions::new(cfg.clone());
+    opts.min_replicas = 1;
+    opts.wait_for_peers = Duration::from_secs(60);
+    let mut trainer = Trainer::start(opts).await.unwrap();
+    let addr = trainer.addr();
+    let replicas = Arc::new(start_replicas(addr, &[0, 1]).await);
+    let late: Arc<tokio::sync::Mutex<Option<Replica>>> = Arc::new(tokio::sync::Mutex::new(None));
+    let (r, slot) = (replicas.clone(), late.clone());
+    let mut on_event = move |e: &TrainerEvent| {
+        if let TrainerEvent::Step(s) = e
+            && s.step == 1
+        {
+            let (r, slot) = (r.clone(), slot.clone());
+            tokio::spawn(async move {
+                let released = r[1]
+                    .joined
+                    .worker
+                    .leave(addr, Duration::from_secs(60))
+                    .await
+                    .expect("the trainer answers Leave");
+                assert!(released);
+                r[1].crash();
+                *slot.lock().await = Some(start_replica(addr, 1).await);
+            });
+        }
+    };
+    let metrics = tokio::time::timeout(Duration::from_secs(120), trainer.run(&mut on_event))
+        .await
+        .expect("run finishes in time")
+        .expect("run succeeds");
+    let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
+    let (want, _) = local_losses(&cfg, steps as usize);
+    assert_losses_match(&losses, &want, 1e-4);
+    let s = metrics.summary();
+    assert_eq!((s.peers_lost, s.peers_left), (0, 1), "{s:?}");
+    let late = late.lock().await;
+    let late = late.as_ref().expect("a new peer took the stage");
+    assert!(late.joined.step >= 2, "it loaded step {}", late.joined.step);
+    assert_eq!(
+        late.joined.worker.step(),
+        Some(steps),
+        "the new replica trained the remaining steps"
+    );
+    trainer.shutdown().await;
+}

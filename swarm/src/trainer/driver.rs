@@ -114,6 +114,13 @@ pub enum TrainerEvent {
     },
     /// A replica was lost (dead, banned or gone).
     Lost { peer: PeerId, stage: u32 },
+    /// A replica that asked to leave was released at a step boundary (`handed_off`: it was its
+    /// stage's last one and the trainer kept its state for the next peer to take the stage).
+    Left {
+        peer: PeerId,
+        stage: u32,
+        handed_off: bool,
+    },
     /// A step finished.
     Step(StepReport),
     /// A checkpoint was written after `step` steps.
@@ -576,7 +583,8 @@ impl Trainer {
     async fn handle_idle(&mut self, msg: Inbound, on_event: &mut dyn FnMut(&TrainerEvent)) {
         match msg {
             Inbound::Ready(from, ready) => self.on_ready(from, ready, on_event),
-            Inbound::Leave(from) | Inbound::Down(from) => {
+            Inbound::Leave(_) => self.release_leavers(on_event).await,
+            Inbound::Down(from) => {
                 self.lose_peer(from, None, on_event);
             }
             other => tracing::debug!(?other, "message between steps ignored"),
@@ -885,7 +893,12 @@ impl Trainer {
                             failed.push((mb, Some(peer), busy));
                         }
                     }
-                    Some(Inbound::Down(p)) | Some(Inbound::Leave(p)) => {
+                    Some(Inbound::Leave(p)) => {
+                        // No new work; what it holds finishes, it syncs, and it is released at
+                        // the boundary.
+                        self.retire_from_view(p);
+                    }
+                    Some(Inbound::Down(p)) => {
                         lost_mbs.extend(self.lose_peer(p, Some(&mut book), on_event));
                         for (mb, f) in &inflight {
                             if f.route.iter().any(|h| h.peer == p) {
@@ -1075,6 +1088,7 @@ impl Trainer {
             r.served.retain(|_, s| s.step == step + 1);
         });
         self.shared.boundary.send_replace(step + 1);
+        self.release_leavers(on_event).await;
         let loss = book
             .mean_loss()
             .ok_or_else(|| run_err("step finished without every loss"))?;
@@ -1517,15 +1531,9 @@ impl Trainer {
                     }
                 }
                 Some(Inbound::Leave(p)) => {
-                    // Asked to leave between the micro-batches and the sync: it still takes
-                    // part; it is released at the step boundary.
-                    self.shared.reg(|r| {
-                        for st in r.stages.iter_mut() {
-                            if let Some(rep) = st.get_mut(&p) {
-                                rep.state = ReplicaState::Leaving;
-                            }
-                        }
-                    });
+                    // Asked to leave during the sync: it still takes part; it is released at
+                    // the step boundary.
+                    self.retire_from_view(p);
                 }
                 Some(Inbound::Ready(from, r)) => self.on_ready(from, r, on_event),
                 Some(other) => tracing::debug!(?other, "pipeline message during sync ignored"),
@@ -1738,6 +1746,108 @@ impl Trainer {
             .filter(|(_, ok)| !ok)
             .map(|(p, _)| p)
             .collect()
+    }
+
+    /// Takes a leaving replica out of routing, unless it is the last routable one of its stage
+    /// (then it serves until the boundary, where its state is handed to the trainer).
+    fn retire_from_view(&mut self, p: PeerId) {
+        let others = self.shared.reg(|r| {
+            r.stages.iter().find(|s| s.contains_key(&p)).map(|s| {
+                s.iter()
+                    .filter(|(q, rep)| **q != p && rep.state == ReplicaState::Serving)
+                    .count()
+            })
+        });
+        if others.is_some_and(|n| n > 0) {
+            let _ = self.view.remove(&key_of(&p));
+        }
+    }
+
+    /// At a step boundary: releases every replica that asked to leave. The last replica of a
+    /// stage hands its state to the trainer first (fetched and verified), so the next peer to take
+    /// the stage loads it from the trainer and nothing is lost.
+    async fn release_leavers(&mut self, on_event: &mut dyn FnMut(&TrainerEvent)) {
+        let (epoch, step, leaving) = self.shared.reg(|r| {
+            let leaving: Vec<(usize, PeerId, SocketAddr, bool)> = r
+                .stages
+                .iter()
+                .enumerate()
+                .flat_map(|(k, s)| {
+                    s.iter()
+                        .filter(|(_, rep)| rep.state == ReplicaState::Leaving)
+                        .map(move |(p, rep)| {
+                            let last = !s.values().any(|o| o.state == ReplicaState::Serving);
+                            (k, *p, rep.addr, last)
+                        })
+                })
+                .collect();
+            (r.epoch, r.step, leaving)
+        });
+        let mut handed: HashSet<usize> = HashSet::new();
+        for (k, p, addr, last) in leaving {
+            let mut handed_off = false;
+            if last
+                && !handed.contains(&k)
+                && !self.shared.reg(|r| r.served.contains_key(&(k as u32)))
+            {
+                let fetched = tokio::time::timeout(
+                    self.opts.sync_timeout,
+                    fetch_state(
+                        self.peer.shared(),
+                        self.shared.run,
+                        epoch,
+                        k as u32,
+                        step,
+                        p,
+                        addr,
+                    ),
+                )
+                .await;
+                match fetched {
+                    Ok(Ok(bytes)) => {
+                        let digest = self.shared.reg(|r| r.digests[k]);
+                        if let Some(digest) = digest {
+                            self.metrics
+                                .wire
+                                .channel_mut(Channel::State)
+                                .add(bytes.len() as u64, bytes.len() as u64);
+                            let hash = *blake3::hash(&bytes).as_bytes();
+                            self.shared.reg(|r| {
+                                r.served.insert(
+                                    k as u32,
+                                    ServedState {
+                                        step,
+                                        bytes,
+                                        hash,
+                                        digest,
+                                    },
+                                )
+                            });
+                            handed.insert(k);
+                            handed_off = true;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(peer = %p.short(), stage = k, error = %e, "leaving replica's state could not be fetched")
+                    }
+                    Err(_) => {
+                        tracing::warn!(peer = %p.short(), stage = k, "leaving replica's state fetch timed out")
+                    }
+                }
+            }
+            self.shared.reg(|r| r.stages[k].remove(&p));
+            let _ = self.view.remove(&key_of(&p));
+            self.metrics.peers_left += 1;
+            tracing::info!(peer = %p.short(), stage = k, handed_off, "replica left");
+            self.emit(
+                TrainerEvent::Left {
+                    peer: p,
+                    stage: k as u32,
+                    handed_off,
+                },
+                on_event,
+            );
+        }
     }
 
     fn mark_joining(&mut self, p: PeerId, k: usize) {
@@ -2137,7 +2247,7 @@ fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
             async move {
                 let l: Leave = wire::decode_body(&body).map_err(RpcError::from)?;
                 s.check_run(l.run, l.epoch)?;
-                let (known, in_step, step) = s.reg(|r| {
+                let (known, step) = s.reg(|r| {
                     let mut known = false;
                     for st in r.stages.iter_mut() {
                         if let Some(rep) = st.get_mut(&ctx.from) {
@@ -2145,15 +2255,16 @@ fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
                             known = true;
                         }
                     }
-                    (known, r.in_step, r.step)
+                    (known, r.step)
                 });
-                if known && !in_step {
+                if known {
                     let _ = s.inbox.send(Inbound::Leave(ctx.from));
                 }
-                // Mid-step: it finishes its work and takes part in this step's sync; the driver
-                // drops it at the boundary.
+                // It stays until released (no longer listed in RunInfo): mid-step it finishes
+                // its work and takes part in this step's sync; the driver releases it at the
+                // boundary, after taking its state if it was its stage's last replica.
                 rpc::reply(&LeaveReply {
-                    stay_for_step: (known && in_step).then_some(step),
+                    stay_for_step: known.then_some(step),
                 })
             }
         },

@@ -119,6 +119,8 @@ pub struct Summary {
     pub dense_bytes: u64,
     pub retries: u64,
     pub peers_lost: u64,
+    /// Replicas that left gracefully (asked to leave, released at a step boundary).
+    pub peers_left: u64,
     pub replica_hash_mismatches: u64,
     /// Audits run, failed, and the peers they banned (issue #7).
     pub audits: u64,
@@ -132,7 +134,10 @@ pub struct Metrics {
     pub steps: Vec<StepReport>,
     pub wire: WireStats,
     pub retries: u64,
+    /// Replicas that died, timed out or were banned.
     pub peers_lost: u64,
+    /// Replicas that left gracefully (not counted in `peers_lost`).
+    pub peers_left: u64,
     pub replica_hash_mismatches: u64,
     pub tokens: u64,
     /// Seconds spent training (excludes waiting for peers before the first step).
@@ -158,6 +163,7 @@ impl Metrics {
             dense_bytes: self.wire.tensor_dense_bytes(),
             retries: self.retries,
             peers_lost: self.peers_lost,
+            peers_left: self.peers_left,
             replica_hash_mismatches: self.replica_hash_mismatches,
             audits: self.audit.audits,
             audit_failures: self.audit.audit_failures,

@@ -96,6 +96,21 @@ impl Progress {
                 self.bar
                     .println(format!("replica {} of stage {stage} lost", peer.short()));
             }
+            TrainerEvent::Left {
+                peer,
+                stage,
+                handed_off,
+            } => {
+                let note = if *handed_off {
+                    " (its state is kept for the next peer to take the stage)"
+                } else {
+                    ""
+                };
+                self.bar.println(format!(
+                    "replica {} of stage {stage} left{note}",
+                    peer.short()
+                ));
+            }
             TrainerEvent::Paused { stage } => self.bar.set_message(format!(
                 "paused: stage {stage} has no replica; waiting for a peer to take it"
             )),
@@ -150,8 +165,8 @@ pub fn print_summary(m: &Metrics, wall_s: f64) {
         mb(m.wire.sync.wire_bytes),
     );
     println!(
-        "retries {}, peers lost {}, replica hash mismatches {}",
-        s.retries, s.peers_lost, s.replica_hash_mismatches
+        "retries {}, peers lost {}, peers left {}, replica hash mismatches {}",
+        s.retries, s.peers_lost, s.peers_left, s.replica_hash_mismatches
     );
     if !m.state_sync_seconds.is_empty() {
         let max = m.state_sync_seconds.iter().cloned().fold(0.0, f64::max);
