@@ -319,6 +319,10 @@ fn resolve(file: &ScenarioFile, base: &toml::Table, v: &VariantSpec) -> anyhow::
             }
             Ok(p)
         };
+        if e.kind == EventKind::Kill && when == When::Step(0) {
+            // Step 0 waits for every initial replica: a peer killed before it never arrives.
+            bail!("event {n}: a kill needs at_step >= 1 (step 0 starts once every peer serves)");
+        }
         let (action, label) = match e.kind {
             EventKind::Kill => match (e.peer, e.stage) {
                 (Some(p), None) => (Action::Kill(peer_in_range(p)?), format!("kill peer {p}")),
@@ -516,6 +520,10 @@ mod tests {
             (
                 format!("{peers}[[events]]\nat_step = 1\nkind = \"kill\"\npeer = 2"),
                 "peer 2 does not exist",
+            ),
+            (
+                format!("{peers}[[events]]\nat_step = 0\nkind = \"kill\"\npeer = 0"),
+                "at_step >= 1",
             ),
             (
                 format!("{peers}[[events]]\nat_step = 1\nkind = \"kill\""),
