@@ -584,6 +584,11 @@ impl Auditor {
             fwd_in: rec.fwd_in.clone(),
             bwd_in: rec.bwd_in.clone(),
         };
+        // The trainer's own recomputation may load the state from any replica, the audited one
+        // included: the state is verified against the digest the audited peer signed, which
+        // must be the stage's agreed one.
+        let mut sources = others.clone();
+        sources.push((p, hop.addr));
         let mut auditor = None;
         for (q, addr) in &others {
             match self
@@ -603,7 +608,7 @@ impl Auditor {
             None => {
                 let me = PeerId([0; 32]);
                 match self
-                    .trainer_recompute(v, k, fr.weights_digest, &others, &rec)
+                    .trainer_recompute(v, k, fr.weights_digest, &sources, &rec)
                     .await
                 {
                     Ok(r) => (me, r),
@@ -651,7 +656,7 @@ impl Auditor {
         let (r_id, r_res) = match referee {
             Some(r) => r,
             None => match self
-                .trainer_recompute(v, k, fr.weights_digest, &others, &rec)
+                .trainer_recompute(v, k, fr.weights_digest, &sources, &rec)
                 .await
             {
                 Ok(r) => (PeerId([0; 32]), r),
@@ -912,6 +917,11 @@ pub fn measure_recompute(
             let (mut fwd_in, mut bwd_in) = (Vec::new(), Vec::new());
             Encoder::new(act)?.encode(&x, &dims, &mut fwd_in)?;
             Encoder::new(grad)?.encode(&g, &dims, &mut bwd_in)?;
+            // The faulty and the own passes see what a stage sees: the decoded frames.
+            let (mut x, mut g) = (Vec::new(), Vec::new());
+            let mut dec = Decoder::new();
+            dec.decode(&fwd_in, &limits, &mut x)?;
+            dec.decode(&bwd_in, &limits, &mut g)?;
             out.bytes_per_micro_batch = 2 * (fwd_in.len() + bwd_in.len()) as u64;
             let mut results = Vec::new();
             for &t in threads {
