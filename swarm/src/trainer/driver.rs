@@ -388,7 +388,13 @@ impl Trainer {
         let elems = cfg.train.micro_batch_size * cfg.train.seq_len * cfg.model.hidden_size;
         let mut audit_cfg = opts.audit.clone();
         if audit_cfg.ledger.is_none() {
-            audit_cfg.ledger = opts.out.as_ref().map(|o| o.join("ledger"));
+            // Beside the checkpoint, not in it: a checkpoint folder is replaced whole and only if
+            // it holds nothing else.
+            audit_cfg.ledger = opts.out.as_ref().map(|o| {
+                let mut name = o.file_name().unwrap_or_default().to_os_string();
+                name.push(".ledger");
+                o.with_file_name(name)
+            });
         }
         let audit =
             super::audit::Auditor::new(audit_cfg, &opts.identity, run, &cfg, opts.sync_timeout)?;
