@@ -146,12 +146,25 @@ impl Default for DataConfig {
     }
 }
 
-impl Default for CodecConfig {
-    fn default() -> Self {
+impl CodecConfig {
+    /// Exact fp32 on every channel: the swarm run is then numerically the local run.
+    pub fn none() -> Self {
         Self {
             activations: "none".into(),
             gradients: "none".into(),
             sync: "none".into(),
+        }
+    }
+}
+
+/// The swarm's home-link codecs (`swarm_core::trainer::HOME_*`, which a swarm test checks are
+/// these; the reasons and measurements are documented there).
+impl Default for CodecConfig {
+    fn default() -> Self {
+        Self {
+            activations: "rht+q4+zstd:3".into(),
+            gradients: "rht+q4:1024+zstd:3".into(),
+            sync: "topk:0.9+rht+q2:1024+zstd:3".into(),
         }
     }
 }
@@ -373,7 +386,7 @@ mod tests {
                 .unwrap();
         assert_eq!((c.seed, c.train.steps, c.train.seq_len), (7, 5, 128));
         assert_eq!(c.codec.sync, "topk:0.1");
-        assert_eq!(c.codec.activations, "none");
+        assert_eq!(c.codec.activations, CodecConfig::default().activations);
     }
 
     #[test]

@@ -12,14 +12,26 @@ pub use book::{Attempt, Column, CountOutcome, Holder, StepBook};
 pub use driver::{Trainer, TrainerEvent, TrainerOptions, run_id_of};
 pub use metrics::{Channel, ChannelBytes, Metrics, StepReport, Summary, WireStats};
 
-/// Codecs for runs over home links (the defaults of `swarm demo`). Activations and activation
-/// gradients: randomized Hadamard rotation, 4-bit blockwise quantization, zstd (about 7-8x; top-k
-/// hurts activations, and error feedback cannot apply since every micro-batch differs). Replica
-/// sync: top-10% with error feedback, 8-bit values, zstd (about 26x). Top-2% (110x) stalled the
-/// default model at the unigram plateau (loss 3.05 vs 2.32 locally after 30 steps) under AdamW;
-/// top-10% reached 2.60 at 10.4x overall, plain q8 2.28 at 6x: the frontier is still open.
+/// Codecs for runs over home links: the defaults of `RunConfig` (`[codec]` in
+/// experiments/run.toml) and of `swarm demo`. Together about 10.8x fewer tensor bytes than fp32
+/// on the default run (activations, activation gradients and the sync each carry a third of the
+/// fp32 bytes there). Measured in experiments/results/2026-11-25-demo-codecs.md:
+///
+/// - Activations are the most sensitive channel (4-bit alone: +32% loss at 100 steps, where the
+///   gradients' 4-bit costs +7%), so they keep 64-value blocks: randomized Hadamard rotation,
+///   4-bit absmax, zstd (~7.9x). Top-k and 2-bit activations stalled or hurt (2-bit: 2.88 vs
+///   2.24 at 30 steps); error feedback cannot apply since every micro-batch differs.
+/// - Activation gradients tolerate coarser steps: rotation + 4-bit in blocks of 1024 (a larger
+///   absmax, so a coarser step that zstd turns into fewer bits: ~10x). Top-k on them (50% per
+///   row) ruined training (1.25 vs 0.33 at 100 steps).
+/// - Replica sync, with error feedback: rotation + 2-bit in blocks of 1024 + zstd is nearly
+///   free (dense, 23.6x: 0.347 vs 0.331 at 100 steps), because every coordinate still gets a
+///   value every step. Top-k is what hurts under AdamW (its update is scale-free, so the small
+///   coordinates that top-k defers matter as much as the large ones): top-50% cost +29% at 100
+///   steps, top-10% and top-2% stalled near the unigram plateau. Top-90% (the product's top-k
+///   sparsification, 18.9x) measured the same as dense (0.346).
 pub const HOME_ACTIVATIONS: &str = "rht+q4+zstd:3";
 /// See [`HOME_ACTIVATIONS`].
-pub const HOME_GRADIENTS: &str = "rht+q4+zstd:3";
+pub const HOME_GRADIENTS: &str = "rht+q4:1024+zstd:3";
 /// See [`HOME_ACTIVATIONS`].
-pub const HOME_SYNC: &str = "topk:0.1+q8+zstd:3";
+pub const HOME_SYNC: &str = "topk:0.9+rht+q2:1024+zstd:3";

@@ -50,6 +50,7 @@ fn config(stages: &[usize], sync: &str) -> RunConfig {
     // Exact activations and gradients (the defaults are lossy); the sync codec as asked.
     c.codec.activations = "none".into();
     c.codec.gradients = "none".into();
+    c.codec = swarm_model::CodecConfig::none();
     c.codec.sync = sync.into();
     c.validate().unwrap();
     c

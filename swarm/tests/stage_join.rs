@@ -41,6 +41,7 @@ fn config() -> RunConfig {
     c.train.micro_batches = 2;
     c.train.micro_batch_size = 2;
     c.train.seq_len = 8;
+    c.codec = swarm_model::CodecConfig::none();
     c.validate().unwrap();
     c
 }

@@ -13,7 +13,10 @@ use swarm_model::{LocalTrainer, RunConfig};
 
 /// The tiny run of these tests: 2 stages, 4 micro-batches of 2 x 16 tokens, codec none.
 fn tiny_config(steps: u64) -> RunConfig {
-    let mut cfg = RunConfig::default();
+    let mut cfg = RunConfig {
+        codec: swarm_model::CodecConfig::none(),
+        ..RunConfig::default()
+    };
     cfg.model.hidden_size = 32;
     cfg.model.intermediate_size = 64;
     cfg.model.num_attention_heads = 4;

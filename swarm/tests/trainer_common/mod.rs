@@ -12,7 +12,11 @@ use swarm_model::{LocalTrainer, RunConfig};
 
 /// A 2-layer, width-32 model in 2 stages; 4 micro-batches of 2 x 16 tokens per step; codec none.
 pub fn tiny_config(steps: u64) -> RunConfig {
-    let mut cfg = RunConfig::default();
+    let mut cfg = RunConfig {
+        // Exact fp32: these tests compare with the local run (the default codecs are lossy).
+        codec: swarm_model::CodecConfig::none(),
+        ..RunConfig::default()
+    };
     cfg.model.hidden_size = 32;
     cfg.model.intermediate_size = 64;
     cfg.model.num_hidden_layers = 2;
