@@ -207,25 +207,38 @@ impl Chart {
             BLACK,
             Anchor::Middle,
         ));
-        for (i, m) in self.markers.iter().enumerate() {
+        // Each label goes to the first row where it overlaps no earlier label.
+        let mut rows: Vec<Vec<(f64, f64)>> = Vec::new();
+        for m in &self.markers {
             if !m.x.is_finite() {
                 continue;
             }
             let x = sx(m.x);
             out.push(line((x, top), (x, bottom), MARK, 1.0, true));
-            // Labels stagger down so that close events stay readable.
-            let y = top + 18.0 + (i % 4) as f64 * 18.0;
             let len = m.label.chars().count() as f64 * ADVANCE;
             let anchor = if x + 4.0 + len > right {
                 Anchor::End
             } else {
                 Anchor::Start
             };
-            let tx = if matches!(anchor, Anchor::End) {
-                x - 4.0
+            let (tx, span) = if matches!(anchor, Anchor::End) {
+                (x - 4.0, (x - 4.0 - len, x - 4.0))
             } else {
-                x + 4.0
+                (x + 4.0, (x + 4.0, x + 4.0 + len))
             };
+            let free = |row: &Vec<(f64, f64)>| {
+                row.iter()
+                    .all(|(a, b)| span.1 + ADVANCE <= *a || span.0 >= *b + ADVANCE)
+            };
+            let r = match rows.iter().position(free) {
+                Some(r) => r,
+                None => {
+                    rows.push(Vec::new());
+                    rows.len() - 1
+                }
+            };
+            rows[r].push(span);
+            let y = top + 18.0 + (r % 8) as f64 * 18.0;
             out.push(text((tx, y), &m.label, MARK, anchor));
         }
         for (i, s) in self.series.iter().enumerate() {
@@ -721,6 +734,47 @@ mod tests {
         });
         assert!(c.svg().contains("flat"));
         assert!(c.png().is_ok());
+    }
+
+    #[test]
+    fn close_event_labels_do_not_overlap() {
+        let mut c = chart();
+        c.markers = (0..6)
+            .map(|i| Marker {
+                x: 3.0 + i as f64 * 0.7,
+                label: format!("event number {i}"),
+            })
+            .collect();
+        let spans: Vec<(f64, f64, f64)> = c
+            .layout()
+            .into_iter()
+            .filter_map(|p| match p {
+                Prim::Text {
+                    at,
+                    text,
+                    color: MARK,
+                    anchor,
+                } => {
+                    let len = text.chars().count() as f64 * ADVANCE;
+                    let x0 = match anchor {
+                        Anchor::Start => at.0,
+                        Anchor::Middle => at.0 - len / 2.0,
+                        Anchor::End => at.0 - len,
+                    };
+                    Some((at.1, x0, x0 + len))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(spans.len(), 6);
+        for (i, a) in spans.iter().enumerate() {
+            for b in &spans[i + 1..] {
+                assert!(
+                    a.0 != b.0 || a.2 <= b.1 || b.2 <= a.1,
+                    "{a:?} overlaps {b:?}"
+                );
+            }
+        }
     }
 
     #[test]
