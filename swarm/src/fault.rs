@@ -162,7 +162,7 @@ impl Fault {
     /// Called before the optimizer step of `step` with the weights it starts from: a `stale`
     /// peer keeps a copy every [`STALE_EVERY`] steps.
     pub fn before_apply(&self, step: u64, shard: &Shard) -> Result<()> {
-        if self.spec.kind != FaultKind::Stale || step % STALE_EVERY != 0 {
+        if self.spec.kind != FaultKind::Stale || !step.is_multiple_of(STALE_EVERY) {
             return Ok(());
         }
         let copy = Shard::from_tensors(

@@ -73,7 +73,12 @@ async fn run(
     cfg: &RunConfig,
     audit_rate: f64,
     faulty: Option<(u32, FaultSpec)>,
-) -> (Metrics, Vec<swarm_core::PeerId>, Vec<u8>, swarm_core::PeerId) {
+) -> (
+    Metrics,
+    Vec<swarm_core::PeerId>,
+    Vec<u8>,
+    swarm_core::PeerId,
+) {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = TrainerOptions::new(cfg.clone());
     opts.min_replicas = 2;
@@ -88,7 +93,9 @@ async fn run(
     let mut reps = Vec::new();
     for stage in [0u32, 0, 1, 1] {
         let fault = match faulty {
-            Some((k, spec)) if k == stage && !reps.iter().any(|(s, _): &(u32, Replica)| *s == k) => {
+            Some((k, spec))
+                if k == stage && !reps.iter().any(|(s, _): &(u32, Replica)| *s == k) =>
+            {
                 Some(spec)
             }
             _ => None,
