@@ -69,7 +69,7 @@ pub const DEFAULT_TOLERANCE: f32 = 2e-3;
 /// How the trainer audits.
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
-    /// Fraction of (micro-batch, stage) pairs audited; 0 disables audits.
+    /// Fraction of (micro-batch, stage) pairs audited; 0 disables audits (new peers' too).
     pub rate: f64,
     pub new_peer_rate: f64,
     pub new_peer_micro_batches: u64,
@@ -326,7 +326,8 @@ impl Auditor {
     pub async fn audit_step(&mut self, v: &StepView<'_>) -> Vec<Ban> {
         let started = Instant::now();
         let mut bans: Vec<Ban> = Vec::new();
-        if self.cfg.rate <= 0.0 && self.cfg.new_peer_rate <= 0.0 {
+        // Rate 0 turns audits off, the new-peer rate included.
+        if self.cfg.rate <= 0.0 {
             return bans;
         }
         let stages = v.replicas.len();
