@@ -1460,6 +1460,9 @@ pub async fn load_state(
     }
 }
 
+/// Admission attempts of [`join_run`] (each waits up to the trainer's step-boundary wait).
+const ADMIT_TRIES: u32 = 30;
+
 /// What [`join_run`] did.
 #[derive(Debug)]
 pub struct Joined {
@@ -1530,17 +1533,50 @@ pub async fn join_run(
         .first()
         .copied()
         .unwrap_or(peer.local_addr());
-    let admit = Admit {
-        run: info.run,
-        epoch: info.epoch,
-        stage,
-        addr,
-        throughput: 0.0,
+    // Admission waits for a step boundary; a long step (or a restore in a new epoch) makes the
+    // trainer answer BUSY or refuse the old epoch: ask again, boundedly.
+    let mut epoch = info.epoch;
+    let mut tries = 0;
+    let (reply, shard, sync_time) = loop {
+        let admit = Admit {
+            run: info.run,
+            epoch,
+            stage,
+            addr,
+            throughput: 0.0,
+        };
+        match shared
+            .call::<Admit, AdmitReply>(trainer, Some(tid), &admit)
+            .await
+        {
+            Ok((_, reply)) => {
+                let t0 = Instant::now();
+                match load_state(shared, &opts, reply.epoch, reply.step, &reply.source).await {
+                    Ok(shard) => break (reply, shard, t0.elapsed()),
+                    // The stage may have no holder left (its last replica died): the trainer
+                    // restores the run and serves the state itself; ask again.
+                    Err(e) if tries < ADMIT_TRIES => {
+                        tracing::info!(error = %e, "state not loaded; asking again");
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        let (_, now): (PeerId, RunInfo) =
+                            shared.call(trainer, Some(tid), &RunInfoRequest).await?;
+                        epoch = now.epoch;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(Error::Remote(r)) if tries < ADMIT_TRIES => {
+                tracing::info!(code = r.code, message = %r.message, "admission refused; asking again");
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let (_, now): (PeerId, RunInfo) =
+                    shared.call(trainer, Some(tid), &RunInfoRequest).await?;
+                epoch = now.epoch;
+            }
+            Err(e) => return Err(e),
+        }
     };
-    let (_, reply): (PeerId, AdmitReply) = shared.call(trainer, Some(tid), &admit).await?;
-    let t0 = Instant::now();
-    let shard = load_state(shared, &opts, reply.epoch, reply.step, &reply.source).await?;
-    let sync_time = t0.elapsed();
     let digest = shard.weights_digest()?;
     worker.install(shard, reply.epoch)?;
     peer.update_local(|r| r.stages = vec![stage]);

@@ -270,3 +270,59 @@ async fn last_replica_leaving_hands_its_state_to_the_next_peer() {
     );
     trainer.shutdown().await;
 }
+
+/// The only replica of stage 1 crashes after a checkpoint: the run pauses, a new peer takes the
+/// stage, every stage and the ends are restored from the checkpoint (new epoch), and the steps
+/// since it run again: the run ends with the losses of an uninterrupted run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_replica_crash_restores_every_stage_from_the_checkpoint() {
+    let steps = 5;
+    let mut cfg = tiny_config(steps);
+    cfg.train.checkpoint_every = 2;
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = TrainerOptions::new(cfg.clone());
+    opts.min_replicas = 1;
+    opts.out = Some(out.path().join("ckpt"));
+    opts.wait_for_peers = Duration::from_secs(60);
+    opts.attempt_timeout = Duration::from_secs(10);
+    let mut trainer = Trainer::start(opts).await.unwrap();
+    let addr = trainer.addr();
+    let replicas = Arc::new(start_replicas(addr, &[0, 1]).await);
+    let late: Arc<tokio::sync::Mutex<Option<Replica>>> = Arc::new(tokio::sync::Mutex::new(None));
+    let restored = Arc::new(Mutex::new(Vec::new()));
+    let (r, slot, seen) = (replicas.clone(), late.clone(), restored.clone());
+    let mut on_event = move |e: &TrainerEvent| match e {
+        // Three steps done, the checkpoint holds two: stage 1 dies before step 3.
+        TrainerEvent::Step(s) if s.step == 2 && slot.try_lock().is_ok_and(|g| g.is_none()) => {
+            r[1].crash();
+            let slot = slot.clone();
+            tokio::spawn(async move {
+                let mut g = slot.lock().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                *g = Some(start_replica(addr, 1).await);
+            });
+        }
+        TrainerEvent::Restored {
+            step,
+            from_checkpoint,
+            ..
+        } => seen.lock().unwrap().push((*step, *from_checkpoint)),
+        _ => {}
+    };
+    let metrics = tokio::time::timeout(Duration::from_secs(120), trainer.run(&mut on_event))
+        .await
+        .expect("run finishes in time")
+        .expect("run succeeds");
+    assert_eq!(*restored.lock().unwrap(), vec![(2, true)]);
+    assert_eq!(metrics.restores, 1);
+    let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
+    let (want, _) = local_losses(&cfg, steps as usize);
+    assert_losses_match(&losses, &want, 1e-4);
+    assert_eq!(trainer.epoch(), 1);
+    let late = late.lock().await;
+    let late = late.as_ref().expect("a new peer took the stage");
+    assert_eq!(late.joined.step, 2, "it loaded the checkpoint's state");
+    assert_eq!(late.joined.worker.step(), Some(steps));
+    assert_eq!(replicas[0].joined.worker.step(), Some(steps));
+    trainer.shutdown().await;
+}

@@ -75,7 +75,7 @@ pub struct TrainerOptions {
     pub join_timeout: Duration,
     /// Stop after this many steps of this process (the run's own step count still bounds it).
     pub max_steps: Option<u64>,
-    /// Audits and the contribution ledger (issue #7); the ledger defaults to `<out>/ledger`.
+    /// Audits and the contribution ledger (issue #7); the ledger defaults to `<out>.ledger` (beside the checkpoint folder).
     pub audit: super::audit::AuditConfig,
 }
 
@@ -125,6 +125,14 @@ pub enum TrainerEvent {
     Step(StepReport),
     /// A checkpoint was written after `step` steps.
     Checkpoint { step: u64, dir: PathBuf },
+    /// A stage lost its last replica and its state: every stage and the ends were restored from
+    /// the checkpoint after `step` steps (`from_checkpoint` false: from the seed, step 0) in a
+    /// new `epoch`; the steps since run again.
+    Restored {
+        step: u64,
+        epoch: u32,
+        from_checkpoint: bool,
+    },
     /// The run is paused: stage `stage` has no replica left.
     Paused { stage: u32 },
 }
@@ -256,6 +264,9 @@ pub struct Trainer {
     limits: Limits,
     events: Vec<TrainerEvent>,
     pinger: Option<tokio::task::JoinHandle<()>>,
+    /// A stage lost its last replica and nobody holds its state: the run restores every stage
+    /// and the ends from the latest checkpoint (or the seed) before going on.
+    restore_pending: bool,
     audit: super::audit::Auditor,
 }
 
@@ -414,6 +425,7 @@ impl Trainer {
             limits: Limits::new(elems),
             events: Vec::new(),
             pinger: None,
+            restore_pending: false,
             audit,
         })
     }
@@ -480,9 +492,18 @@ impl Trainer {
         let waited = train_start - started;
         tracing::debug!(?waited, "replicas ready");
         while self.step() < last {
+            if self.restore_pending {
+                self.restore(on_event).await?;
+            }
             self.admit_joiners(on_event).await?;
             self.wait_for_replicas(1, on_event).await?;
-            let report = self.run_step(on_event).await?;
+            let Some(report) = self.run_step(on_event).await? else {
+                continue;
+            };
+            if self.restore_pending {
+                // A stage lost its state during this step's Apply: the step does not count.
+                continue;
+            }
             self.metrics.train_seconds = train_start.elapsed().as_secs_f64();
             let step = report.step + 1;
             self.emit(TrainerEvent::Step(report.clone()), on_event);
@@ -491,8 +512,11 @@ impl Trainer {
             if let Some(dir) = self.opts.out.clone()
                 && ((every > 0 && step % every == 0) || step == last)
             {
-                self.save_checkpoint(&dir).await?;
-                self.emit(TrainerEvent::Checkpoint { step, dir }, on_event);
+                // A replica dying meanwhile costs this checkpoint, not the run.
+                match self.save_checkpoint(&dir).await {
+                    Ok(()) => self.emit(TrainerEvent::Checkpoint { step, dir }, on_event),
+                    Err(e) => tracing::warn!(step, error = %e, "checkpoint not written"),
+                }
             }
         }
         self.shared.reg(|r| {
@@ -548,6 +572,9 @@ impl Trainer {
         let deadline = Instant::now() + self.opts.wait_for_peers;
         let mut last_report: Option<Vec<usize>> = None;
         loop {
+            if self.restore_pending {
+                Box::pin(self.restore(on_event)).await?;
+            }
             let serving: Vec<usize> = (0..self.num_stages())
                 .map(|k| self.serving(k).len())
                 .collect();
@@ -700,6 +727,9 @@ impl Trainer {
             .reg(|r| r.stages.iter_mut().any(|s| s.remove(&peer).is_some()));
         let _ = self.view.remove(&key_of(&peer));
         let lost = book.map(|b| b.exclude(peer)).unwrap_or_default();
+        if let Some(k) = stage {
+            self.check_stage_state(k as usize);
+        }
         if removed {
             self.metrics.peers_lost += 1;
             tracing::warn!(peer = %peer.short(), ?stage, lost = lost.len(), "replica lost");
@@ -748,7 +778,11 @@ impl Trainer {
     }
 
     /// One optimizer step: every micro-batch counted exactly once, then the replica sync.
-    async fn run_step(&mut self, on_event: &mut dyn FnMut(&TrainerEvent)) -> Result<StepReport> {
+    /// `None`: the step was abandoned because a stage lost its last replica (see `restore`).
+    async fn run_step(
+        &mut self,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Result<Option<StepReport>> {
         let started = Instant::now();
         let (step, epoch) = self.shared.reg(|r| {
             r.in_step = true;
@@ -784,6 +818,9 @@ impl Trainer {
                             inflight.insert(mb, f);
                         }
                         Err(Error::Router(e)) => {
+                            if self.restore_pending {
+                                return Ok(self.abandon_step(&mut inflight));
+                            }
                             // No routable replica for some stage: wait for one (pauses the run).
                             tracing::warn!(error = %e, "cannot route; waiting for replicas");
                             queue.push_front(mb);
@@ -917,6 +954,9 @@ impl Trainer {
                         tracing::debug!(peer = %from.short(), step = d.step, "sync report outside a sync ignored");
                     }
                 }
+                if self.restore_pending {
+                    return Ok(self.abandon_step(&mut inflight));
+                }
                 // Deadlines.
                 let now = Instant::now();
                 for (mb, f) in &inflight {
@@ -1016,6 +1056,9 @@ impl Trainer {
                 }
             }
 
+            if self.restore_pending {
+                return Ok(self.abandon_step(&mut inflight));
+            }
             // Sync phase, for the stages not yet synced.
             let outcome = self
                 .sync_stages(step, epoch, &book, &pending_sync, on_event)
@@ -1098,7 +1141,7 @@ impl Trainer {
         let loss = book
             .mean_loss()
             .ok_or_else(|| run_err("step finished without every loss"))?;
-        Ok(StepReport {
+        Ok(Some(StepReport {
             step,
             loss,
             lr,
@@ -1111,7 +1154,7 @@ impl Trainer {
             wire_bytes: self.metrics.wire.tensor_wire_bytes(),
             dense_bytes: self.metrics.wire.tensor_dense_bytes(),
             wire: self.metrics.wire,
-        })
+        }))
     }
 
     /// Runs the step's audits (see `audit.rs`); returns the bans.
@@ -1754,6 +1797,143 @@ impl Trainer {
             .collect()
     }
 
+    /// Flags a restore when stage `k` has no replica left and nobody holds its current state.
+    fn check_stage_state(&mut self, k: usize) {
+        // Joiners do not count: they load from a holder, and there is none.
+        let orphaned = self.shared.reg(|r| {
+            !r.stages[k]
+                .values()
+                .any(|rep| rep.state != ReplicaState::Joining)
+                && r.served.get(&(k as u32)).is_none_or(|s| s.step != r.step)
+        });
+        if orphaned && !self.restore_pending {
+            tracing::warn!(stage = k, "the stage lost its last replica and its state");
+            self.restore_pending = true;
+        }
+    }
+
+    /// Gives up the current step (a stage's state is gone): attempts released, nothing applied.
+    fn abandon_step(&mut self, inflight: &mut HashMap<usize, InFlight>) -> Option<StepReport> {
+        for (_, f) in inflight.drain() {
+            self.release(&f);
+        }
+        self.shared.reg(|r| r.in_step = false);
+        None
+    }
+
+    /// Restores EVERY stage and the ends from the latest checkpoint in `out` (or, without one,
+    /// from the seed at step 0) in a new epoch: the trainer serves the checkpoint's stage states,
+    /// every remaining replica reloads, and the steps since the checkpoint run again. Data
+    /// batches are a function of (seed, step, micro-batch), so the run continues on the same
+    /// trajectory; lost are the compute since the checkpoint and, with lossy sync codecs, the
+    /// error-feedback residuals (they restart at zero).
+    async fn restore(&mut self, on_event: &mut dyn FnMut(&TrainerEvent)) -> Result<()> {
+        self.restore_pending = false;
+        let cfg = self.cfg().clone();
+        let device = Device::Cpu;
+        let ckpt = match &self.opts.out {
+            Some(dir) if checkpoint::exists(dir) => {
+                let dir = dir.clone();
+                let cfg = cfg.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || {
+                        checkpoint::restore(&dir, &cfg, &Device::Cpu)
+                    })
+                    .await
+                    .map_err(|e| run_err(e.to_string()))??,
+                )
+            }
+            _ => None,
+        };
+        if let Some(c) = &ckpt
+            && c.run != self.shared.run
+        {
+            return Err(run_err(
+                "the checkpoint in the output folder is of another run",
+            ));
+        }
+        let mut ends = Shard::new(&cfg.model, &ends_pieces(), cfg.seed, DType::F32, &device)?;
+        let num_stages = self.num_stages();
+        let mut served = HashMap::new();
+        let mut digests = vec![None; num_stages];
+        let step = match ckpt {
+            Some(c) => {
+                ends.import_state(&c.ends_state)?;
+                for (k, st) in c.stages.into_iter().enumerate() {
+                    digests[k] = Some(st.digest);
+                    served.insert(
+                        k as u32,
+                        ServedState {
+                            step: c.step,
+                            hash: *blake3::hash(&st.bytes).as_bytes(),
+                            bytes: st.bytes,
+                            digest: st.digest,
+                        },
+                    );
+                }
+                c.step
+            }
+            None => 0,
+        };
+        *self.ends.lock().unwrap_or_else(|e| e.into_inner()) = ends;
+        let from_checkpoint = !served.is_empty();
+        let (epoch, replicas) = self.shared.reg(|r| {
+            r.epoch += 1;
+            r.step = step;
+            r.in_step = false;
+            r.phase = RunPhase::Paused;
+            r.fresh = !from_checkpoint;
+            r.served = served;
+            r.digests = digests;
+            let mut reps = Vec::new();
+            for (k, st) in r.stages.iter_mut().enumerate() {
+                for (p, rep) in st.iter_mut() {
+                    rep.state = ReplicaState::Joining;
+                    reps.push((k, *p, rep.addr));
+                }
+            }
+            (r.epoch, reps)
+        });
+        self.shared.boundary.send_replace(step);
+        // Messages of the old epoch still queued are void (Down/Leave still matter).
+        while let Ok(msg) = self.inbox.try_recv() {
+            match msg {
+                Inbound::Down(p) => {
+                    self.lose_peer(p, None, on_event);
+                }
+                Inbound::Leave(p) => {
+                    self.shared.reg(|r| {
+                        r.stages.iter_mut().for_each(|s| {
+                            s.remove(&p);
+                        })
+                    });
+                    self.metrics.peers_left += 1;
+                }
+                _ => {}
+            }
+        }
+        self.restore_pending = false;
+        for (k, p, _) in &replicas {
+            let _ = self.view.remove(&key_of(p));
+            let _ = k;
+        }
+        for (k, p, addr) in replicas {
+            self.send_reload(p, addr, k as u32, step);
+        }
+        self.metrics.steps.retain(|s| s.step < step);
+        self.metrics.restores += 1;
+        tracing::warn!(step, epoch, from_checkpoint, "run restored");
+        self.emit(
+            TrainerEvent::Restored {
+                step,
+                epoch,
+                from_checkpoint,
+            },
+            on_event,
+        );
+        Ok(())
+    }
+
     /// Takes a leaving replica out of routing, unless it is the last routable one of its stage
     /// (then it serves until the boundary, where its state is handed to the trainer).
     fn retire_from_view(&mut self, p: PeerId) {
@@ -1843,6 +2023,7 @@ impl Trainer {
             }
             self.shared.reg(|r| r.stages[k].remove(&p));
             let _ = self.view.remove(&key_of(&p));
+            self.check_stage_state(k);
             self.metrics.peers_left += 1;
             tracing::info!(peer = %p.short(), stage = k, handed_off, "replica left");
             self.emit(

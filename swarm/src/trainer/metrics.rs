@@ -138,6 +138,8 @@ pub struct Metrics {
     pub peers_lost: u64,
     /// Replicas that left gracefully (not counted in `peers_lost`).
     pub peers_left: u64,
+    /// Restores of the whole run from a checkpoint (or the seed) after a stage lost its state.
+    pub restores: u64,
     pub replica_hash_mismatches: u64,
     pub tokens: u64,
     /// Seconds spent training (excludes waiting for peers before the first step).

@@ -111,6 +111,21 @@ impl Progress {
                     peer.short()
                 ));
             }
+            TrainerEvent::Restored {
+                step,
+                epoch,
+                from_checkpoint,
+            } => {
+                let from = if *from_checkpoint {
+                    format!("the checkpoint after step {step}")
+                } else {
+                    "the seed (no checkpoint yet): the run starts over".to_owned()
+                };
+                self.bar.println(format!(
+                    "a stage lost its last replica: every stage restored from {from} (epoch {epoch})"
+                ));
+                self.bar.set_position(*step);
+            }
             TrainerEvent::Paused { stage } => self.bar.set_message(format!(
                 "paused: stage {stage} has no replica; waiting for a peer to take it"
             )),
