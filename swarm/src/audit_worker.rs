@@ -21,7 +21,9 @@ use super::{StageWorker, cand, lock, refuse, tensor_f32};
 use crate::error::{Error, Result};
 use crate::peer::{Peer, PeerShared, RequestCtx};
 use crate::protocol::MbKey;
-use crate::receipt::{AuditFetch, AuditRecompute, AuditRecord, AuditResult, Pass, Receipt};
+use crate::receipt::{
+    AuditFetch, AuditRecompute, AuditRecord, AuditResult, Pass, Receipt, frame_hash,
+};
 use crate::rpc::{self, RpcError, code};
 use crate::wire::{self, kind};
 
@@ -198,8 +200,11 @@ impl StageWorker {
             return Err(refuse(code::BAD_REQUEST, "no record of this attempt"));
         };
         let frames = |s: &Option<(Receipt, Vec<u8>, Vec<u8>)>| match s {
-            Some((_, i, o)) if f.frames => (i.clone(), o.clone()),
-            _ => (Vec::new(), Vec::new()),
+            Some((_, i, o)) => (
+                if f.frames { i.clone() } else { Vec::new() },
+                if f.outputs { o.clone() } else { Vec::new() },
+            ),
+            None => (Vec::new(), Vec::new()),
         };
         let (fwd_in, fwd_out) = frames(&rec.forward);
         let (bwd_in, bwd_out) = frames(&rec.backward);
@@ -231,6 +236,7 @@ impl StageWorker {
         let (act, grad) = (self.inner.act_codec, self.inner.grad_codec);
         let stage = self.inner.opts.stage as usize;
         let step = a.key.step;
+        let send_frames = a.frames;
         let done = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Vec<u8>)> {
             let g = lock(&shard);
             let s = g.as_ref().ok_or_else(|| Error::Run("no state".into()))?;
@@ -243,10 +249,18 @@ impl StageWorker {
         .map_err(|e| Error::Run(e.to_string()))
         .and_then(|r| r)
         .map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+        let (fwd_hash, bwd_hash) = (frame_hash(&done.0), frame_hash(&done.1));
+        let (fwd_out, bwd_out) = if send_frames {
+            done
+        } else {
+            (Vec::new(), Vec::new())
+        };
         rpc::reply(&AuditResult {
             weights_digest: digest,
-            fwd_out: done.0,
-            bwd_out: done.1,
+            fwd_hash,
+            bwd_hash,
+            fwd_out,
+            bwd_out,
         })
     }
 }

@@ -197,7 +197,8 @@ pub mod caps {
 }
 
 /// Trainer -> the peer that served (`key`, `stage`): send what you kept of it.
-/// Reply: [`AuditRecord`]. With `frames` false only the receipts come back (neighbour checks).
+/// Reply: [`AuditRecord`] with the receipts, the input frames if `frames`, the output frames if
+/// `outputs` (asked only when a recomputation disagrees: receipts already commit to them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditFetch {
     pub run: RunId,
@@ -205,6 +206,7 @@ pub struct AuditFetch {
     pub key: MbKey,
     pub stage: u32,
     pub frames: bool,
+    pub outputs: bool,
 }
 
 impl WireMessage for AuditFetch {
@@ -212,7 +214,7 @@ impl WireMessage for AuditFetch {
     fn encode(&self, w: &mut Writer) {
         w.array(&self.run.0).u32(self.epoch).u64(self.key.step);
         w.u32(self.key.mb).u32(self.key.attempt).u32(self.stage);
-        w.bool(self.frames);
+        w.u8(self.frames as u8 | (self.outputs as u8) << 1);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let run = RunId(r.array()?);
@@ -226,12 +228,20 @@ impl WireMessage for AuditFetch {
         if stage as usize >= MAX_STAGES {
             return Err(WireError::Invalid("stage index beyond MAX_STAGES"));
         }
+        let flags = r.u8()?;
+        if flags > 3 {
+            return Err(WireError::BadTag {
+                what: "audit fetch flags",
+                tag: flags as u64,
+            });
+        }
         Ok(AuditFetch {
             run,
             epoch,
             key,
             stage,
-            frames: r.bool()?,
+            frames: flags & 1 != 0,
+            outputs: flags & 2 != 0,
         })
     }
 }
@@ -281,6 +291,8 @@ pub struct AuditRecompute {
     pub stage: u32,
     pub fwd_in: Vec<u8>,
     pub bwd_in: Vec<u8>,
+    /// Send the recomputed frames back (else only their hashes).
+    pub frames: bool,
 }
 
 impl WireMessage for AuditRecompute {
@@ -288,7 +300,7 @@ impl WireMessage for AuditRecompute {
     fn encode(&self, w: &mut Writer) {
         w.array(&self.run.0).u32(self.epoch).u64(self.key.step);
         w.u32(self.key.mb).u32(self.key.attempt).u32(self.stage);
-        w.bytes(&self.fwd_in).bytes(&self.bwd_in);
+        w.bytes(&self.fwd_in).bytes(&self.bwd_in).bool(self.frames);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let run = RunId(r.array()?);
@@ -309,6 +321,7 @@ impl WireMessage for AuditRecompute {
             stage,
             fwd_in: get_frame(r, "fwd_in")?,
             bwd_in: get_frame(r, "bwd_in")?,
+            frames: r.bool()?,
         })
     }
 }
@@ -317,6 +330,9 @@ impl WireMessage for AuditRecompute {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditResult {
     pub weights_digest: [u8; 32],
+    /// BLAKE3 of the recomputed frames (always); the frames themselves only when asked.
+    pub fwd_hash: [u8; 32],
+    pub bwd_hash: [u8; 32],
     pub fwd_out: Vec<u8>,
     pub bwd_out: Vec<u8>,
 }
@@ -325,12 +341,16 @@ impl WireMessage for AuditResult {
     const KIND: u16 = kind::AUDIT_RESULT;
     fn encode(&self, w: &mut Writer) {
         w.array(&self.weights_digest)
+            .array(&self.fwd_hash)
+            .array(&self.bwd_hash)
             .bytes(&self.fwd_out)
             .bytes(&self.bwd_out);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         Ok(AuditResult {
             weights_digest: r.array()?,
+            fwd_hash: r.array()?,
+            bwd_hash: r.array()?,
             fwd_out: get_frame(r, "fwd_out")?,
             bwd_out: get_frame(r, "bwd_out")?,
         })
@@ -439,6 +459,7 @@ mod tests {
             },
             stage: 1,
             frames: true,
+            outputs: false,
         };
         let mut w = Writer::new();
         f.encode(&mut w);
@@ -447,7 +468,7 @@ mod tests {
             roundtrip_any(kind::AUDIT_FETCH, &bytes).unwrap().unwrap(),
             bytes
         );
-        *bytes.last_mut().unwrap() = 2;
+        *bytes.last_mut().unwrap() = 4;
         assert!(roundtrip_any(kind::AUDIT_FETCH, &bytes).unwrap().is_err());
         assert!(roundtrip_any(kind::PING, &bytes).is_none());
     }
