@@ -120,7 +120,7 @@ fn verify(a: LedgerArgs) -> anyhow::Result<()> {
         println!(
             "ok: {} entries, run {}, signed by trainer {}",
             v.entries.len(),
-            v.run.to_string(),
+            v.run,
             v.trainer
         );
         println!(
