@@ -207,7 +207,15 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             }
         }
         let serving = join_training(&peer, bootstrap, args.stage, args.fault, args.json).await?;
-        shutdown.wait().await;
+        let serving = match serving {
+            Some((worker, trainer)) => Some(
+                serve_until_shutdown(&peer, worker, trainer, args.fault, args.json, shutdown).await,
+            ),
+            None => {
+                shutdown.wait().await;
+                None
+            }
+        };
         if let Some((worker, trainer)) = &serving {
             // Finish in-flight work and this step's sync before leaving (bounded).
             match worker.leave(*trainer, Duration::from_secs(120)).await {
@@ -275,6 +283,68 @@ async fn join_training(
         );
     }
     Ok(Some((joined.worker, trainer)))
+}
+
+/// Serves until Ctrl-C / SIGTERM, checking every second that the trainer still lists this peer
+/// as a replica: a restarted trainer (resuming from its checkpoint) or one that dropped this
+/// peer does not, and the peer joins the run again for the same stage (loading the state the
+/// trainer names). While the trainer is unreachable it keeps its state and waits.
+async fn serve_until_shutdown(
+    peer: &Peer,
+    mut worker: swarm_core::stage::StageWorker,
+    trainer: SocketAddr,
+    fault: Option<swarm_core::fault::FaultSpec>,
+    json: bool,
+    shutdown: ShutdownSignal,
+) -> (swarm_core::stage::StageWorker, SocketAddr) {
+    use swarm_core::protocol::{RunInfo, RunInfoRequest};
+    let wait = shutdown.wait();
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            _ = &mut wait => return (worker, trainer),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let listed = match peer
+            .shared()
+            .call::<RunInfoRequest, RunInfo>(trainer, None, &RunInfoRequest)
+            .await
+        {
+            Ok((_, info)) => info.replicas.iter().flatten().any(|p| *p == peer.peer_id()),
+            Err(e) => {
+                tracing::debug!(error = %e, "trainer unreachable; waiting for it");
+                continue;
+            }
+        };
+        if listed {
+            continue;
+        }
+        let stage = worker.stage();
+        let joining = swarm_core::stage::join_run(peer, trainer, Some(stage), |o| o.fault = fault);
+        let joined = tokio::select! {
+            _ = &mut wait => return (worker, trainer),
+            j = joining => j,
+        };
+        match joined {
+            Ok(j) => {
+                worker = j.worker;
+                let serving = Serving {
+                    stage,
+                    step: j.step,
+                    sync_ms: j.sync_time.as_millis() as u64,
+                };
+                if json {
+                    let _ = ui::print_json(&serving);
+                } else {
+                    println!(
+                        "joined the run again: serving stage {stage} from step {} (state ready in {} ms)",
+                        serving.step, serving.sync_ms
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "joining the run again failed; will retry"),
+        }
+    }
 }
 
 /// Reads `--control-stdin` commands on a thread; the receiver fires when stdin ends.
