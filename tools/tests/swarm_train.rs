@@ -120,7 +120,7 @@ fn trainer_sigkilled_after_a_checkpoint_resumes_with_the_same_losses() {
     let resumed_at = ck.state.expect("train state").step;
     // Killed mid-run: the checkpoint is not the last step's.
     assert!(
-        resumed_at >= 2 && resumed_at % 2 == 0 && resumed_at < steps,
+        resumed_at >= 2 && resumed_at.is_multiple_of(2) && resumed_at < steps,
         "checkpoint after {resumed_at} of {steps} steps"
     );
     eprintln!("trainer killed; resuming from the checkpoint after {resumed_at} steps");
