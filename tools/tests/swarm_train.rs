@@ -187,3 +187,68 @@ fn trainer_sigkilled_after_a_checkpoint_resumes_with_the_same_losses() {
         );
     }
 }
+
+/// Waits (bounded) for the trainer to exit and returns its JSON line.
+fn finish(mut t: TrainerProc, limit: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    let mut last = String::new();
+    loop {
+        match t.lines.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) => last = l,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "trainer did not finish in {limit:?}"
+        );
+    }
+    assert!(t.child.wait().unwrap().success(), "trainer failed");
+    serde_json::from_str(&last).unwrap_or_else(|e| panic!("bad JSON {last}: {e}"))
+}
+
+/// Ctrl-C on a `swarm join` serving a stage mid-run: it leaves gracefully (finishes its work and
+/// the step's sync, released at the boundary), is not counted as lost, and no step is disturbed.
+#[test]
+fn ctrl_c_on_a_stage_peer_leaves_gracefully() {
+    let steps = 60;
+    let cfg = config(steps);
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("run.toml");
+    std::fs::write(&config_path, cfg.to_toml().unwrap()).unwrap();
+    let out = dir.path().join("ckpt");
+    let addr = free_addr();
+    let trainer = start_trainer(&config_path, &out, addr);
+    trainer
+        .lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("trainer startup line");
+    let _p0 = PeerProc::start(Some(addr), FAST, &["--stage", "0"]);
+    let _p1 = PeerProc::start(Some(addr), FAST, &["--stage", "1"]);
+    let mut leaver = PeerProc::start(Some(addr), FAST, &["--stage", "1"]);
+    // Serving (its join line), and the run is under way (first checkpoint): Ctrl-C.
+    let serving = leaver
+        .lines
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the leaver serves its stage");
+    assert!(serving.contains("\"stage\":1"), "{serving}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !out.join("config.json").exists() {
+        assert!(Instant::now() < deadline, "no checkpoint within 120 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    leaver.interrupt();
+    let status = leaver.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "the leaver exits cleanly");
+    let json = finish(trainer, Duration::from_secs(180));
+    assert_eq!(json["steps"].as_u64(), Some(steps), "{json}");
+    assert_eq!(json["peers_lost"], 0, "{json}");
+    assert_eq!(json["peers_left"], 1, "{json}");
+    assert_eq!(json["replica_hash_mismatches"], 0, "{json}");
+    let corpus = swarm_model::train::load_corpus(&cfg.data).unwrap();
+    let mut local = LocalTrainer::new(&cfg).unwrap();
+    for (k, v) in json["losses"].as_array().unwrap().iter().enumerate() {
+        let (g, w) = (v.as_f64().unwrap(), local.train_step(&corpus).unwrap().loss);
+        assert!((g - w).abs() / w.abs() < 1e-4, "step {k}: {g} vs {w}");
+    }
+}

@@ -632,6 +632,10 @@ impl Trainer {
             let Some(rep) = r.stages.get_mut(stage).and_then(|s| s.get_mut(&from)) else {
                 return (false, None);
             };
+            if rep.state == ReplicaState::Leaving {
+                // Asked to leave while loading: it is released at the boundary, never routed.
+                return (false, None);
+            }
             let digest_ok = want.is_none_or(|d| d == ready.digest);
             if ready.step != expected_step || !digest_ok {
                 tracing::warn!(peer = %from.short(), stage, step = ready.step, expected_step, digest_ok, "replica ready with the wrong state");
