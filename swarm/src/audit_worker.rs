@@ -32,10 +32,14 @@ pub fn records_cap(micro_batches: usize) -> usize {
     4 * micro_batches + 16
 }
 
+/// Our receipt, the frame received, the frame sent, and the sender's receipt that came with the
+/// frame received (`None` when the trainer sent it).
+type Slot = (Receipt, Vec<u8>, Vec<u8>, Option<Receipt>);
+
 #[derive(Default)]
 struct Rec {
-    forward: Option<(Receipt, Vec<u8>, Vec<u8>)>,
-    backward: Option<(Receipt, Vec<u8>, Vec<u8>)>,
+    forward: Option<Slot>,
+    backward: Option<Slot>,
 }
 
 /// Receipts and frames of the current step, and the weights digest the step started from.
@@ -134,7 +138,9 @@ impl StageWorker {
         Ok(d)
     }
 
-    /// Signs and keeps the receipt and frames of one pass just served.
+    /// Signs and keeps the receipt and frames of one pass just served, with the sender's
+    /// receipt for `input`; returns our receipt, to send on with `output`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn record_pass(
         &self,
         pass: Pass,
@@ -143,12 +149,13 @@ impl StageWorker {
         key: MbKey,
         input: Vec<u8>,
         output: Vec<u8>,
-    ) {
+        received: Option<Receipt>,
+    ) -> Option<Receipt> {
         let digest = match self.step_digest(key.step) {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(step = key.step, microbatch = key.mb, error = %e, "no receipt");
-                return;
+                return None;
             }
         };
         let receipt = Receipt::sign(
@@ -169,7 +176,7 @@ impl StageWorker {
             st.step = key.step;
         }
         if key.step != st.step {
-            return;
+            return Some(receipt);
         }
         if !st.records.contains_key(&key) && st.records.len() >= cap {
             tracing::warn!(
@@ -177,14 +184,15 @@ impl StageWorker {
                 microbatch = key.mb,
                 "audit record table full"
             );
-            return;
+            return Some(receipt);
         }
         let rec = st.records.entry(key).or_default();
-        let slot = (receipt, input, output);
+        let slot = (receipt.clone(), input, output, received);
         match pass {
             Pass::Forward => rec.forward = Some(slot),
             Pass::Backward => rec.backward = Some(slot),
         }
+        Some(receipt)
     }
 
     async fn on_audit_fetch(
@@ -199,8 +207,8 @@ impl StageWorker {
         let Some(rec) = st.records.get(&f.key).filter(|_| st.step == f.key.step) else {
             return Err(refuse(code::BAD_REQUEST, "no record of this attempt"));
         };
-        let frames = |s: &Option<(Receipt, Vec<u8>, Vec<u8>)>| match s {
-            Some((_, i, o)) => (
+        let frames = |s: &Option<Slot>| match s {
+            Some((_, i, o, _)) => (
                 if f.frames { i.clone() } else { Vec::new() },
                 if f.outputs { o.clone() } else { Vec::new() },
             ),
@@ -215,6 +223,8 @@ impl StageWorker {
             fwd_out,
             bwd_in,
             bwd_out,
+            fwd_in_receipt: rec.forward.as_ref().and_then(|s| s.3.clone()),
+            bwd_in_receipt: rec.backward.as_ref().and_then(|s| s.3.clone()),
         };
         drop(st);
         rpc::reply(&out)

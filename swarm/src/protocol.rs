@@ -36,6 +36,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::identity::PeerId;
 use crate::membership::RunId;
+use crate::receipt::{Receipt, get_opt_receipt, put_opt_receipt};
 use crate::wire::{Reader, WireError, WireMessage, Writer, kind};
 
 /// Largest compression frame carried by one message (activations, gradients, grad shares).
@@ -298,6 +299,9 @@ pub struct Forward {
     /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
     pub upstream: Traffic,
     pub activations: Vec<u8>,
+    /// The sending stage peer's signed forward receipt for `activations` (`None` from the
+    /// trainer, which is trusted and hashes what it sends itself).
+    pub receipt: Option<Receipt>,
 }
 
 impl Forward {
@@ -322,6 +326,7 @@ impl WireMessage for Forward {
         w.u64(self.accumulate);
         put_traffic(w, &self.upstream);
         w.bytes(&self.activations);
+        put_opt_receipt(w, &self.receipt);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
@@ -356,6 +361,7 @@ impl WireMessage for Forward {
             accumulate: r.u64()?,
             upstream: get_traffic(r)?,
             activations: get_frame(r, "activations")?,
+            receipt: get_opt_receipt(r)?,
         })
     }
 }
@@ -374,6 +380,8 @@ pub struct ForwardOut {
     /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
     pub upstream: Traffic,
     pub activations: Vec<u8>,
+    /// The sender's signed forward receipt for `activations`.
+    pub receipt: Option<Receipt>,
 }
 
 impl WireMessage for ForwardOut {
@@ -384,6 +392,7 @@ impl WireMessage for ForwardOut {
         w.u32(self.stage);
         put_traffic(w, &self.upstream);
         w.bytes(&self.activations);
+        put_opt_receipt(w, &self.receipt);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
@@ -394,6 +403,7 @@ impl WireMessage for ForwardOut {
             stage: get_stage(r)?,
             upstream: get_traffic(r)?,
             activations: get_frame(r, "activations")?,
+            receipt: get_opt_receipt(r)?,
         })
     }
 }
@@ -415,6 +425,8 @@ pub struct Backward {
     /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
     pub upstream: Traffic,
     pub grad: Vec<u8>,
+    /// The sending stage peer's signed backward receipt for `grad` (`None` from the trainer).
+    pub receipt: Option<Receipt>,
 }
 
 impl WireMessage for Backward {
@@ -425,6 +437,7 @@ impl WireMessage for Backward {
         w.u32(self.stage);
         put_traffic(w, &self.upstream);
         w.bytes(&self.grad);
+        put_opt_receipt(w, &self.receipt);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
@@ -435,6 +448,7 @@ impl WireMessage for Backward {
             stage: get_stage(r)?,
             upstream: get_traffic(r)?,
             grad: get_frame(r, "gradient")?,
+            receipt: get_opt_receipt(r)?,
         })
     }
 }
@@ -451,6 +465,8 @@ pub struct BackwardOut {
     /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
     pub upstream: Traffic,
     pub grad: Vec<u8>,
+    /// The sender's signed backward receipt for `grad`.
+    pub receipt: Option<Receipt>,
 }
 
 impl WireMessage for BackwardOut {
@@ -460,6 +476,7 @@ impl WireMessage for BackwardOut {
         put_key(w, &self.key);
         put_traffic(w, &self.upstream);
         w.bytes(&self.grad);
+        put_opt_receipt(w, &self.receipt);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
@@ -469,6 +486,7 @@ impl WireMessage for BackwardOut {
             key: get_key(r)?,
             upstream: get_traffic(r)?,
             grad: get_frame(r, "gradient")?,
+            receipt: get_opt_receipt(r)?,
         })
     }
 }
@@ -1406,7 +1424,13 @@ mod tests {
                 dense: 40,
             },
             activations: vec![1, 2, 3, 4, 5],
+            receipt: Some(receipt(0, crate::receipt::Pass::Forward, &[1, 2, 3, 4, 5])),
         }
+    }
+
+    fn receipt(stage: u32, pass: crate::receipt::Pass, out: &[u8]) -> Receipt {
+        let id = crate::identity::Identity::from_secret([5; 32]);
+        Receipt::sign(&id, RUN, 3, KEY, stage, pass, [6; 32], b"in", out)
     }
 
     /// One message of every kind, encoded as (kind, body).
@@ -1431,6 +1455,7 @@ mod tests {
                 stage: 1,
                 upstream: Traffic::default(),
                 activations: vec![9; 40],
+                receipt: Some(receipt(1, crate::receipt::Pass::Forward, &[9; 40])),
             }),
             e(&Backward {
                 run: RUN,
@@ -1439,6 +1464,7 @@ mod tests {
                 stage: 1,
                 upstream: Traffic { wire: 1, dense: 2 },
                 grad: vec![8; 33],
+                receipt: None,
             }),
             e(&BackwardOut {
                 run: RUN,
@@ -1449,6 +1475,7 @@ mod tests {
                     dense: 1 << 40,
                 },
                 grad: vec![],
+                receipt: Some(receipt(0, crate::receipt::Pass::Backward, &[])),
             }),
             e(&Counted {
                 run: RUN,

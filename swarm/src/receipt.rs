@@ -118,6 +118,36 @@ impl Receipt {
             && crate::identity::verify(&self.public_key, &self.message(), &self.signature)
     }
 
+    /// Checks a receipt that came with a pipeline message from `from` (the TLS-proven sender):
+    /// signed by `from`, for this run, epoch, attempt, stage and pass, and committing to exactly
+    /// the `frame` bytes received. Returns why not.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_received(
+        receipt: Option<&Receipt>,
+        from: &PeerId,
+        run: &RunId,
+        epoch: u32,
+        key: MbKey,
+        stage: u32,
+        pass: Pass,
+        frame: &[u8],
+    ) -> Result<(), &'static str> {
+        let r = receipt.ok_or("no receipt with the frame")?;
+        if r.run != *run || r.epoch != epoch || r.key != key {
+            return Err("receipt of another run, epoch or attempt");
+        }
+        if r.stage != stage || r.pass != pass {
+            return Err("receipt of another stage or pass");
+        }
+        if r.output_hash != frame_hash(frame) {
+            return Err("receipt does not match the frame");
+        }
+        if !r.verify(from) {
+            return Err("receipt not signed by the sender");
+        }
+        Ok(())
+    }
+
     pub fn encode(&self, w: &mut Writer) {
         self.body(w);
         w.array(&self.signature);
@@ -160,7 +190,7 @@ impl Receipt {
     }
 }
 
-fn put_opt_receipt(w: &mut Writer, r: &Option<Receipt>) {
+pub(crate) fn put_opt_receipt(w: &mut Writer, r: &Option<Receipt>) {
     match r {
         Some(r) => {
             w.u8(1);
@@ -172,7 +202,7 @@ fn put_opt_receipt(w: &mut Writer, r: &Option<Receipt>) {
     }
 }
 
-fn get_opt_receipt(r: &mut Reader<'_>) -> Result<Option<Receipt>, WireError> {
+pub(crate) fn get_opt_receipt(r: &mut Reader<'_>) -> Result<Option<Receipt>, WireError> {
     match r.u8()? {
         0 => Ok(None),
         1 => Ok(Some(Receipt::decode(r)?)),
@@ -191,7 +221,7 @@ fn get_frame(r: &mut Reader<'_>, what: &'static str) -> Result<Vec<u8>, WireErro
 pub mod caps {
     use super::*;
     pub const FETCH: usize = 256;
-    pub const RECORD: usize = 4 * MAX_FRAME_BYTES + 2 * RECEIPT_BYTES + 256;
+    pub const RECORD: usize = 4 * MAX_FRAME_BYTES + 4 * RECEIPT_BYTES + 256;
     pub const RECOMPUTE: usize = 2 * MAX_FRAME_BYTES + 256;
     pub const RESULT: usize = 2 * MAX_FRAME_BYTES + 256;
 }
@@ -256,6 +286,10 @@ pub struct AuditRecord {
     pub fwd_out: Vec<u8>,
     pub bwd_in: Vec<u8>,
     pub bwd_out: Vec<u8>,
+    /// The previous hop's forward receipt that came with `fwd_in` (`None` from the trainer).
+    pub fwd_in_receipt: Option<Receipt>,
+    /// The next hop's backward receipt that came with `bwd_in` (`None` from the trainer).
+    pub bwd_in_receipt: Option<Receipt>,
 }
 
 impl WireMessage for AuditRecord {
@@ -267,6 +301,8 @@ impl WireMessage for AuditRecord {
             .bytes(&self.fwd_out)
             .bytes(&self.bwd_in)
             .bytes(&self.bwd_out);
+        put_opt_receipt(w, &self.fwd_in_receipt);
+        put_opt_receipt(w, &self.bwd_in_receipt);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         Ok(AuditRecord {
@@ -276,6 +312,8 @@ impl WireMessage for AuditRecord {
             fwd_out: get_frame(r, "fwd_out")?,
             bwd_in: get_frame(r, "bwd_in")?,
             bwd_out: get_frame(r, "bwd_out")?,
+            fwd_in_receipt: get_opt_receipt(r)?,
+            bwd_in_receipt: get_opt_receipt(r)?,
         })
     }
 }
@@ -423,6 +461,33 @@ mod tests {
     }
 
     #[test]
+    fn received_receipts_are_checked_against_sender_and_frame() {
+        let a = Identity::from_secret([1; 32]);
+        let b = Identity::from_secret([2; 32]);
+        let r = receipt(&a);
+        let key = r.key;
+        let check = |rc: Option<&Receipt>, from: &PeerId, stage, pass, frame: &[u8]| {
+            Receipt::check_received(rc, from, &RunId([1; 16]), 2, key, stage, pass, frame)
+        };
+        let ok = check(Some(&r), &a.peer_id(), 1, Pass::Backward, b"out");
+        assert_eq!(ok, Ok(()));
+        assert!(check(None, &a.peer_id(), 1, Pass::Backward, b"out").is_err());
+        // Bytes changed in transit, or a receipt replayed for other bytes.
+        let bad = check(Some(&r), &a.peer_id(), 1, Pass::Backward, b"ouT");
+        assert_eq!(bad, Err("receipt does not match the frame"));
+        // Relayed by another peer than its signer.
+        let relayed = check(Some(&r), &b.peer_id(), 1, Pass::Backward, b"out");
+        assert_eq!(relayed, Err("receipt not signed by the sender"));
+        assert!(check(Some(&r), &a.peer_id(), 0, Pass::Backward, b"out").is_err());
+        assert!(check(Some(&r), &a.peer_id(), 1, Pass::Forward, b"out").is_err());
+        // A forged hash keeps the frame check happy but breaks the signature.
+        let mut forged = r.clone();
+        forged.output_hash = frame_hash(b"forged");
+        let f = check(Some(&forged), &a.peer_id(), 1, Pass::Backward, b"forged");
+        assert_eq!(f, Err("receipt not signed by the sender"));
+    }
+
+    #[test]
     fn messages_round_trip_and_refuse_garbage() {
         let a = Identity::from_secret([1; 32]);
         let rec = AuditRecord {
@@ -432,6 +497,8 @@ mod tests {
             fwd_out: vec![],
             bwd_in: vec![4],
             bwd_out: vec![5, 6],
+            fwd_in_receipt: Some(receipt(&a)),
+            bwd_in_receipt: None,
         };
         let mut w = Writer::new();
         rec.encode(&mut w);

@@ -37,6 +37,9 @@ pub mod code {
     pub const BUSY: u16 = 4;
     /// The caller is not allowed to make this request.
     pub const FORBIDDEN: u16 = 5;
+    /// The pipeline message came without a valid receipt from its sender (not signed by it,
+    /// or not committing to the frame it carries); the receiver reported the sender.
+    pub const BAD_RECEIPT: u16 = 6;
 }
 
 /// A refusal sent back to the caller instead of a reply.

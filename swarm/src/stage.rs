@@ -43,7 +43,7 @@ use crate::protocol::{
     FetchState, Forward, ForwardOut, GradShare, Hop, HopFailed, MAX_CHUNK_BYTES, MbKey, Ready,
     Reload, RunInfo, RunInfoRequest, StateChunk, StateSource, SyncDone, SyncStart, Traffic,
 };
-use crate::receipt::Pass;
+use crate::receipt::{Pass, Receipt};
 use crate::rpc::{self, RpcError, code};
 use crate::wire::{self, WireMessage, kind};
 
@@ -98,6 +98,8 @@ pub struct StageStats {
     pub backwards: AtomicU64,
     /// Requests refused with BUSY (context table full).
     pub busy: AtomicU64,
+    /// Pipeline messages refused for a missing or bad sender receipt.
+    pub bad_receipts: AtomicU64,
 }
 
 impl StageStats {
@@ -476,6 +478,31 @@ impl StageWorker {
             }
             None => return Err(refuse(code::BUSY, "state not loaded yet")),
         }
+        // A peer's frame must come with its signed receipt for exactly those bytes; the
+        // trainer (trusted) sends none.
+        if ctx.from != f.trainer.peer {
+            let Some(prev) = (f.hop as usize).checked_sub(1).map(|i| f.route[i]) else {
+                return Err(refuse(code::FORBIDDEN, "hop 0 comes from the trainer"));
+            };
+            if prev.peer != ctx.from {
+                return Err(refuse(code::FORBIDDEN, "not sent by the previous hop"));
+            }
+            if let Err(why) = Receipt::check_received(
+                f.receipt.as_ref(),
+                &ctx.from,
+                &f.run,
+                f.epoch,
+                f.key,
+                prev.stage,
+                Pass::Forward,
+                &f.activations,
+            ) {
+                let traffic = f
+                    .upstream
+                    .plus_frame(f.activations.len(), self.inner.boundary_elems);
+                return Err(self.refuse_receipt(f.trainer, f.key, ctx.from, why, traffic));
+            }
+        }
         {
             let mut st = lock(&self.inner.state);
             if st.contexts.contains_key(&f.key) {
@@ -496,7 +523,6 @@ impl StageWorker {
                 },
             );
         }
-        let _ = ctx;
         let w = self.clone();
         tokio::spawn(async move { w.run_forward(f).await });
         rpc::reply(&Ack)
@@ -512,6 +538,7 @@ impl StageWorker {
         let frame = f.activations;
         let in_len = frame.len();
         let (kept_in, fault) = (frame.clone(), self.inner.fault.clone());
+        let received = f.receipt;
         let computed =
             tokio::task::spawn_blocking(move || -> Result<(ForwardCtx, Vec<u8>, usize, usize)> {
                 let mut dec = Decoder::new();
@@ -564,7 +591,15 @@ impl StageWorker {
             }
         };
         self.inner.stats.forwards.fetch_add(1, Ordering::Relaxed);
-        self.record_pass(Pass::Forward, f.run, f.epoch, key, kept_in, out.clone());
+        let receipt = self.record_pass(
+            Pass::Forward,
+            f.run,
+            f.epoch,
+            key,
+            kept_in,
+            out.clone(),
+            received,
+        );
         // Keep the context unless the attempt was abandoned meanwhile.
         let (route, trainer) = {
             let mut st = lock(&self.inner.state);
@@ -597,6 +632,7 @@ impl StageWorker {
                 accumulate: f.accumulate,
                 upstream,
                 activations: out,
+                receipt,
             };
             let h = route[next];
             (h.peer, self.send(h.addr, h.peer, &msg).await)
@@ -608,6 +644,7 @@ impl StageWorker {
                 stage,
                 upstream,
                 activations: out,
+                receipt,
             };
             (
                 trainer.peer,
@@ -617,6 +654,11 @@ impl StageWorker {
         if let Err(e) = result {
             let busy = matches!(&e, Error::Remote(r) if r.code == code::BUSY);
             tracing::info!(stage, step = key.step, microbatch = key.mb, error = %e, "forward send failed");
+            if matches!(&e, Error::Remote(r) if r.code == code::BAD_RECEIPT) {
+                // The receiver reported us; blaming it back would only muddy the record.
+                lock(&self.inner.state).contexts.remove(&key);
+                return;
+            }
             lock(&self.inner.state).contexts.remove(&key);
             // A refusal means our frame arrived: it crossed the network too.
             let traffic = if matches!(&e, Error::Remote(_)) {
@@ -669,18 +711,66 @@ impl StageWorker {
         }
     }
 
+    /// Refuses a pipeline message whose receipt does not hold, reporting its sender to the
+    /// trainer as the failed hop (the receipt check binds the fault to the TLS-proven sender).
+    fn refuse_receipt(
+        &self,
+        trainer: Endpoint,
+        key: MbKey,
+        sender: PeerId,
+        why: &'static str,
+        traffic: Traffic,
+    ) -> RpcError {
+        tracing::warn!(peer = %sender.short(), step = key.step, microbatch = key.mb, why, "bad receipt");
+        self.inner
+            .stats
+            .bad_receipts
+            .fetch_add(1, Ordering::Relaxed);
+        let w = self.clone();
+        tokio::spawn(async move {
+            let reason = format!("bad receipt from {}: {why}", sender.short());
+            w.report_failure(&trainer, key, sender, false, reason, traffic)
+                .await;
+        });
+        refuse(code::BAD_RECEIPT, why)
+    }
+
     // ---- backward -----------------------------------------------------------------------
 
-    async fn on_backward(&self, _ctx: RequestCtx, body: Vec<u8>) -> Result<rpc::Reply, RpcError> {
+    async fn on_backward(&self, ctx: RequestCtx, body: Vec<u8>) -> Result<rpc::Reply, RpcError> {
         let b: Backward = wire::decode_body(&body)?;
         self.check_run(&b.run, b.epoch)?;
         self.check_stage(b.stage)?;
         let entry = {
             let mut st = lock(&self.inner.state);
-            match st.contexts.get(&b.key) {
-                Some(e) if e.ctx.is_some() => {}
+            let (trainer, next) = match st.contexts.get(&b.key) {
+                Some(e) if e.ctx.is_some() => {
+                    (e.trainer, e.route.get(b.stage as usize + 1).copied())
+                }
                 Some(_) => return Err(refuse(code::BAD_REQUEST, "forward still running")),
                 None => return Err(refuse(code::BAD_REQUEST, "no context for this attempt")),
+            };
+            // The gradient comes from the trainer (last stage) or the next hop, with its receipt.
+            if ctx.from != trainer.peer {
+                let Some(next) = next.filter(|h| h.peer == ctx.from) else {
+                    return Err(refuse(code::FORBIDDEN, "not sent by the next hop"));
+                };
+                if let Err(why) = Receipt::check_received(
+                    b.receipt.as_ref(),
+                    &ctx.from,
+                    &b.run,
+                    b.epoch,
+                    b.key,
+                    next.stage,
+                    Pass::Backward,
+                    &b.grad,
+                ) {
+                    drop(st);
+                    let traffic = b
+                        .upstream
+                        .plus_frame(b.grad.len(), self.inner.boundary_elems);
+                    return Err(self.refuse_receipt(trainer, b.key, ctx.from, why, traffic));
+                }
             }
             let mut e = st.contexts.remove(&b.key).expect("checked above");
             // Exactly once per step: never accumulate a micro-batch twice.
@@ -712,6 +802,7 @@ impl StageWorker {
         let frame = b.grad;
         let in_len = frame.len();
         let (kept_in, fault) = (frame.clone(), self.inner.fault.clone());
+        let received = b.receipt;
         let computed = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, usize, usize)> {
             let mut dec = Decoder::new();
             let mut g = Vec::new();
@@ -759,7 +850,15 @@ impl StageWorker {
             }
         };
         self.inner.stats.backwards.fetch_add(1, Ordering::Relaxed);
-        self.record_pass(Pass::Backward, b.run, b.epoch, key, kept_in, out.clone());
+        let receipt = self.record_pass(
+            Pass::Backward,
+            b.run,
+            b.epoch,
+            key,
+            kept_in,
+            out.clone(),
+            received,
+        );
         let epoch = b.epoch;
         let upstream = b.upstream.plus_frame(in_len, in_elems);
         if accumulate {
@@ -789,6 +888,7 @@ impl StageWorker {
                 stage: stage - 1,
                 upstream,
                 grad: out,
+                receipt,
             };
             (h.peer, self.send(h.addr, h.peer, &msg).await)
         } else {
@@ -798,6 +898,7 @@ impl StageWorker {
                 key,
                 upstream,
                 grad: out,
+                receipt,
             };
             (
                 trainer.peer,
@@ -806,6 +907,10 @@ impl StageWorker {
         };
         if let Err(e) = result {
             let busy = matches!(&e, Error::Remote(r) if r.code == code::BUSY);
+            if matches!(&e, Error::Remote(r) if r.code == code::BAD_RECEIPT) {
+                tracing::info!(stage, step = key.step, microbatch = key.mb, error = %e, "backward refused for its receipt");
+                return;
+            }
             let traffic = if matches!(&e, Error::Remote(_)) {
                 with_ours
             } else {
@@ -1033,6 +1138,7 @@ impl StageWorker {
             )
         };
         let shard = self.inner.shard.clone();
+        let feedback = self.inner.feedback.clone();
         let n_params = self.inner.num_params;
         let done = tokio::task::spawn_blocking(move || -> Result<(f64, [u8; 32])> {
             let mut g = lock(&shard);
@@ -1059,7 +1165,16 @@ impl StageWorker {
                 s.set_grads_flat(&sum)?;
                 Ok((s.grad_sq_norm()?, f32_digest(&sum)))
             } else {
-                let flat = s.grads_flat()?;
+                // Alone, nothing is compressed: what earlier shares left in the error-feedback
+                // residual is delivered now, in full, rather than steps later when a second
+                // replica arrives (a stale residual then lands as one large, outdated update).
+                let mut flat = s.grads_flat()?;
+                let mut fb = lock(&feedback);
+                if fb.residual().iter().any(|r| *r != 0.0) {
+                    flat = fb.compensate(&flat)?.to_vec();
+                    s.set_grads_flat(&flat)?;
+                }
+                fb.reset();
                 Ok((s.grad_sq_norm()?, f32_digest(&flat)))
             }
         })

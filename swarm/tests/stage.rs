@@ -18,6 +18,7 @@ use swarm_core::protocol::{
     Abandon, Ack, Applied, Apply, Backward, BackwardOut, Counted, Endpoint, FetchState, Forward,
     ForwardOut, GradShare, Hop, HopFailed, MbKey, StateChunk, SyncDone, SyncStart, Traffic,
 };
+use swarm_core::receipt::{Pass, Receipt};
 use swarm_core::rpc::{self, code};
 use swarm_core::stage::{StageOptions, StageWorker, f32_digest, fetch_state, init_shard};
 use swarm_core::wire::{self, WireMessage, kind};
@@ -217,6 +218,7 @@ async fn two_stage_pipeline_reproduces_the_shards_bitwise() {
         accumulate: 0b11,
         upstream: Traffic::default(),
         activations: frame(&x, &[2, 8, 16]),
+        receipt: None,
     };
     let sent = fwd.activations.len() as u64;
     let _: (_, Ack) = bounded(d.peer.shared().call(p0.local_addr(), None, &fwd))
@@ -241,6 +243,7 @@ async fn two_stage_pipeline_reproduces_the_shards_bitwise() {
         stage: 1,
         upstream: Traffic::default(),
         grad: frame(&g, &[2, 8, 16]),
+        receipt: None,
     };
     let _: (_, Ack) = bounded(d.peer.shared().call(p1.local_addr(), None, &bwd))
         .await
@@ -334,6 +337,118 @@ async fn two_stage_pipeline_reproduces_the_shards_bitwise() {
     );
 }
 
+/// A frame from a peer must carry that peer's receipt for exactly those bytes: a missing receipt,
+/// a frame changed after signing, and a receipt signed by someone else are each refused with
+/// BAD_RECEIPT and reported to the trainer as the sender's fault; a good one is accepted, kept,
+/// and the receiver sends its own receipt on with its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_receipts_in_transit_are_refused_and_blamed_on_the_sender() {
+    let run = RunId([4; 16]);
+    let cfg = config(&[0, 1, 2], "none");
+    let mut d = driver(run).await;
+    let (p1, w1) = stage_peer(6, run, d.peer.local_addr(), &cfg, 1).await;
+    // The stage-0 hop, played by a bare peer that signs (or forges) its own receipts.
+    let sender_id = Identity::from_secret([7; 32]);
+    let sender = Peer::start(
+        sender_id.clone(),
+        PeerConfig {
+            run_id: Some(run),
+            bootstrap: Some(d.peer.local_addr()),
+            ..PeerConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let other = Identity::from_secret([8; 32]);
+    let key = MbKey {
+        step: 0,
+        mb: 1,
+        attempt: 0,
+    };
+    let good = frame(&random(30, SHAPE), &[2, 8, 16]);
+    let tampered = frame(&random(31, SHAPE), &[2, 8, 16]);
+    let sign = |id: &Identity, bytes: &[u8]| {
+        Receipt::sign(id, run, 0, key, 0, Pass::Forward, [0; 32], b"in", bytes)
+    };
+    let trainer = endpoint(&d.peer);
+    let fwd = |activations: Vec<u8>, receipt: Option<Receipt>| Forward {
+        run,
+        epoch: 0,
+        key,
+        route: vec![hop(0, &sender), hop(1, &p1)],
+        hop: 1,
+        trainer,
+        accumulate: 0b10,
+        upstream: Traffic::default(),
+        activations,
+        receipt,
+    };
+    let cases = [
+        (fwd(good.clone(), None), "no receipt"),
+        (
+            fwd(tampered.clone(), Some(sign(&sender_id, &good))),
+            "frame",
+        ),
+        (fwd(good.clone(), Some(sign(&other, &good))), "signed"),
+    ];
+    for (msg, why) in cases {
+        let err = bounded(
+            sender
+                .shared()
+                .call::<Forward, Ack>(p1.local_addr(), None, &msg),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, swarm_core::Error::Remote(ref r) if r.code == code::BAD_RECEIPT && r.message.contains(why)),
+            "{err}"
+        );
+        match next(&mut d).await {
+            Event::Failed(h) => {
+                assert_eq!(h.key, key);
+                assert_eq!(h.failed, sender.peer_id(), "blame on the sender");
+                assert!(h.reason.contains("bad receipt"), "{}", h.reason);
+            }
+            e => panic!("expected HopFailed, got {e:?}"),
+        }
+        assert_eq!(w1.contexts(), 0, "a refused frame holds no context");
+    }
+    assert_eq!(
+        w1.stats()
+            .bad_receipts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+
+    // The honest frame: accepted; the output carries stage 1's receipt over its frame.
+    let _: (_, Ack) = bounded(sender.shared().call(
+        p1.local_addr(),
+        None,
+        &fwd(good.clone(), Some(sign(&sender_id, &good))),
+    ))
+    .await
+    .unwrap();
+    let out = match next(&mut d).await {
+        Event::Out(o) => o,
+        e => panic!("expected ForwardOut, got {e:?}"),
+    };
+    let r = out.receipt.as_ref().expect("a receipt with the output");
+    assert_eq!(
+        Receipt::check_received(
+            Some(r),
+            &p1.peer_id(),
+            &run,
+            0,
+            key,
+            1,
+            Pass::Forward,
+            &out.activations
+        ),
+        Ok(())
+    );
+    assert_eq!(r.input_hash, swarm_core::receipt::frame_hash(&good));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_forward_closes_the_connection() {
     let run = RunId([2; 16]);
@@ -364,6 +479,7 @@ async fn one_micro_batch(d: &mut Driver, run: RunId, p: &Peer, mb: u32) {
         accumulate: 1,
         upstream: Traffic::default(),
         activations: frame(&random(10 + mb as u64, SHAPE), &[2, 8, 16]),
+        receipt: None,
     };
     let _: (_, Ack) = bounded(d.peer.shared().call(p.local_addr(), None, &fwd))
         .await
@@ -376,6 +492,7 @@ async fn one_micro_batch(d: &mut Driver, run: RunId, p: &Peer, mb: u32) {
         stage: 0,
         upstream: Traffic::default(),
         grad: frame(&random(20 + mb as u64, SHAPE), &[2, 8, 16]),
+        receipt: None,
     };
     let _: (_, Ack) = bounded(d.peer.shared().call(p.local_addr(), None, &bwd))
         .await

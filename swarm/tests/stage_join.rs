@@ -226,6 +226,7 @@ async fn a_joiner_takes_the_weakest_stage_fetches_its_state_and_serves() {
         accumulate: 0b10,
         upstream: Traffic::default(),
         activations: frame.clone(),
+        receipt: None,
     };
     let _: (_, Ack) = bounded(trainer.shared().call(joiner.local_addr(), None, &fwd(0)))
         .await

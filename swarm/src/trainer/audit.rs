@@ -15,8 +15,10 @@
 //! 2. Chain: the frames P shows must be the ones its neighbours signed for (their receipts'
 //!    output/input hashes), or, at the ends of the pipeline, the ones the trainer itself sent and
 //!    received (hashed here as they pass). A mismatch against the trainer's own hashes proves P
-//!    lied; one against a neighbour's receipt is a dispute between two signers, logged and
-//!    counted (`disputes`): telling them apart needs receipts carried with the frames.
+//!    lied. Receipts travel with the frames and each receiver checks and keeps the sender's, so
+//!    P must show its neighbours' receipts for the frames it got, and a mismatch with a
+//!    neighbour is decided: the signer bound to two frames for one link, or the receiver that
+//!    cannot show the sender's receipt for what it claims it received, is banned.
 //! 3. Another replica A recomputes P's forward and input gradient from the same inputs (its
 //!    weights digest must equal the one P signed). Identical frames pass at once; otherwise both
 //!    are decoded and compared by relative L2 distance against `tolerance`.
@@ -101,7 +103,8 @@ pub struct AuditStats {
     /// Banned peers, in ban order.
     #[serde(serialize_with = "ser_peers")]
     pub banned: Vec<PeerId>,
-    /// Chain mismatches between two peers' receipts (not attributable without carried receipts).
+    /// Chain mismatches left undecided. Receipts now travel with the frames, so every mismatch
+    /// between neighbours is attributed and banned; kept (always 0) for the JSON's shape.
     pub disputes: u64,
     /// (micro-batch, stage) pairs that completed, i.e. that could have been audited.
     pub candidates: u64,
@@ -433,6 +436,7 @@ impl Auditor {
         key: MbKey,
         k: u32,
         peer: PeerId,
+        route: &[Hop],
         rec: &AuditRecord,
     ) -> std::result::Result<(Receipt, Receipt), String> {
         let (Some(f), Some(b)) = (&rec.forward, &rec.backward) else {
@@ -466,6 +470,43 @@ impl Auditor {
             && d != f.weights_digest
         {
             return Err("receipt claims weights other than the stage's agreed state".into());
+        }
+        // The inputs P shows must come with their senders' receipts for exactly those bytes
+        // (checked by P when they arrived): P cannot claim to have received anything else.
+        let stages = route.len() as u32;
+        if k > 0 {
+            let prev = route[k as usize - 1];
+            if Receipt::check_received(
+                rec.fwd_in_receipt.as_ref(),
+                &prev.peer,
+                &v.run,
+                v.epoch,
+                key,
+                k - 1,
+                Pass::Forward,
+                &rec.fwd_in,
+            )
+            .is_err()
+            {
+                return Err("cannot show the previous hop's receipt for its input".into());
+            }
+        }
+        if k + 1 < stages {
+            let next = route[k as usize + 1];
+            if Receipt::check_received(
+                rec.bwd_in_receipt.as_ref(),
+                &next.peer,
+                &v.run,
+                v.epoch,
+                key,
+                k + 1,
+                Pass::Backward,
+                &rec.bwd_in,
+            )
+            .is_err()
+            {
+                return Err("cannot show the next hop's receipt for its output gradient".into());
+            }
         }
         Ok((f.clone(), b.clone()))
     }
@@ -501,7 +542,7 @@ impl Auditor {
             (rec.fwd_in.len() + rec.fwd_out.len() + rec.bwd_in.len() + rec.bwd_out.len()) as u64;
         self.stats.audits += 1;
         self.stats.per_peer.entry(p).or_default().0 += 1;
-        let (fr, br) = match self.check_record(v, key, k, p, &rec) {
+        let (fr, br) = match self.check_record(v, key, k, p, &seen.route, &rec) {
             Ok(r) => r,
             Err(reason) => {
                 self.stats.audit_failures += 1;
@@ -557,20 +598,67 @@ impl Auditor {
             else {
                 continue;
             };
-            let (Some(nf), Some(nb)) = (nrec.forward, nrec.backward) else {
+            let (Some(nf), Some(nb)) = (&nrec.forward, &nrec.backward) else {
                 continue;
             };
             if !nf.verify(&n.peer) || !nb.verify(&n.peer) {
                 continue;
             }
-            let ok = if up {
-                nf.output_hash == fr.input_hash && nb.input_hash == br.output_hash
+            // Receipts travel with the frames, so each link has a counter-signed receipt: P
+            // holds N's receipt for what N sent P (checked in `check_record`), N holds P's for
+            // what P sent N. A signer bound to two different frames for one link lied; so did a
+            // receiver that cannot show the sender's receipt for what it claims it received.
+            let (n_sent, p_got, p_sent, n_got, n_holds, what) = if up {
+                (
+                    nf.output_hash,
+                    fr.input_hash,
+                    br.output_hash,
+                    nb.input_hash,
+                    &nrec.bwd_in_receipt,
+                    Pass::Backward,
+                )
             } else {
-                nf.input_hash == fr.output_hash && nb.output_hash == br.input_hash
+                (
+                    nb.output_hash,
+                    br.input_hash,
+                    fr.output_hash,
+                    nf.input_hash,
+                    &nrec.fwd_in_receipt,
+                    Pass::Forward,
+                )
             };
-            if !ok {
-                self.stats.disputes += 1;
-                tracing::warn!(peer = %p.short(), neighbour = %n.peer.short(), step = key.step, microbatch = key.mb, "receipt chain dispute");
+            let liar = if n_sent != p_got {
+                // P showed N's own signature over the frame P got.
+                Some((n.peer, nk, "signed two different frames sent on one link"))
+            } else if p_sent != n_got {
+                match n_holds {
+                    Some(r)
+                        if r.verify(&p)
+                            && r.run == v.run
+                            && r.epoch == v.epoch
+                            && r.key == key
+                            && r.stage == k
+                            && r.pass == what
+                            && r.output_hash == n_got =>
+                    {
+                        Some((p, k, "signed two different frames sent on one link"))
+                    }
+                    _ => Some((
+                        n.peer,
+                        nk,
+                        "cannot show the sender's receipt for the frame it claims it received",
+                    )),
+                }
+            } else {
+                None
+            };
+            if let Some((liar, at, reason)) = liar {
+                tracing::warn!(peer = %liar.short(), audited = %p.short(), step = key.step, microbatch = key.mb, reason, "receipt chain broken");
+                self.stats.audit_failures += 1;
+                self.stats.per_peer.entry(liar).or_default().1 += 1;
+                self.log_audit(liar, key, at, liar, None, false, 1.0);
+                let ev = frame_hash(&crate::wire::encode_body(&nrec).unwrap_or_default());
+                return Ok(Some(self.ban(liar, key.step, at, reason.into(), ev)));
             }
         }
         // Recompute on another replica (or on the trainer when the stage has no other).

@@ -33,6 +33,7 @@ use crate::protocol::{
     FetchState, Forward, ForwardOut, Hop, HopFailed, Leave, LeaveReply, MbKey, Ready, Reload,
     RunInfo, RunInfoRequest, RunPhase, StateChunk, StateSource, SyncDone, SyncStart, Traffic,
 };
+use crate::receipt::{Pass, Receipt};
 use crate::rpc::{self, RpcError, code};
 use crate::rpc::{Ping, Pong};
 use crate::shaping::LinkShape;
@@ -856,11 +857,25 @@ impl Trainer {
                             && f.key == out.key
                             && f.route.last().map(|h| h.peer) == Some(from)
                             && f.sent_grad.is_none()
-                            && let Err(e) = self.on_forward_out(&mut book, f, &out).await
                         {
-                            tracing::warn!(error = %e, mb, "bad forward output");
-                            let last = f.route.last().map(|h| h.peer);
-                            failed.push((mb, last, false));
+                            let stage = f.route.last().map_or(0, |h| h.stage);
+                            if let Err(why) = Receipt::check_received(
+                                out.receipt.as_ref(),
+                                &from,
+                                &out.run,
+                                out.epoch,
+                                out.key,
+                                stage,
+                                Pass::Forward,
+                                &out.activations,
+                            ) {
+                                tracing::warn!(peer = %from.short(), why, mb, "bad receipt with the forward output");
+                                failed.push((mb, Some(from), false));
+                            } else if let Err(e) = self.on_forward_out(&mut book, f, &out).await {
+                                tracing::warn!(error = %e, mb, "bad forward output");
+                                let last = f.route.last().map(|h| h.peer);
+                                failed.push((mb, last, false));
+                            }
                         }
                     }
                     Some(Inbound::BackwardOut(from, out)) => {
@@ -871,31 +886,45 @@ impl Trainer {
                             && f.route.first().map(|h| h.peer) == Some(from)
                             && !f.returned
                         {
-                            self.audit.got_backward(out.key, &out.grad);
-                            let res = on_backward_out(
-                                &self.ends,
-                                &mut self.grad_dec(),
-                                &self.limits,
-                                f,
-                                &out,
-                                &mut self.metrics,
-                            )
-                            .await;
-                            match res {
-                                Ok(()) => {
-                                    f.returned = true;
-                                    if f.embedding {
-                                        book.count(
-                                            mb,
-                                            f.key.attempt,
-                                            Column::Embedding,
-                                            Holder::Trainer,
-                                        );
+                            if let Err(why) = Receipt::check_received(
+                                out.receipt.as_ref(),
+                                &from,
+                                &out.run,
+                                out.epoch,
+                                out.key,
+                                0,
+                                Pass::Backward,
+                                &out.grad,
+                            ) {
+                                tracing::warn!(peer = %from.short(), why, mb, "bad receipt with the input gradient");
+                                failed.push((mb, Some(from), false));
+                            } else {
+                                self.audit.got_backward(out.key, &out.grad);
+                                let res = on_backward_out(
+                                    &self.ends,
+                                    &mut self.grad_dec(),
+                                    &self.limits,
+                                    f,
+                                    &out,
+                                    &mut self.metrics,
+                                )
+                                .await;
+                                match res {
+                                    Ok(()) => {
+                                        f.returned = true;
+                                        if f.embedding {
+                                            book.count(
+                                                mb,
+                                                f.key.attempt,
+                                                Column::Embedding,
+                                                Holder::Trainer,
+                                            );
+                                        }
                                     }
-                                }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, mb, "bad input gradient");
-                                    failed.push((mb, f.route.first().map(|h| h.peer), false));
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, mb, "bad input gradient");
+                                        failed.push((mb, f.route.first().map(|h| h.peer), false));
+                                    }
                                 }
                             }
                         }
@@ -1289,6 +1318,7 @@ impl Trainer {
             accumulate: att.stage_mask,
             upstream: Traffic::default(),
             activations: frame,
+            receipt: None,
         };
         self.send::<Forward>(route[0].addr, route[0].peer, key, msg);
         let timeout = self.opts.attempt_timeout.max(Duration::from_secs_f64(
@@ -1400,6 +1430,7 @@ impl Trainer {
             stage: last.stage,
             upstream: Traffic::default(),
             grad,
+            receipt: None,
         };
         self.send::<Backward>(last.addr, last.peer, f.key, msg);
         Ok(())
