@@ -1,12 +1,13 @@
 //! `swarm ledger verify|show` on real files: a clean ledger passes; an edited entry, a deleted
 //! one, a reordering, a forged signature, a key swap (with `--trainer`) and a truncation (with
-//! `--head`) each make `verify` exit non-zero with `"ok":false`.
+//! `--head`, or `--checkpoint` with a trainer checkpoint recording the head) each make `verify`
+//! exit non-zero with `"ok":false`.
 
 use std::path::Path;
 use std::process::Command;
 
 use swarm_core::Identity;
-use swarm_core::ledger::{self, Body, Entry, LedgerWriter, record_ranges};
+use swarm_core::ledger::{self, Body, Entry, Head, LedgerWriter, record_ranges};
 use swarm_core::membership::RunId;
 
 fn swarm() -> Command {
@@ -191,7 +192,59 @@ fn ledger_verify_catches_every_tampering() {
     let p = dir.path().join("cut-nohead");
     std::fs::write(&p, &cut).unwrap();
     assert!(verify(&p, &[]).0);
-    case("cut", cut, &["--head", &head], "before the known head");
+    case(
+        "cut",
+        cut.clone(),
+        &["--head", &head],
+        "before the known head",
+    );
+    // The same head as a trainer checkpoint records it (`--checkpoint DIR`).
+    let ckpt = dir.path().join("ckpt");
+    write_checkpoint(&ckpt, Head::parse(&head).unwrap());
+    let ck = ckpt.to_str().unwrap();
+    let (ok, j) = verify(&good, &["--checkpoint", ck]);
+    assert!(ok, "{j}");
+    assert_eq!(j["head"].as_str(), Some(head.as_str()));
+    case(
+        "cut-ckpt",
+        cut,
+        &["--checkpoint", ck],
+        "before the known head",
+    );
+}
+
+/// A small trainer checkpoint recording `head`.
+fn write_checkpoint(dir: &Path, head: Head) {
+    use swarm_model::{Piece, RunConfig, Shard};
+    let mut cfg = RunConfig::default();
+    cfg.model.hidden_size = 32;
+    cfg.model.intermediate_size = 64;
+    cfg.model.num_attention_heads = 4;
+    cfg.model.num_key_value_heads = Some(2);
+    cfg.stages = vec![0, 1, 2];
+    let dev = candle_core::Device::Cpu;
+    let state = |p: Vec<Piece>| {
+        Shard::new(&cfg.model, &p, 7, candle_core::DType::F32, &dev)
+            .unwrap()
+            .export_state()
+            .unwrap()
+    };
+    let ends = state(vec![Piece::Embedding, Piece::Head]);
+    let stages: Vec<Vec<u8>> = Piece::stages(&cfg.stages)
+        .into_iter()
+        .map(|p| state(vec![p]))
+        .collect();
+    swarm_core::trainer::checkpoint::save_with_ledger(
+        dir,
+        &cfg,
+        RunId([5; 16]),
+        1,
+        0,
+        &ends,
+        &stages,
+        Some(head),
+    )
+    .unwrap();
 }
 
 #[test]

@@ -11,11 +11,15 @@ use swarm_model::shard::STATE_FORMAT;
 use swarm_model::{Piece, RunConfig, Shard};
 
 use crate::error::{Error, Result};
+use crate::ledger::Head;
 use crate::membership::RunId;
 
 const META_RUN: &str = "swarm.run_id";
 const META_EPOCH: &str = "swarm.epoch";
 const META_CONFIG: &str = "swarm.run_config";
+/// The contribution ledger's head (`SEQ:HEX`) when the checkpoint was written: a ledger file cut
+/// after it fails `swarm ledger verify --checkpoint`.
+const META_LEDGER_HEAD: &str = "swarm.ledger_head";
 
 fn bad(m: impl Into<String>) -> Error {
     Error::Run(m.into())
@@ -73,17 +77,35 @@ pub fn save(
     ends_state: &[u8],
     stage_states: &[Vec<u8>],
 ) -> Result<()> {
+    save_with_ledger(dir, cfg, run, epoch, step, ends_state, stage_states, None)
+}
+
+/// [`save`], also recording the ledger head (`ledger_head`) in the training state's metadata.
+#[allow(clippy::too_many_arguments)]
+pub fn save_with_ledger(
+    dir: &Path,
+    cfg: &RunConfig,
+    run: RunId,
+    epoch: u32,
+    step: u64,
+    ends_state: &[u8],
+    stage_states: &[Vec<u8>],
+    ledger_head: Option<Head>,
+) -> Result<()> {
     let mut weights = HashMap::new();
     let mut moments = HashMap::new();
     split_state(ends_state, &mut weights, &mut moments)?;
     for s in stage_states {
         split_state(s, &mut weights, &mut moments)?;
     }
-    let metadata = BTreeMap::from([
+    let mut metadata = BTreeMap::from([
         (META_RUN.to_string(), run.to_string()),
         (META_EPOCH.to_string(), epoch.to_string()),
         (META_CONFIG.to_string(), cfg.to_toml()?),
     ]);
+    if let Some(h) = ledger_head {
+        metadata.insert(META_LEDGER_HEAD.to_string(), h.to_string());
+    }
     let state = TrainState {
         step,
         optimizer: if step == 0 { HashMap::new() } else { moments },
@@ -145,6 +167,21 @@ fn export_for(
     ]);
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| bad(e.to_string()))?;
     Ok((bytes, digest))
+}
+
+/// The ledger head recorded in the checkpoint in `dir` (`None` when it recorded none).
+pub fn ledger_head(dir: &Path) -> Result<Option<Head>> {
+    let c = ckpt::load(dir)?;
+    let Some(s) = c
+        .state
+        .as_ref()
+        .and_then(|s| s.metadata.get(META_LEDGER_HEAD))
+    else {
+        return Ok(None);
+    };
+    Head::parse(s)
+        .map(Some)
+        .ok_or_else(|| bad(format!("{}: malformed ledger head {s:?}", dir.display())))
 }
 
 /// Reads the checkpoint in `dir` back into per-shard states for a run of `cfg`.
@@ -243,6 +280,16 @@ mod tests {
         )
         .unwrap();
         assert!(exists(&path));
+        assert_eq!(ledger_head(&path).unwrap(), None);
+        // The ledger head rides in the training state's metadata.
+        let head = Head {
+            seq: 41,
+            hash: [0xab; 32],
+        };
+        let with_head = dir.path().join("ckpt-head");
+        let ends = shards[0].export_state().unwrap();
+        save_with_ledger(&with_head, &cfg, run, 2, 1, &ends, &states, Some(head)).unwrap();
+        assert_eq!(ledger_head(&with_head).unwrap(), Some(head));
         let r = restore(&path, &cfg, &dev).unwrap();
         assert_eq!((r.run, r.epoch, r.step), (run, 2, 1));
         // Same weights, and the same moments and step: one more identical optimizer step keeps

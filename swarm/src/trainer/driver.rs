@@ -2128,8 +2128,18 @@ impl Trainer {
         let cfg = self.cfg().clone();
         let dir = dir.to_path_buf();
         let run = self.shared.run;
+        let head = self.audit.ledger_head();
         tokio::task::spawn_blocking(move || {
-            checkpoint::save(&dir, &cfg, run, epoch, step, &ends_state, &stage_states)
+            checkpoint::save_with_ledger(
+                &dir,
+                &cfg,
+                run,
+                epoch,
+                step,
+                &ends_state,
+                &stage_states,
+                head,
+            )
         })
         .await
         .map_err(|e| run_err(e.to_string()))??;

@@ -1,8 +1,9 @@
 //! `swarm ledger show|verify FILE`: read a run's contribution ledger (issue #7).
 //!
 //! `verify` checks the whole chain (sequence numbers, hash links, every signature against the key
-//! pinned by the genesis) and, when given, the trainer's id and a known head (from a checkpoint's
-//! `ledger_head`), which is the only way to see entries cut from the end. `show` verifies first,
+//! pinned by the genesis) and, when given, the trainer's id and a known head (`--head`, or
+//! `--checkpoint DIR` reading the `swarm.ledger_head` a trainer checkpoint records), which is the
+//! only way to see entries cut from the end. `show` verifies first,
 //! then prints per-peer credit: work is credited once a later audit of the same peer passed,
 //! pending until then, and voided for a banned peer.
 
@@ -33,8 +34,12 @@ pub struct LedgerArgs {
     pub trainer: Option<String>,
 
     /// A known head `SEQ:HASH` (a checkpoint's `ledger_head`): catches entries cut from the end.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "checkpoint")]
     pub head: Option<String>,
+
+    /// A trainer checkpoint directory: check the ledger against the head it recorded.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
 
     /// Print the result as one JSON object on the last line of stdout.
     #[arg(long)]
@@ -77,6 +82,16 @@ fn expect(a: &LedgerArgs) -> anyhow::Result<Expect> {
         .as_deref()
         .map(|s| Head::parse(s).ok_or_else(|| anyhow!("--head: expected SEQ:HEX, got {s}")))
         .transpose()?;
+    let head = match (&a.checkpoint, head) {
+        (Some(dir), _) => Some(
+            swarm_core::trainer::checkpoint::ledger_head(dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .ok_or_else(|| {
+                    anyhow!("{}: the checkpoint records no ledger head", dir.display())
+                })?,
+        ),
+        (None, h) => h,
+    };
     Ok(Expect {
         trainer,
         run: None,
