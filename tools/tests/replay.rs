@@ -151,8 +151,9 @@ shape = "up=20mbit,down=20mbit,delay=5ms"
         }
         assert!(v["error"].is_null(), "{v}");
         assert_eq!(v["steps"], 6);
-        // The killed peer, and on a loaded machine sometimes a replica that missed its pings.
-        assert!(v["peers_lost"].as_u64().unwrap() >= 1, "{v}");
+        // The killed peer only: a second loss here was an honest replica falsely banned by an
+        // audit of an attempt abandoned before its backward reached stage 0 (fixed in audit.rs).
+        assert_eq!(v["peers_lost"], 1, "{v}");
         assert!(v["vs_local"].as_f64().unwrap() > 0.0);
     }
     // Codec none: the local run, step for step, through a SIGKILL and a join.

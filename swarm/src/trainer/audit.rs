@@ -345,7 +345,11 @@ impl Auditor {
             let Some(seen) = self.seen.get(&key).filter(|_| self.step == v.step) else {
                 continue;
             };
-            if seen.route.len() != stages {
+            // Only passes that ran to the end are audited: once every column of a micro-batch is
+            // counted, the driver abandons an attempt still on its way back (a re-run for one
+            // stage after a replica died), so the stages below never ran its backward and hold
+            // no receipt for it (they had counted the micro-batch in an earlier attempt).
+            if seen.route.len() != stages || seen.got_bwd.is_none() {
                 continue;
             }
             for k in 0..stages as u32 {
