@@ -4,68 +4,15 @@
 //! injecting each fault kind is banned (and only it), its step is re-run on honest replicas, so
 //! the run ends on exactly the local run's losses.
 
-use std::net::SocketAddr;
+mod trainer_common;
+
 use std::time::Duration;
 
-use swarm_core::Identity;
 use swarm_core::fault::{FaultKind, FaultSpec};
 use swarm_core::ledger::{self, Expect};
-use swarm_core::peer::{Peer, PeerConfig};
-use swarm_core::stage::{Joined, join_run};
 use swarm_core::trainer::{Metrics, Trainer, TrainerEvent, TrainerOptions};
-use swarm_model::{LocalTrainer, RunConfig};
-
-fn tiny(steps: u64) -> RunConfig {
-    let mut cfg = RunConfig::default();
-    cfg.model.hidden_size = 32;
-    cfg.model.intermediate_size = 64;
-    cfg.model.num_hidden_layers = 2;
-    cfg.model.num_attention_heads = 4;
-    cfg.model.num_key_value_heads = Some(2);
-    cfg.model.max_position_embeddings = 32;
-    cfg.stages = vec![0, 1, 2];
-    cfg.train.steps = steps;
-    cfg.train.micro_batches = 4;
-    cfg.train.micro_batch_size = 2;
-    cfg.train.seq_len = 16;
-    cfg.train.warmup_steps = 1;
-    cfg.train.lr = 1e-2;
-    cfg.codec.activations = "none".into();
-    cfg.codec.gradients = "none".into();
-    cfg.codec.sync = "none".into();
-    cfg.validate().unwrap();
-    cfg
-}
-
-struct Replica {
-    peer: Peer,
-    #[allow(dead_code)]
-    joined: Joined,
-}
-
-async fn replica(trainer: SocketAddr, stage: u32, fault: Option<FaultSpec>) -> Replica {
-    let peer = Peer::start(
-        Identity::generate(),
-        PeerConfig {
-            bootstrap: Some(trainer),
-            ..PeerConfig::default()
-        },
-    )
-    .await
-    .unwrap();
-    let joined = join_run(&peer, trainer, Some(stage), |o| o.fault = fault)
-        .await
-        .unwrap();
-    Replica { peer, joined }
-}
-
-fn local_losses(cfg: &RunConfig, steps: usize) -> Vec<f64> {
-    let corpus = swarm_model::train::load_corpus(&cfg.data).unwrap();
-    let mut local = LocalTrainer::new(cfg).unwrap();
-    (0..steps)
-        .map(|_| local.train_step(&corpus).unwrap().loss)
-        .collect()
-}
+use swarm_model::RunConfig;
+use trainer_common::{Replica, start_replica_with, tiny_config};
 
 /// Runs `steps` steps with 2 replicas per stage; `faulty` = (stage, spec) makes the first replica
 /// of that stage misbehave. Returns the metrics, the replicas' ids in start order, the ledger.
@@ -100,7 +47,10 @@ async fn run(
             }
             _ => None,
         };
-        reps.push((stage, replica(trainer.addr(), stage, fault).await));
+        reps.push((
+            stage,
+            start_replica_with(trainer.addr(), stage, |o| o.fault = fault).await,
+        ));
     }
     let metrics = tokio::time::timeout(
         Duration::from_secs(120),
@@ -119,7 +69,7 @@ async fn run(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn honest_run_audited_at_rate_one_bans_nobody() {
     let steps = 3;
-    let cfg = tiny(steps);
+    let cfg = tiny_config(steps);
     let (m, ids, ledger_bytes, trainer) = run(&cfg, 1.0, None).await;
     let a = &m.audit;
     // Every (micro-batch, stage) of every step was audited, and each was bitwise identical.
@@ -127,7 +77,7 @@ async fn honest_run_audited_at_rate_one_bans_nobody() {
     assert_eq!(a.identical, a.audits);
     assert_eq!((a.audit_failures, a.banned.len(), a.disputes), (0, 0, 0));
     let got: Vec<f64> = m.steps.iter().map(|r| r.loss).collect();
-    let want = local_losses(&cfg, steps as usize);
+    let want = trainer_common::local_losses(&cfg, steps as usize).0;
     for (g, w) in got.iter().zip(&want) {
         assert!((g - w).abs() / w.abs() < 1e-4, "{got:?} vs {want:?}");
     }
@@ -155,8 +105,8 @@ async fn honest_run_audited_at_rate_one_bans_nobody() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_fault_kind_is_banned_and_the_run_stays_the_local_run() {
     let steps = 3;
-    let cfg = tiny(steps);
-    let want = local_losses(&cfg, steps as usize);
+    let cfg = tiny_config(steps);
+    let want = trainer_common::local_losses(&cfg, steps as usize).0;
     for (i, kind) in FaultKind::ALL.into_iter().enumerate() {
         let stage = (i % 2) as u32;
         let spec = FaultSpec {

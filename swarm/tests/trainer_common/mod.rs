@@ -30,10 +30,6 @@ pub fn tiny_config(steps: u64) -> RunConfig {
     cfg.train.seq_len = 16;
     cfg.train.warmup_steps = 1;
     cfg.train.lr = 1e-2;
-    // Exact fp32 on every channel (the defaults are lossy): the run is then the local run.
-    cfg.codec.activations = "none".into();
-    cfg.codec.gradients = "none".into();
-    cfg.codec.sync = "none".into();
     cfg.validate().unwrap();
     cfg
 }
@@ -52,6 +48,15 @@ impl Replica {
 }
 
 pub async fn start_replica(trainer: SocketAddr, stage: u32) -> Replica {
+    start_replica_with(trainer, stage, |_| {}).await
+}
+
+/// A replica whose stage options `configure` adjusts (e.g. a fault to inject).
+pub async fn start_replica_with(
+    trainer: SocketAddr,
+    stage: u32,
+    configure: impl FnOnce(&mut swarm_core::stage::StageOptions),
+) -> Replica {
     let peer = Peer::start(
         Identity::generate(),
         PeerConfig {
@@ -61,7 +66,7 @@ pub async fn start_replica(trainer: SocketAddr, stage: u32) -> Replica {
     )
     .await
     .expect("peer starts");
-    let joined = join_run(&peer, trainer, Some(stage), |_| {})
+    let joined = join_run(&peer, trainer, Some(stage), configure)
         .await
         .expect("peer joins the run");
     Replica { peer, joined }
