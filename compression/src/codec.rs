@@ -13,8 +13,9 @@ use crate::error::{Error, Result};
 pub const GRAMMAR: &str = "Valid: `none`, or stages joined by `+` in this order: \
 [topk:F | topk-row:F] (keep the fraction F in (0,1] of largest magnitudes, per tensor or per row) \
 [rht] (randomized Hadamard rotation, only before q8/q4/q2) \
-[fp32 | fp16 | bf16 | q8[:B] | q4[:B] | q2[:B]] (value coding; qN = blockwise absmax N-bit, \
-B = block size 1..=65536, default 64, a power of two with rht) \
+[fp32 | fp16 | bf16 | qN[:B]] (value coding; qN = blockwise absmax N-bit, N in 2..=8: q2 and q4 \
+bit-packed, q3 and q5-q8 one code per byte for zstd to entropy-code; B = block size 1..=65536, \
+default 64, a power of two with rht) \
 [zstd[:L]] (zstd level -7..=22 except 0, default 3). \
 Examples: none, bf16, q8, q8:4096, rht+q4, topk:0.1+q8+zstd:3";
 
@@ -25,6 +26,14 @@ pub const DEFAULT_BLOCK: u32 = 64;
 pub const MAX_BLOCK: u32 = 1 << 16;
 /// Default zstd level.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+/// Bits a quantized code takes in a frame: 2 and 4 are packed, the rest take a byte.
+pub(crate) fn stored_bits(bits: u8) -> u8 {
+    match bits {
+        2 | 4 => bits,
+        _ => 8,
+    }
+}
 
 /// Which elements a codec keeps.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -56,9 +65,14 @@ pub enum Values {
     F16,
     /// bfloat16 (round to nearest even): fp32's range with 8 bits of mantissa.
     Bf16,
-    /// Blockwise absmax quantization: `bits` in {8, 4, 2}, one fp32 scale per `block` values.
+    /// Blockwise absmax quantization: `bits` in 2..=8, one fp32 scale per `block` values.
+    ///
+    /// Levels are the integers `-q..=q` with `q = 2^(bits-1) - 1` times the scale (2-bit: the four
+    /// levels ±1/3, ±1 of the absmax). 2- and 4-bit codes are bit-packed; the others take a byte
+    /// each, so that zstd's entropy coder, not the packing, sets their size: the wire cost is then
+    /// close to the codes' entropy, which is what makes 5- and 6-bit codes cheap after a rotation.
     Quant {
-        /// Bits per value: 8, 4 or 2.
+        /// Bits per value: 2..=8.
         bits: u8,
         /// Values per scale.
         block: u32,
@@ -66,12 +80,12 @@ pub enum Values {
 }
 
 impl Values {
-    /// Bits per value, for size estimates.
+    /// Bits per value before zstd (the frame's storage), for size estimates.
     pub fn bits(&self) -> u32 {
         match self {
             Values::F32 => 32,
             Values::F16 | Values::Bf16 => 16,
-            Values::Quant { bits, .. } => *bits as u32,
+            Values::Quant { bits, .. } => stored_bits(*bits) as u32,
         }
     }
 }
@@ -123,7 +137,7 @@ impl Codec {
         }
         match self.values {
             Values::Quant { bits, block } => {
-                if !matches!(bits, 2 | 4 | 8) {
+                if !(2..=8).contains(&bits) {
                     return bad(format!("{bits}-bit quantization does not exist"));
                 }
                 if block == 0 || block > MAX_BLOCK {
@@ -133,7 +147,7 @@ impl Codec {
                     return bad(format!("rht needs a power-of-two block, not {block}"));
                 }
             }
-            _ if self.rotate => return bad("rht must be followed by q8, q4 or q2".into()),
+            _ if self.rotate => return bad("rht must be followed by a quantizer (qN)".into()),
             _ => {}
         }
         if let Some(l) = self.zstd
@@ -199,7 +213,8 @@ impl FromStr for Codec {
             let this_rank = match head {
                 "topk" | "topk-row" => 1,
                 "rht" => 2,
-                "fp32" | "f32" | "fp16" | "f16" | "bf16" | "q8" | "q4" | "q2" => 3,
+                "fp32" | "f32" | "fp16" | "f16" | "bf16" => 3,
+                "q2" | "q3" | "q4" | "q5" | "q6" | "q7" | "q8" => 3,
                 "zstd" => 4,
                 "none" => return Err(err("`none` cannot be combined with other stages".into())),
                 _ => return Err(err(format!("unknown stage `{stage}`"))),
@@ -241,14 +256,14 @@ impl FromStr for Codec {
                         _ => Values::Bf16,
                     };
                 }
-                "q8" | "q4" | "q2" => {
+                "q2" | "q3" | "q4" | "q5" | "q6" | "q7" | "q8" => {
                     let block = match arg {
                         Some(a) => parse_stage_arg::<u32>(name, head, a)?,
                         None => DEFAULT_BLOCK,
                     };
                     have_values = true;
                     codec.values = Values::Quant {
-                        bits: head[1..].parse().expect("q8/q4/q2"),
+                        bits: head[1..].parse().expect("q2..q8"),
                         block,
                     };
                 }
@@ -264,9 +279,9 @@ impl FromStr for Codec {
         }
         if codec.rotate && !matches!(codec.values, Values::Quant { .. }) {
             return Err(err(if have_values {
-                "rht must be followed by q8, q4 or q2".into()
+                "rht must be followed by a quantizer (qN)".into()
             } else {
-                "rht needs a quantizer after it (q8, q4 or q2)".into()
+                "rht needs a quantizer after it (qN, e.g. q4)".into()
             }));
         }
         codec.validate().map_err(|e| match e {
@@ -333,6 +348,10 @@ mod tests {
             "q8",
             "q4",
             "q2",
+            "q3",
+            "q5:1024",
+            "rht+q6:256+zstd:3",
+            "q7",
             "q8:4096",
             "rht+q4",
             "rht+q2:256",
@@ -362,7 +381,8 @@ mod tests {
     fn bad_names_are_explained() {
         for (name, needle) in [
             ("", "empty"),
-            ("q3", "unknown stage"),
+            ("q1", "unknown stage"),
+            ("q9", "unknown stage"),
             ("q8+topk:0.1", "out of order"),
             ("q8+q4", "out of order"),
             ("topk", "needs a fraction"),

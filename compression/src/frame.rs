@@ -8,7 +8,7 @@
 //! | 4 | 1 | version, `1` |
 //! | 5 | 1 | `ndim`, number of shape dimensions, `0..=8` |
 //! | 6 | 1 | top-k mode: `0` none, `1` per tensor, `2` per row (last dimension) |
-//! | 7 | 1 | value coding: `0` fp32, `1` fp16, `2` bf16, `3` q8, `4` q4, `5` q2 |
+//! | 7 | 1 | value coding: `0` fp32, `1` fp16, `2` bf16, `3` q8, `4` q4, `5` q2, `6` q3, `7` q5, `8` q6, `9` q7 |
 //! | 8 | 1 | flags: bit 0 rotation (rht), bit 1 zstd, bits 2-3 index coding (`0` dense, `1` bitmap, `2` delta varint); other bits zero |
 //! | 9 | 1 | zstd level as `i8` (`0` without zstd) |
 //! | 10 | 2 | reserved, zero |
@@ -38,7 +38,8 @@
 //!   `q × scale`.
 //! - Values, in increasing position order: fp32, fp16 or bf16 (2 bytes each); q8: one `i8`; q4: two
 //!   per byte, low nibble first, nibble = `q + 8`; q2: four per byte, low bits first, code `c` means
-//!   `(2c - 3) × scale`. Padding bits of the last byte are zero.
+//!   `(2c - 3) × scale`. Padding bits of the last byte are zero. q3, q5, q6, q7: one `i8` each, in
+//!   `-(2^(N-1) - 1)..=2^(N-1) - 1` (a code outside is corrupt).
 //! - With rotation, every full block of quantized values was multiplied by `H·D / sqrt(block)`
 //!   (`H` Walsh-Hadamard, `D` random signs from the seed) before quantization; a short last block
 //!   is not rotated.
@@ -49,6 +50,9 @@
 
 use crate::codec::{Codec, MAX_BLOCK, TopK, Values};
 use crate::error::{Error, Result};
+
+/// Bits of the quantized value codings `3..=9` (byte 7), in order.
+const CODING_BITS: [u8; 7] = [8, 4, 2, 3, 5, 6, 7];
 
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"SWCF";
@@ -159,7 +163,10 @@ pub(crate) fn values_section_len(values: Values, kept: usize) -> Option<usize> {
     match values {
         Values::F32 => kept.checked_mul(4),
         Values::F16 | Values::Bf16 => kept.checked_mul(2),
-        Values::Quant { bits, .. } => Some(kept.checked_mul(bits as usize)?.div_ceil(8)),
+        Values::Quant { bits, .. } => Some(
+            kept.checked_mul(crate::codec::stored_bits(bits) as usize)?
+                .div_ceil(8),
+        ),
     }
 }
 
@@ -240,11 +247,11 @@ fn read_header(frame: &[u8], limits: &Limits) -> Result<FrameInfo> {
         (0, 0) => Values::F32,
         (1, 0) => Values::F16,
         (2, 0) => Values::Bf16,
-        (3..=5, b) if (1..=MAX_BLOCK).contains(&b) => Values::Quant {
-            bits: [8, 4, 2][(frame[7] - 3) as usize],
+        (3..=9, b) if (1..=MAX_BLOCK).contains(&b) => Values::Quant {
+            bits: CODING_BITS[(frame[7] - 3) as usize],
             block: b,
         },
-        (0..=5, _) => {
+        (0..=9, _) => {
             return Err(Error::Inconsistent(
                 "block size does not fit the value coding",
             ));
@@ -429,9 +436,13 @@ pub(crate) fn write_header(out: &mut Vec<u8>, h: &HeaderFields<'_>) -> usize {
         Values::F32 => (0u8, 0u32),
         Values::F16 => (1, 0),
         Values::Bf16 => (2, 0),
-        Values::Quant { bits: 8, block } => (3, block),
-        Values::Quant { bits: 4, block } => (4, block),
-        Values::Quant { block, .. } => (5, block),
+        Values::Quant { bits, block } => (
+            3 + CODING_BITS
+                .iter()
+                .position(|&b| b == bits)
+                .expect("a validated codec has 2..=8 bits") as u8,
+            block,
+        ),
     };
     out.push(coding);
     let index_bits = match h.index {

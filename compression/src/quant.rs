@@ -30,12 +30,12 @@ fn first_non_finite(v: &[f32]) -> usize {
     v.iter().position(|x| !x.is_finite()).unwrap_or(0)
 }
 
-/// Levels either side of zero: 8-bit ±127, 4-bit ±7; 2-bit uses the four levels ±1/3, ±1.
+/// Levels either side of zero: `2^(bits-1) - 1` (8-bit ±127, 4-bit ±7); 2-bit uses the four
+/// levels ±1/3, ±1 of the absmax (scale absmax/3).
 fn qmax(bits: u8) -> f32 {
     match bits {
-        8 => 127.0,
-        4 => 7.0,
-        _ => 3.0,
+        2 => 3.0,
+        b => ((1u32 << (b - 1)) - 1) as f32,
     }
 }
 
@@ -77,7 +77,8 @@ pub(crate) fn encode(
         Values::Quant { bits, block } => {
             let block = block as usize;
             let qm = qmax(bits);
-            if bits == 8 {
+            if !matches!(bits, 2 | 4) {
+                // One code per byte (q3, q5..q8): |x·inv| <= qm by the absmax scale.
                 for ((chunk, s), dst) in vals
                     .chunks(block)
                     .zip(scales.chunks_exact_mut(4))
@@ -173,11 +174,12 @@ pub(crate) fn decode(coding: Values, scales: &[u8], values: &[u8], out: &mut [f3
         }
         Values::Quant { bits, block } => {
             let block = block as usize;
-            let per_byte = 8 / bits as usize;
+            let stored = crate::codec::stored_bits(bits) as usize;
+            let per_byte = 8 / stored;
             let n = out.len();
             // Padding bits of the last byte must be zero: one canonical frame per tensor.
             if !n.is_multiple_of(per_byte) {
-                let used = (n % per_byte) * bits as usize;
+                let used = (n % per_byte) * stored;
                 if values.last().copied().unwrap_or(0) >> used != 0 {
                     return Err(Error::Corrupt(
                         "padding bits of the last value byte are set",
@@ -195,11 +197,6 @@ pub(crate) fn decode(coding: Values, scales: &[u8], values: &[u8], out: &mut [f3
                 }
                 let start = bi * block;
                 match bits {
-                    8 => {
-                        for (o, &q) in chunk.iter_mut().zip(&values[start..]) {
-                            *o = (q as i8) as f32 * scale;
-                        }
-                    }
                     4 => {
                         for (j, o) in chunk.iter_mut().enumerate() {
                             let i = start + j;
@@ -207,11 +204,23 @@ pub(crate) fn decode(coding: Values, scales: &[u8], values: &[u8], out: &mut [f3
                             *o = (q as i32 - 8) as f32 * scale;
                         }
                     }
-                    _ => {
+                    2 => {
                         for (j, o) in chunk.iter_mut().enumerate() {
                             let i = start + j;
                             let c = (values[i / 4] >> ((i & 3) * 2)) & 3;
                             *o = (2 * c as i32 - 3) as f32 * scale;
+                        }
+                    }
+                    _ => {
+                        let qm = qmax(bits) as i32;
+                        let mut bad = false;
+                        for (o, &q) in chunk.iter_mut().zip(&values[start..]) {
+                            let q = q as i8 as i32;
+                            bad |= q.abs() > qm;
+                            *o = q as f32 * scale;
+                        }
+                        if bad {
+                            return Err(Error::Corrupt("a quantized code is out of range"));
                         }
                     }
                 }

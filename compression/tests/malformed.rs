@@ -5,8 +5,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use swarm_compression::{Decoder, Encoder, Error, FrameInfo, Limits};
 
-const CODECS: [&str; 8] = [
+const CODECS: [&str; 10] = [
     "none",
+    "rht+q6:256+zstd:3",
+    "q3:16",
     "bf16",
     "fp16+zstd:1",
     "q8",
@@ -104,7 +106,7 @@ fn forged_headers_get_the_right_error() {
         ("topk mode", Box::new(|f| f[6] = 3), |e| {
             matches!(e, Error::Inconsistent(_))
         }),
-        ("coding", Box::new(|f| f[7] = 6), |e| {
+        ("coding", Box::new(|f| f[7] = 10), |e| {
             matches!(e, Error::Inconsistent(_))
         }),
         ("flags", Box::new(|f| f[8] |= 0x10), |e| {
@@ -216,6 +218,21 @@ fn forged_payloads_are_rejected() {
     g[n - 1] |= 0xf0; // the padding nibble after the third value
     reseal(&mut g);
     assert!(matches!(decode(&g), Err(Error::Corrupt(_))));
+
+    // Byte-coded q3/q5/q6/q7: a code beyond the level range is not a frame the encoder writes.
+    for (codec, bad) in [("q6", 32i8), ("q5", -16), ("q3", 4), ("q7", -64)] {
+        let mut f = frame(codec, 100, 6);
+        let n = f.len();
+        f[n - 1] = bad as u8;
+        reseal(&mut f);
+        assert!(
+            matches!(decode(&f), Err(Error::Corrupt(_))),
+            "{codec} with code {bad}"
+        );
+        f[n - 1] = (bad.signum()) as u8; // an in-range code decodes
+        reseal(&mut f);
+        assert!(decode(&f).is_ok(), "{codec}");
+    }
 
     let mut enc = Encoder::new("topk:0.5".parse().unwrap()).unwrap();
     let mut h = Vec::new();

@@ -81,7 +81,15 @@ fn empty_and_scalar_tensors() {
 #[test]
 fn quantizers_meet_their_per_element_bounds() {
     let data = activations(64, 100, 2);
-    for (bits, levels) in [(8u8, 127.0f32), (4, 7.0), (2, 3.0)] {
+    for (bits, levels) in [
+        (8u8, 127.0f32),
+        (7, 63.0),
+        (6, 31.0),
+        (5, 15.0),
+        (4, 7.0),
+        (3, 3.0),
+        (2, 3.0),
+    ] {
         for block in [1u32, 7, 64, 4096] {
             let codec = Codec {
                 values: Values::Quant { bits, block },
@@ -107,7 +115,8 @@ fn quantizers_meet_their_per_element_bounds() {
                     );
                 }
             }
-            let expected_bits = bits as f64 + 32.0 / block as f64;
+            let stored = if matches!(bits, 2 | 4) { bits } else { 8 };
+            let expected_bits = stored as f64 + 32.0 / block as f64;
             let ratio = data.len() as f64 * 4.0 / frame.len() as f64;
             assert!(
                 ratio > 32.0 / expected_bits * 0.9 || data.len() < block as usize,
