@@ -133,6 +133,9 @@ struct Round {
     summed: bool,
     share_bytes: u64,
     share_dense: u64,
+    /// Shares of this round that reached their receiver so far (counted if the round is dropped
+    /// before it reports: then `share_bytes` never reaches the trainer).
+    delivered: Traffic,
 }
 
 /// A cached export served by FetchState.
@@ -157,6 +160,40 @@ struct State {
     trainer: Option<Endpoint>,
     /// Bumped by every new sync round and every state reset.
     generation: u64,
+    /// Shares of dropped rounds (a participant died, the stage's sync was redone) that reached
+    /// their receiver: they crossed the network, so the next `SyncDone` reports them.
+    dropped_shares: Traffic,
+    /// Generations of the last rounds that reported `SyncDone` (their shares are in the report):
+    /// a share delivered after its round was applied is not counted again.
+    reported: Vec<u64>,
+}
+
+impl State {
+    /// Ends the current sync round, if any; an unreported one is dropped, its delivered shares
+    /// kept for the next report.
+    fn end_round(&mut self) {
+        if let Some(r) = self.round.take()
+            && !r.summed
+        {
+            self.dropped_shares = add_traffic(self.dropped_shares, r.delivered);
+        }
+    }
+
+    /// A share of the round of `generation` reached its receiver.
+    fn share_delivered(&mut self, generation: u64, t: Traffic) {
+        match self.round.as_mut() {
+            Some(r) if r.generation == generation => r.delivered = add_traffic(r.delivered, t),
+            _ if self.reported.contains(&generation) => {}
+            _ => self.dropped_shares = add_traffic(self.dropped_shares, t),
+        }
+    }
+}
+
+fn add_traffic(a: Traffic, b: Traffic) -> Traffic {
+    Traffic {
+        wire: a.wire.saturating_add(b.wire),
+        dense: a.dense.saturating_add(b.dense),
+    }
 }
 
 /// The stage worker. Cheap to clone (shared state).
@@ -293,6 +330,8 @@ impl StageWorker {
                     export: None,
                     trainer: None,
                     generation: 0,
+                    dropped_shares: Traffic::default(),
+                    reported: Vec::new(),
                 }),
                 stats: StageStats::default(),
                 fault: opts
@@ -400,7 +439,7 @@ impl StageWorker {
         st.contexts.clear();
         st.counted.clear();
         st.acc_step = step;
-        st.round = None;
+        st.end_round();
         st.early.clear();
         st.export = None;
         st.generation += 1;
@@ -418,7 +457,7 @@ impl StageWorker {
         let mut st = lock(&self.inner.state);
         st.contexts.clear();
         st.counted.clear();
-        st.round = None;
+        st.end_round();
         st.early.clear();
         st.generation += 1;
     }
@@ -950,7 +989,7 @@ impl StageWorker {
         let Some(me) = me else {
             // Excluded: drop the accumulator; the trainer re-syncs our weights afterwards.
             st.counted.clear();
-            st.round = None;
+            st.end_round();
             drop(st);
             if let Some(sh) = lock(&self.inner.shard).as_mut() {
                 sh.zero_grads();
@@ -982,6 +1021,7 @@ impl StageWorker {
             }
         }
         st.early.clear();
+        st.end_round();
         st.generation += 1;
         let generation = st.generation;
         st.round = Some(Round {
@@ -996,6 +1036,7 @@ impl StageWorker {
             summed: false,
             share_bytes: 0,
             share_dense: 0,
+            delivered: Traffic::default(),
         });
         drop(st);
         let w = self.clone();
@@ -1053,10 +1094,19 @@ impl StageWorker {
                 from: self.inner.me,
                 frame,
             };
+            let share = Traffic::default().plus_frame(msg.frame.len(), self.inner.num_params);
             let sends = (0..n).filter(|i| *i != me).map(|i| {
                 let (addr, peer) = (s.addrs[i], s.participants[i]);
                 let msg = &msg;
-                async move { (peer, self.send(addr, peer, msg).await) }
+                async move {
+                    let r = self.send(addr, peer, msg).await;
+                    // Noted as each send ends: a dropped round reports what arrived (a refusal
+                    // is an answer, so the share arrived too).
+                    if matches!(r, Ok(()) | Err(Error::Remote(_))) {
+                        lock(&self.inner.state).share_delivered(generation, share);
+                    }
+                    (peer, r)
+                }
             });
             for (peer, r) in futures::future::join_all(sends).await {
                 match r {
@@ -1195,7 +1245,7 @@ impl StageWorker {
                 return;
             }
         };
-        {
+        let dropped = {
             let mut st = lock(&self.inner.state);
             let Some(r) = st.round.as_mut().filter(|r| r.generation == generation) else {
                 // Reset while summing: this round is void (the reset zeroed the gradients).
@@ -1203,7 +1253,12 @@ impl StageWorker {
             };
             r.summing = false;
             r.summed = true;
-        }
+            if st.reported.len() >= 8 {
+                st.reported.remove(0);
+            }
+            st.reported.push(generation);
+            std::mem::take(&mut st.dropped_shares)
+        };
         let msg = SyncDone {
             run: self.inner.opts.run,
             epoch: self.epoch(),
@@ -1211,8 +1266,8 @@ impl StageWorker {
             stage: self.inner.opts.stage,
             grad_sq_norm: norm,
             grad_digest: digest,
-            share_bytes,
-            share_dense_bytes: share_dense,
+            share_bytes: share_bytes.saturating_add(dropped.wire),
+            share_dense_bytes: share_dense.saturating_add(dropped.dense),
         };
         if let Err(e) = self.send(trainer, trainer_id, &msg).await {
             tracing::warn!(step, error = %e, "could not report SyncDone");

@@ -326,3 +326,106 @@ async fn last_replica_crash_restores_every_stage_from_the_checkpoint() {
     assert_eq!(replicas[0].joined.worker.step(), Some(steps));
     trainer.shutdown().await;
 }
+
+/// Stage 1 has 3 replicas; from step 1 on, the third one takes `SyncStart` without syncing
+/// (it never sends its share) and crashes when the first share reaches it. The other two
+/// exchange their shares, are stuck waiting for the third one's, and are reset when the trainer
+/// notices the death: that round is redone with two participants.
+async fn stage_sync_redone_with_three_replicas() -> swarm_core::trainer::Metrics {
+    use swarm_core::peer::{PeerShared, RequestCtx};
+    use swarm_core::protocol::{Ack, SyncStart};
+    use swarm_core::rpc::{self, RpcError, code};
+    use swarm_core::wire::{self, kind};
+
+    let steps = 3;
+    let cfg = tiny_config(steps);
+    let mut opts = TrainerOptions::new(cfg.clone());
+    opts.min_replicas = 2;
+    opts.attempt_timeout = Duration::from_secs(10);
+    opts.wait_for_peers = Duration::from_secs(60);
+    let mut trainer = Trainer::start(opts).await.unwrap();
+    let replicas = Arc::new(start_replicas(trainer.addr(), &[0, 0, 1, 1, 1]).await);
+    let victim = replicas.clone();
+    let mut on_event = move |e: &TrainerEvent| {
+        if let TrainerEvent::Step(r) = e
+            && r.step == 0
+        {
+            let worker = victim[4].joined.worker.clone();
+            victim[4].peer.register(
+                kind::SYNC_START,
+                move |_p: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| {
+                    let worker = worker.clone();
+                    async move {
+                        let s: SyncStart = wire::decode_body(&body)?;
+                        if s.step >= 1 {
+                            return rpc::reply(&Ack);
+                        }
+                        worker.handle(kind::SYNC_START, ctx, body).await
+                    }
+                },
+            );
+            victim[4].peer.register(
+                kind::GRAD_SHARE,
+                |peer: Arc<PeerShared>, _ctx: RequestCtx, _body: Vec<u8>| async move {
+                    peer.node().close();
+                    Err(RpcError::refused(code::INTERNAL, "crashed"))
+                },
+            );
+        }
+    };
+    let metrics = tokio::time::timeout(Duration::from_secs(90), trainer.run(&mut on_event))
+        .await
+        .expect("run finishes before the sync timeout could have fired")
+        .expect("run succeeds");
+    let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
+    let (want, _) = local_losses(&cfg, steps as usize);
+    assert_losses_match(&losses, &want, 1e-4);
+    assert_eq!(metrics.peers_lost, 1, "{:?}", metrics.summary());
+    assert_eq!(metrics.replica_hash_mismatches, 0);
+    assert!(metrics.retries > 0, "stage 1 re-ran its micro-batches");
+    assert_eq!(metrics.steps[0].participants, vec![2, 3]);
+    assert_eq!(metrics.steps[1].participants, vec![2, 2]);
+    let d2 = replicas[2].joined.worker.digest().await.unwrap();
+    let d3 = replicas[3].joined.worker.digest().await.unwrap();
+    assert_eq!(d2, d3);
+    trainer.shutdown().await;
+    metrics
+}
+
+/// The size of one share of stage `k` with codec none, and its fp32 size.
+fn share_bytes(cfg: &swarm_model::RunConfig, k: u32) -> (u64, u64) {
+    use swarm_compression::{Codec, Encoder};
+    let n = swarm_core::stage::init_shard(cfg, k)
+        .unwrap()
+        .num_parameters();
+    let mut frame = Vec::new();
+    Encoder::new(Codec::NONE)
+        .unwrap()
+        .encode(&vec![0.0; n], &[n], &mut frame)
+        .unwrap();
+    (frame.len() as u64, 4 * n as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_of_a_redone_sync_round_count_as_wire_bytes() {
+    let metrics = stage_sync_redone_with_three_replicas().await;
+    let cfg = tiny_config(3);
+    let share: Vec<(u64, u64)> = (0..2).map(|k| share_bytes(&cfg, k)).collect();
+    // Every completed round: each participant's share to each other participant.
+    let (mut wire, mut dense) = (0, 0);
+    for r in &metrics.steps {
+        for (k, &n) in r.participants.iter().enumerate() {
+            let pairs = (n * n.saturating_sub(1)) as u64;
+            wire += pairs * share[k].0;
+            dense += pairs * share[k].1;
+        }
+    }
+    // The dropped round of step 1 crossed too: the two survivors' shares to each other (those to
+    // the dead replica never arrived).
+    let sync = metrics.wire.sync;
+    assert_eq!(
+        (sync.wire_bytes, sync.dense_bytes),
+        (wire + 2 * share[1].0, dense + 2 * share[1].1),
+        "{sync:?}"
+    );
+}

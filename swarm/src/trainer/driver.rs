@@ -621,6 +621,7 @@ impl Trainer {
             Inbound::Down(from) => {
                 self.lose_peer(from, None, on_event);
             }
+            Inbound::SyncDone(_, d) => self.count_sync_report(&d),
             other => tracing::debug!(?other, "message between steps ignored"),
         }
     }
@@ -676,6 +677,15 @@ impl Trainer {
             },
             on_event,
         );
+    }
+
+    /// The shares a replica reports in `SyncDone` crossed the network whether or not its report
+    /// still matters (a late one of a sync that was redone): they always count.
+    fn count_sync_report(&mut self, d: &SyncDone) {
+        self.metrics
+            .wire
+            .channel_mut(Channel::Sync)
+            .add(d.share_bytes, d.share_dense_bytes);
     }
 
     /// Tells a replica with the wrong state to load the stage's agreed state.
@@ -984,6 +994,7 @@ impl Trainer {
                     }
                     Some(Inbound::Ready(from, r)) => self.on_ready(from, r, on_event),
                     Some(Inbound::SyncDone(from, d)) => {
+                        self.count_sync_report(&d);
                         tracing::debug!(peer = %from.short(), step = d.step, "sync report outside a sync ignored");
                     }
                 }
@@ -1571,11 +1582,8 @@ impl Trainer {
             match msg {
                 Some(Inbound::SyncDone(from, d)) => {
                     let k = d.stage as usize;
+                    self.count_sync_report(&d);
                     if d.step == step && waiting.remove(&(k, from)).is_some() {
-                        self.metrics
-                            .wire
-                            .channel_mut(Channel::Sync)
-                            .add(d.share_bytes, d.share_dense_bytes);
                         reports
                             .entry(k)
                             .or_default()
@@ -1944,6 +1952,7 @@ impl Trainer {
                     });
                     self.metrics.peers_left += 1;
                 }
+                Inbound::SyncDone(_, d) => self.count_sync_report(&d),
                 _ => {}
             }
         }
