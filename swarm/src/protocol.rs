@@ -941,6 +941,9 @@ pub struct SyncStart {
     pub epoch: u32,
     pub step: u64,
     pub stage: u32,
+    /// Which sync of `stage` in `step` this is (0 first; the trainer bumps it when it redoes the
+    /// stage's sync after losing a participant), so shares of a dropped round are told apart.
+    pub round: u32,
     pub participants: Vec<PeerId>,
     pub mb_counts: Vec<u32>,
     /// Endpoints of the participants, same order (to send shares to).
@@ -951,7 +954,7 @@ impl WireMessage for SyncStart {
     const KIND: u16 = kind::SYNC_START;
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
-        w.varint(self.step).u32(self.stage);
+        w.varint(self.step).u32(self.stage).u32(self.round);
         put_peers(w, &self.participants);
         for c in &self.mb_counts {
             w.u32(*c);
@@ -964,6 +967,7 @@ impl WireMessage for SyncStart {
         let (run, epoch) = get_run(r)?;
         let step = r.varint()?;
         let stage = get_stage(r)?;
+        let round = r.u32()?;
         let participants = get_peers(r, "participants")?;
         let n = participants.len();
         if n * 4 > r.remaining() {
@@ -990,6 +994,7 @@ impl WireMessage for SyncStart {
             epoch,
             step,
             stage,
+            round,
             participants,
             mb_counts,
             addrs,
@@ -1008,6 +1013,8 @@ pub struct GradShare {
     pub epoch: u32,
     pub step: u64,
     pub stage: u32,
+    /// The [`SyncStart::round`] the share belongs to: a receiver drops shares of another round.
+    pub round: u32,
     pub from: PeerId,
     pub frame: Vec<u8>,
 }
@@ -1016,7 +1023,10 @@ impl WireMessage for GradShare {
     const KIND: u16 = kind::GRAD_SHARE;
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
-        w.varint(self.step).u32(self.stage).array(&self.from.0);
+        w.varint(self.step)
+            .u32(self.stage)
+            .u32(self.round)
+            .array(&self.from.0);
         w.bytes(&self.frame);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -1026,6 +1036,7 @@ impl WireMessage for GradShare {
             epoch,
             step: r.varint()?,
             stage: get_stage(r)?,
+            round: r.u32()?,
             from: PeerId(r.array()?),
             frame: get_frame(r, "grad share")?,
         })
@@ -1047,7 +1058,9 @@ pub struct SyncDone {
     pub grad_sq_norm: f64,
     /// BLAKE3 of the summed gradient's f32 bytes (replicas must agree).
     pub grad_digest: [u8; 32],
-    /// Wire bytes of the shares this participant sent (frames only) and their fp32 size.
+    /// Wire bytes of the shares this participant sent (frames only) and their fp32 size: this
+    /// round's, plus those of earlier rounds that were dropped unreported and reached their
+    /// receiver.
     pub share_bytes: u64,
     pub share_dense_bytes: u64,
 }
@@ -1554,6 +1567,7 @@ mod tests {
                 epoch: 2,
                 step: 17,
                 stage: 1,
+                round: 2,
                 participants: vec![pid(1), pid(2)],
                 mb_counts: vec![3, 5],
                 addrs: vec![addr(1), addr6(2)],
@@ -1563,6 +1577,7 @@ mod tests {
                 epoch: 2,
                 step: 17,
                 stage: 1,
+                round: 2,
                 from: pid(1),
                 frame: vec![0; 100],
             }),
@@ -1721,6 +1736,7 @@ mod tests {
             epoch: 0,
             step: 0,
             stage: 0,
+            round: 0,
             participants: vec![pid(1), pid(1)],
             mb_counts: vec![1, 1],
             addrs: vec![addr(1), addr(1)],

@@ -121,6 +121,8 @@ struct CtxEntry {
 /// The step-end sync of the current step.
 struct Round {
     step: u64,
+    /// The trainer's number of this sync of the step (bumped when it redoes the stage's sync).
+    round: u32,
     /// `State::generation` when the round started: tasks of an older round (reset meanwhile)
     /// must not touch this one.
     generation: u64,
@@ -154,8 +156,8 @@ struct State {
     counted: BTreeSet<u32>,
     acc_step: u64,
     round: Option<Round>,
-    /// Shares that arrived before their SyncStart: (step, from) -> frame.
-    early: HashMap<(u64, PeerId), Vec<u8>>,
+    /// Shares that arrived before their SyncStart: (step, from) -> (round, frame).
+    early: HashMap<(u64, PeerId), (u32, Vec<u8>)>,
     export: Option<Arc<Export>>,
     trainer: Option<Endpoint>,
     /// Bumped by every new sync round and every state reset.
@@ -1016,8 +1018,12 @@ impl StageWorker {
         let n = s.participants.len();
         let mut shares = vec![None; n];
         for (i, p) in s.participants.iter().enumerate() {
-            if let Some(f) = st.early.remove(&(s.step, *p)) {
-                shares[i] = Some(f);
+            match st.early.remove(&(s.step, *p)) {
+                Some((round, f)) if round == s.round => shares[i] = Some(f),
+                Some((round, _)) => {
+                    tracing::debug!(peer = %p.short(), step = s.step, round, "share of a dropped sync round ignored")
+                }
+                None => {}
             }
         }
         st.early.clear();
@@ -1026,6 +1032,7 @@ impl StageWorker {
         let generation = st.generation;
         st.round = Some(Round {
             step: s.step,
+            round: s.round,
             generation,
             participants: s.participants.clone(),
             me,
@@ -1091,6 +1098,7 @@ impl StageWorker {
                 epoch: s.epoch,
                 step: s.step,
                 stage: s.stage,
+                round: s.round,
                 from: self.inner.me,
                 frame,
             };
@@ -1138,8 +1146,22 @@ impl StageWorker {
         let step = g.step;
         {
             let mut st = lock(&self.inner.state);
+            // A share of a round the trainer dropped (a participant died) must not be summed
+            // into a later one: it holds an outdated gradient.
+            let stale = st
+                .round
+                .as_ref()
+                .is_some_and(|r| r.step == step && g.round < r.round)
+                || st
+                    .early
+                    .get(&(step, g.from))
+                    .is_some_and(|(round, _)| g.round < *round);
+            if stale {
+                tracing::debug!(peer = %g.from.short(), step, round = g.round, "share of a dropped sync round ignored");
+                return rpc::reply(&Ack);
+            }
             match st.round.as_mut() {
-                Some(r) if r.step == step => {
+                Some(r) if r.step == step && r.round == g.round => {
                     let Some(i) = r.participants.iter().position(|p| *p == g.from) else {
                         return Err(refuse(code::FORBIDDEN, "not a participant of this sync"));
                     };
@@ -1149,12 +1171,16 @@ impl StageWorker {
                     r.shares[i] = Some(g.frame);
                 }
                 _ => {
-                    // Before our SyncStart: keep it, bounded, for the current step only.
-                    if self.step() != Some(step) || st.early.len() >= crate::protocol::MAX_REPLICAS
+                    // Before our SyncStart: keep it, bounded, for the current step only (a newer
+                    // round's share replaces an older one's).
+                    let key = (step, g.from);
+                    if self.step() != Some(step)
+                        || (!st.early.contains_key(&key)
+                            && st.early.len() >= crate::protocol::MAX_REPLICAS)
                     {
                         return Err(refuse(code::BAD_REQUEST, "no sync of that step here"));
                     }
-                    st.early.insert((step, g.from), g.frame);
+                    st.early.insert(key, (g.round, g.frame));
                     return rpc::reply(&Ack);
                 }
             }

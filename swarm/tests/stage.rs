@@ -522,6 +522,7 @@ async fn sync_two_replicas(sync: &str) -> ([u8; 32], [u8; 32], f64, [u8; 32], Ve
         epoch: 0,
         step: 0,
         stage: 0,
+        round: 0,
         participants: vec![a.peer_id(), b.peer_id()],
         mb_counts: vec![1, 1],
         addrs: vec![a.local_addr(), b.local_addr()],
@@ -549,6 +550,7 @@ async fn sync_two_replicas(sync: &str) -> ([u8; 32], [u8; 32], f64, [u8; 32], Ve
         epoch: 0,
         step: 0,
         stage: 0,
+        round: 0,
         from: d.peer.peer_id(),
         frame: vec![0; 8],
     };

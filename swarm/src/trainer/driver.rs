@@ -818,6 +818,8 @@ impl Trainer {
         let mut norms: HashMap<usize, f64> = HashMap::new();
         let mut mismatches = 0u64;
         let mut participants_per_stage = vec![0usize; stages];
+        // Sync rounds per stage in this step: bumped when a stage's sync is redone.
+        let mut sync_rounds = vec![0u32; stages];
 
         loop {
             // Micro-batch phase.
@@ -1105,7 +1107,7 @@ impl Trainer {
             }
             // Sync phase, for the stages not yet synced.
             let outcome = self
-                .sync_stages(step, epoch, &book, &pending_sync, on_event)
+                .sync_stages(step, epoch, &book, &pending_sync, &sync_rounds, on_event)
                 .await?;
             for (k, n, parts) in outcome.done {
                 norms.insert(k, n);
@@ -1126,6 +1128,7 @@ impl Trainer {
             // sync with their accumulators. Reset them to the step's starting state (which they
             // still hold: nobody applied) and run every micro-batch again for those stages.
             for &k in &pending_sync {
+                sync_rounds[k] += 1;
                 self.reset_stage(k, step).await;
                 lost_mbs.extend(book.clear_stage(k as u16));
             }
@@ -1501,6 +1504,7 @@ impl Trainer {
         epoch: u32,
         book: &StepBook,
         stages: &[usize],
+        rounds: &[u32],
         on_event: &mut dyn FnMut(&TrainerEvent),
     ) -> Result<SyncOutcome> {
         let mut out = SyncOutcome::default();
@@ -1539,6 +1543,7 @@ impl Trainer {
                 epoch,
                 step,
                 stage: k as u32,
+                round: rounds[k],
                 participants: parts.iter().map(|(p, _)| *p).collect(),
                 mb_counts: parts
                     .iter()
