@@ -290,7 +290,13 @@ async fn last_replica_crash_restores_every_stage_from_the_checkpoint() {
     let replicas = Arc::new(start_replicas(addr, &[0, 1]).await);
     let late: Arc<tokio::sync::Mutex<Option<Replica>>> = Arc::new(tokio::sync::Mutex::new(None));
     let restored = Arc::new(Mutex::new(Vec::new()));
-    let (r, slot, seen) = (replicas.clone(), late.clone(), restored.clone());
+    let joined = Arc::new(Mutex::new(Vec::new()));
+    let (r, slot, seen, joins) = (
+        replicas.clone(),
+        late.clone(),
+        restored.clone(),
+        joined.clone(),
+    );
     let mut on_event = move |e: &TrainerEvent| match e {
         // Three steps done, the checkpoint holds two: stage 1 dies before step 3.
         TrainerEvent::Step(s) if s.step == 2 && slot.try_lock().is_ok_and(|g| g.is_none()) => {
@@ -307,6 +313,7 @@ async fn last_replica_crash_restores_every_stage_from_the_checkpoint() {
             from_checkpoint,
             ..
         } => seen.lock().unwrap().push((*step, *from_checkpoint)),
+        TrainerEvent::Joined { peer, .. } => joins.lock().unwrap().push(*peer),
         _ => {}
     };
     let metrics = tokio::time::timeout(Duration::from_secs(120), trainer.run(&mut on_event))
@@ -323,6 +330,22 @@ async fn last_replica_crash_restores_every_stage_from_the_checkpoint() {
     let late = late.as_ref().expect("a new peer took the stage");
     assert_eq!(late.joined.step, 2, "it loaded the checkpoint's state");
     assert_eq!(late.joined.worker.step(), Some(steps));
+    // One entry per state load: the two first replicas' builds, the survivor's reload of the
+    // checkpoint and the new peer's load (which it reports once, though the trainer also told
+    // it to reload).
+    let joins = joined.lock().unwrap().clone();
+    let late_id = late.peer.peer_id();
+    assert_eq!(
+        joins.iter().filter(|p| **p == late_id).count(),
+        1,
+        "{joins:?}"
+    );
+    assert_eq!(
+        metrics.state_sync_seconds.len(),
+        4,
+        "{:?}",
+        metrics.state_sync_seconds
+    );
     assert_eq!(replicas[0].joined.worker.step(), Some(steps));
     trainer.shutdown().await;
 }

@@ -639,6 +639,12 @@ impl Trainer {
                 return (false, None);
             }
             let digest_ok = want.is_none_or(|d| d == ready.digest);
+            if rep.state == ReplicaState::Serving && ready.step == expected_step && digest_ok {
+                // A second report of the same load (a joiner the trainer also told to reload
+                // after a restore answers both): one join, one entry.
+                tracing::debug!(peer = %from.short(), stage, "replica already serving this state");
+                return (false, None);
+            }
             if ready.step != expected_step || !digest_ok {
                 tracing::warn!(peer = %from.short(), stage, step = ready.step, expected_step, digest_ok, "replica ready with the wrong state");
                 return (false, Some(rep.addr));
