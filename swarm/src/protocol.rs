@@ -578,12 +578,22 @@ fn truncate(s: &str, max: usize) -> &str {
 /// Drop the contexts of attempt `key` (all stages this peer serves); best effort.
 ///
 /// Sender: the trainer, when it gives up on an attempt. Receiver: every peer of that attempt's
-/// route. Reply: [`Ack`] (also when nothing was held).
+/// route. Reply: [`Ack`] (also when nothing was held). `uncounted` says which of the attempt's
+/// passes no message told the trainer about ([`Abandon::FORWARD`], [`Abandon::BACKWARD`]): the
+/// receiver reports the frames it sent in those passes with its next [`SyncDone`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Abandon {
     pub run: RunId,
     pub epoch: u32,
     pub key: MbKey,
+    pub uncounted: u8,
+}
+
+impl Abandon {
+    /// The forward pass's frames are not counted yet.
+    pub const FORWARD: u8 = 1;
+    /// The backward pass's frames are not counted yet.
+    pub const BACKWARD: u8 = 2;
 }
 
 impl WireMessage for Abandon {
@@ -591,13 +601,23 @@ impl WireMessage for Abandon {
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         put_key(w, &self.key);
+        w.u8(self.uncounted);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
+        let key = get_key(r)?;
+        let uncounted = r.u8()?;
+        if uncounted & !(Abandon::FORWARD | Abandon::BACKWARD) != 0 {
+            return Err(WireError::BadTag {
+                what: "abandon passes",
+                tag: uncounted as u64,
+            });
+        }
         Ok(Abandon {
             run,
             epoch,
-            key: get_key(r)?,
+            key,
+            uncounted,
         })
     }
 }
@@ -1063,6 +1083,10 @@ pub struct SyncDone {
     /// receiver.
     pub share_bytes: u64,
     pub share_dense_bytes: u64,
+    /// Frames this participant sent in passes of abandoned attempts that the trainer had no
+    /// report of (see [`Abandon::uncounted`]), since its last `SyncDone`: activations, gradients.
+    pub abandoned_activations: Traffic,
+    pub abandoned_gradients: Traffic,
 }
 
 impl WireMessage for SyncDone {
@@ -1075,6 +1099,8 @@ impl WireMessage for SyncDone {
             .array(&self.grad_digest)
             .varint(self.share_bytes)
             .varint(self.share_dense_bytes);
+        put_traffic(w, &self.abandoned_activations);
+        put_traffic(w, &self.abandoned_gradients);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
@@ -1091,6 +1117,8 @@ impl WireMessage for SyncDone {
             grad_digest: r.array()?,
             share_bytes: r.varint()?,
             share_dense_bytes: r.varint()?,
+            abandoned_activations: get_traffic(r)?,
+            abandoned_gradients: get_traffic(r)?,
         })
     }
 }
@@ -1512,6 +1540,7 @@ mod tests {
                 run: RUN,
                 epoch: 0,
                 key: KEY,
+                uncounted: Abandon::FORWARD,
             }),
             e(&RunInfoRequest),
             e(&RunInfo {
@@ -1590,6 +1619,11 @@ mod tests {
                 grad_digest: [6; 32],
                 share_bytes: 100,
                 share_dense_bytes: 4000,
+                abandoned_activations: Traffic {
+                    wire: 300,
+                    dense: 1200,
+                },
+                abandoned_gradients: Traffic::default(),
             }),
             e(&Apply {
                 run: RUN,

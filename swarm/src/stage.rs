@@ -22,7 +22,10 @@
 //!   replaces the state (re-sync after a digest mismatch, restore after a checkpoint).
 //!
 //! Wire accounting: [`StageStats`] counts frames sent per channel (wire bytes and fp32 bytes), and
-//! every pipeline message carries the upstream [`Traffic`] so the trainer sees all links.
+//! every pipeline message carries the upstream [`Traffic`] so the trainer sees all links. What no
+//! message carried to the trainer is reported with the next `SyncDone`: the frames of passes it
+//! abandoned without a report (it names them in `Abandon`) and the shares of dropped sync rounds
+//! that reached their receiver.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -168,7 +171,25 @@ struct State {
     /// Generations of the last rounds that reported `SyncDone` (their shares are in the report):
     /// a share delivered after its round was applied is not counted again.
     reported: Vec<u64>,
+    /// Pipeline frames this replica sent (that reached their receiver) per attempt of the current
+    /// steps: an `Abandon` naming passes the trainer has no report of moves them to `abandoned`.
+    sent: HashMap<MbKey, SentFrames>,
+    /// Frames of abandoned passes not reported yet (activations, gradients): in the next SyncDone.
+    abandoned: (Traffic, Traffic),
 }
+
+/// Frames one attempt's passes sent from this replica.
+#[derive(Default)]
+struct SentFrames {
+    forward: Traffic,
+    backward: Traffic,
+    /// Passes the trainer said were uncounted when it abandoned the attempt: frames of theirs
+    /// that arrive after the `Abandon` go straight to the report.
+    abandoned: u8,
+}
+
+/// Most attempts whose frames a replica remembers (a step has a few per micro-batch).
+const MAX_SENT_RECORDS: usize = 4096;
 
 impl State {
     /// Ends the current sync round, if any; an unreported one is dropped, its delivered shares
@@ -178,6 +199,49 @@ impl State {
             && !r.summed
         {
             self.dropped_shares = add_traffic(self.dropped_shares, r.delivered);
+        }
+    }
+
+    /// A pipeline frame of attempt `key` reached its receiver.
+    fn frame_delivered(&mut self, key: MbKey, backward: bool, t: Traffic) {
+        if !self.sent.contains_key(&key) && self.sent.len() >= MAX_SENT_RECORDS {
+            return;
+        }
+        let e = self.sent.entry(key).or_default();
+        let (pass, report) = if backward {
+            (Abandon::BACKWARD, &mut self.abandoned.1)
+        } else {
+            (Abandon::FORWARD, &mut self.abandoned.0)
+        };
+        if e.abandoned & pass != 0 {
+            *report = add_traffic(*report, t);
+        } else if backward {
+            e.backward = add_traffic(e.backward, t);
+        } else {
+            e.forward = add_traffic(e.forward, t);
+        }
+    }
+
+    /// The trainer abandoned attempt `key` without a report of the `uncounted` passes.
+    fn attempt_abandoned(&mut self, key: MbKey, uncounted: u8) {
+        let Some(e) = self.sent.get_mut(&key) else {
+            if uncounted != 0 && self.sent.len() < MAX_SENT_RECORDS {
+                self.sent.insert(
+                    key,
+                    SentFrames {
+                        abandoned: uncounted,
+                        ..Default::default()
+                    },
+                );
+            }
+            return;
+        };
+        e.abandoned |= uncounted;
+        if uncounted & Abandon::FORWARD != 0 {
+            self.abandoned.0 = add_traffic(self.abandoned.0, std::mem::take(&mut e.forward));
+        }
+        if uncounted & Abandon::BACKWARD != 0 {
+            self.abandoned.1 = add_traffic(self.abandoned.1, std::mem::take(&mut e.backward));
         }
     }
 
@@ -334,6 +398,8 @@ impl StageWorker {
                     generation: 0,
                     dropped_shares: Traffic::default(),
                     reported: Vec::new(),
+                    sent: HashMap::new(),
+                    abandoned: Default::default(),
                 }),
                 stats: StageStats::default(),
                 fault: opts
@@ -443,6 +509,7 @@ impl StageWorker {
         st.acc_step = step;
         st.end_round();
         st.early.clear();
+        st.sent.clear();
         st.export = None;
         st.generation += 1;
         Ok(())
@@ -661,6 +728,7 @@ impl StageWorker {
         // What the previous hop sent us is upstream of the next message.
         let upstream = f.upstream.plus_frame(in_len, in_elems);
         let with_ours = upstream.plus_frame(out.len(), elems);
+        let ours = Traffic::default().plus_frame(out.len(), elems);
         let next = f.hop as usize + 1;
         let (target, result) = if next < route.len() {
             let msg = Forward {
@@ -692,6 +760,11 @@ impl StageWorker {
                 self.send(trainer.addr, trainer.peer, &msg).await,
             )
         };
+        // Our frame arrived (a refusal is an answer too): if the trainer abandons the attempt
+        // without a report of this pass, it learns of the frame from us.
+        if matches!(&result, Ok(()) | Err(Error::Remote(_))) {
+            lock(&self.inner.state).frame_delivered(key, false, ours);
+        }
         if let Err(e) = result {
             let busy = matches!(&e, Error::Remote(r) if r.code == code::BUSY);
             tracing::info!(stage, step = key.step, microbatch = key.mb, error = %e, "forward send failed");
@@ -920,6 +993,7 @@ impl StageWorker {
             elems,
         );
         let with_ours = upstream.plus_frame(out.len(), elems);
+        let ours = Traffic::default().plus_frame(out.len(), elems);
         let (target, result) = if stage > 0 {
             let h = entry.route[stage as usize - 1];
             let msg = Backward {
@@ -946,6 +1020,11 @@ impl StageWorker {
                 self.send(trainer.addr, trainer.peer, &msg).await,
             )
         };
+        // Our frame arrived (a refusal is an answer too): if the trainer abandons the attempt
+        // without a report of this pass, it learns of the frame from us.
+        if matches!(&result, Ok(()) | Err(Error::Remote(_))) {
+            lock(&self.inner.state).frame_delivered(key, true, ours);
+        }
         if let Err(e) = result {
             let busy = matches!(&e, Error::Remote(r) if r.code == code::BUSY);
             if matches!(&e, Error::Remote(r) if r.code == code::BAD_RECEIPT) {
@@ -965,7 +1044,10 @@ impl StageWorker {
     async fn on_abandon(&self, _ctx: RequestCtx, body: Vec<u8>) -> Result<rpc::Reply, RpcError> {
         let a: Abandon = wire::decode_body(&body)?;
         self.check_run(&a.run, a.epoch)?;
-        lock(&self.inner.state).contexts.remove(&a.key);
+        let mut st = lock(&self.inner.state);
+        st.contexts.remove(&a.key);
+        st.attempt_abandoned(a.key, a.uncounted);
+        drop(st);
         rpc::reply(&Ack)
     }
 
@@ -1283,8 +1365,12 @@ impl StageWorker {
                 st.reported.remove(0);
             }
             st.reported.push(generation);
-            std::mem::take(&mut st.dropped_shares)
+            (
+                std::mem::take(&mut st.dropped_shares),
+                std::mem::take(&mut st.abandoned),
+            )
         };
+        let (dropped, (abandoned_activations, abandoned_gradients)) = dropped;
         let msg = SyncDone {
             run: self.inner.opts.run,
             epoch: self.epoch(),
@@ -1294,6 +1380,8 @@ impl StageWorker {
             grad_digest: digest,
             share_bytes: share_bytes.saturating_add(dropped.wire),
             share_dense_bytes: share_dense.saturating_add(dropped.dense),
+            abandoned_activations,
+            abandoned_gradients,
         };
         if let Err(e) = self.send(trainer, trainer_id, &msg).await {
             tracing::warn!(step, error = %e, "could not report SyncDone");
@@ -1333,6 +1421,7 @@ impl StageWorker {
             st.counted.clear();
             st.acc_step = a.step + 1;
             st.contexts.retain(|k, _| k.step > a.step);
+            st.sent.retain(|k, _| k.step > a.step);
             st.export = None;
         }
         rpc::reply(&Applied {

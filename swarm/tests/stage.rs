@@ -284,6 +284,7 @@ async fn two_stage_pipeline_reproduces_the_shards_bitwise() {
             run,
             epoch: 0,
             key: key2,
+            uncounted: Abandon::FORWARD,
         };
         let _: (_, Ack) = bounded(d.peer.shared().call(p.local_addr(), None, &a))
             .await

@@ -504,3 +504,77 @@ fn assert_sync_bytes_count_the_dropped_round(metrics: &swarm_core::trainer::Metr
         "{sync:?}"
     );
 }
+
+/// A replica of stage 1 swallows the first Forward it gets (acknowledges it and does nothing):
+/// the attempt fails by its deadline with no report. Two activation frames of it crossed the
+/// network (the trainer's and stage 0's): both count, once, the second one reported by stage 0
+/// after the trainer abandoned the attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_of_an_attempt_failed_by_deadline_count_as_wire_bytes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use swarm_compression::{Codec, Encoder};
+    use swarm_core::peer::{PeerShared, RequestCtx};
+    use swarm_core::protocol::Ack;
+    use swarm_core::rpc;
+    use swarm_core::wire::kind;
+
+    let steps = 2;
+    let cfg = tiny_config(steps);
+    let mut opts = TrainerOptions::new(cfg.clone());
+    opts.min_replicas = 2;
+    opts.wait_for_peers = Duration::from_secs(60);
+    // The swallowed attempt waits this out (the run's only wait on a deadline).
+    opts.attempt_timeout = Duration::from_secs(3);
+    let mut trainer = Trainer::start(opts).await.unwrap();
+    let replicas = start_replicas(trainer.addr(), &[0, 0, 1, 1]).await;
+    let worker = replicas[2].joined.worker.clone();
+    let swallowed = Arc::new(AtomicBool::new(false));
+    replicas[2].peer.register(
+        kind::FORWARD,
+        move |_p: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| {
+            let (worker, swallowed) = (worker.clone(), swallowed.clone());
+            async move {
+                if !swallowed.swap(true, Ordering::SeqCst) {
+                    return rpc::reply(&Ack);
+                }
+                worker.handle(kind::FORWARD, ctx, body).await
+            }
+        },
+    );
+    let metrics = tokio::time::timeout(Duration::from_secs(120), trainer.run(&mut |_| {}))
+        .await
+        .expect("run finishes in time")
+        .expect("run succeeds");
+    let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
+    let (want, _) = local_losses(&cfg, steps as usize);
+    assert_losses_match(&losses, &want, 1e-4);
+    assert_eq!(metrics.retries, 1, "{:?}", metrics.summary());
+    // Codec none: every boundary frame (activations or their gradients) has one size.
+    let shape = [
+        cfg.train.micro_batch_size,
+        cfg.train.seq_len,
+        cfg.model.hidden_size,
+    ];
+    let n: usize = shape.iter().product();
+    let mut frame = Vec::new();
+    Encoder::new(Codec::NONE)
+        .unwrap()
+        .encode(&vec![0.0; n], &shape, &mut frame)
+        .unwrap();
+    let (f, d) = (frame.len() as u64, 4 * n as u64);
+    // A completed attempt: trainer -> stage 0 -> stage 1 -> trainer, both ways.
+    let frames = 3 * steps * cfg.train.micro_batches as u64;
+    let w = metrics.wire;
+    assert_eq!(
+        (w.activations.wire_bytes, w.activations.dense_bytes),
+        ((frames + 2) * f, (frames + 2) * d),
+        "{w:?}"
+    );
+    assert_eq!(
+        (w.gradients.wire_bytes, w.gradients.dense_bytes),
+        (frames * f, frames * d),
+        "{w:?}"
+    );
+    drop(replicas);
+    trainer.shutdown().await;
+}

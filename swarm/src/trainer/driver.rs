@@ -246,6 +246,8 @@ struct InFlight {
     /// forward pass is back) the loss gradient. The passes' `upstream` includes them again.
     sent_act: Traffic,
     sent_grad: Option<Traffic>,
+    /// A `HopFailed` told us what the failed pass had sent (counted then).
+    reported: bool,
 }
 
 /// A running trainer. [`Trainer::start`] binds and serves; [`Trainer::run`] trains.
@@ -692,6 +694,15 @@ impl Trainer {
             .wire
             .channel_mut(Channel::Sync)
             .add(d.share_bytes, d.share_dense_bytes);
+        // Likewise the frames of abandoned passes nobody had reported.
+        for (channel, t) in [
+            (Channel::Activations, d.abandoned_activations),
+            (Channel::Gradients, d.abandoned_gradients),
+        ] {
+            if t.wire > 0 {
+                self.metrics.wire.channel_mut(channel).add(t.wire, t.dense);
+            }
+        }
     }
 
     /// Tells a replica with the wrong state to load the stage's agreed state.
@@ -968,7 +979,8 @@ impl Trainer {
                         if h.key.step == step && book.is_current(mb, h.key.attempt) && on_route {
                             // What the failed pass had sent, less our own frame (counted when
                             // sent): the backward pass if it had begun, else the forward one.
-                            if let Some(f) = inflight.get(&mb) {
+                            if let Some(f) = inflight.get_mut(&mb) {
+                                f.reported = true;
                                 let (channel, ours) = match f.sent_grad {
                                     Some(g) => (Channel::Gradients, g),
                                     None => (Channel::Activations, f.sent_act),
@@ -1356,6 +1368,7 @@ impl Trainer {
             returned: false,
             sent_act,
             sent_grad: None,
+            reported: false,
         })
     }
 
@@ -1489,12 +1502,20 @@ impl Trainer {
             return;
         }
         let epoch = self.shared.reg(|r| r.epoch);
+        // The pass no message told us about (a deadline, a dead hop): its hops report the frames
+        // they sent in it with their next SyncDone.
+        let uncounted = match (f.reported, f.sent_grad) {
+            (true, _) => 0,
+            (false, None) => Abandon::FORWARD,
+            (false, Some(_)) => Abandon::BACKWARD,
+        };
         for h in &f.route {
             let ps = self.peer.shared().clone();
             let msg = Abandon {
                 run: self.shared.run,
                 epoch,
                 key: f.key,
+                uncounted,
             };
             let (addr, peer) = (h.addr, h.peer);
             tokio::spawn(async move {
