@@ -2399,30 +2399,81 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest an Admit waits for the step boundary (below the joiner's request timeout).
 const ADMIT_WAIT: Duration = Duration::from_secs(8);
 
+/// A message to the trainer that names its run and epoch: checked before it is handled.
+trait RunScoped: wire::WireMessage + Send + 'static {
+    fn run_epoch(&self) -> (RunId, u32);
+}
+
+macro_rules! run_scoped {
+    ($($ty:ty),*) => {
+        $(impl RunScoped for $ty {
+            fn run_epoch(&self) -> (RunId, u32) {
+                (self.run, self.epoch)
+            }
+        })*
+    };
+}
+run_scoped!(
+    ForwardOut,
+    BackwardOut,
+    Counted,
+    HopFailed,
+    SyncDone,
+    Ready,
+    Admit,
+    Leave,
+    FetchState
+);
+
+/// Registers the trainer's handler of `M`: `handle` gets the message decoded (malformed bytes
+/// close the connection) and of this run and epoch (else refused), with the shared state.
+fn serve<M, F, Fut>(peer: &Peer, shared: &Arc<Shared>, handle: F)
+where
+    M: RunScoped,
+    F: Fn(Arc<Shared>, RequestCtx, M) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = crate::peer::HandlerResult> + Send + 'static,
+{
+    let shared = shared.clone();
+    peer.register(
+        M::KIND,
+        move |_p: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| {
+            // The handler's future is made here so that it owns what it needs (not `handle`).
+            let checked = wire::decode_body::<M>(&body)
+                .map_err(RpcError::from)
+                .and_then(|msg| {
+                    let (run, epoch) = msg.run_epoch();
+                    shared.check_run(run, epoch)?;
+                    Ok(msg)
+                })
+                .map(|msg| handle(shared.clone(), ctx, msg));
+            async move { checked?.await }
+        },
+    );
+}
+
+/// Registers a handler that only forwards `M` to the driver (as `wrap(sender, message)`).
+fn forward_to_driver<M: RunScoped>(
+    peer: &Peer,
+    shared: &Arc<Shared>,
+    wrap: fn(PeerId, M) -> Inbound,
+) {
+    serve(
+        peer,
+        shared,
+        move |s: Arc<Shared>, ctx: RequestCtx, msg: M| {
+            let _ = s.inbox.send(wrap(ctx.from, msg));
+            async { rpc::reply(&Ack) }
+        },
+    );
+}
+
 fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
-    macro_rules! forward_to_driver {
-        ($kind:expr, $ty:ty, $variant:ident) => {{
-            let shared = shared.clone();
-            peer.register(
-                $kind,
-                move |_p: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| {
-                    let shared = shared.clone();
-                    async move {
-                        let msg: $ty = wire::decode_body(&body).map_err(RpcError::from)?;
-                        shared.check_run(msg.run, msg.epoch)?;
-                        let _ = shared.inbox.send(Inbound::$variant(ctx.from, msg));
-                        rpc::reply(&Ack)
-                    }
-                },
-            );
-        }};
-    }
-    forward_to_driver!(kind::FORWARD_OUT, ForwardOut, ForwardOut);
-    forward_to_driver!(kind::BACKWARD_OUT, BackwardOut, BackwardOut);
-    forward_to_driver!(kind::COUNTED, Counted, Counted);
-    forward_to_driver!(kind::HOP_FAILED, HopFailed, HopFailed);
-    forward_to_driver!(kind::SYNC_DONE, SyncDone, SyncDone);
-    forward_to_driver!(kind::READY, Ready, Ready);
+    forward_to_driver(peer, shared, Inbound::ForwardOut);
+    forward_to_driver(peer, shared, Inbound::BackwardOut);
+    forward_to_driver(peer, shared, Inbound::Counted);
+    forward_to_driver(peer, shared, Inbound::HopFailed);
+    forward_to_driver(peer, shared, Inbound::SyncDone);
+    forward_to_driver(peer, shared, Inbound::Ready);
 
     let s = shared.clone();
     peer.register(
@@ -2449,145 +2500,130 @@ fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
         },
     );
 
-    let s = shared.clone();
-    peer.register(
-        kind::ADMIT,
-        move |_p: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| {
-            let s = s.clone();
-            async move {
-                let a: Admit = wire::decode_body(&body).map_err(RpcError::from)?;
-                s.check_run(a.run, a.epoch)?;
-                let stages = s.reg(|r| r.stages.len());
-                if s.reg(|r| r.banned.contains(&ctx.from)) {
+    serve(
+        peer,
+        shared,
+        |s: Arc<Shared>, ctx: RequestCtx, a: Admit| async move {
+            let stages = s.reg(|r| r.stages.len());
+            if s.reg(|r| r.banned.contains(&ctx.from)) {
+                return Err(RpcError::refused(
+                    code::BAD_REQUEST,
+                    "banned from this run by an audit",
+                ));
+            }
+            if a.stage as usize >= stages {
+                return Err(RpcError::refused(
+                    code::BAD_REQUEST,
+                    format!("stage {} of a {stages}-stage run", a.stage),
+                ));
+            }
+            // Registered as joining at once, so the driver holds the next step boundary until it
+            // is ready; answered at a boundary, when replicas hold the state it must load.
+            let mut boundary = s.boundary.subscribe();
+            s.reg(|r| {
+                for st in r.stages.iter_mut() {
+                    st.remove(&ctx.from);
+                }
+                r.stages[a.stage as usize].insert(
+                    ctx.from,
+                    Replica {
+                        addr: a.addr,
+                        state: ReplicaState::Joining,
+                    },
+                );
+            });
+            let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
+            while s.reg(|r| r.in_step) {
+                if tokio::time::timeout_at(deadline, boundary.changed())
+                    .await
+                    .is_err()
+                {
+                    s.reg(|r| r.stages[a.stage as usize].remove(&ctx.from));
                     return Err(RpcError::refused(
-                        code::BAD_REQUEST,
-                        "banned from this run by an audit",
+                        code::BUSY,
+                        "the current step did not end in time; ask again",
                     ));
                 }
-                if a.stage as usize >= stages {
+            }
+            let (epoch, step) = s.reg(|r| (r.epoch, r.step));
+            let source = state_source(&s, a.stage, Some(ctx.from));
+            tracing::info!(peer = %ctx.from.short(), stage = a.stage, step, "admitted");
+            rpc::reply(&AdmitReply {
+                run: s.run,
+                epoch,
+                stage: a.stage,
+                step,
+                source,
+            })
+        },
+    );
+
+    serve(
+        peer,
+        shared,
+        |s: Arc<Shared>, ctx: RequestCtx, _: Leave| async move {
+            let (known, step) = s.reg(|r| {
+                let mut known = false;
+                for st in r.stages.iter_mut() {
+                    if let Some(rep) = st.get_mut(&ctx.from) {
+                        rep.state = ReplicaState::Leaving;
+                        known = true;
+                    }
+                }
+                (known, r.step)
+            });
+            if known {
+                let _ = s.inbox.send(Inbound::Leave(ctx.from));
+            }
+            // It stays until released (no longer listed in RunInfo): mid-step it finishes
+            // its work and takes part in this step's sync; the driver releases it at the
+            // boundary, after taking its state if it was its stage's last replica.
+            rpc::reply(&LeaveReply {
+                stay_for_step: known.then_some(step),
+            })
+        },
+    );
+
+    serve(
+        peer,
+        shared,
+        |s: Arc<Shared>, _ctx: RequestCtx, f: FetchState| async move {
+            s.reg(|r| {
+                let Some(st) = r.served.get(&f.stage) else {
                     return Err(RpcError::refused(
                         code::BAD_REQUEST,
-                        format!("stage {} of a {stages}-stage run", a.stage),
+                        "the trainer serves no state for this stage",
+                    ));
+                };
+                if st.step != f.step {
+                    return Err(RpcError::refused(
+                        code::BAD_REQUEST,
+                        format!("state at step {}, asked for {}", st.step, f.step),
                     ));
                 }
-                // Registered as joining at once, so the driver holds the next step boundary until it
-                // is ready; answered at a boundary, when replicas hold the state it must load.
-                let mut boundary = s.boundary.subscribe();
-                s.reg(|r| {
-                    for st in r.stages.iter_mut() {
-                        st.remove(&ctx.from);
-                    }
-                    r.stages[a.stage as usize].insert(
-                        ctx.from,
-                        Replica {
-                            addr: a.addr,
-                            state: ReplicaState::Joining,
-                        },
-                    );
-                });
-                let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
-                while s.reg(|r| r.in_step) {
-                    if tokio::time::timeout_at(deadline, boundary.changed())
-                        .await
-                        .is_err()
-                    {
-                        s.reg(|r| r.stages[a.stage as usize].remove(&ctx.from));
-                        return Err(RpcError::refused(
-                            code::BUSY,
-                            "the current step did not end in time; ask again",
-                        ));
-                    }
+                let len = st.bytes.len() as u64;
+                if f.offset > len {
+                    return Err(RpcError::refused(
+                        code::BAD_REQUEST,
+                        "offset beyond the state",
+                    ));
                 }
-                let (epoch, step) = s.reg(|r| (r.epoch, r.step));
-                let source = state_source(&s, a.stage, Some(ctx.from));
-                tracing::info!(peer = %ctx.from.short(), stage = a.stage, step, "admitted");
-                rpc::reply(&AdmitReply {
+                let n = (f.max_len as u64)
+                    .min(crate::protocol::MAX_CHUNK_BYTES as u64)
+                    .min(len - f.offset) as usize;
+                let off = f.offset as usize;
+                rpc::reply(&StateChunk {
                     run: s.run,
-                    epoch,
-                    stage: a.stage,
-                    step,
-                    source,
+                    epoch: r.epoch,
+                    stage: f.stage,
+                    step: st.step,
+                    total_len: len,
+                    offset: f.offset,
+                    state_hash: st.hash,
+                    digest: st.digest,
+                    data: st.bytes[off..off + n].to_vec(),
                 })
-            }
-        },
-    );
-
-    let s = shared.clone();
-    peer.register(
-        kind::LEAVE,
-        move |_p: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| {
-            let s = s.clone();
-            async move {
-                let l: Leave = wire::decode_body(&body).map_err(RpcError::from)?;
-                s.check_run(l.run, l.epoch)?;
-                let (known, step) = s.reg(|r| {
-                    let mut known = false;
-                    for st in r.stages.iter_mut() {
-                        if let Some(rep) = st.get_mut(&ctx.from) {
-                            rep.state = ReplicaState::Leaving;
-                            known = true;
-                        }
-                    }
-                    (known, r.step)
-                });
-                if known {
-                    let _ = s.inbox.send(Inbound::Leave(ctx.from));
-                }
-                // It stays until released (no longer listed in RunInfo): mid-step it finishes
-                // its work and takes part in this step's sync; the driver releases it at the
-                // boundary, after taking its state if it was its stage's last replica.
-                rpc::reply(&LeaveReply {
-                    stay_for_step: known.then_some(step),
-                })
-            }
-        },
-    );
-
-    let s = shared.clone();
-    peer.register(
-        kind::FETCH_STATE,
-        move |_p: Arc<PeerShared>, _ctx: RequestCtx, body: Vec<u8>| {
-            let s = s.clone();
-            async move {
-                let f: FetchState = wire::decode_body(&body).map_err(RpcError::from)?;
-                s.check_run(f.run, f.epoch)?;
-                s.reg(|r| {
-                    let Some(st) = r.served.get(&f.stage) else {
-                        return Err(RpcError::refused(
-                            code::BAD_REQUEST,
-                            "the trainer serves no state for this stage",
-                        ));
-                    };
-                    if st.step != f.step {
-                        return Err(RpcError::refused(
-                            code::BAD_REQUEST,
-                            format!("state at step {}, asked for {}", st.step, f.step),
-                        ));
-                    }
-                    let len = st.bytes.len() as u64;
-                    if f.offset > len {
-                        return Err(RpcError::refused(
-                            code::BAD_REQUEST,
-                            "offset beyond the state",
-                        ));
-                    }
-                    let n = (f.max_len as u64)
-                        .min(crate::protocol::MAX_CHUNK_BYTES as u64)
-                        .min(len - f.offset) as usize;
-                    let off = f.offset as usize;
-                    rpc::reply(&StateChunk {
-                        run: s.run,
-                        epoch: r.epoch,
-                        stage: f.stage,
-                        step: st.step,
-                        total_len: len,
-                        offset: f.offset,
-                        state_hash: st.hash,
-                        digest: st.digest,
-                        data: st.bytes[off..off + n].to_vec(),
-                    })
-                })
-            }
+            })
         },
     );
 }
