@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 
 /// The grammar of codec names, shown in every parse error.
 pub const GRAMMAR: &str = "Valid: `none`, or stages joined by `+` in this order: \
-[topk:F | topk-row:F] (keep the fraction F in (0,1] of largest magnitudes, per tensor or per row) \
+[topk:F | topk-row:F | dedup] (keep the fraction F in (0,1] of largest magnitudes, per tensor or \
+per row; or send each distinct row (last dimension) once plus a row map, exact) \
 [rht] (randomized Hadamard rotation, only before q8/q4/q2) \
 [fp32 | fp16 | bf16 | qN[:B]] (value coding; qN = blockwise absmax N-bit, N in 2..=8: q2 and q4 \
 bit-packed, q3 and q5-q8 one code per byte for zstd to entropy-code; B = block size 1..=65536, \
@@ -90,7 +91,8 @@ impl Values {
     }
 }
 
-/// A compression pipeline: top-k, then optional rotation, then value coding, then optional zstd.
+/// A compression pipeline: top-k or row dedup, then optional rotation, then value coding, then
+/// optional zstd.
 ///
 /// Build one by parsing a name (`"topk:0.1+q8+zstd:3".parse::<Codec>()`) or with the fields and
 /// [`Codec::validate`]. [`Codec::NONE`] is exact fp32.
@@ -98,6 +100,10 @@ impl Values {
 pub struct Codec {
     /// Sparsification, if any.
     pub topk: Option<TopK>,
+    /// Send each distinct row (last dimension, compared bit for bit) once, plus a map from rows to
+    /// distinct rows: exact, and large where rows repeat, as embedding outputs do (one row per
+    /// token id). Exclusive with top-k.
+    pub dedup: bool,
     /// Randomized Hadamard rotation of each full block before quantization (spreads outliers).
     pub rotate: bool,
     /// Value coding.
@@ -116,6 +122,7 @@ impl Codec {
     /// Exact fp32, no compression.
     pub const NONE: Codec = Codec {
         topk: None,
+        dedup: false,
         rotate: false,
         values: Values::F32,
         zstd: None,
@@ -134,6 +141,9 @@ impl Codec {
             && !(t.fraction > 0.0 && t.fraction <= 1.0)
         {
             return bad(format!("top-k fraction {} is not in (0, 1]", t.fraction));
+        }
+        if self.dedup && self.topk.is_some() {
+            return bad("dedup and top-k cannot be combined".into());
         }
         match self.values {
             Values::Quant { bits, block } => {
@@ -211,7 +221,7 @@ impl FromStr for Codec {
                 None => (stage.as_str(), None),
             };
             let this_rank = match head {
-                "topk" | "topk-row" => 1,
+                "topk" | "topk-row" | "dedup" => 1,
                 "rht" => 2,
                 "fp32" | "f32" | "fp16" | "f16" | "bf16" => 3,
                 "q2" | "q3" | "q4" | "q5" | "q6" | "q7" | "q8" => 3,
@@ -219,6 +229,9 @@ impl FromStr for Codec {
                 "none" => return Err(err("`none` cannot be combined with other stages".into())),
                 _ => return Err(err(format!("unknown stage `{stage}`"))),
             };
+            if this_rank == 1 && rank == 1 {
+                return Err(err("dedup and top-k cannot be combined".into()));
+            }
             if this_rank <= rank {
                 return Err(err(format!("stage `{stage}` is repeated or out of order")));
             }
@@ -236,6 +249,12 @@ impl FromStr for Codec {
                         fraction,
                         per_row: head == "topk-row",
                     });
+                }
+                "dedup" => {
+                    if arg.is_some() {
+                        return Err(err("`dedup` takes no argument".into()));
+                    }
+                    codec.dedup = true;
                 }
                 "rht" => {
                     if arg.is_some() {
@@ -299,6 +318,9 @@ impl fmt::Display for Codec {
             let head = if t.per_row { "topk-row" } else { "topk" };
             parts.push(format!("{head}:{}", t.fraction));
         }
+        if self.dedup {
+            parts.push("dedup".into());
+        }
         if self.rotate {
             parts.push("rht".into());
         }
@@ -351,6 +373,8 @@ mod tests {
             "q3",
             "q5:1024",
             "rht+q6:256+zstd:3",
+            "dedup+rht+q6:256+zstd:3",
+            "dedup",
             "q7",
             "q8:4096",
             "rht+q4",
@@ -382,6 +406,9 @@ mod tests {
         for (name, needle) in [
             ("", "empty"),
             ("q1", "unknown stage"),
+            ("dedup+topk:0.1", "cannot be combined"),
+            ("topk:0.1+dedup", "cannot be combined"),
+            ("dedup:2", "takes no argument"),
             ("q9", "unknown stage"),
             ("q8+topk:0.1", "out of order"),
             ("q8+q4", "out of order"),

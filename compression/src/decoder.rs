@@ -130,6 +130,21 @@ impl Decoder {
                     rotate::inverse(out, block, info.seed);
                 }
             }
+            IndexCoding::RowMap => {
+                let w = info.shape().last().copied().unwrap_or(1);
+                let distinct = info.kept / w;
+                read_row_map(idx, distinct, &mut self.positions)?;
+                self.vals.clear();
+                self.vals.resize(info.kept, 0.0);
+                quant::decode(info.codec.values, scales, values, &mut self.vals)?;
+                if info.codec.rotate {
+                    rotate::inverse(&mut self.vals, block, info.seed);
+                }
+                for (dst, &d) in out.chunks_exact_mut(w).zip(&self.positions) {
+                    let d = d as usize;
+                    dst.copy_from_slice(&self.vals[d * w..(d + 1) * w]);
+                }
+            }
             coding => {
                 if coding == IndexCoding::Bitmap {
                     index::read_bitmap(idx, info.elements, info.kept, &mut self.positions)?;
@@ -153,6 +168,33 @@ impl Decoder {
         }
         Ok(())
     }
+}
+
+/// Reads a row map (length checked against the row count by the header) into `rows`, checking
+/// that distinct rows are numbered in order of first appearance and that all `distinct` appear:
+/// one canonical frame per tensor.
+fn read_row_map(idx: &[u8], distinct: usize, rows: &mut Vec<u32>) -> Result<()> {
+    let w = frame::row_map_width(distinct);
+    rows.clear();
+    let mut next = 0usize;
+    for e in idx.chunks_exact(w) {
+        let mut b = [0u8; 4];
+        b[..w].copy_from_slice(e);
+        let r = u32::from_le_bytes(b) as usize;
+        if r > next || r >= distinct {
+            return Err(Error::Corrupt(
+                "row map is not in order of first appearance",
+            ));
+        }
+        if r == next {
+            next += 1;
+        }
+        rows.push(r as u32);
+    }
+    if next != distinct {
+        return Err(Error::Corrupt("row map leaves a distinct row unused"));
+    }
+    Ok(())
 }
 
 /// Decodes one frame with a fresh decoder: convenient, but allocates; streams keep a [`Decoder`].

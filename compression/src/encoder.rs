@@ -20,6 +20,8 @@ pub struct Encoder {
     vals: Vec<f32>,
     codes: Vec<u8>,
     raw: Vec<u8>,
+    /// Row dedup: row hash -> distinct row number (capacity reused).
+    rows: std::collections::HashMap<u64, u32>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
@@ -50,6 +52,7 @@ impl Encoder {
             vals: Vec::new(),
             codes: Vec::new(),
             raw: Vec::new(),
+            rows: std::collections::HashMap::new(),
             zstd,
         })
     }
@@ -116,10 +119,14 @@ impl Encoder {
                     .extend(self.positions.iter().map(|&p| data[p as usize]));
                 true
             }
+            None if codec.dedup => self.dedup_rows(data, shape),
             None => false,
         };
-        let kept = if sparse { self.positions.len() } else { n };
-        let index_len = if sparse {
+        let kept = if sparse { self.vals.len() } else { n };
+        let index_len = if sparse && codec.dedup {
+            index_coding = IndexCoding::RowMap;
+            self.positions.len() * frame::row_map_width(kept / shape[shape.len() - 1])
+        } else if sparse {
             let bitmap = index::bitmap_size(n);
             let varint = index::varint_size(&self.positions);
             if varint < bitmap {
@@ -182,6 +189,12 @@ impl Encoder {
             IndexCoding::Dense => {}
             IndexCoding::Bitmap => index::write_bitmap(&self.positions, idx),
             IndexCoding::DeltaVarint => index::write_varint(&self.positions, idx),
+            IndexCoding::RowMap => {
+                let w = index_len / self.positions.len().max(1);
+                for (d, &r) in idx.chunks_exact_mut(w).zip(&self.positions) {
+                    d.copy_from_slice(&r.to_le_bytes()[..w]);
+                }
+            }
         }
         if quant::encode(vals, codec.values, scales, values, &mut self.codes).is_err() {
             return Err(quant::non_finite_error(vals, &codec));
@@ -216,5 +229,47 @@ impl Encoder {
         }
         frame::seal(out, header_len, zstd_index_len);
         Ok(())
+    }
+
+    /// Row dedup: fills `positions` with each row's distinct-row number (first-appearance order)
+    /// and `vals` with the distinct rows. Returns false (send dense) when no row repeats.
+    fn dedup_rows(&mut self, data: &[f32], shape: &[usize]) -> bool {
+        use std::hash::{Hash, Hasher};
+        let w = shape.last().copied().unwrap_or(1);
+        if w == 0 || data.len() / w < 2 || data.len() / w > u32::MAX as usize {
+            return false;
+        }
+        self.rows.clear();
+        self.positions.clear();
+        self.vals.clear();
+        let mut distinct = 0u32;
+        for row in data.chunks_exact(w) {
+            // SipHash with fixed keys: the same input gives the same frame on every peer.
+            let mut h = std::hash::DefaultHasher::new();
+            for x in row {
+                x.to_bits().hash(&mut h);
+            }
+            let key = h.finish();
+            let same = |d: u32| {
+                let seen = &self.vals[d as usize * w..(d as usize + 1) * w];
+                seen.iter()
+                    .zip(row)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            };
+            match self.rows.get(&key) {
+                Some(&d) if same(d) => self.positions.push(d),
+                hit => {
+                    // A hash collision with a different row: send this row as a new one (correct,
+                    // merely not deduplicated against later copies).
+                    if hit.is_none() {
+                        self.rows.insert(key, distinct);
+                    }
+                    self.positions.push(distinct);
+                    self.vals.extend_from_slice(row);
+                    distinct += 1;
+                }
+            }
+        }
+        (distinct as usize) < self.positions.len()
     }
 }

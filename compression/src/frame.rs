@@ -7,9 +7,9 @@
 //! | 0 | 4 | magic `b"SWCF"` |
 //! | 4 | 1 | version, `1` |
 //! | 5 | 1 | `ndim`, number of shape dimensions, `0..=8` |
-//! | 6 | 1 | top-k mode: `0` none, `1` per tensor, `2` per row (last dimension) |
+//! | 6 | 1 | top-k mode: `0` none, `1` per tensor, `2` per row (last dimension), `3` row dedup (no top-k) |
 //! | 7 | 1 | value coding: `0` fp32, `1` fp16, `2` bf16, `3` q8, `4` q4, `5` q2, `6` q3, `7` q5, `8` q6, `9` q7 |
-//! | 8 | 1 | flags: bit 0 rotation (rht), bit 1 zstd, bits 2-3 index coding (`0` dense, `1` bitmap, `2` delta varint); other bits zero |
+//! | 8 | 1 | flags: bit 0 rotation (rht), bit 1 zstd, bits 2-3 index coding (`0` dense, `1` bitmap, `2` delta varint, `3` row map); other bits zero |
 //! | 9 | 1 | zstd level as `i8` (`0` without zstd) |
 //! | 10 | 2 | reserved, zero |
 //! | 12 | 4 | quantizer block size `u32` (`0` for fp32/fp16/bf16) |
@@ -33,7 +33,12 @@
 //! statistics, and separate entropy tables make the pair about 7% smaller than one stream.
 //! - Index: empty when dense. Bitmap: `ceil(count / 8)` bytes, bit `i % 8` of byte `i / 8` set when
 //!   element `i` is kept, padding bits zero. Delta varint: one unsigned LEB128 per kept element, the
-//!   gap `pos - prev - 1` from the previous kept position (`prev = -1` at the start).
+//!   gap `pos - prev - 1` from the previous kept position (`prev = -1` at the start). Row map (row
+//!   dedup only, and only when some row repeats; a frame without repeats is dense): with `w` the
+//!   last dimension, `rows = count / w` and `u = kept / w` distinct rows (`1 <= u < rows`), one
+//!   `u16` per row when `u <= 65536`, else one `u32`: the distinct row it equals, numbered in order
+//!   of first appearance (so entry `r` is at most one more than every entry before it). The values
+//!   are the `u` distinct rows in that order.
 //! - Scales: one fp32 per block of `block` kept values (the last block may be short); value
 //!   `q × scale`.
 //! - Values, in increasing position order: fp32, fp16 or bf16 (2 bytes each); q8: one `i8`; q4: two
@@ -96,6 +101,13 @@ pub enum IndexCoding {
     Bitmap,
     /// One LEB128 gap per kept element.
     DeltaVarint,
+    /// Row dedup: one distinct-row number per row (see the module docs).
+    RowMap,
+}
+
+/// Bytes of one row-map entry for `distinct` distinct rows.
+pub(crate) fn row_map_width(distinct: usize) -> usize {
+    if distinct <= 1 << 16 { 2 } else { 4 }
 }
 
 /// Everything a frame's header says, validated.
@@ -234,7 +246,7 @@ fn read_header(frame: &[u8], limits: &Limits) -> Result<FrameInfo> {
         0 => IndexCoding::Dense,
         1 => IndexCoding::Bitmap,
         2 => IndexCoding::DeltaVarint,
-        _ => return Err(Error::Inconsistent("unknown index coding")),
+        _ => IndexCoding::RowMap,
     };
     let level = frame[9] as i8 as i32;
     let zstd = match (zstd_on, level) {
@@ -259,9 +271,10 @@ fn read_header(frame: &[u8], limits: &Limits) -> Result<FrameInfo> {
         _ => return Err(Error::Inconsistent("unknown value coding")),
     };
     let fraction = f32::from_bits(u32_at(frame, 16));
+    let dedup = frame[6] == 3;
     let topk = match frame[6] {
-        0 if fraction.to_bits() == 0 => None,
-        0 => return Err(Error::Inconsistent("top-k fraction without top-k")),
+        0 | 3 if fraction.to_bits() == 0 => None,
+        0 | 3 => return Err(Error::Inconsistent("top-k fraction without top-k")),
         1 | 2 => Some(TopK {
             fraction,
             per_row: frame[6] == 2,
@@ -270,6 +283,7 @@ fn read_header(frame: &[u8], limits: &Limits) -> Result<FrameInfo> {
     };
     let codec = Codec {
         topk,
+        dedup,
         rotate,
         values,
         zstd,
@@ -309,18 +323,34 @@ fn read_header(frame: &[u8], limits: &Limits) -> Result<FrameInfo> {
         ));
     }
     let kept = to_usize(u64_at(frame, 40), "kept count")?;
-    let expected_kept = match &topk {
-        None => elements,
-        Some(t) => kept_count(t, elements, &shape[..ndim]),
+    // Row dedup: the row width and the numbers of rows and of distinct rows.
+    let width = if ndim == 0 { 1 } else { shape[ndim - 1] };
+    let (rows, distinct) = match width {
+        0 => (0, 0),
+        w => (elements / w, kept / w),
     };
-    if kept != expected_kept {
+    let kept_ok = match (&topk, index) {
+        (None, IndexCoding::Dense) => kept == elements,
+        (None, IndexCoding::RowMap) => {
+            dedup
+                && width > 0
+                && kept.is_multiple_of(width)
+                && distinct >= 1
+                && distinct < rows
+                && rows <= u32::MAX as usize
+        }
+        (Some(t), IndexCoding::Bitmap | IndexCoding::DeltaVarint) => {
+            kept == kept_count(t, elements, &shape[..ndim])
+        }
+        _ => {
+            return Err(Error::Inconsistent(
+                "index coding does not fit the top-k mode",
+            ));
+        }
+    };
+    if !kept_ok {
         return Err(Error::Inconsistent(
             "kept count does not follow from the codec and shape",
-        ));
-    }
-    if (topk.is_none()) != (index == IndexCoding::Dense) {
-        return Err(Error::Inconsistent(
-            "index coding does not fit the top-k mode",
         ));
     }
     let index_len = to_usize(u64_at(frame, 48), "index length")?;
@@ -334,6 +364,7 @@ fn read_header(frame: &[u8], limits: &Limits) -> Result<FrameInfo> {
         IndexCoding::DeltaVarint => {
             index_len >= kept && index_len <= kept.saturating_mul(MAX_VARINT)
         }
+        IndexCoding::RowMap => Some(index_len) == rows.checked_mul(row_map_width(distinct)),
     };
     if !index_ok {
         return Err(Error::Inconsistent(
@@ -428,6 +459,7 @@ pub(crate) fn write_header(out: &mut Vec<u8>, h: &HeaderFields<'_>) -> usize {
     out.push(VERSION);
     out.push(h.shape.len() as u8);
     out.push(match h.codec.topk {
+        None if h.codec.dedup => 3,
         None => 0,
         Some(TopK { per_row: false, .. }) => 1,
         Some(TopK { per_row: true, .. }) => 2,
@@ -449,6 +481,7 @@ pub(crate) fn write_header(out: &mut Vec<u8>, h: &HeaderFields<'_>) -> usize {
         IndexCoding::Dense => 0u8,
         IndexCoding::Bitmap => 1,
         IndexCoding::DeltaVarint => 2,
+        IndexCoding::RowMap => 3,
     };
     out.push(h.codec.rotate as u8 | ((h.codec.zstd.is_some() as u8) << 1) | (index_bits << 2));
     out.push(h.codec.zstd.unwrap_or(0) as i8 as u8);

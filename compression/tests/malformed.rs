@@ -5,8 +5,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use swarm_compression::{Decoder, Encoder, Error, FrameInfo, Limits};
 
-const CODECS: [&str; 10] = [
+const CODECS: [&str; 11] = [
     "none",
+    "dedup+rht+q4:8+zstd:1",
     "rht+q6:256+zstd:3",
     "q3:16",
     "bf16",
@@ -20,7 +21,13 @@ const CODECS: [&str; 10] = [
 
 fn frame(codec: &str, n: usize, seed: u64) -> Vec<u8> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+    let mut data: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+    if codec.starts_with("dedup") {
+        // Rows of 10 repeat with period 3, so that the row map is exercised.
+        for i in 30..n {
+            data[i] = data[i - 30];
+        }
+    }
     let mut out = Vec::new();
     Encoder::new(codec.parse().unwrap())
         .unwrap()
@@ -233,6 +240,31 @@ fn forged_payloads_are_rejected() {
         reseal(&mut f);
         assert!(decode(&f).is_ok(), "{codec}");
     }
+
+    // Row dedup: a row map out of first-appearance order, or one that leaves a row unused.
+    let mut enc = Encoder::new("dedup".parse().unwrap()).unwrap();
+    let mut d = Vec::new();
+    enc.encode(&[1.0, 2.0, 1.0, 2.0, 3.0, 4.0], &[3, 2], &mut d)
+        .unwrap();
+    let info = FrameInfo::read(&d, &Limits::default()).unwrap();
+    assert_eq!(info.index, swarm_compression::IndexCoding::RowMap);
+    assert_eq!(info.kept, 4);
+    let hl = 88 + 16; // ndim 2; the map is three u16: 0, 0, 1
+    assert_eq!(d[hl..hl + 6], [0, 0, 0, 0, 1, 0]);
+    for (map, what) in [
+        ([1u8, 0, 0, 0, 1, 0], "starts at 1"),
+        ([0, 0, 0, 0, 0, 0], "leaves row 1 unused"),
+        ([0, 0, 2, 0, 1, 0], "skips a number"),
+    ] {
+        let mut g = d.clone();
+        g[hl..hl + 6].copy_from_slice(&map);
+        reseal(&mut g);
+        assert!(matches!(decode(&g), Err(Error::Corrupt(_))), "{what}");
+    }
+    let mut g = d.clone();
+    set_u64(&mut g, 40, 6); // as many distinct rows as rows: such a frame must be dense
+    reseal(&mut g);
+    assert!(matches!(decode(&g), Err(Error::Inconsistent(_))));
 
     let mut enc = Encoder::new("topk:0.5".parse().unwrap()).unwrap();
     let mut h = Vec::new();

@@ -21,12 +21,15 @@ fn codec_strategy() -> impl Strategy<Value = Codec> {
         }),
     ];
     let zstd = prop_oneof![Just(None), Just(Some(1)), Just(Some(-1))];
-    (topk, values, any::<bool>(), zstd).prop_map(|(topk, values, rot, zstd)| Codec {
-        topk,
-        rotate: rot && matches!(values, Values::Quant { .. }),
-        values,
-        zstd,
-    })
+    (topk, values, any::<bool>(), zstd, any::<bool>()).prop_map(
+        |(topk, values, rot, zstd, dedup)| Codec {
+            dedup: dedup && topk.is_none(),
+            topk,
+            rotate: rot && matches!(values, Values::Quant { .. }),
+            values,
+            zstd,
+        },
+    )
 }
 
 fn data_strategy() -> impl Strategy<Value = (Vec<f32>, usize)> {

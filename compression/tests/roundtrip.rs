@@ -195,6 +195,65 @@ fn topk_keeps_exactly_the_largest_magnitudes() {
     }
 }
 
+/// Embedding outputs: one row per token, so rows repeat (here 40 distinct rows in 512).
+fn embedding_rows(rows: usize, width: usize, vocab: usize, seed: u64) -> Vec<f32> {
+    let table = gaussian(vocab * width, seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+    let mut v = Vec::with_capacity(rows * width);
+    for _ in 0..rows {
+        let t = rng.random_range(0..vocab);
+        v.extend_from_slice(&table[t * width..(t + 1) * width]);
+    }
+    v
+}
+
+#[test]
+fn dedup_sends_repeated_rows_once() {
+    let (rows, width) = (512, 64);
+    let data = embedding_rows(rows, width, 40, 11);
+    // Exact: bit for bit, and about rows/distinct times smaller (plus a u16 per row).
+    let (frame, out) = roundtrip("dedup", &data, &[rows, width]);
+    assert!(
+        data.iter()
+            .zip(&out)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+    let (plain, _) = roundtrip("none", &data, &[rows, width]);
+    assert!(
+        frame.len() * 8 < plain.len(),
+        "{} vs {}",
+        frame.len(),
+        plain.len()
+    );
+    // With a quantizer: equal rows decode equal, each within the quantizer's bound of the input.
+    let (qframe, qout) = roundtrip("dedup+rht+q6:64+zstd:3", &data, &[rows, width]);
+    let (_, ref_out) = roundtrip("rht+q6:64+zstd:3", &data, &[rows, width]);
+    for r in 0..rows {
+        for s in 0..rows {
+            if data[r * width..(r + 1) * width] == data[s * width..(s + 1) * width] {
+                assert_eq!(
+                    qout[r * width..(r + 1) * width],
+                    qout[s * width..(s + 1) * width]
+                );
+            }
+        }
+    }
+    let (e_dedup, e_ref) = (rel_l2(&data, &qout), rel_l2(&data, &ref_out));
+    assert!(e_dedup < 0.03 && e_ref < 0.03, "{e_dedup} {e_ref}");
+    let info = Decoder::new()
+        .decode(&qframe, &Limits::new(data.len()), &mut Vec::new())
+        .unwrap();
+    assert_eq!(info.index, IndexCoding::RowMap);
+    assert!(info.codec.dedup);
+    assert!(info.kept < data.len() / 10);
+    // Rows that never repeat: a dense frame, as long as without dedup.
+    let acts = gaussian(rows * width, 12);
+    let (dframe, dout) = roundtrip("dedup+q8", &acts, &[rows, width]);
+    let (pframe, pout) = roundtrip("q8", &acts, &[rows, width]);
+    assert_eq!(dframe.len(), pframe.len());
+    assert_eq!(dout, pout);
+}
+
 #[test]
 fn index_coding_is_the_smaller_one() {
     let data = gaussian(10_000, 7);
