@@ -162,7 +162,7 @@ impl CodecConfig {
 impl Default for CodecConfig {
     fn default() -> Self {
         Self {
-            activations: "rht+q4+zstd:3".into(),
+            activations: "dedup+rht+q6:256+zstd:3".into(),
             gradients: "rht+q4:1024+zstd:3".into(),
             sync: "topk:0.9+rht+q2:1024+zstd:3".into(),
         }

@@ -13,14 +13,17 @@ pub use driver::{Trainer, TrainerEvent, TrainerOptions, run_id_of};
 pub use metrics::{Channel, ChannelBytes, Metrics, StepReport, Summary, WireStats};
 
 /// Codecs for runs over home links: the defaults of `RunConfig` (`[codec]` in
-/// experiments/run.toml) and of `swarm demo`. Together about 10.8x fewer tensor bytes than fp32
+/// experiments/run.toml) and of `swarm demo`. Together about 11x fewer tensor bytes than fp32
 /// on the default run (activations, activation gradients and the sync each carry a third of the
-/// fp32 bytes there). Measured in experiments/results/2026-11-25-demo-codecs.md:
+/// fp32 bytes there). Measured in experiments/results/2026-11-25-demo-codecs.md and
+/// experiments/results/2026-11-26-activation-codecs.md:
 ///
-/// - Activations are the most sensitive channel (4-bit alone: +32% loss at 100 steps, where the
-///   gradients' 4-bit costs +7%), so they keep 64-value blocks: randomized Hadamard rotation,
-///   4-bit absmax, zstd (~7.9x). Top-k and 2-bit activations stalled or hurt (2-bit: 2.88 vs
-///   2.24 at 30 steps); error feedback cannot apply since every micro-batch differs.
+/// - Activations are the most sensitive channel: with only they compressed, 100 steps cost +35%
+///   loss at 4-bit (rotated, blocks of 64, 7.9x), +20% at 5-bit, +6% at 6-bit and +1% at 8-bit
+///   (4.2x); error feedback cannot apply since every micro-batch differs. So they get 6-bit
+///   codes, rotated per 256-value block (one token of the default model) and entropy-coded by
+///   zstd (~5.7x), and `dedup` sends each distinct row once: the embedding outputs the trainer
+///   sends repeat one row per token id, so that boundary shrinks ~100x and the channel is ~8.4x.
 /// - Activation gradients tolerate coarser steps: rotation + 4-bit in blocks of 1024 (a larger
 ///   absmax, so a coarser step that zstd turns into fewer bits: ~10x). Top-k on them (50% per
 ///   row) ruined training (1.25 vs 0.33 at 100 steps).
@@ -31,9 +34,9 @@ pub use metrics::{Channel, ChannelBytes, Metrics, StepReport, Summary, WireStats
 ///   steps, top-10% +12% already at 30 steps, top-2% stalled at the unigram plateau. Top-90%
 ///   (the product's top-k sparsification, 18.9x) measured the same as dense (0.346).
 ///
-/// At 30 steps these are within a few percent of the uncompressed run (2.20 vs 2.32); at 100
-/// steps no 10x combination was (these: 0.42 vs 0.33), the activations' 4-bit being the main cost.
-pub const HOME_ACTIVATIONS: &str = "rht+q4+zstd:3";
+/// On the default run (1000 steps) the previous 4-bit activations already ended within 1% of
+/// the uncompressed run; these cut the lag in mid-training (100 steps: +4% instead of +28%).
+pub const HOME_ACTIVATIONS: &str = "dedup+rht+q6:256+zstd:3";
 /// See [`HOME_ACTIVATIONS`].
 pub const HOME_GRADIENTS: &str = "rht+q4:1024+zstd:3";
 /// See [`HOME_ACTIVATIONS`].

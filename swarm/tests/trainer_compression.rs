@@ -13,8 +13,12 @@ use swarm_core::trainer::{
 use swarm_model::{CodecConfig, RunConfig};
 use trainer_common::*;
 
-/// Relative loss gap allowed ("within a few percent"), on the mean of the last `TAIL` steps.
+/// Relative loss gap allowed ("within a few percent"), on the mean of the last `TAIL` steps:
+/// compression may cost at most this much.
 const TOLERANCE: f64 = 0.04;
+/// Compressed runs can end a little lower (quantization noise acts like a regularizer here: the
+/// defaults measured -3.8%), but far lower would mean the two runs are not comparable.
+const BETTER_AT_MOST: f64 = 0.10;
 /// Steps averaged at the end: one step's loss is one batch's, and both runs see the same batches.
 const TAIL: usize = 5;
 
@@ -115,7 +119,7 @@ async fn default_codecs_cut_bytes_tenfold_and_keep_the_loss() {
         assert!(ch.frames > 0 && ch.ratio() > 4.0, "{name}: {ch:?}");
     }
     assert!(
-        rel.abs() < TOLERANCE,
+        rel < TOLERANCE && rel > -BETTER_AT_MOST,
         "loss {qt} with the default codecs vs {pt} uncompressed (rel {rel:+.4})"
     );
     assert_eq!(q.replica_hash_mismatches, 0);
