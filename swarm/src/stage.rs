@@ -1745,8 +1745,13 @@ pub async fn load_state(
     }
 }
 
-/// Admission attempts of [`join_run`] (each waits up to the trainer's step-boundary wait).
-const ADMIT_TRIES: u32 = 30;
+/// Admission attempts of [`join_run`] (each waits up to the trainer's step-boundary wait), with
+/// [`ADMIT_RETRY`] between them: about a minute in all, so that a joiner outlasts a restore of
+/// every stage from a checkpoint on a loaded machine (30 x 250 ms once ran out in a test under
+/// load average 11, leaving the restored stage without a replica).
+const ADMIT_TRIES: u32 = 120;
+/// Pause between admission attempts.
+const ADMIT_RETRY: Duration = Duration::from_millis(500);
 
 /// What [`join_run`] did.
 #[derive(Debug)]
@@ -1843,7 +1848,7 @@ pub async fn join_run(
                     Err(e) if tries < ADMIT_TRIES => {
                         tracing::info!(error = %e, "state not loaded; asking again");
                         tries += 1;
-                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        tokio::time::sleep(ADMIT_RETRY).await;
                         let (_, now): (PeerId, RunInfo) =
                             shared.call(trainer, Some(tid), &RunInfoRequest).await?;
                         epoch = now.epoch;
@@ -1851,10 +1856,11 @@ pub async fn join_run(
                     Err(e) => return Err(e),
                 }
             }
-            Err(Error::Remote(r)) if tries < ADMIT_TRIES => {
+            // FORBIDDEN is final (a peer banned by an audit); the rest may pass later.
+            Err(Error::Remote(r)) if tries < ADMIT_TRIES && r.code != code::FORBIDDEN => {
                 tracing::info!(code = r.code, message = %r.message, "admission refused; asking again");
                 tries += 1;
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(ADMIT_RETRY).await;
                 let (_, now): (PeerId, RunInfo) =
                     shared.call(trainer, Some(tid), &RunInfoRequest).await?;
                 epoch = now.epoch;

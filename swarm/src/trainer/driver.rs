@@ -2507,7 +2507,7 @@ fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
             let stages = s.reg(|r| r.stages.len());
             if s.reg(|r| r.banned.contains(&ctx.from)) {
                 return Err(RpcError::refused(
-                    code::BAD_REQUEST,
+                    code::FORBIDDEN,
                     "banned from this run by an audit",
                 ));
             }
