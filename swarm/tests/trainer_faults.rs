@@ -7,17 +7,15 @@ mod trainer_common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use swarm_core::trainer::{Trainer, TrainerEvent, TrainerOptions};
+use swarm_core::trainer::{Trainer, TrainerEvent};
 use trainer_common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_crash_mid_step_loses_no_micro_batch() {
     let steps = 4;
     let cfg = tiny_config(steps);
-    let mut opts = TrainerOptions::new(cfg.clone());
-    opts.min_replicas = 2;
+    let mut opts = fault_options(&cfg, 2);
     opts.attempt_timeout = Duration::from_secs(10);
-    opts.wait_for_peers = Duration::from_secs(60);
     let mut trainer = Trainer::start(opts).await.unwrap();
     let replicas = Arc::new(start_replicas(trainer.addr(), &[0, 0, 1, 1]).await);
 
@@ -61,9 +59,7 @@ async fn replica_crash_mid_step_loses_no_micro_batch() {
 async fn peer_joining_mid_run_syncs_its_stage_and_serves() {
     let steps = 5;
     let cfg = tiny_config(steps);
-    let mut opts = TrainerOptions::new(cfg.clone());
-    opts.min_replicas = 1;
-    opts.wait_for_peers = Duration::from_secs(60);
+    let opts = fault_options(&cfg, 1);
     let mut trainer = Trainer::start(opts).await.unwrap();
     let addr = trainer.addr();
     let replicas = start_replicas(addr, &[0, 1]).await;
@@ -113,10 +109,8 @@ async fn peer_joining_mid_run_syncs_its_stage_and_serves() {
 async fn crash_during_sync(kind: u16, rerun: Option<bool>) {
     let steps = 3;
     let cfg = tiny_config(steps);
-    let mut opts = TrainerOptions::new(cfg.clone());
-    opts.min_replicas = 2;
+    let mut opts = fault_options(&cfg, 2);
     opts.attempt_timeout = Duration::from_secs(10);
-    opts.wait_for_peers = Duration::from_secs(60);
     let mut trainer = Trainer::start(opts).await.unwrap();
     let replicas = Arc::new(start_replicas(trainer.addr(), &[0, 0, 1, 1]).await);
     let victim = replicas.clone();
@@ -168,9 +162,7 @@ async fn replica_crash_before_apply() {
 async fn graceful_leave_finishes_the_step_and_is_not_a_crash() {
     let steps = 4;
     let cfg = tiny_config(steps);
-    let mut opts = TrainerOptions::new(cfg.clone());
-    opts.min_replicas = 2;
-    opts.wait_for_peers = Duration::from_secs(60);
+    let opts = fault_options(&cfg, 2);
     let mut trainer = Trainer::start(opts).await.unwrap();
     let addr = trainer.addr();
     let replicas = Arc::new(start_replicas(addr, &[0, 0, 1, 1]).await);
@@ -225,9 +217,7 @@ async fn graceful_leave_finishes_the_step_and_is_not_a_crash() {
 async fn last_replica_leaving_hands_its_state_to_the_next_peer() {
     let steps = 4;
     let cfg = tiny_config(steps);
-    let mut opts = TrainerOptions::new(cfg.clone());
-    opts.min_replicas = 1;
-    opts.wait_for_peers = Duration::from_secs(60);
+    let opts = fault_options(&cfg, 1);
     let mut trainer = Trainer::start(opts).await.unwrap();
     let addr = trainer.addr();
     let replicas = Arc::new(start_replicas(addr, &[0, 1]).await);
@@ -280,10 +270,8 @@ async fn last_replica_crash_restores_every_stage_from_the_checkpoint() {
     let mut cfg = tiny_config(steps);
     cfg.train.checkpoint_every = 2;
     let out = tempfile::tempdir().unwrap();
-    let mut opts = TrainerOptions::new(cfg.clone());
-    opts.min_replicas = 1;
+    let mut opts = fault_options(&cfg, 1);
     opts.out = Some(out.path().join("ckpt"));
-    opts.wait_for_peers = Duration::from_secs(60);
     opts.attempt_timeout = Duration::from_secs(10);
     let mut trainer = Trainer::start(opts).await.unwrap();
     let addr = trainer.addr();
@@ -364,10 +352,8 @@ async fn stage_sync_redone_with_three_replicas(late_share: bool) -> swarm_core::
 
     let steps = 3;
     let cfg = tiny_config(steps);
-    let mut opts = TrainerOptions::new(cfg.clone());
-    opts.min_replicas = 2;
+    let mut opts = fault_options(&cfg, 2);
     opts.attempt_timeout = Duration::from_secs(10);
-    opts.wait_for_peers = Duration::from_secs(60);
     let mut trainer = Trainer::start(opts).await.unwrap();
     let replicas = Arc::new(start_replicas(trainer.addr(), &[0, 0, 1, 1, 1]).await);
     let victim = replicas.clone();
@@ -520,9 +506,7 @@ async fn frames_of_an_attempt_failed_by_deadline_count_as_wire_bytes() {
 
     let steps = 2;
     let cfg = tiny_config(steps);
-    let mut opts = TrainerOptions::new(cfg.clone());
-    opts.min_replicas = 2;
-    opts.wait_for_peers = Duration::from_secs(60);
+    let mut opts = fault_options(&cfg, 2);
     // The swallowed attempt waits this out (the run's only wait on a deadline).
     opts.attempt_timeout = Duration::from_secs(3);
     let mut trainer = Trainer::start(opts).await.unwrap();

@@ -11,6 +11,15 @@ use swarm_core::stage::{Joined, join_run};
 use swarm_model::{LocalTrainer, RunConfig};
 
 /// A 2-layer, width-32 model in 2 stages; 4 micro-batches of 2 x 16 tokens per step; codec none.
+/// Trainer options of the fault tests: start once `min_replicas` per stage have joined, waiting
+/// up to a minute for them.
+pub fn fault_options(cfg: &RunConfig, min_replicas: usize) -> swarm_core::trainer::TrainerOptions {
+    let mut opts = swarm_core::trainer::TrainerOptions::new(cfg.clone());
+    opts.min_replicas = min_replicas;
+    opts.wait_for_peers = std::time::Duration::from_secs(60);
+    opts
+}
+
 pub fn tiny_config(steps: u64) -> RunConfig {
     let mut cfg = RunConfig {
         // Exact fp32: these tests compare with the local run (the default codecs are lossy).
