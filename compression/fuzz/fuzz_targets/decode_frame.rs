@@ -6,8 +6,12 @@
 use libfuzzer_sys::fuzz_target;
 use swarm_compression::{Codec, Decoder, Encoder, FrameInfo, Limits};
 
-const CODECS: [&str; 10] = [
+const CODECS: [&str; 14] = [
     "none",
+    "dedup",
+    "dedup+rht+q6:4+zstd:1",
+    "q5:16",
+    "q3+zstd:1",
     "bf16",
     "fp16+zstd:1",
     "q8",
