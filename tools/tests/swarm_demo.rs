@@ -2,7 +2,8 @@
 //! processes of this binary on loopback with shaped links. With codec `none` the losses of every
 //! step match the single-process run (the model crate's `LocalTrainer`, the same code as
 //! `swarm train --local`) within 1e-4 relative, also when a replica is SIGKILLed mid-step or a
-//! peer joins mid-run. Every wait is bounded.
+//! peer joins mid-run, and the final checkpoint the demo writes holds the local model's weights.
+//! Every wait is bounded.
 
 use std::io::Read;
 use std::path::Path;
@@ -81,12 +82,17 @@ fn demo(dir: &Path, cfg: &RunConfig, args: &[&str], limit: Duration) -> serde_js
     serde_json::from_str(last).unwrap_or_else(|e| panic!("bad JSON {last}: {e}"))
 }
 
-fn local_losses(cfg: &RunConfig) -> Vec<f64> {
+fn local_run(cfg: &RunConfig) -> (Vec<f64>, LocalTrainer) {
     let corpus = swarm_model::train::load_corpus(&cfg.data).unwrap();
     let mut local = LocalTrainer::new(cfg).unwrap();
-    (0..cfg.train.steps)
+    let losses = (0..cfg.train.steps)
         .map(|_| local.train_step(&corpus).unwrap().loss)
-        .collect()
+        .collect();
+    (losses, local)
+}
+
+fn local_losses(cfg: &RunConfig) -> Vec<f64> {
+    local_run(cfg).0
 }
 
 fn check_losses(json: &serde_json::Value, cfg: &RunConfig) {
@@ -109,14 +115,34 @@ fn check_losses(json: &serde_json::Value, cfg: &RunConfig) {
 fn demo_with_codec_none_matches_the_local_run() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config(3);
+    let ckpt = dir.path().join("ckpt");
     let json = demo(
         dir.path(),
         &cfg,
-        &["--peers", "4"],
+        &["--peers", "4", "--out", ckpt.to_str().unwrap()],
         Duration::from_secs(120),
     );
     check_losses(&json, &cfg);
     assert_eq!(json["steps"], 3);
+    // The final checkpoint (HF format) holds the local model's weights.
+    let ck = swarm_model::checkpoint::load(&ckpt).unwrap();
+    assert_eq!(ck.state.as_ref().map(|s| s.step), Some(3));
+    let (_, local) = local_run(&cfg);
+    let want = local.tensors();
+    assert_eq!(ck.tensors.len(), want.len());
+    for (name, t) in &want {
+        let a: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = ck.tensors[name].flatten_all().unwrap().to_vec1().unwrap();
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff / scale < 1e-4,
+            "{name}: max diff {diff} (scale {scale})"
+        );
+    }
     assert_eq!(json["retries"], 0);
     assert_eq!(json["peers_lost"], 0);
     // Codec none: frames carry fp32 plus small headers.
