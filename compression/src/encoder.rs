@@ -20,8 +20,10 @@ pub struct Encoder {
     vals: Vec<f32>,
     codes: Vec<u8>,
     raw: Vec<u8>,
-    /// Row dedup: row hash -> distinct row number (capacity reused).
+    /// Row dedup: row hash -> distinct row number, and each distinct row's first row index
+    /// (capacities reused).
     rows: std::collections::HashMap<u64, u32>,
+    firsts: Vec<u32>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
@@ -53,6 +55,7 @@ impl Encoder {
             codes: Vec::new(),
             raw: Vec::new(),
             rows: std::collections::HashMap::new(),
+            firsts: Vec::new(),
             zstd,
         })
     }
@@ -232,22 +235,24 @@ impl Encoder {
     }
 
     /// Row dedup: fills `positions` with each row's distinct-row number (first-appearance order)
-    /// and `vals` with the distinct rows. Returns false (send dense) when no row repeats.
+    /// and `vals` with the distinct rows. Returns false (send dense) when no row repeats; rows are
+    /// then never copied, since that is every activation frame but the embedding's.
     fn dedup_rows(&mut self, data: &[f32], shape: &[usize]) -> bool {
         let w = shape.last().copied().unwrap_or(1);
         if w == 0 || data.len() / w < 2 || data.len() / w > u32::MAX as usize {
             return false;
         }
+        let row = |r: u32| &data[r as usize * w..(r as usize + 1) * w];
         self.rows.clear();
         self.positions.clear();
-        self.vals.clear();
-        let mut distinct = 0u32;
-        for row in data.chunks_exact(w) {
-            let key = row_hash(row);
+        self.firsts.clear();
+        for (r, this) in data.chunks_exact(w).enumerate() {
+            let key = row_hash(this);
             let same = |d: u32| {
-                let seen = &self.vals[d as usize * w..(d as usize + 1) * w];
-                seen.iter()
-                    .zip(row)
+                let first = row(self.firsts[d as usize]);
+                first
+                    .iter()
+                    .zip(this)
                     .all(|(a, b)| a.to_bits() == b.to_bits())
             };
             match self.rows.get(&key) {
@@ -255,16 +260,23 @@ impl Encoder {
                 hit => {
                     // A hash collision with a different row: send this row as a new one (correct,
                     // merely not deduplicated against later copies).
+                    let d = self.firsts.len() as u32;
                     if hit.is_none() {
-                        self.rows.insert(key, distinct);
+                        self.rows.insert(key, d);
                     }
-                    self.positions.push(distinct);
-                    self.vals.extend_from_slice(row);
-                    distinct += 1;
+                    self.positions.push(d);
+                    self.firsts.push(r as u32);
                 }
             }
         }
-        (distinct as usize) < self.positions.len()
+        if self.firsts.len() == self.positions.len() {
+            return false;
+        }
+        self.vals.clear();
+        for &r in &self.firsts {
+            self.vals.extend_from_slice(row(r));
+        }
+        true
     }
 }
 
