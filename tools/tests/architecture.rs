@@ -70,6 +70,16 @@ fn router_is_pure() {
 }
 
 #[test]
+fn nat_traversal_logic_is_sans_io() {
+    assert_absent(
+        "swarm/nat",
+        &[
+            "candle", "tokio", "quinn", "rustls", "swarm", "socket2", "futures", "libc",
+        ],
+    );
+}
+
+#[test]
 fn model_knows_no_peers_network_or_codecs() {
     assert_absent(
         "model",
@@ -81,7 +91,14 @@ fn model_knows_no_peers_network_or_codecs() {
 
 #[test]
 fn library_crates_use_thiserror_not_anyhow() {
-    for folder in ["compression", "model", "router", "swarm"] {
+    for folder in [
+        "compression",
+        "model",
+        "router",
+        "swarm",
+        "swarm/nat",
+        "swarm/netlab",
+    ] {
         assert_absent(folder, &["anyhow"]);
     }
 }
