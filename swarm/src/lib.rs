@@ -13,6 +13,7 @@ pub mod receipt;
 pub mod rpc;
 pub mod shaping;
 pub mod stage;
+pub mod state_transfer;
 pub mod tls;
 pub mod trainer;
 pub mod transport;

@@ -43,11 +43,12 @@ use crate::membership::RunId;
 use crate::peer::{Peer, PeerShared, RequestCtx};
 use crate::protocol::{
     Abandon, Ack, Admit, AdmitReply, Applied, Apply, Backward, BackwardOut, Counted, Endpoint,
-    FetchState, Forward, ForwardOut, GradShare, Hop, HopFailed, MAX_CHUNK_BYTES, MbKey, Ready,
-    Reload, RunInfo, RunInfoRequest, StateChunk, StateSource, SyncDone, SyncStart, Traffic,
+    FetchState, Forward, ForwardOut, GradShare, Hop, HopFailed, MbKey, Ready, Reload, RunInfo,
+    RunInfoRequest, StateSource, SyncDone, SyncStart, Traffic,
 };
 use crate::receipt::{Pass, Receipt};
 use crate::rpc::{self, RpcError, code};
+use crate::state_transfer::{StateRequest, fetch_verified, serve_chunk};
 use crate::wire::{self, WireMessage, kind};
 
 // Audits (issue #7): receipts, kept frames, recomputation; a child module for field access.
@@ -1580,43 +1581,8 @@ impl StageWorker {
     }
 }
 
-/// The chunk of `bytes` a FetchState asks for (also used by the trainer to serve restored state).
-pub fn serve_chunk(
-    f: &FetchState,
-    bytes: &[u8],
-    hash: [u8; 32],
-    digest: [u8; 32],
-) -> Result<StateChunk, RpcError> {
-    let total = bytes.len() as u64;
-    if f.offset > total {
-        return Err(refuse(code::BAD_REQUEST, "offset beyond the state"));
-    }
-    let len = (f.max_len as u64)
-        .min(MAX_CHUNK_BYTES as u64)
-        .min(total - f.offset) as usize;
-    let start = f.offset as usize;
-    Ok(StateChunk {
-        run: f.run,
-        epoch: f.epoch,
-        stage: f.stage,
-        step: f.step,
-        total_len: total,
-        offset: f.offset,
-        state_hash: hash,
-        digest,
-        data: bytes[start..start + len].to_vec(),
-    })
-}
-
-/// Largest export we accept for a stage of `num_params` parameters: weights and two moments in
-/// f32 plus a generous safetensors header (names and offsets of every tensor).
-fn max_export_len(num_params: usize) -> u64 {
-    12 * num_params as u64 + 16 * 1024 * 1024
-}
-
-/// Downloads the state of `stage` at `step` from `from` (tried in order) and checks it: BLAKE3 of
-/// the bytes against the chunks' hash, then the imported shard's step and weights digest against
-/// `digest`. Returns the shard.
+/// Downloads the state of `stage` at `step` from `from` (tried in order) and verifies it against
+/// the stage's agreed weights `digest` ([`crate::state_transfer::fetch_verified`]).
 pub async fn fetch_state(
     peer: &PeerShared,
     opts: &StageOptions,
@@ -1625,97 +1591,16 @@ pub async fn fetch_state(
     from: &[Endpoint],
     digest: [u8; 32],
 ) -> Result<Shard> {
-    let pieces = stage_pieces(&opts.config, opts.stage)?;
-    let num_params: usize = pieces
-        .iter()
-        .flat_map(|p| p.parameters(&opts.config.model))
-        .map(|(_, s)| s.iter().product::<usize>())
-        .sum();
-    let mut last = Error::Run("no state source".into());
-    for src in from {
-        match fetch_from(peer, opts, epoch, step, src, num_params).await {
-            Ok(bytes) => {
-                let cfg = opts.config.clone();
-                let stage = opts.stage;
-                let shard = tokio::task::spawn_blocking(move || -> Result<Shard> {
-                    let mut s = init_shard(&cfg, stage)?;
-                    s.import_state(&bytes)?;
-                    Ok(s)
-                })
-                .await
-                .map_err(|e| Error::Run(e.to_string()))?;
-                match shard {
-                    Ok(s) if s.step() == step && s.weights_digest()? == digest => return Ok(s),
-                    Ok(_) => {
-                        last = Error::Run(format!(
-                            "state from {} is not the expected one (step or digest)",
-                            src.peer.short()
-                        ))
-                    }
-                    Err(e) => last = e,
-                }
-            }
-            Err(e) => last = e,
-        }
-        tracing::warn!(source = %src.peer.short(), error = %last, "state fetch failed");
-    }
-    Err(last)
-}
-
-async fn fetch_from(
-    peer: &PeerShared,
-    opts: &StageOptions,
-    epoch: u32,
-    step: u64,
-    src: &Endpoint,
-    num_params: usize,
-) -> Result<Vec<u8>> {
-    let max_total = max_export_len(num_params);
-    let mut buf: Vec<u8> = Vec::new();
-    let mut expect: Option<(u64, [u8; 32], [u8; 32])> = None;
-    // Bounded: every chunk must advance, and the total is capped.
-    let max_chunks = max_total / 1024 + 2;
-    for _ in 0..max_chunks {
-        let req = FetchState {
-            run: opts.run,
-            epoch,
-            stage: opts.stage,
-            step,
-            offset: buf.len() as u64,
-            max_len: opts.chunk_bytes.max(1024),
-        };
-        let (_, c): (PeerId, StateChunk) = peer.call(src.addr, Some(src.peer), &req).await?;
-        if c.offset != req.offset || c.step != step || c.stage != opts.stage {
-            return Err(Error::Run("state chunk does not answer the request".into()));
-        }
-        match expect {
-            None => {
-                if c.total_len > max_total {
-                    return Err(Error::Run(format!(
-                        "state of {} bytes for {num_params} parameters",
-                        c.total_len
-                    )));
-                }
-                buf.reserve_exact(c.total_len as usize);
-                expect = Some((c.total_len, c.state_hash, c.digest));
-            }
-            Some(e) if e != (c.total_len, c.state_hash, c.digest) => {
-                return Err(Error::Run("the state changed during the fetch".into()));
-            }
-            Some(_) => {}
-        }
-        if c.data.is_empty() && (buf.len() as u64) < c.total_len {
-            return Err(Error::Run("empty state chunk".into()));
-        }
-        buf.extend_from_slice(&c.data);
-        if buf.len() as u64 == c.total_len {
-            if *blake3::hash(&buf).as_bytes() != c.state_hash {
-                return Err(Error::Run("state hash mismatch".into()));
-            }
-            return Ok(buf);
-        }
-    }
-    Err(Error::Run("state fetch did not finish".into()))
+    let req = StateRequest {
+        run: opts.run,
+        epoch,
+        stage: opts.stage,
+        step,
+        chunk_bytes: opts.chunk_bytes,
+    };
+    Ok(fetch_verified(peer, &opts.config, &req, from, digest)
+        .await?
+        .shard)
 }
 
 /// The shard described by `source`: built from the seed (`Init`, step 0) or fetched and verified.

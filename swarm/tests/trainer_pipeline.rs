@@ -8,7 +8,9 @@ use std::time::Duration;
 use swarm_core::trainer::{Trainer, TrainerEvent, TrainerOptions};
 
 mod trainer_common;
-use trainer_common::{assert_losses_match, local_losses, start_replicas, tiny_config};
+use trainer_common::{
+    assert_checkpoint_is_local, assert_losses_match, local_losses, start_replicas, tiny_config,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swarm_run_matches_local_run_with_codec_none() {
@@ -50,23 +52,7 @@ async fn swarm_run_matches_local_run_with_codec_none() {
     assert!(s.wire_bytes >= s.dense_bytes && s.dense_bytes > 0, "{s:?}");
 
     // The final checkpoint holds the local model's weights.
-    let ck = swarm_model::checkpoint::load(&out.path().join("ckpt")).unwrap();
-    assert_eq!(ck.state.as_ref().map(|s| s.step), Some(steps));
-    let want = local.tensors();
-    for (name, t) in &want {
-        let got = &ck.tensors[name];
-        let a: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-        let diff = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            diff / scale < 1e-4,
-            "{name}: max diff {diff} (scale {scale})"
-        );
-    }
+    assert_checkpoint_is_local(&out.path().join("ckpt"), steps, &local);
     // Replicas of a stage hold bitwise-identical weights.
     let mut d = Vec::new();
     for r in &replicas {

@@ -433,6 +433,30 @@ impl Auditor {
         }
     }
 
+    /// Bans `peer` for misbehaviour the trainer saw itself outside an audit (a replica serving a
+    /// state that is not its stage's agreed one): logged in the ledger like an audit's ban.
+    pub fn ban_proven(
+        &mut self,
+        peer: PeerId,
+        step: u64,
+        stage: u32,
+        reason: String,
+        evidence: [u8; 32],
+    ) -> Ban {
+        let ban = self.ban(peer, step, stage, reason, evidence);
+        if self.banned.insert(peer) {
+            self.stats.banned.push(peer);
+            let n = self.served.get(&peer).copied().unwrap_or(0);
+            self.stats.served_before_ban.push((peer, n));
+        }
+        if let Some(l) = self.ledger.as_mut()
+            && let Err(e) = l.sync()
+        {
+            tracing::warn!(error = %e, "ledger sync failed");
+        }
+        ban
+    }
+
     /// Checks P's record; `Err(reason)` when P provably lied or cannot show its work.
     fn check_record(
         &self,

@@ -31,12 +31,15 @@ use crate::peer::{Peer, PeerConfig, PeerShared, RequestCtx};
 use crate::protocol::{
     Abandon, Ack, Admit, AdmitReply, Applied, Apply, Backward, BackwardOut, Counted, Endpoint,
     FetchState, Forward, ForwardOut, Hop, HopFailed, Leave, LeaveReply, MbKey, Ready, Reload,
-    RunInfo, RunInfoRequest, RunPhase, StateChunk, StateSource, SyncDone, SyncStart, Traffic,
+    RunInfo, RunInfoRequest, RunPhase, StateSource, SyncDone, SyncStart, Traffic,
 };
 use crate::receipt::{Pass, Receipt};
 use crate::rpc::{self, RpcError, code};
 use crate::rpc::{Ping, Pong};
 use crate::shaping::LinkShape;
+use crate::state_transfer::{
+    BadState, FetchFailed, Fetched, StateRequest, endpoints, fetch_verified, serve_chunk,
+};
 use crate::transport::TransportConfig;
 use crate::wire::{self, kind};
 
@@ -516,7 +519,7 @@ impl Trainer {
                 && ((every > 0 && step % every == 0) || step == last)
             {
                 // A replica dying meanwhile costs this checkpoint, not the run.
-                match self.save_checkpoint(&dir).await {
+                match self.save_checkpoint(&dir, on_event).await {
                     Ok(()) => self.emit(TrainerEvent::Checkpoint { step, dir }, on_event),
                     Err(e) => tracing::warn!(step, error = %e, "checkpoint not written"),
                 }
@@ -1873,6 +1876,58 @@ impl Trainer {
     }
 
     /// Flags a restore when stage `k` has no replica left and nobody holds its current state.
+    /// Fetches stage `k`'s state at `step` from `sources` (in order), verified against `digest`
+    /// (the one state-transfer implementation the replicas use too). Counts the bytes taken.
+    async fn fetch_stage_state(
+        &mut self,
+        epoch: u32,
+        k: usize,
+        step: u64,
+        sources: &[(PeerId, SocketAddr)],
+        digest: [u8; 32],
+    ) -> std::result::Result<Fetched, FetchFailed> {
+        let req = StateRequest {
+            run: self.shared.run,
+            epoch,
+            stage: k as u32,
+            step,
+            chunk_bytes: 4 << 20,
+        };
+        let cfg = self.cfg().clone();
+        let got = fetch_verified(self.peer.shared(), &cfg, &req, &endpoints(sources), digest).await;
+        if let Ok(f) = &got {
+            let n = f.bytes.len() as u64;
+            self.metrics.wire.channel_mut(Channel::State).add(n, n);
+        }
+        got
+    }
+
+    /// Bans every replica that served a state failing verification: its bytes (over its own
+    /// authenticated connection) are not the state its stage agreed on at this boundary.
+    fn blame_bad_states(
+        &mut self,
+        bad: &[BadState],
+        step: u64,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) {
+        for b in bad {
+            let stage = self.stage_of(&b.peer).unwrap_or(u32::MAX);
+            let ban = self.audit.ban_proven(
+                b.peer,
+                step,
+                stage,
+                format!(
+                    "served a state that is not its stage's agreed one: {}",
+                    b.reason
+                ),
+                b.evidence,
+            );
+            self.shared.reg(|r| r.banned.insert(ban.peer));
+            self.metrics.bad_states += 1;
+            self.lose_peer(ban.peer, None, on_event);
+        }
+    }
+
     fn check_stage_state(&mut self, k: usize) {
         // Joiners do not count: they load from a holder, and there is none.
         let orphaned = self.shared.reg(|r| {
@@ -2052,45 +2107,44 @@ impl Trainer {
                 && !handed.contains(&k)
                 && !self.shared.reg(|r| r.served.contains_key(&(k as u32)))
             {
-                let fetched = tokio::time::timeout(
-                    self.opts.sync_timeout,
-                    fetch_state(
-                        self.peer.shared(),
-                        self.shared.run,
-                        epoch,
-                        k as u32,
-                        step,
-                        p,
-                        addr,
-                    ),
-                )
-                .await;
-                match fetched {
-                    Ok(Ok(bytes)) => {
-                        let digest = self.shared.reg(|r| r.digests[k]);
-                        if let Some(digest) = digest {
-                            self.metrics
-                                .wire
-                                .channel_mut(Channel::State)
-                                .add(bytes.len() as u64, bytes.len() as u64);
-                            let hash = *blake3::hash(&bytes).as_bytes();
-                            self.shared.reg(|r| {
-                                r.served.insert(
-                                    k as u32,
-                                    ServedState {
-                                        step,
-                                        bytes,
-                                        hash,
-                                        digest,
-                                    },
-                                )
-                            });
-                            handed.insert(k);
-                            handed_off = true;
-                        }
+                // Verified against the stage's agreed digest like any state the trainer takes:
+                // a leaver cannot hand the next replica (or a checkpoint) altered weights.
+                let digest = self.shared.reg(|r| r.digests[k]);
+                let fetched = match digest {
+                    Some(digest) => {
+                        tokio::time::timeout(
+                            self.opts.sync_timeout,
+                            self.fetch_stage_state(epoch, k, step, &[(p, addr)], digest),
+                        )
+                        .await
                     }
-                    Ok(Err(e)) => {
-                        tracing::warn!(peer = %p.short(), stage = k, error = %e, "leaving replica's state could not be fetched")
+                    None => Ok(Err(FetchFailed {
+                        error: run_err(format!("stage {k} has no agreed digest")),
+                        bad: Vec::new(),
+                    })),
+                };
+                match fetched {
+                    Ok(Ok(got)) => {
+                        let bytes = got.bytes;
+                        let hash = *blake3::hash(&bytes).as_bytes();
+                        let digest = digest.unwrap_or_default();
+                        self.shared.reg(|r| {
+                            r.served.insert(
+                                k as u32,
+                                ServedState {
+                                    step,
+                                    bytes,
+                                    hash,
+                                    digest,
+                                },
+                            )
+                        });
+                        handed.insert(k);
+                        handed_off = true;
+                    }
+                    Ok(Err(f)) => {
+                        self.blame_bad_states(&f.bad, step, on_event);
+                        tracing::warn!(peer = %p.short(), stage = k, error = %f.error, "leaving replica's state could not be fetched")
                     }
                     Err(_) => {
                         tracing::warn!(peer = %p.short(), stage = k, "leaving replica's state fetch timed out")
@@ -2122,45 +2176,36 @@ impl Trainer {
         let _ = self.view.remove(&key_of(&p));
     }
 
-    /// Fetches every stage's state from a replica and writes the whole model to `dir`.
-    async fn save_checkpoint(&mut self, dir: &std::path::Path) -> Result<()> {
+    /// Fetches every stage's state from a replica and writes the whole model to `dir`. Each state
+    /// is verified against its stage's agreed digest; a replica serving another state is banned
+    /// and the state is taken from the next replica.
+    async fn save_checkpoint(
+        &mut self,
+        dir: &std::path::Path,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Result<()> {
         let (epoch, step) = self.shared.reg(|r| (r.epoch, r.step));
         let mut stage_states = Vec::new();
         for k in 0..self.num_stages() {
-            let mut last_err = None;
-            let mut got = None;
-            for (p, addr) in self.serving(k) {
-                match fetch_state(
-                    self.peer.shared(),
-                    self.shared.run,
-                    epoch,
-                    k as u32,
-                    step,
-                    p,
-                    addr,
-                )
-                .await
-                {
-                    Ok(bytes) => {
-                        got = Some(bytes);
-                        break;
-                    }
-                    Err(e) => last_err = Some(e),
-                }
+            let digest = self
+                .shared
+                .reg(|r| r.digests[k])
+                .ok_or_else(|| run_err(format!("stage {k} has no agreed digest")))?;
+            let sources = self.serving(k);
+            if sources.is_empty() {
+                return Err(run_err(format!(
+                    "stage {k} has no replica to checkpoint from"
+                )));
             }
-            let bytes = match got {
-                Some(b) => b,
-                None => {
-                    return Err(last_err.unwrap_or_else(|| {
-                        run_err(format!("stage {k} has no replica to checkpoint from"))
-                    }));
-                }
+            let got = self
+                .fetch_stage_state(epoch, k, step, &sources, digest)
+                .await;
+            let bad = match &got {
+                Ok(f) => &f.bad,
+                Err(f) => &f.bad,
             };
-            self.metrics
-                .wire
-                .channel_mut(Channel::State)
-                .add(bytes.len() as u64, bytes.len() as u64);
-            stage_states.push(bytes);
+            self.blame_bad_states(&bad.clone(), step, on_event);
+            stage_states.push(got?.bytes);
         }
         let ends_state = {
             let e = self.ends.lock().unwrap_or_else(|e| e.into_inner());
@@ -2301,54 +2346,6 @@ fn state_source(shared: &Shared, stage: u32, except: Option<PeerId>) -> StateSou
             },
         }
     })
-}
-
-/// Fetches a stage's exported state in chunks and checks its hash.
-async fn fetch_state(
-    ps: &Arc<PeerShared>,
-    run: RunId,
-    epoch: u32,
-    stage: u32,
-    step: u64,
-    peer: PeerId,
-    addr: SocketAddr,
-) -> Result<Vec<u8>> {
-    let mut buf: Vec<u8> = Vec::new();
-    let mut total: Option<(u64, [u8; 32])> = None;
-    loop {
-        let req = FetchState {
-            run,
-            epoch,
-            stage,
-            step,
-            offset: buf.len() as u64,
-            max_len: 4 << 20,
-        };
-        let (_, chunk): (PeerId, StateChunk) = ps.call(addr, Some(peer), &req).await?;
-        let (len, hash) = *total.get_or_insert((chunk.total_len, chunk.state_hash));
-        if chunk.total_len != len
-            || chunk.state_hash != hash
-            || chunk.offset != buf.len() as u64
-            || len > crate::protocol::MAX_STATE_BYTES
-            || buf.len() as u64 + chunk.data.len() as u64 > len
-            || (chunk.data.is_empty() && (buf.len() as u64) < len)
-        {
-            return Err(run_err(format!(
-                "inconsistent state chunk from {}",
-                peer.short()
-            )));
-        }
-        buf.extend_from_slice(&chunk.data);
-        if buf.len() as u64 == len {
-            if blake3::hash(&buf).as_bytes() != &hash {
-                return Err(run_err(format!(
-                    "state from {} fails its hash",
-                    peer.short()
-                )));
-            }
-            return Ok(buf);
-        }
-    }
 }
 
 /// Pings every replica each second; two misses in a row report it down.
@@ -2601,28 +2598,7 @@ fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
                         format!("state at step {}, asked for {}", st.step, f.step),
                     ));
                 }
-                let len = st.bytes.len() as u64;
-                if f.offset > len {
-                    return Err(RpcError::refused(
-                        code::BAD_REQUEST,
-                        "offset beyond the state",
-                    ));
-                }
-                let n = (f.max_len as u64)
-                    .min(crate::protocol::MAX_CHUNK_BYTES as u64)
-                    .min(len - f.offset) as usize;
-                let off = f.offset as usize;
-                rpc::reply(&StateChunk {
-                    run: s.run,
-                    epoch: r.epoch,
-                    stage: f.stage,
-                    step: st.step,
-                    total_len: len,
-                    offset: f.offset,
-                    state_hash: st.hash,
-                    digest: st.digest,
-                    data: st.bytes[off..off + n].to_vec(),
-                })
+                rpc::reply(&serve_chunk(&f, &st.bytes, st.hash, st.digest)?)
             })
         },
     );

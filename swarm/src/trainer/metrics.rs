@@ -122,6 +122,8 @@ pub struct Summary {
     /// Replicas that left gracefully (asked to leave, released at a step boundary).
     pub peers_left: u64,
     pub replica_hash_mismatches: u64,
+    /// Replicas refused (and banned) for serving a state other than their stage's agreed one.
+    pub bad_states: u64,
     /// Audits run, failed, and the peers they banned (issue #7).
     pub audits: u64,
     pub audit_failures: u64,
@@ -141,6 +143,8 @@ pub struct Metrics {
     /// Restores of the whole run from a checkpoint (or the seed) after a stage lost its state.
     pub restores: u64,
     pub replica_hash_mismatches: u64,
+    /// Replicas refused (and banned) for serving a state other than their stage's agreed one.
+    pub bad_states: u64,
     pub tokens: u64,
     /// Seconds spent training (excludes waiting for peers before the first step).
     pub train_seconds: f64,
@@ -167,6 +171,7 @@ impl Metrics {
             peers_lost: self.peers_lost,
             peers_left: self.peers_left,
             replica_hash_mismatches: self.replica_hash_mismatches,
+            bad_states: self.bad_states,
             audits: self.audit.audits,
             audit_failures: self.audit.audit_failures,
             banned: self.audit.banned.iter().map(|p| p.to_string()).collect(),

@@ -129,3 +129,24 @@ impl Replica {
         );
     }
 }
+
+/// Asserts the checkpoint in `dir` is at `step` and holds `local`'s weights (within 1e-4 of each
+/// tensor's scale).
+pub fn assert_checkpoint_is_local(dir: &std::path::Path, step: u64, local: &LocalTrainer) {
+    let ck = swarm_model::checkpoint::load(dir).unwrap();
+    assert_eq!(ck.state.as_ref().map(|s| s.step), Some(step));
+    for (name, t) in &local.tensors() {
+        let got = &ck.tensors[name];
+        let a: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff / scale < 1e-4,
+            "{name}: max diff {diff} (scale {scale})"
+        );
+    }
+}
