@@ -251,6 +251,9 @@ pub async fn run_with_events(
     mut on_event: impl FnMut(&TrainerEvent, &[Fired]),
 ) -> (anyhow::Result<Metrics>, Vec<Fired>) {
     let addr = trainer.addr();
+    // Ctrl-C or SIGTERM ends the run with an error; the caller's `Cluster` then kills and reaps
+    // every peer process on drop.
+    let mut shutdown = crate::shutdown::ShutdownSignal::new();
     let clock = Arc::new(Mutex::new(Clock {
         t0: None,
         step: 0,
@@ -345,7 +348,7 @@ pub async fn run_with_events(
         };
         tokio::select! {
             r = trainer.run(&mut callback) => r.map_err(anyhow::Error::from),
-            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            _ = shutdown.wait() => Err(anyhow::anyhow!("interrupted")),
         }
     };
     stop.store(true, Ordering::Relaxed);

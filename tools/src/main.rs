@@ -8,6 +8,7 @@ mod cluster;
 mod cmd;
 mod plot;
 mod scenario;
+mod shutdown;
 mod ui;
 
 use clap::{Parser, Subcommand};
@@ -67,6 +68,11 @@ enum BenchCommand {
 fn main() {
     let cli = Cli::parse();
     ui::init_tracing(&cli.log);
+    // Before anything starts: SIGTERM then stops a command the way Ctrl-C does (issue #16).
+    if let Err(e) = shutdown::install() {
+        eprintln!("error: cannot handle signals: {e:#}");
+        std::process::exit(1);
+    }
     let result = match cli.command {
         Command::Train(a) => cmd::train::run(a),
         Command::Eval(a) => cmd::eval::run(a),

@@ -12,6 +12,7 @@ use swarm_core::membership::{MembershipConfig, RunId};
 use swarm_core::peer::{Peer, PeerConfig};
 use swarm_core::shaping::LinkShape;
 
+use crate::shutdown::{Reason, ShutdownSignal};
 use crate::ui;
 
 #[derive(clap::Args)]
@@ -76,10 +77,16 @@ pub struct JoinArgs {
     pub json: bool,
 
     /// Take commands on stdin, one per line (for experiment runners such as `swarm replay`):
-    /// `shape SPEC` changes this peer's emulated link (needs `--shape`); end of input leaves
-    /// as Ctrl-C does, so a peer never outlives the runner that started it.
+    /// `shape SPEC` changes this peer's emulated link (needs `--shape`); end of input means the
+    /// runner is gone: the peer leaves at once, so it never outlives the runner by more than
+    /// a few seconds.
     #[arg(long)]
     pub control_stdin: bool,
+
+    /// Leave when the run's trainer has not answered for this many seconds (a restarting
+    /// trainer is back within seconds; one gone for good must not keep volunteers serving).
+    #[arg(long = "trainer-timeout", default_value_t = 15)]
+    pub trainer_timeout_s: u64,
 }
 
 #[derive(Serialize)]
@@ -170,9 +177,9 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         // Listen for signals before anything slow: a Ctrl-C during startup still leaves cleanly.
-        let mut shutdown = ShutdownSignal::install()?;
+        let mut shutdown = ShutdownSignal::new();
         if args.control_stdin {
-            shutdown.stdin_closed = Some(control_stdin(args.shape.is_some()));
+            shutdown = shutdown.with_stdin_closed(control_stdin(args.shape.is_some()));
         }
         let peer = Peer::start(identity, config)
             .await
@@ -206,26 +213,55 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                 ),
             }
         }
-        let serving = join_training(&peer, bootstrap, args.stage, args.fault, args.json).await?;
-        let serving = match serving {
-            Some((worker, trainer)) => Some(
-                serve_until_shutdown(&peer, worker, trainer, args.fault, args.json, shutdown).await,
-            ),
-            None => {
-                shutdown.wait().await;
-                None
-            }
+        let joining = join_training(&peer, bootstrap, args.stage, args.fault, args.json);
+        let joined = tokio::select! {
+            j = joining => Some(j?),
+            r = shutdown.wait() => { stopped(r); None }
         };
-        if let Some((worker, trainer)) = &serving {
-            // Finish in-flight work and this step's sync before leaving (bounded).
+        let trainer_timeout = Duration::from_secs(args.trainer_timeout_s.max(1));
+        let (serving, stop) = match joined {
+            Some(Some((worker, trainer))) => {
+                let (worker, stop) = serve_until_shutdown(
+                    &peer,
+                    worker,
+                    trainer,
+                    args.fault,
+                    args.json,
+                    trainer_timeout,
+                    &mut shutdown,
+                )
+                .await;
+                (Some((worker, trainer)), stop)
+            }
+            Some(None) => (None, Stop::Asked(shutdown.wait().await)),
+            None => (None, Stop::Asked(Reason::StdinClosed)),
+        };
+        // Asked to stop by a signal, the trainer still runs: finish in-flight work and this
+        // step's sync before leaving (bounded; a second Ctrl-C exits at once). When whoever
+        // started us or the trainer is gone, there is nobody to finish for: leave at once.
+        let graceful = stop == Stop::Asked(Reason::Signal);
+        if let Some((worker, trainer)) = &serving
+            && graceful
+        {
             match worker.leave(*trainer, Duration::from_secs(120)).await {
                 Ok(true) => {}
                 Ok(false) => eprintln!("left before the trainer released this replica"),
                 Err(e) => eprintln!("could not tell the trainer we leave: {e:#}"),
             }
         }
+        if stop == Stop::TrainerGone {
+            eprintln!(
+                "the trainer has not answered for {} s: leaving",
+                trainer_timeout.as_secs()
+            );
+        }
+        let goodbye = if graceful {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_secs(2)
+        };
         let id = peer.peer_id();
-        let told = tokio::time::timeout(Duration::from_secs(30), peer.leave())
+        let told = tokio::time::timeout(goodbye, peer.leave())
             .await
             .unwrap_or(0);
         if args.json {
@@ -285,34 +321,66 @@ async fn join_training(
     Ok(Some((joined.worker, trainer)))
 }
 
-/// Serves until Ctrl-C / SIGTERM, checking every second that the trainer still lists this peer
-/// as a replica: a restarted trainer (resuming from its checkpoint) or one that dropped this
-/// peer does not, and the peer joins the run again for the same stage (loading the state the
-/// trainer names). While the trainer is unreachable it keeps its state and waits.
+/// Why a peer stops serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Asked(Reason),
+    /// The trainer did not answer for `--trainer-timeout` seconds.
+    TrainerGone,
+}
+
+/// Notes a stop requested while joining.
+fn stopped(r: Reason) {
+    tracing::info!(reason = ?r, "stopped while joining the run");
+}
+
+/// Serves until Ctrl-C / SIGTERM / the control stdin's end, checking every second that the
+/// trainer still lists this peer as a replica: a restarted trainer (resuming from its checkpoint)
+/// or one that dropped this peer does not, and the peer joins the run again for the same stage
+/// (loading the state the trainer names). While the trainer is unreachable it keeps its state and
+/// waits, up to `trainer_timeout` (a restart takes seconds; a trainer gone for good must not leave
+/// volunteers serving nothing).
 async fn serve_until_shutdown(
     peer: &Peer,
     mut worker: swarm_core::stage::StageWorker,
     trainer: SocketAddr,
     fault: Option<swarm_core::fault::FaultSpec>,
     json: bool,
-    shutdown: ShutdownSignal,
-) -> (swarm_core::stage::StageWorker, SocketAddr) {
+    trainer_timeout: Duration,
+    shutdown: &mut ShutdownSignal,
+) -> (swarm_core::stage::StageWorker, Stop) {
     use swarm_core::protocol::{RunInfo, RunInfoRequest};
-    let wait = shutdown.wait();
-    tokio::pin!(wait);
+    let mut answered = std::time::Instant::now();
     loop {
         tokio::select! {
-            _ = &mut wait => return (worker, trainer),
+            r = shutdown.wait() => return (worker, Stop::Asked(r)),
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let listed = match peer
-            .shared()
-            .call::<RunInfoRequest, RunInfo>(trainer, None, &RunInfoRequest)
-            .await
-        {
-            Ok((_, info)) => info.replicas.iter().flatten().any(|p| *p == peer.peer_id()),
-            Err(e) => {
+        let ask = tokio::time::timeout(
+            Duration::from_secs(3),
+            peer.shared()
+                .call::<RunInfoRequest, RunInfo>(trainer, None, &RunInfoRequest),
+        );
+        let reply = tokio::select! {
+            r = shutdown.wait() => return (worker, Stop::Asked(r)),
+            r = ask => r,
+        };
+        let listed = match reply {
+            Ok(Ok((_, info))) => {
+                answered = std::time::Instant::now();
+                info.replicas.iter().flatten().any(|p| *p == peer.peer_id())
+            }
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "trainer unreachable; waiting for it");
+                if answered.elapsed() >= trainer_timeout {
+                    return (worker, Stop::TrainerGone);
+                }
+                continue;
+            }
+            Err(_) => {
+                if answered.elapsed() >= trainer_timeout {
+                    return (worker, Stop::TrainerGone);
+                }
                 continue;
             }
         };
@@ -322,7 +390,7 @@ async fn serve_until_shutdown(
         let stage = worker.stage();
         let joining = swarm_core::stage::join_run(peer, trainer, Some(stage), |o| o.fault = fault);
         let joined = tokio::select! {
-            _ = &mut wait => return (worker, trainer),
+            r = shutdown.wait() => return (worker, Stop::Asked(r)),
             j = joining => j,
         };
         match joined {
@@ -375,54 +443,4 @@ fn control_stdin(shaped: bool) -> tokio::sync::oneshot::Receiver<()> {
         let _ = tx.send(());
     });
     rx
-}
-
-/// Ctrl-C, or SIGTERM on Unix (service managers, `kill`), or the end of stdin with
-/// `--control-stdin`. Registered when installed, so a signal that arrives before `wait` is not
-/// lost (and does not kill the process unannounced).
-struct ShutdownSignal {
-    stdin_closed: Option<tokio::sync::oneshot::Receiver<()>>,
-    #[cfg(unix)]
-    int: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    term: tokio::signal::unix::Signal,
-}
-
-impl ShutdownSignal {
-    fn install() -> anyhow::Result<ShutdownSignal> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            Ok(ShutdownSignal {
-                stdin_closed: None,
-                int: signal(SignalKind::interrupt())?,
-                term: signal(SignalKind::terminate())?,
-            })
-        }
-        #[cfg(not(unix))]
-        Ok(ShutdownSignal { stdin_closed: None })
-    }
-
-    async fn wait(mut self) {
-        let rx = self.stdin_closed.take();
-        let stdin_closed = async move {
-            match rx {
-                Some(rx) => {
-                    let _ = rx.await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(unix)]
-        tokio::select! {
-            _ = self.int.recv() => {}
-            _ = self.term.recv() => {}
-            _ = stdin_closed => {}
-        }
-        #[cfg(not(unix))]
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = stdin_closed => {}
-        }
-    }
 }

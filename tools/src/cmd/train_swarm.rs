@@ -251,6 +251,7 @@ pub fn run(args: SwarmTrainArgs) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        let mut shutdown = crate::shutdown::ShutdownSignal::new();
         let mut opts = TrainerOptions::new(cfg);
         opts.identity = identity;
         opts.listen = args.listen;
@@ -275,7 +276,7 @@ pub fn run(args: SwarmTrainArgs) -> anyhow::Result<()> {
             let mut on_event = |e: &TrainerEvent| progress.on_event(e);
             tokio::select! {
                 r = trainer.run(&mut on_event) => r.map_err(anyhow::Error::from),
-                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+                _ = shutdown.wait() => Err(anyhow::anyhow!("interrupted")),
             }
         };
         progress.bar.finish_and_clear();
