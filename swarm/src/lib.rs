@@ -7,6 +7,7 @@ pub mod fault;
 pub mod identity;
 pub mod ledger;
 pub mod membership;
+pub mod nat;
 pub mod peer;
 pub mod protocol;
 pub mod receipt;

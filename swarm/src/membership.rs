@@ -20,6 +20,8 @@ use rand::Rng;
 use rand::seq::IndexedRandom;
 use serde::{Deserialize, Serialize};
 
+use swarm_nat::{PathKind, Reachability};
+
 use crate::identity::{self, Identity, PeerId};
 use crate::wire::{Reader, WireError, WireMessage, Writer, kind};
 
@@ -48,6 +50,7 @@ pub const MAX_RECORD_LEN: usize = 32
     + 8
     + 1
     + 8
+    + 1
     + 5
     + MAX_ADDRS * 19
     + 5
@@ -142,6 +145,8 @@ pub struct RecordInfo {
     pub state: PeerState,
     /// Software version string (e.g. the crate version).
     pub version: String,
+    /// How others can reach it, as its reachability check at join found (issue #14).
+    pub reach: Reachability,
 }
 
 /// A signed announcement of one peer. Build with [`PeerRecord::sign`]; check with
@@ -266,6 +271,7 @@ impl PeerRecord {
         w.u64(self.expires_at);
         w.u8(self.info.state.to_u8());
         w.f64(self.info.throughput);
+        w.u8(self.info.reach.code());
         w.len_prefix(self.info.addrs.len());
         for a in &self.info.addrs {
             encode_addr(w, a);
@@ -330,6 +336,11 @@ impl PeerRecord {
             tag: tag as u64,
         })?;
         let throughput = r.f64()?;
+        let tag = r.u8()?;
+        let reach = Reachability::from_code(tag).ok_or(WireError::BadTag {
+            what: "reachability",
+            tag: tag as u64,
+        })?;
         let n = r.len("addresses", MAX_ADDRS, 7)?;
         let mut addrs = Vec::with_capacity(n);
         for _ in 0..n {
@@ -355,13 +366,14 @@ impl PeerRecord {
                 throughput,
                 state,
                 version,
+                reach,
             },
             signature,
         })
     }
 }
 
-fn encode_addr(w: &mut Writer, a: &SocketAddr) {
+pub(crate) fn encode_addr(w: &mut Writer, a: &SocketAddr) {
     match a.ip() {
         IpAddr::V4(ip) => {
             w.u8(4);
@@ -375,7 +387,7 @@ fn encode_addr(w: &mut Writer, a: &SocketAddr) {
     w.u16(a.port());
 }
 
-fn decode_addr(r: &mut Reader<'_>) -> Result<SocketAddr, WireError> {
+pub(crate) fn decode_addr(r: &mut Reader<'_>) -> Result<SocketAddr, WireError> {
     let ip = match r.u8()? {
         4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>()?)),
         6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>()?)),
@@ -861,7 +873,7 @@ fn encode_records(w: &mut Writer, records: &[PeerRecord]) {
 }
 
 /// Smallest encoded record (no addresses, stages or version), for the count check.
-const MIN_RECORD_LEN: usize = 32 + 32 + 16 + 8 * 3 + 1 + 8 + 1 + 1 + 1 + 64;
+const MIN_RECORD_LEN: usize = 32 + 32 + 16 + 8 * 3 + 1 + 8 + 1 + 1 + 1 + 1 + 64;
 
 fn decode_records(r: &mut Reader<'_>) -> Result<Vec<PeerRecord>, WireError> {
     let n = r.len("records", MAX_RECORDS_PER_MESSAGE, MIN_RECORD_LEN)?;
@@ -993,6 +1005,8 @@ pub struct StatusEntry {
     pub record: PeerRecord,
     /// Milliseconds since the answering peer last heard from or about it.
     pub last_seen_ago_ms: u64,
+    /// How the answering peer's connection to it runs, if it has one.
+    pub path: Option<PathKind>,
 }
 
 /// A peer's view: its own record first (seen 0 ms ago), then every record it holds.
@@ -1018,6 +1032,12 @@ impl WireMessage for StatusReply {
         for e in &self.entries {
             e.record.encode(w);
             w.varint(e.last_seen_ago_ms);
+            w.u8(match e.path {
+                None => 0,
+                Some(PathKind::Direct) => 1,
+                Some(PathKind::Punched) => 2,
+                Some(PathKind::Relayed) => 3,
+            });
         }
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -1025,13 +1045,28 @@ impl WireMessage for StatusReply {
         let n = r.len(
             "status entries",
             MAX_RECORDS_PER_MESSAGE,
-            MIN_RECORD_LEN + 1,
+            MIN_RECORD_LEN + 2,
         )?;
         let mut entries = Vec::with_capacity(n);
         for _ in 0..n {
+            let record = PeerRecord::decode(r)?;
+            let last_seen_ago_ms = r.varint()?;
+            let path = match r.u8()? {
+                0 => None,
+                1 => Some(PathKind::Direct),
+                2 => Some(PathKind::Punched),
+                3 => Some(PathKind::Relayed),
+                tag => {
+                    return Err(WireError::BadTag {
+                        what: "path kind",
+                        tag: tag as u64,
+                    });
+                }
+            };
             entries.push(StatusEntry {
-                record: PeerRecord::decode(r)?,
-                last_seen_ago_ms: r.varint()?,
+                record,
+                last_seen_ago_ms,
+                path,
             });
         }
         Ok(StatusReply { run_id, entries })
@@ -1044,6 +1079,7 @@ impl Membership {
         let mut entries = vec![StatusEntry {
             record: self.local.clone(),
             last_seen_ago_ms: 0,
+            path: None,
         }];
         entries.extend(
             self.view()
@@ -1052,6 +1088,7 @@ impl Membership {
                 .map(|e| StatusEntry {
                     record: e.record.clone(),
                     last_seen_ago_ms: now.saturating_sub(e.last_seen),
+                    path: None,
                 }),
         );
         StatusReply {
@@ -1086,6 +1123,7 @@ mod tests {
             throughput: 100.0 * n as f64,
             state: PeerState::Online,
             version: "0.1.0".into(),
+            reach: swarm_nat::Reachability::Punchable,
         }
     }
 
@@ -1270,6 +1308,7 @@ mod tests {
                 StatusEntry {
                     record: r,
                     last_seen_ago_ms: u64::MAX,
+                    path: Some(PathKind::Relayed),
                 };
                 MAX_RECORDS_PER_MESSAGE
             ],

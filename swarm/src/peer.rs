@@ -12,13 +12,15 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use swarm_nat::{PathKind, PunchConfig, Reachability, Verdict};
 
 use crate::error::{Error, Result};
 use crate::identity::{Identity, PeerId};
@@ -27,6 +29,7 @@ use crate::membership::{
     MembershipConfig, PeerRecord, PeerState, RecordInfo, RunId, StatusReply, StatusRequest,
     UnixMillis, verify_all,
 };
+use crate::nat::{self, Checker};
 use crate::rpc::{self, Reply, RpcError, Service, code};
 use crate::shaping::LinkShape;
 use crate::tls::AllowList;
@@ -60,6 +63,12 @@ pub struct PeerConfig {
     pub rpc_timeout: Duration,
     /// Seed of the gossip target choice (random if `None`).
     pub seed: Option<u64>,
+    /// Run a reachability checker (a second endpoint, same identity) at this address (port 0
+    /// picks one): joiners learn their NAT verdict from it. The trainer and a swarm's first peer
+    /// run one.
+    pub checker: Option<SocketAddr>,
+    /// Bounds of the hole punches this peer takes part in.
+    pub punch: PunchConfig,
 }
 
 impl Default for PeerConfig {
@@ -79,6 +88,8 @@ impl Default for PeerConfig {
             allow: None,
             rpc_timeout: Duration::from_secs(10),
             seed: None,
+            checker: None,
+            punch: PunchConfig::default(),
         }
     }
 }
@@ -120,6 +131,17 @@ pub struct PeerShared {
     handlers: RwLock<HashMap<u16, Arc<dyn Handler>>>,
     conns: tokio::sync::Mutex<HashMap<PeerId, PeerConn>>,
     rpc_timeout: Duration,
+    /// How each cached connection was made (issue #14).
+    paths: Mutex<HashMap<PeerId, (PathKind, SocketAddr)>>,
+    /// Peers a hole punch is under way with: a connection with them is a punched one.
+    punching: Mutex<std::collections::HashSet<PeerId>>,
+    checker: Option<Checker>,
+    /// The peer that coordinates hole punches for us (our bootstrap).
+    coordinator: Option<PeerId>,
+    verdict: Option<Verdict>,
+    punch: PunchConfig,
+    /// Ourselves, so connections we dial can be served (requests come both ways).
+    me: Weak<PeerShared>,
 }
 
 impl std::fmt::Debug for PeerShared {
@@ -148,26 +170,171 @@ impl PeerShared {
 
     /// A cached connection to `peer` at `addr`, or a new one. A cached connection that has closed
     /// is replaced.
+    ///
+    /// A known peer is dialed at every address it announces at once; when none answers and we
+    /// have a coordinator, a coordinated hole punch follows ([`nat::dial`]). Either way the
+    /// connection is cached and served in both directions.
     pub async fn connect(&self, addr: SocketAddr, peer: Option<PeerId>) -> Result<PeerConn> {
         if let Some(id) = peer {
-            let conns = self.conns.lock().await;
-            if let Some(c) = conns.get(&id)
-                && c.close_reason().is_none()
-            {
-                return Ok(c.clone());
+            if let Some(c) = self.live_conn(id).await {
+                return Ok(c);
             }
+            // Bounded inside (direct dial, punch request, punch attempts); this is a backstop.
+            let limit = self.rpc_timeout + nat::PUNCH_BUDGET;
+            return tokio::time::timeout(limit, nat::dial(self, addr, id))
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: "connect",
+                    after: limit,
+                })?;
         }
-        let conn = tokio::time::timeout(self.rpc_timeout, self.node.connect(addr, peer))
+        let conn = tokio::time::timeout(self.rpc_timeout, self.node.connect(addr, None))
             .await
             .map_err(|_| Error::Timeout {
                 what: "connect",
                 after: self.rpc_timeout,
             })??;
-        self.conns
+        Ok(self.adopt(conn, PathKind::Direct, true).await)
+    }
+
+    /// The cached connection to `peer` if it is still open.
+    pub async fn live_conn(&self, peer: PeerId) -> Option<PeerConn> {
+        let conns = self.conns.lock().await;
+        conns
+            .get(&peer)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    /// Caches `conn` (unless an open one to the same peer exists, which is returned instead) with
+    /// its path kind. A connection we dialed (`serve`) also gets a server task, so the remote can
+    /// send requests over it: that is how a peer behind a NAT is reached by the peers it dialed.
+    pub async fn adopt(&self, conn: PeerConn, path: PathKind, serve: bool) -> PeerConn {
+        let id = conn.remote_id();
+        let path = if self.is_punching(id) {
+            PathKind::Punched
+        } else {
+            path
+        };
+        let kept = {
+            let mut conns = self.conns.lock().await;
+            match conns.get(&id) {
+                Some(c) if c.close_reason().is_none() => c.clone(),
+                _ => {
+                    conns.insert(id, conn.clone());
+                    self.paths
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id, (path, conn.remote_addr()));
+                    conn.clone()
+                }
+            }
+        };
+        if serve && let Some(me) = self.me.upgrade() {
+            let service = Arc::new(ConnService {
+                remote_addr: conn.remote_addr(),
+                shared: me,
+            });
+            tokio::spawn(rpc::serve_connection(conn, service));
+        }
+        kept
+    }
+
+    /// The view as a status answer, with the path of each connection we hold.
+    pub fn status(&self) -> StatusReply {
+        let mut status = self.with_membership(|m| m.status(unix_now()));
+        for e in status.entries.iter_mut().skip(1) {
+            e.path = self.path(e.record.peer_id);
+        }
+        status
+    }
+
+    /// How our connection to `peer` runs, if we have one: punched when a punch made it, or when
+    /// both sides are behind NATs and it runs over the remote's outside address (an earlier dial
+    /// from either side opened the NATs: a punch all the same); direct otherwise (one side is
+    /// public, or both sit on one LAN).
+    pub fn path(&self, peer: PeerId) -> Option<PathKind> {
+        let (kind, remote) = *self
+            .paths
             .lock()
-            .await
-            .insert(conn.remote_id(), conn.clone());
-        Ok(conn)
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer)?;
+        if kind != PathKind::Direct {
+            return Some(kind);
+        }
+        let ours = self.with_membership(|m| m.local_record().info.reach);
+        let theirs = self.with_membership(|m| {
+            m.get(&peer)
+                .map(|e| (e.record.info.reach, e.record.info.addrs.first().copied()))
+        });
+        let natted = |r: Reachability| r != Reachability::Public;
+        Some(match theirs {
+            Some((reach, Some(outside)))
+                if natted(ours) && natted(reach) && outside.ip() == remote.ip() =>
+            {
+                PathKind::Punched
+            }
+            _ => PathKind::Direct,
+        })
+    }
+
+    /// Marks (or unmarks) a hole punch with `peer` as under way.
+    pub fn set_punching(&self, peer: PeerId, on: bool) {
+        let mut set = self.punching.lock().unwrap_or_else(|e| e.into_inner());
+        if on {
+            set.insert(peer);
+        } else {
+            set.remove(&peer);
+        }
+    }
+
+    pub fn is_punching(&self, peer: PeerId) -> bool {
+        self.punching
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&peer)
+    }
+
+    /// Marks how the connection to `peer` (at `remote`) was made.
+    pub fn set_path(&self, peer: PeerId, path: PathKind, remote: SocketAddr) {
+        self.paths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer, (path, remote));
+    }
+
+    /// Addresses to try for `peer`: `addr` first, then those its record announces.
+    pub fn candidates(&self, peer: PeerId, addr: SocketAddr) -> Vec<SocketAddr> {
+        let mut v = vec![addr];
+        self.with_membership(|m| {
+            if let Some(e) = m.get(&peer) {
+                v.extend(e.record.info.addrs.iter().copied());
+            }
+        });
+        let mut seen = Vec::with_capacity(v.len());
+        v.retain(|a| {
+            let new = !seen.contains(a) && !a.ip().is_unspecified();
+            seen.push(*a);
+            new
+        });
+        v.truncate(nat::MAX_CANDIDATES);
+        v
+    }
+
+    pub fn checker(&self) -> Option<&Checker> {
+        self.checker.as_ref()
+    }
+
+    pub fn coordinator(&self) -> Option<PeerId> {
+        self.coordinator
+    }
+
+    pub fn punch_config(&self) -> PunchConfig {
+        self.punch
+    }
+
+    pub fn rpc_timeout(&self) -> Duration {
+        self.rpc_timeout
     }
 
     /// Forgets a cached connection after an error on it.
@@ -175,6 +342,10 @@ impl PeerShared {
         if let Some(c) = self.conns.lock().await.remove(&peer) {
             c.close(0u32.into(), b"dropped");
         }
+        self.paths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&peer);
     }
 
     /// One request to `addr` (expecting `peer` if known), on a cached connection.
@@ -330,21 +501,50 @@ impl Peer {
             joined = Some((conn.remote_id(), reply));
             boot_conn = Some(conn);
         }
+        // The reachability check (issue #14): the bootstrap dials us back from its checker and
+        // its checker reports the address it sees. Bounded (a few seconds).
+        let verdict = match (&boot_conn, &joined) {
+            (Some(conn), Some((_, reply))) => {
+                let v = nat::check(&node, conn, reply.observed_addr).await;
+                tracing::info!(reach = %v.reachability, addr = ?v.public_addr, "reachability verdict");
+                Some(v)
+            }
+            _ => None,
+        };
         let run_id = match (&joined, config.run_id) {
             (Some((_, r)), _) => r.run_id,
             (None, Some(r)) => r,
             (None, None) => RunId::random(&mut rng),
         };
-        let addrs = if !config.announce.is_empty() {
-            config.announce.clone()
-        } else if !local.ip().is_unspecified() {
-            vec![local]
-        } else if let Some((_, r)) = &joined {
-            vec![SocketAddr::new(r.observed_addr.ip(), local.port())]
+        // Candidates, most useful first: what the operator says (`--public-addr`), the mapping the
+        // bootstrap saw (a NAT's outside address and port), the same IP with our port (a port
+        // forward), then our own interface address (peers on the same LAN).
+        let mut addrs = config.announce.clone();
+        if let Some((_, r)) = &joined {
+            addrs.push(r.observed_addr);
+            addrs.push(SocketAddr::new(r.observed_addr.ip(), local.port()));
+        }
+        if !local.ip().is_unspecified() {
+            addrs.push(local);
         } else if let Some(ip) = primary_ip(local.is_ipv6()) {
-            vec![SocketAddr::new(ip, local.port())]
-        } else {
+            addrs.push(SocketAddr::new(ip, local.port()));
+        }
+        let mut seen = Vec::new();
+        addrs.retain(|a| {
+            let new = !seen.contains(a);
+            seen.push(*a);
+            new
+        });
+        addrs.truncate(crate::membership::MAX_ADDRS);
+        if addrs.is_empty() {
             return Err(Error::NoAnnounceAddress { listen: local });
+        }
+        // Without a check: a peer others join through (it runs a checker) or whose operator gave
+        // its public address is taken as public.
+        let reach = match &verdict {
+            Some(v) => v.reachability,
+            None if !config.announce.is_empty() || config.checker.is_some() => Reachability::Public,
+            None => Reachability::Unknown,
         };
         let info = RecordInfo {
             addrs,
@@ -352,9 +552,18 @@ impl Peer {
             throughput: config.throughput,
             state: config.state,
             version: config.version.clone(),
+            reach,
         };
         let now = unix_now();
         let seeds = config.bootstrap.into_iter().collect();
+        let checker = match config.checker {
+            Some(at) => Some(Checker::start(
+                identity.clone(),
+                at,
+                config.transport.clone(),
+            )?),
+            None => None,
+        };
         let mut membership = Membership::new(
             identity,
             run_id,
@@ -372,16 +581,24 @@ impl Peer {
             );
         }
 
-        let shared = Arc::new(PeerShared {
+        let shared = Arc::new_cyclic(|me| PeerShared {
             node: node.clone(),
             membership: Mutex::new(membership),
             handlers: RwLock::new(HashMap::new()),
             conns: tokio::sync::Mutex::new(HashMap::new()),
             rpc_timeout: config.rpc_timeout,
+            paths: Mutex::new(HashMap::new()),
+            punching: Mutex::new(Default::default()),
+            checker,
+            coordinator: joined.as_ref().map(|(id, _)| *id),
+            verdict,
+            punch: config.punch,
+            me: me.clone(),
         });
         register_membership_handlers(&shared);
+        nat::register_handlers(&shared);
         if let Some(c) = boot_conn {
-            shared.conns.lock().await.insert(c.remote_id(), c);
+            shared.adopt(c, PathKind::Direct, true).await;
         }
 
         let (stop, stop_rx) = watch::channel(false);
@@ -424,6 +641,16 @@ impl Peer {
         &self.shared
     }
 
+    /// This peer's reachability verdict from its check at join (`None` without a bootstrap).
+    pub fn verdict(&self) -> Option<Verdict> {
+        self.shared.verdict
+    }
+
+    /// How our connection to `peer` was made, if we have one.
+    pub fn path(&self, peer: PeerId) -> Option<PathKind> {
+        self.shared.path(peer)
+    }
+
     /// This peer's current signed record.
     pub fn local_record(&self) -> PeerRecord {
         self.shared.with_membership(|m| m.local_record().clone())
@@ -431,7 +658,7 @@ impl Peer {
 
     /// The view as a status answer (own record first).
     pub fn status(&self) -> StatusReply {
-        self.shared.with_membership(|m| m.status(unix_now()))
+        self.shared.status()
     }
 
     /// Changes what this peer announces (stages, throughput, state) and re-signs its record; the
@@ -498,7 +725,7 @@ impl Peer {
     }
 }
 
-fn register(shared: &Arc<PeerShared>, kind: u16, handler: impl Handler) {
+pub(crate) fn register(shared: &Arc<PeerShared>, kind: u16, handler: impl Handler) {
     shared
         .handlers
         .write()
@@ -548,8 +775,7 @@ fn register_membership_handlers(shared: &Arc<PeerShared>) {
         kind::STATUS,
         |peer: Arc<PeerShared>, _ctx: RequestCtx, body: Vec<u8>| async move {
             wire::decode_body::<StatusRequest>(&body).map_err(RpcError::from)?;
-            let status = peer.with_membership(|m| m.status(unix_now()));
-            rpc::reply(&status)
+            rpc::reply(&peer.status())
         },
     );
 }
@@ -584,6 +810,8 @@ async fn serve(shared: Arc<PeerShared>) {
             let addr = incoming.remote_addr();
             match incoming.handshake().await {
                 Ok(conn) => {
+                    // Cached, so we answer a peer behind a NAT over the connection it opened.
+                    shared.adopt(conn.clone(), PathKind::Direct, false).await;
                     let service = Arc::new(ConnService {
                         shared,
                         remote_addr: conn.remote_addr(),

@@ -98,6 +98,23 @@ pub mod kind {
     pub const STATUS: u16 = 14;
     /// Membership: the view with last-seen ages (`membership::StatusReply`).
     pub const STATUS_REPLY: u16 = 15;
+    /// NAT traversal (issue #14, `nat`): a joiner asks its bootstrap to dial it back from the
+    /// checker endpoint (`nat::DialBackRequest`).
+    pub const DIAL_BACK: u16 = 20;
+    /// Whether the dial-back arrived, and the checker's address (`nat::DialBackReply`).
+    pub const DIAL_BACK_REPLY: u16 = 21;
+    /// What source address does the checker see (`nat::ObserveRequest`).
+    pub const OBSERVE: u16 = 22;
+    /// The address the checker saw (`nat::ObserveReply`).
+    pub const OBSERVE_REPLY: u16 = 23;
+    /// Ask the coordinator for a hole punch to a peer (`nat::PunchRequest`).
+    pub const PUNCH_REQUEST: u16 = 24;
+    /// Where and when to dial (`nat::PunchPlan`).
+    pub const PUNCH_PLAN: u16 = 25;
+    /// Coordinator to target: dial this peer now (`nat::PunchStart`).
+    pub const PUNCH_START: u16 = 26;
+    /// The target took the start (`nat::PunchStarted`).
+    pub const PUNCH_STARTED: u16 = 27;
 
     // Pipeline (issue #6, `protocol`): see each message's doc for sender and receiver.
     /// Activations into a stage (`protocol::Forward`).
@@ -174,6 +191,15 @@ pub mod kind {
         KindInfo::new(JOIN_REPLY, "join_reply", 4 * MIB),
         KindInfo::new(STATUS, "status", 0),
         KindInfo::new(STATUS_REPLY, "status_reply", 4 * MIB),
+        // NAT traversal: at most 8 addresses of 19 bytes plus a peer id and a delay.
+        KindInfo::new(DIAL_BACK, "dial_back", 256),
+        KindInfo::new(DIAL_BACK_REPLY, "dial_back_reply", 64),
+        KindInfo::new(OBSERVE, "observe", 0),
+        KindInfo::new(OBSERVE_REPLY, "observe_reply", 64),
+        KindInfo::new(PUNCH_REQUEST, "punch_request", 64),
+        KindInfo::new(PUNCH_PLAN, "punch_plan", 256),
+        KindInfo::new(PUNCH_START, "punch_start", 256),
+        KindInfo::new(PUNCH_STARTED, "punch_started", 0),
         // Training protocol: caps from `protocol::caps` (frames up to `protocol::MAX_FRAME_BYTES`).
         KindInfo::new(FORWARD, "forward", crate::protocol::caps::FORWARD),
         KindInfo::new(

@@ -200,6 +200,7 @@ fn info(addr: SocketAddr) -> RecordInfo {
         throughput: 1.0,
         state: PeerState::Online,
         version: "test".into(),
+        reach: swarm_nat::Reachability::Unknown,
     }
 }
 

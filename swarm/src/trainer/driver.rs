@@ -361,6 +361,8 @@ impl Trainer {
                 transport: opts.transport.clone(),
                 shape: opts.shape.clone(),
                 seed: Some(cfg.seed),
+                // Joiners learn their NAT verdict from the trainer's checker (issue #14).
+                checker: Some(SocketAddr::new(opts.listen.ip(), 0)),
                 ..PeerConfig::default()
             },
         )

@@ -36,9 +36,10 @@ pub struct JoinArgs {
     #[arg(long)]
     pub run_id: Option<String>,
 
-    /// Address others should use to reach this peer (repeatable); default: the listen address,
-    /// or as seen by the bootstrap peer when listening on 0.0.0.0.
-    #[arg(long)]
+    /// Address others should use to reach this peer (repeatable), e.g. your router's public IP
+    /// with a forwarded UDP port. Announced first, before the address the bootstrap saw and this
+    /// machine's own.
+    #[arg(long, alias = "public-addr")]
     pub announce: Vec<SocketAddr>,
 
     /// Stages this peer announces it serves (comma-separated indices).
@@ -95,6 +96,11 @@ struct Started {
     addr: String,
     run_id: String,
     peers: usize,
+    /// The reachability verdict (public, punchable, symmetric, blocked, unknown); absent for a
+    /// swarm's first peer.
+    reach: Option<String>,
+    /// What the operator can do about it.
+    advice: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -169,6 +175,10 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         stages: args.stages.clone(),
         membership,
         shape: args.shape.clone(),
+        // A swarm's first peer checks the reachability of those who join through it.
+        checker: bootstrap
+            .is_none()
+            .then(|| SocketAddr::new(args.listen.ip(), 0)),
         ..PeerConfig::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -195,17 +205,24 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             .copied()
             .unwrap_or(peer.local_addr());
         let peers = peer.status().entries.len();
+        let verdict = peer.verdict();
+        let advice = verdict.map(|v| swarm_nat::reachability::advice(&v, peer.local_addr().port()));
         if args.json {
             ui::print_json(&Started {
                 id: peer.peer_id().to_string(),
                 addr: addr.to_string(),
                 run_id: peer.run_id().to_string(),
                 peers,
+                reach: verdict.map(|v| v.reachability.to_string()),
+                advice,
             })?;
         } else {
             println!("peer   {}", peer.peer_id());
             println!("addr   {addr}");
             println!("run    {}", peer.run_id());
+            if let (Some(v), Some(advice)) = (verdict, advice) {
+                println!("reach  {}: {advice}", v.reachability);
+            }
             match bootstrap {
                 Some(b) => println!("joined through {b}; {peers} peer(s) known. Ctrl-C to leave."),
                 None => println!(

@@ -44,6 +44,10 @@ struct Row {
     throughput: f64,
     last_seen_s: f64,
     version: String,
+    /// Its reachability verdict (public, punchable, symmetric, blocked, unknown), from its record.
+    reach: String,
+    /// How the answering peer's connection to it runs: direct, punched, relayed; null without one.
+    path: Option<String>,
     /// The answering peer itself.
     #[serde(rename = "self")]
     is_self: bool,
@@ -125,6 +129,8 @@ fn show(remote: PeerId, reply: StatusReply, json: bool) -> anyhow::Result<()> {
             throughput: r.info.throughput,
             last_seen_s: e.last_seen_ago_ms as f64 / 1000.0,
             version: r.info.version.clone(),
+            reach: r.info.reach.to_string(),
+            path: e.path.map(|p| p.to_string()),
             is_self: r.peer_id == remote,
         });
     }
@@ -144,8 +150,8 @@ fn show(remote: PeerId, reply: StatusReply, json: bool) -> anyhow::Result<()> {
     }
     println!("run {}  ({} peers)", reply.run_id, rows.len());
     println!(
-        "{:<13} {:<22} {:<8} {:<12} {:>12} {:>10}",
-        "id", "addr", "state", "stages", "throughput", "last seen"
+        "{:<13} {:<22} {:<8} {:<12} {:>12} {:>10}  {:<10} {:<8}",
+        "id", "addr", "state", "stages", "throughput", "last seen", "reach", "path"
     );
     for r in &rows {
         let stages = if r.stages.is_empty() {
@@ -159,13 +165,15 @@ fn show(remote: PeerId, reply: StatusReply, json: bool) -> anyhow::Result<()> {
         };
         let id = PeerId::parse(&r.id).map_or(r.id.clone(), |p| p.short());
         println!(
-            "{:<13} {:<22} {:<8} {:<12} {:>12.1} {:>9.1}s{}",
+            "{:<13} {:<22} {:<8} {:<12} {:>12.1} {:>9.1}s  {:<10} {:<8}{}",
             id,
             r.addr,
             r.state,
             stages,
             r.throughput,
             r.last_seen_s,
+            r.reach,
+            r.path.as_deref().unwrap_or("-"),
             if r.is_self { "  (self)" } else { "" }
         );
     }

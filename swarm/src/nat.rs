@@ -1,0 +1,579 @@
+//! NAT traversal on the wire (issue #14): the reachability check a joiner runs against its
+//! bootstrap, coordinated hole punching through a peer both sides are connected to, and the path
+//! kind of every connection. The decisions are `swarm_nat`'s sans-IO functions; this module moves
+//! the bytes and keeps the time.
+//!
+//! - **Check.** The bootstrap runs a second endpoint, the *checker*, with the same identity on
+//!   another port (or address). The joiner asks the bootstrap to dial it back from the checker
+//!   (a source it never sent to), then asks the checker what address it sees: two observations
+//!   plus the dial-back give the [`Verdict`].
+//! - **Punch.** A peer that cannot dial another asks the coordinator (its bootstrap, the trainer
+//!   by default), which tells both sides to dial each other at the same moment
+//!   ([`swarm_nat::punch::start_delays`]); each side's first packet opens its own NAT for the
+//!   other's. Every connection is served in both directions, so whichever handshake completes
+//!   first carries the traffic.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use swarm_nat::punch::start_delays;
+use swarm_nat::{
+    Observations, PathKind, Punch, PunchAction, PunchOutcome, PunchRole, Reachability, Verdict,
+    classify,
+};
+
+use crate::error::{Error, Result};
+use crate::identity::{Identity, PeerId};
+use crate::membership::{decode_addr, encode_addr};
+use crate::peer::{HandlerResult, PeerShared, RequestCtx, register};
+use crate::rpc::{self, RpcError, Service, code};
+use crate::transport::{Node, PeerConn, TransportConfig};
+use crate::wire::{self, Reader, WireError, WireMessage, Writer, kind};
+
+/// Candidate addresses carried per peer.
+pub const MAX_CANDIDATES: usize = 8;
+/// How long the checker tries to reach a joiner.
+pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a joiner waits for the checker's observation.
+pub const OBSERVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a first direct dial may take before a punch is tried (when a coordinator exists).
+pub const DIRECT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Upper bound of what a punch adds to a dial: the request, the start delay, the attempts
+/// (default `PunchConfig`: 3 x 3 s).
+pub const PUNCH_BUDGET: Duration = Duration::from_secs(20);
+/// Slack the coordinator adds so both sides start after both heard.
+const PUNCH_MARGIN: Duration = Duration::from_millis(30);
+
+fn encode_addrs(w: &mut Writer, addrs: &[SocketAddr]) {
+    w.len_prefix(addrs.len().min(MAX_CANDIDATES));
+    for a in addrs.iter().take(MAX_CANDIDATES) {
+        encode_addr(w, a);
+    }
+}
+
+fn decode_addrs(r: &mut Reader<'_>) -> std::result::Result<Vec<SocketAddr>, WireError> {
+    let n = r.len("addresses", MAX_CANDIDATES, 7)?;
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(decode_addr(r)?);
+    }
+    Ok(v)
+}
+
+/// Joiner -> bootstrap: dial me back at these addresses from your checker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DialBackRequest {
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// Whether the checker reached the joiner, and where the checker listens (an unspecified IP
+/// means the address the joiner reached the bootstrap at).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DialBackReply {
+    pub reached: bool,
+    pub observer: SocketAddr,
+}
+
+/// Joiner -> checker: what source address do you see?
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObserveRequest;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObserveReply {
+    pub observed: SocketAddr,
+}
+
+/// Peer -> coordinator: I cannot dial `target`; start a punch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PunchRequest {
+    pub target: PeerId,
+}
+
+/// Coordinator -> requester: dial these after `delay_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PunchPlan {
+    pub addrs: Vec<SocketAddr>,
+    pub delay_ms: u32,
+}
+
+/// Coordinator -> target: `peer` wants you; dial it at `addrs` after `delay_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PunchStart {
+    pub peer: PeerId,
+    pub addrs: Vec<SocketAddr>,
+    pub delay_ms: u32,
+}
+
+/// The target took the punch start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PunchStarted;
+
+impl WireMessage for DialBackRequest {
+    const KIND: u16 = kind::DIAL_BACK;
+    fn encode(&self, w: &mut Writer) {
+        encode_addrs(w, &self.addrs);
+    }
+    fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, WireError> {
+        Ok(DialBackRequest {
+            addrs: decode_addrs(r)?,
+        })
+    }
+}
+
+impl WireMessage for DialBackReply {
+    const KIND: u16 = kind::DIAL_BACK_REPLY;
+    fn encode(&self, w: &mut Writer) {
+        w.bool(self.reached);
+        encode_addr(w, &self.observer);
+    }
+    fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, WireError> {
+        Ok(DialBackReply {
+            reached: r.bool()?,
+            observer: decode_addr(r)?,
+        })
+    }
+}
+
+impl WireMessage for ObserveRequest {
+    const KIND: u16 = kind::OBSERVE;
+    fn encode(&self, _w: &mut Writer) {}
+    fn decode(_r: &mut Reader<'_>) -> std::result::Result<Self, WireError> {
+        Ok(ObserveRequest)
+    }
+}
+
+impl WireMessage for ObserveReply {
+    const KIND: u16 = kind::OBSERVE_REPLY;
+    fn encode(&self, w: &mut Writer) {
+        encode_addr(w, &self.observed);
+    }
+    fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, WireError> {
+        Ok(ObserveReply {
+            observed: decode_addr(r)?,
+        })
+    }
+}
+
+impl WireMessage for PunchRequest {
+    const KIND: u16 = kind::PUNCH_REQUEST;
+    fn encode(&self, w: &mut Writer) {
+        w.array(&self.target.0);
+    }
+    fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, WireError> {
+        Ok(PunchRequest {
+            target: PeerId(r.array()?),
+        })
+    }
+}
+
+impl WireMessage for PunchPlan {
+    const KIND: u16 = kind::PUNCH_PLAN;
+    fn encode(&self, w: &mut Writer) {
+        encode_addrs(w, &self.addrs);
+        w.u32(self.delay_ms);
+    }
+    fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, WireError> {
+        Ok(PunchPlan {
+            addrs: decode_addrs(r)?,
+            delay_ms: r.u32()?,
+        })
+    }
+}
+
+impl WireMessage for PunchStart {
+    const KIND: u16 = kind::PUNCH_START;
+    fn encode(&self, w: &mut Writer) {
+        w.array(&self.peer.0);
+        encode_addrs(w, &self.addrs);
+        w.u32(self.delay_ms);
+    }
+    fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, WireError> {
+        Ok(PunchStart {
+            peer: PeerId(r.array()?),
+            addrs: decode_addrs(r)?,
+            delay_ms: r.u32()?,
+        })
+    }
+}
+
+impl WireMessage for PunchStarted {
+    const KIND: u16 = kind::PUNCH_STARTED;
+    fn encode(&self, _w: &mut Writer) {}
+    fn decode(_r: &mut Reader<'_>) -> std::result::Result<Self, WireError> {
+        Ok(PunchStarted)
+    }
+}
+
+/// The bootstrap's second endpoint: same identity, another source address. It answers
+/// [`ObserveRequest`]s with the address it sees and makes the dial-backs.
+#[derive(Clone, Debug)]
+pub struct Checker {
+    node: Node,
+}
+
+struct ObserveService {
+    remote: SocketAddr,
+}
+
+impl Service for ObserveService {
+    fn handle(
+        &self,
+        _from: PeerId,
+        kind: u16,
+        body: Vec<u8>,
+    ) -> BoxFuture<'_, std::result::Result<rpc::Reply, RpcError>> {
+        let remote = self.remote;
+        Box::pin(async move {
+            if kind == kind::OBSERVE {
+                wire::decode_body::<ObserveRequest>(&body).map_err(RpcError::from)?;
+                return rpc::reply(&ObserveReply { observed: remote });
+            }
+            rpc::builtin(kind, &body).unwrap_or_else(|| {
+                Err(RpcError::refused(
+                    code::UNSUPPORTED,
+                    "the checker only observes",
+                ))
+            })
+        })
+    }
+}
+
+impl Checker {
+    /// Binds the checker at `listen` (port 0 picks one) and serves observations until the node
+    /// closes. Must run inside a tokio runtime.
+    pub fn start(
+        identity: Identity,
+        listen: SocketAddr,
+        transport: TransportConfig,
+    ) -> Result<Checker> {
+        let node = Node::bind(identity, listen, transport, None, None)?;
+        let accept = node.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accept.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(conn) = incoming.handshake().await {
+                        let service = Arc::new(ObserveService {
+                            remote: conn.remote_addr(),
+                        });
+                        rpc::serve_connection(conn, service).await;
+                    }
+                });
+            }
+        });
+        Ok(Checker { node })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.node.local_addr()
+    }
+
+    /// Dials `peer` at each of `addrs` (bounded by [`DIAL_BACK_TIMEOUT`]); true if any handshake
+    /// completed. The connections are closed at once.
+    pub async fn dial_back(&self, peer: PeerId, addrs: &[SocketAddr]) -> bool {
+        let tries = addrs.iter().take(MAX_CANDIDATES).map(|&a| {
+            let node = self.node.clone();
+            async move {
+                match tokio::time::timeout(DIAL_BACK_TIMEOUT, node.connect(a, Some(peer))).await {
+                    Ok(Ok(c)) => {
+                        c.close(0u32.into(), b"dial-back done");
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        });
+        futures::future::join_all(tries)
+            .await
+            .into_iter()
+            .any(|ok| ok)
+    }
+
+    pub fn close(&self) {
+        self.node.close();
+    }
+}
+
+/// Serves DIAL_BACK on a peer with a checker.
+pub async fn handle_dial_back(
+    peer: Arc<PeerShared>,
+    ctx: RequestCtx,
+    body: Vec<u8>,
+) -> HandlerResult {
+    let req: DialBackRequest = wire::decode_body(&body).map_err(RpcError::from)?;
+    let Some(checker) = peer.checker() else {
+        return Err(RpcError::refused(
+            code::UNSUPPORTED,
+            "this peer runs no reachability checker",
+        ));
+    };
+    // Only the caller's own addresses: never a tool to make us dial third parties.
+    let addrs: Vec<SocketAddr> = req
+        .addrs
+        .into_iter()
+        .filter(|a| a.ip() == ctx.remote_addr.ip())
+        .collect();
+    let reached = checker.dial_back(ctx.from, &addrs).await;
+    let observer = checker
+        .local_addr()
+        .map_err(|e| RpcError::refused(code::INTERNAL, e.to_string()))?;
+    tracing::info!(peer = %ctx.from.short(), reached, "reachability dial-back");
+    rpc::reply(&DialBackReply { reached, observer })
+}
+
+/// Runs the reachability check of a peer that joined through `boot` (which saw it at
+/// `observed`). Bounded: about [`DIAL_BACK_TIMEOUT`] + [`OBSERVE_TIMEOUT`] plus two round trips.
+pub async fn check(node: &Node, boot: &PeerConn, observed: SocketAddr) -> Verdict {
+    let local = node.local_addr().ok();
+    let mut obs = Observations {
+        local: local.into_iter().collect(),
+        mapped: vec![(boot.remote_addr(), observed)],
+        unanswered: Vec::new(),
+        dial_back: None,
+    };
+    let req = DialBackRequest {
+        addrs: vec![observed],
+    };
+    let timeout = DIAL_BACK_TIMEOUT + Duration::from_secs(2);
+    // The peer's server is not running yet: complete (then drop) whatever arrives meanwhile, so
+    // a dial-back that reaches us finishes its handshake.
+    let acceptor = node.clone();
+    let accepting = tokio::spawn(async move {
+        while let Some(incoming) = acceptor.accept().await {
+            tokio::spawn(async move {
+                if let Ok(c) = incoming.handshake().await {
+                    c.close(0u32.into(), b"dial-back seen");
+                }
+            });
+        }
+    });
+    let reply = rpc::call_timeout::<_, DialBackReply>(boot, &req, timeout).await;
+    accepting.abort();
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(error = %e, "no reachability checker at the bootstrap");
+            return classify(&obs);
+        }
+    };
+    obs.dial_back = Some(reply.reached);
+    let mut observer = reply.observer;
+    if observer.ip().is_unspecified() {
+        observer.set_ip(boot.remote_addr().ip());
+    }
+    let second = async {
+        let conn = node.connect(observer, Some(boot.remote_id())).await?;
+        let r = rpc::call::<_, ObserveReply>(&conn, &ObserveRequest).await;
+        conn.close(0u32.into(), b"observed");
+        r
+    };
+    match tokio::time::timeout(OBSERVE_TIMEOUT, second).await {
+        Ok(Ok(r)) => obs.mapped.push((observer, r.observed)),
+        Ok(Err(e)) => {
+            tracing::info!(%observer, error = %e, "checker did not answer");
+            obs.unanswered.push(observer);
+        }
+        Err(_) => obs.unanswered.push(observer),
+    }
+    classify(&obs)
+}
+
+/// Serves PUNCH_REQUEST on the coordinator: tells the target to dial the requester and the
+/// requester when and where to dial the target.
+pub async fn handle_punch_request(
+    peer: Arc<PeerShared>,
+    ctx: RequestCtx,
+    body: Vec<u8>,
+) -> HandlerResult {
+    let req: PunchRequest = wire::decode_body(&body).map_err(RpcError::from)?;
+    let (Some(target), Some(requester)) = (
+        peer.live_conn(req.target).await,
+        peer.live_conn(ctx.from).await,
+    ) else {
+        return Err(RpcError::refused(
+            code::BAD_REQUEST,
+            "the coordinator has no connection to both peers",
+        ));
+    };
+    let target_addrs = peer.candidates(req.target, target.remote_addr());
+    let requester_addrs = peer.candidates(ctx.from, ctx.remote_addr);
+    let (d_req, d_target) = start_delays(requester.rtt(), target.rtt(), PUNCH_MARGIN);
+    let start = PunchStart {
+        peer: ctx.from,
+        addrs: requester_addrs,
+        delay_ms: d_target.as_millis() as u32,
+    };
+    rpc::call_timeout::<_, PunchStarted>(&target, &start, Duration::from_secs(5))
+        .await
+        .map_err(|e| RpcError::refused(code::BUSY, format!("target unreachable: {e}")))?;
+    tracing::info!(from = %ctx.from.short(), to = %req.target.short(), "punch coordinated");
+    rpc::reply(&PunchPlan {
+        addrs: target_addrs,
+        delay_ms: d_req.as_millis() as u32,
+    })
+}
+
+/// Serves PUNCH_START on the target: dials the requester in the background.
+pub async fn handle_punch_start(
+    peer: Arc<PeerShared>,
+    ctx: RequestCtx,
+    body: Vec<u8>,
+) -> HandlerResult {
+    let start: PunchStart = wire::decode_body(&body).map_err(RpcError::from)?;
+    if Some(ctx.from) != peer.coordinator() {
+        return Err(RpcError::refused(
+            code::FORBIDDEN,
+            "punch starts come from the coordinator only",
+        ));
+    }
+    let shared = peer.clone();
+    shared.set_punching(start.peer, true);
+    tokio::spawn(async move {
+        let delay = Duration::from_millis(start.delay_ms.min(5_000) as u64);
+        let outcome = punch(&shared, start.peer, start.addrs, delay).await;
+        shared.set_punching(start.peer, false);
+        tracing::info!(peer = %start.peer.short(), ?outcome, "punch (target side)");
+    });
+    rpc::reply(&PunchStarted)
+}
+
+/// One side of a punch toward `peer` at `addrs`, starting after `delay`: dials per the
+/// [`Punch`] machine and also takes a connection the other side opens to us. Returns the outcome;
+/// a connection found is cached with path [`PathKind::Punched`].
+pub async fn punch(
+    shared: &PeerShared,
+    peer: PeerId,
+    addrs: Vec<SocketAddr>,
+    delay: Duration,
+) -> PunchOutcome {
+    let cfg = shared.punch_config();
+    let t0 = Instant::now();
+    let mut machine = Punch::new(PunchRole::Dialer, cfg, addrs, t0 + delay);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(SocketAddr, Option<PeerConn>)>(32);
+    for _ in 0..10_000 {
+        let now = Instant::now();
+        while let Some(action) = machine.poll(now) {
+            if let PunchAction::Dial(addr) = action {
+                let node = shared.node().clone();
+                let tx = tx.clone();
+                let timeout = cfg.attempt_timeout;
+                tokio::spawn(async move {
+                    let r = tokio::time::timeout(timeout, node.connect(addr, Some(peer))).await;
+                    let _ = tx.send((addr, r.ok().and_then(|r| r.ok()))).await;
+                });
+            }
+        }
+        if let Some(o) = machine.outcome() {
+            return o;
+        }
+        // The other side's dial may have arrived first.
+        if let Some(c) = shared.live_conn(peer).await {
+            shared.set_path(peer, PathKind::Punched, c.remote_addr());
+            machine.handle_connected(c.remote_addr(), Instant::now());
+            continue;
+        }
+        let wake = machine
+            .poll_timeout()
+            .unwrap_or(now)
+            .min(now + Duration::from_millis(50));
+        tokio::select! {
+            got = rx.recv() => match got {
+                Some((addr, Some(conn))) => {
+                    shared.adopt(conn.clone(), PathKind::Punched, true).await;
+                    machine.handle_connected(addr, Instant::now());
+                }
+                Some((addr, None)) => machine.handle_dial_failed(addr, Instant::now()),
+                None => {}
+            },
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+    PunchOutcome::Failed { attempts: 0 }
+}
+
+/// Dials `peer`: every candidate address at once; when none answers within [`DIRECT_TIMEOUT`]
+/// and a coordinator exists, a coordinated punch. Bounded by the caller's timeout.
+pub async fn dial(shared: &PeerShared, addr: SocketAddr, peer: PeerId) -> Result<PeerConn> {
+    let candidates = shared.candidates(peer, addr);
+    // A peer whose record says it is public (or that we know nothing of) is dialed as before:
+    // directly, for the whole timeout. Only a peer behind a NAT gets the short dial and a punch.
+    let natted = shared.with_membership(|m| {
+        m.get(&peer)
+            .is_some_and(|e| e.record.info.reach != Reachability::Public)
+    });
+    let coordinator = shared
+        .coordinator()
+        .filter(|c| *c != peer)
+        .filter(|_| natted);
+    let direct_timeout = if coordinator.is_some() {
+        DIRECT_TIMEOUT
+    } else {
+        shared.rpc_timeout()
+    };
+    let tries = candidates.iter().map(|&a| {
+        let node = shared.node().clone();
+        Box::pin(async move { node.connect(a, Some(peer)).await })
+    });
+    let direct = tokio::time::timeout(direct_timeout, futures::future::select_ok(tries)).await;
+    let err = match direct {
+        Ok(Ok((conn, _))) => return Ok(shared.adopt(conn, PathKind::Direct, true).await),
+        Ok(Err(e)) => e,
+        Err(_) => Error::Timeout {
+            what: "direct dial",
+            after: direct_timeout,
+        },
+    };
+    // The other side may have reached us meanwhile.
+    if let Some(c) = shared.live_conn(peer).await {
+        return Ok(c);
+    }
+    let Some(coord) = coordinator else {
+        return Err(err);
+    };
+    let Some(coord_conn) = shared.live_conn(coord).await else {
+        return Err(err);
+    };
+    shared.set_punching(peer, true);
+    let plan = rpc::call_timeout::<_, PunchPlan>(
+        &coord_conn,
+        &PunchRequest { target: peer },
+        Duration::from_secs(5),
+    )
+    .await;
+    let outcome = match plan {
+        Ok(plan) => {
+            let delay = Duration::from_millis(plan.delay_ms.min(5_000) as u64);
+            let mut addrs = plan.addrs;
+            addrs.extend(candidates);
+            punch(shared, peer, addrs, delay).await
+        }
+        Err(e) => {
+            shared.set_punching(peer, false);
+            return Err(e);
+        }
+    };
+    shared.set_punching(peer, false);
+    match outcome {
+        PunchOutcome::Connected { elapsed, .. } => {
+            tracing::info!(peer = %peer.short(), ms = elapsed.as_millis() as u64, "punched");
+            shared.live_conn(peer).await.ok_or(err)
+        }
+        PunchOutcome::Failed { attempts } => {
+            tracing::info!(peer = %peer.short(), attempts, "punch failed");
+            Err(Error::Connect {
+                addr,
+                reason: format!(
+                    "not reachable directly and a hole punch failed after {attempts} attempt(s)"
+                ),
+            })
+        }
+    }
+}
+
+/// Registers the NAT traversal handlers on a peer.
+pub(crate) fn register_handlers(shared: &Arc<PeerShared>) {
+    register(shared, kind::DIAL_BACK, handle_dial_back);
+    register(shared, kind::PUNCH_REQUEST, handle_punch_request);
+    register(shared, kind::PUNCH_START, handle_punch_start);
+}
