@@ -7,6 +7,7 @@ pub mod checkpoint_eval;
 pub mod config;
 pub mod data;
 pub mod error;
+mod layer;
 pub mod llama2c;
 pub mod model;
 pub mod ops;

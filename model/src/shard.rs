@@ -26,7 +26,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
 
+use crate::layer::{self, Float, Geom, IntoPass, LayerWeights, StagePass};
 use crate::ops::{self, RopeTables};
 use crate::optim::AdamW;
 use crate::{Error, ModelConfig, Result};
@@ -140,14 +142,22 @@ struct Param {
     v: Vec<f32>,
 }
 
-/// What a backward pass needs from its forward pass: the graph (kept alive by the output
-/// tensor), the input variable, and the weights it used. Dropping it frees the graph.
+/// What a backward pass needs from its forward pass: the saved pass and the weights it used.
+/// Dropping it frees the saved activations.
 pub struct ForwardCtx {
     piece: usize,
-    input: Option<Var>,
-    root: Tensor,
+    /// The forward output's shape, which the output gradient must have.
+    out_dims: Vec<usize>,
     /// The parameter variables the forward used, to detect stale contexts.
     vars: Vec<Var>,
+    pass: Pass,
+}
+
+enum Pass {
+    /// candle's autograd graph (embedding, head), kept alive by its root, and the input variable.
+    Graph { input: Option<Var>, root: Tensor },
+    /// Decoder layers run by hand ([`crate::layer`]).
+    Layers(StagePass),
 }
 
 impl std::fmt::Debug for ForwardCtx {
@@ -439,9 +449,12 @@ impl Shard {
             .reshape((batch, seq, self.cfg.hidden_size))?;
         let ctx = ForwardCtx {
             piece,
-            input: None,
-            root: x.clone(),
+            out_dims: x.dims().to_vec(),
             vars: self.piece_vars(piece),
+            pass: Pass::Graph {
+                input: None,
+                root: x.clone(),
+            },
         };
         Ok((x.detach(), ctx))
     }
@@ -456,20 +469,63 @@ impl Shard {
         let Piece::Stage { layers, .. } = self.pieces[piece].clone() else {
             unreachable!()
         };
-        let input = Var::from_tensor(&x.detach().copy()?)?;
-        let h = self.cfg.hidden_size;
-        let mut y = input.as_tensor().reshape((b * t, h))?;
-        for l in layers {
-            y = self.layer(l, &y, b, t)?;
-        }
-        let y = y.reshape((b, t, h))?;
+        let geom = Geom {
+            batch: b,
+            seq: t,
+            hidden: self.cfg.hidden_size,
+            heads: self.cfg.num_attention_heads,
+            kv_heads: self.cfg.num_kv_heads(),
+            head_dim: self.cfg.head_dim(),
+            inter: self.cfg.intermediate_size,
+            eps: self.cfg.rms_norm_eps,
+        };
+        let (y, pass) = match self.dtype {
+            DType::F32 => self.stage_pass::<f32>(geom, layers, x)?,
+            _ => self.stage_pass::<f64>(geom, layers, x)?,
+        };
         let ctx = ForwardCtx {
             piece,
-            input: Some(input),
-            root: y.clone(),
+            out_dims: y.dims().to_vec(),
             vars: self.piece_vars(piece),
+            pass: Pass::Layers(pass),
         };
-        Ok((y.detach(), ctx))
+        Ok((y, ctx))
+    }
+
+    fn stage_pass<T: IntoPass>(
+        &self,
+        geom: Geom,
+        layers: Range<usize>,
+        x: &Tensor,
+    ) -> Result<(Tensor, StagePass)> {
+        let x = x.flatten_all()?.to_vec1::<T>()?;
+        let weights = layers
+            .clone()
+            .map(|l| self.layer_weights::<T>(l))
+            .collect::<Result<Vec<_>>>()?;
+        let (y, saved) = layer::stage_forward(geom, &self.rope, layers.start, weights, x);
+        let y = Tensor::from_vec(y, (geom.batch, geom.seq, geom.hidden), &self.device)?;
+        Ok((y, T::into_pass(saved)))
+    }
+
+    /// Layer `l`'s weights as flat vectors, the projections reading one input stacked.
+    fn layer_weights<T: Float>(&self, l: usize) -> Result<LayerWeights<T>> {
+        let get = |names: &[&str]| -> Result<Vec<T>> {
+            let mut v = Vec::new();
+            for n in names {
+                let w = self.w(&format!("model.layers.{l}.{n}.weight"))?;
+                v.extend(w.flatten_all()?.to_vec1::<T>()?);
+            }
+            Ok(v)
+        };
+        Ok(LayerWeights {
+            norm1: get(&["input_layernorm"])?,
+            qkv: get(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])?,
+            o: get(&["self_attn.o_proj"])?,
+            norm2: get(&["post_attention_layernorm"])?,
+            gate_up: get(&["mlp.gate_proj", "mlp.up_proj"])?,
+            down: get(&["mlp.down_proj"])?,
+        })
     }
 
     /// Head forward: hidden `(batch, seq, hidden)` and next-token `targets` (row-major) -> mean
@@ -484,9 +540,12 @@ impl Shard {
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let ctx = ForwardCtx {
             piece,
-            input: Some(input),
-            root: loss,
+            out_dims: vec![],
             vars: self.piece_vars(piece),
+            pass: Pass::Graph {
+                input: Some(input),
+                root: loss,
+            },
         };
         Ok((value, ctx))
     }
@@ -511,41 +570,6 @@ impl Shard {
         Ok(xn.matmul(&self.w(lm)?.t()?)?)
     }
 
-    /// One decoder layer on the residual stream `x` of shape `(batch * seq, hidden)`.
-    fn layer(&self, l: usize, x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
-        let rep = nh / nkv;
-        let p = format!("model.layers.{l}");
-        let w = |s: &str| self.w(&format!("{p}.{s}.weight"));
-        let eps = cfg.rms_norm_eps;
-
-        let xn = ops::rms_normalize(x, eps)?.broadcast_mul(w("input_layernorm")?)?;
-        // (b*t, heads*hd) -> (b, heads, t, hd)
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?)
-        };
-        let q = heads(xn.matmul(&w("self_attn.q_proj")?.t()?)?, nh)?;
-        let k = heads(xn.matmul(&w("self_attn.k_proj")?.t()?)?, nkv)?;
-        let v = heads(xn.matmul(&w("self_attn.v_proj")?.t()?)?, nkv)?.contiguous()?;
-        let q = self.rope.apply(&q, t)?;
-        let k = self.rope.apply(&k, t)?;
-        // Query heads sharing a KV head are consecutive: stack them as rep*t rows, no KV copies.
-        let q = q.reshape((b, nkv, rep * t, hd))?;
-        let y = ops::causal_attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), t)?; // (b, nkv, rep*t, hd)
-        let y = y
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b * t, nh * hd))?;
-        let x = (x + y.matmul(&w("self_attn.o_proj")?.t()?)?)?;
-
-        let xn = ops::rms_normalize(&x, eps)?.broadcast_mul(w("post_attention_layernorm")?)?;
-        let gate = xn.matmul(&w("mlp.gate_proj")?.t()?)?;
-        let up = xn.matmul(&w("mlp.up_proj")?.t()?)?;
-        let act = ops::swiglu(&gate, &up)?;
-        Ok((x + act.matmul(&w("mlp.down_proj")?.t()?)?)?)
-    }
-
     /// Backward of an embedding or stage forward: `grad_out` is the gradient of the loss with
     /// respect to that forward's output. Adds the parameter gradients into the accumulators and
     /// returns the gradient of the input (`None` for the embedding, whose input is tokens).
@@ -553,17 +577,84 @@ impl Shard {
         if self.pieces.get(ctx.piece) == Some(&Piece::Head) {
             return Err(Error::Piece("use head_backward for the head".into()));
         }
-        if grad_out.dims() != ctx.root.dims() || grad_out.dtype() != self.dtype {
+        self.check_grad_out(&ctx, grad_out)?;
+        match &ctx.pass {
+            Pass::Graph { root, .. } => {
+                let root = ops::vjp_root(root, grad_out)?;
+                self.run_backward(&ctx, &root)
+            }
+            Pass::Layers(pass) => {
+                let (dx, grads) = self.layers_backward(&ctx, pass, grad_out, true)?;
+                for (name, g) in grads {
+                    self.accumulate(self.by_name[&name], g)?;
+                }
+                Ok(Some(dx))
+            }
+        }
+    }
+
+    fn check_grad_out(&self, ctx: &ForwardCtx, grad_out: &Tensor) -> Result<()> {
+        if grad_out.dims() != ctx.out_dims.as_slice() || grad_out.dtype() != self.dtype {
             return Err(Error::Input(format!(
                 "output grad {:?} {:?}, expected {:?} {:?}",
                 grad_out.dims(),
                 grad_out.dtype(),
-                ctx.root.dims(),
+                ctx.out_dims,
                 self.dtype
             )));
         }
-        let root = ops::vjp_root(&ctx.root, grad_out)?;
-        self.run_backward(&ctx, &root)
+        Ok(())
+    }
+
+    /// The input gradient of a stage pass and, with `weights`, its parameter gradients by name.
+    fn layers_backward(
+        &self,
+        ctx: &ForwardCtx,
+        pass: &StagePass,
+        grad_out: &Tensor,
+        weights: bool,
+    ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+        if ctx.piece >= self.pieces.len() {
+            return Err(Error::Piece("context from another shard".into()));
+        }
+        self.check_fresh(ctx)?;
+        let g = grad_out.flatten_all()?;
+        match pass {
+            StagePass::F32(s) => self.typed_backward(s, g.to_vec1::<f32>()?, weights),
+            StagePass::F64(s) => self.typed_backward(s, g.to_vec1::<f64>()?, weights),
+        }
+    }
+
+    fn typed_backward<T: Float>(
+        &self,
+        saved: &layer::StageSaved<T>,
+        grad_out: Vec<T>,
+        weights: bool,
+    ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+        let (b, t, h) = saved.dims();
+        let (dx, grads) = layer::stage_backward(saved, grad_out, weights);
+        let mut named = Vec::with_capacity(grads.len() * 9);
+        for (l, g) in grads {
+            let names = Piece::Stage {
+                index: 0,
+                layers: l..l + 1,
+            }
+            .parameters(&self.cfg);
+            for ((name, shape), g) in names.into_iter().zip(g) {
+                named.push((name, Tensor::from_vec(g, shape, &self.device)?));
+            }
+        }
+        Ok((Tensor::from_vec(dx, (b, t, h), &self.device)?, named))
+    }
+
+    /// Adds `g` into parameter `i`'s accumulated gradient.
+    fn accumulate(&mut self, i: usize, g: Tensor) -> Result<()> {
+        let p = &mut self.params[i];
+        p.grad = Some(match p.grad.take() {
+            Some(acc) => (acc + g)?,
+            None => g,
+        });
+        Ok(())
     }
 
     /// Backward of a head forward, for the loss multiplied by `loss_scale` (e.g. 1/micro_batches,
@@ -573,7 +664,10 @@ impl Shard {
         if self.pieces.get(ctx.piece) != Some(&Piece::Head) {
             return Err(Error::Piece("head_backward needs a head context".into()));
         }
-        let root = (&ctx.root * loss_scale)?;
+        let Pass::Graph { root, .. } = &ctx.pass else {
+            return Err(Error::Piece("head_backward needs a head context".into()));
+        };
+        let root = (root * loss_scale)?;
         self.run_backward(&ctx, &root)?
             .ok_or_else(|| Error::Piece("head input has no gradient".into()))
     }
@@ -592,21 +686,19 @@ impl Shard {
                 "backward_input_only needs a stage or embedding context".into(),
             ));
         }
-        if grad_out.dims() != ctx.root.dims() || grad_out.dtype() != self.dtype {
-            return Err(Error::Input(format!(
-                "output grad {:?} {:?}, expected {:?} {:?}",
-                grad_out.dims(),
-                grad_out.dtype(),
-                ctx.root.dims(),
-                self.dtype
-            )));
+        self.check_grad_out(&ctx, grad_out)?;
+        match &ctx.pass {
+            Pass::Graph { input: None, .. } => Ok(None),
+            Pass::Graph {
+                input: Some(input),
+                root,
+            } => {
+                self.check_fresh(&ctx)?;
+                let mut grads = ops::vjp_root(root, grad_out)?.backward()?;
+                Ok(grads.remove(input.as_tensor()))
+            }
+            Pass::Layers(pass) => Ok(Some(self.layers_backward(&ctx, pass, grad_out, false)?.0)),
         }
-        let Some(input) = &ctx.input else {
-            return Ok(None);
-        };
-        self.check_fresh(&ctx)?;
-        let mut grads = ops::vjp_root(&ctx.root, grad_out)?.backward()?;
-        Ok(grads.remove(input.as_tensor()))
     }
 
     /// Errors if the weights changed since `ctx`'s forward (its gradients would be wrong).
@@ -636,15 +728,11 @@ impl Shard {
             let g = grads
                 .remove(var.as_tensor())
                 .ok_or_else(|| Error::Piece(format!("no gradient for {}", self.params[i].name)))?;
-            let p = &mut self.params[i];
-            p.grad = Some(match p.grad.take() {
-                Some(acc) => (acc + g)?,
-                None => g,
-            });
+            self.accumulate(i, g)?;
         }
-        Ok(match &ctx.input {
-            Some(v) => grads.remove(v.as_tensor()),
-            None => None,
+        Ok(match &ctx.pass {
+            Pass::Graph { input: Some(v), .. } => grads.remove(v.as_tensor()),
+            _ => None,
         })
     }
 
@@ -742,13 +830,22 @@ impl Shard {
                 p.m = vec![0.0; n];
                 p.v = vec![0.0; n];
             }
-            for i in 0..n {
-                let gi = g[i] * scale;
-                p.m[i] = b1 * p.m[i] + (1.0 - b1) * gi;
-                p.v[i] = b2 * p.v[i] + (1.0 - b2) * gi * gi;
-                let denom = p.v[i].sqrt() / bc2_sqrt + eps;
-                w[i] = w[i] * decay - step_size * p.m[i] / denom;
-            }
+            // Fixed-size chunks on the thread pool; zipped slices let the compiler vectorize.
+            // Element by element the same operations, so the bits do not depend on threads.
+            const CHUNK: usize = 1 << 14;
+            w.par_chunks_mut(CHUNK)
+                .zip(p.m.par_chunks_mut(CHUNK))
+                .zip(p.v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((w, m), v), g)| {
+                    for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(g) {
+                        let gi = g * scale;
+                        *m = b1 * *m + (1.0 - b1) * gi;
+                        *v = b2 * *v + (1.0 - b2) * gi * gi;
+                        let denom = v.sqrt() / bc2_sqrt + eps;
+                        *w = *w * decay - step_size * *m / denom;
+                    }
+                });
             let t = Tensor::from_vec(w, p.shape.as_slice(), &self.device)?.to_dtype(self.dtype)?;
             // A new variable rather than an in-place write: outstanding contexts keep the
             // weights they were computed with and are detected as stale.

@@ -1,0 +1,824 @@
+//! The decoder layers of a stage, forward and backward written by hand over flat buffers.
+//!
+//! Why not candle's autograd: for the default model it spent more than half of a training step
+//! outside the matrix products (a zero-filled gradient and an add per graph node, strided copies
+//! for every transposed weight, single-threaded elementwise ops). Here one layer is:
+//!
+//! - RMSNorm with its weight in one pass (the inverse RMS per row is kept for backward);
+//! - one GEMM for q, k and v (their weights stacked), then RoPE fused with the split into heads;
+//! - attention per (sequence, KV head) on the thread pool: the query heads sharing a KV head are
+//!   stacked as row blocks, so grouped-query attention needs no KV copies;
+//! - the output and down projections add into the residual inside the GEMM;
+//! - SwiGLU in one pass each way.
+//!
+//! Backward mirrors it from the activations the forward kept ([`LayerActs`]). The GEMMs are the
+//! `gemm` crate (candle's own CPU matmul) called with explicit strides, so no transpose is ever
+//! materialised.
+//!
+//! Determinism: every output element is computed by one thread in a fixed order. GEMMs split
+//! only over output blocks, the per-row passes are independent rows, and the sums over rows (norm
+//! weight gradients) add fixed blocks of rows in a fixed order. So the bits depend neither on the
+//! thread count nor on how layers are split into stages, and the swarm equals the local run.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::ops::{Real, RopeTables};
+
+/// The float types the layers run on (f64 for gradient checks).
+pub(crate) trait Float: Real + Send + Sync {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// Shape of one layer's pass.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geom {
+    pub batch: usize,
+    pub seq: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub inter: usize,
+    pub eps: f64,
+}
+
+impl Geom {
+    fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+    fn kv(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+    fn rep(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+    /// Width of the stacked q|k|v projection.
+    fn qkv(&self) -> usize {
+        self.hidden + 2 * self.kv()
+    }
+}
+
+/// One layer's weights, row-major `(out, in)` as HF stores them, with the projections that read
+/// the same input stacked so that each is one GEMM.
+pub(crate) struct LayerWeights<T> {
+    pub norm1: Vec<T>,
+    /// `q_proj`, `k_proj`, `v_proj` rows: `(hidden + 2 kv) x hidden`.
+    pub qkv: Vec<T>,
+    pub o: Vec<T>,
+    pub norm2: Vec<T>,
+    /// `gate_proj`, `up_proj` rows: `2 inter x hidden`.
+    pub gate_up: Vec<T>,
+    pub down: Vec<T>,
+}
+
+/// What backward needs from one layer's forward.
+pub(crate) struct LayerActs<T> {
+    /// The layer's input (residual stream), `rows x hidden`.
+    x: Vec<T>,
+    /// Inverse RMS of each row of `x`, and the normalised, weighted rows.
+    r1: Vec<T>,
+    xn1: Vec<T>,
+    /// Rotated queries `(batch, kv_heads, rep * seq, head_dim)`, rotated keys and values
+    /// `(batch, kv_heads, seq, head_dim)`.
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    /// Attention probabilities `(batch, kv_heads, rep * seq, seq)`, 0 above the diagonal.
+    p: Vec<T>,
+    /// Attention output in `rows x hidden` (heads side by side).
+    y: Vec<T>,
+    /// Residual after attention, its inverse RMS and normalised rows.
+    xm: Vec<T>,
+    r2: Vec<T>,
+    xn2: Vec<T>,
+    /// `gate | up` projections side by side, `rows x 2 inter`, and `silu(gate) * up`.
+    gu: Vec<T>,
+    act: Vec<T>,
+}
+
+/// Gradients of one layer's parameters, in [`crate::Piece::parameters`] order: input norm, q, k,
+/// v, o, post-attention norm, gate, up, down.
+pub(crate) type LayerGrads<T> = [Vec<T>; 9];
+
+fn threads() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// A strided matrix view: element `(r, c)` is `data[r * rs + c * cs]`.
+#[derive(Clone, Copy)]
+struct View<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+fn view<T>(data: &[T], rs: usize, cs: usize) -> View<'_, T> {
+    View { data, rs, cs }
+}
+
+/// The smallest slice length that holds a `rows x cols` matrix with these strides.
+fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+/// `dst (m x n, row stride drs) = [dst +] a (m x k) b (k x n)`, with `acc` choosing whether the
+/// old contents of `dst` are added.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    drs: usize,
+    acc: bool,
+    a: View<'_, T>,
+    b: View<'_, T>,
+    par: Parallelism,
+) {
+    assert!(dst.len() >= span(m, n, drs, 1), "matmul: dst too short");
+    assert!(
+        a.data.len() >= span(m, k, a.rs, a.cs),
+        "matmul: lhs too short"
+    );
+    assert!(
+        b.data.len() >= span(k, n, b.rs, b.cs),
+        "matmul: rhs too short"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the three slices hold every element the strides address (checked above), and
+    // `dst` is a unique borrow that neither input aliases.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            drs as isize,
+            acc,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            if acc { T::f(1.0) } else { T::f(0.0) },
+            T::f(1.0),
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// `x @ w^T` for `x` (`rows x k`, contiguous) and `w` (`n x k`, row-major) into `dst` (`rows x n`).
+fn linear<T: Float>(x: &[T], w: &[T], k: usize, n: usize, dst: &mut [T], acc: bool) {
+    let rows = x.len() / k;
+    matmul(
+        rows,
+        n,
+        k,
+        dst,
+        n,
+        acc,
+        view(x, k, 1),
+        view(w, 1, k),
+        threads(),
+    );
+}
+
+/// Rows per parallel task for per-row passes (keeps task overhead small against the work).
+const ROW_BLOCK: usize = 64;
+
+/// RMSNorm with weight: returns `(x * r) * w` per row and `r = 1 / rms(row)`.
+fn rms_forward<T: Float>(x: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
+    let h = w.len();
+    let rows = x.len() / h;
+    let mut xn = vec![T::f(0.0); x.len()];
+    let mut r = vec![T::f(0.0); rows];
+    xn.par_chunks_mut(h * ROW_BLOCK)
+        .zip(r.par_chunks_mut(ROW_BLOCK))
+        .zip(x.par_chunks(h * ROW_BLOCK))
+        .for_each(|((xn, r), x)| {
+            for ((xn, r), x) in xn.chunks_exact_mut(h).zip(r).zip(x.chunks_exact(h)) {
+                let mut ss = 0f64;
+                for &v in x {
+                    let v = v.to_f64();
+                    ss += v * v;
+                }
+                *r = T::f(1.0 / (ss / h as f64 + eps).sqrt());
+                for ((o, &v), &wi) in xn.iter_mut().zip(x).zip(w) {
+                    *o = v * *r * wi;
+                }
+            }
+        });
+    (xn, r)
+}
+
+/// Backward of [`rms_forward`]: adds the input gradient into `dx` and returns the weight's.
+/// `dxhat = dxn * w`; `dx += r * (dxhat - x * r^2 mean(dxhat * x))`; `dw = sum_rows dxn * x * r`.
+fn rms_backward<T: Float>(x: &[T], r: &[T], w: &[T], dxn: &[T], dx: &mut [T]) -> Vec<T> {
+    let h = w.len();
+    let blocks: Vec<Vec<T>> = dx
+        .par_chunks_mut(h * ROW_BLOCK)
+        .zip(x.par_chunks(h * ROW_BLOCK))
+        .zip(dxn.par_chunks(h * ROW_BLOCK))
+        .zip(r.par_chunks(ROW_BLOCK))
+        .map(|(((dx, x), dxn), r)| {
+            let mut dw = vec![T::f(0.0); h];
+            for (((dx, x), g), &r) in dx
+                .chunks_exact_mut(h)
+                .zip(x.chunks_exact(h))
+                .zip(dxn.chunks_exact(h))
+                .zip(r)
+            {
+                let mut gx = 0f64;
+                for i in 0..h {
+                    dw[i] += g[i] * (x[i] * r);
+                    gx += (g[i] * w[i]).to_f64() * x[i].to_f64();
+                }
+                let rf = r.to_f64();
+                let c = T::f(rf * rf * gx / h as f64);
+                for i in 0..h {
+                    dx[i] += r * (g[i] * w[i] - x[i] * c);
+                }
+            }
+            dw
+        })
+        .collect();
+    // Blocks of rows are fixed by ROW_BLOCK, not by the thread count: a fixed summation order.
+    let mut dw = vec![T::f(0.0); h];
+    for b in blocks {
+        for (a, v) in dw.iter_mut().zip(b) {
+            *a += v;
+        }
+    }
+    dw
+}
+
+/// RoPE tables in the pass's float type for positions `0..seq`: `(cos, sin)`, `seq x head_dim/2`.
+pub(crate) struct Rope<T> {
+    cos: Vec<T>,
+    sin: Vec<T>,
+}
+
+impl<T: Float> Rope<T> {
+    pub fn new(tables: &RopeTables, seq: usize) -> Self {
+        let (cos, sin) = tables.rows(seq);
+        Self {
+            cos: cos.iter().map(|&c| T::f(c)).collect(),
+            sin: sin.iter().map(|&s| T::f(s)).collect(),
+        }
+    }
+}
+
+/// Rotates one head row (HF "rotate halves"); `sign` -1 rotates back (the VJP).
+fn rotate<T: Float>(src: &[T], dst: &mut [T], cos: &[T], sin: &[T], inverse: bool) {
+    let half = cos.len();
+    for i in 0..half {
+        let (c, s) = (cos[i], if inverse { T::f(0.0) - sin[i] } else { sin[i] });
+        let (x1, x2) = (src[i], src[i + half]);
+        dst[i] = x1 * c - x2 * s;
+        dst[i + half] = x2 * c + x1 * s;
+    }
+}
+
+/// Splits the stacked `q|k|v` rows into head-major buffers, rotating q and k.
+fn split_heads<T: Float>(g: &Geom, qkv: &[T], rope: &Rope<T>) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (t, h, hd, kv, w) = (g.seq, g.hidden, g.head_dim, g.kv(), g.qkv());
+    let half = hd / 2;
+    let mut q = vec![T::f(0.0); g.rows() * h];
+    let mut k = vec![T::f(0.0); g.rows() * kv];
+    let mut v = vec![T::f(0.0); g.rows() * kv];
+    q.par_chunks_mut(t * h)
+        .zip(k.par_chunks_mut(t * kv))
+        .zip(v.par_chunks_mut(t * kv))
+        .zip(qkv.par_chunks(t * w))
+        .for_each(|(((q, k), v), src)| {
+            for (ti, row) in src.chunks_exact(w).enumerate() {
+                let (cos, sin) = (
+                    &rope.cos[ti * half..(ti + 1) * half],
+                    &rope.sin[ti * half..(ti + 1) * half],
+                );
+                for hh in 0..g.heads {
+                    // Query head hh = kv head gi, block j: rows ((gi * rep + j) * t + ti).
+                    let o = (hh * t + ti) * hd;
+                    rotate(&row[hh * hd..], &mut q[o..o + hd], cos, sin, false);
+                }
+                for gi in 0..g.kv_heads {
+                    let o = (gi * t + ti) * hd;
+                    rotate(&row[h + gi * hd..], &mut k[o..o + hd], cos, sin, false);
+                    let src = &row[h + kv + gi * hd..h + kv + (gi + 1) * hd];
+                    v[o..o + hd].copy_from_slice(src);
+                }
+            }
+        });
+    (q, k, v)
+}
+
+/// The inverse of [`split_heads`] for gradients: rotates back and interleaves into `q|k|v` rows.
+fn merge_heads<T: Float>(g: &Geom, dq: &[T], dk: &[T], dv: &[T], rope: &Rope<T>) -> Vec<T> {
+    let (t, h, hd, kv, w) = (g.seq, g.hidden, g.head_dim, g.kv(), g.qkv());
+    let half = hd / 2;
+    let mut out = vec![T::f(0.0); g.rows() * w];
+    out.par_chunks_mut(t * w)
+        .zip(dq.par_chunks(t * h))
+        .zip(dk.par_chunks(t * kv))
+        .zip(dv.par_chunks(t * kv))
+        .for_each(|(((out, dq), dk), dv)| {
+            for (ti, row) in out.chunks_exact_mut(w).enumerate() {
+                let (cos, sin) = (
+                    &rope.cos[ti * half..(ti + 1) * half],
+                    &rope.sin[ti * half..(ti + 1) * half],
+                );
+                for hh in 0..g.heads {
+                    let o = (hh * t + ti) * hd;
+                    rotate(&dq[o..o + hd], &mut row[hh * hd..], cos, sin, true);
+                }
+                for gi in 0..g.kv_heads {
+                    let o = (gi * t + ti) * hd;
+                    rotate(&dk[o..o + hd], &mut row[h + gi * hd..], cos, sin, true);
+                    row[h + kv + gi * hd..h + kv + (gi + 1) * hd].copy_from_slice(&dv[o..o + hd]);
+                }
+            }
+        });
+    out
+}
+
+/// Head-major `(batch, heads, seq, head_dim)` <-> rows `(batch * seq, heads * head_dim)`.
+fn heads_to_rows<T: Float>(g: &Geom, src: &[T]) -> Vec<T> {
+    let (t, h, hd) = (g.seq, g.hidden, g.head_dim);
+    let mut out = vec![T::f(0.0); src.len()];
+    out.par_chunks_mut(t * h)
+        .zip(src.par_chunks(t * h))
+        .for_each(|(out, src)| {
+            for (ti, row) in out.chunks_exact_mut(h).enumerate() {
+                for hh in 0..g.heads {
+                    let o = (hh * t + ti) * hd;
+                    row[hh * hd..(hh + 1) * hd].copy_from_slice(&src[o..o + hd]);
+                }
+            }
+        });
+    out
+}
+
+fn rows_to_heads<T: Float>(g: &Geom, src: &[T]) -> Vec<T> {
+    let (t, h, hd) = (g.seq, g.hidden, g.head_dim);
+    let mut out = vec![T::f(0.0); src.len()];
+    out.par_chunks_mut(t * h)
+        .zip(src.par_chunks(t * h))
+        .for_each(|(out, src)| {
+            for (ti, row) in src.chunks_exact(h).enumerate() {
+                for hh in 0..g.heads {
+                    let o = (hh * t + ti) * hd;
+                    out[o..o + hd].copy_from_slice(&row[hh * hd..(hh + 1) * hd]);
+                }
+            }
+        });
+    out
+}
+
+/// Causal softmax of `scale * s` in place; row `r` is position `r % t` and sees keys `0..=r % t`.
+fn causal_softmax_rows<T: Float>(s: &mut [T], t: usize, scale: T) {
+    for (r, row) in s.chunks_exact_mut(t).enumerate() {
+        let n = r % t + 1;
+        let mut max = row[0] * scale;
+        for &v in &row[1..n] {
+            let v = v * scale;
+            if v > max {
+                max = v;
+            }
+        }
+        let mut sum = T::f(0.0);
+        for v in &mut row[..n] {
+            *v = (*v * scale - max).exp_();
+            sum += *v;
+        }
+        let inv = T::f(1.0) / sum;
+        for v in &mut row[..n] {
+            *v *= inv;
+        }
+        for v in &mut row[n..] {
+            *v = T::f(0.0);
+        }
+    }
+}
+
+/// Attention for one (sequence, KV head): `q` is `rep * t x hd`, `k`, `v` are `t x hd`.
+/// Writes probabilities into `p` (`rep * t x t`) and the output into `y` (`rep * t x hd`).
+fn attention_block<T: Float>(q: &[T], k: &[T], v: &[T], p: &mut [T], y: &mut [T], t: usize) {
+    let hd = k.len() / t;
+    let rows = q.len() / hd;
+    let scale = T::f(1.0 / (hd as f64).sqrt());
+    let none = Parallelism::None;
+    matmul(
+        rows,
+        t,
+        hd,
+        p,
+        t,
+        false,
+        view(q, hd, 1),
+        view(k, 1, hd),
+        none,
+    );
+    causal_softmax_rows(p, t, scale);
+    matmul(
+        rows,
+        hd,
+        t,
+        y,
+        hd,
+        false,
+        view(p, t, 1),
+        view(v, hd, 1),
+        none,
+    );
+}
+
+/// Backward of [`attention_block`] given `dy`; `ds` is scratch of `p`'s size.
+#[allow(clippy::too_many_arguments)]
+fn attention_block_backward<T: Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    p: &[T],
+    dy: &[T],
+    ds: &mut [T],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    t: usize,
+) {
+    let hd = k.len() / t;
+    let rows = q.len() / hd;
+    let scale = T::f(1.0 / (hd as f64).sqrt());
+    let none = Parallelism::None;
+    // dP = dY V^T; dV = P^T dY
+    matmul(
+        rows,
+        t,
+        hd,
+        ds,
+        t,
+        false,
+        view(dy, hd, 1),
+        view(v, 1, hd),
+        none,
+    );
+    matmul(
+        t,
+        hd,
+        rows,
+        dv,
+        hd,
+        false,
+        view(p, 1, t),
+        view(dy, hd, 1),
+        none,
+    );
+    // dS = scale * P * (dP - rowsum(P * dP)); masked entries have P = 0.
+    for (pr, dr) in p.chunks_exact(t).zip(ds.chunks_exact_mut(t)) {
+        let mut dot = T::f(0.0);
+        for (&a, &b) in pr.iter().zip(dr.iter()) {
+            dot += a * b;
+        }
+        for (d, &a) in dr.iter_mut().zip(pr) {
+            *d = scale * a * (*d - dot);
+        }
+    }
+    // dQ = dS K; dK = dS^T Q
+    matmul(
+        rows,
+        hd,
+        t,
+        dq,
+        hd,
+        false,
+        view(ds, t, 1),
+        view(k, hd, 1),
+        none,
+    );
+    matmul(
+        t,
+        hd,
+        rows,
+        dk,
+        hd,
+        false,
+        view(ds, 1, t),
+        view(q, hd, 1),
+        none,
+    );
+}
+
+fn sigmoid<T: Float>(x: T) -> T {
+    T::f(1.0) / (T::f(1.0) + (T::f(0.0) - x).exp_())
+}
+
+/// One decoder layer forward on the residual stream `x` (`rows x hidden`): returns the output
+/// and what backward needs (which keeps `x`).
+pub(crate) fn forward<T: Float>(
+    g: &Geom,
+    w: &LayerWeights<T>,
+    rope: &Rope<T>,
+    x: Vec<T>,
+) -> (Vec<T>, LayerActs<T>) {
+    let (rows, h, i) = (g.rows(), g.hidden, g.inter);
+    let (xn1, r1) = rms_forward(&x, &w.norm1, g.eps);
+    let mut qkv = vec![T::f(0.0); rows * g.qkv()];
+    linear(&xn1, &w.qkv, h, g.qkv(), &mut qkv, false);
+    let (q, k, v) = split_heads(g, &qkv, rope);
+    drop(qkv);
+
+    let (t, hd, rep) = (g.seq, g.head_dim, g.rep());
+    let mut p = vec![T::f(0.0); g.batch * g.heads * t * t];
+    let mut yh = vec![T::f(0.0); rows * h];
+    p.par_chunks_mut(rep * t * t)
+        .zip(yh.par_chunks_mut(rep * t * hd))
+        .zip(q.par_chunks(rep * t * hd))
+        .zip(k.par_chunks(t * hd).zip(v.par_chunks(t * hd)))
+        .for_each(|(((p, y), q), (k, v))| attention_block(q, k, v, p, y, t));
+    let y = heads_to_rows(g, &yh);
+    drop(yh);
+
+    let mut xm = x.clone();
+    linear(&y, &w.o, h, h, &mut xm, true);
+    let (xn2, r2) = rms_forward(&xm, &w.norm2, g.eps);
+    let mut gu = vec![T::f(0.0); rows * 2 * i];
+    linear(&xn2, &w.gate_up, h, 2 * i, &mut gu, false);
+    let mut act = vec![T::f(0.0); rows * i];
+    act.par_chunks_mut(i * ROW_BLOCK)
+        .zip(gu.par_chunks(2 * i * ROW_BLOCK))
+        .for_each(|(act, gu)| {
+            for (a, gu) in act.chunks_exact_mut(i).zip(gu.chunks_exact(2 * i)) {
+                let (gate, up) = gu.split_at(i);
+                for ((a, &gv), &uv) in a.iter_mut().zip(gate).zip(up) {
+                    *a = gv * sigmoid(gv) * uv;
+                }
+            }
+        });
+    let mut out = xm.clone();
+    linear(&act, &w.down, i, h, &mut out, true);
+    let acts = LayerActs {
+        x,
+        r1,
+        xn1,
+        q,
+        k,
+        v,
+        p,
+        y,
+        xm,
+        r2,
+        xn2,
+        gu,
+        act,
+    };
+    (out, acts)
+}
+
+/// `src^T x` for `src` (`rows x m`) and `x` (`rows x n`): a weight gradient, `m x n`.
+fn weight_grad<T: Float>(src: &[T], m: usize, x: &[T], n: usize) -> Vec<T> {
+    let rows = x.len() / n;
+    let mut dw = vec![T::f(0.0); m * n];
+    matmul(
+        m,
+        n,
+        rows,
+        &mut dw,
+        n,
+        false,
+        view(src, 1, m),
+        view(x, n, 1),
+        threads(),
+    );
+    dw
+}
+
+/// Backward of [`forward`] for output gradient `dout`: returns the input gradient and, when
+/// `weights` is set, the parameter gradients (else the weight GEMMs are skipped).
+pub(crate) fn backward<T: Float>(
+    g: &Geom,
+    w: &LayerWeights<T>,
+    rope: &Rope<T>,
+    a: &LayerActs<T>,
+    dout: Vec<T>,
+    weights: bool,
+) -> (Vec<T>, Option<LayerGrads<T>>) {
+    let (rows, h, i, kv) = (g.rows(), g.hidden, g.inter, g.kv());
+    let (t, hd, rep) = (g.seq, g.head_dim, g.rep());
+    // MLP: out = xm + act Wd^T, act = silu(gate) * up, [gate|up] = xn2 Wgu^T.
+    let d_down = weights.then(|| weight_grad(&dout, h, &a.act, i));
+    let mut dact = vec![T::f(0.0); rows * i];
+    matmul(
+        rows,
+        i,
+        h,
+        &mut dact,
+        i,
+        false,
+        view(&dout, h, 1),
+        view(&w.down, i, 1),
+        threads(),
+    );
+    let mut dgu = vec![T::f(0.0); rows * 2 * i];
+    dgu.par_chunks_mut(2 * i * ROW_BLOCK)
+        .zip(a.gu.par_chunks(2 * i * ROW_BLOCK))
+        .zip(dact.par_chunks(i * ROW_BLOCK))
+        .for_each(|((dgu, gu), dact)| {
+            for ((dgu, gu), d) in dgu
+                .chunks_exact_mut(2 * i)
+                .zip(gu.chunks_exact(2 * i))
+                .zip(dact.chunks_exact(i))
+            {
+                let (dg, du) = dgu.split_at_mut(i);
+                for c in 0..i {
+                    let (gv, uv) = (gu[c], gu[i + c]);
+                    let s = sigmoid(gv);
+                    dg[c] = d[c] * uv * s * (T::f(1.0) + gv * (T::f(1.0) - s));
+                    du[c] = d[c] * gv * s;
+                }
+            }
+        });
+    drop(dact);
+    let d_gate_up = weights.then(|| weight_grad(&dgu, 2 * i, &a.xn2, h));
+    let mut dxn2 = vec![T::f(0.0); rows * h];
+    matmul(
+        rows,
+        h,
+        2 * i,
+        &mut dxn2,
+        h,
+        false,
+        view(&dgu, 2 * i, 1),
+        view(&w.gate_up, h, 1),
+        threads(),
+    );
+    drop(dgu);
+    let mut dxm = dout;
+    let d_norm2 = rms_backward(&a.xm, &a.r2, &w.norm2, &dxn2, &mut dxm);
+    drop(dxn2);
+
+    // Attention: xm = x + y Wo^T.
+    let d_o = weights.then(|| weight_grad(&dxm, h, &a.y, h));
+    let mut dy = vec![T::f(0.0); rows * h];
+    matmul(
+        rows,
+        h,
+        h,
+        &mut dy,
+        h,
+        false,
+        view(&dxm, h, 1),
+        view(&w.o, h, 1),
+        threads(),
+    );
+    let dyh = rows_to_heads(g, &dy);
+    drop(dy);
+    let mut dq = vec![T::f(0.0); rows * h];
+    let mut dk = vec![T::f(0.0); rows * kv];
+    let mut dv = vec![T::f(0.0); rows * kv];
+    let blk = rep * t * hd;
+    dq.par_chunks_mut(blk)
+        .zip(dk.par_chunks_mut(t * hd).zip(dv.par_chunks_mut(t * hd)))
+        .zip(a.q.par_chunks(blk).zip(dyh.par_chunks(blk)))
+        .zip(a.k.par_chunks(t * hd).zip(a.v.par_chunks(t * hd)))
+        .zip(a.p.par_chunks(rep * t * t))
+        .for_each(|((((dq, (dk, dv)), (q, dy)), (k, v)), p)| {
+            let mut ds = vec![T::f(0.0); p.len()];
+            attention_block_backward(q, k, v, p, dy, &mut ds, dq, dk, dv, t);
+        });
+    drop(dyh);
+    let dqkv = merge_heads(g, &dq, &dk, &dv, rope);
+    drop((dq, dk, dv));
+    let d_qkv = weights.then(|| weight_grad(&dqkv, g.qkv(), &a.xn1, h));
+    let mut dxn1 = vec![T::f(0.0); rows * h];
+    matmul(
+        rows,
+        h,
+        g.qkv(),
+        &mut dxn1,
+        h,
+        false,
+        view(&dqkv, g.qkv(), 1),
+        view(&w.qkv, h, 1),
+        threads(),
+    );
+    drop(dqkv);
+    let mut dx = dxm;
+    let d_norm1 = rms_backward(&a.x, &a.r1, &w.norm1, &dxn1, &mut dx);
+
+    let grads = match (d_qkv, d_o, d_gate_up, d_down) {
+        (Some(qkv), Some(o), Some(gu), Some(down)) => {
+            let (q, rest) = qkv.split_at(h * h);
+            let (k, v) = rest.split_at(kv * h);
+            let (gate, up) = gu.split_at(i * h);
+            Some([
+                d_norm1,
+                q.to_vec(),
+                k.to_vec(),
+                v.to_vec(),
+                o,
+                d_norm2,
+                gate.to_vec(),
+                up.to_vec(),
+                down,
+            ])
+        }
+        _ => None,
+    };
+    (dx, grads)
+}
+
+/// A stage's forward pass kept for backward, in the shard's float type.
+pub(crate) enum StagePass {
+    F32(StageSaved<f32>),
+    F64(StageSaved<f64>),
+}
+
+/// The weights each layer used and its activations, for layers `first..` in order.
+pub(crate) struct StageSaved<T> {
+    geom: Geom,
+    rope: Rope<T>,
+    first: usize,
+    layers: Vec<(LayerWeights<T>, LayerActs<T>)>,
+}
+
+/// Wraps a typed pass into [`StagePass`].
+pub(crate) trait IntoPass: Float {
+    fn into_pass(s: StageSaved<Self>) -> StagePass;
+}
+impl IntoPass for f32 {
+    fn into_pass(s: StageSaved<Self>) -> StagePass {
+        StagePass::F32(s)
+    }
+}
+impl IntoPass for f64 {
+    fn into_pass(s: StageSaved<Self>) -> StagePass {
+        StagePass::F64(s)
+    }
+}
+
+/// Layers `first..first + weights.len()` forward on `x` (`rows x hidden`).
+pub(crate) fn stage_forward<T: Float>(
+    geom: Geom,
+    tables: &RopeTables,
+    first: usize,
+    weights: Vec<LayerWeights<T>>,
+    x: Vec<T>,
+) -> (Vec<T>, StageSaved<T>) {
+    let rope = Rope::new(tables, geom.seq);
+    let mut layers = Vec::with_capacity(weights.len());
+    let mut cur = x;
+    for w in weights {
+        let (y, acts) = forward(&geom, &w, &rope, cur);
+        layers.push((w, acts));
+        cur = y;
+    }
+    let saved = StageSaved {
+        geom,
+        rope,
+        first,
+        layers,
+    };
+    (cur, saved)
+}
+
+/// Backward of [`stage_forward`]: the input gradient and, when `weights` is set, each layer's
+/// parameter gradients as `(layer index, grads)` in layer order.
+pub(crate) fn stage_backward<T: Float>(
+    s: &StageSaved<T>,
+    dout: Vec<T>,
+    weights: bool,
+) -> (Vec<T>, Vec<(usize, LayerGrads<T>)>) {
+    let mut grads = Vec::new();
+    let mut d = dout;
+    for (l, (w, acts)) in s.layers.iter().enumerate().rev() {
+        let (dx, g) = backward(&s.geom, w, &s.rope, acts, d, weights);
+        if let Some(g) = g {
+            grads.push((s.first + l, g));
+        }
+        d = dx;
+    }
+    grads.reverse();
+    (d, grads)
+}
+
+impl<T> StageSaved<T> {
+    /// `(batch, seq, hidden)` of the pass.
+    pub(crate) fn dims(&self) -> (usize, usize, usize) {
+        (self.geom.batch, self.geom.seq, self.geom.hidden)
+    }
+}
