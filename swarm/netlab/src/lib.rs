@@ -20,7 +20,9 @@
 //!
 //! The router kinds ([`Nat`]) follow RFC 4787 and n0-computer/patchbay's study of nftables:
 //! `snat`/`masquerade` alone do not keep a port across conntrack entries, so endpoint-independent
-//! mapping needs an explicit dynamic map from the mapped port to the inside address.
+//! mapping needs an explicit dynamic map from the mapped port to the inside address. That map is
+//! keyed by the inside port: two hosts of one LAN must use different ports (a second host on the
+//! same port gets a remapped, per-destination port, as behind a symmetric NAT).
 
 use std::ffi::OsStr;
 use std::fs::File;

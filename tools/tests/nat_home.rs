@@ -1,0 +1,214 @@
+//! The "home" scenario of issue #14 with real processes and real NATs: `swarm train` on a public
+//! segment, four `swarm join` volunteers behind two home routers (nftables, endpoint-independent
+//! mapping, inbound filtered). Each join prints the verdict `punchable`; the run completes with
+//! its loss falling; the volunteers' stage-to-stage connections run punched (across routers) or
+//! direct (on one LAN). Skipped (with the reason) only where namespaces cannot be made.
+
+mod net_common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use net_common::{BIN, FAST};
+use swarm_model::RunConfig;
+use swarm_netlab::{Host, Nat, lab_or_skip};
+
+fn config(steps: u64) -> RunConfig {
+    let mut cfg = RunConfig::default();
+    cfg.model.hidden_size = 32;
+    cfg.model.intermediate_size = 64;
+    cfg.model.num_hidden_layers = 2;
+    cfg.model.num_attention_heads = 4;
+    cfg.model.num_key_value_heads = Some(2);
+    cfg.model.max_position_embeddings = 32;
+    cfg.stages = vec![0, 1, 2];
+    cfg.train.steps = steps;
+    cfg.train.micro_batches = 4;
+    cfg.train.micro_batch_size = 2;
+    cfg.train.seq_len = 16;
+    cfg.train.warmup_steps = 1;
+    cfg.train.lr = 1e-2;
+    cfg.train.checkpoint_every = 100;
+    cfg.validate().unwrap();
+    cfg
+}
+
+/// A child killed on drop, its stdout lines on a channel.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(host: &Host, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = host.command(BIN);
+    cmd.args(args)
+        .env(
+            "SWARM_LOG",
+            std::env::var("NAT_TEST_LOG").unwrap_or("warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn swarm");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Proc { child, lines }
+}
+
+fn first_json(p: &Proc, limit: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = p.lines.recv_timeout(left).expect("a JSON line in time");
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && v.is_object()
+        {
+            return v;
+        }
+    }
+}
+
+#[test]
+fn home_volunteers_punch_through_two_routers_and_the_run_completes() {
+    let mut lab = lab_or_skip!("home");
+    let t_host = lab.public_host("trainer").unwrap();
+    let mut r1 = lab.router("r1", Nat::Home).unwrap();
+    let mut r2 = lab.router("r2", Nat::Home).unwrap();
+    let vols: Vec<(Host, u32)> = vec![
+        (lab.home_host(&mut r1, "v1").unwrap(), 0),
+        (lab.home_host(&mut r1, "v2").unwrap(), 1),
+        (lab.home_host(&mut r2, "v3").unwrap(), 0),
+        (lab.home_host(&mut r2, "v4").unwrap(), 1),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough that all four have joined and served well before the end.
+    let steps = 600;
+    let cfg_path = dir.path().join("run.toml");
+    std::fs::write(&cfg_path, config(steps).to_toml().unwrap()).unwrap();
+    let out = dir.path().join("ckpt");
+    let trainer_addr = format!("{}:7000", t_host.ip());
+    let trainer = spawn(
+        &t_host,
+        &[
+            "train",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--listen",
+            &trainer_addr,
+            "--data-dir",
+            dir.path().join("trainer-id").to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+    );
+    trainer
+        .lines
+        .recv_timeout(Duration::from_secs(60))
+        .expect("trainer startup line");
+
+    let mut peers = Vec::new();
+    for (i, (host, stage)) in vols.iter().enumerate() {
+        let data = dir.path().join(format!("v{i}"));
+        // One port per volunteer: the lab's endpoint-independent map is keyed by the inside
+        // port, so two hosts of one LAN on the same port would clash (see swarm-netlab).
+        let listen = format!("0.0.0.0:{}", 7100 + i);
+        let t0 = Instant::now();
+        let p = spawn(
+            host,
+            &[
+                "join",
+                &trainer_addr,
+                "--stage",
+                &stage.to_string(),
+                "--listen",
+                &listen,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--json",
+            ],
+            FAST,
+        );
+        let started = first_json(&p, Duration::from_secs(60));
+        assert_eq!(started["reach"], "punchable", "{started}");
+        assert!(
+            started["advice"]
+                .as_str()
+                .unwrap()
+                .contains("hole punching"),
+            "{started}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(30), "join too slow");
+        peers.push(p);
+    }
+
+    // Mid-run (all four serve), ask each volunteer inside its namespace how its connections run.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut punched = 0;
+    for (i, (host, _)) in vols.iter().enumerate() {
+        let o = host
+            .command(BIN)
+            .args(["status", &format!("127.0.0.1:{}", 7100 + i), "--json"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = String::from_utf8_lossy(&o.stdout);
+        let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        for p in v["peers"].as_array().unwrap() {
+            if p["self"] == true {
+                assert_eq!(p["reach"], "punchable", "{p}");
+                continue;
+            }
+            match p["path"].as_str() {
+                Some("punched") => punched += 1,
+                Some("direct") | None => {}
+                Some(other) => panic!("a stage hop runs {other}: {p}"),
+            }
+        }
+    }
+    eprintln!("connections reported punched by the volunteers: {punched}");
+    assert!(punched > 0, "no connection across the routers was punched");
+
+    // The run completes and learns.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last = String::new();
+    loop {
+        match trainer.lines.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) => last = l,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        assert!(Instant::now() < deadline, "the run did not finish in 300 s");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&last).unwrap_or_else(|e| panic!("bad JSON {last}: {e}"));
+    assert_eq!(json["steps"].as_u64(), Some(steps), "{json}");
+    let (first, last) = (
+        json["initial_loss"].as_f64().unwrap(),
+        json["final_loss"].as_f64().unwrap(),
+    );
+    assert!(last < first, "loss did not fall: {first} -> {last}");
+    assert_eq!(json["replica_hash_mismatches"], 0, "{json}");
+    drop(peers);
+}
