@@ -337,6 +337,21 @@ impl PeerShared {
         self.rpc_timeout
     }
 
+    /// (peer, smoothed RTT, UDP bytes sent, received) of every cached connection, for monitors.
+    /// Empty when the cache is busy at that instant (never waits).
+    pub fn connection_stats(&self) -> Vec<(PeerId, Duration, u64, u64)> {
+        let Ok(conns) = self.conns.try_lock() else {
+            return Vec::new();
+        };
+        conns
+            .iter()
+            .map(|(id, c)| {
+                let s = c.connection().stats();
+                (*id, c.rtt(), s.udp_tx.bytes, s.udp_rx.bytes)
+            })
+            .collect()
+    }
+
     /// Forgets a cached connection after an error on it.
     pub async fn drop_conn(&self, peer: PeerId) {
         if let Some(c) = self.conns.lock().await.remove(&peer) {

@@ -7,6 +7,7 @@ pub mod book;
 pub mod checkpoint;
 mod driver;
 pub mod metrics;
+pub mod observe;
 
 pub use book::{Attempt, Column, CountOutcome, Holder, StepBook};
 pub use driver::{Trainer, TrainerEvent, TrainerOptions, run_id_of};

@@ -6,6 +6,7 @@
 
 mod cluster;
 mod cmd;
+mod monitor;
 mod plot;
 mod scenario;
 mod shutdown;
@@ -41,6 +42,8 @@ enum Command {
     Join(cmd::join::JoinArgs),
     /// Show the swarm as one peer sees it.
     Status(cmd::status::StatusArgs),
+    /// A terminal view of a running trainer's monitor (`swarm train --http`, `swarm demo`).
+    Top(cmd::top::TopArgs),
     /// Verify a run's contribution ledger, or show per-peer credit.
     #[command(subcommand)]
     Ledger(cmd::ledger::LedgerCommand),
@@ -63,6 +66,8 @@ enum BenchCommand {
     Audit(cmd::bench_audit::BenchAuditArgs),
     /// Micro-batches until a faulty peer is banned, over seeded runs, against the theory.
     AuditBan(cmd::bench_audit::BenchAuditBanArgs),
+    /// What serving the monitor (a polling page and a Prometheus scrape) costs the training.
+    Monitor(cmd::bench_monitor::BenchMonitorArgs),
 }
 
 fn main() {
@@ -81,6 +86,7 @@ fn main() {
         Command::Replay(a) => cmd::replay::run(a),
         Command::Join(a) => cmd::join::run(a),
         Command::Status(a) => cmd::status::run(a),
+        Command::Top(a) => cmd::top::run(a),
         Command::Ledger(c) => cmd::ledger::run(c),
         Command::Sim(a) => cmd::sim::run(a),
         Command::Bench(BenchCommand::Model(a)) => cmd::bench_model::run(a),
@@ -88,6 +94,7 @@ fn main() {
         Command::Bench(BenchCommand::Link(a)) => cmd::bench_link::run(a),
         Command::Bench(BenchCommand::Audit(a)) => cmd::bench_audit::run(a),
         Command::Bench(BenchCommand::AuditBan(a)) => cmd::bench_audit::run_ban(a),
+        Command::Bench(BenchCommand::Monitor(a)) => cmd::bench_monitor::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -110,3 +110,19 @@ fn only_swarm_and_tools_join_the_library_crates() {
         assert!(swarm.iter().any(|d| d == lib), "swarm/ should use {lib}");
     }
 }
+
+#[test]
+fn the_monitor_reads_the_snapshot_and_swarm_knows_no_http() {
+    assert_absent(
+        "swarm/monitor",
+        &[
+            "candle",
+            "quinn",
+            "rustls",
+            "swarm-model",
+            "swarm-router",
+            "anyhow",
+        ],
+    );
+    assert_absent("swarm", &["axum", "hyper", "prometheus"]);
+}

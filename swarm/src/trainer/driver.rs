@@ -171,6 +171,16 @@ enum ReplicaState {
     Leaving,
 }
 
+impl ReplicaState {
+    fn name(self) -> &'static str {
+        match self {
+            ReplicaState::Joining => "joining",
+            ReplicaState::Serving => "serving",
+            ReplicaState::Leaving => "leaving",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Replica {
     addr: SocketAddr,
@@ -274,6 +284,8 @@ pub struct Trainer {
     /// and the ends from the latest checkpoint (or the seed) before going on.
     restore_pending: bool,
     audit: super::audit::Auditor,
+    /// The monitor's snapshot (issue #15), published at every event.
+    observer: super::observe::Observer,
 }
 
 fn ends_pieces() -> Vec<Piece> {
@@ -418,6 +430,8 @@ impl Trainer {
         let audit =
             super::audit::Auditor::new(audit_cfg, &opts.identity, run, &cfg, opts.sync_timeout)?;
         tracing::info!(%run, addr = %addr, stages = num_stages, "trainer started");
+        let ledger = audit.config().ledger.clone();
+        let observer = super::observe::Observer::new(&cfg, run, peer.peer_id(), addr, ledger);
         Ok(Trainer {
             rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x7261_6e64),
             opts,
@@ -435,6 +449,7 @@ impl Trainer {
             pinger: None,
             restore_pending: false,
             audit,
+            observer,
         })
     }
 
@@ -478,8 +493,43 @@ impl Trainer {
         self.cfg().stages.len() - 1
     }
 
+    /// The run's state snapshot, republished at every step and event (issue #15).
+    pub fn observe(&self) -> tokio::sync::watch::Receiver<Arc<super::observe::Snapshot>> {
+        self.observer.subscribe()
+    }
+
+    fn publish(&mut self) {
+        let (epoch, phase, replicas) = self.shared.reg(|r| {
+            let rows = r.stages.iter().enumerate().flat_map(|(k, s)| {
+                s.iter().map(move |(p, rep)| super::observe::ReplicaInput {
+                    stage: k as u32,
+                    peer: *p,
+                    addr: rep.addr,
+                    state: rep.state.name(),
+                })
+            });
+            (r.epoch, r.phase, rows.collect::<Vec<_>>())
+        });
+        let inputs = super::observe::Inputs {
+            step: self.step(),
+            epoch,
+            phase: super::observe::phase_name(phase),
+            replicas,
+            view: &self.view,
+            metrics: &self.metrics,
+            audit: &self.audit.stats,
+            ledger_head: self.audit.ledger_head(),
+            status: self.peer.status(),
+            connections: self.peer.shared().connection_stats(),
+        };
+        self.observer.publish(inputs);
+    }
+
     fn emit(&mut self, e: TrainerEvent, on_event: &mut dyn FnMut(&TrainerEvent)) {
         on_event(&e);
+        let step = self.step();
+        self.observer.event(&e, step);
+        self.publish();
         self.events.push(e);
     }
 
@@ -532,6 +582,7 @@ impl Trainer {
                 r.phase = RunPhase::Finished;
             }
         });
+        self.publish();
         Ok(self.metrics.clone())
     }
 
@@ -1106,6 +1157,7 @@ impl Trainer {
                 let bans = self.audit_step(step, epoch, &book).await;
                 if !bans.is_empty() {
                     for b in &bans {
+                        self.observer.ban(&b.peer, b.stage, &b.reason, step);
                         self.shared.reg(|r| r.banned.insert(b.peer));
                         self.lose_peer(b.peer, Some(&mut book), on_event);
                     }

@@ -65,12 +65,27 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = swarm_core::trainer::audit::DEFAULT_RATE)]
     pub audit_rate: f64,
 
+    /// TCP address of the monitor (live page, `/api/v1/state`, `/metrics`); port 0 picks a
+    /// free one. The URL is printed at start.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http: std::net::SocketAddr,
+
+    /// Do not serve the monitor.
+    #[arg(long)]
+    pub no_http: bool,
+
+    #[command(flatten)]
+    pub http_flags: crate::monitor::HttpFlags,
+
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     pub json: bool,
 }
 
-fn demo_config(path: Option<&Path>, steps: u64) -> anyhow::Result<swarm_model::RunConfig> {
+pub(crate) fn demo_config(
+    path: Option<&Path>,
+    steps: u64,
+) -> anyhow::Result<swarm_model::RunConfig> {
     let mut cfg = load_config(path, Some(steps))?;
     if path.is_none() {
         cfg.codec.activations = DEMO_ACTIVATIONS.into();
@@ -91,6 +106,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "--peers {} cannot cover {stages} stages",
         args.peers
     );
+    if !args.no_http {
+        args.http_flags.config(args.http).check()?;
+    }
     let children = Arc::new(Mutex::new(Cluster::new("demo")?));
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(demo(&args, cfg, children.clone()));
@@ -131,6 +149,14 @@ async fn demo(
             args.shape
         );
     }
+    let monitor = if args.no_http {
+        None
+    } else {
+        let source = swarm_monitor::Source::Trainer(trainer.observe());
+        let m = crate::monitor::start(args.http, &args.http_flags, source).await?;
+        crate::monitor::announce("monitor", &m, args.json);
+        Some(m)
+    };
     for i in 0..args.peers {
         let extra = match (&args.faulty_peer, i) {
             (Some(f), 0) => vec!["--fault".to_string(), f.to_string()],
@@ -215,6 +241,7 @@ async fn demo(
         j["false_bans"] = false_bans.into();
         j["faulty_peer"] = faulty.into();
         j["audit"] = serde_json::to_value(&metrics.audit)?;
+        j["monitor"] = monitor.as_ref().map(|m| m.url()).into();
         ui::print_json(&j)?;
     }
     Ok(())

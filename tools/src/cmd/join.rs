@@ -73,6 +73,15 @@ pub struct JoinArgs {
     #[arg(long, env = "SWARM_FANOUT", default_value_t = 3)]
     pub fanout: usize,
 
+    /// Serve this peer's own monitor on this TCP address: a small page at `/`, its state as
+    /// JSON at `/api/v1/state`, Prometheus metrics at `/metrics` (loopback unless
+    /// `--http-public`).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub http_flags: crate::monitor::HttpFlags,
+
     /// Print the startup line and the final summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -157,6 +166,9 @@ fn membership_config(args: &JoinArgs) -> anyhow::Result<MembershipConfig> {
 
 pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     let membership = membership_config(&args)?;
+    if let Some(a) = args.metrics {
+        args.http_flags.config(a).check()?;
+    }
     let data_dir = match &args.data_dir {
         Some(d) => d.clone(),
         None => default_data_dir()?,
@@ -230,6 +242,18 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                 ),
             }
         }
+        let mut feed = None;
+        let _monitor = match args.metrics {
+            Some(a) => {
+                let mut f = crate::monitor::VolunteerFeed::new(&peer);
+                f.update(&peer, None, None, "joining");
+                let m = crate::monitor::start(a, &args.http_flags, f.source()).await?;
+                crate::monitor::announce("metrics", &m, args.json);
+                feed = Some(f);
+                Some(m)
+            }
+            None => None,
+        };
         let joining = join_training(&peer, bootstrap, args.stage, args.fault, args.json);
         let joined = tokio::select! {
             j = joining => Some(j?),
@@ -238,7 +262,8 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         let trainer_timeout = Duration::from_secs(args.trainer_timeout_s.max(1));
         let (serving, stop) = match joined {
             Some(Some((worker, trainer))) => {
-                let (worker, stop) = serve_until_shutdown(
+                let shown = worker.clone();
+                let serve = serve_until_shutdown(
                     &peer,
                     worker,
                     trainer,
@@ -246,8 +271,22 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                     args.json,
                     trainer_timeout,
                     &mut shutdown,
-                )
-                .await;
+                );
+                tokio::pin!(serve);
+                // The volunteer's own monitor is refreshed every second meanwhile.
+                let (worker, stop) = loop {
+                    tokio::select! {
+                        r = &mut serve => break r,
+                        _ = tokio::time::sleep(Duration::from_secs(1)), if feed.is_some() => {
+                            if let Some(f) = &mut feed {
+                                f.update(&peer, Some(&shown), Some(trainer), "serving");
+                            }
+                        }
+                    }
+                };
+                if let Some(f) = &mut feed {
+                    f.update(&peer, Some(&worker), Some(trainer), "leaving");
+                }
                 (Some((worker, trainer)), stop)
             }
             Some(None) => (None, Stop::Asked(shutdown.wait().await)),

@@ -31,6 +31,9 @@ pub struct SwarmTrainArgs {
     /// Stop after this many steps (the config's `train.steps` otherwise).
     pub steps: Option<u64>,
     pub data_dir: Option<PathBuf>,
+    /// Serve the monitor (page, JSON, Prometheus) here.
+    pub http: Option<SocketAddr>,
+    pub http_flags: crate::monitor::HttpFlags,
     pub json: bool,
 }
 
@@ -223,6 +226,12 @@ pub struct SwarmFlags {
     /// Folder holding the trainer's identity key (a new identity each start without it).
     #[arg(long, env = "SWARM_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Serve the monitor on this TCP address: a live page at `/`, the state as JSON at
+    /// `/api/v1/state`, Prometheus metrics at `/metrics` (loopback unless `--http-public`).
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    #[command(flatten)]
+    pub http_flags: crate::monitor::HttpFlags,
 }
 
 /// `swarm train` without `--local`.
@@ -236,6 +245,8 @@ pub fn run_cli(args: &super::train::TrainArgs) -> anyhow::Result<()> {
         min_replicas: args.swarm.min_replicas,
         steps: args.steps,
         data_dir: args.swarm.data_dir.clone(),
+        http: args.swarm.http,
+        http_flags: args.swarm.http_flags.clone(),
         json: args.json,
     })
 }
@@ -249,6 +260,9 @@ pub fn run(args: SwarmTrainArgs) -> anyhow::Result<()> {
         Some(d) => Identity::load_or_create(d)?,
         None => Identity::generate(),
     };
+    if let Some(a) = args.http {
+        args.http_flags.config(a).check()?;
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let mut shutdown = crate::shutdown::ShutdownSignal::new();
@@ -267,6 +281,15 @@ pub fn run(args: SwarmTrainArgs) -> anyhow::Result<()> {
             trainer.step(),
             trainer.addr()
         );
+        let _monitor = match args.http {
+            Some(a) => {
+                let source = swarm_monitor::Source::Trainer(trainer.observe());
+                let m = crate::monitor::start(a, &args.http_flags, source).await?;
+                crate::monitor::announce("monitor", &m, false);
+                Some(m)
+            }
+            None => None,
+        };
         std::io::stdout().flush()?;
         let total = trainer_total_steps(&trainer);
         let mut progress = Progress::new(total, args.json);

@@ -1,0 +1,711 @@
+//! The trainer's state snapshot (issue #15): what a monitor shows of a running swarm, published
+//! through a `tokio::sync::watch` channel at every step and every event. The driver owns an
+//! [`Observer`] and calls it from a few lines; readers (the HTTP monitor, `swarm top`) hold
+//! receivers and never touch the run. The snapshot is versioned JSON (`/api/v1/state`): fields
+//! are only added within a version, and `version` changes when one is removed or changes meaning.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use swarm_model::RunConfig;
+use swarm_router as router;
+use tokio::sync::watch;
+
+use super::audit::AuditStats;
+use super::driver::TrainerEvent;
+use super::metrics::{Metrics, StepReport, WireStats};
+use crate::identity::PeerId;
+use crate::ledger::{Credit, Head};
+use crate::membership::{RunId, StatusReply};
+
+/// Version of the snapshot's JSON schema.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Steps kept in `history` (older points are thinned to every other one).
+pub const MAX_HISTORY: usize = 2048;
+/// Events kept (the oldest are dropped).
+pub const MAX_EVENTS: usize = 512;
+/// The ledger file is re-read for credit at most this often.
+const CREDIT_EVERY: Duration = Duration::from_secs(3);
+
+/// The whole state of a run as a monitor sees it (the JSON of `/api/v1/state`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// [`SCHEMA_VERSION`].
+    pub version: u32,
+    /// Incremented at every publication.
+    pub seq: u64,
+    /// Unix milliseconds of this publication.
+    pub updated_unix_ms: u64,
+    pub run: RunSummary,
+    pub progress: Progress,
+    /// One point per finished step (thinned beyond [`MAX_HISTORY`]).
+    pub history: Vec<StepPoint>,
+    /// Coverage: every stage and its replicas.
+    pub stages: Vec<StageCoverage>,
+    /// Every peer that ever served (lost, left and banned ones stay, with that state).
+    pub peers: Vec<PeerRow>,
+    /// Cumulative bytes per channel (activations, gradients, sync, state).
+    pub channels: Vec<ChannelBytes>,
+    pub audits: AuditTotals,
+    /// The last [`MAX_EVENTS`] events, oldest first.
+    pub events: Vec<EventRow>,
+    pub ledger: LedgerSummary,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Hex run id (BLAKE3 of the canonical config).
+    pub run_id: String,
+    pub trainer_id: String,
+    pub trainer_addr: String,
+    /// Bumped at every restore.
+    pub epoch: u32,
+    /// `running`, `paused` or `finished`.
+    pub phase: String,
+    pub config: ConfigSummary,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConfigSummary {
+    pub seed: u64,
+    pub stages: u32,
+    /// Stage boundaries (layer indices, `stages + 1` of them).
+    pub stage_bounds: Vec<usize>,
+    pub layers: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub steps: u64,
+    pub micro_batches: usize,
+    pub micro_batch_size: usize,
+    pub seq_len: usize,
+    pub codec_activations: String,
+    pub codec_gradients: String,
+    pub codec_sync: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Steps done.
+    pub step: u64,
+    pub total_steps: u64,
+    /// Loss of the last finished step (nats/token).
+    pub loss: Option<f64>,
+    /// Validation loss: `None` (the distributed trainer does not evaluate during the run).
+    pub val_loss: Option<f64>,
+    pub lr: Option<f64>,
+    /// Tokens per second over the training time so far.
+    pub tokens_per_s: f64,
+    pub tokens: u64,
+    /// Unix milliseconds when this trainer started.
+    pub started_unix_ms: u64,
+    /// Seconds spent training (from the first step).
+    pub train_s: f64,
+    /// Estimated seconds to the last step at the mean step time so far.
+    pub eta_s: Option<f64>,
+    pub retries: u64,
+    pub peers_lost: u64,
+    pub peers_left: u64,
+    pub restores: u64,
+    pub replica_hash_mismatches: u64,
+}
+
+/// Bytes of one channel: on the wire and as fp32.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChannelBytes {
+    /// `activations`, `gradients`, `sync` or `state`.
+    pub channel: String,
+    pub wire_bytes: u64,
+    pub dense_bytes: u64,
+    pub frames: u64,
+}
+
+/// One finished step.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepPoint {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Tokens per second of this step alone.
+    pub tokens_per_s: f64,
+    /// Seconds since the first step started, at the end of this step.
+    pub train_s: f64,
+    pub retries: u64,
+    /// Cumulative wire and fp32 bytes per channel at the end of this step.
+    pub channels: Vec<ChannelBytes>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageCoverage {
+    pub stage: u32,
+    /// Layers `[first, end)`.
+    pub layers: [usize; 2],
+    pub replicas: Vec<ReplicaRow>,
+    /// Replicas that can be routed to.
+    pub serving: usize,
+    /// `healthy` (>= 2 serving), `thin` (1) or `broken` (0).
+    pub health: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaRow {
+    pub peer: String,
+    /// `joining`, `serving` or `leaving`.
+    pub state: String,
+    /// Micro-batches in flight through it (the router's load).
+    pub load: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerRow {
+    pub id: String,
+    pub addr: String,
+    pub stage: Option<u32>,
+    /// `joining`, `serving`, `leaving`, `left`, `lost` or `banned`.
+    pub state: String,
+    /// How the trainer reaches it. Every connection is a direct QUIC connection today; `punched`
+    /// and `relayed` come with reachability (issue #14).
+    pub path: String,
+    /// Throughput the router uses for it (tokens/s through its stage).
+    pub throughput_tokens_per_s: Option<f64>,
+    pub load: Option<u32>,
+    /// Smoothed RTT of the trainer's QUIC connection to it.
+    pub rtt_ms: Option<f64>,
+    /// UDP bytes the trainer sent to / received from it on that connection (all channels).
+    pub tx_bytes: Option<u64>,
+    pub rx_bytes: Option<u64>,
+    pub audits_passed: u64,
+    pub audits_failed: u64,
+    /// Micro-batches of work verified by a later passed audit (from the ledger).
+    pub credited_micro_batches: u64,
+    pub pending_micro_batches: u64,
+    /// The version string of its signed record.
+    pub version: Option<String>,
+    /// Seconds since the trainer last heard from or about it.
+    pub last_seen_s: Option<f64>,
+    /// Step at which it joined (became routable), and how long it took to load its state.
+    pub joined_step: Option<u64>,
+    pub sync_ms: Option<u64>,
+    /// Why it was banned, when it was.
+    pub ban_reason: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditTotals {
+    pub audits: u64,
+    pub failures: u64,
+    pub banned: Vec<String>,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EventRow {
+    pub unix_ms: u64,
+    /// Steps done when it happened.
+    pub step: u64,
+    /// `join`, `lost`, `left`, `ban`, `restore`, `checkpoint`, `paused` or `waiting`.
+    pub kind: String,
+    pub peer: Option<String>,
+    pub stage: Option<u32>,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LedgerSummary {
+    pub path: Option<String>,
+    /// `SEQ:HEX` of the last entry written.
+    pub head: Option<String>,
+}
+
+/// The snapshot's name of a run phase.
+pub fn phase_name(p: crate::protocol::RunPhase) -> &'static str {
+    match p {
+        crate::protocol::RunPhase::Running => "running",
+        crate::protocol::RunPhase::Paused => "paused",
+        crate::protocol::RunPhase::Finished => "finished",
+    }
+}
+
+/// A replica as the driver's registry holds it.
+pub struct ReplicaInput {
+    pub stage: u32,
+    pub peer: PeerId,
+    pub addr: SocketAddr,
+    pub state: &'static str,
+}
+
+/// What the driver hands over at each publication (borrowed, cheap to gather).
+pub struct Inputs<'a> {
+    pub step: u64,
+    pub epoch: u32,
+    pub phase: &'static str,
+    pub replicas: Vec<ReplicaInput>,
+    pub view: &'a router::SwarmView,
+    pub metrics: &'a Metrics,
+    pub audit: &'a AuditStats,
+    pub ledger_head: Option<Head>,
+    pub status: StatusReply,
+    /// (peer, RTT, UDP bytes sent, received) of the trainer's cached connections.
+    pub connections: Vec<(PeerId, Duration, u64, u64)>,
+}
+
+/// Keeps the snapshot up to date and publishes it.
+pub struct Observer {
+    tx: watch::Sender<Arc<Snapshot>>,
+    snap: Snapshot,
+    peers: BTreeMap<PeerId, PeerRow>,
+    events: VecDeque<EventRow>,
+    ledger: Option<PathBuf>,
+    credits: HashMap<PeerId, Credit>,
+    credits_read: Option<Instant>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn channels(w: &WireStats) -> Vec<ChannelBytes> {
+    [
+        ("activations", &w.activations),
+        ("gradients", &w.gradients),
+        ("sync", &w.sync),
+        ("state", &w.state),
+    ]
+    .into_iter()
+    .map(|(name, c)| ChannelBytes {
+        channel: name.into(),
+        wire_bytes: c.wire_bytes,
+        dense_bytes: c.dense_bytes,
+        frames: c.frames,
+    })
+    .collect()
+}
+
+impl Observer {
+    pub fn new(
+        cfg: &RunConfig,
+        run: RunId,
+        trainer: PeerId,
+        addr: SocketAddr,
+        ledger: Option<PathBuf>,
+    ) -> Observer {
+        let snap = Snapshot {
+            version: SCHEMA_VERSION,
+            run: RunSummary {
+                run_id: run.to_string(),
+                trainer_id: trainer.to_string(),
+                trainer_addr: addr.to_string(),
+                epoch: 0,
+                phase: "running".into(),
+                config: ConfigSummary {
+                    seed: cfg.seed,
+                    stages: (cfg.stages.len() - 1) as u32,
+                    stage_bounds: cfg.stages.clone(),
+                    layers: cfg.model.num_hidden_layers,
+                    hidden_size: cfg.model.hidden_size,
+                    vocab_size: cfg.model.vocab_size,
+                    steps: cfg.train.steps,
+                    micro_batches: cfg.train.micro_batches,
+                    micro_batch_size: cfg.train.micro_batch_size,
+                    seq_len: cfg.train.seq_len,
+                    codec_activations: cfg.codec.activations.clone(),
+                    codec_gradients: cfg.codec.gradients.clone(),
+                    codec_sync: cfg.codec.sync.clone(),
+                },
+            },
+            progress: Progress {
+                total_steps: cfg.train.steps,
+                started_unix_ms: unix_ms(),
+                ..Progress::default()
+            },
+            ledger: LedgerSummary {
+                path: ledger.as_ref().map(|p| p.display().to_string()),
+                head: None,
+            },
+            ..Snapshot::default()
+        };
+        let (tx, _) = watch::channel(Arc::new(snap.clone()));
+        Observer {
+            tx,
+            snap,
+            peers: BTreeMap::new(),
+            events: VecDeque::new(),
+            ledger,
+            credits: HashMap::new(),
+            credits_read: None,
+        }
+    }
+
+    /// A receiver of every publication (the latest is always readable with `borrow`).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    fn push_event(
+        &mut self,
+        step: u64,
+        kind: &str,
+        peer: Option<&PeerId>,
+        stage: Option<u32>,
+        detail: String,
+    ) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(EventRow {
+            unix_ms: unix_ms(),
+            step,
+            kind: kind.into(),
+            peer: peer.map(|p| p.to_string()),
+            stage: stage.filter(|&s| s != u32::MAX),
+            detail,
+        });
+    }
+
+    fn row(&mut self, peer: &PeerId) -> &mut PeerRow {
+        self.peers.entry(*peer).or_insert_with(|| PeerRow {
+            id: peer.to_string(),
+            path: "direct".into(),
+            ..PeerRow::default()
+        })
+    }
+
+    /// Records an event of the driver (`step`: steps done).
+    pub fn event(&mut self, e: &TrainerEvent, step: u64) {
+        match e {
+            TrainerEvent::Step(r) => self.step(r),
+            TrainerEvent::Joined {
+                peer,
+                stage,
+                sync_ms,
+            } => {
+                let row = self.row(peer);
+                row.joined_step = Some(step);
+                row.sync_ms = Some(*sync_ms);
+                row.ban_reason = None;
+                self.push_event(
+                    step,
+                    "join",
+                    Some(peer),
+                    Some(*stage),
+                    format!("state loaded in {sync_ms} ms"),
+                );
+            }
+            TrainerEvent::Lost { peer, stage } => {
+                let banned = self.row(peer).ban_reason.is_some();
+                self.row(peer).state = if banned { "banned" } else { "lost" }.into();
+                let detail = if banned {
+                    "removed after a ban"
+                } else {
+                    "stopped answering, crashed or timed out"
+                };
+                self.push_event(step, "lost", Some(peer), Some(*stage), detail.into());
+            }
+            TrainerEvent::Left {
+                peer,
+                stage,
+                handed_off,
+            } => {
+                self.row(peer).state = "left".into();
+                let detail = if *handed_off {
+                    "left; the trainer kept its stage's state"
+                } else {
+                    "left gracefully"
+                };
+                self.push_event(step, "left", Some(peer), Some(*stage), detail.into());
+            }
+            TrainerEvent::Checkpoint { step, dir } => {
+                self.push_event(
+                    *step,
+                    "checkpoint",
+                    None,
+                    None,
+                    format!("written to {}", dir.display()),
+                );
+            }
+            TrainerEvent::Restored {
+                step,
+                epoch,
+                from_checkpoint,
+            } => {
+                let from = if *from_checkpoint {
+                    "the latest checkpoint"
+                } else {
+                    "the seed"
+                };
+                self.snap.history.retain(|p| p.step < *step);
+                self.push_event(
+                    *step,
+                    "restore",
+                    None,
+                    None,
+                    format!("restored from {from} at step {step}, epoch {epoch}"),
+                );
+            }
+            TrainerEvent::Paused { stage } => self.push_event(
+                step,
+                "paused",
+                None,
+                Some(*stage),
+                "no replica left: waiting for a peer".into(),
+            ),
+            TrainerEvent::Waiting { serving, need } => self.push_event(
+                step,
+                "waiting",
+                None,
+                None,
+                format!("replicas per stage {serving:?}, need {need}"),
+            ),
+        }
+    }
+
+    /// Records a ban decided by an audit (the `Lost` event follows).
+    pub fn ban(&mut self, peer: &PeerId, stage: u32, reason: &str, step: u64) {
+        self.row(peer).ban_reason = Some(reason.to_string());
+        self.push_event(step, "ban", Some(peer), Some(stage), reason.to_string());
+    }
+
+    fn step(&mut self, r: &StepReport) {
+        let h = &mut self.snap.history;
+        if h.len() >= MAX_HISTORY {
+            // Keep the whole run visible at half the resolution.
+            let mut i = 0;
+            h.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+        }
+        let train_s = h.last().map_or(0.0, |p| p.train_s) + r.seconds;
+        h.push(StepPoint {
+            step: r.step,
+            loss: r.loss,
+            lr: r.lr,
+            grad_norm: r.grad_norm,
+            tokens_per_s: if r.seconds > 0.0 {
+                r.tokens as f64 / r.seconds
+            } else {
+                0.0
+            },
+            train_s,
+            retries: r.retries,
+            channels: channels(&r.wire),
+        });
+    }
+
+    fn refresh_credits(&mut self) {
+        let Some(path) = &self.ledger else { return };
+        if self
+            .credits_read
+            .is_some_and(|t| t.elapsed() < CREDIT_EVERY)
+        {
+            return;
+        }
+        self.credits_read = Some(Instant::now());
+        // The trainer writes this file itself; a read racing an append sees a shorter valid
+        // prefix or fails to parse, and the next read catches up.
+        if let Ok(bytes) = std::fs::read(path)
+            && let Ok(entries) = crate::ledger::parse(&bytes)
+        {
+            self.credits = crate::ledger::credits(&entries)
+                .into_iter()
+                .map(|c| (c.peer, c))
+                .collect();
+        }
+    }
+
+    /// Rebuilds the snapshot from the driver's state and publishes it.
+    pub fn publish(&mut self, inp: Inputs<'_>) {
+        self.refresh_credits();
+        let m = inp.metrics;
+        let s = &mut self.snap;
+        s.seq += 1;
+        s.updated_unix_ms = unix_ms();
+        s.run.epoch = inp.epoch;
+        s.run.phase = inp.phase.into();
+        let p = &mut s.progress;
+        p.step = inp.step;
+        p.loss = m.steps.last().map(|r| r.loss);
+        p.lr = m.steps.last().map(|r| r.lr);
+        p.tokens = m.tokens;
+        p.train_s = m.train_seconds;
+        p.tokens_per_s = if m.train_seconds > 0.0 {
+            m.tokens as f64 / m.train_seconds
+        } else {
+            0.0
+        };
+        let done = m.steps.len() as u64;
+        p.eta_s = (done > 0 && m.train_seconds > 0.0)
+            .then(|| m.train_seconds / done as f64 * p.total_steps.saturating_sub(inp.step) as f64);
+        p.retries = m.retries;
+        p.peers_lost = m.peers_lost;
+        p.peers_left = m.peers_left;
+        p.restores = m.restores;
+        p.replica_hash_mismatches = m.replica_hash_mismatches;
+        s.channels = channels(&m.wire);
+        s.audits = AuditTotals {
+            audits: inp.audit.audits,
+            failures: inp.audit.audit_failures,
+            banned: inp.audit.banned.iter().map(|p| p.to_string()).collect(),
+            bytes: inp.audit.bytes,
+            seconds: inp.audit.seconds,
+        };
+        s.ledger.head = inp.ledger_head.map(|h| h.to_string());
+
+        // Coverage.
+        let bounds = s.run.config.stage_bounds.clone();
+        let stages = bounds.len().saturating_sub(1);
+        let mut cov: Vec<StageCoverage> = (0..stages)
+            .map(|k| StageCoverage {
+                stage: k as u32,
+                layers: [bounds[k], bounds[k + 1]],
+                ..StageCoverage::default()
+            })
+            .collect();
+        let load_of = |p: &PeerId| {
+            inp.view
+                .peer(&router::PeerKey(p.0))
+                .map(|r| (r.load, r.info.compute_tokens_per_s))
+        };
+        for r in &inp.replicas {
+            let load = load_of(&r.peer);
+            if let Some(c) = cov.get_mut(r.stage as usize) {
+                c.replicas.push(ReplicaRow {
+                    peer: r.peer.to_string(),
+                    state: r.state.into(),
+                    load: load.map_or(0, |l| l.0),
+                });
+                if r.state == "serving" {
+                    c.serving += 1;
+                }
+            }
+            let row = self.peers.entry(r.peer).or_insert_with(|| PeerRow {
+                id: r.peer.to_string(),
+                path: "direct".into(),
+                ..PeerRow::default()
+            });
+            row.addr = r.addr.to_string();
+            row.stage = Some(r.stage);
+            row.state = r.state.into();
+            row.load = load.map(|l| l.0);
+            row.throughput_tokens_per_s = load.map(|l| l.1).filter(|t| *t > 0.0);
+        }
+        for c in &mut cov {
+            c.health = match c.serving {
+                0 => "broken",
+                1 => "thin",
+                _ => "healthy",
+            }
+            .into();
+        }
+        s.stages = cov;
+
+        // Per-peer measurements.
+        let live: std::collections::HashSet<PeerId> = inp.replicas.iter().map(|r| r.peer).collect();
+        for (id, row) in self.peers.iter_mut() {
+            if !live.contains(id) {
+                row.load = None;
+            }
+        }
+        for (peer, rtt, tx, rx) in &inp.connections {
+            if let Some(row) = self.peers.get_mut(peer) {
+                row.rtt_ms = Some(rtt.as_secs_f64() * 1e3);
+                row.tx_bytes = Some(*tx);
+                row.rx_bytes = Some(*rx);
+            }
+        }
+        for e in &inp.status.entries {
+            if let Some(row) = self.peers.get_mut(&e.record.peer_id) {
+                row.version = Some(e.record.info.version.clone());
+                row.last_seen_s = Some(e.last_seen_ago_ms as f64 / 1e3);
+            }
+        }
+        for (id, row) in self.peers.iter_mut() {
+            if let Some(c) = self.credits.get(id) {
+                row.audits_passed = c.audits_passed;
+                row.audits_failed = c.audits_failed;
+                row.credited_micro_batches = c.credited_micro_batches;
+                row.pending_micro_batches = c.pending_micro_batches;
+            } else if let Some((run, failed)) = inp.audit.per_peer.get(id) {
+                row.audits_passed = run.saturating_sub(*failed);
+                row.audits_failed = *failed;
+            }
+        }
+        s.peers = self.peers.values().cloned().collect();
+        s.events = self.events.iter().cloned().collect();
+        self.tx.send_replace(Arc::new(self.snap.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_round_trips_through_json() {
+        let cfg = RunConfig::default();
+        let id = crate::Identity::generate().peer_id();
+        let mut o = Observer::new(
+            &cfg,
+            RunId([7; 16]),
+            id,
+            "127.0.0.1:1".parse().unwrap(),
+            None,
+        );
+        let rx = o.subscribe();
+        o.event(
+            &TrainerEvent::Joined {
+                peer: id,
+                stage: 1,
+                sync_ms: 5,
+            },
+            0,
+        );
+        o.ban(&id, 1, "output <peer> & \"quotes\"", 3);
+        o.event(&TrainerEvent::Lost { peer: id, stage: 1 }, 3);
+        let view = router::SwarmView::new(
+            2,
+            router::Workload {
+                tokens: 1,
+                hidden: 1,
+                codec_ratio: 1.0,
+            },
+        )
+        .unwrap();
+        o.publish(Inputs {
+            step: 3,
+            epoch: 0,
+            phase: "running",
+            replicas: Vec::new(),
+            view: &view,
+            metrics: &Metrics::default(),
+            audit: &AuditStats::default(),
+            ledger_head: None,
+            status: StatusReply {
+                run_id: RunId([7; 16]),
+                entries: Vec::new(),
+            },
+            connections: Vec::new(),
+        });
+        let s = rx.borrow().clone();
+        assert_eq!(s.version, SCHEMA_VERSION);
+        assert_eq!(s.peers.len(), 1);
+        assert_eq!(s.peers[0].state, "banned");
+        assert_eq!(s.stages.len(), cfg.stages.len() - 1);
+        assert!(s.stages.iter().all(|c| c.health == "broken"));
+        assert_eq!(
+            s.events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+            ["join", "ban", "lost"]
+        );
+        let json = serde_json::to_string(&*s).unwrap();
+        let back: Snapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, *s);
+    }
+}

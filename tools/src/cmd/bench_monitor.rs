@@ -1,0 +1,193 @@
+//! `swarm bench monitor`: what serving the monitor costs the training. One demo-like run (the
+//! trainer in this process, real peer processes on loopback) alternates blocks of steps with and
+//! without a reader: a browser-like poller of `/api/v1/state` (twice a second, as the page does,
+//! plus the page itself every 10 s) and a Prometheus scrape of `/metrics` every second. Blocks
+//! interleave (off, on, off, on, ...) so that drift in the machine's load hits both alike; the
+//! result is the ratio of mean step times, on / off.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use swarm_core::shaping::LinkShape;
+use swarm_core::trainer::{Trainer, TrainerEvent, TrainerOptions};
+
+use crate::cluster::{Cluster, lock, run_with_events};
+use crate::ui;
+
+#[derive(clap::Args)]
+pub struct BenchMonitorArgs {
+    /// Run config (default: the built-in model with the demo's codecs).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Stage peers.
+    #[arg(long, default_value_t = 4)]
+    pub peers: usize,
+    /// Steps in each block of the same mode.
+    #[arg(long, default_value_t = 4)]
+    pub block: u64,
+    /// Blocks per mode (the run has 2 x blocks x block steps, after 2 warm-up steps).
+    #[arg(long, default_value_t = 4)]
+    pub blocks: u64,
+    /// Link shape of every peer and the trainer.
+    #[arg(long, default_value = "up=20mbit,down=80mbit,delay=15ms")]
+    pub shape: LinkShape,
+    /// Print the result as one JSON object on the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct BenchResult {
+    steps_per_mode: u64,
+    mean_step_s_off: f64,
+    mean_step_s_on: f64,
+    /// mean step time with readers / without: 1.02 would be a 2% cost.
+    ratio: f64,
+    /// Requests the readers made while on, and the bytes they read.
+    state_polls: u64,
+    scrapes: u64,
+    page_loads: u64,
+    bytes_read: u64,
+    load_average: String,
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The readers: run while `on`, count what they did.
+fn readers(
+    addr: SocketAddr,
+    on: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    counts: Arc<[AtomicU64; 4]>,
+) {
+    let t = Duration::from_secs(5);
+    let mut tick = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(500));
+        if !on.load(Ordering::Relaxed) {
+            continue;
+        }
+        tick += 1;
+        let read = |path: &str, i: usize| {
+            if let Ok(r) = swarm_monitor::client::get(addr, path, None, t) {
+                counts[i].fetch_add(1, Ordering::Relaxed);
+                counts[3].fetch_add(r.body.len() as u64, Ordering::Relaxed);
+            }
+        };
+        read("/api/v1/state", 0);
+        if tick.is_multiple_of(2) {
+            read("/metrics", 1);
+        }
+        if tick % 20 == 1 {
+            read("/", 2);
+        }
+    }
+}
+
+pub fn run(args: BenchMonitorArgs) -> anyhow::Result<()> {
+    let warmup = 2u64;
+    let steps = warmup + 2 * args.blocks * args.block;
+    let cfg = super::demo::demo_config(args.config.as_deref(), steps)?;
+    let stages = cfg.stages.len() - 1;
+    anyhow::ensure!(
+        args.peers >= stages,
+        "--peers must cover the {stages} stages"
+    );
+    anyhow::ensure!(
+        args.block >= 1 && args.blocks >= 1,
+        "--block and --blocks must be >= 1"
+    );
+    let cluster = Arc::new(Mutex::new(Cluster::new("bench-monitor")?));
+    let rt = tokio::runtime::Runtime::new()?;
+    let out = rt.block_on(async {
+        let mut opts = TrainerOptions::new(cfg);
+        opts.shape = Some(args.shape.clone());
+        opts.min_replicas = args.peers / stages;
+        let mut trainer = Trainer::start(opts).await?;
+        let monitor = crate::monitor::start(
+            "127.0.0.1:0".parse()?,
+            &Default::default(),
+            swarm_monitor::Source::Trainer(trainer.observe()),
+        )
+        .await?;
+        for i in 0..args.peers {
+            lock(&cluster).spawn((i % stages) as u32, trainer.addr(), &args.shape)?;
+        }
+        let on = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
+        let reader = {
+            let (addr, on, stop, counts) = (
+                monitor.local_addr(),
+                on.clone(),
+                stop.clone(),
+                counts.clone(),
+            );
+            std::thread::spawn(move || readers(addr, on, stop, counts))
+        };
+        // Step k (0-based) of the timed part is "on" in odd blocks.
+        let mode = |step: u64| step >= warmup && ((step - warmup) / args.block) % 2 == 1;
+        let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        let bar = ui::progress(steps, args.json);
+        let (result, _) = run_with_events(&mut trainer, &cluster, &[], |e, _| {
+            if let TrainerEvent::Step(r) = e {
+                bar.inc(1);
+                if r.step >= warmup {
+                    times[usize::from(mode(r.step))].push(r.seconds);
+                }
+                on.store(mode(r.step + 1), Ordering::Relaxed);
+            }
+        })
+        .await;
+        bar.finish_and_clear();
+        stop.store(true, Ordering::Relaxed);
+        let _ = reader.join();
+        result?;
+        trainer.shutdown().await;
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let (off, on_s) = (mean(&times[0]), mean(&times[1]));
+        anyhow::Ok(BenchResult {
+            steps_per_mode: times[0].len().min(times[1].len()) as u64,
+            mean_step_s_off: off,
+            mean_step_s_on: on_s,
+            ratio: on_s / off,
+            state_polls: counts[0].load(Ordering::Relaxed),
+            scrapes: counts[1].load(Ordering::Relaxed),
+            page_loads: counts[2].load(Ordering::Relaxed),
+            bytes_read: counts[3].load(Ordering::Relaxed),
+            load_average: load_average(),
+        })
+    });
+    drop(rt);
+    drop(cluster);
+    let r = out?;
+    if args.json {
+        ui::print_json(&r)?;
+    } else {
+        println!(
+            "monitor cost: mean step {:.3} s with readers vs {:.3} s without ({} steps each): ratio {:.4} ({:+.2}%)",
+            r.mean_step_s_on,
+            r.mean_step_s_off,
+            r.steps_per_mode,
+            r.ratio,
+            (r.ratio - 1.0) * 100.0
+        );
+        println!(
+            "readers: {} state polls, {} scrapes, {} page loads, {:.1} MB read; load average {}",
+            r.state_polls,
+            r.scrapes,
+            r.page_loads,
+            r.bytes_read as f64 / 1e6,
+            r.load_average
+        );
+    }
+    Ok(())
+}
