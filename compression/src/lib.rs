@@ -56,6 +56,7 @@ mod error;
 mod feedback;
 pub mod frame;
 mod index;
+pub mod outer;
 mod quant;
 mod rotate;
 mod topk;

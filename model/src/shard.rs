@@ -784,6 +784,42 @@ impl Shard {
         Ok(())
     }
 
+    /// The weights, flattened in parameter order, as f32 (the layout of [`Shard::grads_flat`]).
+    pub fn weights_flat(&self) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.num_parameters());
+        for p in &self.params {
+            out.extend(
+                p.var
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Overwrites the weights from a flat f32 vector in parameter order (an outer optimizer's
+    /// result); the AdamW moments and the step count stay. Contexts from earlier forwards
+    /// become stale, as after [`Shard::optimizer_step`].
+    pub fn set_weights_flat(&mut self, flat: &[f32]) -> Result<()> {
+        if flat.len() != self.num_parameters() {
+            return Err(Error::Input(format!(
+                "{} weight values for {} parameters",
+                flat.len(),
+                self.num_parameters()
+            )));
+        }
+        let mut off = 0;
+        for p in &mut self.params {
+            let n = p.var.elem_count();
+            let t = Tensor::from_slice(&flat[off..off + n], p.shape.as_slice(), &self.device)?
+                .to_dtype(self.dtype)?;
+            p.var = Var::from_tensor(&t)?;
+            off += n;
+        }
+        Ok(())
+    }
+
     /// Sum of squared accumulated gradients, in f64, in parameter order (so every replica of
     /// the same shard gets the same bits). The caller sums over shards for global clipping.
     pub fn grad_sq_norm(&self) -> Result<f64> {

@@ -52,12 +52,25 @@ pub fn forward_micro_batch(
     stages: &[Shard],
     batch: &Batch,
 ) -> Result<(f64, MicroBatchCtx)> {
-    let (mut x, embed) = ends.embed_forward(&batch.inputs, batch.batch_size, batch.seq_len)?;
+    forward_micro_batch_with(ends, stages, batch, &mut |x| Ok(x.clone()))
+}
+
+/// [`forward_micro_batch`] where every hidden state crossing a boundary (embedding -> stage 0
+/// -> ... -> head) goes through `link` first, as a swarm's activation codec does: the receiver
+/// continues with what `link` returns.
+pub fn forward_micro_batch_with(
+    ends: &Shard,
+    stages: &[Shard],
+    batch: &Batch,
+    link: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<(f64, MicroBatchCtx)> {
+    let (x, embed) = ends.embed_forward(&batch.inputs, batch.batch_size, batch.seq_len)?;
+    let mut x = link(&x)?;
     let mut ctxs = Vec::with_capacity(stages.len());
     for (k, s) in stages.iter().enumerate() {
         let (y, c) = s.stage_forward(k, &x)?;
         ctxs.push(c);
-        x = y;
+        x = link(&y)?;
     }
     let (loss, head) = ends.head_forward(&x, &batch.targets)?;
     Ok((
@@ -78,11 +91,24 @@ pub fn backward_micro_batch(
     ctx: MicroBatchCtx,
     loss_scale: f64,
 ) -> Result<()> {
-    let mut g = ends.head_backward(ctx.head, loss_scale)?;
+    backward_micro_batch_with(ends, stages, ctx, loss_scale, &mut |g| Ok(g.clone()))
+}
+
+/// [`backward_micro_batch`] where every gradient crossing a boundary (head -> last stage -> ...
+/// -> embedding) goes through `link` first, as a swarm's gradient codec does.
+pub fn backward_micro_batch_with(
+    ends: &mut Shard,
+    stages: &mut [Shard],
+    ctx: MicroBatchCtx,
+    loss_scale: f64,
+    link: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<()> {
+    let mut g = link(&ends.head_backward(ctx.head, loss_scale)?)?;
     for (s, c) in stages.iter_mut().zip(ctx.stages).rev() {
         g = s
             .backward(c, &g)?
             .ok_or_else(|| Error::Piece("stage gave no input grad".into()))?;
+        g = link(&g)?;
     }
     ends.backward(ctx.embed, &g)?;
     Ok(())

@@ -2,6 +2,7 @@
 //! on top of it the trainer, the peer server, replica sync, audits and the contribution ledger.
 
 pub mod bench_link;
+pub mod codec_sim;
 pub mod error;
 pub mod fault;
 pub mod identity;

@@ -60,6 +60,8 @@ enum BenchCommand {
     Model(cmd::bench_model::BenchModelArgs),
     /// Ratio, error and speed of the codecs on realistic tensors.
     Codec(cmd::bench_codec::BenchCodecArgs),
+    /// Loss and bytes of a run's codecs simulated in this process, against the local run.
+    Compress(cmd::bench_compress::BenchCompressArgs),
     /// Transfer throughput over a shaped QUIC link.
     Link(cmd::bench_link::BenchLinkArgs),
     /// How far honest audit recomputations differ across thread counts, fault distances, cost.
@@ -90,6 +92,7 @@ fn main() {
         Command::Ledger(c) => cmd::ledger::run(c),
         Command::Sim(a) => cmd::sim::run(a),
         Command::Bench(BenchCommand::Model(a)) => cmd::bench_model::run(a),
+        Command::Bench(BenchCommand::Compress(a)) => cmd::bench_compress::run(a),
         Command::Bench(BenchCommand::Codec(a)) => cmd::bench_codec::run(a),
         Command::Bench(BenchCommand::Link(a)) => cmd::bench_link::run(a),
         Command::Bench(BenchCommand::Audit(a)) => cmd::bench_audit::run(a),

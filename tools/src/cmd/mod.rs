@@ -2,6 +2,7 @@
 
 pub mod bench_audit;
 pub mod bench_codec;
+pub mod bench_compress;
 pub mod bench_link;
 pub mod bench_model;
 pub mod bench_monitor;

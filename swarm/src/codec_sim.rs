@@ -1,0 +1,625 @@
+//! A swarm run's compression, simulated in one process: the same model, batches, codecs and
+//! order of operations as a swarm of `replicas` peers per stage, without processes or sockets.
+//!
+//! What it reproduces (and `tests` check against [`swarm_model::LocalTrainer`] with codec
+//! `none`): micro-batch `m` of a step runs on replica `m % replicas` of every stage; every
+//! boundary (trainer -> stage 0 -> ... -> trainer) encodes the activations with the activation
+//! codec and the gradients coming back with the gradient codec, and the receiver continues with
+//! the decoded tensor; at the step end each replica encodes the gradient it accumulated with the
+//! sync codec and its own error-feedback residual, every replica sets the sum of the decoded
+//! shares, and one clipped AdamW step follows (the global norm summed as the trainer sums it).
+//! Replicas of a stage hold identical weights, so one shard per stage stands for all of them.
+//!
+//! What it is for: seconds-long bisection of a loss effect by channel (`swarm bench compress`),
+//! where a real swarm (`swarm demo`, `swarm replay`) takes minutes of shaped links. Byte counts
+//! are those of the frames this run produces, counted as the swarm counts them (a sync share
+//! crosses to each of the other `replicas - 1` replicas).
+
+use candle_core::{DType, Device, Tensor};
+use swarm_compression::outer::{OuterOptimizer, SparseFeedback, pseudo_gradient};
+use swarm_compression::{Codec, Decoder, Encoder, ErrorFeedback, Limits};
+use swarm_model::data::Corpus;
+use swarm_model::shard::{Piece, Shard};
+use swarm_model::train::{StepStats, backward_micro_batch_with, forward_micro_batch_with};
+use swarm_model::{RunConfig, clip_scale};
+
+use crate::{Error, Result};
+
+/// Bytes of one channel: what crossed the links, and what fp32 would have sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct ChannelBytes {
+    pub wire: u64,
+    pub dense: u64,
+}
+
+impl ChannelBytes {
+    fn add(&mut self, wire: usize, elements: usize) {
+        self.wire += wire as u64;
+        self.dense += 4 * elements as u64;
+    }
+
+    /// fp32 bytes / wire bytes (1 when nothing was sent).
+    pub fn ratio(&self) -> f64 {
+        if self.wire == 0 {
+            1.0
+        } else {
+            self.dense as f64 / self.wire as f64
+        }
+    }
+}
+
+/// Bytes per channel so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct SimBytes {
+    pub activations: ChannelBytes,
+    pub gradients: ChannelBytes,
+    pub sync: ChannelBytes,
+}
+
+impl SimBytes {
+    /// All channels together.
+    pub fn total(&self) -> ChannelBytes {
+        ChannelBytes {
+            wire: self.activations.wire + self.gradients.wire + self.sync.wire,
+            dense: self.activations.dense + self.gradients.dense + self.sync.dense,
+        }
+    }
+}
+
+/// The three channel codecs and the swarm geometry of a simulated run.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub activations: Codec,
+    pub gradients: Codec,
+    pub sync: Codec,
+    /// Replicas per stage (>= 1).
+    pub replicas: usize,
+    /// Keep an error-feedback residual per (stage, replica) for the sync, as the swarm does.
+    /// Off only to measure what the residual does.
+    pub sync_feedback: bool,
+    /// Multi-step sync (DiLoCo / SparseLoCo) instead of the per-step gradient sync.
+    pub outer: Option<OuterSync>,
+}
+
+/// A multi-step sync: replicas take `every` inner AdamW steps on their own micro-batches, then
+/// send their pseudo-gradient (`anchor - weights`) with the sync codec in chunks of `chunk`
+/// (so `topk-row:F` keeps a fraction F of each chunk) and error feedback decayed by `beta`;
+/// the averaged decoded pseudo-gradient drives an outer SGD step with `lr` and (Nesterov)
+/// `momentum` (see [`swarm_compression::outer`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OuterSync {
+    pub every: u64,
+    pub chunk: usize,
+    pub beta: f32,
+    pub lr: f32,
+    pub momentum: f32,
+    pub nesterov: bool,
+}
+
+impl SimOptions {
+    /// The codecs of `cfg`'s `[codec]` section, `replicas` per stage, with sync error feedback.
+    pub fn from_config(cfg: &RunConfig, replicas: usize) -> Result<SimOptions> {
+        let parse = |s: &str| s.parse::<Codec>().map_err(Error::from);
+        Ok(SimOptions {
+            activations: parse(&cfg.codec.activations)?,
+            gradients: parse(&cfg.codec.gradients)?,
+            sync: parse(&cfg.codec.sync)?,
+            replicas,
+            sync_feedback: true,
+            outer: None,
+        })
+    }
+}
+
+/// One boundary crossing: encode with `enc`, count, decode; the receiver's tensor.
+fn cross(
+    enc: &mut Encoder,
+    dec: &mut Decoder,
+    x: &Tensor,
+    bytes: &mut ChannelBytes,
+    frame: &mut Vec<u8>,
+    buf: &mut Vec<f32>,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let v = x
+        .flatten_all()
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(swarm_model::Error::from)?;
+    enc.encode(&v, &dims, frame)?;
+    bytes.add(frame.len(), v.len());
+    dec.decode(frame, &Limits::new(v.len()), buf)?;
+    Ok(
+        Tensor::from_slice(buf.as_slice(), dims.as_slice(), &Device::Cpu)
+            .map_err(swarm_model::Error::from)?,
+    )
+}
+
+/// The state of a multi-step sync, per stage.
+struct Outer {
+    cfg: OuterSync,
+    /// The weights every replica held at the last sync, per stage.
+    anchors: Vec<Vec<f32>>,
+    /// `[stage][replica]`.
+    feedback: Vec<Vec<SparseFeedback>>,
+    optimizers: Vec<OuterOptimizer>,
+}
+
+/// A simulated swarm run (see the module docs).
+pub struct SimTrainer {
+    cfg: RunConfig,
+    opts: SimOptions,
+    ends: Shard,
+    /// `[replica][stage]`; one pipeline when replicas stay identical (per-step sync).
+    pipes: Vec<Vec<Shard>>,
+    /// `[stage][replica]`, the per-step sync's residuals.
+    feedback: Vec<Vec<ErrorFeedback>>,
+    outer: Option<Outer>,
+    act_enc: Encoder,
+    grad_enc: Encoder,
+    sync_enc: Encoder,
+    dec: Decoder,
+    bytes: SimBytes,
+}
+
+impl std::fmt::Debug for SimTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimTrainer")
+            .field("step", &self.ends.step())
+            .finish_non_exhaustive()
+    }
+}
+
+fn model_err(e: Error) -> swarm_model::Error {
+    swarm_model::Error::Input(e.to_string())
+}
+
+impl SimTrainer {
+    /// Fresh weights from the run's seed, as [`swarm_model::LocalTrainer::new`].
+    pub fn new(cfg: &RunConfig, opts: SimOptions) -> Result<SimTrainer> {
+        cfg.validate()?;
+        if opts.replicas == 0 {
+            return Err(Error::Run(
+                "a simulated run needs at least one replica".into(),
+            ));
+        }
+        if opts.outer.is_some_and(|o| o.every == 0) {
+            return Err(Error::Run("a multi-step sync needs every >= 1".into()));
+        }
+        let dev = Device::Cpu;
+        let ends = Shard::new(
+            &cfg.model,
+            &[Piece::Embedding, Piece::Head],
+            cfg.seed,
+            DType::F32,
+            &dev,
+        )?;
+        let pipe = || {
+            Piece::stages(&cfg.stages)
+                .into_iter()
+                .map(|p| Shard::new(&cfg.model, &[p], cfg.seed, DType::F32, &dev))
+                .collect::<std::result::Result<Vec<_>, _>>()
+        };
+        let copies = if opts.outer.is_some() {
+            opts.replicas
+        } else {
+            1
+        };
+        let pipes = (0..copies)
+            .map(|_| pipe())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let lens: Vec<usize> = pipes[0].iter().map(Shard::num_parameters).collect();
+        let feedback = lens
+            .iter()
+            .map(|&n| (0..opts.replicas).map(|_| ErrorFeedback::new(n)).collect())
+            .collect();
+        let outer = match opts.outer {
+            Some(o) => Some(Outer {
+                cfg: o,
+                anchors: pipes[0]
+                    .iter()
+                    .map(Shard::weights_flat)
+                    .collect::<std::result::Result<_, _>>()?,
+                feedback: lens
+                    .iter()
+                    .map(|&n| {
+                        (0..opts.replicas)
+                            .map(|_| SparseFeedback::new(n, o.chunk, o.beta))
+                            .collect()
+                    })
+                    .collect(),
+                optimizers: lens
+                    .iter()
+                    .map(|&n| OuterOptimizer::new(n, o.lr, o.momentum, o.nesterov))
+                    .collect(),
+            }),
+            None => None,
+        };
+        Ok(SimTrainer {
+            act_enc: Encoder::new(opts.activations)?,
+            grad_enc: Encoder::new(opts.gradients)?,
+            // As the stages do: the sync rotation seeded by the run seed.
+            sync_enc: Encoder::new(opts.sync)?.with_seed(cfg.seed),
+            dec: Decoder::new(),
+            cfg: cfg.clone(),
+            opts,
+            ends,
+            pipes,
+            feedback,
+            outer,
+            bytes: SimBytes::default(),
+        })
+    }
+
+    /// Steps taken so far.
+    pub fn step(&self) -> u64 {
+        self.ends.step()
+    }
+
+    /// Bytes per channel so far.
+    pub fn bytes(&self) -> SimBytes {
+        self.bytes
+    }
+
+    /// The ends shard and replica 0's stage shards (for evaluation and checkpoints; after a
+    /// sync every replica holds the same weights).
+    pub fn shards(&self) -> (&Shard, &[Shard]) {
+        (&self.ends, &self.pipes[0])
+    }
+
+    /// Mean validation loss over the first `batches` batches (forward only, no codecs: the
+    /// model the run produced, as `swarm eval` sees its checkpoint).
+    pub fn eval(&self, corpus: &Corpus, batches: usize) -> Result<f64> {
+        let t = &self.cfg.train;
+        let mut total = 0.0;
+        for i in 0..batches {
+            let b = corpus.val_batch(i as u64, t.micro_batch_size, t.seq_len)?;
+            let (mut x, _) = self
+                .ends
+                .embed_forward(&b.inputs, b.batch_size, b.seq_len)?;
+            for (k, s) in self.pipes[0].iter().enumerate() {
+                x = s.stage_forward(k, &x)?.0;
+            }
+            total += self.ends.head_forward(&x, &b.targets)?.0;
+        }
+        Ok(total / batches.max(1) as f64)
+    }
+
+    /// One optimizer step (see the module docs).
+    pub fn train_step(&mut self, corpus: &Corpus) -> Result<StepStats> {
+        let t = self.cfg.train.clone();
+        let step = self.step();
+        let n = t.micro_batches;
+        let r = self.opts.replicas;
+        let ns = self.pipes[0].len();
+        let multi = self.outer.is_some();
+        // Per-step sync: acc[stage][replica], the gradient each replica accumulated.
+        let mut acc: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; r]; ns];
+        let mut loss = 0.0;
+        for micro in 0..n {
+            let rep = micro % r;
+            let pipe = if multi { rep } else { 0 };
+            let batch = corpus.train_batch(
+                self.cfg.seed,
+                step,
+                micro as u64,
+                t.micro_batch_size,
+                t.seq_len,
+            )?;
+            let (l, ctx) = {
+                let (enc, dec, bytes) = (
+                    &mut self.act_enc,
+                    &mut self.dec,
+                    &mut self.bytes.activations,
+                );
+                let (mut frame, mut buf) = (Vec::new(), Vec::new());
+                let mut link =
+                    |x: &Tensor| cross(enc, dec, x, bytes, &mut frame, &mut buf).map_err(model_err);
+                forward_micro_batch_with(&self.ends, &self.pipes[pipe], &batch, &mut link)?
+            };
+            loss += l;
+            {
+                let (enc, dec, bytes) =
+                    (&mut self.grad_enc, &mut self.dec, &mut self.bytes.gradients);
+                let (mut frame, mut buf) = (Vec::new(), Vec::new());
+                let mut link =
+                    |g: &Tensor| cross(enc, dec, g, bytes, &mut frame, &mut buf).map_err(model_err);
+                backward_micro_batch_with(
+                    &mut self.ends,
+                    &mut self.pipes[pipe],
+                    ctx,
+                    1.0 / n as f64,
+                    &mut link,
+                )?;
+            }
+            if !multi {
+                // This micro-batch's stage gradients belong to replica `rep`.
+                for (s, shard) in self.pipes[0].iter_mut().enumerate() {
+                    let g = shard.grads_flat()?;
+                    shard.zero_grads();
+                    match &mut acc[s][rep] {
+                        Some(a) => a.iter_mut().zip(&g).for_each(|(a, b)| *a += *b),
+                        slot => *slot = Some(g),
+                    }
+                }
+            }
+        }
+        let lr = self.cfg.schedule().at(step);
+        let hp = self.cfg.adamw();
+        let ends_sq = self.ends.grad_sq_norm()?;
+        let grad_norm;
+        if multi {
+            // Inner steps: each replica on the mean gradient of its own micro-batches, clipped
+            // with the norm of (ends, its stages); the ends with the mean of those norms.
+            let mut mean_sq = 0.0;
+            for pipe in &mut self.pipes {
+                let mut sq = ends_sq;
+                for s in pipe.iter_mut() {
+                    let mut g = s.grads_flat()?;
+                    g.iter_mut().for_each(|x| *x *= r as f32);
+                    s.set_grads_flat(&g)?;
+                    sq += s.grad_sq_norm()?;
+                }
+                mean_sq += sq / r as f64;
+                let scale = clip_scale(sq, t.grad_clip);
+                for s in pipe.iter_mut() {
+                    s.optimizer_step(&hp, lr, scale)?;
+                    s.zero_grads();
+                }
+            }
+            self.ends
+                .optimizer_step(&hp, lr, clip_scale(mean_sq, t.grad_clip))?;
+            self.ends.zero_grads();
+            grad_norm = mean_sq.sqrt();
+            let every = self.outer.as_ref().map_or(1, |o| o.cfg.every);
+            // fp32 baseline: every replica's full gradient to every other, every step.
+            for s in &self.pipes[0] {
+                self.bytes.sync.dense += (4 * s.num_parameters() * r * (r - 1)) as u64;
+            }
+            if (step + 1).is_multiple_of(every) || step + 1 == t.steps {
+                self.outer_sync()?;
+            }
+        } else {
+            let (mut frame, mut buf) = (Vec::new(), Vec::new());
+            // The sync: replicas that accumulated nothing still send (a zero gradient), as a
+            // participant of the round does.
+            for (s, shard) in self.pipes[0].iter_mut().enumerate() {
+                let len = shard.num_parameters();
+                let grads: Vec<Vec<f32>> = acc[s]
+                    .iter_mut()
+                    .map(|a| a.take().unwrap_or_else(|| vec![0.0; len]))
+                    .collect();
+                let sum = if r == 1 {
+                    grads[0].clone()
+                } else {
+                    let mut sum = vec![0f32; len];
+                    for (rep, g) in grads.iter().enumerate() {
+                        if self.opts.sync_feedback {
+                            self.feedback[s][rep].encode(
+                                &mut self.sync_enc,
+                                g,
+                                &[len],
+                                &mut frame,
+                            )?;
+                        } else {
+                            self.sync_enc.encode(g, &[len], &mut frame)?;
+                        }
+                        self.bytes.sync.wire += (frame.len() * (r - 1)) as u64;
+                        self.bytes.sync.dense += (4 * len * (r - 1)) as u64;
+                        self.dec.decode(&frame, &Limits::new(len), &mut buf)?;
+                        if rep == 0 {
+                            sum.copy_from_slice(&buf);
+                        } else {
+                            sum.iter_mut().zip(&buf).for_each(|(a, b)| *a += *b);
+                        }
+                    }
+                    sum
+                };
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    // How the delivered sum compares with the exact one (bisection aid).
+                    let mut exact = vec![0f32; len];
+                    for g in &grads {
+                        exact.iter_mut().zip(g).for_each(|(a, b)| *a += *b);
+                    }
+                    let dot = |a: &[f32], b: &[f32]| -> f64 {
+                        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+                    };
+                    let (ee, ss, es) = (dot(&exact, &exact), dot(&sum, &sum), dot(&exact, &sum));
+                    let rr: f64 = self.feedback[s]
+                        .iter()
+                        .map(|f| dot(f.residual(), f.residual()))
+                        .sum();
+                    tracing::debug!(
+                        step,
+                        stage = s,
+                        cos = es / (ee * ss).sqrt().max(1e-30),
+                        norm_ratio = (ss / ee.max(1e-30)).sqrt(),
+                        residual_ratio = (rr / ee.max(1e-30)).sqrt(),
+                        "sync fidelity"
+                    );
+                }
+                shard.set_grads_flat(&sum)?;
+            }
+            let mut sq = ends_sq;
+            for s in &self.pipes[0] {
+                sq += s.grad_sq_norm()?;
+            }
+            let scale = clip_scale(sq, t.grad_clip);
+            for s in std::iter::once(&mut self.ends).chain(self.pipes[0].iter_mut()) {
+                s.optimizer_step(&hp, lr, scale)?;
+                s.zero_grads();
+            }
+            grad_norm = sq.sqrt();
+        }
+        Ok(StepStats {
+            step,
+            loss: loss / n as f64,
+            lr,
+            grad_norm,
+            tokens: self.cfg.tokens_per_step(),
+        })
+    }
+
+    /// The multi-step sync: every replica's pseudo-gradient through the sync codec, the mean of
+    /// the decoded shares in replica order, one outer step, every replica set to the result.
+    fn outer_sync(&mut self) -> Result<()> {
+        let Some(o) = self.outer.as_mut() else {
+            return Ok(());
+        };
+        let r = self.pipes.len();
+        let (mut delta, mut frame, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        for s in 0..o.anchors.len() {
+            let len = o.anchors[s].len();
+            let mut mean = vec![0f32; len];
+            for rep in 0..r {
+                let w = self.pipes[rep][s].weights_flat()?;
+                pseudo_gradient(&o.anchors[s], &w, &mut delta)?;
+                o.feedback[s][rep].encode(&mut self.sync_enc, &delta, &mut frame)?;
+                self.bytes.sync.wire += (frame.len() * (r - 1)) as u64;
+                SparseFeedback::add_share(
+                    &mut self.dec,
+                    &frame,
+                    o.cfg.chunk,
+                    1.0 / r as f32,
+                    &mut mean,
+                    &mut scratch,
+                )?;
+            }
+            o.optimizers[s].step(&mut o.anchors[s], &mean)?;
+            for pipe in &mut self.pipes {
+                pipe[s].set_weights_flat(&o.anchors[s])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swarm_model::LocalTrainer;
+
+    fn tiny() -> RunConfig {
+        let mut cfg = RunConfig::default();
+        cfg.model.hidden_size = 32;
+        cfg.model.intermediate_size = 64;
+        cfg.model.num_attention_heads = 4;
+        cfg.model.num_key_value_heads = Some(2);
+        cfg.train.micro_batch_size = 2;
+        cfg.train.seq_len = 16;
+        cfg.train.steps = 4;
+        cfg.train.warmup_steps = 1;
+        cfg
+    }
+
+    fn opts(cfg: &RunConfig, codec: &str, replicas: usize) -> SimOptions {
+        let c: Codec = codec.parse().unwrap();
+        SimOptions {
+            activations: c,
+            gradients: c,
+            sync: c,
+            replicas,
+            ..SimOptions::from_config(cfg, replicas).unwrap()
+        }
+    }
+
+    #[test]
+    fn codec_none_is_the_local_run() {
+        let cfg = tiny();
+        let corpus = Corpus::builtin();
+        let mut local = LocalTrainer::new(&cfg).unwrap();
+        let mut sim = SimTrainer::new(&cfg, opts(&cfg, "none", 2)).unwrap();
+        for _ in 0..cfg.train.steps {
+            let a = local.train_step(&corpus).unwrap();
+            let b = sim.train_step(&corpus).unwrap();
+            assert!(
+                (a.loss - b.loss).abs() <= 1e-5 * a.loss.abs(),
+                "{a:?} vs {b:?}"
+            );
+        }
+        let (ends, stages) = sim.shards();
+        let mut h = blake3::Hasher::new();
+        h.update(&ends.weights_digest().unwrap());
+        for s in stages {
+            h.update(&s.weights_digest().unwrap());
+        }
+        // Bitwise the local run: fp32 frames decode to the same bits, and the sum of two
+        // replicas' gradients is the local accumulation.
+        assert_eq!(*h.finalize().as_bytes(), local.weights_digest().unwrap());
+        let b = sim.bytes();
+        // Codec none: every channel sends fp32 plus a frame header.
+        assert!(
+            b.activations.ratio() < 1.0 && b.activations.ratio() > 0.9,
+            "{b:?}"
+        );
+        assert!(
+            b.sync.dense > 0 && b.gradients.dense == b.activations.dense,
+            "{b:?}"
+        );
+        let (a, s) = (
+            local.eval(&corpus, 2).unwrap(),
+            sim.eval(&corpus, 2).unwrap(),
+        );
+        assert!((a - s).abs() <= 1e-4 * a, "{a} vs {s}");
+    }
+
+    #[test]
+    fn lossy_codecs_change_the_run_and_count_fewer_bytes() {
+        let cfg = tiny();
+        let corpus = Corpus::builtin();
+        let mut exact = SimTrainer::new(&cfg, opts(&cfg, "none", 2)).unwrap();
+        let mut lossy = SimTrainer::new(&cfg, opts(&cfg, "rht+q4+zstd:3", 2)).unwrap();
+        let mut differ = false;
+        for _ in 0..cfg.train.steps {
+            let a = exact.train_step(&corpus).unwrap();
+            let b = lossy.train_step(&corpus).unwrap();
+            differ |= a.loss != b.loss;
+        }
+        assert!(differ);
+        let b = lossy.bytes();
+        for c in [b.activations, b.gradients, b.sync] {
+            assert!(c.ratio() > 4.0, "{b:?}");
+        }
+    }
+
+    #[test]
+    fn multi_step_sync_leaves_replicas_identical() {
+        let cfg = tiny();
+        let corpus = Corpus::builtin();
+        let mut o = opts(&cfg, "topk-row:0.05+q2", 2);
+        o.activations = "none".parse().unwrap();
+        o.gradients = "none".parse().unwrap();
+        o.outer = Some(OuterSync {
+            every: 2,
+            chunk: 64,
+            beta: 0.95,
+            lr: 0.7,
+            momentum: 0.9,
+            nesterov: true,
+        });
+        let mut sim = SimTrainer::new(&cfg, o).unwrap();
+        let digests = |sim: &SimTrainer| -> Vec<[u8; 32]> {
+            sim.pipes
+                .iter()
+                .map(|p| {
+                    let mut h = blake3::Hasher::new();
+                    for s in p {
+                        h.update(&s.weights_digest().unwrap());
+                    }
+                    *h.finalize().as_bytes()
+                })
+                .collect()
+        };
+        let first = sim.train_step(&corpus).unwrap();
+        // Between syncs the replicas drift (each stepped on its own micro-batch).
+        let d = digests(&sim);
+        assert_ne!(d[0], d[1]);
+        sim.train_step(&corpus).unwrap();
+        let d = digests(&sim);
+        assert_eq!(d[0], d[1]);
+        assert!(first.loss.is_finite());
+        let b = sim.bytes();
+        // 5% of each chunk, 2-bit values: far fewer bytes than fp32 every step.
+        assert!(b.sync.ratio() > 20.0, "{b:?}");
+    }
+}
