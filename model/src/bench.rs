@@ -111,3 +111,34 @@ pub fn matmul_peak(n: usize, reps: usize) -> Result<f64> {
     }
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }
+
+/// Runs what a peer serving stage `stage` of `cfg` does in `steps` training steps: the forward
+/// passes of the micro-batches in flight at once ([`crate::presets::in_flight`]), their backward
+/// passes, then an AdamW step; inputs and output gradients are random. For measuring the stage's
+/// peak memory (`swarm bench memory`).
+pub fn run_stage(cfg: &RunConfig, stage: usize, steps: usize) -> Result<()> {
+    let pieces = crate::shard::Piece::stages(&cfg.stages);
+    let piece = pieces
+        .get(stage)
+        .cloned()
+        .ok_or_else(|| crate::Error::Config(format!("no stage {stage}")))?;
+    let dev = Device::Cpu;
+    let mut shard = crate::Shard::new(&cfg.model, &[piece], cfg.seed, DType::F32, &dev)?;
+    let t = &cfg.train;
+    let shape = (t.micro_batch_size, t.seq_len, cfg.model.hidden_size);
+    let hp = cfg.adamw();
+    for _ in 0..steps {
+        let mut ctxs = Vec::new();
+        for _ in 0..crate::presets::in_flight(cfg) {
+            let x = Tensor::randn(0f32, 1f32, shape, &dev)?;
+            ctxs.push(shard.stage_forward(stage, &x)?.1);
+        }
+        for ctx in ctxs {
+            let g = Tensor::randn(0f32, 1e-3f32, shape, &dev)?;
+            shard.backward(ctx, &g)?;
+        }
+        shard.optimizer_step(&hp, t.lr, 1.0)?;
+        shard.zero_grads();
+    }
+    Ok(())
+}

@@ -28,6 +28,8 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Step and free-form run metadata.
 pub const STATE_FILE: &str = "train_state.json";
+/// The tokenizer a checkpoint carries (HF tokenizers format), when its run had one.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// Largest `config.json` / index / state file we read.
 const MAX_JSON_BYTES: u64 = 1 << 20;
 /// Header allowance on top of the tensor bytes a config implies (safetensors caps headers at 100 MB).
@@ -393,7 +395,30 @@ pub fn save(
     tensors: &HashMap<String, Tensor>,
     state: Option<&TrainState>,
 ) -> Result<(), Error> {
+    save_with_tokenizer(dir, cfg, tensors, state, None)
+}
+
+/// [`save`], also copying the run's `tokenizer.json` (`tokenizer`) into the checkpoint, so that
+/// `swarm eval`/`generate`, candle-transformers and HF transformers find it beside the weights.
+pub fn save_with_tokenizer(
+    dir: &Path,
+    cfg: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    state: Option<&TrainState>,
+    tokenizer: Option<&Path>,
+) -> Result<(), Error> {
     cfg.validate()?;
+    let tokenizer = match tokenizer {
+        Some(p) => {
+            let file = if p.is_dir() {
+                p.join(TOKENIZER_FILE)
+            } else {
+                p.to_path_buf()
+            };
+            Some(std::fs::read(&file).map_err(|source| Error::Io { path: file, source })?)
+        }
+        None => None,
+    };
     let expected = expected_tensors(cfg);
     let weights = checked_for_save(&expected, tensors)?;
     let optimizer = match state {
@@ -449,6 +474,9 @@ pub fn save(
         })
         .map_err(|e| Error::Checkpoint(e.to_string()))?;
         write_synced(&tmp.join(STATE_FILE), &json)?;
+    }
+    if let Some(t) = &tokenizer {
+        write_synced(&tmp.join(TOKENIZER_FILE), t)?;
     }
     sync_dir(&tmp)?;
 
@@ -518,7 +546,7 @@ fn refuse_unless_checkpoint(dir: &Path) -> Result<(), Error> {
         INDEX_FILE,
         OPTIMIZER_FILE,
         STATE_FILE,
-        "tokenizer.json",
+        TOKENIZER_FILE,
     ];
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;

@@ -129,7 +129,7 @@ impl Evaluator {
         seq_len: usize,
         batch_size: usize,
     ) -> Result<LossSummary, Error> {
-        self.stream_loss(corpus.val_tokens(), seq_len, batch_size, |_, _| {})
+        self.stream_loss(&corpus.val_tokens()?, seq_len, batch_size, |_, _| {})
     }
 
     /// Appends up to `max_new` sampled tokens to `prompt` and returns them; `on_token` sees each

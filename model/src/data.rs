@@ -8,11 +8,13 @@
 //! reaches on it ([`stories::entropy_rate`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::Error;
+use crate::shards::{ShardSet, TokenShard};
 use crate::tokenizer::{ByteTokenizer, Tokenizer};
 
 /// Seed of the built-in training split.
@@ -40,10 +42,84 @@ pub struct Batch {
 /// Token ids split into a training part and a held-out validation part.
 #[derive(Debug, Clone)]
 pub struct Corpus {
-    train: Vec<u32>,
-    val: Vec<u32>,
+    train: Tokens,
+    val: Tokens,
     vocab_size: usize,
     source: String,
+    end_of_document: Option<u32>,
+    tokenizer_hash: Option<String>,
+}
+
+/// Where a split's ids live: in memory, or in memory-mapped shards read on demand.
+#[derive(Debug)]
+enum Part {
+    Mem(Vec<u32>),
+    Shard(TokenShard),
+}
+
+/// A window `lo..lo + len` of the concatenation of `parts` (so a held-out tail can share them).
+#[derive(Debug, Clone)]
+struct Tokens {
+    parts: Arc<Vec<Part>>,
+    /// Global offset of each part's first token, and the total at the end.
+    starts: Arc<Vec<u64>>,
+    lo: u64,
+    len: u64,
+}
+
+impl Tokens {
+    fn new(parts: Vec<Part>) -> Tokens {
+        let mut starts = Vec::with_capacity(parts.len() + 1);
+        let mut total = 0u64;
+        for p in &parts {
+            starts.push(total);
+            total += match p {
+                Part::Mem(v) => v.len() as u64,
+                Part::Shard(s) => s.len(),
+            };
+        }
+        starts.push(total);
+        Tokens {
+            parts: Arc::new(parts),
+            starts: Arc::new(starts),
+            lo: 0,
+            len: total,
+        }
+    }
+
+    fn window(&self, lo: u64, len: u64) -> Tokens {
+        Tokens {
+            parts: self.parts.clone(),
+            starts: self.starts.clone(),
+            lo: self.lo + lo,
+            len,
+        }
+    }
+
+    /// Appends tokens `start..start + n` of the window to `out` (reading across part ends).
+    fn read(&self, start: u64, n: usize, out: &mut Vec<u32>) -> Result<(), Error> {
+        if start.checked_add(n as u64).is_none_or(|e| e > self.len) {
+            return Err(Error::Data(format!(
+                "tokens {start}..+{n} outside the split's {}",
+                self.len
+            )));
+        }
+        let mut at = self.lo + start;
+        let mut left = n as u64;
+        let mut i = self.starts.partition_point(|&s| s <= at) - 1;
+        while left > 0 {
+            let off = at - self.starts[i];
+            let take = left.min(self.starts[i + 1] - at);
+            match &self.parts[i] {
+                Part::Mem(v) => out.extend_from_slice(&v[off as usize..(off + take) as usize]),
+                Part::Shard(s) => s.read(off, take as usize, out)?,
+            }
+            at += take;
+            left -= take;
+            i += 1;
+        }
+        Ok(())
+    }
 }
 
 impl Corpus {
@@ -52,17 +128,32 @@ impl Corpus {
     pub fn builtin() -> Corpus {
         let tok = ByteTokenizer;
         Corpus {
-            train: tok.encode(&stories::generate(BUILTIN_TRAIN_SEED, BUILTIN_TRAIN_BYTES)),
-            val: tok.encode(&stories::generate(BUILTIN_VAL_SEED, BUILTIN_VAL_BYTES)),
+            train: Tokens::new(vec![Part::Mem(
+                tok.encode(&stories::generate(BUILTIN_TRAIN_SEED, BUILTIN_TRAIN_BYTES)),
+            )]),
+            val: Tokens::new(vec![Part::Mem(
+                tok.encode(&stories::generate(BUILTIN_VAL_SEED, BUILTIN_VAL_BYTES)),
+            )]),
             vocab_size: tok.vocab_size(),
             source: "builtin:stories".into(),
+            end_of_document: None,
+            tokenizer_hash: None,
         }
     }
 
-    /// A corpus from a UTF-8 text file, or from every regular file under a folder (recursively,
-    /// sorted by path, hidden files skipped), tokenized with `tok`. Documents are joined with a
-    /// newline; the last [`VAL_FRACTION`] of the tokens is the validation split.
-    pub fn from_path(path: &Path, tok: &dyn Tokenizer) -> Result<Corpus, Error> {
+    /// A corpus from `path`: a dataset of token shards (a folder with a `manifest.json`, a folder
+    /// of llm.c `.bin` shards, or one shard file; see [`crate::shards`]), memory-mapped; otherwise a
+    /// UTF-8 text file, or every regular file under a folder (recursively, sorted by path, hidden
+    /// files skipped), read whole and tokenized with `tok`, documents joined with a newline.
+    ///
+    /// Validation: a dataset's `val` shards if it has any, else the last `val_fraction` of the
+    /// tokens (the tail, as nanoGPT does).
+    pub fn from_path(path: &Path, tok: &dyn Tokenizer, val_fraction: f64) -> Result<Corpus, Error> {
+        if is_token_dataset(path) {
+            let mut c = Corpus::from_shards(ShardSet::open(path)?, val_fraction)?;
+            c.source = path.display().to_string();
+            return Ok(c);
+        }
         let files = if path.is_dir() {
             let mut files = Vec::new();
             collect_files(path, &mut files)?;
@@ -84,7 +175,8 @@ impl Corpus {
             total += std::fs::metadata(f).map_err(io)?.len();
             if total > MAX_CORPUS_BYTES {
                 return Err(Error::Data(format!(
-                    "{}: corpus larger than {MAX_CORPUS_BYTES} bytes",
+                    "{}: text corpus larger than {MAX_CORPUS_BYTES} bytes: tokenize it once with \
+                     `swarm data prepare` and train on the shards",
                     path.display()
                 )));
             }
@@ -96,9 +188,45 @@ impl Corpus {
             }
             text.push_str(&doc);
         }
-        let mut c = Corpus::from_text(&text, tok)?;
+        let mut c =
+            Corpus::split_fraction(tok.encode(&text), tok.vocab_size(), "text", val_fraction)?;
         c.source = path.display().to_string();
         Ok(c)
+    }
+
+    /// A corpus from opened shards: the `val` shards, or the last `val_fraction` of the training
+    /// shards' tokens when there are none.
+    pub fn from_shards(set: ShardSet, val_fraction: f64) -> Result<Corpus, Error> {
+        check_fraction(val_fraction)?;
+        let train = Tokens::new(set.train.into_iter().map(Part::Shard).collect());
+        let (train, val) = if set.val.is_empty() {
+            let n_val = held_out(train.len, val_fraction);
+            (
+                train.window(0, train.len.saturating_sub(n_val)),
+                train.window(train.len.saturating_sub(n_val), n_val.min(train.len)),
+            )
+        } else {
+            (
+                train,
+                Tokens::new(set.val.into_iter().map(Part::Shard).collect()),
+            )
+        };
+        for (split, t) in [("training", &train), ("validation", &val)] {
+            if t.len < 2 {
+                return Err(Error::Data(format!(
+                    "the {split} split has {} tokens",
+                    t.len
+                )));
+            }
+        }
+        Ok(Corpus {
+            train,
+            val,
+            vocab_size: set.vocab_size,
+            source: "shards".into(),
+            end_of_document: set.end_of_document,
+            tokenizer_hash: set.tokenizer_hash,
+        })
     }
 
     /// A corpus from text in memory; the last [`VAL_FRACTION`] of the tokens is held out.
@@ -109,6 +237,17 @@ impl Corpus {
 
     /// A corpus from token ids; the last [`VAL_FRACTION`] is held out. Ids must be below `vocab_size`.
     pub fn split(ids: Vec<u32>, vocab_size: usize, source: &str) -> Result<Corpus, Error> {
+        Corpus::split_fraction(ids, vocab_size, source, VAL_FRACTION)
+    }
+
+    /// A corpus from token ids; the last `val_fraction` (in (0, 1)) is held out.
+    pub fn split_fraction(
+        ids: Vec<u32>,
+        vocab_size: usize,
+        source: &str,
+        val_fraction: f64,
+    ) -> Result<Corpus, Error> {
+        check_fraction(val_fraction)?;
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab_size) {
             return Err(Error::Data(format!(
                 "token id {bad} outside vocabulary of {vocab_size}"
@@ -118,14 +257,16 @@ impl Corpus {
         if ids.len() < 8 {
             return Err(Error::Data(format!("corpus has only {} tokens", ids.len())));
         }
-        let n_val = ((ids.len() as f64 * VAL_FRACTION).ceil() as usize).max(2);
+        let n_val = (held_out(ids.len() as u64, val_fraction) as usize).min(ids.len() - 2);
         let mut train = ids;
         let val = train.split_off(train.len() - n_val);
         Ok(Corpus {
-            train,
-            val,
+            train: Tokens::new(vec![Part::Mem(train)]),
+            val: Tokens::new(vec![Part::Mem(val)]),
             vocab_size,
             source: source.into(),
+            end_of_document: None,
+            tokenizer_hash: None,
         })
     }
 
@@ -139,14 +280,45 @@ impl Corpus {
         &self.source
     }
 
-    /// Training tokens.
-    pub fn train_tokens(&self) -> &[u32] {
-        &self.train
+    /// The token between documents, for a dataset of shards that records it.
+    pub fn end_of_document(&self) -> Option<u32> {
+        self.end_of_document
     }
 
-    /// Held-out validation tokens.
-    pub fn val_tokens(&self) -> &[u32] {
-        &self.val
+    /// Hash (hex BLAKE3 of tokenizer.json) of the tokenizer that made a dataset's ids, if recorded.
+    pub fn tokenizer_hash(&self) -> Option<&str> {
+        self.tokenizer_hash.as_deref()
+    }
+
+    /// Number of training tokens.
+    pub fn train_len(&self) -> u64 {
+        self.train.len
+    }
+
+    /// Number of held-out validation tokens.
+    pub fn val_len(&self) -> u64 {
+        self.val.len
+    }
+
+    /// Training tokens `start..start + n`.
+    pub fn read_train(&self, start: u64, n: usize) -> Result<Vec<u32>, Error> {
+        let mut v = Vec::with_capacity(n.min(1 << 24));
+        self.train.read(start, n, &mut v)?;
+        Ok(v)
+    }
+
+    /// Validation tokens `start..start + n`.
+    pub fn read_val(&self, start: u64, n: usize) -> Result<Vec<u32>, Error> {
+        let mut v = Vec::with_capacity(n.min(1 << 24));
+        self.val.read(start, n, &mut v)?;
+        Ok(v)
+    }
+
+    /// The whole validation split.
+    pub fn val_tokens(&self) -> Result<Vec<u32>, Error> {
+        let n = usize::try_from(self.val.len)
+            .map_err(|_| Error::Data("validation split too large".into()))?;
+        self.read_val(0, n)
     }
 
     /// The training batch of micro-batch `micro` of step `step` in the run seeded `seed`: rows start
@@ -160,29 +332,35 @@ impl Corpus {
         batch_size: usize,
         seq_len: usize,
     ) -> Result<Batch, Error> {
-        check_geometry(self.train.len(), batch_size, seq_len, "training")?;
+        check_geometry(self.train.len, batch_size, seq_len, "training")?;
         let mut key = [0u8; 32];
         key[..8].copy_from_slice(&seed.to_le_bytes());
         key[8..16].copy_from_slice(&step.to_le_bytes());
         key[16..24].copy_from_slice(&micro.to_le_bytes());
         key[24..].copy_from_slice(b"swarm-tb");
         let mut rng = ChaCha8Rng::from_seed(key);
-        let max_start = self.train.len() - seq_len - 1;
-        let starts = (0..batch_size).map(|_| rng.random_range(0..=max_start));
-        Ok(gather(&self.train, starts, batch_size, seq_len))
+        // Drawn as usize, as always, so batches of existing runs stay the same.
+        let max_start = usize::try_from(self.train.len - seq_len as u64 - 1)
+            .map_err(|_| Error::Data("training split too large for this platform".into()))?;
+        let starts: Vec<u64> = (0..batch_size)
+            .map(|_| rng.random_range(0..=max_start) as u64)
+            .collect();
+        gather(&self.train, starts, batch_size, seq_len)
     }
 
     /// Validation batch number `index`: consecutive non-overlapping windows of the validation split
     /// (wrapping around after [`Corpus::val_batches`] batches), so evaluating batches
     /// `0..val_batches(..)` covers the split once.
     pub fn val_batch(&self, index: u64, batch_size: usize, seq_len: usize) -> Result<Batch, Error> {
-        check_geometry(self.val.len(), batch_size, seq_len, "validation")?;
-        let windows = ((self.val.len() - 1) / seq_len) as u64;
-        let starts = (0..batch_size as u64).map(|b| {
-            let w = (index.wrapping_mul(batch_size as u64).wrapping_add(b)) % windows;
-            w as usize * seq_len
-        });
-        Ok(gather(&self.val, starts, batch_size, seq_len))
+        check_geometry(self.val.len, batch_size, seq_len, "validation")?;
+        let windows = (self.val.len - 1) / seq_len as u64;
+        let starts = (0..batch_size as u64)
+            .map(|b| {
+                let w = (index.wrapping_mul(batch_size as u64).wrapping_add(b)) % windows;
+                w * seq_len as u64
+            })
+            .collect();
+        gather(&self.val, starts, batch_size, seq_len)
     }
 
     /// Number of validation batches that cover the validation split once (at least 1).
@@ -190,18 +368,51 @@ impl Corpus {
         if batch_size == 0 || seq_len == 0 {
             return 0;
         }
-        let windows = self.val.len().saturating_sub(1) / seq_len;
-        windows.div_ceil(batch_size).max(1)
+        let windows = self.val.len.saturating_sub(1) / seq_len as u64;
+        (windows.div_ceil(batch_size as u64).max(1)).min(usize::MAX as u64) as usize
     }
 }
 
-fn check_geometry(len: usize, batch_size: usize, seq_len: usize, split: &str) -> Result<(), Error> {
+/// Whether `path` is a dataset of token shards rather than text: a folder with a manifest or with
+/// `.bin` files, or a file that starts with a shard magic.
+pub fn is_token_dataset(path: &Path) -> bool {
+    if path.is_dir() {
+        return path.join(crate::shards::MANIFEST).exists()
+            || std::fs::read_dir(path).is_ok_and(|mut d| {
+                d.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "bin")))
+            });
+    }
+    let mut head = [0u8; 8];
+    use std::io::Read;
+    std::fs::File::open(path).is_ok_and(|mut f| f.read_exact(&mut head).is_ok())
+        && (head == crate::shards::MAGIC || {
+            let m = i32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+            m == crate::shards::LLMC_MAGIC_GPT2 || m == crate::shards::LLMC_MAGIC_LLAMA3
+        })
+}
+
+fn check_fraction(f: f64) -> Result<(), Error> {
+    if f > 0.0 && f < 1.0 {
+        Ok(())
+    } else {
+        Err(Error::Data(format!(
+            "validation fraction {f} must be in (0, 1)"
+        )))
+    }
+}
+
+/// Tokens held out of `len` for a fraction: at least 2.
+fn held_out(len: u64, fraction: f64) -> u64 {
+    ((len as f64 * fraction).ceil() as u64).max(2)
+}
+
+fn check_geometry(len: u64, batch_size: usize, seq_len: usize, split: &str) -> Result<(), Error> {
     if batch_size == 0 || seq_len == 0 {
         return Err(Error::Data(format!(
             "batch size {batch_size} and sequence length {seq_len} must be positive"
         )));
     }
-    if len < seq_len + 1 {
+    if len < seq_len as u64 + 1 {
         return Err(Error::Data(format!(
             "{split} split has {len} tokens, fewer than sequence length {seq_len} + 1"
         )));
@@ -214,26 +425,29 @@ fn check_geometry(len: usize, batch_size: usize, seq_len: usize, split: &str) ->
 }
 
 fn gather(
-    tokens: &[u32],
-    starts: impl Iterator<Item = usize>,
+    tokens: &Tokens,
+    starts: Vec<u64>,
     batch_size: usize,
     seq_len: usize,
-) -> Batch {
+) -> Result<Batch, Error> {
     let mut inputs = Vec::with_capacity(batch_size * seq_len);
     let mut targets = Vec::with_capacity(batch_size * seq_len);
+    let mut row = Vec::with_capacity(seq_len + 1);
     for s in starts {
-        inputs.extend_from_slice(&tokens[s..s + seq_len]);
-        targets.extend_from_slice(&tokens[s + 1..s + seq_len + 1]);
+        row.clear();
+        tokens.read(s, seq_len + 1, &mut row)?;
+        inputs.extend_from_slice(&row[..seq_len]);
+        targets.extend_from_slice(&row[1..]);
     }
-    Batch {
+    Ok(Batch {
         inputs,
         targets,
         batch_size,
         seq_len,
-    }
+    })
 }
 
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), Error> {
+pub(crate) fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), Error> {
     let io = |source| Error::Io {
         path: dir.to_path_buf(),
         source,
@@ -566,6 +780,10 @@ pub mod stories {
 mod tests {
     use super::*;
 
+    fn train_vec(c: &Corpus) -> Vec<u32> {
+        c.read_train(0, c.train_len() as usize).unwrap()
+    }
+
     fn small() -> Corpus {
         Corpus::from_text(&stories::generate(7, 20_000), &ByteTokenizer).unwrap()
     }
@@ -587,7 +805,7 @@ mod tests {
     fn targets_are_inputs_shifted_by_one_within_the_text() {
         let c = small();
         let b = c.train_batch(9, 0, 0, 8, 32).unwrap();
-        let train = c.train_tokens();
+        let train = train_vec(&c);
         for row in 0..8 {
             let inp = &b.inputs[row * 32..(row + 1) * 32];
             let tgt = &b.targets[row * 32..(row + 1) * 32];
@@ -604,7 +822,7 @@ mod tests {
     fn val_batches_cover_the_held_out_split_without_overlap() {
         let c = small();
         let n = c.val_batches(2, 50);
-        let windows = (c.val_tokens().len() - 1) / 50;
+        let windows = (c.val_len() as usize - 1) / 50;
         assert_eq!(n, windows.div_ceil(2));
         let mut seen = Vec::new();
         for i in 0..n as u64 {
@@ -612,14 +830,14 @@ mod tests {
             seen.extend(b.inputs.chunks(50).map(|r| r.to_vec()));
         }
         // The first `windows` rows are the split's consecutive windows.
-        let val = c.val_tokens();
+        let val = c.val_tokens().unwrap();
         for (w, row) in seen.iter().take(windows).enumerate() {
             assert_eq!(row.as_slice(), &val[w * 50..w * 50 + 50]);
         }
         // Held out: the validation split is the tail of the text, disjoint from the training part.
         let all = ByteTokenizer.encode(&stories::generate(7, 20_000));
-        assert_eq!(c.train_tokens().len() + val.len(), all.len());
-        assert_eq!(val, &all[all.len() - val.len()..]);
+        assert_eq!(c.train_len() as usize + val.len(), all.len());
+        assert_eq!(val, all[all.len() - val.len()..]);
         assert_eq!(val.len(), (all.len() as f64 * VAL_FRACTION).ceil() as usize);
     }
 
@@ -643,26 +861,22 @@ mod tests {
         std::fs::write(dir.path().join(".hidden"), "skipped").unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("sub/c.txt"), "third").unwrap();
-        let c = Corpus::from_path(dir.path(), &ByteTokenizer).unwrap();
-        let all: Vec<u32> = c
-            .train_tokens()
-            .iter()
-            .chain(c.val_tokens())
-            .copied()
-            .collect();
+        let c = Corpus::from_path(dir.path(), &ByteTokenizer, VAL_FRACTION).unwrap();
+        let all: Vec<u32> = [train_vec(&c), c.val_tokens().unwrap()].concat();
         assert_eq!(
             ByteTokenizer.decode(&all),
             "first document\nsecond document\nthird"
         );
-        let one = Corpus::from_path(&dir.path().join("a.txt"), &ByteTokenizer).unwrap();
-        assert_eq!(one.train_tokens().len() + one.val_tokens().len(), 14);
+        let one =
+            Corpus::from_path(&dir.path().join("a.txt"), &ByteTokenizer, VAL_FRACTION).unwrap();
+        assert_eq!(one.train_len() + one.val_len(), 14);
         std::fs::write(dir.path().join("bad.bin"), [0xff, 0xfe, 0x00]).unwrap();
         assert!(matches!(
-            Corpus::from_path(dir.path(), &ByteTokenizer),
+            Corpus::from_path(dir.path(), &ByteTokenizer, VAL_FRACTION),
             Err(Error::Data(_))
         ));
         assert!(matches!(
-            Corpus::from_path(&dir.path().join("missing"), &ByteTokenizer),
+            Corpus::from_path(&dir.path().join("missing"), &ByteTokenizer, VAL_FRACTION),
             Err(Error::Io { .. })
         ));
     }
@@ -671,13 +885,93 @@ mod tests {
     fn builtin_corpus_is_deterministic_with_disjoint_splits() {
         let a = Corpus::builtin();
         assert_eq!(a.vocab_size(), 256);
-        assert!(a.train_tokens().len() >= BUILTIN_TRAIN_BYTES);
-        assert!(a.val_tokens().len() >= BUILTIN_VAL_BYTES);
+        assert!(a.train_len() as usize >= BUILTIN_TRAIN_BYTES);
+        assert!(a.val_len() as usize >= BUILTIN_VAL_BYTES);
         assert_eq!(
-            a.train_tokens()[..1000],
-            Corpus::builtin().train_tokens()[..1000]
+            a.read_train(0, 1000).unwrap(),
+            Corpus::builtin().read_train(0, 1000).unwrap()
         );
-        assert_ne!(a.train_tokens()[..1000], a.val_tokens()[..1000]);
+        assert_ne!(a.read_train(0, 1000).unwrap(), a.read_val(0, 1000).unwrap());
+    }
+
+    #[test]
+    fn any_held_out_fraction() {
+        let ids: Vec<u32> = (0..1000).map(|i| i % 7).collect();
+        for (f, n_val) in [(0.01, 10), (0.5, 500), (0.9, 900), (0.999, 998)] {
+            let c = Corpus::split_fraction(ids.clone(), 7, "t", f).unwrap();
+            assert_eq!((c.train_len(), c.val_len()), (1000 - n_val, n_val), "{f}");
+        }
+        for f in [0.0, 1.0, -0.5, f64::NAN] {
+            assert!(
+                Corpus::split_fraction(ids.clone(), 7, "t", f).is_err(),
+                "{f}"
+            );
+        }
+    }
+
+    /// Writes `ids` as one of our shards in `dir/name`.
+    fn shard(dir: &Path, name: &str, ids: &[u32], vocab: u32) {
+        let mut w = crate::shards::ShardWriter::create(
+            &dir.join(name),
+            crate::shards::Dtype::U16,
+            vocab,
+            [3; 32],
+        )
+        .unwrap();
+        w.write(ids).unwrap();
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn shard_corpora_batch_across_shard_ends_like_the_same_tokens_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<u32> = (0..5000u32).map(|i| (i * 31 + i / 7) % 1000).collect();
+        // Three shards of uneven size: rows straddle their ends.
+        shard(dir.path(), "a.bin", &ids[..1234], 1000);
+        shard(dir.path(), "b.bin", &ids[1234..1300], 1000);
+        shard(dir.path(), "c.bin", &ids[1300..], 1000);
+        let set = ShardSet::open(dir.path()).unwrap();
+        assert_eq!(set.train.len(), 3);
+        let mapped = Corpus::from_shards(set, 0.2).unwrap();
+        let mem = Corpus::split_fraction(ids.clone(), 1000, "t", 0.2).unwrap();
+        assert_eq!((mapped.train_len(), mapped.val_len()), (4000, 1000));
+        for step in 0..20 {
+            assert_eq!(
+                mapped.train_batch(5, step, 1, 4, 64).unwrap(),
+                mem.train_batch(5, step, 1, 4, 64).unwrap()
+            );
+        }
+        for i in 0..3 {
+            assert_eq!(
+                mapped.val_batch(i, 2, 100).unwrap(),
+                mem.val_batch(i, 2, 100).unwrap()
+            );
+        }
+        assert_eq!(mapped.val_tokens().unwrap(), ids[4000..]);
+        // Through `from_path`, which recognises a dataset folder.
+        let c = Corpus::from_path(dir.path(), &ByteTokenizer, 0.2).unwrap();
+        assert_eq!(
+            c.train_batch(1, 2, 3, 2, 16).unwrap(),
+            mem.train_batch(1, 2, 3, 2, 16).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_bad_id_in_a_shard_is_an_error_when_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ids = vec![1u32; 400];
+        ids[200] = 60;
+        shard(dir.path(), "a.bin", &ids, 61);
+        // Patch the header's vocabulary below the bad id: the shard itself lies.
+        let p = dir.path().join("a.bin");
+        let mut b = std::fs::read(&p).unwrap();
+        b[24..28].copy_from_slice(&50u32.to_le_bytes());
+        std::fs::write(&p, b).unwrap();
+        let c = Corpus::from_path(dir.path(), &ByteTokenizer, 0.1).unwrap();
+        let err = (0..100)
+            .find_map(|step| c.train_batch(0, step, 0, 8, 32).err())
+            .expect("some batch covers token 200");
+        assert!(err.to_string().contains("token id 60"), "{err}");
     }
 
     #[test]

@@ -40,15 +40,19 @@ impl Tokenizer for ByteTokenizer {
     }
 }
 
-/// Loads a tokenizer: a HF `tokenizer.json` file, or a directory containing one.
-pub fn load_tokenizer(path: &std::path::Path) -> Result<Box<dyn Tokenizer>, crate::Error> {
-    let file = if path.is_dir() {
+/// The tokenizer.json a path names: the file itself, or `tokenizer.json` in a directory.
+pub fn tokenizer_file(path: &std::path::Path) -> std::path::PathBuf {
+    if path.is_dir() {
         path.join("tokenizer.json")
     } else {
         path.to_path_buf()
-    };
+    }
+}
+
+/// Loads a tokenizer: a HF `tokenizer.json` file, or a directory containing one.
+pub fn load_tokenizer(path: &std::path::Path) -> Result<Box<dyn Tokenizer>, crate::Error> {
     Ok(Box::new(crate::tokenizer_bpe::BpeTokenizer::from_file(
-        &file,
+        &tokenizer_file(path),
     )?))
 }
 

@@ -1,19 +1,26 @@
 //! A reader of Hugging Face `tokenizer.json` files for BPE models, in the two flavours Llama-style
 //! checkpoints ship:
 //!
-//! - byte-level BPE (GPT-2, Llama 3): text is split by the GPT-2 pre-tokenizer rules, each piece's
-//!   UTF-8 bytes are mapped to printable characters (GPT-2's `bytes_to_unicode`), then merged;
-//! - SentencePiece-style BPE (Llama 2, TinyLlama): spaces become `▁`, a `▁` is prepended, characters
-//!   are merged, and characters outside the vocabulary fall back to `<0xXX>` byte tokens.
+//! - byte-level BPE (GPT-2): text is split by the GPT-2 pre-tokenizer regex, each piece's UTF-8
+//!   bytes are mapped to printable characters (GPT-2's `bytes_to_unicode`), then merged;
+//! - SentencePiece-style BPE (Llama 2, TinyLlama): a `▁` is prepended, spaces become `▁`, the
+//!   whole text is merged as one word, and characters outside the vocabulary fall back to
+//!   `<0xXX>` byte tokens.
 //!
-//! Written here rather than taken from the `tokenizers` crate to keep its build time (and its
-//! regex/onig dependencies) out of every binary. Limits: `Split` pre-tokenizers with custom regexes
-//! (Llama 3) are approximated by the GPT-2 rules, so ids can differ from HF's on some inputs while
-//! still decoding to the same text; normalizers other than Prepend/Replace are rejected.
+//! It follows HF tokenizers' algorithm step for step, so the ids are the same: added tokens are
+//! matched in the input first (longest match, leftmost) and the text between them is encoded
+//! separately; merges are applied lowest rank first, ties leftmost first, from a heap over a linked
+//! list of symbols (O(n log n), so a long SentencePiece text is not quadratic); decoding skips
+//! special tokens, as HF's `decode` does by default. `tests/tokenizer_reference.rs` checks ids and
+//! decoded text against HF's own output. Written here rather than taken from the `tokenizers`
+//! crate to keep its build time (and onig) out of every binary. Limits: `Split` pre-tokenizers
+//! with custom regexes (Llama 3) and normalizers other than Prepend/Replace are not supported.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::path::Path;
 
+use regex::Regex;
 use serde_json::Value;
 
 use crate::Error;
@@ -21,6 +28,12 @@ use crate::tokenizer::Tokenizer;
 
 /// Largest tokenizer.json we read (Llama 3's is ~9 MB).
 const MAX_FILE_BYTES: u64 = 64 << 20;
+/// Words kept in an encoder's cache before it is cleared (bounds its memory).
+const CACHE_WORDS: usize = 1 << 16;
+
+/// GPT-2's pre-tokenizer regex without its `\s+(?!\S)` look-ahead, which [`gpt2_split`] applies by
+/// hand (the `regex` crate has no look-around).
+const GPT2_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flavour {
@@ -34,14 +47,25 @@ pub struct BpeTokenizer {
     flavour: Flavour,
     vocab: HashMap<String, u32>,
     id_to_token: Vec<Option<String>>,
-    ranks: HashMap<(String, String), usize>,
+    /// Single-character tokens, the symbols a word starts from.
+    char_ids: HashMap<char, u32>,
+    /// (left id, right id) -> (rank, merged id).
+    merges: HashMap<(u32, u32), (u32, u32)>,
     byte_to_char: [char; 256],
     char_to_byte: HashMap<char, u8>,
     /// Byte-fallback token ids (`<0xXX>`), SentencePiece flavour.
     byte_tokens: Option<Vec<u32>>,
     unk: Option<u32>,
+    /// Ids of tokens flagged special (skipped when decoding).
     special: HashMap<u32, String>,
+    /// Added tokens matched verbatim in the input, longest first.
+    added: Vec<(String, u32)>,
+    split: Regex,
 }
+
+/// A word cache for [`BpeTokenizer::encode_cached`]: one per thread, bounded.
+#[derive(Debug, Default)]
+pub struct WordCache(HashMap<String, Vec<u32>>);
 
 fn bad(msg: impl Into<String>) -> Error {
     Error::Tokenizer(msg.into())
@@ -101,6 +125,7 @@ impl BpeTokenizer {
             vocab.insert(tok.clone(), id as u32);
         }
         let mut special = HashMap::new();
+        let mut added = Vec::new();
         for t in v
             .get("added_tokens")
             .and_then(Value::as_array)
@@ -116,16 +141,33 @@ impl BpeTokenizer {
             if id >= crate::config::MAX_VOCAB as u64 {
                 return Err(bad(format!("added token id {id} too large")));
             }
-            special.insert(id as u32, content.to_string());
+            if t.get("special").and_then(Value::as_bool).unwrap_or(false) {
+                special.insert(id as u32, content.to_string());
+            }
+            if !content.is_empty() {
+                added.push((content.to_string(), id as u32));
+            }
             vocab.entry(content.to_string()).or_insert(id as u32);
         }
+        // Longest first, so that a token that is a prefix of another does not win.
+        added.sort_by_key(|(c, _)| Reverse(c.len()));
         let max_id = vocab.values().copied().max().unwrap_or(0) as usize;
         let mut id_to_token = vec![None; max_id + 1];
         for (t, &id) in &vocab {
             id_to_token[id as usize] = Some(t.clone());
         }
+        let char_ids = vocab
+            .iter()
+            .filter_map(|(t, &id)| {
+                let mut cs = t.chars();
+                match (cs.next(), cs.next()) {
+                    (Some(c), None) => Some((c, id)),
+                    _ => None,
+                }
+            })
+            .collect();
 
-        let mut ranks = HashMap::new();
+        let mut merges = HashMap::new();
         for (rank, m) in model
             .get("merges")
             .and_then(Value::as_array)
@@ -133,7 +175,7 @@ impl BpeTokenizer {
             .flatten()
             .enumerate()
         {
-            let pair = match m {
+            let (a, b) = match m {
                 Value::String(s) => s
                     .split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string())),
@@ -144,7 +186,16 @@ impl BpeTokenizer {
                 _ => None,
             }
             .ok_or_else(|| bad(format!("malformed merge {m}")))?;
-            ranks.entry(pair).or_insert(rank);
+            let id = |t: &str| {
+                vocab
+                    .get(t)
+                    .copied()
+                    .ok_or_else(|| bad(format!("merge token {t:?} is not in the vocabulary")))
+            };
+            let pair = (id(&a)?, id(&b)?);
+            let merged = id(&format!("{a}{b}"))?;
+            // HF builds its merge map by inserting in order: a repeated pair keeps the last rank.
+            merges.insert(pair, (rank as u32, merged));
         }
 
         let mentions =
@@ -197,183 +248,215 @@ impl BpeTokenizer {
             flavour,
             vocab,
             id_to_token,
-            ranks,
+            char_ids,
+            merges,
             byte_to_char,
             char_to_byte,
             byte_tokens,
             unk,
             special,
+            added,
+            split: Regex::new(GPT2_PATTERN).expect("the GPT-2 pattern compiles"),
         })
     }
 
-    /// Merges `symbols` by rank (lowest first), as BPE does.
-    fn merge(&self, mut symbols: Vec<String>) -> Vec<String> {
-        loop {
-            let best = symbols
-                .windows(2)
-                .enumerate()
-                .filter_map(|(i, w)| {
-                    self.ranks
-                        .get(&(w[0].clone(), w[1].clone()))
-                        .map(|&r| (r, i))
-                })
-                .min();
-            let Some((_, i)) = best else { return symbols };
-            let (a, b) = (symbols[i].clone(), symbols[i + 1].clone());
-            // Merge every occurrence of the pair, left to right.
-            let mut out = Vec::with_capacity(symbols.len());
-            let mut j = 0;
-            while j < symbols.len() {
-                if j + 1 < symbols.len() && symbols[j] == a && symbols[j + 1] == b {
-                    out.push(format!("{a}{b}"));
-                    j += 2;
-                } else {
-                    out.push(std::mem::take(&mut symbols[j]));
-                    j += 1;
-                }
+    /// The id of a token string, if the vocabulary has it (e.g. `<|endoftext|>`, `</s>`).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.vocab.get(token).copied()
+    }
+
+    /// The token that separates documents in a token stream: GPT-2's `<|endoftext|>`, or the
+    /// end-of-sequence token `</s>` / `<eos>` / `<|end_of_text|>`, whichever the vocabulary has.
+    pub fn end_of_document(&self) -> Option<u32> {
+        ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>"]
+            .iter()
+            .find_map(|t| self.token_id(t))
+    }
+
+    /// Applies BPE merges to one word's symbols (HF's `Word::merge_all`): lowest rank first, ties
+    /// leftmost first, over a linked list so that each merge is O(log n).
+    fn merge_word(&self, ids: &mut Vec<u32>) {
+        let n = ids.len();
+        if n < 2 {
+            return;
+        }
+        let mut next: Vec<usize> = (1..=n).collect(); // n = none
+        let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect(); // MAX = none
+        let mut alive = vec![true; n];
+        let mut heap = BinaryHeap::with_capacity(n);
+        for i in 0..n - 1 {
+            if let Some(&(rank, new)) = self.merges.get(&(ids[i], ids[i + 1])) {
+                heap.push(Reverse((rank, i, new)));
             }
-            symbols = out;
+        }
+        while let Some(Reverse((_, pos, new))) = heap.pop() {
+            if !alive[pos] || next[pos] >= n {
+                continue;
+            }
+            let right = next[pos];
+            // A stale entry: the pair at `pos` has changed since it was queued.
+            if self.merges.get(&(ids[pos], ids[right])).map(|m| m.1) != Some(new) {
+                continue;
+            }
+            ids[pos] = new;
+            alive[right] = false;
+            next[pos] = next[right];
+            if next[pos] < n {
+                prev[next[pos]] = pos;
+            }
+            let p = prev[pos];
+            if p < n
+                && let Some(&(rank, m)) = self.merges.get(&(ids[p], ids[pos]))
+            {
+                heap.push(Reverse((rank, p, m)));
+            }
+            if next[pos] < n
+                && let Some(&(rank, m)) = self.merges.get(&(ids[pos], ids[next[pos]]))
+            {
+                heap.push(Reverse((rank, pos, m)));
+            }
+        }
+        let mut k = 0;
+        for i in 0..n {
+            if alive[i] {
+                ids[k] = ids[i];
+                k += 1;
+            }
+        }
+        ids.truncate(k);
+    }
+
+    /// The starting symbols of a word: one per character, characters outside the vocabulary as
+    /// their byte-fallback tokens (or `unk`).
+    fn symbols(&self, word: &str, out: &mut Vec<u32>) {
+        for c in word.chars() {
+            if let Some(&id) = self.char_ids.get(&c) {
+                out.push(id);
+            } else if let Some(bytes) = &self.byte_tokens {
+                let mut buf = [0u8; 4];
+                out.extend(c.encode_utf8(&mut buf).bytes().map(|b| bytes[b as usize]));
+            } else if let Some(unk) = self.unk {
+                out.push(unk);
+            }
         }
     }
 
-    fn encode_piece(&self, piece: &str, out: &mut Vec<u32>) {
+    /// Encodes text between added tokens.
+    fn encode_segment(&self, text: &str, cache: &mut WordCache, out: &mut Vec<u32>) {
+        if text.is_empty() {
+            return;
+        }
         match self.flavour {
             Flavour::ByteLevel => {
-                let symbols = piece
-                    .bytes()
-                    .map(|b| self.byte_to_char[b as usize].to_string())
-                    .collect();
-                for s in self.merge(symbols) {
-                    match self.vocab.get(&s) {
-                        Some(&id) => out.push(id),
-                        // A merge result missing from the vocab: emit its bytes, which all exist.
-                        None => out.extend(s.chars().map(|c| self.vocab[&c.to_string()])),
+                let mut mapped = String::new();
+                for piece in gpt2_split(&self.split, text) {
+                    if let Some(ids) = cache.0.get(piece) {
+                        out.extend_from_slice(ids);
+                        continue;
                     }
+                    mapped.clear();
+                    mapped.extend(piece.bytes().map(|b| self.byte_to_char[b as usize]));
+                    let mut ids = Vec::with_capacity(mapped.len());
+                    self.symbols(&mapped, &mut ids);
+                    self.merge_word(&mut ids);
+                    out.extend_from_slice(&ids);
+                    if cache.0.len() >= CACHE_WORDS {
+                        cache.0.clear();
+                    }
+                    cache.0.insert(piece.to_string(), ids);
                 }
             }
             Flavour::SentencePiece => {
-                let symbols = piece.chars().map(String::from).collect();
-                for s in self.merge(symbols) {
-                    if let Some(&id) = self.vocab.get(&s) {
-                        out.push(id);
-                    } else if let Some(bytes) = &self.byte_tokens {
-                        out.extend(s.bytes().map(|b| bytes[b as usize]));
-                    } else if let Some(unk) = self.unk {
-                        out.push(unk);
-                    }
+                let s = format!("\u{2581}{}", text.replace(' ', "\u{2581}"));
+                let mut ids = Vec::with_capacity(s.len());
+                self.symbols(&s, &mut ids);
+                self.merge_word(&mut ids);
+                out.extend_from_slice(&ids);
+            }
+        }
+    }
+
+    /// [`Tokenizer::encode`] with a caller-held word cache (faster over many documents).
+    pub fn encode_cached(&self, text: &str, cache: &mut WordCache) -> Vec<u32> {
+        let mut out = Vec::with_capacity(text.len() / 3);
+        let mut rest = text;
+        while !rest.is_empty() {
+            // The leftmost added token, the longest at that position.
+            let hit = self
+                .added
+                .iter()
+                .filter_map(|(c, id)| rest.find(c.as_str()).map(|at| (at, Reverse(c.len()), *id)))
+                .min();
+            match hit {
+                Some((at, Reverse(len), id)) => {
+                    self.encode_segment(&rest[..at], cache, &mut out);
+                    out.push(id);
+                    rest = &rest[at + len..];
+                }
+                None => {
+                    self.encode_segment(rest, cache, &mut out);
+                    break;
                 }
             }
         }
+        out
     }
 }
 
-/// GPT-2 pre-tokenization: contractions, ` ?letters`, ` ?digits`, ` ?other`, and whitespace runs
-/// (a run before a word leaves its last space to the word).
-fn gpt2_split(text: &str) -> Vec<&str> {
-    #[derive(PartialEq, Clone, Copy)]
-    enum K {
-        L,
-        N,
-        S,
-        O,
-    }
-    let kind = |c: char| {
-        if c.is_alphabetic() {
-            K::L
-        } else if c.is_numeric() {
-            K::N
-        } else if c.is_whitespace() {
-            K::S
-        } else {
-            K::O
-        }
-    };
-    let chars: Vec<(usize, char)> = text.char_indices().collect();
-    let end_of = |i: usize| chars.get(i).map_or(text.len(), |c| c.0);
+/// GPT-2 pre-tokenization: the regex `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+
+/// |\s+(?!\S)|\s+`. The look-ahead leaves a whitespace run's last character to what follows
+/// (joined to a word if it is a space), so a run followed by text gives up its last character.
+fn gpt2_split<'a>(re: &Regex, text: &'a str) -> Vec<&'a str> {
     let mut out = Vec::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let start = i;
-        let c = chars[i].1;
-        if c == '\'' {
-            let rest = &text[chars[i].0..];
-            if let Some(p) = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d"]
-                .iter()
-                .find(|p| rest.starts_with(**p))
-            {
-                i += p.chars().count();
-                out.push(&text[chars[start].0..end_of(i)]);
-                continue;
+    let mut pos = 0;
+    while pos < text.len() {
+        // Every character matches some branch, so the match starts at `pos`.
+        let Some(m) = re.find_at(text, pos) else {
+            out.push(&text[pos..]);
+            break;
+        };
+        let mut end = m.end();
+        let piece = m.as_str();
+        if end < text.len() && piece.chars().all(char::is_whitespace) {
+            let last = piece.chars().next_back().map_or(0, char::len_utf8);
+            if piece.len() > last {
+                end -= last;
             }
         }
-        let k = kind(c);
-        if k == K::S {
-            let mut j = i;
-            while j < chars.len() && kind(chars[j].1) == K::S {
-                j += 1;
-            }
-            // `\s+(?!\S)`: leave one space for a following word.
-            if j < chars.len() && j - i > 1 && chars[j - 1].1 == ' ' {
-                j -= 1;
-            } else if j < chars.len() && j - i == 1 && c == ' ' {
-                // A single space joins the next word below.
-                let nk = kind(chars[j].1);
-                let mut m = j;
-                while m < chars.len() && kind(chars[m].1) == nk {
-                    m += 1;
-                }
-                out.push(&text[chars[start].0..end_of(m)]);
-                i = m;
-                continue;
-            }
-            out.push(&text[chars[start].0..end_of(j)]);
-            i = j;
-            continue;
-        }
-        let mut j = i;
-        while j < chars.len()
-            && kind(chars[j].1) == k
-            && !(k == K::O && chars[j].1 == '\'' && j > i)
-        {
-            j += 1;
-        }
-        out.push(&text[chars[start].0..end_of(j)]);
-        i = j;
+        out.push(&text[pos..end]);
+        pos = end;
     }
     out
 }
 
 impl Tokenizer for BpeTokenizer {
     fn encode(&self, text: &str) -> Vec<u32> {
-        let mut out = Vec::new();
-        match self.flavour {
-            Flavour::ByteLevel => {
-                for piece in gpt2_split(text) {
-                    self.encode_piece(piece, &mut out);
-                }
-            }
-            Flavour::SentencePiece => {
-                if text.is_empty() {
-                    return out;
-                }
-                let s = format!("\u{2581}{}", text.replace(' ', "\u{2581}"));
-                self.encode_piece(&s, &mut out);
-            }
-        }
-        out
+        self.encode_cached(text, &mut WordCache::default())
     }
 
     fn decode(&self, ids: &[u32]) -> String {
         let mut bytes = Vec::new();
+        // SentencePiece: a run of byte tokens decodes as one UTF-8 string, or one U+FFFD per token.
+        let mut run: Vec<u8> = Vec::new();
+        let flush = |run: &mut Vec<u8>, bytes: &mut Vec<u8>| {
+            if run.is_empty() {
+                return;
+            }
+            match std::str::from_utf8(run) {
+                Ok(s) => bytes.extend(s.as_bytes()),
+                Err(_) => (0..run.len()).for_each(|_| bytes.extend("\u{FFFD}".as_bytes())),
+            }
+            run.clear();
+        };
         for &id in ids {
+            if self.special.contains_key(&id) {
+                continue;
+            }
             let Some(tok) = self.id_to_token.get(id as usize).and_then(Option::as_ref) else {
+                flush(&mut run, &mut bytes);
                 bytes.extend("\u{FFFD}".as_bytes());
                 continue;
             };
-            if self.special.contains_key(&id) {
-                bytes.extend(tok.as_bytes());
-                continue;
-            }
             match self.flavour {
                 Flavour::ByteLevel => {
                     for c in tok.chars() {
@@ -386,12 +469,16 @@ impl Tokenizer for BpeTokenizer {
                 Flavour::SentencePiece => {
                     let hex = tok.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'));
                     match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                        Some(b) if tok.len() == 6 => bytes.push(b),
-                        _ => bytes.extend(tok.replace('\u{2581}', " ").as_bytes()),
+                        Some(b) if tok.len() == 6 => run.push(b),
+                        _ => {
+                            flush(&mut run, &mut bytes);
+                            bytes.extend(tok.replace('\u{2581}', " ").as_bytes());
+                        }
                     }
                 }
             }
         }
+        flush(&mut run, &mut bytes);
         let s = String::from_utf8_lossy(&bytes).into_owned();
         match self.flavour {
             // The prepended `▁` of the first word decodes to a leading space: strip it.
@@ -437,12 +524,15 @@ mod tests {
 
     #[test]
     fn gpt2_pre_tokenizer_splits_like_the_regex() {
-        assert_eq!(gpt2_split("Hello world"), vec!["Hello", " world"]);
+        let re = Regex::new(GPT2_PATTERN).unwrap();
+        assert_eq!(gpt2_split(&re, "Hello world"), vec!["Hello", " world"]);
         assert_eq!(
-            gpt2_split("I'm 42 years!!  ok"),
+            gpt2_split(&re, "I'm 42 years!!  ok"),
             vec!["I", "'m", " 42", " years", "!!", " ", " ok"]
         );
-        assert_eq!(gpt2_split("a\n\nb "), vec!["a", "\n\n", "b", " "]);
+        // `\s+(?!\S)` leaves the run's last character to the next match, even a newline.
+        assert_eq!(gpt2_split(&re, "a\n\nb "), vec!["a", "\n", "\n", "b", " "]);
+        assert_eq!(gpt2_split(&re, "x!!'s"), vec!["x", "!!'", "s"]);
     }
 
     #[test]
@@ -465,7 +555,9 @@ mod tests {
         for text in ["low low", "lower, ünï 🦀\n\n  x", ""] {
             assert_eq!(t.decode(&t.encode(text)), text);
         }
-        assert_eq!(t.decode(&[300]), "<|endoftext|>");
+        // Special tokens are matched in the input and skipped when decoding, as HF does.
+        assert_eq!(t.encode("a<|endoftext|>"), vec![t.vocab["a"], 300]);
+        assert_eq!(t.decode(&[300]), "");
         assert_eq!(t.vocab_size(), 301);
         assert!(t.decode(&[250_000]).contains('\u{FFFD}'));
     }

@@ -144,23 +144,49 @@ pub fn apply_step(shards: &mut [&mut Shard], hp: &AdamW, lr: f64, max_norm: f64)
     Ok(sq.sqrt())
 }
 
-/// The corpus a run's `[data]` section names: a file or folder with the byte tokenizer, or the
-/// built-in corpus.
+/// The corpus a run's `[data]` section names: a dataset of token shards (memory-mapped), or a text
+/// file or folder tokenized with `data.tokenizer` (bytes without one), or the built-in corpus.
+/// A dataset made with another tokenizer than `data.tokenizer` is refused.
 pub fn load_corpus(data: &DataConfig) -> Result<Corpus> {
-    if data.tokenizer.is_some() {
-        return Err(Error::Config(
-            "data.tokenizer: HF tokenizer.json is not supported yet".into(),
-        ));
+    let tok: Box<dyn crate::Tokenizer> = match &data.tokenizer {
+        Some(p) => crate::tokenizer::load_tokenizer(p)?,
+        None => Box::new(crate::tokenizer::ByteTokenizer),
+    };
+    let corpus = match &data.path {
+        Some(p) => Corpus::from_path(p, tok.as_ref(), data.val_fraction)?,
+        None if data.tokenizer.is_some() => {
+            return Err(Error::Config(
+                "data.tokenizer needs data.path: the built-in corpus is byte-level".into(),
+            ));
+        }
+        None => Corpus::builtin(),
+    };
+    if let (Some(p), Some(want)) = (&data.tokenizer, corpus.tokenizer_hash()) {
+        let file = crate::tokenizer::tokenizer_file(p);
+        let bytes = std::fs::read(&file).map_err(|source| Error::Io { path: file, source })?;
+        let have = crate::shards::hex(crate::shards::tokenizer_hash(&bytes));
+        if have != want {
+            return Err(Error::Data(format!(
+                "{} was tokenized by another tokenizer than {} (hash {want}, not {have})",
+                corpus.source(),
+                p.display()
+            )));
+        }
     }
-    if (data.val_fraction - crate::data::VAL_FRACTION).abs() > 1e-12 {
-        return Err(Error::Config(format!(
-            "data.val_fraction: only {} is supported so far",
-            crate::data::VAL_FRACTION
-        )));
+    Ok(corpus)
+}
+
+/// The vocabulary a run's data needs: its tokenizer's, else a token dataset's (its manifest or
+/// shard headers), else 256 (bytes).
+pub fn data_vocab_size(data: &DataConfig) -> Result<usize> {
+    if let Some(t) = &data.tokenizer {
+        return Ok(crate::tokenizer::load_tokenizer(t)?.vocab_size());
     }
     match &data.path {
-        Some(p) => Corpus::from_path(p, &crate::tokenizer::ByteTokenizer),
-        None => Ok(Corpus::builtin()),
+        Some(p) if crate::data::is_token_dataset(p) => {
+            Ok(crate::shards::ShardSet::open(p)?.vocab_size)
+        }
+        _ => Ok(256),
     }
 }
 

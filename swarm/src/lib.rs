@@ -15,6 +15,7 @@ pub mod receipt;
 pub mod rpc;
 pub mod shaping;
 pub mod stage;
+pub mod stage_fit;
 pub mod state_transfer;
 pub mod tls;
 pub mod trainer;

@@ -1687,6 +1687,18 @@ pub async fn join_run(
     stage: Option<u32>,
     tweak: impl FnOnce(&mut StageOptions),
 ) -> Result<Joined> {
+    join_run_within(peer, trainer, stage, None, tweak).await
+}
+
+/// [`join_run`] for a peer with `memory` bytes to spare: the stage must fit
+/// ([`crate::stage_fit::fitting_stage`]), or joining fails with what each stage needs.
+pub async fn join_run_within(
+    peer: &Peer,
+    trainer: SocketAddr,
+    stage: Option<u32>,
+    memory: Option<u64>,
+    tweak: impl FnOnce(&mut StageOptions),
+) -> Result<Joined> {
     let shared = peer.shared();
     let (tid, info): (PeerId, RunInfo) = shared.call(trainer, None, &RunInfoRequest).await?;
     let h = blake3::hash(info.config_toml.as_bytes());
@@ -1694,10 +1706,14 @@ pub async fn join_run(
         return Err(Error::Run("the run info does not match the run id".into()));
     }
     let config = RunConfig::from_toml(&info.config_toml)?;
-    let stage = match stage {
-        Some(s) => s,
-        None => choose_stage(&info, &config)?,
-    };
+    let replicas: Vec<usize> = info.replicas.iter().map(Vec::len).collect();
+    let stage = crate::stage_fit::fitting_stage(
+        &config,
+        &replicas,
+        stage,
+        || choose_stage(&info, &config),
+        memory,
+    )?;
     let mut opts = StageOptions::new(info.run, config, stage);
     tweak(&mut opts);
     let worker = StageWorker::start(peer, opts.clone(), None)?;

@@ -49,6 +49,9 @@ enum Command {
     Ledger(cmd::ledger::LedgerCommand),
     /// Simulate a large swarm with the router's logic.
     Sim(cmd::sim::SimArgs),
+    /// Datasets: tokenize text into token shards once (`data prepare`).
+    #[command(subcommand)]
+    Data(cmd::data::DataCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -70,6 +73,9 @@ enum BenchCommand {
     AuditBan(cmd::bench_audit::BenchAuditBanArgs),
     /// What serving the monitor (a polling page and a Prometheus scrape) costs the training.
     Monitor(cmd::bench_monitor::BenchMonitorArgs),
+    /// Peak resident memory of one pipeline stage of each model preset, against the prediction
+    /// `swarm join` uses.
+    Memory(cmd::bench_memory::BenchMemoryArgs),
 }
 
 fn main() {
@@ -91,8 +97,10 @@ fn main() {
         Command::Top(a) => cmd::top::run(a),
         Command::Ledger(c) => cmd::ledger::run(c),
         Command::Sim(a) => cmd::sim::run(a),
+        Command::Data(c) => cmd::data::run(c),
         Command::Bench(BenchCommand::Model(a)) => cmd::bench_model::run(a),
         Command::Bench(BenchCommand::Compress(a)) => cmd::bench_compress::run(a),
+        Command::Bench(BenchCommand::Memory(a)) => cmd::bench_memory::run(a),
         Command::Bench(BenchCommand::Codec(a)) => cmd::bench_codec::run(a),
         Command::Bench(BenchCommand::Link(a)) => cmd::bench_link::run(a),
         Command::Bench(BenchCommand::Audit(a)) => cmd::bench_audit::run(a),

@@ -111,7 +111,13 @@ pub fn save_with_ledger(
         optimizer: if step == 0 { HashMap::new() } else { moments },
         metadata,
     };
-    ckpt::save(dir, &cfg.model, &weights, Some(&state))?;
+    ckpt::save_with_tokenizer(
+        dir,
+        &cfg.model,
+        &weights,
+        Some(&state),
+        cfg.data.tokenizer.as_deref(),
+    )?;
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use swarm_model::checkpoint::{self, Checkpoint};
 use swarm_model::checkpoint_eval::Evaluator;
+use swarm_model::data::VAL_FRACTION;
 use swarm_model::{ByteTokenizer, Corpus, Tokenizer};
 
 use crate::ui;
@@ -110,16 +111,23 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             if vocab < 256 {
                 bail!("the built-in corpus is byte-level (256 tokens); this model has {vocab}");
             }
-            Corpus::builtin().val_tokens().to_vec()
+            Corpus::builtin().val_tokens()?
+        } else if swarm_model::data::is_token_dataset(Path::new(data)) {
+            // A dataset of shards: its validation split (held-out shards or tail).
+            let corpus = Corpus::from_path(Path::new(data), &ByteTokenizer, VAL_FRACTION)?;
+            if corpus.vocab_size() > vocab {
+                bail!(
+                    "{data} has ids up to {}, more than the model's vocabulary of {vocab}",
+                    corpus.vocab_size()
+                );
+            }
+            corpus.val_tokens()?
         } else {
             let tok = tokenizer_for(&args.checkpoint, vocab, args.tokenizer.as_deref())?;
-            let corpus = Corpus::from_path(Path::new(data), tok.as_ref())?;
-            corpus
-                .train_tokens()
-                .iter()
-                .chain(corpus.val_tokens())
-                .copied()
-                .collect()
+            let corpus = Corpus::from_path(Path::new(data), tok.as_ref(), VAL_FRACTION)?;
+            let mut all = corpus.read_train(0, corpus.train_len() as usize)?;
+            all.extend(corpus.val_tokens()?);
+            all
         };
         let bar = ui::progress(tokens.len().saturating_sub(1) as u64, args.json);
         bar.set_message("tokens");

@@ -51,6 +51,12 @@ pub struct JoinArgs {
     #[arg(long)]
     pub stage: Option<u32>,
 
+    /// Memory this peer may use for its stage, e.g. `6GiB`, `800MiB` (default: MemAvailable of
+    /// /proc/meminfo). The stage is chosen among those that fit; if none does, joining fails
+    /// with what a stage needs.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+
     /// Misbehave on purpose on a seeded fraction of micro-batches (demos and tests of the audits):
     /// `KIND:RATE[:SEED]`, KIND one of noise, zero, stale, skip, scale-grad.
     #[arg(long)]
@@ -254,7 +260,8 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             }
             None => None,
         };
-        let joining = join_training(&peer, bootstrap, args.stage, args.fault, args.json);
+        let memory = args.memory.or_else(swarm_model::presets::available_memory);
+        let joining = join_training(&peer, bootstrap, args.stage, memory, args.fault, args.json);
         let joined = tokio::select! {
             j = joining => Some(j?),
             r = shutdown.wait() => { stopped(r); None }
@@ -346,6 +353,7 @@ async fn join_training(
     peer: &Peer,
     bootstrap: Option<SocketAddr>,
     stage: Option<u32>,
+    memory: Option<u64>,
     fault: Option<swarm_core::fault::FaultSpec>,
     json: bool,
 ) -> anyhow::Result<Option<(swarm_core::stage::StageWorker, SocketAddr)>> {
@@ -358,9 +366,10 @@ async fn join_training(
         }
         return Ok(None);
     };
-    let joined = swarm_core::stage::join_run(peer, trainer, stage, |o| o.fault = fault)
-        .await
-        .context("joining the training run")?;
+    let joined =
+        swarm_core::stage::join_run_within(peer, trainer, stage, memory, |o| o.fault = fault)
+            .await
+            .context("joining the training run")?;
     let serving = Serving {
         stage: joined.worker.stage(),
         step: joined.step,
@@ -499,4 +508,50 @@ fn control_stdin(shaped: bool) -> tokio::sync::oneshot::Receiver<()> {
         let _ = tx.send(());
     });
     rx
+}
+
+/// A byte size: a number with an optional unit (B, KiB, MiB, GiB, TiB; KB/MB/GB/TB are powers of
+/// 1000; `k`, `M`, `G` as the binary ones).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let x: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: not a size such as 8GiB"))?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "k" | "K" | "KiB" => 1024.0,
+        "M" | "MiB" => 1024.0 * 1024.0,
+        "G" | "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "T" | "TiB" => 1024f64.powi(4),
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        u => return Err(format!("{s:?}: unknown unit {u:?}")),
+    };
+    let v = x * mult;
+    if !(v.is_finite() && (0.0..1.8e19).contains(&v)) {
+        return Err(format!("{s:?}: out of range"));
+    }
+    Ok(v as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("8GiB"), Ok(8 << 30));
+        assert_eq!(parse_size("800MiB"), Ok(800 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3XB").is_err());
+    }
 }

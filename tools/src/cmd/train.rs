@@ -19,9 +19,17 @@ pub struct TrainArgs {
     /// Run config (TOML, see experiments/run.toml); default: the built-in default run.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Training text: a file or a folder (overrides `[data] path`).
+    /// Training data (overrides `[data] path`): a text file or folder, or token shards from
+    /// `swarm data prepare` (a folder with manifest.json, or llm.c .bin shards).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// HF tokenizer.json for text data (overrides `[data] tokenizer`); copied into the checkpoint.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Model preset: 2m (the default shape), 20m, 100m or 1b. Sets the model, its stage split and
+    /// micro-batch geometry; the vocabulary is the data's.
+    #[arg(long)]
+    pub model: Option<String>,
     /// Optimizer steps (overrides `[train] steps`; also the length of the LR schedule).
     #[arg(long)]
     pub steps: Option<u64>,
@@ -57,13 +65,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         Some(p) => RunConfig::from_file(p)?,
         None => RunConfig::default(),
     };
-    if let Some(d) = &args.data {
-        cfg.data.path = Some(d.clone());
-    }
     if let Some(s) = args.steps {
         cfg.train.steps = s;
     }
-    cfg.validate()?;
+    apply_overrides(
+        &mut cfg,
+        args.data.as_ref(),
+        args.tokenizer.as_ref(),
+        args.model.as_deref(),
+    )?;
 
     let corpus = load_corpus(&cfg.data).context("loading training data")?;
     if corpus.vocab_size() > cfg.model.vocab_size {
@@ -102,17 +112,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             cfg.model.num_hidden_layers,
             cfg.stages,
             corpus.source(),
-            corpus.train_tokens().len(),
+            corpus.train_len(),
             cfg.tokens_per_step()
         );
     }
     let save = |trainer: &LocalTrainer| -> anyhow::Result<()> {
         if let Some(dir) = &args.out {
-            checkpoint::save(
+            checkpoint::save_with_tokenizer(
                 dir,
                 &cfg.model,
                 &trainer.tensors(),
                 Some(&trainer.train_state()?),
+                cfg.data.tokenizer.as_deref(),
             )
             .with_context(|| format!("saving checkpoint to {}", dir.display()))?;
         }
@@ -198,6 +209,28 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             ))
         );
     }
+    Ok(())
+}
+
+/// Applies `--data`, `--tokenizer` and `--model` to a run config, then validates it. A preset
+/// takes its vocabulary from the data (the tokenizer's, or a dataset's manifest; bytes otherwise).
+pub fn apply_overrides(
+    cfg: &mut RunConfig,
+    data: Option<&PathBuf>,
+    tokenizer: Option<&PathBuf>,
+    model: Option<&str>,
+) -> anyhow::Result<()> {
+    if let Some(d) = data {
+        cfg.data.path = Some(d.clone());
+    }
+    if let Some(t) = tokenizer {
+        cfg.data.tokenizer = Some(t.clone());
+    }
+    if let Some(name) = model {
+        let vocab = swarm_model::train::data_vocab_size(&cfg.data)?;
+        swarm_model::presets::preset(name)?.apply(cfg, vocab)?;
+    }
+    cfg.validate()?;
     Ok(())
 }
 

@@ -21,8 +21,12 @@ use crate::ui;
 #[derive(Clone, Debug)]
 pub struct SwarmTrainArgs {
     pub config: Option<PathBuf>,
-    /// Training text (overrides `[data] path`).
+    /// Training text or token shards (overrides `[data] path`).
     pub data: Option<PathBuf>,
+    /// tokenizer.json (overrides `[data] tokenizer`).
+    pub tokenizer: Option<PathBuf>,
+    /// Model preset (overrides `[model]`, `stages` and the micro-batch geometry).
+    pub model: Option<String>,
     pub listen: SocketAddr,
     pub out: Option<PathBuf>,
     pub shape: Option<LinkShape>,
@@ -239,6 +243,8 @@ pub fn run_cli(args: &super::train::TrainArgs) -> anyhow::Result<()> {
     run(SwarmTrainArgs {
         config: args.config.clone(),
         data: args.data.clone(),
+        tokenizer: args.tokenizer.clone(),
+        model: args.model.clone(),
         listen: args.swarm.listen,
         out: args.out.clone(),
         shape: args.swarm.shape.clone(),
@@ -253,9 +259,12 @@ pub fn run_cli(args: &super::train::TrainArgs) -> anyhow::Result<()> {
 
 pub fn run(args: SwarmTrainArgs) -> anyhow::Result<()> {
     let mut cfg = load_config(args.config.as_deref(), args.steps)?;
-    if let Some(d) = &args.data {
-        cfg.data.path = Some(d.clone());
-    }
+    super::train::apply_overrides(
+        &mut cfg,
+        args.data.as_ref(),
+        args.tokenizer.as_ref(),
+        args.model.as_deref(),
+    )?;
     let identity = match &args.data_dir {
         Some(d) => Identity::load_or_create(d)?,
         None => Identity::generate(),
