@@ -99,6 +99,8 @@ pub fn recompute(
 impl StageWorker {
     /// Serves the audit kinds (called from `register`).
     pub(super) fn register_audit(&self, peer: &Peer) {
+        peer.register_kinds(&crate::receipt::KINDS)
+            .expect("layer kind ranges are disjoint (tested)");
         let w = self.clone();
         peer.register(
             kind::AUDIT_FETCH,

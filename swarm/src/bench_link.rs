@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::shaping::{LinkShape, ShapeCounters};
 use crate::transport::{Congestion, Node, TransportConfig};
-use crate::wire::{HEADER_LEN, Header, kind};
+use crate::wire::{HEADER_LEN, Header, NET_KINDS, kind};
+use swarm_net::{Error, Result};
 
 /// One benchmark case.
 #[derive(Debug, Clone)]
@@ -128,7 +128,7 @@ pub async fn run_case(case: &LinkCase, progress: Option<Arc<AtomicU64>>) -> Resu
     received.store(0, Ordering::Relaxed);
     // Declared length: more than the link can carry in the time, within BULK's limit.
     let declared = ((case.rate_bps as f64 / 8.0 * case.duration.as_secs_f64() * 1.5) as u64)
-        .clamp(1 << 20, kind::max_len(kind::BULK) as u64);
+        .clamp(1 << 20, NET_KINDS.row(kind::BULK).max_len as u64);
 
     let recv_task = {
         let receiver = receiver.clone();
@@ -205,7 +205,7 @@ async fn receive(node: Node, received: Arc<AtomicU64>) -> Result<()> {
     recv.read_exact(&mut head)
         .await
         .map_err(|e| Error::Stream(e.to_string()))?;
-    Header::parse(&head)?;
+    Header::parse(&head, |k| NET_KINDS.get(k))?;
     loop {
         match recv.read_chunk(1 << 20, true).await {
             Ok(Some(chunk)) => {

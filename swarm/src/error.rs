@@ -10,46 +10,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A key file exists but is not a valid ed25519 key.
-    #[error("invalid identity key in {path}: {reason}")]
-    BadKey {
-        path: std::path::PathBuf,
-        reason: String,
-    },
     /// Bytes from a peer were refused by the wire protocol decoder.
     #[error("wire protocol: {0}")]
-    Wire(#[from] crate::wire::WireError),
-    /// Building a TLS configuration or certificate failed.
-    #[error("TLS setup: {0}")]
-    Tls(String),
-    /// A peer id in text form is not 64 hex digits.
-    #[error("not a peer id: `{0}`")]
-    BadPeerId(String),
-    /// A link shape specification is invalid (the message says which part).
-    #[error("bad link shape: {0}")]
-    BadShape(String),
-    /// Binding or configuring the UDP socket failed.
-    #[error("socket: {0}")]
-    Socket(#[source] std::io::Error),
-    /// A connection could not be started (bad address, endpoint closed, config refused).
-    #[error("connect to {addr}: {reason}")]
-    Connect {
-        addr: std::net::SocketAddr,
-        reason: String,
-    },
-    /// An established connection failed or was closed (handshake refusal, timeout, peer gone).
-    #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    /// The peer proved a different id than the one we dialled.
-    #[error("peer at {addr} is {got}, expected {expected}")]
-    WrongPeer {
-        addr: std::net::SocketAddr,
-        expected: crate::identity::PeerId,
-        got: crate::identity::PeerId,
-    },
-    /// Reading or writing a stream failed.
-    #[error("stream: {0}")]
-    Stream(String),
+    Wire(#[from] swarm_net::wire::WireError),
     /// A request got no answer in time.
     #[error("{what} timed out after {after:?}")]
     Timeout {
@@ -58,16 +21,10 @@ pub enum Error {
     },
     /// The remote peer refused a request with an application error.
     #[error("peer refused the request: {0}")]
-    Remote(crate::rpc::RemoteError),
-    /// The bootstrap peer belongs to another run than the one asked for.
-    #[error("the bootstrap peer serves run {got}, not {expected}")]
-    WrongRun {
-        expected: crate::membership::RunId,
-        got: crate::membership::RunId,
-    },
-    /// Listening on an unspecified address (0.0.0.0 or ::) with nobody to tell us our address.
-    #[error("listening on {listen} with no bootstrap: give an address to announce")]
-    NoAnnounceAddress { listen: std::net::SocketAddr },
+    Remote(swarm_net::rpc::RemoteError),
+    /// The network layer failed otherwise (connection, stream, TLS, socket, membership).
+    #[error(transparent)]
+    Net(swarm_net::Error),
     /// The model crate refused an operation (tensor shapes, state bytes, checkpoints).
     #[error("model: {0}")]
     Model(#[from] swarm_model::Error),
@@ -83,6 +40,20 @@ pub enum Error {
     /// The training run cannot go on (the message says why).
     #[error("run: {0}")]
     Run(String),
+}
+
+/// Keeps the kinds callers act on (a refusal, a timeout, a malformed message, a file) as this
+/// crate's own variants, so `Error::Remote(r)` matches whichever layer the call went through.
+impl From<swarm_net::Error> for Error {
+    fn from(e: swarm_net::Error) -> Error {
+        match e {
+            swarm_net::Error::Remote(r) => Error::Remote(r),
+            swarm_net::Error::Timeout { what, after } => Error::Timeout { what, after },
+            swarm_net::Error::Wire(w) => Error::Wire(w),
+            swarm_net::Error::Io { path, source } => Error::Io { path, source },
+            other => Error::Net(other),
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -32,12 +32,12 @@
 //! of 64 Mi elements plus its header, far above any stage boundary or stage gradient of the
 //! models the run config accepts on home links); control messages are capped at a few KiB.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use crate::identity::PeerId;
 use crate::membership::RunId;
 use crate::receipt::{Receipt, get_opt_receipt, put_opt_receipt};
-use crate::wire::{Reader, WireError, WireMessage, Writer, kind};
+use crate::wire::{KindInfo, KindSet, Reader, WireError, WireMessage, Writer};
 
 /// Largest compression frame carried by one message (activations, gradients, grad shares).
 pub const MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
@@ -57,7 +57,7 @@ pub const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 /// Wire overhead allowance of a tensor message besides its frame (ids, route, varints).
 const TENSOR_MSG_OVERHEAD: usize = 16 * 1024;
 
-/// Per-kind body caps, registered in `wire::kind::TABLE`.
+/// Per-kind body caps, the rows of [`KINDS`].
 pub mod caps {
     use super::*;
     pub const FORWARD: usize = MAX_FRAME_BYTES + TENSOR_MSG_OVERHEAD;
@@ -72,6 +72,90 @@ pub mod caps {
     pub const ADMIT_REPLY: usize = MAX_REPLICAS * 60 + 256;
     pub const RELOAD: usize = MAX_REPLICAS * 60 + 256;
 }
+
+/// Training's message kinds: pipeline (30-59) and replica sync and state (60-79).
+pub mod kind {
+    // Pipeline: see each message's doc for sender and receiver.
+    /// Activations into a stage ([`Forward`](super::Forward)).
+    pub const FORWARD: u16 = 30;
+    /// Last stage's output to the trainer ([`ForwardOut`](super::ForwardOut)).
+    pub const FORWARD_OUT: u16 = 31;
+    /// Output gradient into a stage ([`Backward`](super::Backward)).
+    pub const BACKWARD: u16 = 32;
+    /// Stage 0's input gradient to the trainer ([`BackwardOut`](super::BackwardOut)).
+    pub const BACKWARD_OUT: u16 = 33;
+    /// A stage accumulated a micro-batch ([`Counted`](super::Counted)).
+    pub const COUNTED: u16 = 34;
+    /// A send to the next hop failed ([`HopFailed`](super::HopFailed)).
+    pub const HOP_FAILED: u16 = 35;
+    /// Drop an attempt's contexts ([`Abandon`](super::Abandon)).
+    pub const ABANDON: u16 = 36;
+    /// Empty acknowledgement ([`Ack`](super::Ack)).
+    pub const ACK: u16 = 37;
+    /// Ask the trainer for the run ([`RunInfoRequest`](super::RunInfoRequest)).
+    pub const RUN_INFO: u16 = 38;
+    /// The run described ([`RunInfo`](super::RunInfo)).
+    pub const RUN_INFO_REPLY: u16 = 39;
+    /// Ask to serve a stage ([`Admit`](super::Admit)).
+    pub const ADMIT: u16 = 40;
+    /// Admission and where to get the state ([`AdmitReply`](super::AdmitReply)).
+    pub const ADMIT_REPLY: u16 = 41;
+    /// State loaded, serving ([`Ready`](super::Ready)).
+    pub const READY: u16 = 42;
+    /// Graceful leave announced ([`Leave`](super::Leave)).
+    pub const LEAVE: u16 = 43;
+    /// When a leaving peer may go ([`LeaveReply`](super::LeaveReply)).
+    pub const LEAVE_REPLY: u16 = 44;
+    // Replica sync and state.
+    /// Start a stage's step-end sync ([`SyncStart`](super::SyncStart)).
+    pub const SYNC_START: u16 = 60;
+    /// One replica's compressed accumulated gradient ([`GradShare`](super::GradShare)).
+    pub const GRAD_SHARE: u16 = 61;
+    /// A replica summed all shares ([`SyncDone`](super::SyncDone)).
+    pub const SYNC_DONE: u16 = 62;
+    /// Run the optimizer step ([`Apply`](super::Apply)).
+    pub const APPLY: u16 = 63;
+    /// Weights digest after the step ([`Applied`](super::Applied)).
+    pub const APPLIED: u16 = 64;
+    /// Ask for a chunk of a stage's state ([`FetchState`](super::FetchState)).
+    pub const FETCH_STATE: u16 = 65;
+    /// A chunk of a stage's state ([`StateChunk`](super::StateChunk)).
+    pub const STATE_CHUNK: u16 = 66;
+    /// Replace a replica's state ([`Reload`](super::Reload)).
+    pub const RELOAD: u16 = 67;
+}
+
+/// Training's kind numbers, names and caps, registered on every peer that serves or calls them.
+pub const KINDS: KindSet = KindSet {
+    layer: "training",
+    first: 30,
+    last: 79,
+    kinds: &[
+        KindInfo::new(kind::FORWARD, "forward", caps::FORWARD),
+        KindInfo::new(kind::FORWARD_OUT, "forward_out", caps::FORWARD_OUT),
+        KindInfo::new(kind::BACKWARD, "backward", caps::BACKWARD),
+        KindInfo::new(kind::BACKWARD_OUT, "backward_out", caps::BACKWARD_OUT),
+        KindInfo::new(kind::COUNTED, "counted", caps::SMALL),
+        KindInfo::new(kind::HOP_FAILED, "hop_failed", caps::SMALL),
+        KindInfo::new(kind::ABANDON, "abandon", caps::SMALL),
+        KindInfo::new(kind::ACK, "ack", 0),
+        KindInfo::new(kind::RUN_INFO, "run_info", 0),
+        KindInfo::new(kind::RUN_INFO_REPLY, "run_info_reply", caps::RUN_INFO),
+        KindInfo::new(kind::ADMIT, "admit", caps::SMALL),
+        KindInfo::new(kind::ADMIT_REPLY, "admit_reply", caps::ADMIT_REPLY),
+        KindInfo::new(kind::READY, "ready", caps::SMALL),
+        KindInfo::new(kind::LEAVE, "leave", caps::SMALL),
+        KindInfo::new(kind::LEAVE_REPLY, "leave_reply", 64),
+        KindInfo::new(kind::SYNC_START, "sync_start", caps::SYNC_START),
+        KindInfo::new(kind::GRAD_SHARE, "grad_share", caps::GRAD_SHARE),
+        KindInfo::new(kind::SYNC_DONE, "sync_done", caps::SMALL),
+        KindInfo::new(kind::APPLY, "apply", caps::SMALL),
+        KindInfo::new(kind::APPLIED, "applied", caps::SMALL),
+        KindInfo::new(kind::FETCH_STATE, "fetch_state", caps::SMALL),
+        KindInfo::new(kind::STATE_CHUNK, "state_chunk", caps::STATE_CHUNK),
+        KindInfo::new(kind::RELOAD, "reload", caps::RELOAD),
+    ],
+};
 
 // ---------------------------------------------------------------------------------------------
 // Shared pieces
@@ -163,43 +247,15 @@ fn get_key(r: &mut Reader<'_>) -> Result<MbKey, WireError> {
     })
 }
 
-/// Socket address: family tag (4 or 6), octets, port.
-pub fn put_addr(w: &mut Writer, a: &SocketAddr) {
-    match a.ip() {
-        IpAddr::V4(ip) => {
-            w.u8(4).array(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            w.u8(6).array(&ip.octets());
-        }
-    }
-    w.u16(a.port());
-}
-
-/// Reads what [`put_addr`] wrote.
-pub fn get_addr(r: &mut Reader<'_>) -> Result<SocketAddr, WireError> {
-    let ip = match r.u8()? {
-        4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>()?)),
-        6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>()?)),
-        tag => {
-            return Err(WireError::BadTag {
-                what: "address family",
-                tag: tag as u64,
-            });
-        }
-    };
-    Ok(SocketAddr::new(ip, r.u16()?))
-}
-
 fn put_endpoint(w: &mut Writer, e: &Endpoint) {
     w.array(&e.peer.0);
-    put_addr(w, &e.addr);
+    w.socket_addr(&e.addr);
 }
 
 fn get_endpoint(r: &mut Reader<'_>) -> Result<Endpoint, WireError> {
     Ok(Endpoint {
         peer: PeerId(r.array()?),
-        addr: get_addr(r)?,
+        addr: r.socket_addr()?,
     })
 }
 
@@ -266,7 +322,7 @@ fn get_finite(r: &mut Reader<'_>, what: &'static str) -> Result<f64, WireError> 
 pub struct Ack;
 
 impl WireMessage for Ack {
-    const KIND: u16 = kind::ACK;
+    const INFO: &'static KindInfo = KINDS.row(kind::ACK);
     fn encode(&self, _w: &mut Writer) {}
     fn decode(_r: &mut Reader<'_>) -> Result<Self, WireError> {
         Ok(Ack)
@@ -312,14 +368,14 @@ impl Forward {
 }
 
 impl WireMessage for Forward {
-    const KIND: u16 = kind::FORWARD;
+    const INFO: &'static KindInfo = KINDS.row(kind::FORWARD);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         put_key(w, &self.key);
         w.len_prefix(self.route.len());
         for h in &self.route {
             w.u32(h.stage).array(&h.peer.0);
-            put_addr(w, &h.addr);
+            w.socket_addr(&h.addr);
         }
         w.u32(self.hop);
         put_endpoint(w, &self.trainer);
@@ -344,7 +400,7 @@ impl WireMessage for Forward {
             route.push(Hop {
                 stage,
                 peer: PeerId(r.array()?),
-                addr: get_addr(r)?,
+                addr: r.socket_addr()?,
             });
         }
         let hop = r.u32()?;
@@ -385,7 +441,7 @@ pub struct ForwardOut {
 }
 
 impl WireMessage for ForwardOut {
-    const KIND: u16 = kind::FORWARD_OUT;
+    const INFO: &'static KindInfo = KINDS.row(kind::FORWARD_OUT);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         put_key(w, &self.key);
@@ -430,7 +486,7 @@ pub struct Backward {
 }
 
 impl WireMessage for Backward {
-    const KIND: u16 = kind::BACKWARD;
+    const INFO: &'static KindInfo = KINDS.row(kind::BACKWARD);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         put_key(w, &self.key);
@@ -470,7 +526,7 @@ pub struct BackwardOut {
 }
 
 impl WireMessage for BackwardOut {
-    const KIND: u16 = kind::BACKWARD_OUT;
+    const INFO: &'static KindInfo = KINDS.row(kind::BACKWARD_OUT);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         put_key(w, &self.key);
@@ -504,7 +560,7 @@ pub struct Counted {
 }
 
 impl WireMessage for Counted {
-    const KIND: u16 = kind::COUNTED;
+    const INFO: &'static KindInfo = KINDS.row(kind::COUNTED);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         put_key(w, &self.key);
@@ -542,7 +598,7 @@ pub struct HopFailed {
 }
 
 impl WireMessage for HopFailed {
-    const KIND: u16 = kind::HOP_FAILED;
+    const INFO: &'static KindInfo = KINDS.row(kind::HOP_FAILED);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         put_key(w, &self.key);
@@ -597,7 +653,7 @@ impl Abandon {
 }
 
 impl WireMessage for Abandon {
-    const KIND: u16 = kind::ABANDON;
+    const INFO: &'static KindInfo = KINDS.row(kind::ABANDON);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         put_key(w, &self.key);
@@ -627,7 +683,7 @@ impl WireMessage for Abandon {
 pub struct RunInfoRequest;
 
 impl WireMessage for RunInfoRequest {
-    const KIND: u16 = kind::RUN_INFO;
+    const INFO: &'static KindInfo = KINDS.row(kind::RUN_INFO);
     fn encode(&self, _w: &mut Writer) {}
     fn decode(_r: &mut Reader<'_>) -> Result<Self, WireError> {
         Ok(RunInfoRequest)
@@ -689,7 +745,7 @@ pub struct RunInfo {
 }
 
 impl WireMessage for RunInfo {
-    const KIND: u16 = kind::RUN_INFO_REPLY;
+    const INFO: &'static KindInfo = KINDS.row(kind::RUN_INFO_REPLY);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         w.varint(self.step)
@@ -750,17 +806,17 @@ pub struct Admit {
 }
 
 impl WireMessage for Admit {
-    const KIND: u16 = kind::ADMIT;
+    const INFO: &'static KindInfo = KINDS.row(kind::ADMIT);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         w.u32(self.stage);
-        put_addr(w, &self.addr);
+        w.socket_addr(&self.addr);
         w.f64(self.throughput);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
         let stage = get_stage(r)?;
-        let addr = get_addr(r)?;
+        let addr = r.socket_addr()?;
         let throughput = get_finite(r, "throughput is not finite")?;
         if throughput < 0.0 {
             return Err(WireError::Invalid("negative throughput"));
@@ -836,7 +892,7 @@ pub struct AdmitReply {
 }
 
 impl WireMessage for AdmitReply {
-    const KIND: u16 = kind::ADMIT_REPLY;
+    const INFO: &'static KindInfo = KINDS.row(kind::ADMIT_REPLY);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         w.u32(self.stage).varint(self.step);
@@ -870,7 +926,7 @@ pub struct Ready {
 }
 
 impl WireMessage for Ready {
-    const KIND: u16 = kind::READY;
+    const INFO: &'static KindInfo = KINDS.row(kind::READY);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         w.u32(self.stage)
@@ -900,7 +956,7 @@ pub struct Leave {
 }
 
 impl WireMessage for Leave {
-    const KIND: u16 = kind::LEAVE;
+    const INFO: &'static KindInfo = KINDS.row(kind::LEAVE);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
     }
@@ -919,7 +975,7 @@ pub struct LeaveReply {
 }
 
 impl WireMessage for LeaveReply {
-    const KIND: u16 = kind::LEAVE_REPLY;
+    const INFO: &'static KindInfo = KINDS.row(kind::LEAVE_REPLY);
     fn encode(&self, w: &mut Writer) {
         match self.stay_for_step {
             None => {
@@ -971,7 +1027,7 @@ pub struct SyncStart {
 }
 
 impl WireMessage for SyncStart {
-    const KIND: u16 = kind::SYNC_START;
+    const INFO: &'static KindInfo = KINDS.row(kind::SYNC_START);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         w.varint(self.step).u32(self.stage).u32(self.round);
@@ -980,7 +1036,7 @@ impl WireMessage for SyncStart {
             w.u32(*c);
         }
         for a in &self.addrs {
-            put_addr(w, a);
+            w.socket_addr(a);
         }
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -1002,7 +1058,7 @@ impl WireMessage for SyncStart {
         }
         let mut addrs = Vec::with_capacity(n);
         for _ in 0..n {
-            addrs.push(get_addr(r)?);
+            addrs.push(r.socket_addr()?);
         }
         for (i, p) in participants.iter().enumerate() {
             if participants[..i].contains(p) {
@@ -1040,7 +1096,7 @@ pub struct GradShare {
 }
 
 impl WireMessage for GradShare {
-    const KIND: u16 = kind::GRAD_SHARE;
+    const INFO: &'static KindInfo = KINDS.row(kind::GRAD_SHARE);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         w.varint(self.step)
@@ -1090,7 +1146,7 @@ pub struct SyncDone {
 }
 
 impl WireMessage for SyncDone {
-    const KIND: u16 = kind::SYNC_DONE;
+    const INFO: &'static KindInfo = KINDS.row(kind::SYNC_DONE);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         w.varint(self.step)
@@ -1139,7 +1195,7 @@ pub struct Apply {
 }
 
 impl WireMessage for Apply {
-    const KIND: u16 = kind::APPLY;
+    const INFO: &'static KindInfo = KINDS.row(kind::APPLY);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         w.varint(self.step)
@@ -1183,7 +1239,7 @@ pub struct Applied {
 }
 
 impl WireMessage for Applied {
-    const KIND: u16 = kind::APPLIED;
+    const INFO: &'static KindInfo = KINDS.row(kind::APPLIED);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         w.varint(self.step).u32(self.stage).array(&self.digest);
@@ -1217,7 +1273,7 @@ pub struct FetchState {
 }
 
 impl WireMessage for FetchState {
-    const KIND: u16 = kind::FETCH_STATE;
+    const INFO: &'static KindInfo = KINDS.row(kind::FETCH_STATE);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         w.u32(self.stage)
@@ -1265,7 +1321,7 @@ pub struct StateChunk {
 }
 
 impl WireMessage for StateChunk {
-    const KIND: u16 = kind::STATE_CHUNK;
+    const INFO: &'static KindInfo = KINDS.row(kind::STATE_CHUNK);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         w.u32(self.stage)
@@ -1328,7 +1384,7 @@ pub struct Reload {
 }
 
 impl WireMessage for Reload {
-    const KIND: u16 = kind::RELOAD;
+    const INFO: &'static KindInfo = KINDS.row(kind::RELOAD);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         w.u32(self.stage).varint(self.step);
@@ -1381,33 +1437,6 @@ pub fn roundtrip_any(kind: u16, body: &[u8]) -> Option<Result<Vec<u8>, WireError
         _ => return None,
     })
 }
-
-/// Every kind defined in this module.
-pub const KINDS: &[u16] = &[
-    kind::FORWARD,
-    kind::FORWARD_OUT,
-    kind::BACKWARD,
-    kind::BACKWARD_OUT,
-    kind::COUNTED,
-    kind::HOP_FAILED,
-    kind::ABANDON,
-    kind::ACK,
-    kind::RUN_INFO,
-    kind::RUN_INFO_REPLY,
-    kind::ADMIT,
-    kind::ADMIT_REPLY,
-    kind::READY,
-    kind::LEAVE,
-    kind::LEAVE_REPLY,
-    kind::SYNC_START,
-    kind::GRAD_SHARE,
-    kind::SYNC_DONE,
-    kind::APPLY,
-    kind::APPLIED,
-    kind::FETCH_STATE,
-    kind::STATE_CHUNK,
-    kind::RELOAD,
-];
 
 #[cfg(test)]
 mod tests {
@@ -1671,20 +1700,18 @@ mod tests {
 
     #[test]
     fn every_kind_is_registered_in_its_range_with_its_cap() {
-        for &k in KINDS {
-            let info = kind::info(k).expect("registered");
-            assert!((30..80).contains(&k), "{} outside 30-79", info.name);
-        }
-        assert_eq!(kind::max_len(kind::FORWARD), caps::FORWARD);
-        assert_eq!(kind::max_len(kind::STATE_CHUNK), caps::STATE_CHUNK);
+        KINDS.check().unwrap();
+        assert_eq!((KINDS.first, KINDS.last), (30, 79));
+        assert_eq!(KINDS.row(kind::FORWARD).max_len, caps::FORWARD);
+        assert_eq!(KINDS.row(kind::STATE_CHUNK).max_len, caps::STATE_CHUNK);
         // Every sample round-trips and fits its cap.
         let s = samples();
         let kinds: std::collections::HashSet<u16> = s.iter().map(|(k, _)| *k).collect();
-        assert_eq!(kinds.len(), KINDS.len(), "a sample per kind");
+        assert_eq!(kinds.len(), KINDS.kinds.len(), "a sample per kind");
         for (k, body) in &s {
-            assert!(body.len() <= kind::max_len(*k));
+            assert!(body.len() <= KINDS.row(*k).max_len);
             let again = roundtrip_any(*k, body).unwrap().unwrap();
-            assert_eq!(&again, body, "kind {}", crate::wire::kind_name(*k));
+            assert_eq!(&again, body, "kind {}", KINDS.row(*k).name);
         }
     }
 
@@ -1703,7 +1730,7 @@ mod tests {
                 assert!(
                     roundtrip_any(k, &body[..cut]).unwrap().is_err(),
                     "{} cut at {cut}",
-                    crate::wire::kind_name(k)
+                    KINDS.row(k).name
                 );
             }
             let mut longer = body.clone();
@@ -1814,9 +1841,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn random_bodies_never_panic(kind_ix in 0usize..KINDS.len(),
+        fn random_bodies_never_panic(kind_ix in 0usize..KINDS.kinds.len(),
                                      bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let _ = roundtrip_any(KINDS[kind_ix], &bytes);
+            let _ = roundtrip_any(KINDS.kinds[kind_ix].kind, &bytes);
         }
 
         #[test]

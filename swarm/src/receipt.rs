@@ -8,14 +8,14 @@
 //! it against the receipts of the neighbouring hops and its own hashes of what it sent and got,
 //! and has another replica recompute the same inputs ([`AuditRecompute`] -> [`AuditResult`]).
 //!
-//! Kinds 80-83 (`wire::kind`). The audit requests are answered on the same stream: they are off
+//! Kinds 80-83 ([`kind`], [`KINDS`]). The audit requests are answered on the same stream: they are off
 //! the micro-batch path (run between the micro-batch phase and the sync), and a recomputation is
 //! one stage forward and backward.
 
 use crate::identity::{Identity, PeerId};
 use crate::membership::RunId;
 use crate::protocol::{MAX_FRAME_BYTES, MAX_STAGES, MbKey};
-use crate::wire::{Reader, WireError, WireMessage, Writer, kind};
+use crate::wire::{KindInfo, KindSet, Reader, WireError, WireMessage, Writer};
 
 const DOMAIN: &[u8] = b"swarm-receipt-v1";
 
@@ -226,6 +226,31 @@ pub mod caps {
     pub const RESULT: usize = 2 * MAX_FRAME_BYTES + 256;
 }
 
+/// Proof of training's message kinds (80-99).
+pub mod kind {
+    /// Ask a peer for its receipts and frames of one micro-batch ([`AuditFetch`](super::AuditFetch)).
+    pub const AUDIT_FETCH: u16 = 80;
+    /// Receipts and frames kept for one micro-batch ([`AuditRecord`](super::AuditRecord)).
+    pub const AUDIT_RECORD: u16 = 81;
+    /// Recompute a micro-batch's stage pass ([`AuditRecompute`](super::AuditRecompute)).
+    pub const AUDIT_RECOMPUTE: u16 = 82;
+    /// The recomputed frames ([`AuditResult`](super::AuditResult)).
+    pub const AUDIT_RESULT: u16 = 83;
+}
+
+/// Proof of training's kind numbers, names and caps.
+pub const KINDS: KindSet = KindSet {
+    layer: "proof of training",
+    first: 80,
+    last: 99,
+    kinds: &[
+        KindInfo::new(kind::AUDIT_FETCH, "audit_fetch", caps::FETCH),
+        KindInfo::new(kind::AUDIT_RECORD, "audit_record", caps::RECORD),
+        KindInfo::new(kind::AUDIT_RECOMPUTE, "audit_recompute", caps::RECOMPUTE),
+        KindInfo::new(kind::AUDIT_RESULT, "audit_result", caps::RESULT),
+    ],
+};
+
 /// Trainer -> the peer that served (`key`, `stage`): send what you kept of it.
 /// Reply: [`AuditRecord`] with the receipts, the input frames if `frames`, the output frames if
 /// `outputs` (asked only when a recomputation disagrees: receipts already commit to them).
@@ -240,7 +265,7 @@ pub struct AuditFetch {
 }
 
 impl WireMessage for AuditFetch {
-    const KIND: u16 = kind::AUDIT_FETCH;
+    const INFO: &'static KindInfo = KINDS.row(kind::AUDIT_FETCH);
     fn encode(&self, w: &mut Writer) {
         w.array(&self.run.0).u32(self.epoch).u64(self.key.step);
         w.u32(self.key.mb).u32(self.key.attempt).u32(self.stage);
@@ -293,7 +318,7 @@ pub struct AuditRecord {
 }
 
 impl WireMessage for AuditRecord {
-    const KIND: u16 = kind::AUDIT_RECORD;
+    const INFO: &'static KindInfo = KINDS.row(kind::AUDIT_RECORD);
     fn encode(&self, w: &mut Writer) {
         put_opt_receipt(w, &self.forward);
         put_opt_receipt(w, &self.backward);
@@ -334,7 +359,7 @@ pub struct AuditRecompute {
 }
 
 impl WireMessage for AuditRecompute {
-    const KIND: u16 = kind::AUDIT_RECOMPUTE;
+    const INFO: &'static KindInfo = KINDS.row(kind::AUDIT_RECOMPUTE);
     fn encode(&self, w: &mut Writer) {
         w.array(&self.run.0).u32(self.epoch).u64(self.key.step);
         w.u32(self.key.mb).u32(self.key.attempt).u32(self.stage);
@@ -376,7 +401,7 @@ pub struct AuditResult {
 }
 
 impl WireMessage for AuditResult {
-    const KIND: u16 = kind::AUDIT_RESULT;
+    const INFO: &'static KindInfo = KINDS.row(kind::AUDIT_RESULT);
     fn encode(&self, w: &mut Writer) {
         w.array(&self.weights_digest)
             .array(&self.fwd_hash)
@@ -394,14 +419,6 @@ impl WireMessage for AuditResult {
         })
     }
 }
-
-/// The audit kinds, for the fuzz target.
-pub const KINDS: [u16; 4] = [
-    kind::AUDIT_FETCH,
-    kind::AUDIT_RECORD,
-    kind::AUDIT_RECOMPUTE,
-    kind::AUDIT_RESULT,
-];
 
 /// Decodes `body` as `kind` and re-encodes it (`None` for a kind not in [`KINDS`]).
 pub fn roundtrip_any(kind: u16, body: &[u8]) -> Option<Result<Vec<u8>, WireError>> {
@@ -537,6 +554,6 @@ mod tests {
         );
         *bytes.last_mut().unwrap() = 4;
         assert!(roundtrip_any(kind::AUDIT_FETCH, &bytes).unwrap().is_err());
-        assert!(roundtrip_any(kind::PING, &bytes).is_none());
+        assert!(roundtrip_any(crate::wire::kind::PING, &bytes).is_none());
     }
 }

@@ -415,6 +415,8 @@ impl StageWorker {
 
     /// Serves the training kinds on `peer` with this worker.
     pub fn register(&self, peer: &Peer) {
+        peer.register_kinds(&crate::protocol::KINDS)
+            .expect("layer kind ranges are disjoint (tested)");
         macro_rules! reg {
             ($kind:expr, $method:ident) => {{
                 let w = self.clone();
@@ -789,7 +791,13 @@ impl StageWorker {
     async fn send<M: WireMessage>(&self, addr: SocketAddr, peer: PeerId, msg: &M) -> Result<()> {
         let mut last = None;
         for attempt in 0..self.inner.opts.send_tries.max(1) {
-            match self.inner.peer.call::<M, Ack>(addr, Some(peer), msg).await {
+            match self
+                .inner
+                .peer
+                .call::<M, Ack>(addr, Some(peer), msg)
+                .await
+                .map_err(Error::from)
+            {
                 Ok(_) => return Ok(()),
                 // A refusal is an answer: retrying would get the same one.
                 Err(e @ Error::Remote(_)) => return Err(e),
@@ -1739,6 +1747,7 @@ pub async fn join_run_within(
         match shared
             .call::<Admit, AdmitReply>(trainer, Some(tid), &admit)
             .await
+            .map_err(Error::from)
         {
             Ok((_, reply)) => {
                 let t0 = Instant::now();

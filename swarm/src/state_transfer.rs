@@ -136,7 +136,7 @@ async fn download(
         };
         let c: StateChunk = match peer.call(src.addr, Some(src.peer), &ask).await {
             Ok((_, c)) => c,
-            Err(e) => return Download::Unreachable(e),
+            Err(e) => return Download::Unreachable(e.into()),
         };
         if c.run != req.run
             || c.epoch != req.epoch

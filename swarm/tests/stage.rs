@@ -79,6 +79,8 @@ fn on<M: WireMessage + Send + 'static>(
     wrap: fn(M, swarm_core::PeerId) -> Event,
 ) {
     let tx = tx.clone();
+    // A bare peer playing the trainer: it accepts the training kinds like the real one.
+    peer.register_kinds(&swarm_core::protocol::KINDS).unwrap();
     peer.register(
         M::KIND,
         move |_p: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>| {
@@ -307,7 +309,7 @@ async fn two_stage_pipeline_reproduces_the_shards_bitwise() {
     .await
     .unwrap_err();
     assert!(
-        matches!(err, swarm_core::Error::Remote(ref r) if r.code == code::BAD_REQUEST),
+        matches!(err, swarm_net::Error::Remote(ref r) if r.code == code::BAD_REQUEST),
         "{err}"
     );
     let wrong_hop = Forward {
@@ -401,7 +403,7 @@ async fn bad_receipts_in_transit_are_refused_and_blamed_on_the_sender() {
         .await
         .unwrap_err();
         assert!(
-            matches!(err, swarm_core::Error::Remote(ref r) if r.code == code::BAD_RECEIPT && r.message.contains(why)),
+            matches!(err, swarm_net::Error::Remote(ref r) if r.code == code::BAD_RECEIPT && r.message.contains(why)),
             "{err}"
         );
         match next(&mut d).await {

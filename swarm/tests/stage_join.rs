@@ -239,7 +239,7 @@ async fn a_joiner_takes_the_weakest_stage_fetches_its_state_and_serves() {
     .await
     .unwrap_err();
     assert!(
-        matches!(err, swarm_core::Error::Remote(ref e) if e.code == code::BUSY),
+        matches!(err, swarm_net::Error::Remote(ref e) if e.code == code::BUSY),
         "{err}"
     );
     assert_eq!(

@@ -97,6 +97,7 @@ fn library_crates_use_thiserror_not_anyhow() {
         "router",
         "swarm",
         "swarm/nat",
+        "swarm/net",
         "swarm/netlab",
     ] {
         assert_absent(folder, &["anyhow"]);
@@ -125,4 +126,36 @@ fn the_monitor_reads_the_snapshot_and_swarm_knows_no_http() {
         ],
     );
     assert_absent("swarm", &["axum", "hyper", "prometheus"]);
+}
+
+#[test]
+fn the_network_crate_knows_no_training_codecs_candle_or_audits() {
+    assert_absent(
+        "swarm/net",
+        &[
+            "candle",
+            "swarm-core",
+            "swarm-model",
+            "swarm-compression",
+            "swarm-router",
+            "swarm-monitor",
+            "safetensors",
+            "zstd",
+            "half",
+            "serde_json",
+        ],
+    );
+    let members = {
+        let text = std::fs::read_to_string(workspace_root().join("Cargo.toml")).unwrap();
+        let manifest: toml::Table = toml::from_str(&text).unwrap();
+        manifest["workspace"]["members"].clone()
+    };
+    assert!(
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m.as_str() == Some("swarm/net")),
+        "swarm/net is a workspace member"
+    );
 }

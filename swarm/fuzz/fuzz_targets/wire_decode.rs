@@ -92,14 +92,15 @@ fn primitives(data: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    let kinds = wire::registry();
     // A whole envelope, as a peer would send it.
-    if let Ok((header, body)) = wire::split_envelope(data) {
+    if let Ok((header, body)) = wire::split_envelope(data, &kinds) {
         assert!(header.body_len as usize == body.len());
-        assert!(body.len() <= kind::max_len(header.kind));
+        assert!(body.len() <= kinds.info(header.kind).unwrap().max_len);
         decode_kind(header.kind, body);
     }
     if let Ok(head) = <[u8; HEADER_LEN]>::try_from(data.get(..HEADER_LEN).unwrap_or(&[])) {
-        let _ = Header::parse(&head);
+        let _ = Header::parse(&head, |k| kinds.info(k));
     }
     // The body decoders directly, with the kind chosen by the first two bytes.
     if data.len() >= 2 {

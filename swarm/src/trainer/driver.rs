@@ -1440,7 +1440,11 @@ impl Trainer {
         let ps = self.peer.shared().clone();
         let tx = self.shared.inbox.clone();
         tokio::spawn(async move {
-            if let Err(e) = ps.call::<M, Ack>(addr, Some(peer), &msg).await {
+            if let Err(e) = ps
+                .call::<M, Ack>(addr, Some(peer), &msg)
+                .await
+                .map_err(Error::from)
+            {
                 let busy = matches!(&e, Error::Remote(r) if r.code == code::BUSY);
                 tracing::debug!(peer = %peer.short(), error = %e, busy, "pipeline send failed");
                 let _ = tx.send(Inbound::SendFailed { key, peer, busy });
@@ -2519,6 +2523,8 @@ fn forward_to_driver<M: RunScoped>(
 }
 
 fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
+    peer.register_kinds(&crate::protocol::KINDS)
+        .expect("layer kind ranges are disjoint (tested)");
     forward_to_driver(peer, shared, Inbound::ForwardOut);
     forward_to_driver(peer, shared, Inbound::BackwardOut);
     forward_to_driver(peer, shared, Inbound::Counted);

@@ -6,22 +6,25 @@
 //! magic "SWRM" (4) | protocol version u16 | kind u16 | body length u32 | body
 //! ```
 //!
-//! all little-endian. The receiver checks the magic, the version, that the kind is registered in
-//! [`kind::TABLE`], and that the body length is within that kind's limit *before* reading or
+//! all little-endian. The receiver checks the magic, the version, that the kind is in its
+//! [`Registry`], and that the body length is within that kind's limit *before* reading or
 //! allocating the body. Bodies are decoded with [`Reader`], which checks every length against both
 //! the remaining input and a caller-given cap, so a hostile length field can never make us allocate.
 //! Tensor payloads are compression frames carried as length-prefixed bytes inside bodies.
 //!
-//! A module that defines messages implements [`WireMessage`] for them and registers its kind
-//! number, name and size limit in [`kind::TABLE`] (the one place where numbers are assigned, so they
-//! never collide).
+//! A layer that defines messages owns a range of kind numbers: it lists each kind's number, name
+//! and size limit in a [`KindSet`], implements [`WireMessage`] for its messages (their
+//! `INFO` is their row), and registers the set into the [`Registry`] of each peer that serves them
+//! (`peer::Peer::register_kinds`). The registry refuses overlapping ranges, so numbers never
+//! collide.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// The 4 bytes that open every envelope.
 pub const MAGIC: [u8; 4] = *b"SWRM";
 /// The protocol version this build speaks. A peer sending another version is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of the envelope header: magic, version, kind, body length.
 pub const HEADER_LEN: usize = 12;
 /// Longest LEB128 encoding of a u64.
@@ -69,13 +72,9 @@ pub enum WireError {
     Invalid(&'static str),
 }
 
-/// Message kind numbers, names and size limits: the single registry.
-///
-/// Ranges: 1-9 transport and RPC, 10-29 membership, 30-59 pipeline (forward/backward, issue #6),
-/// 60-79 replica sync, 80-99 audits and ledger. Add a `pub const` and a [`KindInfo`] row together.
+/// The network layer's message kinds (numbers 1-29). Upper layers define theirs in their own
+/// `kind` modules and [`KindSet`]s, inside ranges that [`Registry::register`] checks are disjoint.
 pub mod kind {
-    use super::KindInfo;
-
     /// Liveness and RTT probe; echoed back by [`PONG`].
     pub const PING: u16 = 1;
     /// Answer to [`PING`].
@@ -115,167 +114,41 @@ pub mod kind {
     pub const PUNCH_START: u16 = 26;
     /// The target took the start (`nat::PunchStarted`).
     pub const PUNCH_STARTED: u16 = 27;
-
-    // Pipeline (issue #6, `protocol`): see each message's doc for sender and receiver.
-    /// Activations into a stage (`protocol::Forward`).
-    pub const FORWARD: u16 = 30;
-    /// Last stage's output to the trainer (`protocol::ForwardOut`).
-    pub const FORWARD_OUT: u16 = 31;
-    /// Output gradient into a stage (`protocol::Backward`).
-    pub const BACKWARD: u16 = 32;
-    /// Stage 0's input gradient to the trainer (`protocol::BackwardOut`).
-    pub const BACKWARD_OUT: u16 = 33;
-    /// A stage accumulated a micro-batch (`protocol::Counted`).
-    pub const COUNTED: u16 = 34;
-    /// A send to the next hop failed (`protocol::HopFailed`).
-    pub const HOP_FAILED: u16 = 35;
-    /// Drop an attempt's contexts (`protocol::Abandon`).
-    pub const ABANDON: u16 = 36;
-    /// Empty acknowledgement (`protocol::Ack`).
-    pub const ACK: u16 = 37;
-    /// Ask the trainer for the run (`protocol::RunInfoRequest`).
-    pub const RUN_INFO: u16 = 38;
-    /// The run described (`protocol::RunInfo`).
-    pub const RUN_INFO_REPLY: u16 = 39;
-    /// Ask to serve a stage (`protocol::Admit`).
-    pub const ADMIT: u16 = 40;
-    /// Admission and where to get the state (`protocol::AdmitReply`).
-    pub const ADMIT_REPLY: u16 = 41;
-    /// State loaded, serving (`protocol::Ready`).
-    pub const READY: u16 = 42;
-    /// Graceful leave announced (`protocol::Leave`).
-    pub const LEAVE: u16 = 43;
-    /// When a leaving peer may go (`protocol::LeaveReply`).
-    pub const LEAVE_REPLY: u16 = 44;
-    // Replica sync and state (issue #6, `protocol`).
-    /// Start a stage's step-end sync (`protocol::SyncStart`).
-    pub const SYNC_START: u16 = 60;
-    /// One replica's compressed accumulated gradient (`protocol::GradShare`).
-    pub const GRAD_SHARE: u16 = 61;
-    /// A replica summed all shares (`protocol::SyncDone`).
-    pub const SYNC_DONE: u16 = 62;
-    /// Run the optimizer step (`protocol::Apply`).
-    pub const APPLY: u16 = 63;
-    /// Weights digest after the step (`protocol::Applied`).
-    pub const APPLIED: u16 = 64;
-    /// Ask for a chunk of a stage's state (`protocol::FetchState`).
-    pub const FETCH_STATE: u16 = 65;
-    /// A chunk of a stage's state (`protocol::StateChunk`).
-    pub const STATE_CHUNK: u16 = 66;
-    /// Replace a replica's state (`protocol::Reload`).
-    pub const RELOAD: u16 = 67;
-    // Audits (issue #7, `receipt`).
-    /// Ask a peer for its receipts and frames of one micro-batch (`receipt::AuditFetch`).
-    pub const AUDIT_FETCH: u16 = 80;
-    /// Receipts and frames kept for one micro-batch (`receipt::AuditRecord`).
-    pub const AUDIT_RECORD: u16 = 81;
-    /// Recompute a micro-batch's stage pass (`receipt::AuditRecompute`).
-    pub const AUDIT_RECOMPUTE: u16 = 82;
-    /// The recomputed frames (`receipt::AuditResult`).
-    pub const AUDIT_RESULT: u16 = 83;
-
-    const KIB: usize = 1024;
-    const MIB: usize = 1024 * KIB;
-
-    /// Every registered kind. Lookups are linear; the table stays small.
-    pub const TABLE: &[KindInfo] = &[
-        KindInfo::new(PING, "ping", 64),
-        KindInfo::new(PONG, "pong", 64),
-        KindInfo::new(ERROR, "error", 4 * KIB),
-        KindInfo::new(BULK, "bulk", 256 * MIB),
-        KindInfo::new(BULK_ACK, "bulk_ack", 64),
-        // 4096 records of at most ~640 bytes each (membership::MAX_RECORDS_PER_MESSAGE).
-        KindInfo::new(GOSSIP, "gossip", 4 * MIB),
-        KindInfo::new(GOSSIP_REPLY, "gossip_reply", 4 * MIB),
-        KindInfo::new(JOIN, "join", 0),
-        KindInfo::new(JOIN_REPLY, "join_reply", 4 * MIB),
-        KindInfo::new(STATUS, "status", 0),
-        KindInfo::new(STATUS_REPLY, "status_reply", 4 * MIB),
-        // NAT traversal: at most 8 addresses of 19 bytes plus a peer id and a delay.
-        KindInfo::new(DIAL_BACK, "dial_back", 256),
-        KindInfo::new(DIAL_BACK_REPLY, "dial_back_reply", 64),
-        KindInfo::new(OBSERVE, "observe", 0),
-        KindInfo::new(OBSERVE_REPLY, "observe_reply", 64),
-        KindInfo::new(PUNCH_REQUEST, "punch_request", 64),
-        KindInfo::new(PUNCH_PLAN, "punch_plan", 256),
-        KindInfo::new(PUNCH_START, "punch_start", 256),
-        KindInfo::new(PUNCH_STARTED, "punch_started", 0),
-        // Training protocol: caps from `protocol::caps` (frames up to `protocol::MAX_FRAME_BYTES`).
-        KindInfo::new(FORWARD, "forward", crate::protocol::caps::FORWARD),
-        KindInfo::new(
-            FORWARD_OUT,
-            "forward_out",
-            crate::protocol::caps::FORWARD_OUT,
-        ),
-        KindInfo::new(BACKWARD, "backward", crate::protocol::caps::BACKWARD),
-        KindInfo::new(
-            BACKWARD_OUT,
-            "backward_out",
-            crate::protocol::caps::BACKWARD_OUT,
-        ),
-        KindInfo::new(COUNTED, "counted", crate::protocol::caps::SMALL),
-        KindInfo::new(HOP_FAILED, "hop_failed", crate::protocol::caps::SMALL),
-        KindInfo::new(ABANDON, "abandon", crate::protocol::caps::SMALL),
-        KindInfo::new(ACK, "ack", 0),
-        KindInfo::new(RUN_INFO, "run_info", 0),
-        KindInfo::new(
-            RUN_INFO_REPLY,
-            "run_info_reply",
-            crate::protocol::caps::RUN_INFO,
-        ),
-        KindInfo::new(ADMIT, "admit", crate::protocol::caps::SMALL),
-        KindInfo::new(
-            ADMIT_REPLY,
-            "admit_reply",
-            crate::protocol::caps::ADMIT_REPLY,
-        ),
-        KindInfo::new(READY, "ready", crate::protocol::caps::SMALL),
-        KindInfo::new(LEAVE, "leave", crate::protocol::caps::SMALL),
-        KindInfo::new(LEAVE_REPLY, "leave_reply", 64),
-        KindInfo::new(SYNC_START, "sync_start", crate::protocol::caps::SYNC_START),
-        KindInfo::new(GRAD_SHARE, "grad_share", crate::protocol::caps::GRAD_SHARE),
-        KindInfo::new(SYNC_DONE, "sync_done", crate::protocol::caps::SMALL),
-        KindInfo::new(APPLY, "apply", crate::protocol::caps::SMALL),
-        KindInfo::new(APPLIED, "applied", crate::protocol::caps::SMALL),
-        KindInfo::new(FETCH_STATE, "fetch_state", crate::protocol::caps::SMALL),
-        KindInfo::new(
-            STATE_CHUNK,
-            "state_chunk",
-            crate::protocol::caps::STATE_CHUNK,
-        ),
-        KindInfo::new(RELOAD, "reload", crate::protocol::caps::RELOAD),
-        KindInfo::new(AUDIT_FETCH, "audit_fetch", crate::receipt::caps::FETCH),
-        KindInfo::new(AUDIT_RECORD, "audit_record", crate::receipt::caps::RECORD),
-        KindInfo::new(
-            AUDIT_RECOMPUTE,
-            "audit_recompute",
-            crate::receipt::caps::RECOMPUTE,
-        ),
-        KindInfo::new(AUDIT_RESULT, "audit_result", crate::receipt::caps::RESULT),
-    ];
-
-    /// The registry row of `kind`, if registered.
-    pub const fn info(kind: u16) -> Option<&'static KindInfo> {
-        let mut i = 0;
-        while i < TABLE.len() {
-            if TABLE[i].kind == kind {
-                return Some(&TABLE[i]);
-            }
-            i += 1;
-        }
-        None
-    }
-
-    /// The body size limit of `kind`; a compile-time error when used as a const on an unregistered kind.
-    pub const fn max_len(kind: u16) -> usize {
-        match info(kind) {
-            Some(k) => k.max_len,
-            None => panic!("message kind is not registered in wire::kind::TABLE"),
-        }
-    }
 }
 
-/// One row of the kind registry.
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+
+/// The network layer's kinds: transport and RPC (1-9), membership (10-19), NAT traversal (20-29).
+pub const NET_KINDS: KindSet = KindSet {
+    layer: "net",
+    first: 1,
+    last: 29,
+    kinds: &[
+        KindInfo::new(kind::PING, "ping", 64),
+        KindInfo::new(kind::PONG, "pong", 64),
+        KindInfo::new(kind::ERROR, "error", 4 * KIB),
+        KindInfo::new(kind::BULK, "bulk", 256 * MIB),
+        KindInfo::new(kind::BULK_ACK, "bulk_ack", 64),
+        // 4096 records of at most ~640 bytes each (membership::MAX_RECORDS_PER_MESSAGE).
+        KindInfo::new(kind::GOSSIP, "gossip", 4 * MIB),
+        KindInfo::new(kind::GOSSIP_REPLY, "gossip_reply", 4 * MIB),
+        KindInfo::new(kind::JOIN, "join", 0),
+        KindInfo::new(kind::JOIN_REPLY, "join_reply", 4 * MIB),
+        KindInfo::new(kind::STATUS, "status", 0),
+        KindInfo::new(kind::STATUS_REPLY, "status_reply", 4 * MIB),
+        KindInfo::new(kind::DIAL_BACK, "dial_back", 256),
+        KindInfo::new(kind::DIAL_BACK_REPLY, "dial_back_reply", 64),
+        KindInfo::new(kind::OBSERVE, "observe", 0),
+        KindInfo::new(kind::OBSERVE_REPLY, "observe_reply", 64),
+        KindInfo::new(kind::PUNCH_REQUEST, "punch_request", 64),
+        KindInfo::new(kind::PUNCH_PLAN, "punch_plan", 256),
+        KindInfo::new(kind::PUNCH_START, "punch_start", 256),
+        KindInfo::new(kind::PUNCH_STARTED, "punch_started", 0),
+    ],
+};
+
+/// One row of a kind table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KindInfo {
     pub kind: u16,
@@ -295,15 +168,142 @@ impl KindInfo {
     }
 }
 
+/// The message kinds one layer defines: a range of numbers it owns and a row (name, size cap) for
+/// every kind it uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindSet {
+    /// The layer's name, for errors.
+    pub layer: &'static str,
+    /// First kind number of the layer's range.
+    pub first: u16,
+    /// Last kind number of the layer's range (inclusive).
+    pub last: u16,
+    pub kinds: &'static [KindInfo],
+}
+
+impl KindSet {
+    /// The row of `kind`, if this set has it.
+    pub const fn get(&self, kind: u16) -> Option<&'static KindInfo> {
+        let kinds: &'static [KindInfo] = self.kinds;
+        let mut i = 0;
+        while i < kinds.len() {
+            if kinds[i].kind == kind {
+                return Some(&kinds[i]);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// The row of `kind`; a compile-time error when used in a const on a kind without a row.
+    pub const fn row(&self, kind: u16) -> &'static KindInfo {
+        match self.get(kind) {
+            Some(k) => k,
+            None => panic!("message kind has no row in its layer's KindSet"),
+        }
+    }
+
+    /// Checks the set on its own: kinds unique, named, inside the range.
+    pub fn check(&self) -> Result<(), KindError> {
+        for (i, a) in self.kinds.iter().enumerate() {
+            if a.kind < self.first || a.kind > self.last || a.name.is_empty() {
+                return Err(KindError::OutOfRange {
+                    layer: self.layer,
+                    kind: a.kind,
+                });
+            }
+            if self.kinds[i + 1..]
+                .iter()
+                .any(|b| b.kind == a.kind || b.name == a.name)
+            {
+                return Err(KindError::Duplicate {
+                    layer: self.layer,
+                    kind: a.kind,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a [`KindSet`] cannot join a [`Registry`]. These are programming errors in a layer's table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KindError {
+    /// A kind lies outside its layer's range, or has no name.
+    #[error("kind {kind} of layer {layer} is outside its range or unnamed")]
+    OutOfRange { layer: &'static str, kind: u16 },
+    /// Two rows of one layer share a number or a name.
+    #[error("kind {kind} of layer {layer} is listed twice")]
+    Duplicate { layer: &'static str, kind: u16 },
+    /// Two layers' ranges overlap.
+    #[error("the kind ranges of layers {a} and {b} overlap")]
+    Overlap { a: &'static str, b: &'static str },
+}
+
+/// The kinds a peer accepts: the network layer's own and those of every layer registered on top.
+/// The envelope reader looks the cap up here before it reads a body.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    sets: Vec<&'static KindSet>,
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry::new()
+    }
+}
+
+impl Registry {
+    /// The network layer's kinds only.
+    pub fn new() -> Registry {
+        Registry {
+            sets: vec![&NET_KINDS],
+        }
+    }
+
+    /// Adds a layer's kinds. Registering the same set again is a no-op; a set whose range
+    /// overlaps another layer's, or that is malformed, is refused.
+    pub fn register(&mut self, set: &'static KindSet) -> Result<(), KindError> {
+        if self.sets.iter().any(|s| **s == *set) {
+            return Ok(());
+        }
+        set.check()?;
+        if let Some(s) = self
+            .sets
+            .iter()
+            .find(|s| set.first <= s.last && s.first <= set.last)
+        {
+            return Err(KindError::Overlap {
+                a: s.layer,
+                b: set.layer,
+            });
+        }
+        self.sets.push(set);
+        Ok(())
+    }
+
+    /// The row of `kind`, if a registered layer has it.
+    pub fn info(&self, kind: u16) -> Option<&'static KindInfo> {
+        self.sets.iter().find_map(|s| s.get(kind))
+    }
+
+    /// The registered sets, network layer first.
+    pub fn sets(&self) -> &[&'static KindSet] {
+        &self.sets
+    }
+}
+
 /// A message with a registered kind, encoded into and decoded from an envelope body.
 ///
 /// `decode` must consume exactly the body's bytes for the bytes to be accepted (see [`decode_body`]);
 /// it must check every length with the [`Reader`] methods that take a cap.
 pub trait WireMessage: Sized {
-    /// The kind number from [`kind`].
-    const KIND: u16;
-    /// Largest encoded body; defaults to the registry's limit for [`Self::KIND`].
-    const MAX_LEN: usize = kind::max_len(Self::KIND);
+    /// The kind's row in its layer's [`KindSet`] (`SET.row(kind::X)`).
+    const INFO: &'static KindInfo;
+    /// The kind number.
+    const KIND: u16 = Self::INFO.kind;
+    /// Largest encoded body; defaults to the kind's cap.
+    const MAX_LEN: usize = Self::INFO.max_len;
     fn encode(&self, w: &mut Writer);
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError>;
 }
@@ -416,6 +416,15 @@ impl Writer {
     }
 
     /// f32 values with a varint count prefix (pairs with [`Reader::f32s`]).
+    /// A socket address: family tag (4 or 6), octets, port.
+    pub fn socket_addr(&mut self, a: &SocketAddr) -> &mut Self {
+        match a.ip() {
+            IpAddr::V4(ip) => self.u8(4).array(&ip.octets()),
+            IpAddr::V6(ip) => self.u8(6).array(&ip.octets()),
+        };
+        self.u16(a.port())
+    }
+
     pub fn f32s(&mut self, v: &[f32]) -> &mut Self {
         self.len_prefix(v.len());
         self.buf.reserve(v.len() * 4);
@@ -585,6 +594,21 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes).map_err(|_| WireError::Utf8(what))
     }
 
+    /// What [`Writer::socket_addr`] wrote.
+    pub fn socket_addr(&mut self) -> Result<SocketAddr, WireError> {
+        let ip = match self.u8()? {
+            4 => IpAddr::V4(Ipv4Addr::from(self.array::<4>()?)),
+            6 => IpAddr::V6(Ipv6Addr::from(self.array::<16>()?)),
+            tag => {
+                return Err(WireError::BadTag {
+                    what: "address family",
+                    tag: tag as u64,
+                });
+            }
+        };
+        Ok(SocketAddr::new(ip, self.u16()?))
+    }
+
     /// At most `max` f32 values with a varint count prefix.
     pub fn f32s(&mut self, what: &'static str, max: usize) -> Result<Vec<f32>, WireError> {
         let n = self.len(what, max, 4)?;
@@ -605,8 +629,11 @@ pub struct Header {
 }
 
 impl Header {
-    /// Parses and checks the 12 header bytes.
-    pub fn parse(bytes: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
+    /// Parses and checks the 12 header bytes; `kinds` gives the row (cap) of each accepted kind.
+    pub fn parse(
+        bytes: &[u8; HEADER_LEN],
+        kinds: impl Fn(u16) -> Option<&'static KindInfo>,
+    ) -> Result<Header, WireError> {
         let mut r = Reader::new(bytes);
         let magic: [u8; 4] = r.array()?;
         if magic != MAGIC {
@@ -618,7 +645,7 @@ impl Header {
         }
         let kind = r.u16()?;
         let body_len = r.u32()?;
-        let info = kind::info(kind).ok_or(WireError::UnknownKind(kind))?;
+        let info = kinds(kind).ok_or(WireError::UnknownKind(kind))?;
         if body_len as u64 > info.max_len as u64 {
             return Err(WireError::TooLong {
                 what: info.name,
@@ -647,7 +674,7 @@ pub fn encode_body<M: WireMessage>(msg: &M) -> Result<Vec<u8>, WireError> {
     let body = w.into_vec();
     if body.len() > M::MAX_LEN {
         return Err(WireError::TooLong {
-            what: kind_name(M::KIND),
+            what: M::INFO.name,
             len: body.len() as u64,
             max: M::MAX_LEN as u64,
         });
@@ -673,7 +700,7 @@ pub fn envelope_raw(kind: u16, body: &[u8]) -> Vec<u8> {
 pub fn decode_body<M: WireMessage>(body: &[u8]) -> Result<M, WireError> {
     if body.len() > M::MAX_LEN {
         return Err(WireError::TooLong {
-            what: kind_name(M::KIND),
+            what: M::INFO.name,
             len: body.len() as u64,
             max: M::MAX_LEN as u64,
         });
@@ -685,9 +712,12 @@ pub fn decode_body<M: WireMessage>(body: &[u8]) -> Result<M, WireError> {
 }
 
 /// Splits a complete envelope held in memory into its checked header and body.
-pub fn split_envelope(bytes: &[u8]) -> Result<(Header, &[u8]), WireError> {
+pub fn split_envelope<'a>(
+    bytes: &'a [u8],
+    kinds: &Registry,
+) -> Result<(Header, &'a [u8]), WireError> {
     let mut r = Reader::new(bytes);
-    let header = Header::parse(&r.array()?)?;
+    let header = Header::parse(&r.array()?, |k| kinds.info(k))?;
     let body = r.take(header.body_len as usize)?;
     r.finish()?;
     Ok((header, body))
@@ -695,7 +725,16 @@ pub fn split_envelope(bytes: &[u8]) -> Result<(Header, &[u8]), WireError> {
 
 /// Decodes a complete envelope held in memory as a message of type `M`.
 pub fn decode_envelope<M: WireMessage>(bytes: &[u8]) -> Result<M, WireError> {
-    let (header, body) = split_envelope(bytes)?;
+    let mut r = Reader::new(bytes);
+    let header = Header::parse(&r.array()?, |k| {
+        if k == M::KIND {
+            Some(M::INFO)
+        } else {
+            NET_KINDS.get(k)
+        }
+    })?;
+    let body = r.take(header.body_len as usize)?;
+    r.finish()?;
     if header.kind != M::KIND {
         return Err(WireError::UnexpectedKind {
             expected: M::KIND,
@@ -705,9 +744,9 @@ pub fn decode_envelope<M: WireMessage>(bytes: &[u8]) -> Result<M, WireError> {
     decode_body(body)
 }
 
-/// The registry name of `kind`, or "unknown".
+/// The network layer's name of `kind`, or "unknown" (upper layers' names are in a [`Registry`]).
 pub fn kind_name(kind: u16) -> &'static str {
-    kind::info(kind).map_or("unknown", |k| k.name)
+    NET_KINDS.get(kind).map_or("unknown", |k| k.name)
 }
 
 #[cfg(test)]
@@ -726,7 +765,7 @@ mod tests {
     }
 
     impl WireMessage for Sample {
-        const KIND: u16 = kind::BULK;
+        const INFO: &'static KindInfo = NET_KINDS.row(kind::BULK);
         const MAX_LEN: usize = 4096;
         fn encode(&self, w: &mut Writer) {
             w.array(&self.id)
@@ -787,9 +826,10 @@ mod tests {
 
     #[test]
     fn header_checks_magic_version_kind_and_limit() {
+        let net = |k| NET_KINDS.get(k);
         let good = Header::encode(kind::PING, 8);
         assert_eq!(
-            Header::parse(&good).unwrap(),
+            Header::parse(&good, net).unwrap(),
             Header {
                 kind: kind::PING,
                 body_len: 8
@@ -797,16 +837,22 @@ mod tests {
         );
         let mut bad = good;
         bad[0] = b'X';
-        assert!(matches!(Header::parse(&bad), Err(WireError::BadMagic(_))));
+        assert!(matches!(
+            Header::parse(&bad, net),
+            Err(WireError::BadMagic(_))
+        ));
         let mut bad = good;
-        bad[4] = 2;
-        assert_eq!(Header::parse(&bad), Err(WireError::BadVersion { got: 2 }));
+        bad[4] = 9;
         assert_eq!(
-            Header::parse(&Header::encode(999, 0)),
+            Header::parse(&bad, net),
+            Err(WireError::BadVersion { got: 9 })
+        );
+        assert_eq!(
+            Header::parse(&Header::encode(999, 0), net),
             Err(WireError::UnknownKind(999))
         );
         assert!(matches!(
-            Header::parse(&Header::encode(kind::PING, u32::MAX)),
+            Header::parse(&Header::encode(kind::PING, u32::MAX), net),
             Err(WireError::TooLong { what: "ping", .. })
         ));
     }
@@ -875,14 +921,61 @@ mod tests {
 
     #[test]
     fn kinds_are_unique_and_named() {
-        for (i, a) in kind::TABLE.iter().enumerate() {
-            assert!(!a.name.is_empty());
-            assert!(a.max_len <= u32::MAX as usize);
-            for b in &kind::TABLE[i + 1..] {
-                assert_ne!(a.kind, b.kind, "{} and {} share a number", a.name, b.name);
-                assert_ne!(a.name, b.name);
-            }
+        NET_KINDS.check().unwrap();
+        for k in NET_KINDS.kinds {
+            assert!(k.max_len <= u32::MAX as usize);
         }
+    }
+
+    const UPPER: KindSet = KindSet {
+        layer: "upper",
+        first: 30,
+        last: 39,
+        kinds: &[KindInfo::new(30, "a", 8), KindInfo::new(31, "b", 8)],
+    };
+
+    #[test]
+    fn registry_refuses_overlaps_and_malformed_sets() {
+        let mut r = Registry::new();
+        r.register(&UPPER).unwrap();
+        r.register(&UPPER).unwrap();
+        assert_eq!(r.sets().len(), 2);
+        assert_eq!(r.info(31).map(|k| k.name), Some("b"));
+        assert_eq!(r.info(32), None);
+        const OVERLAP: KindSet = KindSet {
+            layer: "overlap",
+            first: 25,
+            last: 30,
+            kinds: &[],
+        };
+        assert_eq!(
+            r.register(&OVERLAP),
+            Err(KindError::Overlap {
+                a: "net",
+                b: "overlap"
+            })
+        );
+        const OUTSIDE: KindSet = KindSet {
+            layer: "outside",
+            first: 40,
+            last: 49,
+            kinds: &[KindInfo::new(50, "c", 8)],
+        };
+        assert!(matches!(
+            r.register(&OUTSIDE),
+            Err(KindError::OutOfRange { kind: 50, .. })
+        ));
+        const TWICE: KindSet = KindSet {
+            layer: "twice",
+            first: 40,
+            last: 49,
+            kinds: &[KindInfo::new(40, "c", 8), KindInfo::new(40, "d", 8)],
+        };
+        assert!(matches!(
+            r.register(&TWICE),
+            Err(KindError::Duplicate { kind: 40, .. })
+        ));
+        assert_eq!(r.sets().len(), 2);
     }
 
     #[test]

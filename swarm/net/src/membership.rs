@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use rand::Rng;
 use rand::seq::IndexedRandom;
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use swarm_nat::{PathKind, Reachability};
 
 use crate::identity::{self, Identity, PeerId};
-use crate::wire::{Reader, WireError, WireMessage, Writer, kind};
+use crate::wire::{KindInfo, NET_KINDS, Reader, WireError, WireMessage, Writer, kind};
 
 /// Wall-clock time in milliseconds since the Unix epoch.
 pub type UnixMillis = u64;
@@ -274,7 +274,7 @@ impl PeerRecord {
         w.u8(self.info.reach.code());
         w.len_prefix(self.info.addrs.len());
         for a in &self.info.addrs {
-            encode_addr(w, a);
+            w.socket_addr(a);
         }
         w.len_prefix(self.info.stages.len());
         for s in &self.info.stages {
@@ -344,7 +344,7 @@ impl PeerRecord {
         let n = r.len("addresses", MAX_ADDRS, 7)?;
         let mut addrs = Vec::with_capacity(n);
         for _ in 0..n {
-            addrs.push(decode_addr(r)?);
+            addrs.push(r.socket_addr()?);
         }
         let n = r.len("stages", MAX_STAGES, 4)?;
         let mut stages = Vec::with_capacity(n);
@@ -371,34 +371,6 @@ impl PeerRecord {
             signature,
         })
     }
-}
-
-pub(crate) fn encode_addr(w: &mut Writer, a: &SocketAddr) {
-    match a.ip() {
-        IpAddr::V4(ip) => {
-            w.u8(4);
-            w.array(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            w.u8(6);
-            w.array(&ip.octets());
-        }
-    }
-    w.u16(a.port());
-}
-
-pub(crate) fn decode_addr(r: &mut Reader<'_>) -> Result<SocketAddr, WireError> {
-    let ip = match r.u8()? {
-        4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>()?)),
-        6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>()?)),
-        tag => {
-            return Err(WireError::BadTag {
-                what: "address family",
-                tag: tag as u64,
-            });
-        }
-    };
-    Ok(SocketAddr::new(ip, r.u16()?))
 }
 
 /// Timing and limits of membership. Defaults suit real swarms on home links; tests shrink them.
@@ -908,7 +880,7 @@ pub struct GossipReply {
 }
 
 impl WireMessage for GossipPush {
-    const KIND: u16 = kind::GOSSIP;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::GOSSIP);
     fn encode(&self, w: &mut Writer) {
         encode_records(w, &self.records);
         w.bool(self.digest.is_some());
@@ -939,7 +911,7 @@ impl WireMessage for GossipPush {
 }
 
 impl WireMessage for GossipReply {
-    const KIND: u16 = kind::GOSSIP_REPLY;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::GOSSIP_REPLY);
     fn encode(&self, w: &mut Writer) {
         encode_records(w, &self.records);
         w.len_prefix(self.want.len());
@@ -972,7 +944,7 @@ pub struct JoinReply {
 }
 
 impl WireMessage for JoinRequest {
-    const KIND: u16 = kind::JOIN;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::JOIN);
     fn encode(&self, _w: &mut Writer) {}
     fn decode(_r: &mut Reader<'_>) -> Result<Self, WireError> {
         Ok(JoinRequest)
@@ -980,16 +952,16 @@ impl WireMessage for JoinRequest {
 }
 
 impl WireMessage for JoinReply {
-    const KIND: u16 = kind::JOIN_REPLY;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::JOIN_REPLY);
     fn encode(&self, w: &mut Writer) {
         w.array(&self.run_id.0);
-        encode_addr(w, &self.observed_addr);
+        w.socket_addr(&self.observed_addr);
         encode_records(w, &self.records);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         Ok(JoinReply {
             run_id: RunId(r.array()?),
-            observed_addr: decode_addr(r)?,
+            observed_addr: r.socket_addr()?,
             records: decode_records(r)?,
         })
     }
@@ -1017,7 +989,7 @@ pub struct StatusReply {
 }
 
 impl WireMessage for StatusRequest {
-    const KIND: u16 = kind::STATUS;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::STATUS);
     fn encode(&self, _w: &mut Writer) {}
     fn decode(_r: &mut Reader<'_>) -> Result<Self, WireError> {
         Ok(StatusRequest)
@@ -1025,7 +997,7 @@ impl WireMessage for StatusRequest {
 }
 
 impl WireMessage for StatusReply {
-    const KIND: u16 = kind::STATUS_REPLY;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::STATUS_REPLY);
     fn encode(&self, w: &mut Writer) {
         w.array(&self.run_id.0);
         w.len_prefix(self.entries.len());

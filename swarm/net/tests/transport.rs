@@ -5,11 +5,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use swarm_core::rpc::{self, BasicService, Bulk, BulkAck, Ping, Pong, code};
-use swarm_core::tls::AllowList;
-use swarm_core::transport::{Node, PeerConn, TransportConfig};
-use swarm_core::wire::{self, Header, kind};
-use swarm_core::{Error, Identity};
+use swarm_net::rpc::{self, BasicService, Bulk, BulkAck, Ping, Pong, code};
+use swarm_net::tls::AllowList;
+use swarm_net::transport::{Node, PeerConn, TransportConfig};
+use swarm_net::wire::{self, Header, kind};
+use swarm_net::{Error, Identity};
 
 const LIMIT: Duration = Duration::from_secs(20);
 const LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
@@ -34,7 +34,7 @@ async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
         .expect("test step timed out")
 }
 
-async fn ping(conn: &PeerConn, nonce: u64) -> swarm_core::Result<u64> {
+async fn ping(conn: &PeerConn, nonce: u64) -> swarm_net::Result<u64> {
     let pong: Pong = rpc::call_timeout(conn, &Ping { nonce }, Duration::from_secs(10)).await?;
     Ok(pong.nonce)
 }
@@ -125,7 +125,7 @@ async fn client_allow_list_refuses_servers_not_on_it() {
 
 /// Sends `bytes` as a whole request on a fresh connection; returns the call's outcome and the
 /// connection.
-async fn send_raw(a: &Node, addr: SocketAddr, bytes: &[u8]) -> (swarm_core::Result<()>, PeerConn) {
+async fn send_raw(a: &Node, addr: SocketAddr, bytes: &[u8]) -> (swarm_net::Result<()>, PeerConn) {
     let conn = bounded(a.connect(addr, None)).await.unwrap();
     let r = rpc::call_raw(&conn, bytes, Duration::from_secs(10))
         .await
@@ -169,7 +169,7 @@ async fn malformed_and_oversized_requests_close_only_that_connection() {
         let reason = bounded(conn.closed()).await;
         assert!(
             matches!(&reason, quinn::ConnectionError::ApplicationClosed(c)
-                if c.error_code == swarm_core::transport::CLOSE_PROTOCOL),
+                if c.error_code == swarm_net::transport::CLOSE_PROTOCOL),
             "{name}: {reason}"
         );
         // The server keeps serving: the bystander and a fresh connection both work.
@@ -187,7 +187,7 @@ async fn refusals_keep_the_connection() {
         .await
         .unwrap();
     // BasicService does not serve BULK_ACK as a request.
-    let r: swarm_core::Result<Pong> = bounded(rpc::call(
+    let r: swarm_net::Result<Pong> = bounded(rpc::call(
         &conn,
         &BulkAck {
             bytes: 1,

@@ -26,11 +26,10 @@ use swarm_nat::{
 
 use crate::error::{Error, Result};
 use crate::identity::{Identity, PeerId};
-use crate::membership::{decode_addr, encode_addr};
 use crate::peer::{HandlerResult, PeerShared, RequestCtx, register};
 use crate::rpc::{self, RpcError, Service, code};
 use crate::transport::{Node, PeerConn, TransportConfig};
-use crate::wire::{self, Reader, WireError, WireMessage, Writer, kind};
+use crate::wire::{self, KindInfo, NET_KINDS, Reader, WireError, WireMessage, Writer, kind};
 
 /// Candidate addresses carried per peer.
 pub const MAX_CANDIDATES: usize = 8;
@@ -49,7 +48,7 @@ const PUNCH_MARGIN: Duration = Duration::from_millis(30);
 fn encode_addrs(w: &mut Writer, addrs: &[SocketAddr]) {
     w.len_prefix(addrs.len().min(MAX_CANDIDATES));
     for a in addrs.iter().take(MAX_CANDIDATES) {
-        encode_addr(w, a);
+        w.socket_addr(a);
     }
 }
 
@@ -57,7 +56,7 @@ fn decode_addrs(r: &mut Reader<'_>) -> std::result::Result<Vec<SocketAddr>, Wire
     let n = r.len("addresses", MAX_CANDIDATES, 7)?;
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
-        v.push(decode_addr(r)?);
+        v.push(r.socket_addr()?);
     }
     Ok(v)
 }
@@ -111,7 +110,7 @@ pub struct PunchStart {
 pub struct PunchStarted;
 
 impl WireMessage for DialBackRequest {
-    const KIND: u16 = kind::DIAL_BACK;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::DIAL_BACK);
     fn encode(&self, w: &mut Writer) {
         encode_addrs(w, &self.addrs);
     }
@@ -123,21 +122,21 @@ impl WireMessage for DialBackRequest {
 }
 
 impl WireMessage for DialBackReply {
-    const KIND: u16 = kind::DIAL_BACK_REPLY;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::DIAL_BACK_REPLY);
     fn encode(&self, w: &mut Writer) {
         w.bool(self.reached);
-        encode_addr(w, &self.observer);
+        w.socket_addr(&self.observer);
     }
     fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, WireError> {
         Ok(DialBackReply {
             reached: r.bool()?,
-            observer: decode_addr(r)?,
+            observer: r.socket_addr()?,
         })
     }
 }
 
 impl WireMessage for ObserveRequest {
-    const KIND: u16 = kind::OBSERVE;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::OBSERVE);
     fn encode(&self, _w: &mut Writer) {}
     fn decode(_r: &mut Reader<'_>) -> std::result::Result<Self, WireError> {
         Ok(ObserveRequest)
@@ -145,19 +144,19 @@ impl WireMessage for ObserveRequest {
 }
 
 impl WireMessage for ObserveReply {
-    const KIND: u16 = kind::OBSERVE_REPLY;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::OBSERVE_REPLY);
     fn encode(&self, w: &mut Writer) {
-        encode_addr(w, &self.observed);
+        w.socket_addr(&self.observed);
     }
     fn decode(r: &mut Reader<'_>) -> std::result::Result<Self, WireError> {
         Ok(ObserveReply {
-            observed: decode_addr(r)?,
+            observed: r.socket_addr()?,
         })
     }
 }
 
 impl WireMessage for PunchRequest {
-    const KIND: u16 = kind::PUNCH_REQUEST;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::PUNCH_REQUEST);
     fn encode(&self, w: &mut Writer) {
         w.array(&self.target.0);
     }
@@ -169,7 +168,7 @@ impl WireMessage for PunchRequest {
 }
 
 impl WireMessage for PunchPlan {
-    const KIND: u16 = kind::PUNCH_PLAN;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::PUNCH_PLAN);
     fn encode(&self, w: &mut Writer) {
         encode_addrs(w, &self.addrs);
         w.u32(self.delay_ms);
@@ -183,7 +182,7 @@ impl WireMessage for PunchPlan {
 }
 
 impl WireMessage for PunchStart {
-    const KIND: u16 = kind::PUNCH_START;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::PUNCH_START);
     fn encode(&self, w: &mut Writer) {
         w.array(&self.peer.0);
         encode_addrs(w, &self.addrs);
@@ -199,7 +198,7 @@ impl WireMessage for PunchStart {
 }
 
 impl WireMessage for PunchStarted {
-    const KIND: u16 = kind::PUNCH_STARTED;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::PUNCH_STARTED);
     fn encode(&self, _w: &mut Writer) {}
     fn decode(_r: &mut Reader<'_>) -> std::result::Result<Self, WireError> {
         Ok(PunchStarted)

@@ -18,8 +18,8 @@ use crate::error::{Error, Result};
 use crate::identity::PeerId;
 use crate::transport::{CLOSE_PROTOCOL, Node, PeerConn};
 use crate::wire::{
-    self, HEADER_LEN, Header, Reader, WireError, WireMessage, Writer, decode_body, encode_body,
-    kind,
+    self, HEADER_LEN, Header, KindInfo, NET_KINDS, Reader, WireError, WireMessage, Writer,
+    decode_body, encode_body, kind,
 };
 
 /// Default time a request may take, end to end.
@@ -59,7 +59,7 @@ impl fmt::Display for RemoteError {
 const MAX_ERROR_MESSAGE: usize = 1024;
 
 impl WireMessage for RemoteError {
-    const KIND: u16 = kind::ERROR;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::ERROR);
     fn encode(&self, w: &mut Writer) {
         let mut msg = self.message.as_str();
         if msg.len() > MAX_ERROR_MESSAGE {
@@ -86,7 +86,7 @@ pub struct Ping {
 }
 
 impl WireMessage for Ping {
-    const KIND: u16 = kind::PING;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::PING);
     fn encode(&self, w: &mut Writer) {
         w.u64(self.nonce);
     }
@@ -102,7 +102,7 @@ pub struct Pong {
 }
 
 impl WireMessage for Pong {
-    const KIND: u16 = kind::PONG;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::PONG);
     fn encode(&self, w: &mut Writer) {
         w.u64(self.nonce);
     }
@@ -118,7 +118,7 @@ pub struct Bulk {
 }
 
 impl WireMessage for Bulk {
-    const KIND: u16 = kind::BULK;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::BULK);
     fn encode(&self, w: &mut Writer) {
         w.raw(&self.payload);
     }
@@ -139,7 +139,7 @@ pub struct BulkAck {
 }
 
 impl WireMessage for BulkAck {
-    const KIND: u16 = kind::BULK_ACK;
+    const INFO: &'static KindInfo = NET_KINDS.row(kind::BULK_ACK);
     fn encode(&self, w: &mut Writer) {
         w.u64(self.bytes).array(&self.hash);
     }
@@ -183,9 +183,17 @@ pub fn reply<M: WireMessage>(msg: &M) -> Result<Reply, RpcError> {
     Ok((M::KIND, encode_body(msg)?))
 }
 
-/// Handles requests. `kind` is registered and `body.len()` is within its limit; decoding is the
-/// handler's (use [`decode_body`]; its errors convert into [`RpcError::Malformed`]).
+/// Handles requests. `kind` is one the service accepts ([`Service::kind_info`]) and `body.len()`
+/// is within its limit; decoding is the handler's (use [`decode_body`]; its errors convert into
+/// [`RpcError::Malformed`]).
 pub trait Service: Send + Sync + 'static {
+    /// The row (name, size cap) of a request kind this service accepts; a kind without one closes
+    /// the connection as a protocol violation before its body is read. Defaults to the network
+    /// layer's kinds.
+    fn kind_info(&self, kind: u16) -> Option<&'static KindInfo> {
+        NET_KINDS.get(kind)
+    }
+
     fn handle(
         &self,
         from: PeerId,
@@ -327,7 +335,8 @@ async fn serve_stream(
     mut send: SendStream,
     mut recv: RecvStream,
 ) -> std::result::Result<(), StreamFailure> {
-    let request = tokio::time::timeout(config.read_timeout, read_envelope(&mut recv, true))
+    let kinds = |k| service.kind_info(k);
+    let request = tokio::time::timeout(config.read_timeout, read_envelope(&mut recv, true, kinds))
         .await
         .map_err(|_| {
             StreamFailure::Io(Error::Timeout {
@@ -367,12 +376,16 @@ async fn serve_stream(
         .map_err(StreamFailure::Io)
 }
 
-/// Reads one envelope: the header is checked before the body is allocated. With `expect_end`, the
-/// stream must end right after the body.
-pub async fn read_envelope(recv: &mut RecvStream, expect_end: bool) -> Result<(Header, Vec<u8>)> {
+/// Reads one envelope: the header is checked (against `kinds`, the rows of the kinds accepted here)
+/// before the body is allocated. With `expect_end`, the stream must end right after the body.
+pub async fn read_envelope(
+    recv: &mut RecvStream,
+    expect_end: bool,
+    kinds: impl Fn(u16) -> Option<&'static KindInfo>,
+) -> Result<(Header, Vec<u8>)> {
     let mut head = [0u8; HEADER_LEN];
     recv.read_exact(&mut head).await.map_err(read_error)?;
-    let header = Header::parse(&head)?;
+    let header = Header::parse(&head, kinds)?;
     // Safe: `Header::parse` checked `body_len` against the kind's limit.
     let mut body = vec![0u8; header.body_len as usize];
     recv.read_exact(&mut body).await.map_err(read_error)?;
@@ -427,7 +440,15 @@ pub async fn call_timeout<Req: WireMessage, Resp: WireMessage>(
 ) -> Result<Resp> {
     let body = encode_body(req)?;
     let request = wire::envelope_raw(Req::KIND, &body);
-    let (header, body) = call_raw(conn, &request, timeout).await?;
+    // The reply is the expected kind or a refusal; the reply's cap is the expected kind's.
+    let kinds = |k| {
+        if k == Resp::KIND {
+            Some(Resp::INFO)
+        } else {
+            NET_KINDS.get(k)
+        }
+    };
+    let (header, body) = exchange(conn, &request, timeout, kinds).await?;
     match header.kind {
         k if k == Resp::KIND => Ok(decode_body(&body)?),
         kind::ERROR => Err(Error::Remote(decode_body::<RemoteError>(&body)?)),
@@ -439,11 +460,21 @@ pub async fn call_timeout<Req: WireMessage, Resp: WireMessage>(
     }
 }
 
-/// Sends arbitrary bytes as a request (tests of malformed input) and reads one reply envelope.
+/// Sends arbitrary bytes as a request (tests of malformed input) and reads one reply envelope of
+/// a network-layer kind (e.g. a refusal).
 pub async fn call_raw(
     conn: &PeerConn,
     request: &[u8],
     timeout: Duration,
+) -> Result<(Header, Vec<u8>)> {
+    exchange(conn, request, timeout, |k| NET_KINDS.get(k)).await
+}
+
+async fn exchange(
+    conn: &PeerConn,
+    request: &[u8],
+    timeout: Duration,
+    kinds: impl Fn(u16) -> Option<&'static KindInfo>,
 ) -> Result<(Header, Vec<u8>)> {
     let exchange = async {
         let (mut send, mut recv) = conn.connection().open_bi().await?;
@@ -451,7 +482,7 @@ pub async fn call_raw(
             .await
             .map_err(|e| Error::Stream(e.to_string()))?;
         send.finish().map_err(|e| Error::Stream(e.to_string()))?;
-        read_envelope(&mut recv, true).await
+        read_envelope(&mut recv, true, kinds).await
     };
     tokio::time::timeout(timeout, exchange)
         .await

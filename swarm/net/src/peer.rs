@@ -34,7 +34,7 @@ use crate::rpc::{self, Reply, RpcError, Service, code};
 use crate::shaping::LinkShape;
 use crate::tls::AllowList;
 use crate::transport::{Node, PeerConn, TransportConfig};
-use crate::wire::{self, WireMessage, kind};
+use crate::wire::{self, KindError, KindInfo, KindSet, Registry, WireMessage, kind};
 
 /// Everything `Peer::start` needs. `Default` gives a new swarm on an ephemeral loopback port.
 #[derive(Clone, Debug)]
@@ -129,6 +129,8 @@ pub struct PeerShared {
     node: Node,
     membership: Mutex<Membership>,
     handlers: RwLock<HashMap<u16, Arc<dyn Handler>>>,
+    /// The kinds this peer accepts: the network layer's and those registered by upper layers.
+    kinds: RwLock<Registry>,
     conns: tokio::sync::Mutex<HashMap<PeerId, PeerConn>>,
     rpc_timeout: Duration,
     /// How each cached connection was made (issue #14).
@@ -383,6 +385,14 @@ impl PeerShared {
         }
     }
 
+    /// The row (name, size cap) of `kind` if this peer accepts it.
+    pub fn kind_info(&self, kind: u16) -> Option<&'static KindInfo> {
+        self.kinds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .info(kind)
+    }
+
     async fn dispatch(self: Arc<Self>, ctx: RequestCtx, kind: u16, body: Vec<u8>) -> HandlerResult {
         let handler = self
             .handlers
@@ -395,7 +405,10 @@ impl PeerShared {
             None => rpc::builtin(kind, &body).unwrap_or_else(|| {
                 Err(RpcError::refused(
                     code::UNSUPPORTED,
-                    format!("kind {} not served", wire::kind_name(kind)),
+                    format!(
+                        "kind {} not served",
+                        self.kind_info(kind).map_or("unknown", |k| k.name)
+                    ),
                 ))
             }),
         }
@@ -600,6 +613,7 @@ impl Peer {
             node: node.clone(),
             membership: Mutex::new(membership),
             handlers: RwLock::new(HashMap::new()),
+            kinds: RwLock::new(Registry::new()),
             conns: tokio::sync::Mutex::new(HashMap::new()),
             rpc_timeout: config.rpc_timeout,
             paths: Mutex::new(HashMap::new()),
@@ -683,9 +697,27 @@ impl Peer {
         self.shared.with_membership(|m| m.update_local(now, f));
     }
 
+    /// Accepts an upper layer's message kinds (their numbers and size caps) on this peer. Again
+    /// with the same set is a no-op; a set overlapping another layer's range is refused.
+    pub fn register_kinds(&self, set: &'static KindSet) -> Result<(), KindError> {
+        self.shared
+            .kinds
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .register(set)
+    }
+
     /// Serves `kind` with `handler` (replacing any previous one). Membership kinds are registered
-    /// at start; issue #6 adds forward/backward/sync here.
+    /// at start; upper layers register their [`KindSet`] first ([`Peer::register_kinds`]).
+    ///
+    /// # Panics
+    /// If `kind` is in no registered set: a programming error that would otherwise make every
+    /// such request close its connection.
     pub fn register(&self, kind: u16, handler: impl Handler) {
+        assert!(
+            self.shared.kind_info(kind).is_some(),
+            "message kind {kind} served before its KindSet was registered"
+        );
         register(&self.shared, kind, handler);
     }
 
@@ -803,6 +835,10 @@ struct ConnService {
 }
 
 impl Service for ConnService {
+    fn kind_info(&self, kind: u16) -> Option<&'static KindInfo> {
+        self.shared.kind_info(kind)
+    }
+
     fn handle(
         &self,
         from: PeerId,
