@@ -67,6 +67,8 @@ enum BenchCommand {
     Compress(cmd::bench_compress::BenchCompressArgs),
     /// Transfer throughput over a shaped QUIC link.
     Link(cmd::bench_link::BenchLinkArgs),
+    /// Hole-punch time between two home routers (network namespaces and nftables; needs root).
+    Nat(cmd::bench_nat::BenchNatArgs),
     /// How far honest audit recomputations differ across thread counts, fault distances, cost.
     Audit(cmd::bench_audit::BenchAuditArgs),
     /// Micro-batches until a faulty peer is banned, over seeded runs, against the theory.
@@ -103,6 +105,7 @@ fn main() {
         Command::Bench(BenchCommand::Memory(a)) => cmd::bench_memory::run(a),
         Command::Bench(BenchCommand::Codec(a)) => cmd::bench_codec::run(a),
         Command::Bench(BenchCommand::Link(a)) => cmd::bench_link::run(a),
+        Command::Bench(BenchCommand::Nat(a)) => cmd::bench_nat::run(a),
         Command::Bench(BenchCommand::Audit(a)) => cmd::bench_audit::run(a),
         Command::Bench(BenchCommand::AuditBan(a)) => cmd::bench_audit::run_ban(a),
         Command::Bench(BenchCommand::Monitor(a)) => cmd::bench_monitor::run(a),

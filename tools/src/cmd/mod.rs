@@ -7,6 +7,7 @@ pub mod bench_link;
 pub mod bench_memory;
 pub mod bench_model;
 pub mod bench_monitor;
+pub mod bench_nat;
 pub mod data;
 pub mod demo;
 pub mod eval;
