@@ -339,6 +339,16 @@ fn a_browser_watches_a_demo_through_its_monitor() {
     );
     assert!(busy.starts_with("HTTP/1.1 503"), "{busy:.120}");
     drop(held);
+    // The server frees a slot when it sees the held connection close: wait for that (bounded),
+    // as a client honouring the 503's Retry-After would.
+    let start = Instant::now();
+    while get(a, "/api/v1/state", None, T).unwrap().status == 503 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "slots not freed after the clients left"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let before = state(a).progress.step;
     wait_state(
         a,
