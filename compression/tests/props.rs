@@ -80,8 +80,17 @@ proptest! {
                     step * rot * 1.01 + 1e-6
                 }
             };
-            for (x, y) in data.iter().zip(&out) {
-                prop_assert!((x - y).abs() <= bound, "{name}: {x} vs {y} (bound {bound})");
+            if matches!(codec.values, Values::Quant { bits: 2, .. }) {
+                // q2 picks, per block, the scale of smaller squared error between absmax/3 and
+                // one from the block's rms: an outlier may be clipped, but the total squared
+                // error is at most what absmax/3 steps would give.
+                let sq: f64 = data.iter().zip(&out).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+                let limit = data.len() as f64 * (bound as f64).powi(2);
+                prop_assert!(sq <= limit, "{name}: squared error {sq} above {limit}");
+            } else {
+                for (x, y) in data.iter().zip(&out) {
+                    prop_assert!((x - y).abs() <= bound, "{name}: {x} vs {y} (bound {bound})");
+                }
             }
         } else if !codec.rotate && codec.values == Values::F32 {
             // Exact values at kept positions, and no kept position is smaller than a dropped one.
