@@ -65,6 +65,10 @@ async fn a_joiner_takes_the_weakest_stage_fetches_its_state_and_serves() {
     )
     .await
     .unwrap();
+    // A bare peer playing the trainer: it accepts the training kinds like the real one.
+    trainer
+        .register_kinds(&swarm_core::protocol::KINDS)
+        .unwrap();
     // A replica of stage 1 that has taken one optimizer step (so fetching is not rebuilding).
     let replica = Peer::start(
         Identity::from_secret([101; 32]),
