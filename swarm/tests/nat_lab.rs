@@ -106,7 +106,22 @@ fn joiners_get_verdicts_and_home_peers_punch_through_their_routers() {
             .expect("A reached the open peer");
         assert_eq!(pa.path(po.peer_id()), Some(PathKind::Direct));
 
-        // The symmetric peer cannot be punched: a clear error in bounded time.
+        // The symmetric peer cannot be punched: a clear error in bounded time. A must know C's
+        // record (its verdict says it is behind a NAT) before it dials: gossip brings it within
+        // seconds, and without it C is dialed as a public peer would be.
+        let known = Instant::now();
+        while !pa
+            .status()
+            .entries
+            .iter()
+            .any(|e| e.record.peer_id == pc.peer_id())
+        {
+            assert!(
+                known.elapsed() < Duration::from_secs(20),
+                "A never heard of C"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let c_addr = pc.local_record().info.addrs[0];
         let t = Instant::now();
         let r = tokio::time::timeout(
