@@ -48,6 +48,13 @@ pub fn announce(what: &str, m: &Monitor, json: bool) {
     }
 }
 
+/// The verdict of the reachability check the swarm ran on this peer at join ("unknown" for a
+/// swarm's first peer, which nobody checks).
+fn reachability(peer: &swarm_core::peer::Peer) -> String {
+    peer.verdict()
+        .map_or_else(|| "unknown".to_owned(), |v| v.reachability.to_string())
+}
+
 /// A volunteer's state for its own monitor (`swarm join --metrics`), refreshed by the join loop.
 pub struct VolunteerFeed {
     tx: tokio::sync::watch::Sender<std::sync::Arc<swarm_monitor::VolunteerState>>,
@@ -63,8 +70,7 @@ impl VolunteerFeed {
             listen_addr: peer.local_addr().to_string(),
             software: record.info.version.clone(),
             state: "membership".into(),
-            // Filled by the reachability check of issue #14 once it exists.
-            reachability: "unknown".into(),
+            reachability: reachability(peer),
             ..Default::default()
         };
         let (tx, _) = tokio::sync::watch::channel(std::sync::Arc::new(state.clone()));
@@ -89,6 +95,7 @@ impl VolunteerFeed {
         s.updated_unix_ms = swarm_core::peer::unix_now();
         s.state = state.into();
         s.run_id = Some(peer.run_id().to_string());
+        s.reachability = reachability(peer);
         s.trainer_addr = trainer.map(|t| t.to_string());
         let conns = peer.shared().connection_stats();
         s.connection_bytes_out = conns.iter().map(|c| c.2).sum();

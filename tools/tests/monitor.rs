@@ -479,3 +479,103 @@ fn a_public_monitor_needs_the_flag_and_a_token() {
     let (ok, _, err) = swarm(&[&base[..], &["--http", "0.0.0.0:0", "--http-public"]].concat());
     assert!(!ok && err.contains("bearer token"), "{err}");
 }
+
+/// A `swarm join` process, killed and reaped on drop, with its output lines on channels.
+struct Joined {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn join(data: &Path, extra: &[&str]) -> Joined {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_swarm"))
+        .arg("join")
+        .args(extra)
+        .args(["--listen", "127.0.0.1:0", "--json", "--data-dir"])
+        .arg(data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = lines(child.stdout.take().unwrap());
+    let stderr = lines(child.stderr.take().unwrap());
+    Joined {
+        child,
+        stdout,
+        stderr,
+    }
+}
+
+/// The first line of `rx` that parses as a JSON object (the start-up line under `--json`).
+fn first_json(rx: &mpsc::Receiver<String>) -> serde_json::Value {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).expect("a JSON start-up line within 60 s");
+        if let Ok(v @ serde_json::Value::Object(_)) = serde_json::from_str(&line) {
+            return v;
+        }
+    }
+}
+
+#[test]
+fn a_volunteers_page_shows_the_verdict_of_its_reachability_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = join(&dir.path().join("a"), &[]);
+    let started = first_json(&first.stdout);
+    let addr = started["addr"].as_str().unwrap().to_string();
+    let second = join(
+        &dir.path().join("b"),
+        &[addr.as_str(), "--metrics", "127.0.0.1:0"],
+    );
+    let started = first_json(&second.stdout);
+    let reach = started["reach"]
+        .as_str()
+        .expect("a joiner is checked by the swarm's first peer")
+        .to_string();
+    // On loopback the check's dial-back from another socket succeeds.
+    assert_eq!(reach, "public", "{started}");
+    let url = loop {
+        let line = second
+            .stderr
+            .recv_timeout(Duration::from_secs(60))
+            .expect("join prints its metrics URL");
+        if let Some(rest) = line.strip_prefix("metrics: ") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let a: SocketAddr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let r = get(a, "/api/v1/state", None, T).unwrap();
+    assert_eq!(r.status, 200);
+    let v: swarm_monitor::VolunteerState = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v.reachability, reach);
+    let m = get(a, "/metrics", None, T).unwrap();
+    assert!(
+        String::from_utf8_lossy(&m.body).contains("reachability=\"public\""),
+        "the volunteer's metrics carry the verdict"
+    );
+}

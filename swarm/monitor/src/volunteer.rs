@@ -43,7 +43,7 @@ pub struct VolunteerState {
     pub audits_passed: Option<u64>,
     pub audits_failed: Option<u64>,
     pub credited_micro_batches: Option<u64>,
-    /// Reachability verdict (`public`, `punchable`, `relayed`): `unknown` until the reachability
-    /// check (issue #14) exists.
+    /// The reachability verdict of the check at join (`public`, `punchable`, `symmetric`,
+    /// `blocked`), or `unknown` for a swarm's first peer, which nobody checks.
     pub reachability: String,
 }
