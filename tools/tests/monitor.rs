@@ -531,7 +531,9 @@ fn first_json(rx: &mpsc::Receiver<String>) -> serde_json::Value {
     let end = Instant::now() + Duration::from_secs(60);
     loop {
         let left = end.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).expect("a JSON start-up line within 60 s");
+        let line = rx
+            .recv_timeout(left)
+            .expect("a JSON start-up line within 60 s");
         if let Ok(v @ serde_json::Value::Object(_)) = serde_json::from_str(&line) {
             return v;
         }
