@@ -8,6 +8,7 @@ pub mod bench_link;
 pub mod codec_sim;
 pub mod error;
 pub mod fault;
+pub mod ids;
 pub mod ledger;
 pub mod protocol;
 pub mod receipt;

@@ -12,19 +12,14 @@
 //! the micro-batch path (run between the micro-batch phase and the sync), and a recomputation is
 //! one stage forward and backward.
 
+pub use crate::ids::Pass;
+
 use crate::identity::{Identity, PeerId};
+use crate::ids::{MAX_FRAME_BYTES, MAX_STAGES, MbKey, get_frame};
 use crate::membership::RunId;
-use crate::protocol::{MAX_FRAME_BYTES, MAX_STAGES, MbKey};
 use crate::wire::{KindInfo, KindSet, Reader, WireError, WireMessage, Writer};
 
 const DOMAIN: &[u8] = b"swarm-receipt-v1";
-
-/// Which pass a receipt covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Pass {
-    Forward,
-    Backward,
-}
 
 /// BLAKE3 of frame bytes, as receipts carry them.
 pub fn frame_hash(frame: &[u8]) -> [u8; 32] {
@@ -211,10 +206,6 @@ pub(crate) fn get_opt_receipt(r: &mut Reader<'_>) -> Result<Option<Receipt>, Wir
             tag: t as u64,
         }),
     }
-}
-
-fn get_frame(r: &mut Reader<'_>, what: &'static str) -> Result<Vec<u8>, WireError> {
-    Ok(r.bytes(what, MAX_FRAME_BYTES)?.to_vec())
 }
 
 /// Caps of the audit kinds.

@@ -1,0 +1,255 @@
+//! Replica sync messages (kinds 60-64): the step-end gradient all-gather and the optimizer step.
+
+use super::*;
+
+/// Starts the step-end sync of `stage`. Ends every context of step `step` on the receiver.
+///
+/// Sender: the trainer, when every micro-batch of the step is complete. Receiver: every replica of
+/// `stage`. A participant (listed in `participants`) sends its [`GradShare`] to every other
+/// participant, decodes all shares in participant order, sums them and reports [`SyncDone`]. A
+/// non-participant drops its accumulator (it will re-sync its weights). `mb_counts[i]` is how many
+/// micro-batches participant `i` counted (checked against the receiver's own count). Reply: [`Ack`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncStart {
+    pub run: RunId,
+    pub epoch: u32,
+    pub step: u64,
+    pub stage: u32,
+    /// Which sync of `stage` in `step` this is (0 first; the trainer bumps it when it redoes the
+    /// stage's sync after losing a participant), so shares of a dropped round are told apart.
+    pub round: u32,
+    pub participants: Vec<PeerId>,
+    pub mb_counts: Vec<u32>,
+    /// Endpoints of the participants, same order (to send shares to).
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl WireMessage for SyncStart {
+    const INFO: &'static KindInfo = KINDS.row(kind::SYNC_START);
+    fn encode(&self, w: &mut Writer) {
+        put_run(w, &self.run, self.epoch);
+        w.varint(self.step).u32(self.stage).u32(self.round);
+        put_peers(w, &self.participants);
+        for c in &self.mb_counts {
+            w.u32(*c);
+        }
+        for a in &self.addrs {
+            w.socket_addr(a);
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        let (run, epoch) = get_run(r)?;
+        let step = r.varint()?;
+        let stage = get_stage(r)?;
+        let round = r.u32()?;
+        let participants = get_peers(r, "participants")?;
+        let n = participants.len();
+        if n * 4 > r.remaining() {
+            return Err(WireError::Truncated {
+                need: n * 4,
+                have: r.remaining(),
+            });
+        }
+        let mut mb_counts = Vec::with_capacity(n);
+        for _ in 0..n {
+            mb_counts.push(r.u32()?);
+        }
+        let mut addrs = Vec::with_capacity(n);
+        for _ in 0..n {
+            addrs.push(r.socket_addr()?);
+        }
+        for (i, p) in participants.iter().enumerate() {
+            if participants[..i].contains(p) {
+                return Err(WireError::Invalid("duplicate sync participant"));
+            }
+        }
+        Ok(SyncStart {
+            run,
+            epoch,
+            step,
+            stage,
+            round,
+            participants,
+            mb_counts,
+            addrs,
+        })
+    }
+}
+
+/// One participant's accumulated gradient of `stage` for step `step`, encoded with the run's sync
+/// codec and the sender's error-feedback state.
+///
+/// Sender: participant `from` (also the TLS-proven sender). Receiver: every other participant of
+/// the same sync. Reply: [`Ack`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GradShare {
+    pub run: RunId,
+    pub epoch: u32,
+    pub step: u64,
+    pub stage: u32,
+    /// The [`SyncStart::round`] the share belongs to: a receiver drops shares of another round.
+    pub round: u32,
+    pub from: PeerId,
+    pub frame: Vec<u8>,
+}
+
+impl WireMessage for GradShare {
+    const INFO: &'static KindInfo = KINDS.row(kind::GRAD_SHARE);
+    fn encode(&self, w: &mut Writer) {
+        put_run(w, &self.run, self.epoch);
+        w.varint(self.step)
+            .u32(self.stage)
+            .u32(self.round)
+            .array(&self.from.0);
+        w.bytes(&self.frame);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        let (run, epoch) = get_run(r)?;
+        Ok(GradShare {
+            run,
+            epoch,
+            step: r.varint()?,
+            stage: get_stage(r)?,
+            round: r.u32()?,
+            from: PeerId(r.array()?),
+            frame: get_frame(r, "grad share")?,
+        })
+    }
+}
+
+/// A participant has summed every share of the sync and set its gradients.
+///
+/// Sender: a participant. Receiver: the trainer, which checks that the replicas of the stage agree
+/// bitwise on `grad_sq_norm` (and `grad_digest`), computes the global norm and sends [`Apply`].
+/// Reply: [`Ack`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SyncDone {
+    pub run: RunId,
+    pub epoch: u32,
+    pub step: u64,
+    pub stage: u32,
+    /// Sum of squares of the summed gradient (before clipping).
+    pub grad_sq_norm: f64,
+    /// BLAKE3 of the summed gradient's f32 bytes (replicas must agree).
+    pub grad_digest: [u8; 32],
+    /// Wire bytes of the shares this participant sent (frames only) and their fp32 size: this
+    /// round's, plus those of earlier rounds that were dropped unreported and reached their
+    /// receiver.
+    pub share_bytes: u64,
+    pub share_dense_bytes: u64,
+    /// Frames this participant sent in passes of abandoned attempts that the trainer had no
+    /// report of (see [`Abandon::uncounted`]), since its last `SyncDone`: activations, gradients.
+    pub abandoned_activations: Traffic,
+    pub abandoned_gradients: Traffic,
+}
+
+impl WireMessage for SyncDone {
+    const INFO: &'static KindInfo = KINDS.row(kind::SYNC_DONE);
+    fn encode(&self, w: &mut Writer) {
+        put_run(w, &self.run, self.epoch);
+        w.varint(self.step)
+            .u32(self.stage)
+            .f64(self.grad_sq_norm)
+            .array(&self.grad_digest)
+            .varint(self.share_bytes)
+            .varint(self.share_dense_bytes);
+        put_traffic(w, &self.abandoned_activations);
+        put_traffic(w, &self.abandoned_gradients);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        let (run, epoch) = get_run(r)?;
+        let step = r.varint()?;
+        let stage = get_stage(r)?;
+        // A non-finite norm is legal here: the trainer must see it to skip the step.
+        let grad_sq_norm = r.f64()?;
+        Ok(SyncDone {
+            run,
+            epoch,
+            step,
+            stage,
+            grad_sq_norm,
+            grad_digest: r.array()?,
+            share_bytes: r.varint()?,
+            share_dense_bytes: r.varint()?,
+            abandoned_activations: get_traffic(r)?,
+            abandoned_gradients: get_traffic(r)?,
+        })
+    }
+}
+
+/// Apply the optimizer step with the summed gradients.
+///
+/// Sender: the trainer, after every stage's [`SyncDone`]. Receiver: every participant of the sync
+/// of `stage`. It runs `optimizer_step(hp, lr, clip_scale)`, zeroes its gradients and replies
+/// [`Applied`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Apply {
+    pub run: RunId,
+    pub epoch: u32,
+    pub step: u64,
+    pub stage: u32,
+    pub lr: f64,
+    pub clip_scale: f64,
+}
+
+impl WireMessage for Apply {
+    const INFO: &'static KindInfo = KINDS.row(kind::APPLY);
+    fn encode(&self, w: &mut Writer) {
+        put_run(w, &self.run, self.epoch);
+        w.varint(self.step)
+            .u32(self.stage)
+            .f64(self.lr)
+            .f64(self.clip_scale);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        let (run, epoch) = get_run(r)?;
+        let step = r.varint()?;
+        let stage = get_stage(r)?;
+        let lr = get_finite(r, "learning rate is not finite")?;
+        let clip_scale = get_finite(r, "clip scale is not finite")?;
+        if lr < 0.0 || !(0.0..=1.0).contains(&clip_scale) {
+            return Err(WireError::Invalid(
+                "learning rate or clip scale out of range",
+            ));
+        }
+        Ok(Apply {
+            run,
+            epoch,
+            step,
+            stage,
+            lr,
+            clip_scale,
+        })
+    }
+}
+
+/// The optimizer step was applied: the replica's weights digest after step `step`.
+///
+/// Sender: a participant, in reply to [`Apply`] (or a reloaded peer, in reply to [`Reload`]).
+/// Receiver: the trainer, which compares the digests of a stage's replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub run: RunId,
+    pub epoch: u32,
+    pub step: u64,
+    pub stage: u32,
+    pub digest: [u8; 32],
+}
+
+impl WireMessage for Applied {
+    const INFO: &'static KindInfo = KINDS.row(kind::APPLIED);
+    fn encode(&self, w: &mut Writer) {
+        put_run(w, &self.run, self.epoch);
+        w.varint(self.step).u32(self.stage).array(&self.digest);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        let (run, epoch) = get_run(r)?;
+        Ok(Applied {
+            run,
+            epoch,
+            step: r.varint()?,
+            stage: get_stage(r)?,
+            digest: r.array()?,
+        })
+    }
+}
