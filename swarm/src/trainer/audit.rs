@@ -55,7 +55,7 @@ use crate::protocol::{Endpoint, Hop, MbKey};
 use crate::receipt::{
     AuditFetch, AuditRecompute, AuditRecord, AuditResult, Pass, Receipt, frame_hash,
 };
-use crate::stage::{StageOptions, audit_worker::recompute, fetch_state};
+use crate::stage::{StageOptions, audit::recompute, fetch_state};
 
 /// Default fraction of micro-batches audited per stage.
 pub const DEFAULT_RATE: f64 = 0.05;

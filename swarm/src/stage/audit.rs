@@ -1,5 +1,5 @@
 //! The stage side of audits (issue #7): a child module of `stage` (it reads the worker's shard,
-//! codecs and run), declared there with one line.
+//! codecs and run).
 //!
 //! - Every forward and backward the worker serves is recorded: a signed [`Receipt`] and the exact
 //!   frames received and sent, kept for the current step only (bounded: at most
