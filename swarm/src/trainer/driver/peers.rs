@@ -1,0 +1,372 @@
+//! Who serves the run: replicas waited for, admitted, made ready, reloaded, lost and released
+//! (graceful leaves), as the driver sees them between and during steps.
+
+use super::*;
+
+impl Trainer {
+    /// Waits until every stage has `need` serving replicas, handling messages meanwhile.
+    pub(super) async fn wait_for_replicas(
+        &mut self,
+        need: usize,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Result<()> {
+        let deadline = Instant::now() + self.opts.wait_for_peers;
+        let mut last_report: Option<Vec<usize>> = None;
+        loop {
+            if self.restore_pending {
+                Box::pin(self.restore(on_event)).await?;
+            }
+            let serving: Vec<usize> = (0..self.num_stages())
+                .map(|k| self.serving(k).len())
+                .collect();
+            if serving.iter().all(|&n| n >= need) {
+                return Ok(());
+            }
+            if last_report.as_ref() != Some(&serving) {
+                self.emit(
+                    TrainerEvent::Waiting {
+                        serving: serving.clone(),
+                        need,
+                    },
+                    on_event,
+                );
+                if let Some(k) = serving.iter().position(|&n| n == 0)
+                    && self.step() > 0
+                {
+                    self.shared.reg(|r| r.phase = RunPhase::Paused);
+                    self.emit(TrainerEvent::Paused { stage: k as u32 }, on_event);
+                }
+                last_report = Some(serving.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(run_err(format!(
+                    "waited {:?} for {need} replica(s) per stage; serving: {serving:?}",
+                    self.opts.wait_for_peers
+                )));
+            }
+            let wait = (deadline - now).min(Duration::from_millis(500));
+            if let Ok(Some(msg)) = tokio::time::timeout(wait, self.inbox.recv()).await {
+                self.handle_idle(msg, on_event).await;
+            }
+        }
+        // (unreachable)
+    }
+
+    /// Between steps: Ready, Leave and Down are acted on; pipeline traffic is stale and dropped.
+    pub(super) async fn handle_idle(
+        &mut self,
+        msg: Inbound,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) {
+        match msg {
+            Inbound::Ready(from, ready) => self.on_ready(from, ready, on_event),
+            Inbound::Leave(_) => self.release_leavers(on_event).await,
+            Inbound::Down(from) => {
+                self.lose_peer(from, None, on_event);
+            }
+            Inbound::SyncDone(_, d) => self.count_sync_report(&d),
+            other => tracing::debug!(?other, "message between steps ignored"),
+        }
+    }
+
+    pub(super) fn on_ready(
+        &mut self,
+        from: PeerId,
+        ready: Ready,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) {
+        let stage = ready.stage as usize;
+        let (ok, addr) = self.shared.reg(|r| {
+            let expected_step = r.step;
+            let want = r.digests.get(stage).copied().flatten();
+            let Some(rep) = r.stages.get_mut(stage).and_then(|s| s.get_mut(&from)) else {
+                return (false, None);
+            };
+            if rep.state == ReplicaState::Leaving {
+                // Asked to leave while loading: it is released at the boundary, never routed.
+                return (false, None);
+            }
+            let digest_ok = want.is_none_or(|d| d == ready.digest);
+            if rep.state == ReplicaState::Serving && ready.step == expected_step && digest_ok {
+                // A second report of the same load (a joiner the trainer also told to reload
+                // after a restore answers both): one join, one entry.
+                tracing::debug!(peer = %from.short(), stage, "replica already serving this state");
+                return (false, None);
+            }
+            if ready.step != expected_step || !digest_ok {
+                tracing::warn!(peer = %from.short(), stage, step = ready.step, expected_step, digest_ok, "replica ready with the wrong state");
+                return (false, Some(rep.addr));
+            }
+            rep.state = ReplicaState::Serving;
+            if want.is_none() {
+                r.digests[stage] = Some(ready.digest);
+            }
+            (true, Some(rep.addr))
+        });
+        if !ok {
+            if let Some(addr) = addr {
+                let step = self.shared.reg(|r| r.step);
+                self.send_reload(from, addr, stage as u32, step);
+            }
+            return;
+        }
+        let info = router::PeerInfo {
+            stages: stage as u16..stage as u16 + 1,
+            compute_tokens_per_s: 5_000.0,
+            link: default_link(),
+            state: router::PeerState::Serving,
+        };
+        let _ = self.view.remove(&key_of(&from));
+        if let Err(e) = self.view.insert(key_of(&from), info, now_ms()) {
+            tracing::warn!(error = %e, "router view refused a replica");
+        }
+        self.metrics
+            .state_sync_seconds
+            .push(ready.sync_ms as f64 / 1000.0);
+        self.emit(
+            TrainerEvent::Joined {
+                peer: from,
+                stage: stage as u32,
+                sync_ms: ready.sync_ms,
+            },
+            on_event,
+        );
+    }
+
+    /// The shares a replica reports in `SyncDone` crossed the network whether or not its report
+    /// still matters (a late one of a sync that was redone): they always count.
+    pub(super) fn count_sync_report(&mut self, d: &SyncDone) {
+        self.metrics
+            .wire
+            .channel_mut(Channel::Sync)
+            .add(d.share_bytes, d.share_dense_bytes);
+        // Likewise the frames of abandoned passes nobody had reported.
+        for (channel, t) in [
+            (Channel::Activations, d.abandoned_activations),
+            (Channel::Gradients, d.abandoned_gradients),
+        ] {
+            if t.wire > 0 {
+                self.metrics.wire.channel_mut(channel).add(t.wire, t.dense);
+            }
+        }
+    }
+
+    /// Tells a replica with the wrong state to load the stage's agreed state.
+    /// `step`: the steps the state must have applied (the replicas' current state).
+    pub(super) fn send_reload(&self, peer: PeerId, addr: SocketAddr, stage: u32, step: u64) {
+        let source = self.state_source(stage, Some(peer));
+        let epoch = self.shared.reg(|r| r.epoch);
+        let msg = Reload {
+            run: self.shared.run,
+            epoch,
+            stage,
+            step,
+            source,
+        };
+        let ps = self.peer.shared().clone();
+        let tx = self.shared.inbox.clone();
+        tokio::spawn(async move {
+            match ps.call::<Reload, Applied>(addr, Some(peer), &msg).await {
+                Ok((_, applied)) => {
+                    let _ = tx.send(Inbound::Ready(
+                        peer,
+                        Ready {
+                            run: applied.run,
+                            epoch: applied.epoch,
+                            stage: applied.stage,
+                            step: applied.step,
+                            digest: applied.digest,
+                            sync_ms: 0,
+                        },
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %peer.short(), error = %e, "reload failed");
+                    let _ = tx.send(Inbound::Down(peer));
+                }
+            }
+        });
+    }
+
+    pub(super) fn state_source(&self, stage: u32, except: Option<PeerId>) -> StateSource {
+        state_source(&self.shared, stage, except)
+    }
+
+    /// Removes a replica: from the registry, the router, and this step's accounting.
+    pub(super) fn lose_peer(
+        &mut self,
+        peer: PeerId,
+        book: Option<&mut StepBook>,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Vec<usize> {
+        let stage = self.stage_of(&peer);
+        let removed = self
+            .shared
+            .reg(|r| r.stages.iter_mut().any(|s| s.remove(&peer).is_some()));
+        let _ = self.view.remove(&key_of(&peer));
+        let lost = book.map(|b| b.exclude(peer)).unwrap_or_default();
+        if let Some(k) = stage {
+            self.check_stage_state(k as usize);
+        }
+        if removed {
+            self.metrics.peers_lost += 1;
+            tracing::warn!(peer = %peer.short(), ?stage, lost = lost.len(), "replica lost");
+            self.emit(
+                TrainerEvent::Lost {
+                    peer,
+                    stage: stage.unwrap_or(u32::MAX),
+                },
+                on_event,
+            );
+        }
+        lost
+    }
+
+    /// At a step boundary: waits (bounded) for admitted joiners to report Ready.
+    pub(super) async fn admit_joiners(
+        &mut self,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Result<()> {
+        let deadline = Instant::now() + self.opts.join_timeout;
+        // Drain what already arrived.
+        while let Ok(msg) = self.inbox.try_recv() {
+            self.handle_idle(msg, on_event).await;
+        }
+        loop {
+            let joining: Vec<PeerId> = self.shared.reg(|r| {
+                r.stages
+                    .iter()
+                    .flat_map(|s| s.iter())
+                    .filter(|(_, rep)| rep.state == ReplicaState::Joining)
+                    .map(|(p, _)| *p)
+                    .collect()
+            });
+            if joining.is_empty() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                for p in joining {
+                    tracing::warn!(peer = %p.short(), "joiner did not load its state in time");
+                    self.lose_peer(p, None, on_event);
+                }
+                return Ok(());
+            }
+            if let Ok(Some(msg)) = tokio::time::timeout(deadline - now, self.inbox.recv()).await {
+                self.handle_idle(msg, on_event).await;
+            }
+        }
+    }
+
+    /// Takes a leaving replica out of routing, unless it is the last routable one of its stage
+    /// (then it serves until the boundary, where its state is handed to the trainer).
+    pub(super) fn retire_from_view(&mut self, p: PeerId) {
+        let others = self.shared.reg(|r| {
+            r.stages.iter().find(|s| s.contains_key(&p)).map(|s| {
+                s.iter()
+                    .filter(|(q, rep)| **q != p && rep.state == ReplicaState::Serving)
+                    .count()
+            })
+        });
+        if others.is_some_and(|n| n > 0) {
+            let _ = self.view.remove(&key_of(&p));
+        }
+    }
+
+    /// At a step boundary: releases every replica that asked to leave. The last replica of a
+    /// stage hands its state to the trainer first (fetched and verified), so the next peer to take
+    /// the stage loads it from the trainer and nothing is lost.
+    pub(super) async fn release_leavers(&mut self, on_event: &mut dyn FnMut(&TrainerEvent)) {
+        let (epoch, step, leaving) = self.shared.reg(|r| {
+            let leaving: Vec<(usize, PeerId, SocketAddr, bool)> = r
+                .stages
+                .iter()
+                .enumerate()
+                .flat_map(|(k, s)| {
+                    s.iter()
+                        .filter(|(_, rep)| rep.state == ReplicaState::Leaving)
+                        .map(move |(p, rep)| {
+                            let last = !s.values().any(|o| o.state == ReplicaState::Serving);
+                            (k, *p, rep.addr, last)
+                        })
+                })
+                .collect();
+            (r.epoch, r.step, leaving)
+        });
+        let mut handed: HashSet<usize> = HashSet::new();
+        for (k, p, addr, last) in leaving {
+            let mut handed_off = false;
+            if last
+                && !handed.contains(&k)
+                && !self.shared.reg(|r| r.served.contains_key(&(k as u32)))
+            {
+                // Verified against the stage's agreed digest like any state the trainer takes:
+                // a leaver cannot hand the next replica (or a checkpoint) altered weights.
+                let digest = self.shared.reg(|r| r.digests[k]);
+                let fetched = match digest {
+                    Some(digest) => {
+                        tokio::time::timeout(
+                            self.opts.sync_timeout,
+                            self.fetch_stage_state(epoch, k, step, &[(p, addr)], digest),
+                        )
+                        .await
+                    }
+                    None => Ok(Err(FetchFailed {
+                        error: run_err(format!("stage {k} has no agreed digest")),
+                        bad: Vec::new(),
+                    })),
+                };
+                match fetched {
+                    Ok(Ok(got)) => {
+                        let bytes = got.bytes;
+                        let hash = *blake3::hash(&bytes).as_bytes();
+                        let digest = digest.unwrap_or_default();
+                        self.shared.reg(|r| {
+                            r.served.insert(
+                                k as u32,
+                                ServedState {
+                                    step,
+                                    bytes,
+                                    hash,
+                                    digest,
+                                },
+                            )
+                        });
+                        handed.insert(k);
+                        handed_off = true;
+                    }
+                    Ok(Err(f)) => {
+                        self.blame_bad_states(&f.bad, step, on_event);
+                        tracing::warn!(peer = %p.short(), stage = k, error = %f.error, "leaving replica's state could not be fetched")
+                    }
+                    Err(_) => {
+                        tracing::warn!(peer = %p.short(), stage = k, "leaving replica's state fetch timed out")
+                    }
+                }
+            }
+            self.shared.reg(|r| r.stages[k].remove(&p));
+            let _ = self.view.remove(&key_of(&p));
+            self.check_stage_state(k);
+            self.metrics.peers_left += 1;
+            tracing::info!(peer = %p.short(), stage = k, handed_off, "replica left");
+            self.emit(
+                TrainerEvent::Left {
+                    peer: p,
+                    stage: k as u32,
+                    handed_off,
+                },
+                on_event,
+            );
+        }
+    }
+
+    pub(super) fn mark_joining(&mut self, p: PeerId, k: usize) {
+        self.shared.reg(|r| {
+            if let Some(rep) = r.stages[k].get_mut(&p) {
+                rep.state = ReplicaState::Joining;
+            }
+        });
+        let _ = self.view.remove(&key_of(&p));
+    }
+}

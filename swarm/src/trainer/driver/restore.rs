@@ -1,0 +1,176 @@
+//! Checkpoints: every stage's verified state saved, and the whole run restored from the latest
+//! checkpoint in a new epoch.
+
+use super::*;
+
+impl Trainer {
+    /// Restores EVERY stage and the ends from the latest checkpoint in `out` (or, without one,
+    /// from the seed at step 0) in a new epoch: the trainer serves the checkpoint's stage states,
+    /// every remaining replica reloads, and the steps since the checkpoint run again. Data
+    /// batches are a function of (seed, step, micro-batch), so the run continues on the same
+    /// trajectory; lost are the compute since the checkpoint and, with lossy sync codecs, the
+    /// error-feedback residuals (they restart at zero).
+    pub(super) async fn restore(&mut self, on_event: &mut dyn FnMut(&TrainerEvent)) -> Result<()> {
+        self.restore_pending = false;
+        let cfg = self.cfg().clone();
+        let device = Device::Cpu;
+        let ckpt = match &self.opts.out {
+            Some(dir) if checkpoint::exists(dir) => {
+                let dir = dir.clone();
+                let cfg = cfg.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || {
+                        checkpoint::restore(&dir, &cfg, &Device::Cpu)
+                    })
+                    .await
+                    .map_err(|e| run_err(e.to_string()))??,
+                )
+            }
+            _ => None,
+        };
+        if let Some(c) = &ckpt
+            && c.run != self.shared.run
+        {
+            return Err(run_err(
+                "the checkpoint in the output folder is of another run",
+            ));
+        }
+        let mut ends = Shard::new(&cfg.model, &ends_pieces(), cfg.seed, DType::F32, &device)?;
+        let num_stages = self.num_stages();
+        let mut served = HashMap::new();
+        let mut digests = vec![None; num_stages];
+        let step = match ckpt {
+            Some(c) => {
+                ends.import_state(&c.ends_state)?;
+                for (k, st) in c.stages.into_iter().enumerate() {
+                    digests[k] = Some(st.digest);
+                    served.insert(
+                        k as u32,
+                        ServedState {
+                            step: c.step,
+                            hash: *blake3::hash(&st.bytes).as_bytes(),
+                            bytes: st.bytes,
+                            digest: st.digest,
+                        },
+                    );
+                }
+                c.step
+            }
+            None => 0,
+        };
+        *self.ends.lock().unwrap_or_else(|e| e.into_inner()) = ends;
+        let from_checkpoint = !served.is_empty();
+        let (epoch, replicas) = self.shared.reg(|r| {
+            r.epoch += 1;
+            r.step = step;
+            r.in_step = false;
+            r.phase = RunPhase::Paused;
+            r.fresh = !from_checkpoint;
+            r.served = served;
+            r.digests = digests;
+            let mut reps = Vec::new();
+            for (k, st) in r.stages.iter_mut().enumerate() {
+                for (p, rep) in st.iter_mut() {
+                    rep.state = ReplicaState::Joining;
+                    reps.push((k, *p, rep.addr));
+                }
+            }
+            (r.epoch, reps)
+        });
+        self.shared.boundary.send_replace(step);
+        // Messages of the old epoch still queued are void (Down/Leave still matter).
+        while let Ok(msg) = self.inbox.try_recv() {
+            match msg {
+                Inbound::Down(p) => {
+                    self.lose_peer(p, None, on_event);
+                }
+                Inbound::Leave(p) => {
+                    self.shared.reg(|r| {
+                        r.stages.iter_mut().for_each(|s| {
+                            s.remove(&p);
+                        })
+                    });
+                    self.metrics.peers_left += 1;
+                }
+                Inbound::SyncDone(_, d) => self.count_sync_report(&d),
+                _ => {}
+            }
+        }
+        self.restore_pending = false;
+        for (k, p, _) in &replicas {
+            let _ = self.view.remove(&key_of(p));
+            let _ = k;
+        }
+        for (k, p, addr) in replicas {
+            self.send_reload(p, addr, k as u32, step);
+        }
+        self.metrics.steps.retain(|s| s.step < step);
+        self.metrics.restores += 1;
+        tracing::warn!(step, epoch, from_checkpoint, "run restored");
+        self.emit(
+            TrainerEvent::Restored {
+                step,
+                epoch,
+                from_checkpoint,
+            },
+            on_event,
+        );
+        Ok(())
+    }
+
+    /// Fetches every stage's state from a replica and writes the whole model to `dir`. Each state
+    /// is verified against its stage's agreed digest; a replica serving another state is banned
+    /// and the state is taken from the next replica.
+    pub(super) async fn save_checkpoint(
+        &mut self,
+        dir: &std::path::Path,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Result<()> {
+        let (epoch, step) = self.shared.reg(|r| (r.epoch, r.step));
+        let mut stage_states = Vec::new();
+        for k in 0..self.num_stages() {
+            let digest = self
+                .shared
+                .reg(|r| r.digests[k])
+                .ok_or_else(|| run_err(format!("stage {k} has no agreed digest")))?;
+            let sources = self.serving(k);
+            if sources.is_empty() {
+                return Err(run_err(format!(
+                    "stage {k} has no replica to checkpoint from"
+                )));
+            }
+            let got = self
+                .fetch_stage_state(epoch, k, step, &sources, digest)
+                .await;
+            let bad = match &got {
+                Ok(f) => &f.bad,
+                Err(f) => &f.bad,
+            };
+            self.blame_bad_states(&bad.clone(), step, on_event);
+            stage_states.push(got?.bytes);
+        }
+        let ends_state = {
+            let e = self.ends.lock().unwrap_or_else(|e| e.into_inner());
+            e.export_state()?
+        };
+        let cfg = self.cfg().clone();
+        let dir = dir.to_path_buf();
+        let run = self.shared.run;
+        let head = self.audit.ledger_head();
+        tokio::task::spawn_blocking(move || {
+            checkpoint::save_with_ledger(
+                &dir,
+                &cfg,
+                run,
+                epoch,
+                step,
+                &ends_state,
+                &stage_states,
+                head,
+            )
+        })
+        .await
+        .map_err(|e| run_err(e.to_string()))??;
+        Ok(())
+    }
+}

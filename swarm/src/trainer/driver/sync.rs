@@ -1,0 +1,443 @@
+//! The step boundary: each stage's replica sync and optimizer step, replica probes, digest
+//! checks, and resets of a stage whose replicas disagree.
+
+use super::*;
+
+impl Trainer {
+    /// Starts the sync of `stages` and waits for every participant's report.
+    pub(super) async fn sync_stages(
+        &mut self,
+        step: u64,
+        epoch: u32,
+        book: &StepBook,
+        stages: &[usize],
+        rounds: &[u32],
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Result<SyncOutcome> {
+        let mut out = SyncOutcome::default();
+        // participants per stage, in a fixed order (by peer id).
+        let mut waiting: HashMap<(usize, PeerId), ()> = HashMap::new();
+        let mut parts_of: HashMap<usize, Vec<PeerId>> = HashMap::new();
+        for &k in stages {
+            let replicas: Vec<(PeerId, SocketAddr)> = self.shared.reg(|r| {
+                r.stages[k]
+                    .iter()
+                    .filter(|(_, rep)| rep.state != ReplicaState::Joining)
+                    .map(|(p, rep)| (*p, rep.addr))
+                    .collect()
+            });
+            let counts = book.stage_counts(k as u16);
+            let parts: Vec<(PeerId, SocketAddr)> = replicas
+                .iter()
+                .filter(|(p, _)| !book.is_excluded(p))
+                .copied()
+                .collect();
+            if parts.is_empty() {
+                return Err(run_err(format!("stage {k} has no replica left to sync")));
+            }
+            let counted: u32 = parts
+                .iter()
+                .map(|(p, _)| counts.get(p).copied().unwrap_or(0))
+                .sum();
+            if counted as usize != book.micro_batches() {
+                return Err(run_err(format!(
+                    "stage {k}: participants counted {counted} micro-batches of {}",
+                    book.micro_batches()
+                )));
+            }
+            let msg = SyncStart {
+                run: self.shared.run,
+                epoch,
+                step,
+                stage: k as u32,
+                round: rounds[k],
+                participants: parts.iter().map(|(p, _)| *p).collect(),
+                mb_counts: parts
+                    .iter()
+                    .map(|(p, _)| counts.get(p).copied().unwrap_or(0))
+                    .collect(),
+                addrs: parts.iter().map(|(_, a)| *a).collect(),
+            };
+            for (p, addr) in &replicas {
+                let ps = self.peer.shared().clone();
+                let tx = self.shared.inbox.clone();
+                let (p, addr, msg) = (*p, *addr, msg.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = ps.call::<SyncStart, Ack>(addr, Some(p), &msg).await {
+                        tracing::warn!(peer = %p.short(), error = %e, "SyncStart failed");
+                        let _ = tx.send(Inbound::Down(p));
+                    }
+                });
+            }
+            for (p, _) in &parts {
+                waiting.insert((k, *p), ());
+            }
+            parts_of.insert(k, parts.iter().map(|(p, _)| *p).collect());
+        }
+        let mut reports: HashMap<usize, Vec<(PeerId, f64, [u8; 32])>> = HashMap::new();
+        let deadline = Instant::now() + self.opts.sync_timeout;
+        while !waiting.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
+                for (k, p) in waiting.keys() {
+                    tracing::warn!(peer = %p.short(), stage = k, "no sync report in time");
+                    out.broken.insert(*k);
+                    if !out.failed_peers.contains(p) {
+                        out.failed_peers.push(*p);
+                    }
+                }
+                break;
+            }
+            let Ok(msg) = tokio::time::timeout(deadline - now, self.inbox.recv()).await else {
+                continue;
+            };
+            match msg {
+                Some(Inbound::SyncDone(from, d)) => {
+                    let k = d.stage as usize;
+                    self.count_sync_report(&d);
+                    if d.step == step && waiting.remove(&(k, from)).is_some() {
+                        reports
+                            .entry(k)
+                            .or_default()
+                            .push((from, d.grad_sq_norm, d.grad_digest));
+                    }
+                }
+                Some(Inbound::Down(p)) => {
+                    let mut participant = false;
+                    for (&k, parts) in &parts_of {
+                        if !parts.contains(&p) {
+                            continue;
+                        }
+                        participant = true;
+                        waiting.remove(&(k, p));
+                        // Survivors that have not reported never got (and never will get) its
+                        // share: they are stuck in this round, so the stage's sync is redone.
+                        // Those that reported summed every share, the dead one's included.
+                        let stuck: Vec<PeerId> = parts
+                            .iter()
+                            .filter(|q| waiting.contains_key(&(k, **q)))
+                            .copied()
+                            .collect();
+                        if !stuck.is_empty() {
+                            tracing::warn!(peer = %p.short(), stage = k, stuck = stuck.len(), "participant lost during the sync; the stage's sync restarts");
+                            out.broken.insert(k);
+                            for q in stuck {
+                                waiting.remove(&(k, q));
+                            }
+                        }
+                    }
+                    if participant {
+                        if !out.failed_peers.contains(&p) {
+                            out.failed_peers.push(p);
+                        }
+                    } else {
+                        self.lose_peer(p, None, on_event);
+                    }
+                }
+                Some(Inbound::Leave(p)) => {
+                    // Asked to leave during the sync: it still takes part; it is released at
+                    // the step boundary.
+                    self.retire_from_view(p);
+                }
+                Some(Inbound::Ready(from, r)) => self.on_ready(from, r, on_event),
+                Some(other) => tracing::debug!(?other, "pipeline message during sync ignored"),
+                None => return Err(run_err("trainer inbox closed")),
+            }
+        }
+        for &k in stages {
+            if out.broken.contains(&k) {
+                continue;
+            }
+            let reps = reports.remove(&k).unwrap_or_default();
+            let Some(first) = reps.first() else { continue };
+            // Replicas must agree bitwise; the majority wins and the rest re-sync after Apply.
+            let mut tally: HashMap<(u64, [u8; 32]), usize> = HashMap::new();
+            for (_, n, d) in &reps {
+                *tally.entry((n.to_bits(), *d)).or_default() += 1;
+            }
+            let best = tally
+                .iter()
+                .max_by_key(|(key, c)| (**c, std::cmp::Reverse(key.0)))
+                .map(|(key, _)| *key)
+                .unwrap_or((first.1.to_bits(), first.2));
+            let disagree = reps
+                .iter()
+                .filter(|(_, n, d)| (n.to_bits(), *d) != best)
+                .count();
+            if disagree > 0 {
+                tracing::warn!(
+                    stage = k,
+                    disagree,
+                    "replicas disagree on the summed gradient"
+                );
+                out.norm_mismatches += disagree as u64;
+            }
+            out.done.push((k, f64::from_bits(best.0), reps.len()));
+        }
+        Ok(out)
+    }
+
+    /// Sends Apply to every participant, compares digests, reloads the odd ones out. Returns the
+    /// number of replicas whose digest disagreed.
+    pub(super) async fn apply_all(
+        &mut self,
+        step: u64,
+        epoch: u32,
+        book: &StepBook,
+        lr: f64,
+        clip: f64,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Result<u64> {
+        let mut calls = Vec::new();
+        let mut idle = Vec::new();
+        for k in 0..self.num_stages() {
+            let replicas: Vec<(PeerId, SocketAddr)> = self.shared.reg(|r| {
+                r.stages[k]
+                    .iter()
+                    .filter(|(_, rep)| rep.state != ReplicaState::Joining)
+                    .map(|(p, rep)| (*p, rep.addr))
+                    .collect()
+            });
+            for (p, addr) in replicas {
+                if book.is_excluded(&p) {
+                    idle.push((k, p, addr));
+                    continue;
+                }
+                let ps = self.peer.shared().clone();
+                let msg = Apply {
+                    run: self.shared.run,
+                    epoch,
+                    step,
+                    stage: k as u32,
+                    lr,
+                    clip_scale: clip,
+                };
+                let timeout = self.opts.sync_timeout;
+                calls.push(async move {
+                    let r = tokio::time::timeout(
+                        timeout,
+                        ps.call::<Apply, Applied>(addr, Some(p), &msg),
+                    )
+                    .await;
+                    (k, p, addr, r)
+                });
+            }
+        }
+        let results = futures::future::join_all(calls).await;
+        let mut digests: Vec<Vec<(PeerId, SocketAddr, [u8; 32])>> =
+            vec![Vec::new(); self.num_stages()];
+        for (k, p, addr, r) in results {
+            match r {
+                Ok(Ok((_, a))) if a.step == step + 1 || a.step == step => {
+                    digests[k].push((p, addr, a.digest))
+                }
+                Ok(Ok((_, a))) => {
+                    tracing::warn!(peer = %p.short(), got = a.step, "Applied reports another step");
+                    digests[k].push((p, addr, a.digest));
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %p.short(), error = %e, "Apply failed");
+                    self.lose_peer(p, None, on_event);
+                }
+                Err(_) => {
+                    tracing::warn!(peer = %p.short(), "Apply timed out");
+                    self.lose_peer(p, None, on_event);
+                }
+            }
+        }
+        let mut mismatches = 0u64;
+        for (k, ds) in digests.iter().enumerate() {
+            let mut tally: HashMap<[u8; 32], usize> = HashMap::new();
+            for (_, _, d) in ds {
+                *tally.entry(*d).or_default() += 1;
+            }
+            let Some(best) = tally
+                .iter()
+                .max_by_key(|(d, c)| (**c, std::cmp::Reverse(**d)))
+                .map(|(d, _)| *d)
+            else {
+                continue;
+            };
+            self.shared.reg(|r| r.digests[k] = Some(best));
+            for (p, addr, d) in ds {
+                if *d != best {
+                    mismatches += 1;
+                    tracing::warn!(peer = %p.short(), stage = k, "replica digest differs; re-syncing it");
+                    self.mark_joining(*p, k);
+                    self.send_reload(*p, *addr, k as u32, step + 1);
+                }
+            }
+        }
+        for (k, p, addr) in idle {
+            // Excluded this step (suspected but alive): it skipped the sync, so it loads the new
+            // state from a replica that applied it.
+            self.mark_joining(p, k);
+            self.send_reload(p, addr, k as u32, step + 1);
+        }
+        Ok(mismatches)
+    }
+
+    /// Reloads every live replica of stage `k` with its own state at `step` (drops contexts,
+    /// accumulators and any sync in progress); replicas that fail are lost.
+    pub(super) async fn reset_stage(&mut self, k: usize, step: u64) {
+        let (epoch, reps, digest) = self.shared.reg(|r| {
+            let reps: Vec<(PeerId, SocketAddr)> = r.stages[k]
+                .iter()
+                .filter(|(_, rep)| rep.state != ReplicaState::Joining)
+                .map(|(p, rep)| (*p, rep.addr))
+                .collect();
+            (r.epoch, reps, r.digests[k])
+        });
+        let fresh = self.shared.reg(|r| r.fresh);
+        let calls = reps.iter().map(|&(p, addr)| {
+            let ps = self.peer.shared().clone();
+            let source = match digest {
+                Some(d) if !fresh => StateSource::Fetch {
+                    from: vec![Endpoint { peer: p, addr }],
+                    digest: d,
+                },
+                _ => StateSource::Init,
+            };
+            let msg = Reload {
+                run: self.shared.run,
+                epoch,
+                stage: k as u32,
+                step,
+                source,
+            };
+            let timeout = self.opts.sync_timeout;
+            async move {
+                let r =
+                    tokio::time::timeout(timeout, ps.call::<Reload, Applied>(addr, Some(p), &msg))
+                        .await;
+                (p, matches!(r, Ok(Ok(_))))
+            }
+        });
+        for (p, ok) in futures::future::join_all(calls).await {
+            if !ok {
+                tracing::warn!(peer = %p.short(), stage = k, "reset after a failed sync did not work");
+                self.lose_peer(p, None, &mut |_| {});
+            }
+        }
+    }
+
+    /// Pings every replica of `stages` (bounded wait); returns the ones that did not answer.
+    pub(super) async fn probe_replicas(&self, stages: &[usize]) -> Vec<PeerId> {
+        let peers: Vec<(PeerId, SocketAddr)> = self.shared.reg(|r| {
+            stages
+                .iter()
+                .flat_map(|&k| r.stages[k].iter())
+                .filter(|(_, rep)| rep.state != ReplicaState::Joining)
+                .map(|(p, rep)| (*p, rep.addr))
+                .collect()
+        });
+        let ps = self.peer.shared().clone();
+        let probes = peers.into_iter().map(|(p, addr)| {
+            let ps = ps.clone();
+            async move {
+                let ok = tokio::time::timeout(
+                    PROBE_TIMEOUT,
+                    ps.call::<Ping, Pong>(addr, Some(p), &Ping { nonce: 0 }),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
+                (p, ok)
+            }
+        });
+        futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// Flags a restore when stage `k` has no replica left and nobody holds its current state.
+    /// Fetches stage `k`'s state at `step` from `sources` (in order), verified against `digest`
+    /// (the one state-transfer implementation the replicas use too). Counts the bytes taken.
+    pub(super) async fn fetch_stage_state(
+        &mut self,
+        epoch: u32,
+        k: usize,
+        step: u64,
+        sources: &[(PeerId, SocketAddr)],
+        digest: [u8; 32],
+    ) -> std::result::Result<Fetched, FetchFailed> {
+        let req = StateRequest {
+            run: self.shared.run,
+            epoch,
+            stage: k as u32,
+            step,
+            chunk_bytes: 4 << 20,
+        };
+        let cfg = self.cfg().clone();
+        let got = fetch_verified(self.peer.shared(), &cfg, &req, &endpoints(sources), digest).await;
+        if let Ok(f) = &got {
+            let n = f.bytes.len() as u64;
+            self.metrics.wire.channel_mut(Channel::State).add(n, n);
+        }
+        got
+    }
+
+    /// Bans every replica that served a state failing verification: its bytes (over its own
+    /// authenticated connection) are not the state its stage agreed on at this boundary.
+    pub(super) fn blame_bad_states(
+        &mut self,
+        bad: &[BadState],
+        step: u64,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) {
+        for b in bad {
+            let stage = self.stage_of(&b.peer).unwrap_or(u32::MAX);
+            let ban = self.audit.ban_proven(
+                b.peer,
+                step,
+                stage,
+                format!(
+                    "served a state that is not its stage's agreed one: {}",
+                    b.reason
+                ),
+                b.evidence,
+            );
+            self.shared.reg(|r| r.banned.insert(ban.peer));
+            self.metrics.bad_states += 1;
+            self.lose_peer(ban.peer, None, on_event);
+        }
+    }
+
+    pub(super) fn check_stage_state(&mut self, k: usize) {
+        // Joiners do not count: they load from a holder, and there is none.
+        let orphaned = self.shared.reg(|r| {
+            !r.stages[k]
+                .values()
+                .any(|rep| rep.state != ReplicaState::Joining)
+                && r.served.get(&(k as u32)).is_none_or(|s| s.step != r.step)
+        });
+        if orphaned && !self.restore_pending {
+            tracing::warn!(stage = k, "the stage lost its last replica and its state");
+            self.restore_pending = true;
+        }
+    }
+
+    /// Gives up the current step (a stage's state is gone): attempts released, nothing applied.
+    pub(super) fn abandon_step(
+        &mut self,
+        inflight: &mut HashMap<usize, InFlight>,
+    ) -> Option<StepReport> {
+        for (_, f) in inflight.drain() {
+            self.release(&f);
+        }
+        self.shared.reg(|r| r.in_step = false);
+        None
+    }
+}
+
+#[derive(Default)]
+pub(super) struct SyncOutcome {
+    /// (stage, agreed grad_sq_norm, participants)
+    pub(super) done: Vec<(usize, f64, usize)>,
+    pub(super) failed_peers: Vec<PeerId>,
+    /// Stages whose sync must be redone (a participant was lost before every survivor summed).
+    pub(super) broken: HashSet<usize>,
+    pub(super) norm_mismatches: u64,
+}
