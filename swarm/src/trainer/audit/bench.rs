@@ -1,0 +1,198 @@
+//! Measurement of audits (`swarm bench audit`): honest recomputation distances across thread
+//! counts, the distance each fault kind produces, and an audit's cost.
+
+use super::*;
+
+fn cand<T>(r: candle_core::Result<T>) -> Result<T> {
+    r.map_err(|e| Error::Model(e.into()))
+}
+
+/// What [`measure_recompute`] found (`swarm bench audit`).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct RecomputeBench {
+    pub codec_activations: String,
+    pub codec_gradients: String,
+    pub threads: Vec<usize>,
+    /// Honest comparisons (each a forward + input-gradient frame pair).
+    pub comparisons: u64,
+    pub identical: u64,
+    pub max_honest_distance: f32,
+    /// Smallest distance each fault kind produced over the micro-batches.
+    pub min_fault_distance: Vec<(String, f32)>,
+    pub tolerance: f32,
+    /// Mean recompute time of one audit (forward + input-gradient backward, with codecs).
+    pub recompute_ms: f64,
+    /// Mean time of the stage's own forward + backward (with parameter gradients) per micro-batch.
+    pub stage_fwd_bwd_ms: f64,
+    /// Bytes per passing audit: the 2 input frames fetched, then sent to the auditor (outputs
+    /// are compared by hash; frames move only on a mismatch).
+    pub bytes_per_audit: u64,
+    /// Bytes the micro-batch's own passes put on the stage's links (its 4 frames).
+    pub bytes_per_micro_batch: u64,
+}
+
+fn set_threads(n: usize) {
+    // SAFETY: the bench is single-threaded here apart from idle compute pools, which read the
+    // variable only inside the calls this thread makes.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+}
+
+fn random_tensor(rng: &mut ChaCha8Rng, dims: &[usize], scale: f32) -> Vec<f32> {
+    let n: usize = dims.iter().product();
+    (0..n)
+        .map(|_| {
+            let u1: f32 = rng.random::<f32>().max(1e-7);
+            let u2: f32 = rng.random();
+            scale * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect()
+}
+
+/// Measures honest recomputation differences across `threads` (every pair of runs, two runs per
+/// thread count) for `micro_batches` random micro-batches per stage of `cfg` with its codecs, the
+/// smallest distance each fault kind gives on the same micro-batches, and the audit's cost.
+///
+/// It sets `RAYON_NUM_THREADS` (candle reads it at every matmul): call it from a process that
+/// does nothing else meanwhile (the bench command).
+pub fn measure_recompute(
+    cfg: &RunConfig,
+    micro_batches: usize,
+    threads: &[usize],
+    seed: u64,
+    on_progress: &mut dyn FnMut(),
+) -> Result<RecomputeBench> {
+    if threads.is_empty() {
+        return Err(Error::Run("no thread counts".into()));
+    }
+    let act: Codec = cfg.codec.activations.parse()?;
+    let grad: Codec = cfg.codec.gradients.parse()?;
+    let dims = [
+        cfg.train.micro_batch_size,
+        cfg.train.seq_len,
+        cfg.model.hidden_size,
+    ];
+    let limits = Limits::new(dims.iter().product());
+    let stages = cfg.stages.len() - 1;
+    let mut out = RecomputeBench {
+        codec_activations: cfg.codec.activations.clone(),
+        codec_gradients: cfg.codec.gradients.clone(),
+        threads: threads.to_vec(),
+        tolerance: DEFAULT_TOLERANCE,
+        ..RecomputeBench::default()
+    };
+    let mut min_fault: Vec<(FaultKind, f32)> =
+        FaultKind::ALL.iter().map(|k| (*k, f32::INFINITY)).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (mut recompute_s, mut recomputes) = (0f64, 0u64);
+    let (mut own_s, mut owns) = (0f64, 0u64);
+    for k in 0..stages {
+        // The stage one optimizer step in (its stale copy: the seed's weights).
+        let stale = crate::stage::init_shard(cfg, k as u32)?;
+        let mut shard = crate::stage::init_shard(cfg, k as u32)?;
+        {
+            let x = cand(Tensor::from_vec(
+                random_tensor(&mut rng, &dims, 1.0),
+                &dims,
+                &Device::Cpu,
+            ))?;
+            let g = cand(Tensor::from_vec(
+                random_tensor(&mut rng, &dims, 1e-3),
+                &dims,
+                &Device::Cpu,
+            ))?;
+            let (_, ctx) = shard.stage_forward(k, &x)?;
+            shard.backward(ctx, &g)?;
+            shard.optimizer_step(&cfg.adamw(), cfg.train.lr, 1.0)?;
+            shard.zero_grads();
+        }
+        for mb in 0..micro_batches {
+            let x = random_tensor(&mut rng, &dims, 1.0);
+            let g = random_tensor(&mut rng, &dims, 1e-3);
+            let (mut fwd_in, mut bwd_in) = (Vec::new(), Vec::new());
+            Encoder::new(act)?.encode(&x, &dims, &mut fwd_in)?;
+            Encoder::new(grad)?.encode(&g, &dims, &mut bwd_in)?;
+            // The faulty and the own passes see what a stage sees: the decoded frames.
+            let (mut x, mut g) = (Vec::new(), Vec::new());
+            let mut dec = Decoder::new();
+            dec.decode(&fwd_in, &limits, &mut x)?;
+            dec.decode(&bwd_in, &limits, &mut g)?;
+            out.bytes_per_micro_batch = 2 * (fwd_in.len() + bwd_in.len()) as u64;
+            let mut results = Vec::new();
+            for &t in threads {
+                set_threads(t);
+                for _ in 0..2 {
+                    let t0 = Instant::now();
+                    let r = recompute(&shard, k, &fwd_in, &bwd_in, &limits, act, grad)?;
+                    recompute_s += t0.elapsed().as_secs_f64();
+                    recomputes += 1;
+                    results.push(r);
+                }
+            }
+            // Inputs fetched from the audited peer and sent to the auditor; outputs only as hashes.
+            out.bytes_per_audit = 2 * (fwd_in.len() + bwd_in.len()) as u64;
+            for i in 0..results.len() {
+                for j in i + 1..results.len() {
+                    let d = frame_distance(&results[i].0, &results[j].0, &limits)
+                        .max(frame_distance(&results[i].1, &results[j].1, &limits));
+                    out.comparisons += 1;
+                    if d == 0.0 {
+                        out.identical += 1;
+                    }
+                    out.max_honest_distance = out.max_honest_distance.max(d);
+                }
+            }
+            // The stage's own pass, for the cost comparison.
+            set_threads(threads[0]);
+            let t0 = Instant::now();
+            let xt = cand(Tensor::from_vec(x.clone(), &dims, &Device::Cpu))?;
+            let gt = cand(Tensor::from_vec(g.clone(), &dims, &Device::Cpu))?;
+            let (_, ctx) = shard.stage_forward(k, &xt)?;
+            shard.backward(ctx, &gt)?;
+            own_s += t0.elapsed().as_secs_f64();
+            owns += 1;
+            shard.zero_grads();
+            // Each fault on the same micro-batch.
+            let (honest_f, honest_b) = &results[0];
+            for (kind, min) in min_fault.iter_mut() {
+                let spec = FaultSpec {
+                    kind: *kind,
+                    rate: 1.0,
+                    seed: 0,
+                };
+                let fault = Fault::new(spec, &[7; 32]);
+                fault.before_apply(0, &stale)?;
+                let xt = cand(Tensor::from_vec(x.clone(), &dims, &Device::Cpu))?;
+                let (y, ctx) = shard.stage_forward(k, &xt)?;
+                let y = fault.forward(1, mb as u32, k, &xt, y)?;
+                let dx = shard
+                    .backward_input_only(ctx, &gt)?
+                    .ok_or_else(|| Error::Run("stage input gradient".into()))?;
+                let dx = fault.backward(1, mb as u32, &gt, dx)?;
+                let (mut fo, mut bo) = (Vec::new(), Vec::new());
+                let yv = cand(
+                    y.to_dtype(DType::F32)
+                        .and_then(|t| t.flatten_all())
+                        .and_then(|t| t.to_vec1::<f32>()),
+                )?;
+                let dv = cand(
+                    dx.to_dtype(DType::F32)
+                        .and_then(|t| t.flatten_all())
+                        .and_then(|t| t.to_vec1::<f32>()),
+                )?;
+                Encoder::new(act)?.encode(&yv, &dims, &mut fo)?;
+                Encoder::new(grad)?.encode(&dv, &dims, &mut bo)?;
+                let d = frame_distance(&fo, honest_f, &limits)
+                    .max(frame_distance(&bo, honest_b, &limits));
+                *min = min.min(d);
+            }
+            on_progress();
+        }
+    }
+    out.recompute_ms = 1e3 * recompute_s / recomputes.max(1) as f64;
+    out.stage_fwd_bwd_ms = 1e3 * own_s / owns.max(1) as f64;
+    out.min_fault_distance = min_fault
+        .iter()
+        .map(|(k, d)| (k.name().to_string(), *d))
+        .collect();
+    Ok(out)
+}
