@@ -97,6 +97,23 @@ pub struct Link {
     pub coord: Coord,
 }
 
+impl Link {
+    /// The link of a peer whose traffic to other peers goes through a relay (issue #14): each way
+    /// no faster than the relay lets one peer send (`relay_bytes_per_s`), and every RTT longer by
+    /// the detour (`detour_ms`, added to the coordinate's height). Planning and capacity then charge
+    /// its hops their real cost, so a relayed peer gets less work than an equal direct one.
+    pub fn relayed(self, relay_bytes_per_s: f64, detour_ms: f32) -> Link {
+        Link {
+            up_bytes_per_s: self.up_bytes_per_s.min(relay_bytes_per_s),
+            down_bytes_per_s: self.down_bytes_per_s.min(relay_bytes_per_s),
+            coord: Coord {
+                height_ms: self.coord.height_ms + detour_ms.max(0.0),
+                ..self.coord
+            },
+        }
+    }
+}
+
 /// The size of one micro-batch as it crosses a stage boundary.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Workload {

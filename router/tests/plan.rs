@@ -381,3 +381,36 @@ fn observed_service_corrects_a_wrong_announcement() {
     );
     assert!(v.serving_capacity(0) < before * 0.7);
 }
+
+/// A relayed replica (its link capped by the relay's per-peer rate, its RTTs longer by the detour)
+/// gets less of a stage's work than an equal direct one, but still some: SWARM's capacity-weighted
+/// wiring keeps it busy in proportion to what it can do.
+#[test]
+fn a_relayed_replica_gets_less_work() {
+    let mut v = view(2);
+    v.insert(key(1), peer(0..1, 50_000.0, 100.0), 0).unwrap();
+    let mut relayed = peer(0..1, 50_000.0, 100.0);
+    relayed.link = relayed.link.relayed(mbit(50.0), 20.0);
+    assert_eq!(relayed.link.up_bytes_per_s, mbit(50.0));
+    assert_eq!(relayed.link.coord.height_ms, 20.0);
+    v.insert(key(2), relayed, 0).unwrap();
+    v.insert(key(3), peer(1..2, 50_000.0, 100.0), 0).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let mut in_flight = std::collections::VecDeque::new();
+    let mut plans = Vec::new();
+    for _ in 0..400 {
+        let p = plan(&v, &client(), 0, &PlanConfig::default(), &mut rng).unwrap();
+        v.note_dispatched(&p);
+        in_flight.push_back(p.clone());
+        plans.push(p);
+        if in_flight.len() > 12 {
+            for h in in_flight.pop_front().unwrap().hops {
+                v.add_load(&h.peer, -1);
+            }
+        }
+    }
+    let (direct, relayed) = (count(&plans, 0, key(1)), count(&plans, 0, key(2)));
+    eprintln!("direct {direct}, relayed {relayed}");
+    assert!(direct > 2 * relayed, "direct {direct}, relayed {relayed}");
+    assert!(relayed > 0, "the relayed replica got no work at all");
+}

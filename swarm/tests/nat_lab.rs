@@ -1,6 +1,7 @@
 //! Peers behind real NAT routers (network namespaces + nftables, `swarm-netlab`): the
-//! reachability verdict each gets at join, and connections between home networks made by a hole
-//! punch the bootstrap coordinates. Every wait is bounded.
+//! reachability verdict each gets at join, connections between home networks made by a hole
+//! punch the bootstrap coordinates, and a symmetric NAT reached through the bootstrap's relay.
+//! Every wait is bounded.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -8,7 +9,8 @@ use std::time::{Duration, Instant};
 use swarm_core::Identity;
 use swarm_core::membership::{MembershipConfig, StatusReply, StatusRequest};
 use swarm_core::peer::{Peer, PeerConfig};
-use swarm_nat::{PathKind, Reachability};
+use swarm_core::rpc::{Bulk, BulkAck};
+use swarm_nat::{PathKind, Reachability, RelayConfig};
 use swarm_netlab::{Host, Nat, lab_or_skip};
 
 const PORT: u16 = 7000;
@@ -106,7 +108,8 @@ fn joiners_get_verdicts_and_home_peers_punch_through_their_routers() {
             .expect("A reached the open peer");
         assert_eq!(pa.path(po.peer_id()), Some(PathKind::Direct));
 
-        // The symmetric peer cannot be punched: a clear error in bounded time. A must know C's
+        // The symmetric peer cannot be punched and this bootstrap relays nothing: a clear error
+        // in bounded time. A must know C's
         // record (its verdict says it is behind a NAT) before it dials: gossip brings it within
         // seconds, and without it C is dialed as a public peer would be.
         let known = Instant::now();
@@ -136,9 +139,129 @@ fn joiners_get_verdicts_and_home_peers_punch_through_their_routers() {
         .expect("bounded");
         let err = r.expect_err("a symmetric NAT was punched");
         assert!(err.to_string().contains("punch"), "{err}");
+        assert!(err.to_string().contains("no relay"), "{err}");
         assert!(t.elapsed() < Duration::from_secs(25));
     });
     for p in [pa, pb, pc, po, boot] {
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), p.leave())
+                .await
+                .ok()
+        });
+    }
+}
+
+/// Waits (bounded) until `p` holds the record of `id`.
+async fn wait_known(p: &Peer, id: swarm_core::PeerId) {
+    let t = Instant::now();
+    while !p.status().entries.iter().any(|e| e.record.peer_id == id) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the record never came"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn a_symmetric_peer_is_reached_through_the_relay_and_its_bytes_are_counted() {
+    let mut lab = lab_or_skip!("relay");
+    let boot_host = lab.public_host("boot").unwrap();
+    let mut r1 = lab.router("r1", Nat::Home).unwrap();
+    let mut r2 = lab.router("r2", Nat::Home).unwrap();
+    let mut r3 = lab.router("r3", Nat::Symmetric).unwrap();
+    let a = lab.home_host(&mut r1, "a").unwrap();
+    let b = lab.home_host(&mut r2, "b").unwrap();
+    let c = lab.home_host(&mut r3, "c").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let boot_addr = SocketAddr::from((boot_host.ip(), PORT));
+    let mut boot_cfg = config(boot_addr, None);
+    boot_cfg.checker = Some(SocketAddr::from((boot_host.ip(), 0)));
+    boot_cfg.relay = Some(RelayConfig::default());
+    let boot = start(&boot_host, &rt, boot_cfg);
+    let any: SocketAddr = "0.0.0.0:7100".parse().unwrap();
+    let pa = start(&a, &rt, config(any, Some(boot_addr)));
+    let pb = start(&b, &rt, config(any, Some(boot_addr)));
+    let pc = start(&c, &rt, config(any, Some(boot_addr)));
+    assert_eq!(
+        pc.verdict().map(|v| v.reachability),
+        Some(Reachability::Symmetric)
+    );
+
+    rt.block_on(async {
+        wait_known(&pa, pc.peer_id()).await;
+        wait_known(&pc, pb.peer_id()).await;
+        // A -> C: C's NAT cannot be punched, so the bootstrap relays; TLS runs end to end (the
+        // call expects C's id and gets it).
+        let c_addr = pc.local_record().info.addrs[0];
+        let (id, _): (_, StatusReply) = tokio::time::timeout(
+            Duration::from_secs(30),
+            pa.shared().call(c_addr, Some(pc.peer_id()), &StatusRequest),
+        )
+        .await
+        .expect("bounded")
+        .expect("A reached C through the relay");
+        assert_eq!(id, pc.peer_id());
+        assert_eq!(pa.path(pc.peer_id()), Some(PathKind::Relayed));
+        assert_eq!(pc.path(pa.peer_id()), Some(PathKind::Relayed));
+
+        // Bulk data both ways over the relayed connection arrives intact.
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (_, ack): (_, BulkAck) = pa
+            .shared()
+            .call(
+                c_addr,
+                Some(pc.peer_id()),
+                &Bulk {
+                    payload: payload.clone(),
+                },
+            )
+            .await
+            .expect("bulk A -> C");
+        assert_eq!(ack.bytes, payload.len() as u64);
+        assert_eq!(ack.hash, blake3::hash(&payload).as_bytes()[..8]);
+
+        // C -> B: C asks (it is the symmetric side), the relay carries it too.
+        let b_addr = pb.local_record().info.addrs[0];
+        let (id, _): (_, StatusReply) = tokio::time::timeout(
+            Duration::from_secs(30),
+            pc.shared().call(b_addr, Some(pb.peer_id()), &StatusRequest),
+        )
+        .await
+        .expect("bounded")
+        .expect("C reached B through the relay");
+        assert_eq!(id, pb.peer_id());
+        assert_eq!(pc.path(pb.peer_id()), Some(PathKind::Relayed));
+
+        // The relay counted the bytes per peer, and its status reports them.
+        let relay = boot.shared().relay().expect("the bootstrap relays");
+        let (ua, uc) = (relay.usage(&pa.peer_id()), relay.usage(&pc.peer_id()));
+        assert!(ua.sent >= payload.len() as u64, "{ua:?}");
+        assert!(uc.received >= payload.len() as u64, "{uc:?}");
+        let status = boot.status();
+        let bytes_of = |id| {
+            status
+                .entries
+                .iter()
+                .find(|e| e.record.peer_id == id)
+                .map(|e| e.relay_bytes)
+        };
+        assert!(bytes_of(pc.peer_id()).unwrap() >= 2 * payload.len() as u64 / 2);
+        // The endpoints count their tunnels too.
+        let a_view = pa.status();
+        let c_entry = a_view
+            .entries
+            .iter()
+            .find(|e| e.record.peer_id == pc.peer_id())
+            .unwrap();
+        assert_eq!(c_entry.path, Some(PathKind::Relayed));
+        assert!(c_entry.relay_bytes >= payload.len() as u64);
+    });
+    for p in [pa, pb, pc, boot] {
         rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(5), p.leave())
                 .await

@@ -38,14 +38,29 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     /// A trainer relaying within a home uplink: 4 MB/s in all, 1 MB/s per peer.
     fn default() -> Self {
+        RelayConfig::with_budget(4_000_000)
+    }
+}
+
+impl RelayConfig {
+    /// A relay forwarding `bytes_per_s` in all, of which one peer may send a quarter; bursts of
+    /// a quarter second (an eighth per peer); 64 circuits, 8 per peer.
+    pub fn with_budget(bytes_per_s: u64) -> RelayConfig {
+        let bytes_per_s = bytes_per_s.max(1);
         RelayConfig {
-            bytes_per_s: 4_000_000,
-            burst_bytes: 1_000_000,
-            peer_bytes_per_s: 1_000_000,
-            peer_burst_bytes: 500_000,
+            bytes_per_s,
+            burst_bytes: (bytes_per_s / 4).max(64 * 1024),
+            peer_bytes_per_s: (bytes_per_s / 4).max(1),
+            peer_burst_bytes: (bytes_per_s / 8).max(32 * 1024),
             max_circuits: 64,
             max_circuits_per_peer: 8,
         }
+    }
+
+    /// [`RelayConfig::with_budget`] in Mbit/s; `None` for 0 (no relay).
+    pub fn from_mbit(mbit: f64) -> Option<RelayConfig> {
+        (mbit > 0.0 && mbit.is_finite())
+            .then(|| RelayConfig::with_budget((mbit * 125_000.0) as u64))
     }
 }
 
@@ -130,8 +145,9 @@ pub struct RelayQuota<K: Ord + Clone> {
     cfg: RelayConfig,
     total: Bucket,
     peers: BTreeMap<K, PeerState>,
-    /// Unordered pairs (smaller key first).
-    circuits: BTreeMap<(K, K), ()>,
+    /// Unordered pairs (smaller key first) -> tunnels open between them (a reconnect may open a
+    /// second before the first is closed).
+    circuits: BTreeMap<(K, K), usize>,
 }
 
 impl<K: Ord + Clone> RelayQuota<K> {
@@ -165,13 +181,18 @@ impl<K: Ord + Clone> RelayQuota<K> {
         })
     }
 
-    /// Opens a circuit between `a` and `b` (idempotent).
+    /// Opens a circuit between `a` and `b`. Opening an open pair again counts one more tunnel
+    /// between them (at most `max_circuits_per_peer`); each `open` needs its `close`.
     pub fn open(&mut self, a: &K, b: &K, now: Instant) -> Result<(), RelayRefusal> {
         if a == b {
             return Err(RelayRefusal::SamePeer);
         }
         let key = Self::pair(a, b);
-        if self.circuits.contains_key(&key) {
+        if let Some(n) = self.circuits.get_mut(&key) {
+            if *n >= self.cfg.max_circuits_per_peer {
+                return Err(RelayRefusal::PeerCircuitCap);
+            }
+            *n += 1;
             return Ok(());
         }
         if self.circuits.len() >= self.cfg.max_circuits {
@@ -183,13 +204,20 @@ impl<K: Ord + Clone> RelayQuota<K> {
         }
         self.peer(a, now).circuits += 1;
         self.peer(b, now).circuits += 1;
-        self.circuits.insert(key, ());
+        self.circuits.insert(key, 1);
         Ok(())
     }
 
-    /// Closes the circuit between `a` and `b`, if open. Counters stay.
+    /// Closes one tunnel between `a` and `b`; the circuit goes with the last. Counters stay.
     pub fn close(&mut self, a: &K, b: &K) {
-        if self.circuits.remove(&Self::pair(a, b)).is_some() {
+        let key = Self::pair(a, b);
+        if let Some(n) = self.circuits.get_mut(&key)
+            && *n > 1
+        {
+            *n -= 1;
+            return;
+        }
+        if self.circuits.remove(&key).is_some() {
             for k in [a, b] {
                 if let Some(p) = self.peers.get_mut(k) {
                     p.circuits = p.circuits.saturating_sub(1);
@@ -207,6 +235,7 @@ impl<K: Ord + Clone> RelayQuota<K> {
             .cloned()
             .collect();
         for (a, b) in gone {
+            self.circuits.insert((a.clone(), b.clone()), 1);
             self.close(&a, &b);
         }
     }
@@ -290,7 +319,13 @@ mod tests {
         let mut q = RelayQuota::new(cfg(), t);
         assert_eq!(q.open(&1, &1, t), Err(RelayRefusal::SamePeer));
         q.open(&1, &2, t).unwrap();
-        q.open(&1, &2, t).unwrap(); // idempotent
+        q.open(&1, &2, t).unwrap(); // a second tunnel of the same pair (a reconnect)
+        assert_eq!(q.open(&2, &1, t), Err(RelayRefusal::PeerCircuitCap));
+        q.close(&1, &2);
+        assert!(
+            q.has_circuit(&1, &2),
+            "one tunnel of the pair is still open"
+        );
         q.open(&1, &3, t).unwrap();
         assert_eq!(q.open(&1, &4, t), Err(RelayRefusal::PeerCircuitCap));
         q.open(&4, &5, t).unwrap();

@@ -11,6 +11,7 @@ pub mod identity;
 pub mod membership;
 pub mod nat;
 pub mod peer;
+pub mod relay;
 pub mod rpc;
 pub mod shaping;
 pub mod tls;

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use swarm_nat::punch::start_delays;
 use swarm_nat::{
-    Observations, PathKind, Punch, PunchAction, PunchOutcome, PunchRole, Reachability, Verdict,
-    classify,
+    Observations, PathKind, Plan, Punch, PunchAction, PunchOutcome, PunchRole, Reachability,
+    Verdict, classify, plan,
 };
 
 use crate::error::{Error, Result};
@@ -496,11 +496,15 @@ pub async fn punch(
 pub async fn dial(shared: &PeerShared, addr: SocketAddr, peer: PeerId) -> Result<PeerConn> {
     let candidates = shared.candidates(peer, addr);
     // A peer whose record says it is public (or that we know nothing of) is dialed as before:
-    // directly, for the whole timeout. Only a peer behind a NAT gets the short dial and a punch.
-    let natted = shared.with_membership(|m| {
-        m.get(&peer)
-            .is_some_and(|e| e.record.info.reach != Reachability::Public)
+    // directly, for the whole timeout. Only a peer behind a NAT gets the short dial and a punch
+    // or, when either side's NAT cannot be punched, the relay.
+    let (ours, theirs) = shared.with_membership(|m| {
+        (
+            m.local_record().info.reach,
+            m.get(&peer).map(|e| e.record.info.reach),
+        )
     });
+    let natted = theirs.is_some_and(|r| r != Reachability::Public);
     let coordinator = shared
         .coordinator()
         .filter(|c| *c != peer)
@@ -533,6 +537,16 @@ pub async fn dial(shared: &PeerShared, addr: SocketAddr, peer: PeerId) -> Result
     let Some(coord_conn) = shared.live_conn(coord).await else {
         return Err(err);
     };
+    if plan(ours, theirs.unwrap_or(Reachability::Unknown)) == Plan::Relay {
+        return relay_fallback(
+            shared,
+            coord,
+            peer,
+            addr,
+            "cannot be punched (symmetric or filtered NAT)",
+        )
+        .await;
+    }
     shared.set_punching(peer, true);
     let plan = rpc::call_timeout::<_, PunchPlan>(
         &coord_conn,
@@ -559,12 +573,28 @@ pub async fn dial(shared: &PeerShared, addr: SocketAddr, peer: PeerId) -> Result
             shared.live_conn(peer).await.ok_or(err)
         }
         PunchOutcome::Failed { attempts } => {
-            tracing::info!(peer = %peer.short(), attempts, "punch failed");
+            tracing::info!(peer = %peer.short(), attempts, "punch failed; trying the relay");
+            let why = format!("a hole punch failed after {attempts} attempt(s)");
+            relay_fallback(shared, coord, peer, addr, &why).await
+        }
+    }
+}
+
+/// The last resort: a tunnel through the coordinator, when it relays. A clear error otherwise.
+async fn relay_fallback(
+    shared: &PeerShared,
+    relay: PeerId,
+    peer: PeerId,
+    addr: SocketAddr,
+    why: &str,
+) -> Result<PeerConn> {
+    match crate::relay::dial(shared, relay, peer).await {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            tracing::info!(peer = %peer.short(), error = %e, "relay failed");
             Err(Error::Connect {
                 addr,
-                reason: format!(
-                    "not reachable directly and a hole punch failed after {attempts} attempt(s)"
-                ),
+                reason: format!("not reachable directly, {why}, and the relay failed: {e}"),
             })
         }
     }

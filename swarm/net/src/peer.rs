@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use swarm_nat::{PathKind, PunchConfig, Reachability, Verdict};
+use swarm_nat::{PathKind, PunchConfig, Reachability, RelayConfig, Verdict};
 
 use crate::error::{Error, Result};
 use crate::identity::{Identity, PeerId};
@@ -30,6 +30,7 @@ use crate::membership::{
     UnixMillis, verify_all,
 };
 use crate::nat::{self, Checker};
+use crate::relay::{self, Relay};
 use crate::rpc::{self, Reply, RpcError, Service, code};
 use crate::shaping::LinkShape;
 use crate::tls::AllowList;
@@ -69,6 +70,9 @@ pub struct PeerConfig {
     pub checker: Option<SocketAddr>,
     /// Bounds of the hole punches this peer takes part in.
     pub punch: PunchConfig,
+    /// Relay datagrams between peers that cannot reach each other, within these quotas (the
+    /// trainer does by default; `swarm join --relay`).
+    pub relay: Option<RelayConfig>,
 }
 
 impl Default for PeerConfig {
@@ -90,6 +94,7 @@ impl Default for PeerConfig {
             seed: None,
             checker: None,
             punch: PunchConfig::default(),
+            relay: None,
         }
     }
 }
@@ -142,6 +147,8 @@ pub struct PeerShared {
     coordinator: Option<PeerId>,
     verdict: Option<Verdict>,
     punch: PunchConfig,
+    /// Our relay's quotas and counters, when we relay for others.
+    relay: Option<Arc<Relay>>,
     /// Ourselves, so connections we dial can be served (requests come both ways).
     me: Weak<PeerShared>,
 }
@@ -213,7 +220,13 @@ impl PeerShared {
     /// send requests over it: that is how a peer behind a NAT is reached by the peers it dialed.
     pub async fn adopt(&self, conn: PeerConn, path: PathKind, serve: bool) -> PeerConn {
         let id = conn.remote_id();
-        let path = if self.is_punching(id) {
+        let path = if self.node.relay_routes().is_virtual(conn.remote_addr()) {
+            // The tunnel lives as long as the connection through it.
+            self.node
+                .relay_routes()
+                .detach_on_close(conn.remote_addr(), &conn);
+            PathKind::Relayed
+        } else if self.is_punching(id) {
             PathKind::Punched
         } else {
             path
@@ -245,8 +258,11 @@ impl PeerShared {
     /// The view as a status answer, with the path of each connection we hold.
     pub fn status(&self) -> StatusReply {
         let mut status = self.with_membership(|m| m.status(unix_now()));
+        let tunnels = self.node.relay_routes().usage();
         for e in status.entries.iter_mut().skip(1) {
-            e.path = self.path(e.record.peer_id);
+            let id = e.record.peer_id;
+            e.path = self.path(id);
+            e.relay_bytes = self.relay_bytes(id, &tunnels);
         }
         status
     }
@@ -278,6 +294,26 @@ impl PeerShared {
             }
             _ => PathKind::Direct,
         })
+    }
+
+    /// Bytes relayed for `peer` (as its relay: sent + received) or moved to it through our
+    /// tunnels (`tunnels` = [`crate::relay::RelayRoutes::usage`]).
+    fn relay_bytes(&self, peer: PeerId, tunnels: &[(PeerId, u64, u64)]) -> u64 {
+        let through_us = self.relay.as_ref().map_or(0, |r| {
+            let u = r.usage(&peer);
+            u.sent + u.received
+        });
+        let ours: u64 = tunnels
+            .iter()
+            .filter(|(p, _, _)| *p == peer)
+            .map(|(_, s, r)| s + r)
+            .sum();
+        through_us + ours
+    }
+
+    /// Our relay, when we relay for others.
+    pub fn relay(&self) -> Option<Arc<Relay>> {
+        self.relay.clone()
     }
 
     /// Marks (or unmarks) a hole punch with `peer` as under way.
@@ -622,6 +658,7 @@ impl Peer {
             coordinator: joined.as_ref().map(|(id, _)| *id),
             verdict,
             punch: config.punch,
+            relay: config.relay.map(|c| Arc::new(Relay::new(c))),
             me: me.clone(),
         });
         register_membership_handlers(&shared);
@@ -850,6 +887,31 @@ impl Service for ConnService {
             remote_addr: self.remote_addr,
         };
         Box::pin(self.shared.clone().dispatch(ctx, kind, body))
+    }
+
+    fn is_stream_kind(&self, kind: u16) -> bool {
+        relay::is_stream_kind(kind)
+    }
+
+    fn handle_stream(
+        &self,
+        from: PeerId,
+        _kind: u16,
+        body: Vec<u8>,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> futures::future::BoxFuture<'_, ()> {
+        let ctx = RequestCtx {
+            from,
+            remote_addr: self.remote_addr,
+        };
+        Box::pin(relay::handle_stream(
+            self.shared.clone(),
+            ctx,
+            body,
+            send,
+            recv,
+        ))
     }
 }
 

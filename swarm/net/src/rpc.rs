@@ -200,6 +200,24 @@ pub trait Service: Send + Sync + 'static {
         kind: u16,
         body: Vec<u8>,
     ) -> BoxFuture<'_, Result<Reply, RpcError>>;
+
+    /// Whether a request of `kind` opens a long-lived stream (a relay tunnel) instead of getting
+    /// one reply: its stream is then handed to [`Service::handle_stream`] after the request.
+    fn is_stream_kind(&self, _kind: u16) -> bool {
+        false
+    }
+
+    /// Serves a stream-opening request (see [`Service::is_stream_kind`]).
+    fn handle_stream(
+        &self,
+        _from: PeerId,
+        _kind: u16,
+        _body: Vec<u8>,
+        _send: SendStream,
+        _recv: RecvStream,
+    ) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Answers the transport's own requests (ping, bulk) and refuses everything else. Services can
@@ -336,7 +354,14 @@ async fn serve_stream(
     mut recv: RecvStream,
 ) -> std::result::Result<(), StreamFailure> {
     let kinds = |k| service.kind_info(k);
-    let request = tokio::time::timeout(config.read_timeout, read_envelope(&mut recv, true, kinds))
+    let read = async {
+        let (header, body) = read_envelope(&mut recv, false, kinds).await?;
+        if !service.is_stream_kind(header.kind) {
+            expect_end_of(&mut recv).await?;
+        }
+        Ok::<_, Error>((header, body))
+    };
+    let request = tokio::time::timeout(config.read_timeout, read)
         .await
         .map_err(|_| {
             StreamFailure::Io(Error::Timeout {
@@ -349,6 +374,12 @@ async fn serve_stream(
         Err(Error::Wire(e)) => return Err(StreamFailure::Protocol(e)),
         Err(e) => return Err(StreamFailure::Io(e)),
     };
+    if service.is_stream_kind(header.kind) {
+        service
+            .handle_stream(conn.remote_id(), header.kind, body, send, recv)
+            .await;
+        return Ok(());
+    }
     let (kind, body) = match service.handle(conn.remote_id(), header.kind, body).await {
         Ok(r) => r,
         Err(RpcError::Malformed(e)) => return Err(StreamFailure::Protocol(e)),
@@ -390,15 +421,20 @@ pub async fn read_envelope(
     let mut body = vec![0u8; header.body_len as usize];
     recv.read_exact(&mut body).await.map_err(read_error)?;
     if expect_end {
-        let mut extra = [0u8; 1];
-        match recv.read(&mut extra).await {
-            Ok(None) => {}
-            Ok(Some(0)) => {}
-            Ok(Some(_)) => return Err(WireError::Trailing(1).into()),
-            Err(e) => return Err(Error::Stream(e.to_string())),
-        }
+        expect_end_of(recv).await?;
     }
     Ok((header, body))
+}
+
+/// Checks that the stream ends here (nothing after a request's envelope).
+async fn expect_end_of(recv: &mut RecvStream) -> Result<()> {
+    let mut extra = [0u8; 1];
+    match recv.read(&mut extra).await {
+        Ok(None) => Ok(()),
+        Ok(Some(0)) => Ok(()),
+        Ok(Some(_)) => Err(WireError::Trailing(1).into()),
+        Err(e) => Err(Error::Stream(e.to_string())),
+    }
 }
 
 fn read_error(e: quinn::ReadExactError) -> Error {

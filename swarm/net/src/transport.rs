@@ -16,6 +16,7 @@ use quinn::{Runtime, TokioRuntime, VarInt};
 
 use crate::error::{Error, Result};
 use crate::identity::{Identity, PeerId};
+use crate::relay::{RelayRoutes, RelaySocket};
 use crate::shaping::{LinkShape, ShapeCounters, ShapeStats, ShapedSocket};
 use crate::tls::{self, AllowList};
 
@@ -164,6 +165,8 @@ pub struct Node {
     transport: Arc<quinn::TransportConfig>,
     allow: Option<Arc<AllowList>>,
     shape: Option<Arc<ShapeStats>>,
+    /// Relay tunnels reachable through this node's socket (issue #14).
+    relay: Arc<RelayRoutes>,
 }
 
 impl fmt::Debug for Node {
@@ -214,10 +217,13 @@ impl Node {
                 None,
             ),
         };
+        // Every socket can carry relay tunnels: packets to a tunnel's virtual address go through it.
+        let socket = RelaySocket::new(socket).map_err(Error::Socket)?;
+        let relay = socket.routes();
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             quinn::EndpointConfig::default(),
             Some(server),
-            socket,
+            Arc::new(socket),
             runtime,
         )
         .map_err(Error::Socket)?;
@@ -230,6 +236,7 @@ impl Node {
             transport,
             allow,
             shape: stats,
+            relay,
         })
     }
 
@@ -248,6 +255,11 @@ impl Node {
     /// Counters of the link shaper, if this node is shaped.
     pub fn shape_counters(&self) -> Option<ShapeCounters> {
         self.shape.as_ref().map(|s| s.snapshot())
+    }
+
+    /// The relay tunnels of this node's socket.
+    pub fn relay_routes(&self) -> &Arc<RelayRoutes> {
+        &self.relay
     }
 
     /// The underlying quinn endpoint (for stats and advanced use).

@@ -114,6 +114,10 @@ pub mod kind {
     pub const PUNCH_START: u16 = 26;
     /// The target took the start (`nat::PunchStarted`).
     pub const PUNCH_STARTED: u16 = 27;
+    /// Open a relay tunnel (`relay::RelayOpen`); the stream then carries frames, not one reply.
+    pub const RELAY: u16 = 28;
+    /// The tunnel is open (`relay::RelayAccepted`); frames follow on the stream.
+    pub const RELAY_ACCEPTED: u16 = 29;
 }
 
 const KIB: usize = 1024;
@@ -145,6 +149,8 @@ pub const NET_KINDS: KindSet = KindSet {
         KindInfo::new(kind::PUNCH_PLAN, "punch_plan", 256),
         KindInfo::new(kind::PUNCH_START, "punch_start", 256),
         KindInfo::new(kind::PUNCH_STARTED, "punch_started", 0),
+        KindInfo::new(kind::RELAY, "relay", 64),
+        KindInfo::new(kind::RELAY_ACCEPTED, "relay_accepted", 0),
     ],
 };
 

@@ -89,6 +89,9 @@ pub struct TrainerOptions {
     pub max_steps: Option<u64>,
     /// Audits and the contribution ledger (issue #7); the ledger defaults to `<out>.ledger` (beside the checkpoint folder).
     pub audit: super::audit::AuditConfig,
+    /// Relay for volunteers that cannot reach each other, within these quotas (issue #14; on by
+    /// default, `None` turns it off).
+    pub relay: Option<swarm_nat::RelayConfig>,
 }
 
 impl TrainerOptions {
@@ -102,6 +105,7 @@ impl TrainerOptions {
             shape: None,
             transport: TransportConfig::default(),
             min_replicas: 1,
+            relay: Some(swarm_nat::RelayConfig::default()),
             max_in_flight: 0,
             attempt_timeout: Duration::from_secs(60),
             sync_timeout: Duration::from_secs(120),
@@ -383,6 +387,7 @@ impl Trainer {
                 seed: Some(cfg.seed),
                 // Joiners learn their NAT verdict from the trainer's checker (issue #14).
                 checker: Some(SocketAddr::new(opts.listen.ip(), 0)),
+                relay: opts.relay,
                 ..PeerConfig::default()
             },
         )
@@ -590,6 +595,7 @@ impl Trainer {
                 r.phase = RunPhase::Finished;
             }
         });
+        self.note_relay_bytes();
         self.publish();
         Ok(self.metrics.clone())
     }

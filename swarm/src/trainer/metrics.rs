@@ -128,6 +128,21 @@ pub struct Summary {
     pub audits: u64,
     pub audit_failures: u64,
     pub banned: Vec<String>,
+    /// Per replica: the work routed to it and the bytes our relay carried for it (issue #14).
+    pub peers: Vec<PeerWork>,
+}
+
+/// One replica's share of the run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PeerWork {
+    pub peer: String,
+    pub stage: u32,
+    /// Its reachability verdict (`public`, `punchable`, `symmetric`, `blocked`, `unknown`).
+    pub reach: String,
+    /// Micro-batch hops routed to it (retries included).
+    pub micro_batches: u64,
+    /// Bytes the trainer's relay forwarded from and to it.
+    pub relay_bytes: u64,
 }
 
 /// Everything measured during a run.
@@ -152,6 +167,8 @@ pub struct Metrics {
     pub state_sync_seconds: Vec<f64>,
     /// Audit counters (issue #7).
     pub audit: super::audit::AuditStats,
+    /// Per replica (by peer id text): work routed and relay bytes.
+    pub peers: std::collections::BTreeMap<String, PeerWork>,
 }
 
 impl Metrics {
@@ -175,6 +192,7 @@ impl Metrics {
             audits: self.audit.audits,
             audit_failures: self.audit.audit_failures,
             banned: self.audit.banned.iter().map(|p| p.to_string()).collect(),
+            peers: self.peers.values().cloned().collect(),
         }
     }
 }

@@ -85,6 +85,15 @@ pub struct JoinArgs {
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
 
+    /// Relay for peers that joined through this one and cannot reach each other (symmetric NATs,
+    /// filtered UDP), within `--relay-mbit`. The trainer relays by default.
+    #[arg(long)]
+    pub relay: bool,
+
+    /// The relay's budget in Mbit/s in all (one peer may send a quarter of it).
+    #[arg(long, default_value_t = 32.0)]
+    pub relay_mbit: f64,
+
     #[command(flatten)]
     pub http_flags: crate::monitor::HttpFlags,
 
@@ -197,6 +206,11 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         checker: bootstrap
             .is_none()
             .then(|| SocketAddr::new(args.listen.ip(), 0)),
+        relay: if args.relay {
+            swarm_nat::RelayConfig::from_mbit(args.relay_mbit)
+        } else {
+            None
+        },
         ..PeerConfig::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

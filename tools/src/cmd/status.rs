@@ -48,6 +48,9 @@ struct Row {
     reach: String,
     /// How the answering peer's connection to it runs: direct, punched, relayed; null without one.
     path: Option<String>,
+    /// Bytes the answering peer relayed for it (when it is a relay) or moved to it through a
+    /// relay.
+    relay_bytes: u64,
     /// The answering peer itself.
     #[serde(rename = "self")]
     is_self: bool,
@@ -131,6 +134,7 @@ fn show(remote: PeerId, reply: StatusReply, json: bool) -> anyhow::Result<()> {
             version: r.info.version.clone(),
             reach: r.info.reach.to_string(),
             path: e.path.map(|p| p.to_string()),
+            relay_bytes: e.relay_bytes,
             is_self: r.peer_id == remote,
         });
     }
@@ -150,8 +154,8 @@ fn show(remote: PeerId, reply: StatusReply, json: bool) -> anyhow::Result<()> {
     }
     println!("run {}  ({} peers)", reply.run_id, rows.len());
     println!(
-        "{:<13} {:<22} {:<8} {:<12} {:>12} {:>10}  {:<10} {:<8}",
-        "id", "addr", "state", "stages", "throughput", "last seen", "reach", "path"
+        "{:<13} {:<22} {:<8} {:<12} {:>12} {:>10}  {:<10} {:<8} {:>10}",
+        "id", "addr", "state", "stages", "throughput", "last seen", "reach", "path", "relayed"
     );
     for r in &rows {
         let stages = if r.stages.is_empty() {
@@ -165,7 +169,7 @@ fn show(remote: PeerId, reply: StatusReply, json: bool) -> anyhow::Result<()> {
         };
         let id = PeerId::parse(&r.id).map_or(r.id.clone(), |p| p.short());
         println!(
-            "{:<13} {:<22} {:<8} {:<12} {:>12.1} {:>9.1}s  {:<10} {:<8}{}",
+            "{:<13} {:<22} {:<8} {:<12} {:>12.1} {:>9.1}s  {:<10} {:<8} {:>10}{}",
             id,
             r.addr,
             r.state,
@@ -174,6 +178,11 @@ fn show(remote: PeerId, reply: StatusReply, json: bool) -> anyhow::Result<()> {
             r.last_seen_s,
             r.reach,
             r.path.as_deref().unwrap_or("-"),
+            if r.relay_bytes > 0 {
+                format!("{:.1} MB", r.relay_bytes as f64 / 1e6)
+            } else {
+                "-".to_owned()
+            },
             if r.is_self { "  (self)" } else { "" }
         );
     }

@@ -32,6 +32,8 @@ pub struct SwarmTrainArgs {
     pub shape: Option<LinkShape>,
     /// Replicas per stage to wait for before the first step.
     pub min_replicas: usize,
+    /// The relay's quotas (`None`: no relay).
+    pub relay: Option<swarm_nat::RelayConfig>,
     /// Stop after this many steps (the config's `train.steps` otherwise).
     pub steps: Option<u64>,
     pub data_dir: Option<PathBuf>,
@@ -190,6 +192,16 @@ pub fn print_summary(m: &Metrics, wall_s: f64) {
         "retries {}, peers lost {}, peers left {}, replica hash mismatches {}",
         s.retries, s.peers_lost, s.peers_left, s.replica_hash_mismatches
     );
+    for p in s.peers.iter().filter(|p| p.relay_bytes > 0) {
+        println!(
+            "peer {} (stage {}, {}): {} micro-batches, {} through the relay",
+            &p.peer[..8.min(p.peer.len())],
+            p.stage,
+            p.reach,
+            p.micro_batches,
+            mb(p.relay_bytes)
+        );
+    }
     if !m.state_sync_seconds.is_empty() {
         let max = m.state_sync_seconds.iter().cloned().fold(0.0, f64::max);
         println!(
@@ -227,6 +239,10 @@ pub struct SwarmFlags {
     /// Serving replicas each stage needs before the first step.
     #[arg(long, default_value_t = 1)]
     pub min_replicas: usize,
+    /// Relay for volunteers whose NATs cannot be punched, within this budget (Mbit/s in all; one
+    /// peer may send a quarter of it). 0 turns the relay off.
+    #[arg(long, default_value_t = 32.0)]
+    pub relay_mbit: f64,
     /// Folder holding the trainer's identity key (a new identity each start without it).
     #[arg(long, env = "SWARM_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -249,6 +265,7 @@ pub fn run_cli(args: &super::train::TrainArgs) -> anyhow::Result<()> {
         out: args.out.clone(),
         shape: args.swarm.shape.clone(),
         min_replicas: args.swarm.min_replicas,
+        relay: swarm_nat::RelayConfig::from_mbit(args.swarm.relay_mbit),
         steps: args.steps,
         data_dir: args.swarm.data_dir.clone(),
         http: args.swarm.http,
@@ -281,6 +298,7 @@ pub fn run(args: SwarmTrainArgs) -> anyhow::Result<()> {
         opts.out = args.out.clone();
         opts.shape = args.shape.clone();
         opts.min_replicas = args.min_replicas.max(1);
+        opts.relay = args.relay;
         let mut trainer = Trainer::start(opts).await?;
         println!(
             "trainer {} listening on {} (run {}, resuming at step {}); peers join with: swarm join {}",

@@ -158,6 +158,9 @@ pub struct StatusEntry {
     pub last_seen_ago_ms: u64,
     /// How the answering peer's connection to it runs, if it has one.
     pub path: Option<PathKind>,
+    /// Bytes the answering peer relayed for it (when it is a relay), or moved to it through a
+    /// relay (issue #14).
+    pub relay_bytes: u64,
 }
 
 /// A peer's view: its own record first (seen 0 ms ago), then every record it holds.
@@ -189,6 +192,7 @@ impl WireMessage for StatusReply {
                 Some(PathKind::Punched) => 2,
                 Some(PathKind::Relayed) => 3,
             });
+            w.varint(e.relay_bytes);
         }
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -214,10 +218,12 @@ impl WireMessage for StatusReply {
                     });
                 }
             };
+            let relay_bytes = r.varint()?;
             entries.push(StatusEntry {
                 record,
                 last_seen_ago_ms,
                 path,
+                relay_bytes,
             });
         }
         Ok(StatusReply { run_id, entries })
@@ -231,6 +237,7 @@ impl Membership {
             record: self.local.clone(),
             last_seen_ago_ms: 0,
             path: None,
+            relay_bytes: 0,
         }];
         entries.extend(
             self.view()
@@ -240,6 +247,7 @@ impl Membership {
                     record: e.record.clone(),
                     last_seen_ago_ms: now.saturating_sub(e.last_seen),
                     path: None,
+                    relay_bytes: 0,
                 }),
         );
         StatusReply {

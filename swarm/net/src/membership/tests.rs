@@ -208,6 +208,7 @@ fn largest_messages_fit_their_kind_limits() {
                 record: r,
                 last_seen_ago_ms: u64::MAX,
                 path: Some(PathKind::Relayed),
+                relay_bytes: u64::MAX,
             };
             MAX_RECORDS_PER_MESSAGE
         ],

@@ -114,7 +114,7 @@ impl Trainer {
         let info = router::PeerInfo {
             stages: stage as u16..stage as u16 + 1,
             compute_tokens_per_s: 5_000.0,
-            link: default_link(),
+            link: self.link_of(from),
             state: router::PeerState::Serving,
         };
         let _ = self.view.remove(&key_of(&from));
@@ -154,6 +154,43 @@ impl Trainer {
 
     /// Tells a replica with the wrong state to load the stage's agreed state.
     /// `step`: the steps the state must have applied (the replicas' current state).
+    /// The link the router assumes for `peer`: a peer whose NAT needs a relay (issue #14) reaches
+    /// other replicas through our relay, at most at its per-peer rate and over a detour of about
+    /// one RTT to us.
+    fn link_of(&self, peer: PeerId) -> router::Link {
+        let shared = self.peer.shared();
+        let reach = shared.with_membership(|m| m.get(&peer).map(|e| e.record.info.reach));
+        match (reach, shared.relay()) {
+            (Some(r), Some(relay)) if !r.direct_possible() => {
+                let detour_ms = shared
+                    .connection_stats()
+                    .iter()
+                    .find(|c| c.0 == peer)
+                    .map_or(50.0, |c| c.1.as_secs_f32() * 1000.0);
+                default_link().relayed(relay.config().peer_bytes_per_s as f64, detour_ms)
+            }
+            _ => default_link(),
+        }
+    }
+
+    /// Copies each replica's verdict and the relay's byte counts into the metrics.
+    pub(super) fn note_relay_bytes(&mut self) {
+        let shared = self.peer.shared().clone();
+        let relay = shared.relay();
+        for w in self.metrics.peers.values_mut() {
+            let Some(id) = PeerId::parse(&w.peer) else {
+                continue;
+            };
+            if let Some(r) = shared.with_membership(|m| m.get(&id).map(|e| e.record.info.reach)) {
+                w.reach = r.to_string();
+            }
+            if let Some(relay) = &relay {
+                let u = relay.usage(&id);
+                w.relay_bytes = u.sent + u.received;
+            }
+        }
+    }
+
     pub(super) fn send_reload(&self, peer: PeerId, addr: SocketAddr, stage: u32, step: u64) {
         let source = self.state_source(stage, Some(peer));
         let epoch = self.shared.reg(|r| r.epoch);

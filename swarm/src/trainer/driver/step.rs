@@ -499,6 +499,17 @@ impl Trainer {
             return Err(run_err("plan does not cover every stage"));
         }
         self.view.note_dispatched(&plan);
+        for h in &route {
+            self.metrics
+                .peers
+                .entry(h.peer.to_string())
+                .or_insert_with(|| crate::trainer::metrics::PeerWork {
+                    peer: h.peer.to_string(),
+                    stage: h.stage,
+                    ..Default::default()
+                })
+                .micro_batches += 1;
+        }
         let peers: Vec<PeerId> = route.iter().map(|h| h.peer).collect();
         let att = book.start_attempt(mb, &peers);
         let key = MbKey {
