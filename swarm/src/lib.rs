@@ -6,7 +6,9 @@
 
 pub mod bench_link;
 pub mod codec_sim;
+pub mod compute;
 pub mod error;
+#[cfg(feature = "fault")]
 pub mod fault;
 pub mod ids;
 pub mod ledger;

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use swarm_compression::{Codec, Decoder, Encoder, ErrorFeedback, Limits};
 use swarm_model::{AdamW, ForwardCtx, Piece, RunConfig, Shard};
 
@@ -52,7 +52,8 @@ use crate::state_transfer::{StateRequest, fetch_verified, serve_chunk};
 use crate::wire::{self, WireMessage, kind};
 
 // Audits (issue #7): receipts, kept frames, recomputation.
-pub mod audit;
+mod audit;
+mod hook;
 mod join;
 mod pipeline;
 mod state;
@@ -74,6 +75,7 @@ pub struct StageOptions {
     /// Tries per send to a next hop or a sync partner before giving up.
     pub send_tries: u32,
     /// Misbehave on purpose (issue #7 fault injection; tests and demos only).
+    #[cfg(feature = "fault")]
     pub fault: Option<crate::fault::FaultSpec>,
 }
 
@@ -88,6 +90,7 @@ impl StageOptions {
             max_contexts,
             chunk_bytes: 4 * 1024 * 1024,
             send_tries: 3,
+            #[cfg(feature = "fault")]
             fault: None,
         }
     }
@@ -291,7 +294,7 @@ struct Inner {
     num_params: usize,
     pieces: Vec<Piece>,
     stats: StageStats,
-    fault: Option<Arc<crate::fault::Fault>>,
+    fault: hook::Hook,
     audit: Mutex<audit::AuditStore>,
 }
 
@@ -341,18 +344,6 @@ pub fn f32_digest(v: &[f32]) -> [u8; 32] {
         h.update(&x.to_le_bytes());
     }
     *h.finalize().as_bytes()
-}
-
-fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
-    cand(
-        t.flatten_all()
-            .and_then(|t| t.to_dtype(DType::F32))
-            .and_then(|t| t.to_vec1::<f32>()),
-    )
-}
-
-fn cand<T>(r: candle_core::Result<T>) -> Result<T> {
-    r.map_err(|e| Error::Model(e.into()))
 }
 
 impl StageWorker {
@@ -409,9 +400,7 @@ impl StageWorker {
                     abandoned: Default::default(),
                 }),
                 stats: StageStats::default(),
-                fault: opts
-                    .fault
-                    .map(|f| Arc::new(crate::fault::Fault::new(f, &me.0))),
+                fault: hook::Hook::new(&opts, &me),
                 audit: Mutex::new(Default::default()),
                 peer,
                 opts,

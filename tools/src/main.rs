@@ -6,6 +6,7 @@
 
 mod cluster;
 mod cmd;
+mod fault;
 mod monitor;
 mod plot;
 mod scenario;
@@ -70,8 +71,10 @@ enum BenchCommand {
     /// Hole-punch time between two home routers (network namespaces and nftables; needs root).
     Nat(cmd::bench_nat::BenchNatArgs),
     /// How far honest audit recomputations differ across thread counts, fault distances, cost.
+    #[cfg(feature = "fault")]
     Audit(cmd::bench_audit::BenchAuditArgs),
     /// Micro-batches until a faulty peer is banned, over seeded runs, against the theory.
+    #[cfg(feature = "fault")]
     AuditBan(cmd::bench_audit::BenchAuditBanArgs),
     /// What serving the monitor (a polling page and a Prometheus scrape) costs the training.
     Monitor(cmd::bench_monitor::BenchMonitorArgs),
@@ -106,7 +109,9 @@ fn main() {
         Command::Bench(BenchCommand::Codec(a)) => cmd::bench_codec::run(a),
         Command::Bench(BenchCommand::Link(a)) => cmd::bench_link::run(a),
         Command::Bench(BenchCommand::Nat(a)) => cmd::bench_nat::run(a),
+        #[cfg(feature = "fault")]
         Command::Bench(BenchCommand::Audit(a)) => cmd::bench_audit::run(a),
+        #[cfg(feature = "fault")]
         Command::Bench(BenchCommand::AuditBan(a)) => cmd::bench_audit::run_ban(a),
         Command::Bench(BenchCommand::Monitor(a)) => cmd::bench_monitor::run(a),
     };

@@ -13,11 +13,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
-use swarm_compression::{Codec, Decoder, Encoder, Limits};
-use swarm_model::Shard;
-
-use super::{StageWorker, cand, lock, refuse, tensor_f32};
+use super::{StageWorker, lock, refuse};
+use crate::compute::recompute;
 use crate::error::{Error, Result};
 use crate::peer::{Peer, PeerShared, RequestCtx};
 use crate::protocol::MbKey;
@@ -48,52 +45,6 @@ pub(super) struct AuditStore {
     step: u64,
     digest: Option<(u64, [u8; 32])>,
     records: HashMap<MbKey, Rec>,
-}
-
-/// Forward of `fwd_in` through stage `index`, then the input gradient for `bwd_in`, encoded as a
-/// stage sends them. Shared by the auditor and the trainer's own referee recomputation.
-pub fn recompute(
-    shard: &Shard,
-    index: usize,
-    fwd_in: &[u8],
-    bwd_in: &[u8],
-    limits: &Limits,
-    act: Codec,
-    grad: Codec,
-) -> Result<(Vec<u8>, Vec<u8>)> {
-    let hidden = shard.config().hidden_size;
-    let mut dec = Decoder::new();
-    let mut x = Vec::new();
-    let info = dec.decode(fwd_in, limits, &mut x)?;
-    let shape = info.shape().to_vec();
-    if shape.len() != 3 || shape[2] != hidden {
-        return Err(Error::Run(format!("audit input of shape {shape:?}")));
-    }
-    let x = cand(Tensor::from_vec(
-        x,
-        (shape[0], shape[1], shape[2]),
-        &Device::Cpu,
-    ))?;
-    let (y, ctx) = shard.stage_forward(index, &x)?;
-    let dims = y.dims().to_vec();
-    let mut fwd_out = Vec::new();
-    Encoder::new(act)?.encode(&tensor_f32(&y)?, &dims, &mut fwd_out)?;
-    let mut g = Vec::new();
-    let info = dec.decode(bwd_in, limits, &mut g)?;
-    if info.shape() != dims.as_slice() {
-        return Err(Error::Run(format!(
-            "audit gradient of shape {:?}, output {dims:?}",
-            info.shape()
-        )));
-    }
-    let g = cand(Tensor::from_vec(g, dims.as_slice(), &Device::Cpu))?;
-    let dx = shard
-        .backward_input_only(ctx, &g)?
-        .ok_or_else(|| Error::Run("stage input has no gradient".into()))?;
-    let ddims = dx.dims().to_vec();
-    let mut bwd_out = Vec::new();
-    Encoder::new(grad)?.encode(&tensor_f32(&dx)?, &ddims, &mut bwd_out)?;
-    Ok((fwd_out, bwd_out))
 }
 
 impl StageWorker {

@@ -2,6 +2,7 @@
 //! the blocking pool and passed on (or reported as failed), and Abandon.
 
 use super::*;
+use crate::compute::{self, Expect};
 
 impl StageWorker {
     pub(super) async fn on_forward(
@@ -96,31 +97,15 @@ impl StageWorker {
         let received = f.receipt;
         let computed =
             tokio::task::spawn_blocking(move || -> Result<(ForwardCtx, Vec<u8>, usize, usize)> {
-                let mut dec = Decoder::new();
-                let mut x = Vec::new();
-                let info = dec.decode(&frame, &limits, &mut x)?;
-                let shape = info.shape();
-                if shape.len() != 3 || shape[2] != hidden {
-                    return Err(Error::Run(format!("activations of shape {shape:?}")));
-                }
-                let x = cand(Tensor::from_vec(
-                    x,
-                    (shape[0], shape[1], shape[2]),
-                    &Device::Cpu,
-                ))?;
+                let (x, in_elems) =
+                    compute::decode(&mut Decoder::new(), &frame, &limits, Expect::Hidden(hidden))?;
                 let g = lock(&shard);
                 let s = g.as_ref().ok_or_else(|| Error::Run("no state".into()))?;
                 let (y, c) = s.stage_forward(stage as usize, &x)?;
-                let y = match &fault {
-                    Some(f) => f.forward(key.step, key.mb, stage as usize, &x, y)?,
-                    None => y,
-                };
+                let y = fault.forward(key, stage, &x, y)?;
                 drop(g);
-                let dims = y.dims().to_vec();
-                let y = tensor_f32(&y)?;
-                let mut out = Vec::new();
-                Encoder::new(act_codec)?.encode(&y, &dims, &mut out)?;
-                Ok((c, out, y.len(), info.elements))
+                let (out, elems) = compute::encode(act_codec, &y)?;
+                Ok((c, out, elems, in_elems))
             })
             .await
             .map_err(|e| Error::Run(e.to_string()))
@@ -380,11 +365,7 @@ impl StageWorker {
         let (kept_in, fault) = (frame.clone(), self.inner.fault.clone());
         let received = b.receipt;
         let computed = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, usize, usize)> {
-            let mut dec = Decoder::new();
-            let mut g = Vec::new();
-            let info = dec.decode(&frame, &limits, &mut g)?;
-            let shape = info.shape().to_vec();
-            let g = cand(Tensor::from_vec(g, shape.as_slice(), &Device::Cpu))?;
+            let (g, in_elems) = compute::decode(&mut Decoder::new(), &frame, &limits, Expect::Any)?;
             let mut guard = lock(&shard);
             let s = guard
                 .as_mut()
@@ -396,15 +377,9 @@ impl StageWorker {
             };
             drop(guard);
             let dx = dx.ok_or_else(|| Error::Run("stage input has no gradient".into()))?;
-            let dx = match &fault {
-                Some(f) => f.backward(key.step, key.mb, &g, dx)?,
-                None => dx,
-            };
-            let dims = dx.dims().to_vec();
-            let dx = tensor_f32(&dx)?;
-            let mut out = Vec::new();
-            Encoder::new(grad_codec)?.encode(&dx, &dims, &mut out)?;
-            Ok((out, dx.len(), info.elements))
+            let dx = fault.backward(key, &g, dx)?;
+            let (out, elems) = compute::encode(grad_codec, &dx)?;
+            Ok((out, elems, in_elems))
         })
         .await
         .map_err(|e| Error::Run(e.to_string()))

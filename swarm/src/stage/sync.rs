@@ -368,9 +368,7 @@ impl StageWorker {
         let digest = tokio::task::spawn_blocking(move || -> Result<[u8; 32]> {
             let mut g = lock(&shard);
             let s = g.as_mut().ok_or_else(|| Error::Run("no state".into()))?;
-            if let Some(f) = &fault {
-                f.before_apply(a.step, s)?;
-            }
+            fault.before_apply(a.step, s)?;
             s.optimizer_step(&hp, a.lr, a.clip_scale)?;
             s.zero_grads();
             Ok(s.weights_digest()?)

@@ -37,15 +37,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::fault::{Fault, FaultKind, FaultSpec};
-use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
-use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
+use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
-use swarm_compression::Encoder;
 use swarm_compression::{Codec, Decoder, Limits};
 use swarm_model::RunConfig;
 
+use crate::compute::recompute;
 use crate::error::{Error, Result};
 use crate::identity::{Identity, PeerId};
 use crate::ledger::{Body, Head, LedgerWriter};
@@ -55,12 +53,10 @@ use crate::protocol::{Endpoint, Hop, MbKey};
 use crate::receipt::{
     AuditFetch, AuditRecompute, AuditRecord, AuditResult, Pass, Receipt, frame_hash,
 };
-use crate::stage::{StageOptions, audit::recompute, fetch_state};
+use crate::stage::{StageOptions, fetch_state};
 
-mod bench;
 mod judge;
 
-pub use bench::{RecomputeBench, measure_recompute};
 pub use judge::frame_distance;
 use judge::link_liar;
 

@@ -13,10 +13,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use swarm_compression::{Codec, Decoder, Encoder, Limits};
+use swarm_compression::{Codec, Decoder, Limits};
 use swarm_model::{Corpus, ForwardCtx, Piece, RunConfig, Shard, clip_scale};
 use swarm_router as router;
 use tokio::sync::mpsc;
@@ -290,7 +290,6 @@ pub struct Trainer {
     act_codec: Codec,
     grad_codec: Codec,
     limits: Limits,
-    events: Vec<TrainerEvent>,
     pinger: Option<tokio::task::JoinHandle<()>>,
     /// A stage lost its last replica and nobody holds its state: the run restores every stage
     /// and the ends from the latest checkpoint (or the seed) before going on.
@@ -458,7 +457,6 @@ impl Trainer {
             act_codec,
             grad_codec,
             limits: Limits::new(elems),
-            events: Vec::new(),
             pinger: None,
             restore_pending: false,
             audit,
@@ -543,7 +541,6 @@ impl Trainer {
         let step = self.step();
         self.observer.event(&e, step);
         self.publish();
-        self.events.push(e);
     }
 
     /// Trains until the run's last step (or `max_steps` steps of this process), calling
@@ -635,33 +632,6 @@ impl Trainer {
                 .map(|k| k as u32)
         })
     }
-}
-
-/// Encodes a tensor as one frame; returns the frame and its fp32 size.
-fn encode_tensor(codec: &Codec, x: &Tensor) -> Result<(Vec<u8>, u64)> {
-    let shape = x.dims().to_vec();
-    let data = x
-        .flatten_all()
-        .and_then(|t| t.to_dtype(DType::F32))
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(swarm_model::Error::from)?;
-    let mut enc = Encoder::new(*codec)?;
-    let mut frame = Vec::new();
-    enc.encode(&data, &shape, &mut frame)?;
-    Ok((frame, data.len() as u64 * 4))
-}
-
-/// Decodes a frame that must have shape `shape` into an f32 tensor.
-fn decode_tensor(frame: &[u8], limits: &Limits, shape: &[usize]) -> Result<Tensor> {
-    let mut out = Vec::new();
-    let info = Decoder::new().decode(frame, limits, &mut out)?;
-    if info.shape() != shape {
-        return Err(run_err(format!(
-            "tensor of shape {:?}, expected {shape:?}",
-            info.shape()
-        )));
-    }
-    Tensor::from_vec(out, shape, &Device::Cpu).map_err(|e| swarm_model::Error::from(e).into())
 }
 
 fn now_ms() -> u64 {

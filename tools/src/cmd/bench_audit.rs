@@ -22,12 +22,15 @@ use serde::Serialize;
 use swarm_core::fault::{FaultKind, FaultSpec};
 use swarm_core::peer::{Peer, PeerConfig};
 use swarm_core::stage::join_run;
-use swarm_core::trainer::audit::measure_recompute;
 use swarm_core::trainer::{Trainer, TrainerOptions};
 use swarm_core::{Identity, PeerId};
 use swarm_model::RunConfig;
 
 use crate::ui;
+
+mod recompute;
+
+use recompute::measure_recompute;
 
 #[derive(clap::Args)]
 pub struct BenchAuditArgs {
@@ -205,7 +208,7 @@ async fn one_run(
             },
         )
         .await?;
-        let joined = join_run(&peer, addr, Some(stage), |o| o.fault = f).await?;
+        let joined = join_run(&peer, addr, Some(stage), crate::fault::configure(f)).await?;
         if f.is_some() {
             faulty = Some(peer.peer_id());
         }

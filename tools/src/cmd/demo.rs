@@ -58,7 +58,7 @@ pub struct DemoArgs {
     /// stale, skip, scale-grad. The JSON then says whether audits banned it (`banned`) and
     /// whether they banned anyone else (`false_bans`).
     #[arg(long)]
-    pub faulty_peer: Option<swarm_core::fault::FaultSpec>,
+    pub faulty_peer: Option<crate::fault::FaultSpec>,
 
     /// Fraction of micro-batches audited per stage (newly joined peers: at least 20% for their
     /// first 20 micro-batches).

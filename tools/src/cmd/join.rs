@@ -60,7 +60,7 @@ pub struct JoinArgs {
     /// Misbehave on purpose on a seeded fraction of micro-batches (demos and tests of the audits):
     /// `KIND:RATE[:SEED]`, KIND one of noise, zero, stale, skip, scale-grad.
     #[arg(long)]
-    pub fault: Option<swarm_core::fault::FaultSpec>,
+    pub fault: Option<crate::fault::FaultSpec>,
 
     /// Milliseconds between gossip rounds.
     #[arg(long, env = "SWARM_GOSSIP_INTERVAL_MS", default_value_t = 2_000)]
@@ -368,7 +368,7 @@ async fn join_training(
     bootstrap: Option<SocketAddr>,
     stage: Option<u32>,
     memory: Option<u64>,
-    fault: Option<swarm_core::fault::FaultSpec>,
+    fault: Option<crate::fault::FaultSpec>,
     json: bool,
 ) -> anyhow::Result<Option<(swarm_core::stage::StageWorker, SocketAddr)>> {
     let Some(trainer) = swarm_core::stage::find_trainer(peer, bootstrap).await else {
@@ -380,10 +380,15 @@ async fn join_training(
         }
         return Ok(None);
     };
-    let joined =
-        swarm_core::stage::join_run_within(peer, trainer, stage, memory, |o| o.fault = fault)
-            .await
-            .context("joining the training run")?;
+    let joined = swarm_core::stage::join_run_within(
+        peer,
+        trainer,
+        stage,
+        memory,
+        crate::fault::configure(fault),
+    )
+    .await
+    .context("joining the training run")?;
     let serving = Serving {
         stage: joined.worker.stage(),
         step: joined.step,
@@ -423,7 +428,7 @@ async fn serve_until_shutdown(
     peer: &Peer,
     mut worker: swarm_core::stage::StageWorker,
     trainer: SocketAddr,
-    fault: Option<swarm_core::fault::FaultSpec>,
+    fault: Option<crate::fault::FaultSpec>,
     json: bool,
     trainer_timeout: Duration,
     shutdown: &mut ShutdownSignal,
@@ -467,7 +472,8 @@ async fn serve_until_shutdown(
             continue;
         }
         let stage = worker.stage();
-        let joining = swarm_core::stage::join_run(peer, trainer, Some(stage), |o| o.fault = fault);
+        let joining =
+            swarm_core::stage::join_run(peer, trainer, Some(stage), crate::fault::configure(fault));
         let joined = tokio::select! {
             r = shutdown.wait() => return (worker, Stop::Asked(r)),
             j = joining => j,

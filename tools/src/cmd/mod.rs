@@ -1,5 +1,6 @@
 //! One module per subcommand; each has an `Args` struct (clap) and `run(args) -> anyhow::Result<()>`.
 
+#[cfg(feature = "fault")]
 pub mod bench_audit;
 pub mod bench_codec;
 pub mod bench_compress;

@@ -238,11 +238,22 @@ pub fn apply_overrides(
 /// (more runnable threads than cores) the spinning workers steal the cores the real work needs:
 /// measured here with ~6 engineers sharing 2 cores, backward took 1.27 s per micro-batch with
 /// the default and 0.90 s with a short spin. Unless the user chose a value, use a short spin.
-/// Called first thing, before any candle op creates the pool and before other threads exist.
+/// Candle reads the variable when it creates its pool, and setting it in-process needs an
+/// `unsafe` `set_var` that is unsound once other threads exist (the signal thread already does):
+/// so the command re-executes itself (same pid, arguments and descriptors) with the variable set.
+/// Called first thing, before any candle op creates the pool and before any output.
 pub(crate) fn short_candle_spin() {
+    use std::os::unix::process::CommandExt;
     const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
-    if std::env::var_os(VAR).is_none() {
-        // SAFETY: called at the start of the command, while the process is single-threaded.
-        unsafe { std::env::set_var(VAR, "50") };
+    if std::env::var_os(VAR).is_some() {
+        return;
     }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(VAR, "50")
+        .exec();
+    tracing::debug!(error = %err, "no re-execution with a short candle spin; keeping the default");
 }

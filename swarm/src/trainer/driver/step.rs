@@ -2,6 +2,7 @@
 //! exactly-once counting, then the audits.
 
 use super::*;
+use crate::compute::{self, Expect};
 
 impl Trainer {
     /// One optimizer step: every micro-batch counted exactly once, then the replica sync.
@@ -126,7 +127,6 @@ impl Trainer {
                                 self.audit.got_backward(out.key, &out.grad);
                                 let res = on_backward_out(
                                     &self.ends,
-                                    &mut self.grad_dec(),
                                     &self.limits,
                                     f,
                                     &out,
@@ -455,10 +455,6 @@ impl Trainer {
         &self.audit.stats
     }
 
-    pub(super) fn grad_dec(&self) -> Decoder {
-        Decoder::new()
-    }
-
     /// Starts an attempt of micro-batch `mb`: plan, embedding forward, Forward to stage 0.
     pub(super) async fn dispatch(
         &mut self,
@@ -532,7 +528,8 @@ impl Trainer {
             let e = ends.lock().unwrap_or_else(|e| e.into_inner());
             let (x, ctx) = e.embed_forward(&inputs, bsz, seq)?;
             drop(e);
-            let (frame, dense) = encode_tensor(&codec, &x)?;
+            let (frame, n) = compute::encode(codec, &x)?;
+            let dense = 4 * n as u64;
             Ok((ctx, frame, dense))
         })
         .await
@@ -622,7 +619,9 @@ impl Trainer {
             self.cfg().model.hidden_size,
         );
         let (loss, grad, dense) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let x = decode_tensor(&frame, &limits, &[bsz, seq, hidden])?;
+            let dims = [bsz, seq, hidden];
+            let (x, _) =
+                compute::decode(&mut Decoder::new(), &frame, &limits, Expect::Dims(&dims))?;
             let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
             let (loss, ctx) = e.head_forward(&x, &targets)?;
             let grad = if accumulate {
@@ -635,7 +634,8 @@ impl Trainer {
                 g
             };
             drop(e);
-            let (frame, dense) = encode_tensor(&codec, &grad)?;
+            let (frame, n) = compute::encode(codec, &grad)?;
+            let dense = 4 * n as u64;
             Ok((loss, frame, dense))
         })
         .await
@@ -739,13 +739,11 @@ impl Trainer {
 /// Embedding backward for a returned attempt (accumulating if the embedding has not counted).
 pub(super) async fn on_backward_out(
     ends: &Arc<Mutex<Shard>>,
-    dec: &mut Decoder,
     limits: &Limits,
     f: &mut InFlight,
     out: &BackwardOut,
     metrics: &mut Metrics,
 ) -> Result<()> {
-    let _ = dec;
     let info = swarm_compression::frame::FrameInfo::read(&out.grad, limits)?;
     // The backward pass: every earlier hop and this frame, but our own Backward's frame (in
     // `upstream` too), counted when sent.
@@ -763,13 +761,9 @@ pub(super) async fn on_backward_out(
     let ends = ends.clone();
     let frame = out.grad.clone();
     let limits = *limits;
-    let shape = {
-        let e = ends.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = &e;
-        info.shape().to_vec()
-    };
+    let shape = info.shape().to_vec();
     tokio::task::spawn_blocking(move || -> Result<()> {
-        let g = decode_tensor(&frame, &limits, &shape)?;
+        let (g, _) = compute::decode(&mut Decoder::new(), &frame, &limits, Expect::Dims(&shape))?;
         let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
         e.backward(ctx, &g)?;
         Ok(())

@@ -1,10 +1,22 @@
 //! Measurement of audits (`swarm bench audit`): honest recomputation distances across thread
 //! counts, the distance each fault kind produces, and an audit's cost.
 
-use super::*;
+use std::time::Instant;
+
+use anyhow::{Result, anyhow, bail};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use swarm_compression::{Codec, Decoder, Encoder, Limits};
+use swarm_core::compute::{self, Expect, recompute};
+use swarm_core::fault::{Fault, FaultKind, FaultSpec};
+use swarm_core::stage::init_shard;
+use swarm_core::trainer::audit::{DEFAULT_TOLERANCE, frame_distance};
+use swarm_model::RunConfig;
 
 fn cand<T>(r: candle_core::Result<T>) -> Result<T> {
-    r.map_err(|e| Error::Model(e.into()))
+    Ok(r?)
 }
 
 /// What [`measure_recompute`] found (`swarm bench audit`).
@@ -31,10 +43,10 @@ pub struct RecomputeBench {
     pub bytes_per_micro_batch: u64,
 }
 
-fn set_threads(n: usize) {
-    // SAFETY: the bench is single-threaded here apart from idle compute pools, which read the
-    // variable only inside the calls this thread makes.
-    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+/// A compute pool of `n` threads: the stage kernels split their work over the pool they run in
+/// (`rayon::current_num_threads`), so a pass run inside `install` uses exactly `n`.
+fn pool(n: usize) -> Result<rayon::ThreadPool> {
+    Ok(rayon::ThreadPoolBuilder::new().num_threads(n).build()?)
 }
 
 fn random_tensor(rng: &mut ChaCha8Rng, dims: &[usize], scale: f32) -> Vec<f32> {
@@ -52,8 +64,7 @@ fn random_tensor(rng: &mut ChaCha8Rng, dims: &[usize], scale: f32) -> Vec<f32> {
 /// thread count) for `micro_batches` random micro-batches per stage of `cfg` with its codecs, the
 /// smallest distance each fault kind gives on the same micro-batches, and the audit's cost.
 ///
-/// It sets `RAYON_NUM_THREADS` (candle reads it at every matmul): call it from a process that
-/// does nothing else meanwhile (the bench command).
+/// Each thread count runs in its own rayon pool of that size.
 pub fn measure_recompute(
     cfg: &RunConfig,
     micro_batches: usize,
@@ -62,7 +73,7 @@ pub fn measure_recompute(
     on_progress: &mut dyn FnMut(),
 ) -> Result<RecomputeBench> {
     if threads.is_empty() {
-        return Err(Error::Run("no thread counts".into()));
+        bail!("no thread counts");
     }
     let act: Codec = cfg.codec.activations.parse()?;
     let grad: Codec = cfg.codec.gradients.parse()?;
@@ -87,8 +98,8 @@ pub fn measure_recompute(
     let (mut own_s, mut owns) = (0f64, 0u64);
     for k in 0..stages {
         // The stage one optimizer step in (its stale copy: the seed's weights).
-        let stale = crate::stage::init_shard(cfg, k as u32)?;
-        let mut shard = crate::stage::init_shard(cfg, k as u32)?;
+        let stale = init_shard(cfg, k as u32)?;
+        let mut shard = init_shard(cfg, k as u32)?;
         {
             let x = cand(Tensor::from_vec(
                 random_tensor(&mut rng, &dims, 1.0),
@@ -112,17 +123,17 @@ pub fn measure_recompute(
             Encoder::new(act)?.encode(&x, &dims, &mut fwd_in)?;
             Encoder::new(grad)?.encode(&g, &dims, &mut bwd_in)?;
             // The faulty and the own passes see what a stage sees: the decoded frames.
-            let (mut x, mut g) = (Vec::new(), Vec::new());
             let mut dec = Decoder::new();
-            dec.decode(&fwd_in, &limits, &mut x)?;
-            dec.decode(&bwd_in, &limits, &mut g)?;
+            let (xt, _) = compute::decode(&mut dec, &fwd_in, &limits, Expect::Dims(&dims))?;
+            let (gt, _) = compute::decode(&mut dec, &bwd_in, &limits, Expect::Dims(&dims))?;
             out.bytes_per_micro_batch = 2 * (fwd_in.len() + bwd_in.len()) as u64;
             let mut results = Vec::new();
             for &t in threads {
-                set_threads(t);
+                let pool = pool(t)?;
                 for _ in 0..2 {
                     let t0 = Instant::now();
-                    let r = recompute(&shard, k, &fwd_in, &bwd_in, &limits, act, grad)?;
+                    let r = pool
+                        .install(|| recompute(&shard, k, &fwd_in, &bwd_in, &limits, act, grad))?;
                     recompute_s += t0.elapsed().as_secs_f64();
                     recomputes += 1;
                     results.push(r);
@@ -142,12 +153,12 @@ pub fn measure_recompute(
                 }
             }
             // The stage's own pass, for the cost comparison.
-            set_threads(threads[0]);
             let t0 = Instant::now();
-            let xt = cand(Tensor::from_vec(x.clone(), &dims, &Device::Cpu))?;
-            let gt = cand(Tensor::from_vec(g.clone(), &dims, &Device::Cpu))?;
-            let (_, ctx) = shard.stage_forward(k, &xt)?;
-            shard.backward(ctx, &gt)?;
+            pool(threads[0])?.install(|| -> Result<()> {
+                let (_, ctx) = shard.stage_forward(k, &xt)?;
+                shard.backward(ctx, &gt)?;
+                Ok(())
+            })?;
             own_s += t0.elapsed().as_secs_f64();
             owns += 1;
             shard.zero_grads();
@@ -161,26 +172,14 @@ pub fn measure_recompute(
                 };
                 let fault = Fault::new(spec, &[7; 32]);
                 fault.before_apply(0, &stale)?;
-                let xt = cand(Tensor::from_vec(x.clone(), &dims, &Device::Cpu))?;
                 let (y, ctx) = shard.stage_forward(k, &xt)?;
                 let y = fault.forward(1, mb as u32, k, &xt, y)?;
                 let dx = shard
                     .backward_input_only(ctx, &gt)?
-                    .ok_or_else(|| Error::Run("stage input gradient".into()))?;
+                    .ok_or_else(|| anyhow!("stage input gradient"))?;
                 let dx = fault.backward(1, mb as u32, &gt, dx)?;
-                let (mut fo, mut bo) = (Vec::new(), Vec::new());
-                let yv = cand(
-                    y.to_dtype(DType::F32)
-                        .and_then(|t| t.flatten_all())
-                        .and_then(|t| t.to_vec1::<f32>()),
-                )?;
-                let dv = cand(
-                    dx.to_dtype(DType::F32)
-                        .and_then(|t| t.flatten_all())
-                        .and_then(|t| t.to_vec1::<f32>()),
-                )?;
-                Encoder::new(act)?.encode(&yv, &dims, &mut fo)?;
-                Encoder::new(grad)?.encode(&dv, &dims, &mut bo)?;
+                let (fo, _) = compute::encode(act, &y)?;
+                let (bo, _) = compute::encode(grad, &dx)?;
                 let d = frame_distance(&fo, honest_f, &limits)
                     .max(frame_distance(&bo, honest_b, &limits));
                 *min = min.min(d);
