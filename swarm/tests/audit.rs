@@ -77,7 +77,7 @@ async fn honest_run_audited_at_rate_one_bans_nobody() {
     assert_eq!(a.identical, a.audits);
     assert_eq!((a.audit_failures, a.banned.len(), a.disputes), (0, 0, 0));
     let got: Vec<f64> = m.steps.iter().map(|r| r.loss).collect();
-    let want = trainer_common::local_losses(&cfg, steps as usize).0;
+    let want = trainer_common::local_run(&cfg, steps as usize).0;
     for (g, w) in got.iter().zip(&want) {
         assert!((g - w).abs() / w.abs() < 1e-4, "{got:?} vs {want:?}");
     }
@@ -106,7 +106,7 @@ async fn honest_run_audited_at_rate_one_bans_nobody() {
 async fn each_fault_kind_is_banned_and_the_run_stays_the_local_run() {
     let steps = 3;
     let cfg = tiny_config(steps);
-    let want = trainer_common::local_losses(&cfg, steps as usize).0;
+    let want = trainer_common::local_run(&cfg, steps as usize).0;
     for (i, kind) in FaultKind::ALL.into_iter().enumerate() {
         let stage = (i % 2) as u32;
         let spec = FaultSpec {

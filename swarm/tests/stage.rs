@@ -23,15 +23,8 @@ use swarm_core::rpc::{self, code};
 use swarm_core::stage::{StageOptions, StageWorker, f32_digest, fetch_state, init_shard};
 use swarm_core::wire::{self, WireMessage, kind};
 use swarm_model::{RunConfig, Shard};
+use swarm_testkit::bounded;
 use tokio::sync::mpsc;
-
-const LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("test step timed out")
-}
 
 fn config(stages: &[usize], sync: &str) -> RunConfig {
     let mut c = RunConfig {

@@ -3,7 +3,6 @@
 //! replica (verified by digest) and serves; a full context table answers BUSY. Waits are bounded.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use swarm_compression::{Codec, Encoder};
 use swarm_core::Identity;
@@ -17,14 +16,7 @@ use swarm_core::rpc::{self, code};
 use swarm_core::stage::{StageOptions, StageWorker, choose_stage, init_shard, join_run};
 use swarm_core::wire::{self, kind};
 use swarm_model::RunConfig;
-
-const LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("test step timed out")
-}
+use swarm_testkit::bounded;
 
 fn config() -> RunConfig {
     let mut c = RunConfig {

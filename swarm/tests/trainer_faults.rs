@@ -42,7 +42,7 @@ async fn replica_crash_mid_step_loses_no_micro_batch() {
         .expect("run succeeds");
     assert!(*crashed.lock().unwrap());
     let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
-    let (want, _) = local_losses(&cfg, steps as usize);
+    let (want, _) = local_run(&cfg, steps as usize);
     // Every micro-batch counted exactly once: the same trajectory as the local run.
     assert_losses_match(&losses, &want, 1e-4);
     assert_eq!(metrics.peers_lost, 1, "{:?}", metrics.summary());
@@ -82,7 +82,7 @@ async fn peer_joining_mid_run_syncs_its_stage_and_serves() {
         .expect("run finishes in time")
         .expect("run succeeds");
     let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
-    let (want, _) = local_losses(&cfg, steps as usize);
+    let (want, _) = local_run(&cfg, steps as usize);
     assert_losses_match(&losses, &want, 1e-4);
     // The joiner took part in the last syncs of stage 1 and holds the same weights.
     assert_eq!(metrics.steps.last().unwrap().participants, vec![1, 2]);
@@ -126,7 +126,7 @@ async fn crash_during_sync(kind: u16, rerun: Option<bool>) {
         .expect("run finishes before the sync timeout could have fired")
         .expect("run succeeds");
     let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
-    let (want, _) = local_losses(&cfg, steps as usize);
+    let (want, _) = local_run(&cfg, steps as usize);
     assert_losses_match(&losses, &want, 1e-4);
     assert_eq!(metrics.peers_lost, 1, "{:?}", metrics.summary());
     assert_eq!(metrics.replica_hash_mismatches, 0);
@@ -199,7 +199,7 @@ async fn graceful_leave_finishes_the_step_and_is_not_a_crash() {
     }
     assert_eq!(*left.lock().unwrap(), Some(true), "released by the trainer");
     let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
-    let (want, _) = local_losses(&cfg, steps as usize);
+    let (want, _) = local_run(&cfg, steps as usize);
     assert_losses_match(&losses, &want, 1e-4);
     let s = metrics.summary();
     assert_eq!((s.peers_lost, s.peers_left, s.retries), (0, 1, 0), "{s:?}");
@@ -246,7 +246,7 @@ async fn last_replica_leaving_hands_its_state_to_the_next_peer() {
         .expect("run finishes in time")
         .expect("run succeeds");
     let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
-    let (want, _) = local_losses(&cfg, steps as usize);
+    let (want, _) = local_run(&cfg, steps as usize);
     assert_losses_match(&losses, &want, 1e-4);
     let s = metrics.summary();
     assert_eq!((s.peers_lost, s.peers_left), (0, 1), "{s:?}");
@@ -311,7 +311,7 @@ async fn last_replica_crash_restores_every_stage_from_the_checkpoint() {
     assert_eq!(*restored.lock().unwrap(), vec![(2, true)]);
     assert_eq!(metrics.restores, 1);
     let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
-    let (want, _) = local_losses(&cfg, steps as usize);
+    let (want, _) = local_run(&cfg, steps as usize);
     assert_losses_match(&losses, &want, 1e-4);
     assert_eq!(trainer.epoch(), 1);
     let late = late.lock().await;
@@ -425,7 +425,7 @@ async fn stage_sync_redone_with_three_replicas(late_share: bool) -> swarm_core::
         .expect("run finishes before the sync timeout could have fired")
         .expect("run succeeds");
     let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
-    let (want, _) = local_losses(&cfg, steps as usize);
+    let (want, _) = local_run(&cfg, steps as usize);
     assert_losses_match(&losses, &want, 1e-4);
     assert_eq!(metrics.peers_lost, 1, "{:?}", metrics.summary());
     assert_eq!(metrics.replica_hash_mismatches, 0);
@@ -530,7 +530,7 @@ async fn frames_of_an_attempt_failed_by_deadline_count_as_wire_bytes() {
         .expect("run finishes in time")
         .expect("run succeeds");
     let losses: Vec<f64> = metrics.steps.iter().map(|s| s.loss).collect();
-    let (want, _) = local_losses(&cfg, steps as usize);
+    let (want, _) = local_run(&cfg, steps as usize);
     assert_losses_match(&losses, &want, 1e-4);
     assert_eq!(metrics.retries, 1, "{:?}", metrics.summary());
     // Codec none: every boundary frame (activations or their gradients) has one size.

@@ -9,7 +9,7 @@ use swarm_core::trainer::{Trainer, TrainerEvent, TrainerOptions};
 
 mod trainer_common;
 use trainer_common::{
-    assert_checkpoint_is_local, assert_losses_match, local_losses, start_replicas, tiny_config,
+    assert_checkpoint_is_local, assert_losses_match, local_run, start_replicas, tiny_config,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,7 +36,7 @@ async fn swarm_run_matches_local_run_with_codec_none() {
     assert_eq!(metrics.steps.len() as u64, steps);
 
     // The reference: the single-process trainer on the same config.
-    let (want, local) = local_losses(&cfg, steps as usize);
+    let (want, local) = local_run(&cfg, steps as usize);
     let got: Vec<f64> = metrics.steps.iter().map(|r| r.loss).collect();
     assert_losses_match(&got, &want, 1e-4);
     for (k, r) in metrics.steps.iter().enumerate() {
@@ -107,7 +107,7 @@ async fn run_counting_bytes(
         .await
         .expect("run finishes in time")
         .expect("run succeeds");
-    let (want, _) = local_losses(&cfg, steps as usize);
+    let (want, _) = local_run(&cfg, steps as usize);
     let got: Vec<f64> = metrics.steps.iter().map(|r| r.loss).collect();
     assert_losses_match(&got, &want, 1e-4);
     drop(replicas);

@@ -97,7 +97,7 @@ async fn a_replica_serving_altered_state_is_refused_and_the_checkpoint_comes_fro
         .expect("run finishes in time")
         .expect("run succeeds");
 
-    let (want, local) = local_losses(&cfg, steps as usize);
+    let (want, local) = local_run(&cfg, steps as usize);
     let got: Vec<f64> = metrics.steps.iter().map(|r| r.loss).collect();
     assert_losses_match(&got, &want, 1e-4);
     // Refused at the first checkpoint, banned (and so out of the later ones).

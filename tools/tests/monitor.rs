@@ -14,32 +14,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use swarm_core::trainer::observe::Snapshot;
-use swarm_model::RunConfig;
 use swarm_monitor::client::get;
+use swarm_testkit::tiny_config;
 
 const T: Duration = Duration::from_secs(10);
-
-/// 2 stages, tiny model, codec none, links slow enough that a step takes a visible while.
-fn tiny_config(steps: u64) -> RunConfig {
-    let mut cfg = RunConfig {
-        codec: swarm_model::CodecConfig::none(),
-        ..RunConfig::default()
-    };
-    cfg.model.hidden_size = 32;
-    cfg.model.intermediate_size = 64;
-    cfg.model.num_attention_heads = 4;
-    cfg.model.num_key_value_heads = Some(2);
-    cfg.model.max_position_embeddings = 32;
-    cfg.stages = vec![0, 1, 2];
-    cfg.train.steps = steps;
-    cfg.train.micro_batches = 4;
-    cfg.train.micro_batch_size = 2;
-    cfg.train.seq_len = 16;
-    cfg.train.warmup_steps = 1;
-    cfg.train.lr = 1e-2;
-    cfg.validate().unwrap();
-    cfg
-}
 
 /// Kills the demo (its peers leave when their stdin closes) on every exit path.
 struct Demo(Child);

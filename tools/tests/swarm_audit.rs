@@ -8,28 +8,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use swarm_model::{LocalTrainer, RunConfig};
-
-fn tiny_config(steps: u64) -> RunConfig {
-    let mut cfg = RunConfig::default();
-    cfg.codec.activations = "none".into();
-    cfg.codec.gradients = "none".into();
-    cfg.codec.sync = "none".into();
-    cfg.model.hidden_size = 32;
-    cfg.model.intermediate_size = 64;
-    cfg.model.num_attention_heads = 4;
-    cfg.model.num_key_value_heads = Some(2);
-    cfg.model.max_position_embeddings = 32;
-    cfg.stages = vec![0, 1, 2];
-    cfg.train.steps = steps;
-    cfg.train.micro_batches = 4;
-    cfg.train.micro_batch_size = 2;
-    cfg.train.seq_len = 16;
-    cfg.train.warmup_steps = 1;
-    cfg.train.lr = 1e-2;
-    cfg.validate().unwrap();
-    cfg
-}
+use swarm_model::RunConfig;
+use swarm_testkit::{local_losses, tiny_config};
 
 /// Runs `swarm ARGS` (bounded by `limit`); returns (success, stdout, stderr).
 fn swarm(args: &[&str], limit: Duration) -> (bool, String, String) {
@@ -74,14 +54,6 @@ fn swarm(args: &[&str], limit: Duration) -> (bool, String, String) {
 fn last_json(out: &str) -> serde_json::Value {
     let last = out.lines().last().expect("a JSON line");
     serde_json::from_str(last).unwrap_or_else(|e| panic!("bad JSON {last}: {e}"))
-}
-
-fn local_losses(cfg: &RunConfig) -> Vec<f64> {
-    let corpus = swarm_model::train::load_corpus(&cfg.data).unwrap();
-    let mut local = LocalTrainer::new(cfg).unwrap();
-    (0..cfg.train.steps)
-        .map(|_| local.train_step(&corpus).unwrap().loss)
-        .collect()
 }
 
 fn demo(dir: &Path, cfg: &RunConfig, extra: &[&str]) -> serde_json::Value {

@@ -10,29 +10,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use swarm_model::{LocalTrainer, RunConfig};
-
-/// The tiny run of these tests: 2 stages, 4 micro-batches of 2 x 16 tokens, codec none.
-fn tiny_config(steps: u64) -> RunConfig {
-    let mut cfg = RunConfig {
-        codec: swarm_model::CodecConfig::none(),
-        ..RunConfig::default()
-    };
-    cfg.model.hidden_size = 32;
-    cfg.model.intermediate_size = 64;
-    cfg.model.num_attention_heads = 4;
-    cfg.model.num_key_value_heads = Some(2);
-    cfg.model.max_position_embeddings = 32;
-    cfg.stages = vec![0, 1, 2];
-    cfg.train.steps = steps;
-    cfg.train.micro_batches = 4;
-    cfg.train.micro_batch_size = 2;
-    cfg.train.seq_len = 16;
-    cfg.train.warmup_steps = 1;
-    cfg.train.lr = 1e-2;
-    cfg.validate().unwrap();
-    cfg
-}
+use swarm_model::RunConfig;
+use swarm_testkit::{local_losses, local_run, tiny_config};
 
 /// Runs `swarm demo` with `args` (bounded by `limit`), returns its JSON line.
 fn demo(dir: &Path, cfg: &RunConfig, args: &[&str], limit: Duration) -> serde_json::Value {
@@ -82,19 +61,6 @@ fn demo(dir: &Path, cfg: &RunConfig, args: &[&str], limit: Duration) -> serde_js
     serde_json::from_str(last).unwrap_or_else(|e| panic!("bad JSON {last}: {e}"))
 }
 
-fn local_run(cfg: &RunConfig) -> (Vec<f64>, LocalTrainer) {
-    let corpus = swarm_model::train::load_corpus(&cfg.data).unwrap();
-    let mut local = LocalTrainer::new(cfg).unwrap();
-    let losses = (0..cfg.train.steps)
-        .map(|_| local.train_step(&corpus).unwrap().loss)
-        .collect();
-    (losses, local)
-}
-
-fn local_losses(cfg: &RunConfig) -> Vec<f64> {
-    local_run(cfg).0
-}
-
 fn check_losses(json: &serde_json::Value, cfg: &RunConfig) {
     let got: Vec<f64> = json["losses"]
         .as_array()
@@ -127,7 +93,7 @@ fn demo_with_codec_none_matches_the_local_run() {
     // The final checkpoint (HF format) holds the local model's weights.
     let ck = swarm_model::checkpoint::load(&ckpt).unwrap();
     assert_eq!(ck.state.as_ref().map(|s| s.step), Some(3));
-    let (_, local) = local_run(&cfg);
+    let (_, local) = local_run(&cfg, cfg.train.steps as usize);
     let want = local.tensors();
     assert_eq!(ck.tensors.len(), want.len());
     for (name, t) in &want {

@@ -29,9 +29,7 @@ fn server(n: u8, allow: Option<AllowList>) -> Node {
 }
 
 async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("test step timed out")
+    swarm_testkit::within(LIMIT, f).await
 }
 
 async fn ping(conn: &PeerConn, nonce: u64) -> swarm_net::Result<u64> {

@@ -9,8 +9,9 @@ use swarm_core::Identity;
 use swarm_core::peer::{Peer, PeerConfig};
 use swarm_core::stage::{Joined, join_run};
 use swarm_model::{LocalTrainer, RunConfig};
+#[allow(unused_imports)] // each test crate uses some of them
+pub use swarm_testkit::{assert_losses_match, local_run, tiny_config};
 
-/// A 2-layer, width-32 model in 2 stages; 4 micro-batches of 2 x 16 tokens per step; codec none.
 /// Trainer options of the fault tests: start once `min_replicas` per stage have joined, waiting
 /// up to a minute for them.
 pub fn fault_options(cfg: &RunConfig, min_replicas: usize) -> swarm_core::trainer::TrainerOptions {
@@ -18,29 +19,6 @@ pub fn fault_options(cfg: &RunConfig, min_replicas: usize) -> swarm_core::traine
     opts.min_replicas = min_replicas;
     opts.wait_for_peers = std::time::Duration::from_secs(60);
     opts
-}
-
-pub fn tiny_config(steps: u64) -> RunConfig {
-    let mut cfg = RunConfig {
-        // Exact fp32: these tests compare with the local run (the default codecs are lossy).
-        codec: swarm_model::CodecConfig::none(),
-        ..RunConfig::default()
-    };
-    cfg.model.hidden_size = 32;
-    cfg.model.intermediate_size = 64;
-    cfg.model.num_hidden_layers = 2;
-    cfg.model.num_attention_heads = 4;
-    cfg.model.num_key_value_heads = Some(2);
-    cfg.model.max_position_embeddings = 32;
-    cfg.stages = vec![0, 1, 2];
-    cfg.train.steps = steps;
-    cfg.train.micro_batches = 4;
-    cfg.train.micro_batch_size = 2;
-    cfg.train.seq_len = 16;
-    cfg.train.warmup_steps = 1;
-    cfg.train.lr = 1e-2;
-    cfg.validate().unwrap();
-    cfg
 }
 
 /// A stage replica: its peer and its worker.
@@ -87,28 +65,6 @@ pub async fn start_replicas(trainer: SocketAddr, stages: &[u32]) -> Vec<Replica>
         out.push(start_replica(trainer, s).await);
     }
     out
-}
-
-/// Losses of the single-process reference run, step by step.
-pub fn local_losses(cfg: &RunConfig, steps: usize) -> (Vec<f64>, LocalTrainer) {
-    let corpus = swarm_model::train::load_corpus(&cfg.data).unwrap();
-    let mut local = LocalTrainer::new(cfg).unwrap();
-    let losses = (0..steps)
-        .map(|_| local.train_step(&corpus).unwrap().loss)
-        .collect();
-    (losses, local)
-}
-
-/// Asserts every step's loss is within `tol` relative of the reference.
-pub fn assert_losses_match(got: &[f64], want: &[f64], tol: f64) {
-    assert_eq!(got.len(), want.len());
-    for (k, (g, w)) in got.iter().zip(want).enumerate() {
-        let rel = (g - w).abs() / w.abs();
-        assert!(
-            rel < tol,
-            "step {k}: swarm loss {g} vs local {w} (rel {rel})"
-        );
-    }
 }
 
 impl Replica {
