@@ -1,6 +1,8 @@
 //! The hot path allocates nothing once warm: encode into a reused `Vec<u8>`, decode into a reused
 //! `Vec<f32>`, for every kind of codec. Counted with a global allocator, on this thread only.
 
+#![allow(unsafe_code)] // a counting global allocator
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 

@@ -2,6 +2,7 @@
 //! measurement as `swarm bench model` without building the CLI. Pass a run config path to time
 //! another model.
 
+#[allow(unsafe_code)] // set_var before any thread exists: see the SAFETY comment inside
 fn main() {
     // Same short candle pool spin as the CLI (see tools/src/cmd/train.rs): on a shared machine
     // the default long spin slows backward by a third.

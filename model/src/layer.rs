@@ -132,6 +132,7 @@ fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
 /// `dst (m x n, row stride drs) = [dst +] a (m x k) b (k x n)`, with `acc` choosing whether the
 /// old contents of `dst` are added.
 #[allow(clippy::too_many_arguments)]
+#[allow(unsafe_code)] // the gemm call on checked strides: see the SAFETY comment inside
 fn matmul<T: Float>(
     m: usize,
     n: usize,

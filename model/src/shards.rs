@@ -182,6 +182,7 @@ impl std::fmt::Debug for TokenShard {
 
 impl TokenShard {
     /// Opens and memory-maps a shard file (ours or llm.c's), validating its header and length.
+    #[allow(unsafe_code)] // memory-mapped shard files: see the SAFETY comment inside
     pub fn open(path: &Path) -> Result<TokenShard, Error> {
         let file = std::fs::File::open(path).map_err(io_err(path))?;
         // SAFETY: the map is read-only and private to this process. Its bytes are untrusted and

@@ -3,6 +3,8 @@
 //! (grouped-query attention; tied embeddings), and an HF checkpoint written by another program
 //! in bf16.
 
+#![allow(unsafe_code)] // memory-mapped test files (candle's VarBuilder)
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,6 +12,7 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor};
 use swarm_model::checkpoint;
 use swarm_model::{ByteTokenizer, ModelConfig, Piece, Shard, Tokenizer};
+use swarm_testkit::rel_diff;
 
 fn swarm(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_swarm"))
@@ -113,12 +116,6 @@ fn candle_loss(dir: &Path, tokens: &[u32]) -> f64 {
         sum += lse - l[tokens[i] as usize] as f64;
     }
     sum / (tokens.len() - 1) as f64
-}
-
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {

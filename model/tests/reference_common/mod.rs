@@ -1,5 +1,6 @@
 //! Helpers shared by the reference tests (a folder, so it is not a test target of its own).
 
+#![allow(unsafe_code)] // memory-mapped test files (candle's VarBuilder)
 #![allow(dead_code)]
 
 use std::collections::HashMap;

@@ -124,6 +124,7 @@ pub struct Router {
 impl Lab {
     /// A new empty lab with its public segment. `tag` (a few letters) names its namespaces so a
     /// leftover is recognisable. Deletes labs of dead processes first.
+    #[allow(unsafe_code)] // libc::geteuid: see the SAFETY comment inside
     pub fn new(tag: &str) -> Result<Lab> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -358,6 +359,7 @@ impl Host {
 
     /// Runs `f` on a thread that entered this host's network namespace. Sockets `f` makes belong
     /// to the namespace for their whole life, whichever thread uses them later.
+    #[allow(unsafe_code)] // libc::setns: see the SAFETY comment inside
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
         let file = File::open(Path::new("/var/run/netns").join(&self.ns))?;
         let joined = std::thread::scope(|s| {
@@ -517,6 +519,7 @@ fn nft(ns: &str, script: &str) -> Result<()> {
 
 /// Kills what runs inside `ns` (processes the lab's tests started there), then deletes it.
 /// Bounded: gives the kernel up to 2 s to reap them.
+#[allow(unsafe_code)] // libc::kill: see the SAFETY comment inside
 fn delete_ns(ns: &str) {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
