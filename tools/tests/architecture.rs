@@ -159,3 +159,152 @@ fn the_network_crate_knows_no_training_codecs_candle_or_audits() {
         "swarm/net is a workspace member"
     );
 }
+
+/// Every `.rs` file under `dir`, recursively (skipping build output).
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries {
+        let path = e.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if path.is_dir() {
+            if name != "target" && !name.starts_with('.') {
+                rust_files(&path, out);
+            }
+        } else if name.ends_with(".rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// A test file: in a `tests/` folder or a module file named `tests.rs`.
+fn is_test_file(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n == "tests.rs")
+        || path.components().any(|c| c.as_os_str() == "tests")
+}
+
+#[test]
+fn no_source_file_reaches_1200_lines() {
+    let root = workspace_root();
+    let mut files = Vec::new();
+    rust_files(&root, &mut files);
+    assert!(files.len() > 50, "found only {} files", files.len());
+    let mut long = Vec::new();
+    for f in files.iter().filter(|f| !is_test_file(f)) {
+        let lines = std::fs::read_to_string(f).unwrap().lines().count();
+        if lines >= 1200 {
+            long.push(format!(
+                "{} ({lines} lines)",
+                f.strip_prefix(&root).unwrap().display()
+            ));
+        }
+    }
+    assert!(long.is_empty(), "split these into modules: {long:?}");
+}
+
+/// The `crate::NAME` module paths that the source files of `files` mention (in `use` lines and in
+/// qualified paths), with the file that mentions each.
+fn crate_modules_used(files: &[PathBuf]) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for line in text.lines() {
+            let code = line.split("//").next().unwrap();
+            let mut rest = code;
+            while let Some(i) = rest.find("crate::") {
+                let after = &rest[i + "crate::".len()..];
+                let name: String = after
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                out.push((name, f.clone()));
+                rest = after;
+            }
+        }
+    }
+    out
+}
+
+fn module_files(paths: &[&str]) -> Vec<PathBuf> {
+    let root = workspace_root();
+    let mut files = Vec::new();
+    for p in paths {
+        let path = root.join(p);
+        if path.is_dir() {
+            rust_files(&path, &mut files);
+        } else {
+            assert!(
+                path.exists(),
+                "{p} is gone: update this test and ARCHITECTURE.md"
+            );
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// Training (pipeline messages, stage worker, trainer) imports proof of training (receipts,
+/// ledger), never the reverse; both use the shared ids below them (`ids.rs`).
+#[test]
+fn proof_of_training_does_not_import_training() {
+    let training = [
+        "protocol",
+        "stage",
+        "trainer",
+        "state_transfer",
+        "compute",
+        "codec_sim",
+        "stage_fit",
+    ];
+    let proof = module_files(&["swarm/src/receipt.rs", "swarm/src/ledger.rs"]);
+    for (m, f) in crate_modules_used(&proof) {
+        assert!(
+            !training.contains(&m.as_str()),
+            "{} (proof of training) imports crate::{m} (training)",
+            f.display()
+        );
+    }
+    let ids = module_files(&["swarm/src/ids.rs"]);
+    for (m, f) in crate_modules_used(&ids) {
+        assert!(
+            !training.contains(&m.as_str()) && m != "receipt" && m != "ledger",
+            "{} (shared ids) imports crate::{m}",
+            f.display()
+        );
+    }
+}
+
+/// The trainer reaches the stage worker only through its public API: audit recomputation goes
+/// through `compute`, never into `stage::audit`.
+#[test]
+fn the_trainer_does_not_reach_into_stage_internals() {
+    for f in module_files(&["swarm/src/trainer", "swarm/src/trainer.rs"]) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(
+            !text.contains("stage::audit"),
+            "{} reaches into stage::audit",
+            f.display()
+        );
+    }
+}
+
+/// The network crate's sources name no upper layer (its manifest cannot, see above; this catches
+/// a path that leaks in through a re-export or a macro).
+#[test]
+fn the_network_crate_sources_name_no_upper_layer() {
+    let files = module_files(&["swarm/net/src"]);
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for word in [
+            "swarm_core",
+            "swarm_model",
+            "swarm_compression",
+            "candle",
+            "receipt::",
+            "protocol::",
+        ] {
+            assert!(!text.contains(word), "{} mentions {word}", f.display());
+        }
+    }
+}
