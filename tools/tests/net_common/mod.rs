@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod nat;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_swarm");
 
 /// Fast membership timing for tests (real defaults are seconds to a minute).

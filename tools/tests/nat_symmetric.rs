@@ -1,0 +1,183 @@
+//! The "symmetric" scenario of issue #14 with real processes and real NATs: `swarm train` on a
+//! public segment (it relays by default), two stage-0 volunteers behind a home router, and two
+//! stage-1 replicas, one behind another home router and one behind a symmetric NAT (nftables
+//! `masquerade random`); training starts once every stage has two replicas, so both stage-1
+//! replicas serve from the first step. The symmetric volunteer's join prints `symmetric` and its advice; its
+//! hops with the other volunteers run through the trainer's relay (`swarm status --json` says
+//! `relayed`); the run completes with its loss falling; the trainer reports relay bytes for that
+//! peer and routed it less work than the direct replica of its stage. Skipped (with the reason)
+//! only where namespaces cannot be made; every wait is bounded.
+
+mod net_common;
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use net_common::nat::{config, first_json, spawn};
+use net_common::{BIN, FAST};
+use swarm_netlab::{Host, Nat, lab_or_skip};
+
+/// The `peers` rows of `swarm status ADDR --json` run inside `host`.
+fn status(host: &Host, addr: &str) -> Vec<serde_json::Value> {
+    let o = host
+        .command(BIN)
+        .args(["status", addr, "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    v["peers"].as_array().unwrap().clone()
+}
+
+#[test]
+fn a_symmetric_volunteer_is_relayed_gets_less_work_and_the_run_completes() {
+    let mut lab = lab_or_skip!("symmetric");
+    let t_host = lab.public_host("trainer").unwrap();
+    let mut r1 = lab.router("r1", Nat::Home).unwrap();
+    let mut r2 = lab.router("r2", Nat::Home).unwrap();
+    let mut r3 = lab.router("r3", Nat::Symmetric).unwrap();
+    let v1 = lab.home_host(&mut r1, "v1").unwrap();
+    let v2 = lab.home_host(&mut r2, "v2").unwrap();
+    let v3 = lab.home_host(&mut r3, "v3").unwrap();
+    let v4 = lab.home_host(&mut r1, "v4").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 400;
+    let cfg_path = dir.path().join("run.toml");
+    std::fs::write(&cfg_path, config(steps).to_toml().unwrap()).unwrap();
+    let trainer_addr = format!("{}:7000", t_host.ip());
+    let trainer = spawn(
+        &t_host,
+        &[
+            "train",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--out",
+            dir.path().join("ckpt").to_str().unwrap(),
+            "--listen",
+            &trainer_addr,
+            "--data-dir",
+            dir.path().join("trainer-id").to_str().unwrap(),
+            // Every replica serves from the first step: the work split is the router's alone.
+            "--min-replicas",
+            "2",
+            "--json",
+        ],
+        &[],
+    );
+    trainer
+        .lines
+        .recv_timeout(Duration::from_secs(60))
+        .expect("trainer startup line");
+
+    // One port per volunteer: the lab's endpoint-independent map is keyed by the inside port.
+    let vols = [
+        (&v1, 0u32, 7100u16),
+        (&v3, 1, 7102),
+        (&v2, 1, 7101),
+        (&v4, 0, 7103),
+    ];
+    let mut peers = Vec::new();
+    let mut ids = Vec::new();
+    for (i, (host, stage, port)) in vols.iter().enumerate() {
+        let data = dir.path().join(format!("v{i}"));
+        let p = spawn(
+            host,
+            &[
+                "join",
+                &trainer_addr,
+                "--stage",
+                &stage.to_string(),
+                "--listen",
+                &format!("0.0.0.0:{port}"),
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--json",
+            ],
+            FAST,
+        );
+        let started = first_json(&p, Duration::from_secs(60));
+        let want = if *port == 7102 {
+            "symmetric"
+        } else {
+            "punchable"
+        };
+        assert_eq!(started["reach"], want, "{started}");
+        if *port == 7102 {
+            assert!(
+                started["advice"].as_str().unwrap().contains("relay"),
+                "{started}"
+            );
+        }
+        ids.push(started["id"].as_str().unwrap().to_owned());
+        peers.push(p);
+    }
+    let sym_id = ids[1].clone();
+    let direct_id = ids[2].clone();
+
+    // While the run goes on, the stage-0 volunteer reports its hop to the symmetric replica as
+    // relayed (asked a bounded number of times: the first hop to it may take a moment).
+    let mut relayed = None;
+    for _ in 0..60 {
+        let rows = status(&v1, "127.0.0.1:7100");
+        if let Some(r) = rows
+            .iter()
+            .find(|r| r["id"] == sym_id.as_str() && r["path"] == "relayed")
+        {
+            relayed = Some(r.clone());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let row =
+        relayed.expect("the stage-0 volunteer never reported a relayed path to the symmetric one");
+    assert_eq!(row["reach"], "symmetric", "{row}");
+    assert!(row["relay_bytes"].as_u64().unwrap() > 0, "{row}");
+    // The trainer (the relay) counts that peer's bytes in its status too.
+    let rows = status(&t_host, &trainer_addr);
+    let at_relay = rows.iter().find(|r| r["id"] == sym_id.as_str()).unwrap();
+    assert!(at_relay["relay_bytes"].as_u64().unwrap() > 0, "{at_relay}");
+
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last = String::new();
+    loop {
+        match trainer.lines.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) => last = l,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        assert!(Instant::now() < deadline, "the run did not finish in 300 s");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&last).unwrap_or_else(|e| panic!("bad JSON {last}: {e}"));
+    assert_eq!(json["steps"].as_u64(), Some(steps), "{json}");
+    let (first, final_loss) = (
+        json["initial_loss"].as_f64().unwrap(),
+        json["final_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        final_loss < first,
+        "loss did not fall: {first} -> {final_loss}"
+    );
+    assert_eq!(json["replica_hash_mismatches"], 0, "{json}");
+    let work = |id: &str| {
+        json["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["peer"] == id)
+            .unwrap_or_else(|| panic!("no work row for {id}: {json}"))
+            .clone()
+    };
+    let (sym, direct) = (work(&sym_id), work(&direct_id));
+    eprintln!("symmetric replica: {sym}\ndirect replica: {direct}");
+    assert_eq!(sym["reach"], "symmetric", "{sym}");
+    assert!(sym["relay_bytes"].as_u64().unwrap() > 0, "{sym}");
+    let (ns, nd) = (
+        sym["micro_batches"].as_u64().unwrap(),
+        direct["micro_batches"].as_u64().unwrap(),
+    );
+    assert!(ns > 0, "the relayed replica got no work");
+    assert!(ns < nd, "relayed {ns} micro-batches vs direct {nd}");
+    drop(peers);
+}
