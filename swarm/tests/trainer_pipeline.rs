@@ -53,6 +53,19 @@ async fn swarm_run_matches_local_run_with_codec_none() {
 
     // The final checkpoint holds the local model's weights.
     assert_checkpoint_is_local(&out.path().join("ckpt"), steps, &local);
+    // The swarm evaluates the whole model at the last step on the local trainer's batches.
+    let corpus = swarm_model::train::load_corpus(&cfg.data).unwrap();
+    let want_val = local.eval(&corpus, cfg.train.eval_batches).unwrap();
+    let (at, got_val) = *metrics
+        .val_losses
+        .last()
+        .expect("a validation at the last step");
+    assert_eq!(at, steps);
+    assert!(
+        (got_val - want_val).abs() < 1e-4 * want_val,
+        "swarm validation loss {got_val} vs local {want_val}"
+    );
+    assert_eq!(s.val_loss, Some(got_val));
     // Replicas of a stage hold bitwise-identical weights.
     let mut d = Vec::new();
     for r in &replicas {

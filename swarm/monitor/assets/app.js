@@ -94,7 +94,7 @@
       ["batch", c.micro_batches + " micro-batches x " + c.micro_batch_size + " x " + c.seq_len + " tokens"],
       ["codecs", "act " + c.codec_activations + " / grad " + c.codec_gradients + " / sync " + c.codec_sync],
       ["step", p.step + " / " + p.total_steps], ["loss", num(p.loss, 4)],
-      ["validation loss", p.val_loss === null ? "not evaluated by the distributed trainer" : num(p.val_loss, 4)],
+      ["validation loss", p.val_loss === null ? "not evaluated yet (every eval_every steps)" : num(p.val_loss, 4)],
       ["learning rate", p.lr === null ? "-" : Number(p.lr).toExponential(3)],
       ["tokens/s", num(p.tokens_per_s, 0)], ["tokens", p.tokens],
       ["wall time", fmtS(wall)], ["training time", fmtS(p.train_s)], ["ETA", fmtS(p.eta_s)],
@@ -105,7 +105,10 @@
     dl.replaceChildren();
     for (const [k, v] of kv) { dl.appendChild(el("dt", k)); dl.appendChild(el("dd", v)); }
 
-    plot($("loss-plot"), [{ points: s.history.map((h) => [h.step + 1, h.loss]), color: "#0969da" }], { xLabel: "step" });
+    plot($("loss-plot"), [
+      { points: s.history.map((h) => [h.step + 1, h.loss]), color: "#0969da" },
+      { points: (s.val_history || []).map((v) => [v.step, v.loss]), color: "#8250df" },
+    ], { xLabel: "step" });
 
     // Coverage.
     const stages = $("stages");

@@ -67,6 +67,31 @@ fn split_state(
     Ok(())
 }
 
+/// Mean loss of the whole model (the ends' and every stage's exported state) over the first
+/// `cfg.train.eval_batches` validation batches: the same batches and the same mean as the local
+/// trainer's `eval`, so a swarm run's validation curve compares with the local run's.
+pub fn val_loss(
+    cfg: &RunConfig,
+    corpus: &swarm_model::Corpus,
+    ends_state: &[u8],
+    stage_states: &[Vec<u8>],
+) -> Result<f64> {
+    let mut weights = HashMap::new();
+    let mut moments = HashMap::new();
+    split_state(ends_state, &mut weights, &mut moments)?;
+    for s in stage_states {
+        split_state(s, &mut weights, &mut moments)?;
+    }
+    let model = swarm_model::checkpoint_eval::Evaluator::new(&cfg.model, &weights)?;
+    let t = &cfg.train;
+    let mut total = 0.0;
+    for i in 0..t.eval_batches {
+        let b = corpus.val_batch(i as u64, t.micro_batch_size, t.seq_len)?;
+        total += model.loss(&b.inputs, &b.targets, b.batch_size, b.seq_len)?;
+    }
+    Ok(total / t.eval_batches.max(1) as f64)
+}
+
 /// Writes the model at `step` (steps done) to `dir` atomically.
 pub fn save(
     dir: &Path,

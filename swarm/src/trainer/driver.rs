@@ -141,6 +141,9 @@ pub enum TrainerEvent {
     Step(StepReport),
     /// A checkpoint was written after `step` steps.
     Checkpoint { step: u64, dir: PathBuf },
+    /// The whole model's validation loss after `step` steps (every `train.eval_every` steps and
+    /// at the last; the same batches as the local trainer's evaluation).
+    Eval { step: u64, val_loss: f64 },
     /// A stage lost its last replica and its state: every stage and the ends were restored from
     /// the checkpoint after `step` steps (`from_checkpoint` false: from the seed, step 0) in a
     /// new `epoch`; the steps since run again.
@@ -576,14 +579,39 @@ impl Trainer {
             let step = report.step + 1;
             self.emit(TrainerEvent::Step(report.clone()), on_event);
             self.metrics.steps.push(report);
-            let every = self.cfg().train.checkpoint_every;
-            if let Some(dir) = self.opts.out.clone()
-                && ((every > 0 && step % every == 0) || step == last)
-            {
-                // A replica dying meanwhile costs this checkpoint, not the run.
-                match self.save_checkpoint(&dir, on_event).await {
-                    Ok(()) => self.emit(TrainerEvent::Checkpoint { step, dir }, on_event),
-                    Err(e) => tracing::warn!(step, error = %e, "checkpoint not written"),
+            let t = &self.cfg().train;
+            let due = |every: u64| (every > 0 && step % every == 0) || step == last;
+            let checkpoint = self.opts.out.clone().filter(|_| due(t.checkpoint_every));
+            let eval = due(t.eval_every);
+            if checkpoint.is_some() || eval {
+                // One fetch of the whole (verified) model serves both. A replica dying meanwhile
+                // costs this checkpoint or evaluation, not the run.
+                match self.fetch_model(on_event).await.map(Arc::new) {
+                    Ok(m) => {
+                        if let Some(dir) = checkpoint {
+                            match self.save_checkpoint(&dir, m.clone()).await {
+                                Ok(()) => {
+                                    self.emit(TrainerEvent::Checkpoint { step, dir }, on_event)
+                                }
+                                Err(e) => {
+                                    tracing::warn!(step, error = %e, "checkpoint not written")
+                                }
+                            }
+                        }
+                        if eval {
+                            match self.evaluate(m).await {
+                                Ok(val_loss) => {
+                                    tracing::info!(step, val_loss, "eval");
+                                    self.metrics.val_losses.push((step, val_loss));
+                                    self.emit(TrainerEvent::Eval { step, val_loss }, on_event);
+                                }
+                                Err(e) => tracing::warn!(step, error = %e, "evaluation failed"),
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(step, error = %e, "model not fetched for a checkpoint or evaluation")
+                    }
                 }
             }
         }

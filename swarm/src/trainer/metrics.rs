@@ -114,6 +114,8 @@ pub struct Summary {
     pub steps: u64,
     pub initial_loss: f64,
     pub final_loss: f64,
+    /// The last validation loss of the whole model (see `Metrics::val_losses`).
+    pub val_loss: Option<f64>,
     pub tokens_per_s: f64,
     pub wire_bytes: u64,
     pub dense_bytes: u64,
@@ -161,6 +163,9 @@ pub struct Metrics {
     /// Replicas refused (and banned) for serving a state other than their stage's agreed one.
     pub bad_states: u64,
     pub tokens: u64,
+    /// Validation losses `(steps done, loss)` of the whole model, every `train.eval_every` steps
+    /// and at the last.
+    pub val_losses: Vec<(u64, f64)>,
     /// Seconds spent training (excludes waiting for peers before the first step).
     pub train_seconds: f64,
     /// Seconds joiners took to fetch their stage state (one entry per join).
@@ -177,6 +182,7 @@ impl Metrics {
             steps: self.steps.len() as u64,
             initial_loss: self.steps.first().map_or(f64::NAN, |s| s.loss),
             final_loss: self.steps.last().map_or(f64::NAN, |s| s.loss),
+            val_loss: self.val_losses.last().map(|v| v.1),
             tokens_per_s: if self.train_seconds > 0.0 {
                 self.tokens as f64 / self.train_seconds
             } else {

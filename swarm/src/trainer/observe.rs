@@ -44,6 +44,9 @@ pub struct Snapshot {
     pub progress: Progress,
     /// One point per finished step (thinned beyond [`MAX_HISTORY`]).
     pub history: Vec<StepPoint>,
+    /// Every validation of the whole model so far.
+    #[serde(default)]
+    pub val_history: Vec<ValPoint>,
     /// Coverage: every stage and its replicas.
     pub stages: Vec<StageCoverage>,
     /// Every peer that ever served (lost, left and banned ones stay, with that state).
@@ -94,7 +97,8 @@ pub struct Progress {
     pub total_steps: u64,
     /// Loss of the last finished step (nats/token).
     pub loss: Option<f64>,
-    /// Validation loss: `None` (the distributed trainer does not evaluate during the run).
+    /// The last validation loss of the whole model (every `train.eval_every` steps and at the
+    /// last; `None` before the first evaluation).
     pub val_loss: Option<f64>,
     pub lr: Option<f64>,
     /// Tokens per second over the training time so far.
@@ -121,6 +125,14 @@ pub struct ChannelBytes {
     pub wire_bytes: u64,
     pub dense_bytes: u64,
     pub frames: u64,
+}
+
+/// One validation of the whole model.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ValPoint {
+    /// Steps done when it was evaluated.
+    pub step: u64,
+    pub loss: f64,
 }
 
 /// One finished step.
@@ -431,6 +443,15 @@ impl Observer {
                     format!("written to {}", dir.display()),
                 );
             }
+            TrainerEvent::Eval { step, val_loss } => {
+                self.push_event(
+                    *step,
+                    "eval",
+                    None,
+                    None,
+                    format!("validation loss {val_loss:.4}"),
+                );
+            }
             TrainerEvent::Restored {
                 step,
                 epoch,
@@ -534,6 +555,12 @@ impl Observer {
         p.step = inp.step;
         p.loss = m.steps.last().map(|r| r.loss);
         p.lr = m.steps.last().map(|r| r.lr);
+        p.val_loss = m.val_losses.last().map(|v| v.1);
+        s.val_history = m
+            .val_losses
+            .iter()
+            .map(|&(step, loss)| ValPoint { step, loss })
+            .collect();
         p.tokens = m.tokens;
         p.train_s = m.train_seconds;
         p.tokens_per_s = if m.train_seconds > 0.0 {

@@ -50,6 +50,8 @@ pub struct Report {
     #[serde(flatten)]
     pub summary: Summary,
     pub losses: Vec<f64>,
+    /// `[steps done, validation loss]` of every evaluation of the whole model.
+    pub val_losses: Vec<(u64, f64)>,
     pub channels: swarm_core::trainer::WireStats,
     pub state_sync_seconds: Vec<f64>,
     pub wall_s: f64,
@@ -59,6 +61,7 @@ pub fn report(m: &Metrics, wall_s: f64) -> Report {
     Report {
         summary: m.summary(),
         losses: m.steps.iter().map(|s| s.loss).collect(),
+        val_losses: m.val_losses.clone(),
         channels: m.wire,
         state_sync_seconds: m.state_sync_seconds.clone(),
         wall_s,
@@ -138,6 +141,10 @@ impl Progress {
             TrainerEvent::Paused { stage } => self.bar.set_message(format!(
                 "paused: stage {stage} has no replica; waiting for a peer to take it"
             )),
+            TrainerEvent::Eval { step, val_loss } => {
+                self.bar
+                    .println(format!("step {step}: validation loss {val_loss:.4}"));
+            }
             TrainerEvent::Checkpoint { step, dir } => {
                 tracing::info!(step, dir = %dir.display(), "checkpoint written");
             }
@@ -175,6 +182,9 @@ pub fn print_summary(m: &Metrics, wall_s: f64) {
         "trained {} steps in {wall_s:.1}s: loss {:.4} -> {:.4}, {:.0} tokens/s",
         s.steps, s.initial_loss, s.final_loss, s.tokens_per_s
     );
+    if let Some(v) = s.val_loss {
+        println!("validation loss {v:.4}");
+    }
     let ratio = if s.wire_bytes > 0 {
         s.dense_bytes as f64 / s.wire_bytes as f64
     } else {

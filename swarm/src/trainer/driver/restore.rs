@@ -105,6 +105,7 @@ impl Trainer {
             self.send_reload(p, addr, k as u32, step);
         }
         self.metrics.steps.retain(|s| s.step < step);
+        self.metrics.val_losses.retain(|v| v.0 <= step);
         self.metrics.restores += 1;
         tracing::warn!(step, epoch, from_checkpoint, "run restored");
         self.emit(
@@ -118,14 +119,13 @@ impl Trainer {
         Ok(())
     }
 
-    /// Fetches every stage's state from a replica and writes the whole model to `dir`. Each state
-    /// is verified against its stage's agreed digest; a replica serving another state is banned
-    /// and the state is taken from the next replica.
-    pub(super) async fn save_checkpoint(
+    /// Fetches every stage's state from a replica, with the ends' own: the whole model as of
+    /// now. Each state is verified against its stage's agreed digest; a replica serving another
+    /// state is banned and the state is taken from the next replica.
+    pub(super) async fn fetch_model(
         &mut self,
-        dir: &std::path::Path,
         on_event: &mut dyn FnMut(&TrainerEvent),
-    ) -> Result<()> {
+    ) -> Result<ModelState> {
         let (epoch, step) = self.shared.reg(|r| (r.epoch, r.step));
         let mut stage_states = Vec::new();
         for k in 0..self.num_stages() {
@@ -135,9 +135,7 @@ impl Trainer {
                 .ok_or_else(|| run_err(format!("stage {k} has no agreed digest")))?;
             let sources = self.serving(k);
             if sources.is_empty() {
-                return Err(run_err(format!(
-                    "stage {k} has no replica to checkpoint from"
-                )));
+                return Err(run_err(format!("stage {k} has no replica to fetch from")));
             }
             let got = self
                 .fetch_stage_state(epoch, k, step, &sources, digest)
@@ -149,28 +147,51 @@ impl Trainer {
             self.blame_bad_states(&bad.clone(), step, on_event);
             stage_states.push(got?.bytes);
         }
-        let ends_state = {
+        let ends = {
             let e = self.ends.lock().unwrap_or_else(|e| e.into_inner());
             e.export_state()?
         };
+        Ok(ModelState {
+            epoch,
+            step,
+            ends,
+            stages: stage_states,
+        })
+    }
+
+    /// Writes the whole model to `dir` as a checkpoint.
+    pub(super) async fn save_checkpoint(
+        &mut self,
+        dir: &std::path::Path,
+        m: Arc<ModelState>,
+    ) -> Result<()> {
         let cfg = self.cfg().clone();
         let dir = dir.to_path_buf();
         let run = self.shared.run;
         let head = self.audit.ledger_head();
         tokio::task::spawn_blocking(move || {
-            checkpoint::save_with_ledger(
-                &dir,
-                &cfg,
-                run,
-                epoch,
-                step,
-                &ends_state,
-                &stage_states,
-                head,
-            )
+            checkpoint::save_with_ledger(&dir, &cfg, run, m.epoch, m.step, &m.ends, &m.stages, head)
         })
         .await
         .map_err(|e| run_err(e.to_string()))??;
         Ok(())
     }
+
+    /// The whole model's validation loss (see [`checkpoint::val_loss`]), computed off the
+    /// async workers.
+    pub(super) async fn evaluate(&self, m: Arc<ModelState>) -> Result<f64> {
+        let cfg = self.cfg().clone();
+        let corpus = self.corpus.clone();
+        tokio::task::spawn_blocking(move || checkpoint::val_loss(&cfg, &corpus, &m.ends, &m.stages))
+            .await
+            .map_err(|e| run_err(e.to_string()))?
+    }
+}
+
+/// The whole model at a step boundary: exported states of the ends and of every stage.
+pub(super) struct ModelState {
+    epoch: u32,
+    step: u64,
+    ends: Vec<u8>,
+    stages: Vec<Vec<u8>>,
 }
