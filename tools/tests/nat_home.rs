@@ -6,10 +6,9 @@
 
 mod net_common;
 
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use net_common::nat::{config, first_json, spawn};
+use net_common::nat::{config, first_json, run_completes, spawn};
 use net_common::{BIN, FAST};
 use swarm_netlab::{Host, Nat, lab_or_skip};
 
@@ -116,25 +115,7 @@ fn home_volunteers_punch_through_two_routers_and_the_run_completes() {
     assert!(punched > 0, "no connection across the routers was punched");
 
     // The run completes and learns.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut last = String::new();
-    loop {
-        match trainer.lines.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) => last = l,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        assert!(Instant::now() < deadline, "the run did not finish in 300 s");
-    }
-    let json: serde_json::Value =
-        serde_json::from_str(&last).unwrap_or_else(|e| panic!("bad JSON {last}: {e}"));
-    assert_eq!(json["steps"].as_u64(), Some(steps), "{json}");
-    let (first, last) = (
-        json["initial_loss"].as_f64().unwrap(),
-        json["final_loss"].as_f64().unwrap(),
-    );
-    assert!(last < first, "loss did not fall: {first} -> {last}");
-    assert_eq!(json["replica_hash_mismatches"], 0, "{json}");
+    let json = run_completes(&trainer, steps, Duration::from_secs(300));
     // Every hop ran punched or direct: the trainer's relay carried nothing.
     let work = json["peers"].as_array().expect("per-peer work");
     assert!(!work.is_empty(), "{json}");

@@ -10,10 +10,9 @@
 
 mod net_common;
 
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use net_common::nat::{config, first_json, spawn};
+use net_common::nat::{config, first_json, run_completes, spawn};
 use net_common::{BIN, FAST};
 use swarm_netlab::{Host, Nat, lab_or_skip};
 
@@ -138,28 +137,7 @@ fn a_symmetric_volunteer_is_relayed_gets_less_work_and_the_run_completes() {
     let at_relay = rows.iter().find(|r| r["id"] == sym_id.as_str()).unwrap();
     assert!(at_relay["relay_bytes"].as_u64().unwrap() > 0, "{at_relay}");
 
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut last = String::new();
-    loop {
-        match trainer.lines.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) => last = l,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        assert!(Instant::now() < deadline, "the run did not finish in 300 s");
-    }
-    let json: serde_json::Value =
-        serde_json::from_str(&last).unwrap_or_else(|e| panic!("bad JSON {last}: {e}"));
-    assert_eq!(json["steps"].as_u64(), Some(steps), "{json}");
-    let (first, final_loss) = (
-        json["initial_loss"].as_f64().unwrap(),
-        json["final_loss"].as_f64().unwrap(),
-    );
-    assert!(
-        final_loss < first,
-        "loss did not fall: {first} -> {final_loss}"
-    );
-    assert_eq!(json["replica_hash_mismatches"], 0, "{json}");
+    let json = run_completes(&trainer, steps, Duration::from_secs(300));
     let work = |id: &str| {
         json["peers"]
             .as_array()

@@ -10,25 +10,39 @@ use swarm_netlab::Host;
 
 use super::BIN;
 
-/// A small run (2 layers, 2 stages) that trains in milliseconds per step.
+/// The testkit's tiny run (2 layers, 2 stages) with a checkpoint every 100 steps.
 pub fn config(steps: u64) -> RunConfig {
-    let mut cfg = RunConfig::default();
-    cfg.model.hidden_size = 32;
-    cfg.model.intermediate_size = 64;
-    cfg.model.num_hidden_layers = 2;
-    cfg.model.num_attention_heads = 4;
-    cfg.model.num_key_value_heads = Some(2);
-    cfg.model.max_position_embeddings = 32;
-    cfg.stages = vec![0, 1, 2];
-    cfg.train.steps = steps;
-    cfg.train.micro_batches = 4;
-    cfg.train.micro_batch_size = 2;
-    cfg.train.seq_len = 16;
-    cfg.train.warmup_steps = 1;
-    cfg.train.lr = 1e-2;
+    let mut cfg = swarm_testkit::tiny_config(steps);
     cfg.train.checkpoint_every = 100;
-    cfg.validate().unwrap();
     cfg
+}
+
+/// Waits (at most `limit`) for the trainer to finish and checks that its run completed `steps`
+/// steps with the loss falling and replicas agreeing; returns its summary JSON.
+pub fn run_completes(trainer: &Proc, steps: u64, limit: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    let mut last = String::new();
+    loop {
+        match trainer.lines.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) => last = l,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run did not finish in {limit:?}"
+        );
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&last).unwrap_or_else(|e| panic!("bad JSON {last}: {e}"));
+    assert_eq!(json["steps"].as_u64(), Some(steps), "{json}");
+    let (first, last) = (
+        json["initial_loss"].as_f64().unwrap(),
+        json["final_loss"].as_f64().unwrap(),
+    );
+    assert!(last < first, "loss did not fall: {first} -> {last}");
+    assert_eq!(json["replica_hash_mismatches"], 0, "{json}");
+    json
 }
 
 /// A child killed on drop, its stdout lines on a channel.
