@@ -173,6 +173,16 @@ fn a_symmetric_peer_is_reached_through_the_relay_and_its_bytes_are_counted() {
     let a = lab.home_host(&mut r1, "a").unwrap();
     let b = lab.home_host(&mut r2, "b").unwrap();
     let c = lab.home_host(&mut r3, "c").unwrap();
+    // UDP only to the bootstrap's address: the "blocked" scenario.
+    let mut r4 = lab
+        .router(
+            "r4",
+            Nat::UdpBlocked {
+                allow: boot_host.ip(),
+            },
+        )
+        .unwrap();
+    let d = lab.home_host(&mut r4, "d").unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -187,6 +197,7 @@ fn a_symmetric_peer_is_reached_through_the_relay_and_its_bytes_are_counted() {
     let pa = start(&a, &rt, config(any, Some(boot_addr)));
     let pb = start(&b, &rt, config(any, Some(boot_addr)));
     let pc = start(&c, &rt, config(any, Some(boot_addr)));
+    let pd = start(&d, &rt, config(any, Some(boot_addr)));
     assert_eq!(
         pc.verdict().map(|v| v.reachability),
         Some(Reachability::Symmetric)
@@ -260,8 +271,29 @@ fn a_symmetric_peer_is_reached_through_the_relay_and_its_bytes_are_counted() {
             .unwrap();
         assert_eq!(c_entry.path, Some(PathKind::Relayed));
         assert!(c_entry.relay_bytes >= payload.len() as u64);
+
+        // Blocked: D's UDP reaches only the bootstrap. Its check sees one mapping (both
+        // observers share the bootstrap's address), so it looks punchable; the punch then fails
+        // and the relay carries it: reachable, never a hang.
+        wait_known(&pa, pd.peer_id()).await;
+        let d_addr = pd.local_record().info.addrs[0];
+        let t = Instant::now();
+        let (id, _): (_, StatusReply) = tokio::time::timeout(
+            Duration::from_secs(40),
+            pa.shared().call(d_addr, Some(pd.peer_id()), &StatusRequest),
+        )
+        .await
+        .expect("bounded")
+        .expect("A reached the blocked peer through the relay");
+        eprintln!(
+            "blocked peer: verdict {:?}, reached in {:?}",
+            pd.verdict().map(|v| v.reachability),
+            t.elapsed()
+        );
+        assert_eq!(id, pd.peer_id());
+        assert_eq!(pa.path(pd.peer_id()), Some(PathKind::Relayed));
     });
-    for p in [pa, pb, pc, boot] {
+    for p in [pa, pb, pc, pd, boot] {
         rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(5), p.leave())
                 .await
