@@ -468,7 +468,10 @@ pub async fn punch(
         }
         // The other side's dial may have arrived first.
         if let Some(c) = shared.live_conn(peer).await {
-            shared.set_path(peer, PathKind::Punched, c.remote_addr());
+            // A relayed connection ends the punch too, but stays relayed.
+            if !shared.node().relay_routes().is_virtual(c.remote_addr()) {
+                shared.set_path(peer, PathKind::Punched, c.remote_addr());
+            }
             machine.handle_connected(c.remote_addr(), Instant::now());
             continue;
         }
