@@ -70,10 +70,14 @@ pub struct LinkResult {
     pub sent_packets: u64,
     /// The sender's shaper counters (upload side) over the whole case.
     pub sender_shaper: ShapeCounters,
+    /// Packets the sender's emulated router dropped because its queue was full, as a
+    /// fraction of the packets offered to it.
+    pub queue_drop_fraction: f64,
 }
 
 /// The cases of `swarm bench link`: an 80 Mbit/s, 30 ms path at 0% and 1% loss, quinn's stock
-/// settings (1.25 MB stream window, Cubic) against ours with Cubic and with BBR.
+/// settings (1.25 MB stream window, Cubic) against ours with Cubic, BBR and our low-delay
+/// controller.
 pub fn standard_cases(duration: Duration, seed: u64) -> Vec<LinkCase> {
     let rate = 80_000_000;
     let rtt = Duration::from_millis(30);
@@ -88,6 +92,10 @@ pub fn standard_cases(duration: Duration, seed: u64) -> Vec<LinkCase> {
             (
                 "tuned-bbr",
                 TransportConfig::default().with_congestion(Congestion::Bbr),
+            ),
+            (
+                "tuned-lowdelay",
+                TransportConfig::default().with_congestion(Congestion::LowDelay),
             ),
         ] {
             cases.push(LinkCase {
@@ -175,6 +183,8 @@ pub async fn run_case(case: &LinkCase, progress: Option<Arc<AtomicU64>>) -> Resu
     receiver.close();
     recv_task.abort();
     let goodput = bytes as f64 * 8.0 / seconds;
+    let offered = sender_shaper.up_packets + sender_shaper.up_queue_drops;
+    let queue_drop_fraction = sender_shaper.up_queue_drops as f64 / offered.max(1) as f64;
     Ok(LinkResult {
         name: case.name.clone(),
         rate_mbit: case.rate_bps as f64 / 1e6,
@@ -190,6 +200,7 @@ pub async fn run_case(case: &LinkCase, progress: Option<Arc<AtomicU64>>) -> Resu
         lost_packets: stats.path.lost_packets,
         sent_packets: stats.path.sent_packets,
         sender_shaper,
+        queue_drop_fraction,
     })
 }
 

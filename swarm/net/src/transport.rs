@@ -29,8 +29,11 @@ pub enum Congestion {
     /// Loss-based (RFC 9002).
     NewReno,
     /// Model-based (bandwidth and min RTT); holds its rate under random loss. quinn marks it
-    /// experimental.
+    /// experimental; it keeps about 2 x BDP in flight and so fills a home router's queue.
     Bbr,
+    /// Ours ([`crate::congestion::lowdelay`]): bandwidth x (min RTT + a small queue target),
+    /// holds its rate under random loss and keeps the bottleneck queue short.
+    LowDelay,
 }
 
 impl FromStr for Congestion {
@@ -40,8 +43,9 @@ impl FromStr for Congestion {
             "cubic" => Ok(Congestion::Cubic),
             "newreno" | "new_reno" | "reno" => Ok(Congestion::NewReno),
             "bbr" => Ok(Congestion::Bbr),
+            "lowdelay" | "low_delay" => Ok(Congestion::LowDelay),
             other => Err(Error::BadShape(format!(
-                "congestion controller `{other}` (use cubic, newreno, bbr)"
+                "congestion controller `{other}` (use lowdelay, cubic, newreno, bbr)"
             ))),
         }
     }
@@ -53,6 +57,7 @@ impl fmt::Display for Congestion {
             Congestion::Cubic => "cubic",
             Congestion::NewReno => "newreno",
             Congestion::Bbr => "bbr",
+            Congestion::LowDelay => "lowdelay",
         })
     }
 }
@@ -150,6 +155,9 @@ impl TransportConfig {
             Congestion::Bbr => {
                 t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
             }
+            Congestion::LowDelay => t.congestion_controller_factory(Arc::new(
+                crate::congestion::LowDelayFactory::default(),
+            )),
         };
         Ok(t)
     }

@@ -1,5 +1,6 @@
 //! `swarm bench link` (issue #4): transfer throughput over a shaped QUIC link on loopback, quinn's
-//! stock transport settings against ours, Cubic against BBR, with and without loss.
+//! stock transport settings against ours, Cubic, BBR and our low-delay controller, with and
+//! without loss.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -120,19 +121,23 @@ pub fn run(args: BenchLinkArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
 
     println!(
-        "{:<22} {:>9} {:>8} {:>7} {:>9} {:>8} {:>10}",
-        "case", "goodput", "of rate", "rtt", "lost/sent", "window", "shaper q-drops"
+        "{:<26} {:>9} {:>8} {:>7} {:>11} {:>8} {:>16}",
+        "case", "goodput", "of rate", "rtt", "lost/sent", "window", "router q-drops"
     );
     for r in &results {
         println!(
-            "{:<22} {:>5.1} Mb/s {:>7.0}% {:>5.0}ms {:>9} {:>6.2}MB {:>10}",
+            "{:<26} {:>5.1} Mb/s {:>7.0}% {:>5.0}ms {:>11} {:>6.2}MB {:>16}",
             r.name,
             r.goodput_mbit,
             r.utilisation * 100.0,
             r.measured_rtt_ms,
             format!("{}/{}", r.lost_packets, r.sent_packets),
             r.stream_window as f64 / 1e6,
-            r.sender_shaper.up_queue_drops,
+            format!(
+                "{} ({:.1}%)",
+                r.sender_shaper.up_queue_drops,
+                r.queue_drop_fraction * 100.0
+            ),
         );
     }
     println!(
