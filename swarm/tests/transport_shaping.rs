@@ -10,7 +10,7 @@ use swarm_core::Identity;
 use swarm_core::bench_link::{LinkCase, run_case};
 use swarm_core::rpc::{self, BasicService, Ping, Pong};
 use swarm_core::shaping::LinkShape;
-use swarm_core::transport::{Node, TransportConfig};
+use swarm_core::transport::{Congestion, Node, TransportConfig};
 
 const LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
 
@@ -83,6 +83,32 @@ async fn a_20_mbit_link_carries_at_most_20_mbit() {
     // It did move real data at a good fraction of the rate (generous: the machine is shared).
     assert!(goodput >= rate as f64 * 0.3, "goodput {goodput}");
     assert!(r.measured_rtt_ms >= 20.0, "rtt {}", r.measured_rtt_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_controller_keeps_the_router_queue_short() {
+    // Issue #18: quinn's BBR dropped half its packets at this 100 ms router queue (it keeps
+    // about 2 x BDP in flight and never drains); the default must hold the queue near its
+    // target, so the queue never fills.
+    let case = LinkCase {
+        name: "queue".into(),
+        rate_bps: 20_000_000,
+        rtt: Duration::from_millis(30),
+        loss: 0.0,
+        transport: TransportConfig::default(),
+        duration: Duration::from_secs(4),
+        seed: 5,
+    };
+    assert_eq!(case.transport.congestion, Congestion::LowDelay);
+    let r = tokio::time::timeout(Duration::from_secs(60), run_case(&case, None))
+        .await
+        .unwrap()
+        .unwrap();
+    eprintln!("{r:?}");
+    assert!(r.sender_shaper.up_packets > 1000, "{r:?}");
+    assert!(r.queue_drop_fraction < 0.02, "{r:?}");
+    // A full queue would add 100 ms; scheduling noise on a loaded machine adds some too.
+    assert!(r.measured_rtt_ms < 100.0, "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

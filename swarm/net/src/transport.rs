@@ -32,7 +32,7 @@ pub enum Congestion {
     /// experimental; it keeps about 2 x BDP in flight and so fills a home router's queue.
     Bbr,
     /// Ours ([`crate::congestion::lowdelay`]): bandwidth x (min RTT + a small queue target),
-    /// holds its rate under random loss and keeps the bottleneck queue short.
+    /// holds its rate under random loss and keeps the bottleneck queue short. The default.
     LowDelay,
 }
 
@@ -84,15 +84,15 @@ pub struct TransportConfig {
 }
 
 impl Default for TransportConfig {
-    /// Sized for home links up to 250 Mbit/s at 200 ms RTT, BBR.
+    /// Sized for home links up to 250 Mbit/s at 200 ms RTT, low-delay congestion control.
     fn default() -> TransportConfig {
         TransportConfig::for_link(250_000_000, Duration::from_millis(200))
     }
 }
 
 impl TransportConfig {
-    /// Windows of twice the bandwidth-delay product (at least 2 MiB per stream), BBR, dead peers
-    /// noticed within about 5 s.
+    /// Windows of twice the bandwidth-delay product (at least 2 MiB per stream), the low-delay
+    /// controller, dead peers noticed within about 5 s.
     pub fn for_link(bandwidth_bps: u64, rtt: Duration) -> TransportConfig {
         let bdp = (bandwidth_bps as f64 / 8.0 * rtt.as_secs_f64()) as u64;
         let stream_window = (2 * bdp).max(2 << 20);
@@ -100,7 +100,7 @@ impl TransportConfig {
             stream_window,
             conn_window: 2 * stream_window,
             send_window: 2 * stream_window,
-            congestion: Congestion::Bbr,
+            congestion: Congestion::LowDelay,
             keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(5),
             max_streams: 256,
