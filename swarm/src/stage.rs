@@ -116,6 +116,20 @@ pub struct StageStats {
 }
 
 impl StageStats {
+    /// What this worker has sent so far per channel (activations, gradients, sync), as
+    /// [`crate::protocol::Applied`] reports it.
+    pub fn sent(&self) -> [crate::protocol::Traffic; 3] {
+        let t = |wire: &AtomicU64, dense: &AtomicU64| crate::protocol::Traffic {
+            wire: wire.load(Ordering::Relaxed),
+            dense: dense.load(Ordering::Relaxed),
+        };
+        [
+            t(&self.activations_wire, &self.activations_dense),
+            t(&self.gradients_wire, &self.gradients_dense),
+            t(&self.sync_wire, &self.sync_dense),
+        ]
+    }
+
     fn add(wire: &AtomicU64, dense: &AtomicU64, frame: usize, elements: usize) {
         wire.fetch_add(frame as u64, Ordering::Relaxed);
         dense.fetch_add(4 * elements as u64, Ordering::Relaxed);

@@ -66,6 +66,17 @@ async fn swarm_run_matches_local_run_with_codec_none() {
         "swarm validation loss {got_val} vs local {want_val}"
     );
     assert_eq!(s.val_loss, Some(got_val));
+    // Each replica reports what it sent per channel. Sync shares are all sent by replicas, so
+    // their reports add up to the trainer's count; activations and gradients also include the
+    // trainer's own frames.
+    assert_eq!(metrics.peer_sent.len(), 4, "{:?}", metrics.peer_sent);
+    let sum = |c: usize| metrics.peer_sent.values().map(|t| t[c].wire).sum::<u64>();
+    assert_eq!(sum(2), metrics.wire.sync.wire_bytes);
+    assert!(sum(0) > 0 && sum(0) < metrics.wire.activations.wire_bytes);
+    assert!(sum(1) > 0 && sum(1) < metrics.wire.gradients.wire_bytes);
+    for t in metrics.peer_sent.values() {
+        assert!(t.iter().all(|c| c.wire > 0 && c.dense > 0), "{t:?}");
+    }
     // Replicas of a stage hold bitwise-identical weights.
     let mut d = Vec::new();
     for r in &replicas {

@@ -140,6 +140,7 @@
         el("td", short(q.id), "mono"), el("td", q.addr, "mono"), q.stage === null ? "-" : q.stage,
         el("td", q.state, "state state-" + q.state), q.path, num(q.throughput_tokens_per_s, 0),
         q.load === null ? "-" : q.load, num(q.rtt_ms, 1), fmtBytes(q.tx_bytes), fmtBytes(q.rx_bytes),
+        (q.channels || []).map((c) => c.channel.slice(0, 3) + " " + fmtBytes(c.wire_bytes)).join(", ") || "-",
         q.audits_passed + " / " + q.audits_failed, q.credited_micro_batches, q.pending_micro_batches,
         q.version === null ? "-" : q.version, q.last_seen_s === null ? "-" : num(q.last_seen_s, 1) + " s ago",
         q.ban_reason === null ? "" : "banned: " + q.ban_reason,

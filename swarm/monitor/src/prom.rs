@@ -274,6 +274,30 @@ impl Collector for TrainerCollector {
             "UDP bytes the trainer received from a peer on its connection",
             c(|q| q.rx_bytes),
         )?;
+        let per_channel = |wire: bool| {
+            s.peers
+                .iter()
+                .flat_map(|q| {
+                    q.channels.iter().map(move |c| {
+                        let mut l = peer(q);
+                        l.push(("channel", c.channel.clone()));
+                        (l, if wire { c.wire_bytes } else { c.dense_bytes })
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        counter(
+            &mut e,
+            "swarm_peer_channel_wire_bytes",
+            "Tensor bytes a peer reports having sent on a channel (self-reported)",
+            per_channel(true),
+        )?;
+        counter(
+            &mut e,
+            "swarm_peer_channel_fp32_bytes",
+            "The fp32 size of the tensors a peer reports having sent on a channel",
+            per_channel(false),
+        )?;
         counter(
             &mut e,
             "swarm_peer_audits_passed",

@@ -234,6 +234,9 @@ pub struct Applied {
     pub step: u64,
     pub stage: u32,
     pub digest: [u8; 32],
+    /// Tensor bytes this replica has sent since it started, per channel (activations,
+    /// gradients, sync), as it reports them: for monitoring only, never for credit.
+    pub sent: [Traffic; 3],
 }
 
 impl WireMessage for Applied {
@@ -241,6 +244,9 @@ impl WireMessage for Applied {
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
         w.varint(self.step).u32(self.stage).array(&self.digest);
+        for t in &self.sent {
+            put_traffic(w, t);
+        }
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
@@ -250,6 +256,7 @@ impl WireMessage for Applied {
             step: r.varint()?,
             stage: get_stage(r)?,
             digest: r.array()?,
+            sent: [get_traffic(r)?, get_traffic(r)?, get_traffic(r)?],
         })
     }
 }

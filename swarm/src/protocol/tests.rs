@@ -226,6 +226,17 @@ fn samples() -> Vec<(u16, Vec<u8>)> {
             step: 17,
             stage: 1,
             digest: [2; 32],
+            sent: [
+                Traffic {
+                    wire: 10,
+                    dense: 40,
+                },
+                Traffic { wire: 0, dense: 0 },
+                Traffic {
+                    wire: u64::MAX,
+                    dense: 1 << 40,
+                },
+            ],
         }),
         e(&FetchState {
             run: RUN,

@@ -75,6 +75,7 @@ impl StageWorker {
                 step: r.step,
                 stage: r.stage,
                 digest,
+                sent: self.inner.stats.sent(),
             });
         }
         let shard = load_state(
@@ -97,6 +98,7 @@ impl StageWorker {
             step: r.step,
             stage: r.stage,
             digest,
+            sent: self.inner.stats.sent(),
         })
     }
 

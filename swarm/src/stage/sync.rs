@@ -391,6 +391,7 @@ impl StageWorker {
             step: a.step,
             stage: a.stage,
             digest,
+            sent: self.inner.stats.sent(),
         })
     }
 }

@@ -1,6 +1,9 @@
 //! Run metrics: loss per step, throughput, tensor bytes on the wire per channel, faults.
 
 use serde::Serialize;
+use std::collections::HashMap;
+
+use crate::identity::PeerId;
 
 /// A tensor channel of the pipeline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -166,6 +169,9 @@ pub struct Metrics {
     /// Validation losses `(steps done, loss)` of the whole model, every `train.eval_every` steps
     /// and at the last.
     pub val_losses: Vec<(u64, f64)>,
+    /// What each replica reports it has sent per channel (activations, gradients, sync), from
+    /// its latest `Applied`: monitoring only (self-reported, never credited).
+    pub peer_sent: HashMap<PeerId, [crate::protocol::Traffic; 3]>,
     /// Seconds spent training (excludes waiting for peers before the first step).
     pub train_seconds: f64,
     /// Seconds joiners took to fetch their stage state (one entry per join).

@@ -190,6 +190,10 @@ pub struct PeerRow {
     /// UDP bytes the trainer sent to / received from it on that connection (all channels).
     pub tx_bytes: Option<u64>,
     pub rx_bytes: Option<u64>,
+    /// Tensor bytes it reports having sent per channel (activations, gradients, sync), as of its
+    /// latest step: self-reported, for monitoring only.
+    #[serde(default)]
+    pub channels: Vec<ChannelBytes>,
     pub audits_passed: u64,
     pub audits_failed: u64,
     /// Micro-batches of work verified by a later passed audit (from the ledger).
@@ -646,6 +650,20 @@ impl Observer {
                 row.rtt_ms = Some(rtt.as_secs_f64() * 1e3);
                 row.tx_bytes = Some(*tx);
                 row.rx_bytes = Some(*rx);
+            }
+        }
+        for (peer, sent) in &m.peer_sent {
+            if let Some(row) = self.peers.get_mut(peer) {
+                row.channels = ["activations", "gradients", "sync"]
+                    .iter()
+                    .zip(sent)
+                    .map(|(name, t)| ChannelBytes {
+                        channel: (*name).into(),
+                        wire_bytes: t.wire,
+                        dense_bytes: t.dense,
+                        frames: 0,
+                    })
+                    .collect();
             }
         }
         for e in &inp.status.entries {

@@ -227,6 +227,9 @@ impl Trainer {
         let mut digests: Vec<Vec<(PeerId, SocketAddr, [u8; 32])>> =
             vec![Vec::new(); self.num_stages()];
         for (k, p, addr, r) in results {
+            if let Ok(Ok((_, a))) = &r {
+                self.metrics.peer_sent.insert(p, a.sent);
+            }
             match r {
                 Ok(Ok((_, a))) if a.step == step + 1 || a.step == step => {
                     digests[k].push((p, addr, a.digest))
