@@ -18,10 +18,9 @@
 //! Weights are initialised from `(seed, tensor name)` alone, so a shard holding layers 4..8 has
 //! exactly the weights the single-process model has for them.
 
-mod head;
-
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
@@ -29,11 +28,9 @@ use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 
-use crate::ends::HeadPass;
 use crate::layer::{self, Float, Geom, IntoPass, LayerWeights, StagePass};
-use crate::ops::RopeTables;
+use crate::ops::{self, RopeTables};
 use crate::optim::AdamW;
-use crate::profile::timed;
 use crate::{Error, ModelConfig, Result};
 
 /// A part of the model that can be built and run alone.
@@ -157,10 +154,8 @@ pub struct ForwardCtx {
 }
 
 enum Pass {
-    /// The embedding's input tokens.
-    Embed(Vec<u32>),
-    /// The head, run by hand ([`crate::ends`]).
-    Head(HeadPass),
+    /// candle's autograd graph (embedding, head), kept alive by its root, and the input variable.
+    Graph { input: Option<Var>, root: Tensor },
     /// Decoder layers run by hand ([`crate::layer`]).
     Layers(StagePass),
 }
@@ -438,6 +433,32 @@ impl Shard {
         Ok(())
     }
 
+    /// Embedding forward: `tokens` (row-major `batch x seq`) -> hidden `(batch, seq, hidden)`.
+    pub fn embed_forward(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<(Tensor, ForwardCtx)> {
+        let piece = self.piece_index(|p| *p == Piece::Embedding, "the embedding")?;
+        self.check_tokens(tokens, batch, seq)?;
+        let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
+        let x = self
+            .w("model.embed_tokens.weight")?
+            .index_select(&ids, 0)?
+            .reshape((batch, seq, self.cfg.hidden_size))?;
+        let ctx = ForwardCtx {
+            piece,
+            out_dims: x.dims().to_vec(),
+            vars: self.piece_vars(piece),
+            pass: Pass::Graph {
+                input: None,
+                root: x.clone(),
+            },
+        };
+        Ok((x.detach(), ctx))
+    }
+
     /// Stage `index` forward: hidden `(batch, seq, hidden)` -> hidden of the same shape.
     pub fn stage_forward(&self, index: usize, x: &Tensor) -> Result<(Tensor, ForwardCtx)> {
         let piece = self.piece_index(
@@ -477,18 +498,13 @@ impl Shard {
         layers: Range<usize>,
         x: &Tensor,
     ) -> Result<(Tensor, StagePass)> {
-        let (x, weights) = timed("stage.convert", || -> Result<_> {
-            let x = x.flatten_all()?.to_vec1::<T>()?;
-            let weights = layers
-                .clone()
-                .map(|l| self.layer_weights::<T>(l))
-                .collect::<Result<Vec<_>>>()?;
-            Ok((x, weights))
-        })?;
+        let x = x.flatten_all()?.to_vec1::<T>()?;
+        let weights = layers
+            .clone()
+            .map(|l| self.layer_weights::<T>(l))
+            .collect::<Result<Vec<_>>>()?;
         let (y, saved) = layer::stage_forward(geom, &self.rope, layers.start, weights, x);
-        let y = timed("stage.convert", || {
-            Tensor::from_vec(y, (geom.batch, geom.seq, geom.hidden), &self.device)
-        })?;
+        let y = Tensor::from_vec(y, (geom.batch, geom.seq, geom.hidden), &self.device)?;
         Ok((y, T::into_pass(saved)))
     }
 
@@ -512,6 +528,48 @@ impl Shard {
         })
     }
 
+    /// Head forward: hidden `(batch, seq, hidden)` and next-token `targets` (row-major) -> mean
+    /// cross-entropy in nats per token, and the context for [`Shard::head_backward`].
+    pub fn head_forward(&self, x: &Tensor, targets: &[u32]) -> Result<(f64, ForwardCtx)> {
+        let piece = self.piece_index(|p| *p == Piece::Head, "the head")?;
+        let (b, t) = self.check_hidden(x)?;
+        self.check_tokens(targets, b, t)?;
+        let input = Var::from_tensor(&x.detach().copy()?)?;
+        let logits = self.head_logits(input.as_tensor(), b * t)?;
+        let loss = ops::cross_entropy(&logits, Arc::new(targets.to_vec()))?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let ctx = ForwardCtx {
+            piece,
+            out_dims: vec![],
+            vars: self.piece_vars(piece),
+            pass: Pass::Graph {
+                input: Some(input),
+                root: loss,
+            },
+        };
+        Ok((value, ctx))
+    }
+
+    /// Head logits without a loss or a context (inference): `(batch, seq, vocab)`.
+    pub fn head_logits_only(&self, x: &Tensor) -> Result<Tensor> {
+        self.piece_index(|p| *p == Piece::Head, "the head")?;
+        let (b, t) = self.check_hidden(x)?;
+        let logits = self.head_logits(&x.detach(), b * t)?;
+        Ok(logits.reshape((b, t, self.cfg.vocab_size))?.detach())
+    }
+
+    fn head_logits(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        let x = x.reshape((n, self.cfg.hidden_size))?;
+        let xn = ops::rms_normalize(&x, self.cfg.rms_norm_eps)?
+            .broadcast_mul(self.w("model.norm.weight")?)?;
+        let lm = if self.cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        Ok(xn.matmul(&self.w(lm)?.t()?)?)
+    }
+
     /// Backward of an embedding or stage forward: `grad_out` is the gradient of the loss with
     /// respect to that forward's output. Adds the parameter gradients into the accumulators and
     /// returns the gradient of the input (`None` for the embedding, whose input is tokens).
@@ -521,20 +579,15 @@ impl Shard {
         }
         self.check_grad_out(&ctx, grad_out)?;
         match &ctx.pass {
-            Pass::Embed(tokens) => {
-                self.check_fresh(&ctx)?;
-                self.embed_backward(tokens, grad_out)?;
-                Ok(None)
+            Pass::Graph { root, .. } => {
+                let root = ops::vjp_root(root, grad_out)?;
+                self.run_backward(&ctx, &root)
             }
-            Pass::Head(_) => Err(Error::Piece("use head_backward for the head".into())),
             Pass::Layers(pass) => {
                 let (dx, grads) = self.layers_backward(&ctx, pass, grad_out, true)?;
-                timed("grad.accumulate", || -> Result<()> {
-                    for (name, g) in grads {
-                        self.accumulate(self.by_name[&name], g)?;
-                    }
-                    Ok(())
-                })?;
+                for (name, g) in grads {
+                    self.accumulate(self.by_name[&name], g)?;
+                }
                 Ok(Some(dx))
             }
         }
@@ -565,7 +618,7 @@ impl Shard {
             return Err(Error::Piece("context from another shard".into()));
         }
         self.check_fresh(ctx)?;
-        let g = timed("stage.convert", || grad_out.flatten_all())?;
+        let g = grad_out.flatten_all()?;
         match pass {
             StagePass::F32(s) => self.typed_backward(s, g.to_vec1::<f32>()?, weights),
             StagePass::F64(s) => self.typed_backward(s, g.to_vec1::<f64>()?, weights),
@@ -580,20 +633,18 @@ impl Shard {
     ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
         let (b, t, h) = saved.dims();
         let (dx, grads) = layer::stage_backward(saved, grad_out, weights);
-        timed("stage.convert", || {
-            let mut named = Vec::with_capacity(grads.len() * 9);
-            for (l, g) in grads {
-                let names = Piece::Stage {
-                    index: 0,
-                    layers: l..l + 1,
-                }
-                .parameters(&self.cfg);
-                for ((name, shape), g) in names.into_iter().zip(g) {
-                    named.push((name, Tensor::from_vec(g, shape, &self.device)?));
-                }
+        let mut named = Vec::with_capacity(grads.len() * 9);
+        for (l, g) in grads {
+            let names = Piece::Stage {
+                index: 0,
+                layers: l..l + 1,
             }
-            Ok((Tensor::from_vec(dx, (b, t, h), &self.device)?, named))
-        })
+            .parameters(&self.cfg);
+            for ((name, shape), g) in names.into_iter().zip(g) {
+                named.push((name, Tensor::from_vec(g, shape, &self.device)?));
+            }
+        }
+        Ok((Tensor::from_vec(dx, (b, t, h), &self.device)?, named))
     }
 
     /// Adds `g` into parameter `i`'s accumulated gradient.
@@ -604,6 +655,21 @@ impl Shard {
             None => g,
         });
         Ok(())
+    }
+
+    /// Backward of a head forward, for the loss multiplied by `loss_scale` (e.g. 1/micro_batches,
+    /// so that accumulated gradients are those of the mean loss over the step). Returns the
+    /// gradient of the head's input.
+    pub fn head_backward(&mut self, ctx: ForwardCtx, loss_scale: f64) -> Result<Tensor> {
+        if self.pieces.get(ctx.piece) != Some(&Piece::Head) {
+            return Err(Error::Piece("head_backward needs a head context".into()));
+        }
+        let Pass::Graph { root, .. } = &ctx.pass else {
+            return Err(Error::Piece("head_backward needs a head context".into()));
+        };
+        let root = (root * loss_scale)?;
+        self.run_backward(&ctx, &root)?
+            .ok_or_else(|| Error::Piece("head input has no gradient".into()))
     }
 
     /// [`Shard::backward`] without touching the accumulated parameter gradients: returns only the
@@ -622,8 +688,15 @@ impl Shard {
         }
         self.check_grad_out(&ctx, grad_out)?;
         match &ctx.pass {
-            Pass::Embed(_) => Ok(None),
-            Pass::Head(_) => Err(Error::Piece("a head context has no output gradient".into())),
+            Pass::Graph { input: None, .. } => Ok(None),
+            Pass::Graph {
+                input: Some(input),
+                root,
+            } => {
+                self.check_fresh(&ctx)?;
+                let mut grads = ops::vjp_root(root, grad_out)?.backward()?;
+                Ok(grads.remove(input.as_tensor()))
+            }
             Pass::Layers(pass) => Ok(Some(self.layers_backward(&ctx, pass, grad_out, false)?.0)),
         }
     }
@@ -641,6 +714,34 @@ impl Shard {
         } else {
             Err(Error::StaleContext)
         }
+    }
+
+    fn run_backward(&mut self, ctx: &ForwardCtx, root: &Tensor) -> Result<Option<Tensor>> {
+        if ctx.piece >= self.pieces.len() {
+            return Err(Error::Piece("context from another shard".into()));
+        }
+        self.check_fresh(ctx)?;
+        let current = self.piece_vars(ctx.piece);
+        let mut grads = root.backward()?;
+        for var in &current {
+            let i = self.param_index_of(var);
+            let g = grads
+                .remove(var.as_tensor())
+                .ok_or_else(|| Error::Piece(format!("no gradient for {}", self.params[i].name)))?;
+            self.accumulate(i, g)?;
+        }
+        Ok(match &ctx.pass {
+            Pass::Graph { input: Some(v), .. } => grads.remove(v.as_tensor()),
+            _ => None,
+        })
+    }
+
+    fn param_index_of(&self, var: &Var) -> usize {
+        let id = var.as_tensor().id();
+        self.params
+            .iter()
+            .position(|p| p.var.as_tensor().id() == id)
+            .expect("var of this shard")
     }
 
     /// Forgets all accumulated gradients.

@@ -19,7 +19,6 @@ use candle_core::{DType, Device, Tensor};
 use crate::checkpoint::TrainState;
 use crate::data::{Batch, Corpus};
 use crate::optim::{AdamW, clip_scale};
-use crate::profile::timed;
 use crate::run::{DataConfig, RunConfig};
 use crate::shard::{ForwardCtx, Piece, Shard};
 use crate::{Error, Result};
@@ -65,9 +64,7 @@ pub fn forward_micro_batch_with(
     batch: &Batch,
     link: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<(f64, MicroBatchCtx)> {
-    let (x, embed) = timed("embed.fwd", || {
-        ends.embed_forward(&batch.inputs, batch.batch_size, batch.seq_len)
-    })?;
+    let (x, embed) = ends.embed_forward(&batch.inputs, batch.batch_size, batch.seq_len)?;
     let mut x = link(&x)?;
     let mut ctxs = Vec::with_capacity(stages.len());
     for (k, s) in stages.iter().enumerate() {
@@ -75,7 +72,7 @@ pub fn forward_micro_batch_with(
         ctxs.push(c);
         x = link(&y)?;
     }
-    let (loss, head) = timed("head.fwd", || ends.head_forward(&x, &batch.targets))?;
+    let (loss, head) = ends.head_forward(&x, &batch.targets)?;
     Ok((
         loss,
         MicroBatchCtx {
@@ -106,16 +103,14 @@ pub fn backward_micro_batch_with(
     loss_scale: f64,
     link: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<()> {
-    let mut g = link(&timed("head.bwd", || {
-        ends.head_backward(ctx.head, loss_scale)
-    })?)?;
+    let mut g = link(&ends.head_backward(ctx.head, loss_scale)?)?;
     for (s, c) in stages.iter_mut().zip(ctx.stages).rev() {
         g = s
             .backward(c, &g)?
             .ok_or_else(|| Error::Piece("stage gave no input grad".into()))?;
         g = link(&g)?;
     }
-    timed("embed.bwd", || ends.backward(ctx.embed, &g))?;
+    ends.backward(ctx.embed, &g)?;
     Ok(())
 }
 
