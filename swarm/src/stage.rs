@@ -113,9 +113,38 @@ pub struct StageStats {
     pub busy: AtomicU64,
     /// Pipeline messages refused for a missing or bad sender receipt.
     pub bad_receipts: AtomicU64,
+    /// This peer's standing in the trainer's ledger, as the trainer last reported it with an
+    /// `Apply` (`credit_reported` false: never reported).
+    pub credit_reported: std::sync::atomic::AtomicBool,
+    pub audits_passed: AtomicU64,
+    pub audits_failed: AtomicU64,
+    pub credited_micro_batches: AtomicU64,
+    pub pending_micro_batches: AtomicU64,
 }
 
 impl StageStats {
+    /// The trainer's ledger report, or `None` before the first.
+    pub fn credit(&self) -> Option<crate::protocol::CreditReport> {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.credit_reported
+            .load(Ordering::Relaxed)
+            .then(|| crate::protocol::CreditReport {
+                audits_passed: r(&self.audits_passed),
+                audits_failed: r(&self.audits_failed),
+                credited_micro_batches: r(&self.credited_micro_batches),
+                pending_micro_batches: r(&self.pending_micro_batches),
+            })
+    }
+
+    fn set_credit(&self, c: &crate::protocol::CreditReport) {
+        let w = |a: &AtomicU64, v| a.store(v, Ordering::Relaxed);
+        w(&self.audits_passed, c.audits_passed);
+        w(&self.audits_failed, c.audits_failed);
+        w(&self.credited_micro_batches, c.credited_micro_batches);
+        w(&self.pending_micro_batches, c.pending_micro_batches);
+        self.credit_reported.store(true, Ordering::Relaxed);
+    }
+
     /// What this worker has sent so far per channel (activations, gradients, sync), as
     /// [`crate::protocol::Applied`] reports it.
     pub fn sent(&self) -> [crate::protocol::Traffic; 3] {

@@ -567,6 +567,7 @@ async fn sync_two_replicas(sync: &str) -> ([u8; 32], [u8; 32], f64, [u8; 32], Ve
         stage: 0,
         lr: 1e-2,
         clip_scale: 1.0,
+        credit: None,
     };
     let mut digests = Vec::new();
     for p in [&a, &b] {

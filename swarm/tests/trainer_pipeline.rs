@@ -77,6 +77,26 @@ async fn swarm_run_matches_local_run_with_codec_none() {
     for t in metrics.peer_sent.values() {
         assert!(t.iter().all(|c| c.wire > 0 && c.dense > 0), "{t:?}");
     }
+    // The trainer reports each replica's standing in its ledger back with every Apply: never
+    // ahead of the ledger file, which only grows.
+    let ledger = std::fs::read(out.path().join("ckpt.ledger")).expect("the run's ledger");
+    let credits = swarm_core::ledger::credits(&swarm_core::ledger::parse(&ledger).unwrap());
+    for r in &replicas {
+        let got = r
+            .joined
+            .worker
+            .stats()
+            .credit()
+            .expect("the trainer reports the ledger back");
+        let want = credits.iter().find(|c| c.peer == r.peer.peer_id());
+        let (passed, credited) =
+            want.map_or((0, 0), |c| (c.audits_passed, c.credited_micro_batches));
+        assert!(
+            got.audits_passed <= passed && got.credited_micro_batches <= credited,
+            "{got:?} vs {want:?}"
+        );
+        assert_eq!(got.audits_failed, 0);
+    }
     // Replicas of a stage hold bitwise-identical weights.
     let mut d = Vec::new();
     for r in &replicas {

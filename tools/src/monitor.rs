@@ -123,6 +123,11 @@ impl VolunteerFeed {
             s.state_served_bytes = st.state_served.load(Relaxed);
             s.busy = st.busy.load(Relaxed);
             s.bad_receipts = st.bad_receipts.load(Relaxed);
+            if let Some(c) = st.credit() {
+                s.audits_passed = Some(c.audits_passed);
+                s.audits_failed = Some(c.audits_failed);
+                s.credited_micro_batches = Some(c.credited_micro_batches);
+            }
         }
         self.tx.send_replace(std::sync::Arc::new(s.clone()));
     }

@@ -38,8 +38,8 @@ pub struct VolunteerState {
     /// Requests refused because its context table was full, and for a bad sender receipt.
     pub busy: u64,
     pub bad_receipts: u64,
-    /// Audits passed/failed and credited micro-batches as the trainer's ledger says: `None`
-    /// until the trainer reports them back to its peers (no message carries them yet).
+    /// Audits passed/failed and credited micro-batches as the trainer's ledger says (reported
+    /// back with every step's `Apply`): `None` until the first report, or without a ledger.
     pub audits_passed: Option<u64>,
     pub audits_failed: Option<u64>,
     pub credited_micro_batches: Option<u64>,

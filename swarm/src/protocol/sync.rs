@@ -190,6 +190,18 @@ pub struct Apply {
     pub stage: u32,
     pub lr: f64,
     pub clip_scale: f64,
+    /// The receiving replica's standing in the trainer's ledger, reported back so a volunteer
+    /// sees its audits and credit: `None` without a ledger.
+    pub credit: Option<CreditReport>,
+}
+
+/// A peer's audits and credited work as the trainer's ledger counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CreditReport {
+    pub audits_passed: u64,
+    pub audits_failed: u64,
+    pub credited_micro_batches: u64,
+    pub pending_micro_batches: u64,
 }
 
 impl WireMessage for Apply {
@@ -200,6 +212,18 @@ impl WireMessage for Apply {
             .u32(self.stage)
             .f64(self.lr)
             .f64(self.clip_scale);
+        match &self.credit {
+            None => {
+                w.u8(0);
+            }
+            Some(c) => {
+                w.u8(1)
+                    .varint(c.audits_passed)
+                    .varint(c.audits_failed)
+                    .varint(c.credited_micro_batches)
+                    .varint(c.pending_micro_batches);
+            }
+        }
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
@@ -212,6 +236,16 @@ impl WireMessage for Apply {
                 "learning rate or clip scale out of range",
             ));
         }
+        let credit = match r.u8()? {
+            0 => None,
+            1 => Some(CreditReport {
+                audits_passed: r.varint()?,
+                audits_failed: r.varint()?,
+                credited_micro_batches: r.varint()?,
+                pending_micro_batches: r.varint()?,
+            }),
+            _ => return Err(WireError::Invalid("bad credit flag")),
+        };
         Ok(Apply {
             run,
             epoch,
@@ -219,6 +253,7 @@ impl WireMessage for Apply {
             stage,
             lr,
             clip_scale,
+            credit,
         })
     }
 }

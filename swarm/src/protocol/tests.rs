@@ -219,6 +219,12 @@ fn samples() -> Vec<(u16, Vec<u8>)> {
             stage: 1,
             lr: 3e-4,
             clip_scale: 0.5,
+            credit: Some(CreditReport {
+                audits_passed: 3,
+                audits_failed: 0,
+                credited_micro_batches: 1 << 33,
+                pending_micro_batches: 7,
+            }),
         }),
         e(&Applied {
             run: RUN,
@@ -336,6 +342,7 @@ fn invariants_are_checked() {
         stage: 0,
         lr: f64::NAN,
         clip_scale: 1.0,
+        credit: None,
     };
     assert!(decode_body::<Apply>(&encode_body(&a).unwrap()).is_err());
     let a = Apply {
@@ -344,6 +351,14 @@ fn invariants_are_checked() {
         ..a
     };
     assert!(decode_body::<Apply>(&encode_body(&a).unwrap()).is_err());
+    // A credit flag other than 0 or 1.
+    let mut body = encode_body(&Apply {
+        clip_scale: 1.0,
+        ..a
+    })
+    .unwrap();
+    *body.last_mut().unwrap() = 2;
+    assert!(decode_body::<Apply>(&body).is_err());
 
     let c = StateChunk {
         run: RUN,

@@ -355,6 +355,9 @@ impl StageWorker {
         let a: Apply = wire::decode_body(&body)?;
         self.check_run(&a.run, a.epoch)?;
         self.check_stage(a.stage)?;
+        if let Some(c) = &a.credit {
+            self.inner.stats.set_credit(c);
+        }
         {
             let st = lock(&self.inner.state);
             match &st.round {

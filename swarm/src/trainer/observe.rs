@@ -525,6 +525,23 @@ impl Observer {
         });
     }
 
+    /// `peer`'s standing in the ledger as last read (`None` without a ledger, or before its
+    /// first entry), for reporting back to it.
+    pub fn credit(&self, peer: &PeerId) -> Option<crate::protocol::CreditReport> {
+        self.ledger.as_ref()?;
+        Some(
+            self.credits
+                .get(peer)
+                .map(|c| crate::protocol::CreditReport {
+                    audits_passed: c.audits_passed,
+                    audits_failed: c.audits_failed,
+                    credited_micro_batches: c.credited_micro_batches,
+                    pending_micro_batches: c.pending_micro_batches,
+                })
+                .unwrap_or_default(),
+        )
+    }
+
     fn refresh_credits(&mut self) {
         let Some(path) = &self.ledger else { return };
         if self

@@ -211,6 +211,7 @@ impl Trainer {
                     stage: k as u32,
                     lr,
                     clip_scale: clip,
+                    credit: self.observer.credit(&p),
                 };
                 let timeout = self.opts.sync_timeout;
                 calls.push(async move {
