@@ -19,7 +19,7 @@ pub mod stage_fit;
 pub mod state_transfer;
 pub mod trainer;
 
-pub use swarm_net::{identity, membership, nat, peer, rpc, shaping, tls, transport};
+pub use swarm_net::{identity, membership, nat, peer, relay, rpc, shaping, tls, transport};
 
 /// The wire envelope of [`swarm_net::wire`], with the kind numbers of every layer.
 pub mod wire {

@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use swarm_core::wire::{self, HEADER_LEN, Header, Reader, WireMessage, kind};
-use swarm_core::{membership as m, protocol as p, rpc as r};
+use swarm_core::{membership as m, nat as n, protocol as p, relay as rl, rpc as r};
 
 /// Decodes `body` as `M`; if it decodes, its encoding must be exactly `body`.
 fn check<M: WireMessage>(body: &[u8]) {
@@ -35,6 +35,16 @@ fn decode_kind(k: u16, body: &[u8]) {
         kind::JOIN_REPLY => check::<m::JoinReply>(body),
         kind::STATUS => check::<m::StatusRequest>(body),
         kind::STATUS_REPLY => check::<m::StatusReply>(body),
+        kind::DIAL_BACK => check::<n::DialBackRequest>(body),
+        kind::DIAL_BACK_REPLY => check::<n::DialBackReply>(body),
+        kind::OBSERVE => check::<n::ObserveRequest>(body),
+        kind::OBSERVE_REPLY => check::<n::ObserveReply>(body),
+        kind::PUNCH_REQUEST => check::<n::PunchRequest>(body),
+        kind::PUNCH_PLAN => check::<n::PunchPlan>(body),
+        kind::PUNCH_START => check::<n::PunchStart>(body),
+        kind::PUNCH_STARTED => check::<n::PunchStarted>(body),
+        kind::RELAY => check::<rl::RelayOpen>(body),
+        kind::RELAY_ACCEPTED => check::<rl::RelayAccepted>(body),
         kind::FORWARD => check::<p::Forward>(body),
         kind::FORWARD_OUT => check::<p::ForwardOut>(body),
         kind::BACKWARD => check::<p::Backward>(body),

@@ -85,6 +85,20 @@ impl WireMessage for RelayAccepted {
     }
 }
 
+/// The packet length a frame's 2-byte header announces, refused when empty or over
+/// [`MAX_PACKET`] (the peer is untrusted: nothing is allocated before this check).
+fn frame_len(header: [u8; 2]) -> std::result::Result<usize, WireError> {
+    let n = u16::from_le_bytes(header) as usize;
+    if n == 0 || n > MAX_PACKET {
+        return Err(WireError::TooLong {
+            what: "relay frame",
+            len: n as u64,
+            max: MAX_PACKET as u64,
+        });
+    }
+    Ok(n)
+}
+
 /// Reads one frame into `buf` (cleared first). `Ok(false)` at a clean end of stream; a length
 /// over [`MAX_PACKET`] is an error (no allocation from it).
 pub async fn read_frame(recv: &mut RecvStream, buf: &mut Vec<u8>) -> Result<bool> {
@@ -94,15 +108,7 @@ pub async fn read_frame(recv: &mut RecvStream, buf: &mut Vec<u8>) -> Result<bool
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(false),
         Err(e) => return Err(Error::Stream(e.to_string())),
     }
-    let n = u16::from_le_bytes(len) as usize;
-    if n == 0 || n > MAX_PACKET {
-        return Err(WireError::TooLong {
-            what: "relay frame",
-            len: n as u64,
-            max: MAX_PACKET as u64,
-        }
-        .into());
-    }
+    let n = frame_len(len)?;
     buf.clear();
     buf.resize(n, 0);
     recv.read_exact(buf)
@@ -651,4 +657,46 @@ pub async fn dial(shared: &PeerShared, relay: PeerId, target: PeerId) -> Result<
 /// Whether requests of `kind` open a long-lived stream (a tunnel) rather than get one reply.
 pub fn is_stream_kind(kind: u16) -> bool {
     kind == kind::RELAY
+}
+
+#[cfg(test)]
+mod malformed {
+    use super::*;
+
+    #[test]
+    fn frame_lengths_outside_one_to_max_packet_are_refused() {
+        assert_eq!(frame_len(1u16.to_le_bytes()).unwrap(), 1);
+        assert_eq!(
+            frame_len((MAX_PACKET as u16).to_le_bytes()).unwrap(),
+            MAX_PACKET
+        );
+        for bad in [0u16, MAX_PACKET as u16 + 1, u16::MAX] {
+            assert!(
+                matches!(frame_len(bad.to_le_bytes()), Err(WireError::TooLong { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn tunnel_requests_must_be_whole_and_canonical() {
+        let open = RelayOpen {
+            peer: PeerId([7; 32]),
+            incoming: true,
+        };
+        let body = encode_body(&open).unwrap();
+        assert_eq!(wire::decode_body::<RelayOpen>(&body).unwrap(), open);
+        // Every truncation fails, and so does a trailing byte or a bool other than 0/1.
+        for n in 0..body.len() {
+            assert!(wire::decode_body::<RelayOpen>(&body[..n]).is_err(), "{n}");
+        }
+        let mut long = body.clone();
+        long.push(0);
+        assert!(wire::decode_body::<RelayOpen>(&long).is_err());
+        let mut flag = body.clone();
+        *flag.last_mut().unwrap() = 2;
+        assert!(wire::decode_body::<RelayOpen>(&flag).is_err());
+        assert!(wire::decode_body::<RelayAccepted>(&[0]).is_err());
+        assert!(wire::decode_body::<RelayAccepted>(&[]).is_ok());
+    }
 }
