@@ -351,9 +351,31 @@ impl Host {
 
     /// A command that runs `program` inside this host's namespace. The lab kills it on drop if
     /// it still runs; tests should still own and reap their children.
+    ///
+    /// The child enters the namespace between fork and exec, so once `spawn` returns the process
+    /// is inside it and the lab's teardown finds it. (`ip netns exec` entered only after its own
+    /// start, and a teardown right after `spawn` could miss it: the process then outlived the lab.)
+    #[allow(unsafe_code)] // CommandExt::pre_exec: see the SAFETY comment inside
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns]).arg(program);
+        use std::os::unix::process::CommandExt;
+        let Ok(file) = File::open(Path::new("/var/run/netns").join(&self.ns)) else {
+            // The namespace is gone: let `ip` say so when the command runs.
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &self.ns]).arg(program);
+            return cmd;
+        };
+        let mut cmd = Command::new(program);
+        // SAFETY: the closure runs in the forked child before exec and only calls setns(2), which
+        // is async-signal-safe, on a descriptor opened before the fork (std opens it close-on-exec,
+        // so the program does not inherit it).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd
     }
 
