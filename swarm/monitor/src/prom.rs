@@ -300,6 +300,12 @@ impl Collector for TrainerCollector {
         )?;
         counter(
             &mut e,
+            "swarm_peer_relay_bytes",
+            "Bytes the trainer's relay forwarded from and to a peer",
+            c(|q| q.relay_bytes),
+        )?;
+        counter(
+            &mut e,
             "swarm_peer_audits_passed",
             "Audits a peer passed",
             c(|q| Some(q.audits_passed)),

@@ -179,8 +179,9 @@ pub struct PeerRow {
     pub stage: Option<u32>,
     /// `joining`, `serving`, `leaving`, `left`, `lost` or `banned`.
     pub state: String,
-    /// How the trainer reaches it. Every connection is a direct QUIC connection today; `punched`
-    /// and `relayed` come with reachability (issue #14).
+    /// How its stage links run, from its reachability verdict: `direct` (public), `punched`
+    /// (behind an endpoint-independent NAT, reached by hole punches) or `relayed` (symmetric or
+    /// UDP-blocked NAT: through the trainer's relay).
     pub path: String,
     /// Throughput the router uses for it (tokens/s through its stage).
     pub throughput_tokens_per_s: Option<f64>,
@@ -190,6 +191,12 @@ pub struct PeerRow {
     /// UDP bytes the trainer sent to / received from it on that connection (all channels).
     pub tx_bytes: Option<u64>,
     pub rx_bytes: Option<u64>,
+    /// Its reachability verdict from the check at join (`public`, `punchable`, `symmetric`,
+    /// `blocked`, `unknown`), and the bytes the trainer's relay forwarded from and to it.
+    #[serde(default)]
+    pub reach: Option<String>,
+    #[serde(default)]
+    pub relay_bytes: Option<u64>,
     /// Tensor bytes it reports having sent per channel (activations, gradients, sync), as of its
     /// latest step: self-reported, for monitoring only.
     #[serde(default)]
@@ -669,6 +676,20 @@ impl Observer {
                 row.rx_bytes = Some(*rx);
             }
         }
+        for w in m.peers.values() {
+            let Some(row) = PeerId::parse(&w.peer).and_then(|id| self.peers.get_mut(&id)) else {
+                continue;
+            };
+            row.path = match w.reach.as_str() {
+                _ if w.relay_bytes > 0 => "relayed",
+                "symmetric" | "blocked" => "relayed",
+                "punchable" => "punched",
+                _ => "direct",
+            }
+            .into();
+            row.reach = Some(w.reach.clone());
+            row.relay_bytes = Some(w.relay_bytes);
+        }
         for (peer, sent) in &m.peer_sent {
             if let Some(row) = self.peers.get_mut(peer) {
                 row.channels = ["activations", "gradients", "sync"]
@@ -730,6 +751,15 @@ mod tests {
             },
             0,
         );
+        let relayed = crate::Identity::generate().peer_id();
+        o.event(
+            &TrainerEvent::Joined {
+                peer: relayed,
+                stage: 0,
+                sync_ms: 5,
+            },
+            0,
+        );
         o.ban(&id, 1, "output <peer> & \"quotes\"", 3);
         o.event(&TrainerEvent::Lost { peer: id, stage: 1 }, 3);
         let view = router::SwarmView::new(
@@ -741,13 +771,24 @@ mod tests {
             },
         )
         .unwrap();
+        let mut metrics = Metrics::default();
+        metrics.peers.insert(
+            relayed.to_string(),
+            crate::trainer::metrics::PeerWork {
+                peer: relayed.to_string(),
+                stage: 0,
+                reach: "symmetric".into(),
+                micro_batches: 4,
+                relay_bytes: 1000,
+            },
+        );
         o.publish(Inputs {
             step: 3,
             epoch: 0,
             phase: "running",
             replicas: Vec::new(),
             view: &view,
-            metrics: &Metrics::default(),
+            metrics: &metrics,
             audit: &AuditStats::default(),
             ledger_head: None,
             status: StatusReply {
@@ -758,13 +799,21 @@ mod tests {
         });
         let s = rx.borrow().clone();
         assert_eq!(s.version, SCHEMA_VERSION);
-        assert_eq!(s.peers.len(), 1);
-        assert_eq!(s.peers[0].state, "banned");
+        assert_eq!(s.peers.len(), 2);
+        let row = |p: &PeerId| s.peers.iter().find(|q| q.id == p.to_string()).unwrap();
+        assert_eq!(row(&id).state, "banned");
+        // A symmetric peer's stage links run through the relay, and the page says so.
+        let r = row(&relayed);
+        assert_eq!(
+            (r.path.as_str(), r.reach.as_deref(), r.relay_bytes),
+            ("relayed", Some("symmetric"), Some(1000))
+        );
+        assert_eq!(row(&id).path, "direct");
         assert_eq!(s.stages.len(), cfg.stages.len() - 1);
         assert!(s.stages.iter().all(|c| c.health == "broken"));
         assert_eq!(
             s.events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
-            ["join", "ban", "lost"]
+            ["join", "join", "ban", "lost"]
         );
         let json = serde_json::to_string(&*s).unwrap();
         let back: Snapshot = serde_json::from_str(&json).unwrap();
