@@ -40,23 +40,14 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// A tiny model over the 8k vocabulary, trained from `data` for `steps` steps.
+/// The testkit's tiny model over the 8k vocabulary, with longer windows, trained from `data`.
 fn config(data: &Path, tokenizer: &Path, steps: u64) -> RunConfig {
-    let mut cfg = RunConfig::default();
+    let mut cfg = swarm_testkit::tiny_config(steps);
     cfg.model.vocab_size = 8192;
-    cfg.model.hidden_size = 32;
-    cfg.model.intermediate_size = 64;
-    cfg.model.num_hidden_layers = 2;
-    cfg.model.num_attention_heads = 4;
-    cfg.model.num_key_value_heads = Some(2);
     cfg.model.max_position_embeddings = 64;
-    cfg.stages = vec![0, 1, 2];
-    cfg.train.steps = steps;
     cfg.train.micro_batches = 2;
     cfg.train.micro_batch_size = 4;
     cfg.train.seq_len = 32;
-    cfg.train.warmup_steps = 1;
-    cfg.train.lr = 1e-2;
     cfg.data.path = Some(data.to_path_buf());
     cfg.data.tokenizer = Some(tokenizer.to_path_buf());
     cfg.validate().unwrap();
