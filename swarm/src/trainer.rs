@@ -6,6 +6,7 @@ pub mod audit;
 pub mod book;
 pub mod checkpoint;
 mod driver;
+pub mod machine;
 pub mod metrics;
 pub mod observe;
 

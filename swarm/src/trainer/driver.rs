@@ -7,7 +7,7 @@
 //! acknowledgement and forward what they received to the driver through a channel, so nothing is
 //! shared but the registry that answers `RunInfo` and `Admit`.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ use swarm_model::{Corpus, ForwardCtx, Piece, RunConfig, Shard, clip_scale};
 use swarm_router as router;
 use tokio::sync::mpsc;
 
-use super::book::{Column, CountOutcome, Holder, StepBook};
+use super::book::StepBook;
 use super::checkpoint;
 use super::metrics::{Channel, Metrics, StepReport};
 use crate::error::{Error, Result};
@@ -44,6 +44,7 @@ use crate::transport::TransportConfig;
 use crate::wire::{self, kind};
 
 mod peers;
+mod pipeline;
 mod restore;
 mod service;
 mod step;
@@ -256,26 +257,6 @@ impl Shared {
         }
         Ok(())
     }
-}
-
-/// One attempt of a micro-batch in flight.
-struct InFlight {
-    key: MbKey,
-    route: Vec<Hop>,
-    plan: router::Plan,
-    embed_ctx: Option<ForwardCtx>,
-    targets: Vec<u32>,
-    embedding: bool,
-    head: bool,
-    deadline: Instant,
-    /// BackwardOut seen (the pipeline pass is over; only Counted reports may be missing).
-    returned: bool,
-    /// Our own frames of this attempt, counted when sent: the first activations and (once the
-    /// forward pass is back) the loss gradient. The passes' `upstream` includes them again.
-    sent_act: Traffic,
-    sent_grad: Option<Traffic>,
-    /// A `HopFailed` told us what the failed pass had sent (counted then).
-    reported: bool,
 }
 
 /// A running trainer. [`Trainer::start`] binds and serves; [`Trainer::run`] trains.

@@ -422,18 +422,6 @@ impl Trainer {
             self.restore_pending = true;
         }
     }
-
-    /// Gives up the current step (a stage's state is gone): attempts released, nothing applied.
-    pub(super) fn abandon_step(
-        &mut self,
-        inflight: &mut HashMap<usize, InFlight>,
-    ) -> Option<StepReport> {
-        for (_, f) in inflight.drain() {
-            self.release(&f);
-        }
-        self.shared.reg(|r| r.in_step = false);
-        None
-    }
 }
 
 #[derive(Default)]
