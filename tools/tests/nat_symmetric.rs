@@ -5,9 +5,12 @@
 //! replicas serve from the first step. The symmetric volunteer's join prints `symmetric` and its advice; its
 //! hops with the other volunteers run through the trainer's relay (`swarm status --json` says
 //! `relayed`); the run completes with its loss falling; the trainer reports relay bytes for that
-//! peer and routed it less work than the direct replica of its stage. Skipped (with the reason)
-//! only where namespaces cannot be made; every wait is bounded.
+//! peer and routed it less work than the direct replica of its stage. The trainer's monitor shows
+//! that peer's path as relayed, in its JSON API and on its page in a real headless Chromium (run
+//! inside the trainer's namespace). Skipped (with the reason) only where namespaces cannot be
+//! made, the browser part only where Chromium cannot be found; every wait is bounded.
 
+mod browser;
 mod net_common;
 
 use std::time::Duration;
@@ -15,6 +18,22 @@ use std::time::Duration;
 use net_common::nat::{config, first_json, run_completes, spawn};
 use net_common::{BIN, FAST};
 use swarm_netlab::{Host, Nat, lab_or_skip};
+
+/// The trainer's monitor inside its namespace.
+const MONITOR: &str = "127.0.0.1:7080";
+
+/// The `peers` rows of the monitor's `/api/v1/state`, read by `swarm top --json` inside `host`.
+fn monitor_peers(host: &Host) -> Vec<serde_json::Value> {
+    let o = host
+        .command(BIN)
+        .args(["top", MONITOR, "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    v["peers"].as_array().unwrap().clone()
+}
 
 /// The `peers` rows of `swarm status ADDR --json` run inside `host`.
 fn status(host: &Host, addr: &str) -> Vec<serde_json::Value> {
@@ -60,6 +79,8 @@ fn a_symmetric_volunteer_is_relayed_gets_less_work_and_the_run_completes() {
             // Every replica serves from the first step: the work split is the router's alone.
             "--min-replicas",
             "2",
+            "--http",
+            MONITOR,
             "--json",
         ],
         &[],
@@ -136,6 +157,38 @@ fn a_symmetric_volunteer_is_relayed_gets_less_work_and_the_run_completes() {
     let rows = status(&t_host, &trainer_addr);
     let at_relay = rows.iter().find(|r| r["id"] == sym_id.as_str()).unwrap();
     assert!(at_relay["relay_bytes"].as_u64().unwrap() > 0, "{at_relay}");
+
+    // The trainer's monitor shows the symmetric replica relayed and the one behind a home router
+    // punched: in its JSON API, and on its page in a real browser.
+    let rows = monitor_peers(&t_host);
+    let path_of = |rows: &[serde_json::Value], id: &str| {
+        rows.iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("{id} not in the monitor's peers: {rows:?}"))["path"]
+            .clone()
+    };
+    assert_eq!(path_of(&rows, &sym_id), "relayed");
+    assert_eq!(path_of(&rows, &direct_id), "punched");
+    match browser::chromium() {
+        Some(chrome) => {
+            let profile = tempfile::tempdir().unwrap();
+            let dom = browser::browse_with(
+                t_host.command(&chrome),
+                profile.path(),
+                &["--dump-dom".into()],
+                &format!("http://{MONITOR}/"),
+            );
+            let row = browser::peer_row(&dom, &sym_id)
+                .unwrap_or_else(|| panic!("no page row for the symmetric peer {sym_id}"));
+            assert!(row.contains("data-path=\"relayed\""), "{row}");
+            let row = browser::peer_row(&dom, &direct_id)
+                .unwrap_or_else(|| panic!("no page row for the direct peer {direct_id}"));
+            assert!(row.contains("data-path=\"punched\""), "{row}");
+        }
+        None => eprintln!(
+            "SKIPPED the browser part: no chromium on PATH (apt-get install chromium, or set SWARM_CHROMIUM)"
+        ),
+    }
 
     let json = run_completes(&trainer, steps, Duration::from_secs(300));
     let work = |id: &str| {

@@ -148,6 +148,7 @@
       tr.className = "peer";
       tr.dataset.peer = q.id;
       tr.dataset.state = q.state;
+      tr.dataset.path = q.path;
       return tr;
     }));
 

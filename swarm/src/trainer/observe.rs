@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use swarm_model::RunConfig;
+use swarm_nat::Reachability;
 use swarm_router as router;
 use tokio::sync::watch;
 
@@ -676,20 +677,6 @@ impl Observer {
                 row.rx_bytes = Some(*rx);
             }
         }
-        for w in m.peers.values() {
-            let Some(row) = PeerId::parse(&w.peer).and_then(|id| self.peers.get_mut(&id)) else {
-                continue;
-            };
-            row.path = match w.reach.as_str() {
-                _ if w.relay_bytes > 0 => "relayed",
-                "symmetric" | "blocked" => "relayed",
-                "punchable" => "punched",
-                _ => "direct",
-            }
-            .into();
-            row.reach = Some(w.reach.clone());
-            row.relay_bytes = Some(w.relay_bytes);
-        }
         for (peer, sent) in &m.peer_sent {
             if let Some(row) = self.peers.get_mut(peer) {
                 row.channels = ["activations", "gradients", "sync"]
@@ -708,6 +695,10 @@ impl Observer {
             if let Some(row) = self.peers.get_mut(&e.record.peer_id) {
                 row.version = Some(e.record.info.version.clone());
                 row.last_seen_s = Some(e.last_seen_ago_ms as f64 / 1e3);
+                let reach = e.record.info.reach;
+                row.path = path_name(reach).into();
+                row.reach = Some(reach.to_string());
+                row.relay_bytes = Some(e.relay_bytes);
             }
         }
         for (id, row) in self.peers.iter_mut() {
@@ -724,6 +715,20 @@ impl Observer {
         s.peers = self.peers.values().cloned().collect();
         s.events = self.events.iter().cloned().collect();
         self.tx.send_replace(Arc::new(self.snap.clone()));
+    }
+}
+
+/// How a peer's stage links run, from the verdict of its reachability check: the same rule the
+/// router prices links by ([`Reachability::direct_possible`]). Relay bytes alone do not make a
+/// peer relayed: a peer with a public or punchable address also moves bytes through the relay
+/// when it talks to a relayed one (e.g. the sync between two replicas of a stage).
+fn path_name(reach: Reachability) -> &'static str {
+    if !reach.direct_possible() {
+        "relayed"
+    } else if reach == Reachability::Punchable {
+        "punched"
+    } else {
+        "direct"
     }
 }
 
@@ -751,7 +756,8 @@ mod tests {
             },
             0,
         );
-        let relayed = crate::Identity::generate().peer_id();
+        let relayed_identity = crate::Identity::generate();
+        let relayed = relayed_identity.peer_id();
         o.event(
             &TrainerEvent::Joined {
                 peer: relayed,
@@ -771,15 +777,22 @@ mod tests {
             },
         )
         .unwrap();
-        let mut metrics = Metrics::default();
-        metrics.peers.insert(
-            relayed.to_string(),
-            crate::trainer::metrics::PeerWork {
-                peer: relayed.to_string(),
-                stage: 0,
-                reach: "symmetric".into(),
-                micro_batches: 4,
-                relay_bytes: 1000,
+        let metrics = Metrics::default();
+        // The symmetric peer as the trainer's membership holds it, with the bytes our relay
+        // carried for it.
+        let record = crate::membership::PeerRecord::sign(
+            &relayed_identity,
+            RunId([7; 16]),
+            1,
+            0,
+            60_000,
+            crate::membership::RecordInfo {
+                addrs: vec!["127.0.0.1:2".parse().unwrap()],
+                stages: vec![0],
+                throughput: 0.0,
+                state: crate::membership::PeerState::Online,
+                version: "test".into(),
+                reach: Reachability::Symmetric,
             },
         );
         o.publish(Inputs {
@@ -793,7 +806,12 @@ mod tests {
             ledger_head: None,
             status: StatusReply {
                 run_id: RunId([7; 16]),
-                entries: Vec::new(),
+                entries: vec![crate::membership::StatusEntry {
+                    record,
+                    last_seen_ago_ms: 10,
+                    path: None,
+                    relay_bytes: 1000,
+                }],
             },
             connections: Vec::new(),
         });
@@ -809,6 +827,12 @@ mod tests {
             ("relayed", Some("symmetric"), Some(1000))
         );
         assert_eq!(row(&id).path, "direct");
+        // The rule, verdict by verdict.
+        assert_eq!(path_name(Reachability::Public), "direct");
+        assert_eq!(path_name(Reachability::Unknown), "direct");
+        assert_eq!(path_name(Reachability::Punchable), "punched");
+        assert_eq!(path_name(Reachability::Symmetric), "relayed");
+        assert_eq!(path_name(Reachability::Blocked), "relayed");
         assert_eq!(s.stages.len(), cfg.stages.len() - 1);
         assert!(s.stages.iter().all(|c| c.health == "broken"));
         assert_eq!(
