@@ -112,6 +112,15 @@ impl Cluster {
         self.dir.join(format!("peer{index}"))
     }
 
+    /// The process ids of the peers still running.
+    pub fn pids(&self) -> Vec<u32> {
+        self.peers
+            .iter()
+            .filter(|p| !p.killed)
+            .map(|p| p.child.id())
+            .collect()
+    }
+
     /// SIGKILLs peer `index` (no goodbye: a crash). False if it was not running.
     pub fn kill(&mut self, index: usize) -> bool {
         let Some(p) = self.peers.get_mut(index) else {

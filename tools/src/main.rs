@@ -9,6 +9,7 @@ mod cmd;
 mod fault;
 mod monitor;
 mod plot;
+mod procfs;
 mod scenario;
 mod shutdown;
 mod ui;

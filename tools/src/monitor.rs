@@ -27,9 +27,10 @@ impl HttpFlags {
     }
 }
 
-/// Starts a monitor for `source` on `addr`, or explains why not.
-pub async fn start(addr: SocketAddr, flags: &HttpFlags, source: Source) -> anyhow::Result<Monitor> {
-    Ok(Monitor::start(flags.config(addr), source).await?)
+/// Starts a monitor for `source` on `addr`, or explains why not. It serves from a thread of its
+/// own, so that readers never take a worker from the training's runtime.
+pub fn start(addr: SocketAddr, flags: &HttpFlags, source: Source) -> anyhow::Result<Monitor> {
+    Ok(Monitor::start_on_own_thread(flags.config(addr), source)?)
 }
 
 /// The line that tells the user where the page is (stdout for people, stderr under `--json` so

@@ -1,4 +1,5 @@
-//! The swarm's monitor (issue #15): an HTTP server on the caller's tokio runtime serving
+//! The swarm's monitor (issue #15): an HTTP server, on the caller's tokio runtime or a thread of
+//! its own, serving
 //!
 //! - `/`: one self-contained page (HTML, CSS and JS embedded in the binary, no CDN) that polls
 //!   the state twice a second and draws its plots itself;
@@ -119,7 +120,20 @@ pub enum Source {
 #[derive(Debug)]
 pub struct Monitor {
     addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+    runner: Runner,
+}
+
+#[derive(Debug)]
+enum Runner {
+    /// A task on the caller's runtime.
+    Task(tokio::task::JoinHandle<()>),
+    /// Its own thread and single-threaded runtime.
+    Thread {
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+        /// The thread's id in `/proc/self/task`, where the kernel counts its CPU time.
+        tid: Option<u32>,
+    },
 }
 
 impl Monitor {
@@ -127,19 +141,79 @@ impl Monitor {
     /// runtime.
     pub async fn start(cfg: HttpConfig, source: Source) -> Result<Monitor, Error> {
         cfg.check()?;
-        let listener = tokio::net::TcpListener::bind(cfg.addr)
-            .await
-            .map_err(|source| Error::Bind {
-                addr: cfg.addr,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| Error::Bind {
-            addr: cfg.addr,
-            source,
-        })?;
+        let listener = bind(cfg.addr).await?;
+        let addr = local_addr(&listener, cfg.addr)?;
         let task = tokio::spawn(http::serve(listener, cfg, source));
         tracing::info!(%addr, "monitor listening");
-        Ok(Monitor { addr, task })
+        Ok(Monitor {
+            addr,
+            runner: Runner::Task(task),
+        })
+    }
+
+    /// Like [`Monitor::start`], but serves from a thread of its own with a single-threaded
+    /// runtime: readers then never take a worker of the training's runtime, and the kernel
+    /// counts the serving's CPU time on that thread alone ([`Monitor::cpu_seconds`]).
+    pub fn start_on_own_thread(cfg: HttpConfig, source: Source) -> Result<Monitor, Error> {
+        cfg.check()?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let bind_addr = cfg.addr;
+        let thread = std::thread::Builder::new()
+            .name("swarm-monitor".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(source) => {
+                        let _ = ready_tx.send(Err(Error::Bind {
+                            addr: bind_addr,
+                            source,
+                        }));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match bind(cfg.addr).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let addr = match local_addr(&listener, cfg.addr) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok((addr, cpu::current_tid())));
+                    tokio::select! {
+                        () = http::serve(listener, cfg, source) => {}
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .map_err(|source| Error::Bind {
+                addr: bind_addr,
+                source,
+            })?;
+        let (addr, tid) = ready_rx.recv().map_err(|_| Error::Bind {
+            addr: bind_addr,
+            source: std::io::Error::other("the monitor thread ended before binding"),
+        })??;
+        tracing::info!(%addr, "monitor listening on its own thread");
+        Ok(Monitor {
+            addr,
+            runner: Runner::Thread {
+                stop: Some(stop),
+                thread: Some(thread),
+                tid,
+            },
+        })
     }
 
     /// The bound address (the port chosen when `addr` had port 0).
@@ -151,11 +225,63 @@ impl Monitor {
     pub fn url(&self) -> String {
         format!("http://{}/", self.addr)
     }
+
+    /// CPU seconds the serving thread has used so far (user + system, from the kernel's
+    /// scheduler statistics, in nanoseconds): `None` for a monitor on the caller's runtime, or
+    /// where `/proc` does not say.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let Runner::Thread { tid: Some(tid), .. } = &self.runner else {
+            return None;
+        };
+        cpu::thread_seconds(*tid)
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+fn local_addr(l: &tokio::net::TcpListener, asked: SocketAddr) -> Result<SocketAddr, Error> {
+    l.local_addr().map_err(|source| Error::Bind {
+        addr: asked,
+        source,
+    })
+}
+
+/// How the monitor's serving cost is measured: the CPU time the kernel counts on one thread of
+/// this process (Linux `/proc`; `None` elsewhere).
+pub mod cpu {
+    /// The calling thread's kernel id (`/proc/thread-self` links to `PID/task/TID`).
+    pub fn current_tid() -> Option<u32> {
+        let link = std::fs::read_link("/proc/thread-self").ok()?;
+        link.file_name()?.to_str()?.parse().ok()
+    }
+
+    /// CPU seconds thread `tid` of this process has run so far (the scheduler's own count, in
+    /// nanoseconds: `/proc/self/task/TID/schedstat`).
+    pub fn thread_seconds(tid: u32) -> Option<f64> {
+        let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+        let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
+        Some(ns as f64 / 1e9)
+    }
 }
 
 impl Drop for Monitor {
     fn drop(&mut self) {
-        self.task.abort();
+        match &mut self.runner {
+            Runner::Task(task) => task.abort(),
+            Runner::Thread { stop, thread, .. } => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+                // The thread ends at its next poll; joining keeps its port from outliving us.
+                if let Some(t) = thread.take() {
+                    let _ = t.join();
+                }
+            }
+        }
     }
 }
 
@@ -179,5 +305,20 @@ mod tests {
         assert!(matches!(c.check(), Err(Error::MissingToken)));
         c.token = Some("0123456789abcdef0123".into());
         assert!(c.check().is_ok());
+    }
+
+    #[test]
+    fn a_thread_s_cpu_time_grows_while_it_works() {
+        let tid = cpu::current_tid().expect("/proc/thread-self");
+        let before = cpu::thread_seconds(tid).unwrap();
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        }
+        let after = cpu::thread_seconds(tid).unwrap();
+        assert!(after > before, "{before} -> {after}");
+        // A thread that does not exist in this process has no count.
+        assert!(cpu::thread_seconds(u32::MAX).is_none());
     }
 }

@@ -440,3 +440,37 @@ async fn the_grafana_dashboard_uses_only_served_metrics() {
         );
     }
 }
+
+/// The monitor on a thread of its own (as `swarm train --http` and `swarm demo` run it): it
+/// serves without any runtime of the caller's, the kernel's count of its CPU time grows with
+/// the requests it answers, and dropping it stops it and frees its port.
+#[test]
+fn a_monitor_on_its_own_thread_serves_counts_its_cpu_and_stops_when_dropped() {
+    let (_tx, rx) = watch::channel(Arc::new(snapshot()));
+    let m = Monitor::start_on_own_thread(
+        HttpConfig::new("127.0.0.1:0".parse().unwrap()),
+        Source::Trainer(rx),
+    )
+    .unwrap();
+    let a = lo(&m);
+    let before = m.cpu_seconds().expect("a thread's CPU time on Linux");
+    for _ in 0..50 {
+        let r = get(a, "/metrics", None, T).unwrap();
+        assert_eq!(r.status, 200);
+        let r = get(a, "/api/v1/state", None, T).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(serde_json::from_slice::<Snapshot>(&r.body).unwrap().seq, 7);
+    }
+    let after = m.cpu_seconds().unwrap();
+    assert!(
+        after > before,
+        "serving 100 requests took no CPU: {before} -> {after}"
+    );
+    drop(m);
+    // The port is free again: binding it succeeds (the listener is gone with the thread).
+    std::net::TcpListener::bind(a).expect("the monitor's port is free after drop");
+    // And a monitor on the caller's runtime does not claim a thread's count.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (m, _tx) = rt.block_on(serve(HttpConfig::new("127.0.0.1:0".parse().unwrap())));
+    assert!(m.cpu_seconds().is_none());
+}

@@ -160,10 +160,7 @@ pub fn run(args: BenchNatArgs) -> anyhow::Result<()> {
         connect_ms_p95: quantile(&sorted, 0.95),
         connect_ms: times,
         relay,
-        load_average: std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+        load_average: crate::procfs::load_average(),
     };
     drop(lab);
     if args.json {

@@ -153,7 +153,7 @@ async fn demo(
         None
     } else {
         let source = swarm_monitor::Source::Trainer(trainer.observe());
-        let m = crate::monitor::start(args.http, &args.http_flags, source).await?;
+        let m = crate::monitor::start(args.http, &args.http_flags, source)?;
         crate::monitor::announce("monitor", &m, args.json);
         Some(m)
     };

@@ -267,7 +267,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             Some(a) => {
                 let mut f = crate::monitor::VolunteerFeed::new(&peer);
                 f.update(&peer, None, None, "joining");
-                let m = crate::monitor::start(a, &args.http_flags, f.source()).await?;
+                let m = crate::monitor::start(a, &args.http_flags, f.source())?;
                 crate::monitor::announce("metrics", &m, args.json);
                 feed = Some(f);
                 Some(m)

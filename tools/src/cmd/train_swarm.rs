@@ -321,7 +321,7 @@ pub fn run(args: SwarmTrainArgs) -> anyhow::Result<()> {
         let _monitor = match args.http {
             Some(a) => {
                 let source = swarm_monitor::Source::Trainer(trainer.observe());
-                let m = crate::monitor::start(a, &args.http_flags, source).await?;
+                let m = crate::monitor::start(a, &args.http_flags, source)?;
                 crate::monitor::announce("monitor", &m, false);
                 Some(m)
             }

@@ -1,0 +1,52 @@
+//! What the kernel says about this machine and its processes (`/proc`), for the benchmarks'
+//! reports: the load average, and the CPU time a process has used.
+
+/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` prints them ("" where unavailable).
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// CPU seconds (user + system, all threads) process `pid` has used so far: `None` once it is
+/// gone or where `/proc` does not say.
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// utime + stime of a `/proc/PID/stat` line, in seconds (the kernel reports clock ticks of
+/// USER_HZ, 100 per second on Linux).
+fn stat_cpu_seconds(stat: &str) -> Option<f64> {
+    // The command name is in parentheses and may hold spaces: count fields after the last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after the name.
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok());
+    Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_comes_from_fields_14_and_15_after_a_name_with_spaces() {
+        let line = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 1 0 1 1 1";
+        assert_eq!(stat_cpu_seconds(line), Some(3.25));
+        assert_eq!(stat_cpu_seconds("garbage"), None);
+        assert_eq!(stat_cpu_seconds("1 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn this_process_has_used_some_cpu() {
+        // Spin for 100 ms of wall time: at least one 10 ms tick of CPU.
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        }
+        let s = process_cpu_seconds(std::process::id()).expect("/proc/self/stat");
+        assert!(s > 0.0, "{s}");
+        assert!(process_cpu_seconds(u32::MAX).is_none());
+    }
+}
