@@ -58,8 +58,11 @@ pub enum Event {
     /// The embedding took the input gradient of `key` (accepted by
     /// [`StepMachine::accept_output`]), accumulating if it was asked to.
     EmbedDone { key: MbKey },
-    /// Attempt `key` failed on `peer` (an output refused for a bad receipt or frame, or our
-    /// send to it failed; `busy`: it refused for lack of room, no fault of its own).
+    /// An output of `key` accepted by [`StepMachine::accept_output`] proved bad (its receipt,
+    /// its frame): the attempt fails on the route's end that delivered it.
+    Rejected { key: MbKey, pass: Pass },
+    /// Our send of attempt `key` to `peer` failed (`busy`: it refused for lack of room, no
+    /// fault of its own).
     Failed {
         key: MbKey,
         peer: PeerId,
@@ -238,7 +241,7 @@ impl StepMachine {
     /// Whether an output from `from` for `key` belongs to the attempt in flight: the forward
     /// output from the route's last replica, once; the input gradient from its first, once.
     /// The driver checks its receipt and computes only then, and answers with
-    /// [`Event::HeadDone`] / [`Event::EmbedDone`] or [`Event::Failed`].
+    /// [`Event::HeadDone`] / [`Event::EmbedDone`] or [`Event::Rejected`].
     pub fn accept_output(&self, from: PeerId, key: MbKey, pass: Pass) -> Option<Accepted> {
         let a = self.current(key)?;
         match pass {
@@ -287,6 +290,18 @@ impl StepMachine {
                         Column::Embedding,
                         Holder::Trainer,
                     );
+                }
+            }
+            Event::Rejected { key, pass } => {
+                let Some(a) = self.current(key) else {
+                    return;
+                };
+                let end = match pass {
+                    Pass::Forward => a.route.last(),
+                    Pass::Backward => a.route.first(),
+                };
+                if let Some(&peer) = end {
+                    self.fail(key.mb as usize, Outcome::Failed(peer));
                 }
             }
             Event::Failed { key, peer, busy } => {

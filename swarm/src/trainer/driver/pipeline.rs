@@ -367,12 +367,10 @@ impl Trainer {
                 Err(e) => tracing::warn!(error = %e, mb = key.mb, "bad forward output"),
             }
         }
-        let peer = w.route.last().map_or(from, |h| h.peer);
         sm.handle(
-            Event::Failed {
+            Event::Rejected {
                 key,
-                peer,
-                busy: false,
+                pass: Pass::Forward,
             },
             Instant::now(),
         );
@@ -489,12 +487,10 @@ impl Trainer {
                 Err(e) => tracing::warn!(error = %e, mb = key.mb, "bad input gradient"),
             }
         }
-        let peer = w.route.first().map_or(from, |h| h.peer);
         sm.handle(
-            Event::Failed {
+            Event::Rejected {
                 key,
-                peer,
-                busy: false,
+                pass: Pass::Backward,
             },
             Instant::now(),
         );

@@ -607,3 +607,35 @@ fn a_closed_phase_releases_and_routes_nothing_until_reopened() {
         .collect();
     assert_eq!(again, vec![(0, 0), (1, 0)]);
 }
+
+/// An accepted output that proves bad (its receipt or frame) fails the attempt on the route's
+/// end that delivered it: the last hop for a forward output, the first for an input gradient.
+#[test]
+fn a_rejected_output_blames_the_end_that_delivered_it() {
+    let mut r = Run::new(2, 2, 2, alternate);
+    let (k0, k1) = (r.key(0), r.key(1));
+    r.event(Event::Rejected {
+        key: k0,
+        pass: Pass::Forward,
+    });
+    assert!(
+        r.releases
+            .contains(&(k0, Outcome::Failed(p(3)), Some(Abandon::FORWARD)))
+    );
+    r.event(Event::HeadDone { key: k1, loss: 1.0 });
+    r.event(Event::Rejected {
+        key: k1,
+        pass: Pass::Backward,
+    });
+    assert!(
+        r.releases
+            .contains(&(k1, Outcome::Failed(p(2)), Some(Abandon::BACKWARD)))
+    );
+    // A rejection of an attempt that is over changes nothing.
+    let n = r.releases.len();
+    r.event(Event::Rejected {
+        key: k0,
+        pass: Pass::Forward,
+    });
+    assert_eq!(r.releases.len(), n);
+}
