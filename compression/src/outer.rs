@@ -76,6 +76,29 @@ impl SparseFeedback {
         self.residual.fill(0.0);
     }
 
+    /// A copy of the whole (padded) residual, to undo an [`SparseFeedback::encode`] whose share
+    /// was never applied (a sync round redone).
+    pub fn snapshot(&self) -> Vec<f32> {
+        self.residual.clone()
+    }
+
+    /// Puts back a [`SparseFeedback::snapshot`] of this stream; one of another length is refused.
+    pub fn restore(&mut self, snapshot: &[f32]) -> Result<()> {
+        if snapshot.len() != self.residual.len() {
+            return Err(Error::FeedbackLength {
+                residual: self.residual.len(),
+                got: snapshot.len(),
+            });
+        }
+        self.residual.copy_from_slice(snapshot);
+        Ok(())
+    }
+
+    /// Elements of a frame of this stream (the length padded to whole chunks).
+    pub fn padded_len(len: usize, chunk: usize) -> usize {
+        len.div_ceil(chunk.max(1)) * chunk.max(1)
+    }
+
     /// `e = beta * e + delta`; encodes `e` into `out`; keeps `e - decode(out)`. The receivers
     /// use [`SparseFeedback::decode_into`] (or any decoder, truncated to the real length).
     pub fn encode(
@@ -235,6 +258,14 @@ mod tests {
                 total[i]
             );
         }
+        // Undo: a restored snapshot gives back the residual before an encode.
+        let snap = fb.snapshot();
+        fb.encode(&mut enc, &vec(n, 9), &mut frame).unwrap();
+        assert_ne!(fb.snapshot(), snap);
+        fb.restore(&snap).unwrap();
+        assert_eq!(fb.snapshot(), snap);
+        assert!(fb.restore(&snap[1..]).is_err());
+        assert_eq!(SparseFeedback::padded_len(n, 4096), 3 * 4096);
         // A frame of another geometry is refused.
         let mut small = vec![0f32; 100];
         assert!(

@@ -26,7 +26,7 @@ pub use data::{Batch, Corpus};
 pub use error::{Error, Result};
 pub use model::Model;
 pub use optim::{AdamW, LrSchedule, clip_scale};
-pub use run::{CodecConfig, RunConfig};
+pub use run::{CodecConfig, RunConfig, SyncConfig, SyncMode};
 pub use shard::{ForwardCtx, Piece, Shard};
 pub use tokenizer::{ByteTokenizer, Tokenizer};
 pub use train::{LocalTrainer, StepStats};

@@ -34,6 +34,69 @@ pub struct RunConfig {
     pub data: DataConfig,
     #[serde(default)]
     pub codec: CodecConfig,
+    /// How the replicas of a stage stay identical (absent: every step, `[codec] sync`).
+    #[serde(default, skip_serializing_if = "SyncConfig::is_per_step_default")]
+    pub sync: SyncConfig,
+}
+
+/// The replica sync of a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Every step: the replicas exchange their accumulated gradients (`[codec] sync`), sum them
+    /// and take one AdamW step; identical at every step.
+    #[default]
+    Step,
+    /// SparseLoCo (arXiv 2508.15706): every replica takes its own inner AdamW step every step,
+    /// on its own micro-batches, and every `every` steps the replicas exchange the top-k
+    /// pseudo-gradient (`anchor - weights`, `[sync] codec` per chunk, error feedback decayed by
+    /// `beta`), average it and take one outer SGD step (`outer_lr`): identical at every sync
+    /// boundary.
+    Sparseloco,
+}
+
+/// `[sync]`: the sync mode and the multi-step sync's parameters (unused in mode `step`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    pub mode: SyncMode,
+    /// Steps between sync boundaries (H); the run's last step is a boundary too.
+    pub every: u64,
+    /// Codec of the pseudo-gradient, applied per chunk of `chunk` values (`topk-row:F` keeps a
+    /// fraction F of each chunk).
+    pub codec: String,
+    /// Values per top-k chunk (SparseLoCo: 4096).
+    pub chunk: usize,
+    /// Decay of the pseudo-gradient's error-feedback residual, in [0, 1] (SparseLoCo: 0.95).
+    pub beta: f32,
+    /// Outer SGD learning rate on the averaged pseudo-gradient (SparseLoCo: 1, no momentum).
+    pub outer_lr: f32,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            mode: SyncMode::Step,
+            every: 5,
+            codec: "topk-row:0.02+q2".into(),
+            chunk: 4096,
+            beta: 0.95,
+            outer_lr: 1.0,
+        }
+    }
+}
+
+impl SyncConfig {
+    /// Whether this is the default (per-step) section: left out of the canonical TOML so run ids
+    /// of configs without `[sync]` do not change.
+    pub fn is_per_step_default(&self) -> bool {
+        *self == SyncConfig::default()
+    }
+
+    /// Replicas drift between sync boundaries (a multi-step mode).
+    pub fn drifts(&self) -> bool {
+        self.mode != SyncMode::Step
+    }
 }
 
 /// Optimisation and batch geometry.
@@ -179,6 +242,7 @@ impl Default for RunConfig {
             train: TrainConfig::default(),
             data: DataConfig::default(),
             codec: CodecConfig::default(),
+            sync: SyncConfig::default(),
         }
     }
 }
@@ -322,7 +386,44 @@ impl RunConfig {
         if !(v > 0.0 && v < 1.0) {
             return bad(format!("data.val_fraction {v} must be in (0, 1)"));
         }
+        self.validate_sync()
+    }
+
+    fn validate_sync(&self) -> Result<()> {
+        let s = &self.sync;
+        if !s.drifts() {
+            return Ok(());
+        }
+        let bad = |m: String| Err(Error::Config(m));
+        if s.every == 0 || s.chunk == 0 || s.chunk > 1 << 20 {
+            return bad("sync: every and chunk must be > 0 (chunk <= 2^20)".into());
+        }
+        if !((0.0..=1.0).contains(&s.beta) && s.outer_lr.is_finite() && s.outer_lr > 0.0) {
+            return bad("sync: beta must be in [0, 1] and outer_lr > 0".into());
+        }
+        // Checkpoints and evaluations fetch the stage's agreed state: only a sync boundary has
+        // one (between boundaries every replica holds its own weights).
+        let t = &self.train;
+        for (name, n) in [
+            ("checkpoint_every", t.checkpoint_every),
+            ("eval_every", t.eval_every),
+        ] {
+            if n % s.every != 0 {
+                return bad(format!(
+                    "train.{name} {n} must be a multiple of sync.every {} (only sync boundaries \
+                     have one agreed state)",
+                    s.every
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the state after `steps_done` steps is a sync boundary (always in mode `step`).
+    pub fn is_sync_boundary(&self, steps_done: u64) -> bool {
+        !self.sync.drifts()
+            || steps_done.is_multiple_of(self.sync.every)
+            || steps_done == self.train.steps
     }
 
     /// AdamW hyper-parameters of this run.
@@ -370,6 +471,26 @@ mod tests {
             .unwrap();
         assert_eq!(c.model, RunConfig::default().model);
         assert!(c.data.path.is_some());
+    }
+
+    #[test]
+    fn sync_section_parses_validates_and_stays_out_of_default_toml() {
+        let c = RunConfig::default();
+        assert!(!c.to_toml().unwrap().contains("[sync]"));
+        let text = "[train]\neval_every = 10\n[sync]\nmode = \"sparseloco\"\nevery = 5\n";
+        let s = RunConfig::from_toml(text).unwrap();
+        assert_eq!(s.sync.mode, SyncMode::Sparseloco);
+        assert_eq!(s.sync.codec, "topk-row:0.02+q2");
+        assert!(s.to_toml().unwrap().contains("[sync]"));
+        assert_eq!(RunConfig::from_toml(&s.to_toml().unwrap()).unwrap(), s);
+        assert!(s.is_sync_boundary(5) && !s.is_sync_boundary(6) && s.is_sync_boundary(1000));
+        assert!(c.is_sync_boundary(7));
+        // eval_every 100 is fine with every 5, 7 is not; unknown modes and keys are refused.
+        assert!(RunConfig::from_toml("[sync]\nmode = \"sparseloco\"\nevery = 7\n").is_err());
+        assert!(RunConfig::from_toml("[sync]\nmode = \"sparseloco\"\nevery = 0\n").is_err());
+        assert!(RunConfig::from_toml("[sync]\nmode = \"diloco\"\n").is_err());
+        assert!(RunConfig::from_toml("[sync]\nevry = 5\n").is_err());
+        assert!(RunConfig::from_toml("[sync]\nmode = \"sparseloco\"\nbeta = 1.5\n").is_err());
     }
 
     #[test]

@@ -97,16 +97,31 @@ pub struct OuterSync {
 }
 
 impl SimOptions {
-    /// The codecs of `cfg`'s `[codec]` section, `replicas` per stage, with sync error feedback.
+    /// The codecs of `cfg`'s `[codec]` section, `replicas` per stage, with sync error feedback;
+    /// with `[sync] mode = "sparseloco"`, its multi-step sync (codec `[sync] codec`, no outer
+    /// momentum), as the swarm runs it.
     pub fn from_config(cfg: &RunConfig, replicas: usize) -> Result<SimOptions> {
         let parse = |s: &str| s.parse::<Codec>().map_err(Error::from);
+        let s = &cfg.sync;
+        let outer = s.drifts().then_some(OuterSync {
+            every: s.every,
+            chunk: s.chunk,
+            beta: s.beta,
+            lr: s.outer_lr,
+            momentum: 0.0,
+            nesterov: false,
+        });
         Ok(SimOptions {
             activations: parse(&cfg.codec.activations)?,
             gradients: parse(&cfg.codec.gradients)?,
-            sync: parse(&cfg.codec.sync)?,
+            sync: parse(if s.drifts() {
+                &s.codec
+            } else {
+                &cfg.codec.sync
+            })?,
             replicas,
             sync_feedback: true,
-            outer: None,
+            outer,
         })
     }
 }
@@ -349,26 +364,29 @@ impl SimTrainer {
         let ends_sq = self.ends.grad_sq_norm()?;
         let grad_norm;
         if multi {
-            // Inner steps: each replica on the mean gradient of its own micro-batches, clipped
-            // with the norm of (ends, its stages); the ends with the mean of those norms.
-            let mut mean_sq = 0.0;
-            for pipe in &mut self.pipes {
-                let mut sq = ends_sq;
-                for s in pipe.iter_mut() {
-                    let mut g = s.grads_flat()?;
-                    g.iter_mut().for_each(|x| *x *= r as f32);
-                    s.set_grads_flat(&g)?;
-                    sq += s.grad_sq_norm()?;
-                }
-                mean_sq += sq / r as f64;
-                let scale = clip_scale(sq, t.grad_clip);
-                for s in pipe.iter_mut() {
-                    s.optimizer_step(&hp, lr, scale)?;
-                    s.zero_grads();
+            // Inner steps, as the swarm's local phase takes them: each replica on the mean
+            // gradient of its own micro-batches; one clip scale for all, from the ends' norm plus
+            // each stage's mean over its replicas.
+            let mut stage_sq = vec![0.0; ns];
+            for (rep, pipe) in self.pipes.iter_mut().enumerate() {
+                let mine = (0..n).filter(|m| m % r == rep).count();
+                for (k, s) in pipe.iter_mut().enumerate() {
+                    if mine > 0 && mine != n {
+                        let mut g = s.grads_flat()?;
+                        let scale = n as f32 / mine as f32;
+                        g.iter_mut().for_each(|x| *x *= scale);
+                        s.set_grads_flat(&g)?;
+                    }
+                    stage_sq[k] += s.grad_sq_norm()?;
                 }
             }
-            self.ends
-                .optimizer_step(&hp, lr, clip_scale(mean_sq, t.grad_clip))?;
+            let mean_sq = stage_sq.iter().map(|x| x / r as f64).sum::<f64>() + ends_sq;
+            let scale = clip_scale(mean_sq, t.grad_clip);
+            for s in self.pipes.iter_mut().flatten() {
+                s.optimizer_step(&hp, lr, scale)?;
+                s.zero_grads();
+            }
+            self.ends.optimizer_step(&hp, lr, scale)?;
             self.ends.zero_grads();
             grad_norm = mean_sq.sqrt();
             let every = self.outer.as_ref().map_or(1, |o| o.cfg.every);

@@ -44,7 +44,7 @@ use crate::peer::{Peer, PeerShared, RequestCtx};
 use crate::protocol::{
     Abandon, Ack, Admit, AdmitReply, Applied, Apply, Backward, BackwardOut, Counted, Endpoint,
     FetchState, Forward, ForwardOut, GradShare, Hop, HopFailed, MbKey, Ready, Reload, RunInfo,
-    RunInfoRequest, StateSource, SyncDone, SyncStart, Traffic,
+    RunInfoRequest, StateSource, SyncDone, SyncPhase, SyncStart, Traffic,
 };
 use crate::receipt::{Pass, Receipt};
 use crate::rpc::{self, RpcError, code};
@@ -187,6 +187,7 @@ struct Round {
     shares: Vec<Option<Vec<u8>>>,
     trainer: SocketAddr,
     trainer_id: PeerId,
+    phase: crate::protocol::SyncPhase,
     summing: bool,
     summed: bool,
     share_bytes: u64,
@@ -194,6 +195,52 @@ struct Round {
     /// Shares of this round that reached their receiver so far (counted if the round is dropped
     /// before it reports: then `share_bytes` never reaches the trainer).
     delivered: Traffic,
+}
+
+/// A replica's multi-step sync state (`[sync] mode = "sparseloco"`): between sync boundaries the
+/// replica's weights drift from `anchor`, the weights every replica of the stage held at the last
+/// boundary.
+pub(crate) struct Drift {
+    /// The weights at the last sync boundary (set by every state load and every outer step).
+    anchor: Vec<f32>,
+    /// This replica's error feedback on its pseudo-gradient stream.
+    feedback: swarm_compression::outer::SparseFeedback,
+    encoder: Encoder,
+    /// The residual before the outer round of this state step encoded (restored if the round is
+    /// redone or reset, so a share that was never applied is not forgotten).
+    backup: Option<(u64, Vec<f32>)>,
+    /// The new anchor computed by the outer round (step, round), committed by `Apply`.
+    pending: Option<(u64, u32, Vec<f32>)>,
+}
+
+impl Drift {
+    fn new(cfg: &RunConfig, num_params: usize) -> Result<Drift> {
+        let s = &cfg.sync;
+        Ok(Drift {
+            anchor: Vec::new(),
+            feedback: swarm_compression::outer::SparseFeedback::new(num_params, s.chunk, s.beta),
+            encoder: Encoder::new(codec(&s.codec)?)?.with_seed(cfg.seed),
+            backup: None,
+            pending: None,
+        })
+    }
+
+    /// A new state (loaded or built): it is the anchor, and nothing is owed.
+    fn reset_to(&mut self, weights: Vec<f32>) {
+        self.anchor = weights;
+        self.feedback.reset();
+        self.backup = None;
+        self.pending = None;
+    }
+
+    /// Undoes an outer round that was not applied.
+    fn undo_round(&mut self) {
+        if let Some((_, snap)) = self.backup.take() {
+            // Same stream, same length: cannot fail.
+            let _ = self.feedback.restore(&snap);
+        }
+        self.pending = None;
+    }
 }
 
 /// A cached export served by FetchState.
@@ -328,6 +375,8 @@ struct Inner {
     shard: Arc<Mutex<Option<Shard>>>,
     state: Mutex<State>,
     feedback: Arc<Mutex<ErrorFeedback>>,
+    /// The multi-step sync's state; `None` in per-step mode.
+    drift: Option<Arc<Mutex<Drift>>>,
     adamw: AdamW,
     act_codec: Codec,
     grad_codec: Codec,
@@ -415,6 +464,15 @@ impl StageWorker {
         }
         let boundary_elems = cfg.train.micro_batch_size * cfg.train.seq_len * cfg.model.hidden_size;
         let me = peer.node().peer_id();
+        let drift = if cfg.sync.drifts() {
+            let mut d = Drift::new(cfg, num_params)?;
+            if let Some(s) = &shard {
+                d.reset_to(s.weights_flat()?);
+            }
+            Some(Arc::new(Mutex::new(d)))
+        } else {
+            None
+        };
         Ok(StageWorker {
             inner: Arc::new(Inner {
                 me,
@@ -426,6 +484,7 @@ impl StageWorker {
                 num_params,
                 pieces,
                 feedback: Arc::new(Mutex::new(ErrorFeedback::new(num_params))),
+                drift,
                 shard: Arc::new(Mutex::new(shard)),
                 state: Mutex::new(State {
                     epoch: 0,
@@ -541,6 +600,11 @@ impl StageWorker {
             ));
         }
         let step = shard.step();
+        if let Some(d) = &self.inner.drift {
+            // A loaded state is a sync boundary's (joiners and reloads load only there) or the
+            // stage's only copy: either way it is the anchor.
+            lock(d).reset_to(shard.weights_flat()?);
+        }
         *lock(&self.inner.shard) = Some(shard);
         lock(&self.inner.feedback).reset();
         let mut st = lock(&self.inner.state);
@@ -564,6 +628,10 @@ impl StageWorker {
             s.zero_grads();
         }
         lock(&self.inner.feedback).reset();
+        if let Some(d) = &self.inner.drift {
+            // The drift itself (weights, anchor, residual) is the replica's state: kept.
+            lock(d).undo_round();
+        }
         let mut st = lock(&self.inner.state);
         st.contexts.clear();
         st.counted.clear();
@@ -598,6 +666,16 @@ impl StageWorker {
 
     fn limits(&self) -> Limits {
         Limits::new(self.inner.boundary_elems)
+    }
+
+    /// Elements of a sync share: the parameters, padded to whole chunks for pseudo-gradients.
+    fn share_elements(&self) -> usize {
+        let c = &self.inner.opts.config.sync;
+        if c.drifts() {
+            swarm_compression::outer::SparseFeedback::padded_len(self.inner.num_params, c.chunk)
+        } else {
+            self.inner.num_params
+        }
     }
 }
 

@@ -16,7 +16,8 @@ use swarm_core::membership::RunId;
 use swarm_core::peer::{Peer, PeerConfig, PeerShared, RequestCtx};
 use swarm_core::protocol::{
     Abandon, Ack, Applied, Apply, Backward, BackwardOut, Counted, Endpoint, FetchState, Forward,
-    ForwardOut, GradShare, Hop, HopFailed, MbKey, StateChunk, SyncDone, SyncStart, Traffic,
+    ForwardOut, GradShare, Hop, HopFailed, MbKey, StateChunk, SyncDone, SyncPhase, SyncStart,
+    Traffic,
 };
 use swarm_core::receipt::{Pass, Receipt};
 use swarm_core::rpc::{self, code};
@@ -519,6 +520,7 @@ async fn sync_two_replicas(sync: &str) -> ([u8; 32], [u8; 32], f64, [u8; 32], Ve
         step: 0,
         stage: 0,
         round: 0,
+        phase: SyncPhase::Gradient,
         participants: vec![a.peer_id(), b.peer_id()],
         mb_counts: vec![1, 1],
         addrs: vec![a.local_addr(), b.local_addr()],
@@ -567,6 +569,7 @@ async fn sync_two_replicas(sync: &str) -> ([u8; 32], [u8; 32], f64, [u8; 32], Ve
         stage: 0,
         lr: 1e-2,
         clip_scale: 1.0,
+        phase: SyncPhase::Gradient,
         credit: None,
     };
     let mut digests = Vec::new();

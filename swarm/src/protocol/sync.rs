@@ -2,6 +2,41 @@
 
 use super::*;
 
+/// What a sync round exchanges (see [`swarm_model::SyncMode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncPhase {
+    /// Per-step sync: the participants exchange and sum their accumulated gradients; `Apply`
+    /// takes the AdamW step on the sum.
+    #[default]
+    Gradient,
+    /// A multi-step sync's inner step: nothing is exchanged; each participant reports the norm of
+    /// its own mean gradient and `Apply` takes its own AdamW step (replicas drift).
+    Local,
+    /// A multi-step sync's boundary: the participants exchange their compressed pseudo-gradients
+    /// (`anchor - weights`) and average them; `Apply` takes the outer step, after which every
+    /// participant holds the same weights.
+    Outer,
+}
+
+impl SyncPhase {
+    fn code(self) -> u8 {
+        match self {
+            SyncPhase::Gradient => 0,
+            SyncPhase::Local => 1,
+            SyncPhase::Outer => 2,
+        }
+    }
+
+    fn get(r: &mut Reader<'_>) -> Result<SyncPhase, WireError> {
+        match r.u8()? {
+            0 => Ok(SyncPhase::Gradient),
+            1 => Ok(SyncPhase::Local),
+            2 => Ok(SyncPhase::Outer),
+            _ => Err(WireError::Invalid("unknown sync phase")),
+        }
+    }
+}
+
 /// Starts the step-end sync of `stage`. Ends every context of step `step` on the receiver.
 ///
 /// Sender: the trainer, when every micro-batch of the step is complete. Receiver: every replica of
@@ -18,6 +53,7 @@ pub struct SyncStart {
     /// Which sync of `stage` in `step` this is (0 first; the trainer bumps it when it redoes the
     /// stage's sync after losing a participant), so shares of a dropped round are told apart.
     pub round: u32,
+    pub phase: SyncPhase,
     pub participants: Vec<PeerId>,
     pub mb_counts: Vec<u32>,
     /// Endpoints of the participants, same order (to send shares to).
@@ -28,7 +64,10 @@ impl WireMessage for SyncStart {
     const INFO: &'static KindInfo = KINDS.row(kind::SYNC_START);
     fn encode(&self, w: &mut Writer) {
         put_run(w, &self.run, self.epoch);
-        w.varint(self.step).u32(self.stage).u32(self.round);
+        w.varint(self.step)
+            .u32(self.stage)
+            .u32(self.round)
+            .u8(self.phase.code());
         put_peers(w, &self.participants);
         for c in &self.mb_counts {
             w.u32(*c);
@@ -42,6 +81,7 @@ impl WireMessage for SyncStart {
         let step = r.varint()?;
         let stage = get_stage(r)?;
         let round = r.u32()?;
+        let phase = SyncPhase::get(r)?;
         let participants = get_peers(r, "participants")?;
         let n = participants.len();
         if n * 4 > r.remaining() {
@@ -69,6 +109,7 @@ impl WireMessage for SyncStart {
             step,
             stage,
             round,
+            phase,
             participants,
             mb_counts,
             addrs,
@@ -190,6 +231,9 @@ pub struct Apply {
     pub stage: u32,
     pub lr: f64,
     pub clip_scale: f64,
+    /// The sync phase this applies: the AdamW step (`Gradient`, `Local`) or the outer step of a
+    /// multi-step sync (`Outer`; `lr` and `clip_scale` unused).
+    pub phase: SyncPhase,
     /// The receiving replica's standing in the trainer's ledger, reported back so a volunteer
     /// sees its audits and credit: `None` without a ledger.
     pub credit: Option<CreditReport>,
@@ -211,7 +255,8 @@ impl WireMessage for Apply {
         w.varint(self.step)
             .u32(self.stage)
             .f64(self.lr)
-            .f64(self.clip_scale);
+            .f64(self.clip_scale)
+            .u8(self.phase.code());
         match &self.credit {
             None => {
                 w.u8(0);
@@ -236,6 +281,7 @@ impl WireMessage for Apply {
                 "learning rate or clip scale out of range",
             ));
         }
+        let phase = SyncPhase::get(r)?;
         let credit = match r.u8()? {
             0 => None,
             1 => Some(CreditReport {
@@ -253,6 +299,7 @@ impl WireMessage for Apply {
             stage,
             lr,
             clip_scale,
+            phase,
             credit,
         })
     }

@@ -184,6 +184,7 @@ fn samples() -> Vec<(u16, Vec<u8>)> {
             step: 17,
             stage: 1,
             round: 2,
+            phase: SyncPhase::Outer,
             participants: vec![pid(1), pid(2)],
             mb_counts: vec![3, 5],
             addrs: vec![addr(1), addr6(2)],
@@ -219,6 +220,7 @@ fn samples() -> Vec<(u16, Vec<u8>)> {
             stage: 1,
             lr: 3e-4,
             clip_scale: 0.5,
+            phase: SyncPhase::Local,
             credit: Some(CreditReport {
                 audits_passed: 3,
                 audits_failed: 0,
@@ -342,6 +344,7 @@ fn invariants_are_checked() {
         stage: 0,
         lr: f64::NAN,
         clip_scale: 1.0,
+        phase: SyncPhase::Gradient,
         credit: None,
     };
     assert!(decode_body::<Apply>(&encode_body(&a).unwrap()).is_err());
@@ -359,6 +362,18 @@ fn invariants_are_checked() {
     .unwrap();
     *body.last_mut().unwrap() = 2;
     assert!(decode_body::<Apply>(&body).is_err());
+    // A sync phase other than 0, 1 or 2 (the byte before the credit flag).
+    let mut body = encode_body(&Apply {
+        clip_scale: 1.0,
+        ..a
+    })
+    .unwrap();
+    let n = body.len();
+    body[n - 2] = 3;
+    assert_eq!(
+        decode_body::<Apply>(&body),
+        Err(WireError::Invalid("unknown sync phase"))
+    );
 
     let c = StateChunk {
         run: RUN,
@@ -382,6 +397,7 @@ fn invariants_are_checked() {
         step: 0,
         stage: 0,
         round: 0,
+        phase: SyncPhase::Gradient,
         participants: vec![pid(1), pid(1)],
         mb_counts: vec![1, 1],
         addrs: vec![addr(1), addr(1)],
@@ -405,6 +421,8 @@ fn hostile_counts_do_not_allocate() {
         .u32(0)
         .varint(1)
         .u32(0)
+        .u32(0)
+        .u8(0)
         .varint(1 << 30)
         .raw(&[0; 40]);
     assert!(matches!(

@@ -21,6 +21,15 @@ impl StageWorker {
         if self.step() != Some(s.step) {
             return Err(refuse(code::BAD_REQUEST, "this stage is not at that step"));
         }
+        if (s.phase == SyncPhase::Gradient) == self.inner.drift.is_some() {
+            return Err(refuse(
+                code::BAD_REQUEST,
+                format!("sync phase {:?} is not this run's sync mode", s.phase),
+            ));
+        }
+        if s.phase == SyncPhase::Outer {
+            return self.start_outer(ctx, s);
+        }
         let me = s.participants.iter().position(|p| *p == self.inner.me);
         let mut st = lock(&self.inner.state);
         // The step is over: its contexts can never be used.
@@ -76,6 +85,7 @@ impl StageWorker {
             shares,
             trainer: ctx.remote_addr,
             trainer_id: ctx.from,
+            phase: s.phase,
             summing: false,
             summed: false,
             share_bytes: 0,
@@ -88,15 +98,111 @@ impl StageWorker {
         rpc::reply(&Ack)
     }
 
+    /// An outer round of a multi-step sync (state step `s.step`): no micro-batches and no
+    /// contexts are involved; a redo (higher round) replaces the current round of the step.
+    fn start_outer(&self, ctx: RequestCtx, s: SyncStart) -> Result<rpc::Reply, RpcError> {
+        let Some(me) = s.participants.iter().position(|p| *p == self.inner.me) else {
+            return Err(refuse(code::BAD_REQUEST, "not a participant of this sync"));
+        };
+        let mut st = lock(&self.inner.state);
+        if let Some(r) = st.round.as_ref().filter(|r| r.step == s.step)
+            && (r.phase != SyncPhase::Outer || r.round >= s.round)
+        {
+            return Err(refuse(code::BAD_REQUEST, "sync already started"));
+        }
+        let n = s.participants.len();
+        let mut shares = vec![None; n];
+        for (i, p) in s.participants.iter().enumerate() {
+            if let Some((round, f)) = st.early.remove(&(s.step, *p))
+                && round == s.round
+            {
+                shares[i] = Some(f);
+            }
+        }
+        st.early.clear();
+        st.end_round();
+        st.generation += 1;
+        let generation = st.generation;
+        st.round = Some(Round {
+            step: s.step,
+            round: s.round,
+            generation,
+            participants: s.participants.clone(),
+            me,
+            shares,
+            trainer: ctx.remote_addr,
+            trainer_id: ctx.from,
+            phase: SyncPhase::Outer,
+            summing: false,
+            summed: false,
+            share_bytes: 0,
+            share_dense: 0,
+            delivered: Traffic::default(),
+        });
+        drop(st);
+        let w = self.clone();
+        tokio::spawn(async move { w.run_sync(s, generation).await });
+        rpc::reply(&Ack)
+    }
+
+    /// Encodes this replica's pseudo-gradient (`anchor - weights`) with its error feedback; the
+    /// residual is snapshotted first so a redone or reset round can undo the encode.
+    fn encode_pseudo_gradient(&self, step: u64) -> Result<Vec<u8>> {
+        let drift = self
+            .inner
+            .drift
+            .as_ref()
+            .ok_or_else(|| Error::Run("no multi-step sync in this run".into()))?;
+        let w = lock(&self.inner.shard)
+            .as_ref()
+            .ok_or_else(|| Error::Run("no state".into()))?
+            .weights_flat()?;
+        let mut d = lock(drift);
+        let d = &mut *d;
+        match &d.backup {
+            Some((s, snap)) if *s == step => d.feedback.restore(snap)?,
+            _ => d.backup = Some((step, d.feedback.snapshot())),
+        }
+        d.pending = None;
+        let mut delta = Vec::new();
+        swarm_compression::outer::pseudo_gradient(&d.anchor, &w, &mut delta)?;
+        let mut out = Vec::new();
+        d.feedback.encode(&mut d.encoder, &delta, &mut out)?;
+        Ok(out)
+    }
+
     pub(super) async fn run_sync(&self, s: SyncStart, generation: u64) {
         let n = s.participants.len();
-        if n > 1 {
-            // Encode our accumulated gradient with error feedback.
+        if s.phase == SyncPhase::Local {
+            // No exchange: each replica steps on its own gradient. The fp32 baseline still counts
+            // what a per-step sync would have sent (4 bytes per parameter to each other replica).
+            if let Some(r) = lock(&self.inner.state)
+                .round
+                .as_mut()
+                .filter(|r| r.generation == generation)
+            {
+                r.share_dense = (4 * self.inner.num_params * (n - 1)) as u64;
+            }
+            for _ in 1..n {
+                StageStats::add(
+                    &self.inner.stats.sync_wire,
+                    &self.inner.stats.sync_dense,
+                    0,
+                    self.inner.num_params,
+                );
+            }
+        } else if n > 1 || s.phase == SyncPhase::Outer {
+            // Encode our accumulated gradient (or pseudo-gradient) with error feedback.
             let shard = self.inner.shard.clone();
             let fb = self.inner.feedback.clone();
             let sync_codec = self.inner.sync_codec;
             let seed = self.inner.opts.config.seed;
+            let (outer, w) = (s.phase == SyncPhase::Outer, self.clone());
+            let step = s.step;
             let enc = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+                if outer {
+                    return w.encode_pseudo_gradient(step);
+                }
                 let g = lock(&shard)
                     .as_ref()
                     .ok_or_else(|| Error::Run("no state".into()))?
@@ -127,9 +233,13 @@ impl StageWorker {
                 };
                 r.shares[r.me] = Some(frame.clone());
                 r.share_bytes = (frame.len() * (n - 1)) as u64;
-                r.share_dense = (4 * self.inner.num_params * (n - 1)) as u64;
+                // A pseudo-gradient's fp32 baseline was counted at every inner step.
+                if !outer {
+                    r.share_dense = (4 * self.inner.num_params * (n - 1)) as u64;
+                }
                 r.me
             };
+            let dense_elems = if outer { 0 } else { self.inner.num_params };
             let msg = GradShare {
                 run: s.run,
                 epoch: s.epoch,
@@ -139,7 +249,7 @@ impl StageWorker {
                 from: self.inner.me,
                 frame,
             };
-            let share = Traffic::default().plus_frame(msg.frame.len(), self.inner.num_params);
+            let share = Traffic::default().plus_frame(msg.frame.len(), dense_elems);
             let sends = (0..n).filter(|i| *i != me).map(|i| {
                 let (addr, peer) = (s.addrs[i], s.participants[i]);
                 let msg = &msg;
@@ -159,7 +269,7 @@ impl StageWorker {
                         &self.inner.stats.sync_wire,
                         &self.inner.stats.sync_dense,
                         msg.frame.len(),
-                        self.inner.num_params,
+                        dense_elems,
                     ),
                     Err(e) => {
                         tracing::warn!(peer = %peer.short(), error = %e, "grad share not delivered")
@@ -182,7 +292,7 @@ impl StageWorker {
             return Err(refuse(code::FORBIDDEN, "a share must come from its author"));
         }
         // Cheap header check before holding the bytes.
-        swarm_compression::FrameInfo::read(&g.frame, &Limits::new(self.inner.num_params))
+        swarm_compression::FrameInfo::read(&g.frame, &Limits::new(self.share_elements()))
             .map_err(|e| refuse(code::BAD_REQUEST, format!("grad share: {e}")))?;
         let step = g.step;
         {
@@ -234,13 +344,18 @@ impl StageWorker {
     /// When every share of the round is in: decode all in participant order, sum, set the shard's
     /// gradients and report SyncDone.
     pub(super) async fn try_finish_sync(&self, step: u64) {
-        let (frames, trainer, trainer_id, share_bytes, share_dense, generation) = {
+        let (frames, trainer, trainer_id, share_bytes, share_dense, generation, phase, round) = {
             let mut st = lock(&self.inner.state);
             let Some(r) = st.round.as_mut().filter(|r| r.step == step) else {
                 return;
             };
             let n = r.participants.len();
-            if r.summing || r.summed || (n > 1 && r.shares.iter().any(Option::is_none)) {
+            let exchange = match r.phase {
+                SyncPhase::Local => false,
+                SyncPhase::Outer => true,
+                SyncPhase::Gradient => n > 1,
+            };
+            if r.summing || r.summed || (exchange && r.shares.iter().any(Option::is_none)) {
                 return;
             }
             r.summing = true;
@@ -252,12 +367,20 @@ impl StageWorker {
                 r.share_bytes,
                 r.share_dense,
                 r.generation,
+                r.phase,
+                r.round,
             )
         };
         let shard = self.inner.shard.clone();
         let feedback = self.inner.feedback.clone();
         let n_params = self.inner.num_params;
+        let w = self.clone();
         let done = tokio::task::spawn_blocking(move || -> Result<(f64, [u8; 32])> {
+            match phase {
+                SyncPhase::Outer => return w.average_pseudo_gradients(step, round, &frames),
+                SyncPhase::Local => return w.own_mean_gradient(),
+                SyncPhase::Gradient => {}
+            }
             let mut g = lock(&shard);
             let s = g.as_mut().ok_or_else(|| Error::Run("no state".into()))?;
             if frames.len() > 1 {
@@ -361,9 +484,12 @@ impl StageWorker {
         {
             let st = lock(&self.inner.state);
             match &st.round {
-                Some(r) if r.step == a.step && r.summed => {}
+                Some(r) if r.step == a.step && r.summed && r.phase == a.phase => {}
                 _ => return Err(refuse(code::BAD_REQUEST, "no finished sync of that step")),
             }
+        }
+        if a.phase == SyncPhase::Outer {
+            return self.apply_outer(a).await;
         }
         let shard = self.inner.shard.clone();
         let hp = self.inner.adamw;
@@ -386,6 +512,103 @@ impl StageWorker {
             st.acc_step = a.step + 1;
             st.contexts.retain(|k, _| k.step > a.step);
             st.sent.retain(|k, _| k.step > a.step);
+            st.export = None;
+        }
+        rpc::reply(&Applied {
+            run: a.run,
+            epoch: a.epoch,
+            step: a.step,
+            stage: a.stage,
+            digest,
+            sent: self.inner.stats.sent(),
+        })
+    }
+}
+
+impl StageWorker {
+    /// Local phase: the mean gradient of this replica's own micro-batches (the shard holds their
+    /// sum, each scaled by 1/micro_batches), set as its gradient; its norm and digest.
+    fn own_mean_gradient(&self) -> Result<(f64, [u8; 32])> {
+        let mine = lock(&self.inner.state).counted.len();
+        let total = self.inner.opts.config.train.micro_batches;
+        let mut g = lock(&self.inner.shard);
+        let s = g.as_mut().ok_or_else(|| Error::Run("no state".into()))?;
+        let mut flat = s.grads_flat()?;
+        if mine > 0 && mine != total {
+            let k = total as f32 / mine as f32;
+            flat.iter_mut().for_each(|x| *x *= k);
+            s.set_grads_flat(&flat)?;
+        }
+        Ok((s.grad_sq_norm()?, f32_digest(&flat)))
+    }
+
+    /// Outer phase: decodes every share in participant order into their mean (the same values
+    /// on every replica), takes the outer step from the anchor into `pending` (committed by
+    /// `Apply`); the mean's squared norm and digest, which the replicas must agree on.
+    fn average_pseudo_gradients(
+        &self,
+        step: u64,
+        round: u32,
+        frames: &[Vec<u8>],
+    ) -> Result<(f64, [u8; 32])> {
+        let drift = self
+            .inner
+            .drift
+            .as_ref()
+            .ok_or_else(|| Error::Run("no multi-step sync in this run".into()))?;
+        let cfg = &self.inner.opts.config.sync;
+        let n = self.inner.num_params;
+        let weight = 1.0 / frames.len().max(1) as f32;
+        let (mut mean, mut scratch, mut dec) = (vec![0f32; n], Vec::new(), Decoder::new());
+        for f in frames {
+            swarm_compression::outer::SparseFeedback::add_share(
+                &mut dec,
+                f,
+                cfg.chunk,
+                weight,
+                &mut mean,
+                &mut scratch,
+            )?;
+        }
+        let mut d = lock(drift);
+        let mut anchor = d.anchor.clone();
+        swarm_compression::outer::OuterOptimizer::new(n, cfg.outer_lr, 0.0, false)
+            .step(&mut anchor, &mean)?;
+        d.pending = Some((step, round, anchor));
+        let sq: f64 = mean.iter().map(|x| f64::from(*x) * f64::from(*x)).sum();
+        Ok((sq, f32_digest(&mean)))
+    }
+
+    /// `Apply` of an outer round: the replica takes the new anchor as its weights (its inner
+    /// AdamW moments stay its own) and reports the weights digest, which the trainer compares.
+    async fn apply_outer(&self, a: Apply) -> Result<rpc::Reply, RpcError> {
+        let round = lock(&self.inner.state).round.as_ref().map(|r| r.round);
+        let drift = self
+            .inner
+            .drift
+            .clone()
+            .ok_or_else(|| refuse(code::BAD_REQUEST, "no multi-step sync in this run"))?;
+        let shard = self.inner.shard.clone();
+        let step = a.step;
+        let digest = tokio::task::spawn_blocking(move || -> Result<[u8; 32]> {
+            let mut d = lock(&drift);
+            let anchor = match d.pending.take() {
+                Some((s, r, anchor)) if s == step && Some(r) == round => anchor,
+                _ => return Err(Error::Run("no outer step computed for this round".into())),
+            };
+            let mut g = lock(&shard);
+            let s = g.as_mut().ok_or_else(|| Error::Run("no state".into()))?;
+            s.set_weights_flat(&anchor)?;
+            d.anchor = anchor;
+            d.backup = None;
+            Ok(s.weights_digest()?)
+        })
+        .await
+        .map_err(|e| refuse(code::INTERNAL, e.to_string()))?
+        .map_err(|e| refuse(code::INTERNAL, e.to_string()))?;
+        {
+            let mut st = lock(&self.inner.state);
+            st.round = None;
             st.export = None;
         }
         rpc::reply(&Applied {

@@ -31,7 +31,7 @@ use crate::peer::{Peer, PeerConfig, PeerShared, RequestCtx};
 use crate::protocol::{
     Abandon, Ack, Admit, AdmitReply, Applied, Apply, Backward, BackwardOut, Counted, Endpoint,
     FetchState, Forward, ForwardOut, Hop, HopFailed, Leave, LeaveReply, MbKey, Ready, Reload,
-    RunInfo, RunInfoRequest, RunPhase, StateSource, SyncDone, SyncStart, Traffic,
+    RunInfo, RunInfoRequest, RunPhase, StateSource, SyncDone, SyncPhase, SyncStart, Traffic,
 };
 use crate::receipt::{Pass, Receipt};
 use crate::rpc::{self, RpcError, code};
@@ -232,6 +232,8 @@ struct Registry {
 struct Shared {
     run: RunId,
     config_toml: String,
+    /// The run config (for the sync boundaries the admission handler waits for).
+    config: RunConfig,
     endpoint: Endpoint,
     registry: Mutex<Registry>,
     inbox: mpsc::UnboundedSender<Inbound>,
@@ -281,6 +283,9 @@ pub struct Trainer {
     audit: super::audit::Auditor,
     /// The monitor's snapshot (issue #15), published at every event.
     observer: super::observe::Observer,
+    /// Each replica's weights digest as it last reported it (`Applied`, `Ready`): between the
+    /// sync boundaries of a multi-step sync, the state a reset of its step work returns to.
+    own_digests: HashMap<PeerId, [u8; 32]>,
 }
 
 fn ends_pieces() -> Vec<Piece> {
@@ -310,6 +315,16 @@ impl Trainer {
     pub async fn start(opts: TrainerOptions) -> Result<Trainer> {
         let cfg = opts.config.clone();
         cfg.validate()?;
+        if cfg.sync.drifts() && opts.audit.rate > 0.0 {
+            // An audit recomputes a pass on another replica with the same weights; between sync
+            // boundaries replicas hold different weights, and auditing a replica against its own
+            // (and its inner optimizer steps) is not built: refuse rather than skip audits.
+            return Err(run_err(format!(
+                "sync mode {:?} cannot be audited yet (replicas drift between sync boundaries); \
+                 run it with audits off (--audit-rate 0)",
+                cfg.sync.mode
+            )));
+        }
         let config_toml = cfg.to_toml()?;
         let run = run_id_of(&config_toml);
         // The same corpus the local trainer reads, so batches match step for step.
@@ -384,6 +399,7 @@ impl Trainer {
         let shared = Arc::new(Shared {
             run,
             config_toml,
+            config: cfg.clone(),
             endpoint: Endpoint {
                 peer: peer.peer_id(),
                 addr,
@@ -445,6 +461,7 @@ impl Trainer {
             restore_pending: false,
             audit,
             observer,
+            own_digests: HashMap::new(),
         })
     }
 
@@ -561,7 +578,9 @@ impl Trainer {
             self.emit(TrainerEvent::Step(report.clone()), on_event);
             self.metrics.steps.push(report);
             let t = &self.cfg().train;
-            let due = |every: u64| (every > 0 && step % every == 0) || step == last;
+            // Between the boundaries of a multi-step sync no agreed state exists to fetch.
+            let agreed = self.opts.config.is_sync_boundary(step);
+            let due = |every: u64| agreed && ((every > 0 && step % every == 0) || step == last);
             let checkpoint = self.opts.out.clone().filter(|_| due(t.checkpoint_every));
             let eval = due(t.eval_every);
             if checkpoint.is_some() || eval {

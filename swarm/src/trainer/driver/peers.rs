@@ -111,6 +111,7 @@ impl Trainer {
             }
             return;
         }
+        self.own_digests.insert(from, ready.digest);
         let info = router::PeerInfo {
             stages: stage as u16..stage as u16 + 1,
             compute_tokens_per_s: 5_000.0,
@@ -270,6 +271,10 @@ impl Trainer {
         while let Ok(msg) = self.inbox.try_recv() {
             self.handle_idle(msg, on_event).await;
         }
+        if !self.cfg().is_sync_boundary(self.shared.reg(|r| r.step)) {
+            // Joiners are answered only at sync boundaries (the one state replicas agree on).
+            return Ok(());
+        }
         loop {
             let joining: Vec<PeerId> = self.shared.reg(|r| {
                 r.stages
@@ -315,6 +320,11 @@ impl Trainer {
     /// stage hands its state to the trainer first (fetched and verified), so the next peer to take
     /// the stage loads it from the trainer and nothing is lost.
     pub(super) async fn release_leavers(&mut self, on_event: &mut dyn FnMut(&TrainerEvent)) {
+        if !self.cfg().is_sync_boundary(self.shared.reg(|r| r.step)) {
+            // Between sync boundaries a replica holds its own drifted state: a leaver's hand-off
+            // (verified against the stage's agreed digest) waits for the next boundary.
+            return;
+        }
         let (epoch, step, leaving) = self.shared.reg(|r| {
             let leaving: Vec<(usize, PeerId, SocketAddr, bool)> = r
                 .stages

@@ -181,7 +181,8 @@ pub(super) fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
                 );
             });
             let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
-            while s.reg(|r| r.in_step) {
+            // With a multi-step sync, only a sync boundary has a state the replicas agree on.
+            while s.reg(|r| r.in_step || !s.config.is_sync_boundary(r.step)) {
                 if tokio::time::timeout_at(deadline, boundary.changed())
                     .await
                     .is_err()

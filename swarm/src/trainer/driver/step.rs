@@ -162,6 +162,11 @@ impl Trainer {
                 return Ok(self.abandon_step(&mut sm, &mut work));
             }
             // Sync phase, for the stages not yet synced.
+            let phase = if self.cfg().sync.drifts() {
+                SyncPhase::Local
+            } else {
+                SyncPhase::Gradient
+            };
             let outcome = self
                 .sync_stages(
                     step,
@@ -169,6 +174,7 @@ impl Trainer {
                     sm.book(),
                     &pending_sync,
                     &sync_rounds,
+                    phase,
                     on_event,
                 )
                 .await?;
@@ -225,9 +231,18 @@ impl Trainer {
             .await
             .map_err(|e| run_err(e.to_string()))??;
         }
+        let drifts = cfg.sync.drifts();
+        let phase = if drifts {
+            SyncPhase::Local
+        } else {
+            SyncPhase::Gradient
+        };
         mismatches += self
-            .apply_all(step, epoch, sm.book(), lr, scale, on_event)
+            .apply_all(step, epoch, sm.book(), lr, scale, phase, on_event)
             .await?;
+        if drifts && cfg.is_sync_boundary(step + 1) && !self.restore_pending {
+            mismatches += self.outer_sync(step + 1, epoch, on_event).await?;
+        }
         let book = sm.book();
         let attempts: Vec<Option<u32>> = (0..m).map(|mb| book.current_attempt(mb)).collect();
         self.audit.end_step(step, &attempts, &cfg);

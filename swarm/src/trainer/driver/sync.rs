@@ -4,7 +4,10 @@
 use super::*;
 
 impl Trainer {
-    /// Starts the sync of `stages` and waits for every participant's report.
+    /// Starts the sync of `stages` and waits for every participant's report. `step` is the
+    /// step whose gradients are synced, or for [`SyncPhase::Outer`] the state step (steps done)
+    /// whose weights are.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn sync_stages(
         &mut self,
         step: u64,
@@ -12,6 +15,7 @@ impl Trainer {
         book: &StepBook,
         stages: &[usize],
         rounds: &[u32],
+        phase: SyncPhase,
         on_event: &mut dyn FnMut(&TrainerEvent),
     ) -> Result<SyncOutcome> {
         let mut out = SyncOutcome::default();
@@ -39,7 +43,7 @@ impl Trainer {
                 .iter()
                 .map(|(p, _)| counts.get(p).copied().unwrap_or(0))
                 .sum();
-            if counted as usize != book.micro_batches() {
+            if phase != SyncPhase::Outer && counted as usize != book.micro_batches() {
                 return Err(run_err(format!(
                     "stage {k}: participants counted {counted} micro-batches of {}",
                     book.micro_batches()
@@ -51,10 +55,14 @@ impl Trainer {
                 step,
                 stage: k as u32,
                 round: rounds[k],
+                phase,
                 participants: parts.iter().map(|(p, _)| *p).collect(),
                 mb_counts: parts
                     .iter()
-                    .map(|(p, _)| counts.get(p).copied().unwrap_or(0))
+                    .map(|(p, _)| match phase {
+                        SyncPhase::Outer => 0,
+                        _ => counts.get(p).copied().unwrap_or(0),
+                    })
                     .collect(),
                 addrs: parts.iter().map(|(_, a)| *a).collect(),
             };
@@ -113,9 +121,11 @@ impl Trainer {
                         // Survivors that have not reported never got (and never will get) its
                         // share: they are stuck in this round, so the stage's sync is redone.
                         // Those that reported summed every share, the dead one's included.
+                        // In a local phase nothing is exchanged: nobody waits for its share.
                         let stuck: Vec<PeerId> = parts
                             .iter()
                             .filter(|q| waiting.contains_key(&(k, **q)))
+                            .filter(|_| phase != SyncPhase::Local)
                             .copied()
                             .collect();
                         if !stuck.is_empty() {
@@ -148,8 +158,16 @@ impl Trainer {
             if out.broken.contains(&k) {
                 continue;
             }
-            let reps = reports.remove(&k).unwrap_or_default();
+            let mut reps = reports.remove(&k).unwrap_or_default();
             let Some(first) = reps.first() else { continue };
+            if phase == SyncPhase::Local {
+                // Each replica reported its own gradient's norm: the stage's term of the global
+                // norm is their mean (summed in peer order, so it does not depend on arrival).
+                reps.sort_by_key(|(p, _, _)| *p);
+                let mean = reps.iter().map(|(_, n, _)| n).sum::<f64>() / reps.len() as f64;
+                out.done.push((k, mean, reps.len()));
+                continue;
+            }
             // Replicas must agree bitwise; the majority wins and the rest re-sync after Apply.
             let mut tally: HashMap<(u64, [u8; 32]), usize> = HashMap::new();
             for (_, n, d) in &reps {
@@ -179,6 +197,9 @@ impl Trainer {
 
     /// Sends Apply to every participant, compares digests, reloads the odd ones out. Returns the
     /// number of replicas whose digest disagreed.
+    /// With [`SyncPhase::Local`] the replicas drift: their digests are recorded, not compared.
+    /// With [`SyncPhase::Outer`], `step` is the state step the outer round synced.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn apply_all(
         &mut self,
         step: u64,
@@ -186,8 +207,15 @@ impl Trainer {
         book: &StepBook,
         lr: f64,
         clip: f64,
+        phase: SyncPhase,
         on_event: &mut dyn FnMut(&TrainerEvent),
     ) -> Result<u64> {
+        // The state step the replicas reach.
+        let after = if phase == SyncPhase::Outer {
+            step
+        } else {
+            step + 1
+        };
         let mut calls = Vec::new();
         let mut idle = Vec::new();
         for k in 0..self.num_stages() {
@@ -211,6 +239,7 @@ impl Trainer {
                     stage: k as u32,
                     lr,
                     clip_scale: clip,
+                    phase,
                     credit: self.observer.credit(&p),
                 };
                 let timeout = self.opts.sync_timeout;
@@ -230,6 +259,7 @@ impl Trainer {
         for (k, p, addr, r) in results {
             if let Ok(Ok((_, a))) = &r {
                 self.metrics.peer_sent.insert(p, a.sent);
+                self.own_digests.insert(p, a.digest);
             }
             match r {
                 Ok(Ok((_, a))) if a.step == step + 1 || a.step == step => {
@@ -251,6 +281,9 @@ impl Trainer {
         }
         let mut mismatches = 0u64;
         for (k, ds) in digests.iter().enumerate() {
+            if phase == SyncPhase::Local {
+                break;
+            }
             let mut tally: HashMap<[u8; 32], usize> = HashMap::new();
             for (_, _, d) in ds {
                 *tally.entry(*d).or_default() += 1;
@@ -268,11 +301,18 @@ impl Trainer {
                     mismatches += 1;
                     tracing::warn!(peer = %p.short(), stage = k, "replica digest differs; re-syncing it");
                     self.mark_joining(*p, k);
-                    self.send_reload(*p, *addr, k as u32, step + 1);
+                    self.send_reload(*p, *addr, k as u32, after);
                 }
             }
         }
         for (k, p, addr) in idle {
+            if self.cfg().sync.drifts() {
+                // Between boundaries there is no agreed state to reload it with: it is released
+                // and joins again at the next sync boundary (its drift is lost, as a crash's).
+                tracing::warn!(peer = %p.short(), stage = k, "excluded replica released until the next sync boundary");
+                self.lose_peer(p, None, on_event);
+                continue;
+            }
             // Excluded this step (suspected but alive): it skipped the sync, so it loads the new
             // state from a replica that applied it.
             self.mark_joining(p, k);
@@ -293,8 +333,14 @@ impl Trainer {
             (r.epoch, reps, r.digests[k])
         });
         let fresh = self.shared.reg(|r| r.fresh);
+        let drifts = self.cfg().sync.drifts();
         let calls = reps.iter().map(|&(p, addr)| {
             let ps = self.peer.shared().clone();
+            // Between sync boundaries a replica's state is its own: the one it last reported.
+            let digest = match self.own_digests.get(&p) {
+                Some(d) if drifts => Some(*d),
+                _ => digest,
+            };
             let source = match digest {
                 Some(d) if !fresh => StateSource::Fetch {
                     from: vec![Endpoint { peer: p, addr }],
@@ -323,6 +369,69 @@ impl Trainer {
                 self.lose_peer(p, None, &mut |_| {});
             }
         }
+    }
+
+    /// A multi-step sync's boundary, after every replica took its inner step of the step that
+    /// ends at `state_step`: each stage's replicas exchange and average their compressed
+    /// pseudo-gradients and take the same outer step (checked like a gradient sync: the averages
+    /// must agree bitwise, then the weights digests, odd ones out reloaded). A participant lost
+    /// mid-exchange makes the survivors redo the round among themselves (their error-feedback
+    /// residuals are restored first). Returns the digest mismatches.
+    pub(super) async fn outer_sync(
+        &mut self,
+        state_step: u64,
+        epoch: u32,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Result<u64> {
+        let stages = self.num_stages();
+        let book = StepBook::new(stages as u16, self.cfg().train.micro_batches);
+        let mut rounds = vec![0u32; stages];
+        let mut pending: Vec<usize> = (0..stages).collect();
+        let mut mismatches = 0u64;
+        for _ in 0..MAX_OUTER_ROUNDS {
+            let outcome = self
+                .sync_stages(
+                    state_step,
+                    epoch,
+                    &book,
+                    &pending,
+                    &rounds,
+                    SyncPhase::Outer,
+                    on_event,
+                )
+                .await?;
+            mismatches += outcome.norm_mismatches;
+            for p in &outcome.failed_peers {
+                self.lose_peer(*p, None, on_event);
+            }
+            for (k, _, _) in &outcome.done {
+                pending.retain(|x| x != k);
+            }
+            if pending.is_empty() {
+                return Ok(mismatches
+                    + self
+                        .apply_all(
+                            state_step,
+                            epoch,
+                            &book,
+                            0.0,
+                            1.0,
+                            SyncPhase::Outer,
+                            on_event,
+                        )
+                        .await?);
+            }
+            if self.restore_pending {
+                return Ok(mismatches);
+            }
+            tracing::warn!(stages = ?pending, state_step, "outer sync lost a participant; redoing it");
+            for &k in &pending {
+                rounds[k] += 1;
+            }
+        }
+        Err(run_err(format!(
+            "the outer sync at step {state_step} failed {MAX_OUTER_ROUNDS} times"
+        )))
     }
 
     /// Pings every replica of `stages` (bounded wait); returns the ones that did not answer.
@@ -423,6 +532,9 @@ impl Trainer {
         }
     }
 }
+
+/// Attempts of one boundary's outer sync (each loses at least one participant).
+const MAX_OUTER_ROUNDS: usize = 8;
 
 #[derive(Default)]
 pub(super) struct SyncOutcome {
