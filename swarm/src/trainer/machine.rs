@@ -16,6 +16,9 @@
 //!
 //! The driver (`driver/step.rs`) owns the sockets, the compute, the router's view, metrics and
 //! the payload of each attempt (frames, contexts, targets); it holds no decision of its own.
+//!
+//! The step boundary's sync rounds are [`sync::SyncRound`]: who takes part with which counts,
+//! which reports count, who is stuck when a participant dies, the deadline, the majority.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -24,6 +27,8 @@ use super::book::{Column, CountOutcome, Holder, StepBook};
 use crate::identity::PeerId;
 use crate::protocol::{Abandon, MbKey, Traffic};
 use crate::receipt::Pass;
+
+pub mod sync;
 
 #[cfg(test)]
 mod tests;

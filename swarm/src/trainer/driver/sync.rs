@@ -2,11 +2,14 @@
 //! checks, and resets of a stage whose replicas disagree.
 
 use super::*;
+use crate::trainer::machine::sync::{SyncOutcome, SyncRound};
 
 impl Trainer {
     /// Starts the sync of `stages` and waits for every participant's report. `step` is the
     /// step whose gradients are synced, or for [`SyncPhase::Outer`] the state step (steps done)
-    /// whose weights are.
+    /// whose weights are. The decisions (participants, which reports count, who is stuck, the
+    /// deadline, the agreed norm) are the [`SyncRound`]'s; this sends its `SyncStart`s and feeds
+    /// it what arrives.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn sync_stages(
         &mut self,
@@ -18,58 +21,42 @@ impl Trainer {
         phase: SyncPhase,
         on_event: &mut dyn FnMut(&TrainerEvent),
     ) -> Result<SyncOutcome> {
-        let mut out = SyncOutcome::default();
-        // participants per stage, in a fixed order (by peer id).
-        let mut waiting: HashMap<(usize, PeerId), ()> = HashMap::new();
-        let mut parts_of: HashMap<usize, Vec<PeerId>> = HashMap::new();
-        for &k in stages {
-            let replicas: Vec<(PeerId, SocketAddr)> = self.shared.reg(|r| {
-                r.stages[k]
-                    .iter()
-                    .filter(|(_, rep)| rep.state != ReplicaState::Joining)
-                    .map(|(p, rep)| (*p, rep.addr))
-                    .collect()
-            });
-            let counts = book.stage_counts(k as u16);
-            let parts: Vec<(PeerId, SocketAddr)> = replicas
+        let (replicas, addrs) = self.shared.reg(|r| {
+            let mut addrs: HashMap<PeerId, SocketAddr> = HashMap::new();
+            let replicas: Vec<Vec<PeerId>> = r
+                .stages
                 .iter()
-                .filter(|(p, _)| !book.is_excluded(p))
-                .copied()
+                .map(|s| {
+                    s.iter()
+                        .filter(|(_, rep)| rep.state != ReplicaState::Joining)
+                        .map(|(p, rep)| {
+                            addrs.insert(*p, rep.addr);
+                            *p
+                        })
+                        .collect()
+                })
                 .collect();
-            if parts.is_empty() {
-                return Err(run_err(format!("stage {k} has no replica left to sync")));
-            }
-            let counted: u32 = parts
-                .iter()
-                .map(|(p, _)| counts.get(p).copied().unwrap_or(0))
-                .sum();
-            if phase != SyncPhase::Outer && counted as usize != book.micro_batches() {
-                return Err(run_err(format!(
-                    "stage {k}: participants counted {counted} micro-batches of {}",
-                    book.micro_batches()
-                )));
-            }
+            (replicas, addrs)
+        });
+        let deadline = Instant::now() + self.opts.sync_timeout;
+        let mut round = SyncRound::plan(step, phase, book, stages, &replicas, rounds, deadline)
+            .map_err(|e| run_err(e.to_string()))?;
+        for s in round.starts() {
             let msg = SyncStart {
                 run: self.shared.run,
                 epoch,
                 step,
-                stage: k as u32,
-                round: rounds[k],
+                stage: s.stage as u32,
+                round: s.round,
                 phase,
-                participants: parts.iter().map(|(p, _)| *p).collect(),
-                mb_counts: parts
-                    .iter()
-                    .map(|(p, _)| match phase {
-                        SyncPhase::Outer => 0,
-                        _ => counts.get(p).copied().unwrap_or(0),
-                    })
-                    .collect(),
-                addrs: parts.iter().map(|(_, a)| *a).collect(),
+                participants: s.participants.clone(),
+                mb_counts: s.mb_counts.clone(),
+                addrs: s.participants.iter().map(|p| addrs[p]).collect(),
             };
-            for (p, addr) in &replicas {
+            for p in &s.to {
                 let ps = self.peer.shared().clone();
                 let tx = self.shared.inbox.clone();
-                let (p, addr, msg) = (*p, *addr, msg.clone());
+                let (p, addr, msg) = (*p, addrs[p], msg.clone());
                 tokio::spawn(async move {
                     if let Err(e) = ps.call::<SyncStart, Ack>(addr, Some(p), &msg).await {
                         tracing::warn!(peer = %p.short(), error = %e, "SyncStart failed");
@@ -77,122 +64,42 @@ impl Trainer {
                     }
                 });
             }
-            for (p, _) in &parts {
-                waiting.insert((k, *p), ());
-            }
-            parts_of.insert(k, parts.iter().map(|(p, _)| *p).collect());
         }
-        let mut reports: HashMap<usize, Vec<(PeerId, f64, [u8; 32])>> = HashMap::new();
-        let deadline = Instant::now() + self.opts.sync_timeout;
-        while !waiting.is_empty() {
+        while let Some(deadline) = round.poll_timeout() {
             let now = Instant::now();
-            if now >= deadline {
-                for (k, p) in waiting.keys() {
-                    tracing::warn!(peer = %p.short(), stage = k, "no sync report in time");
-                    out.broken.insert(*k);
-                    if !out.failed_peers.contains(p) {
-                        out.failed_peers.push(*p);
+            if let Ok(msg) =
+                tokio::time::timeout(deadline.saturating_duration_since(now), self.inbox.recv())
+                    .await
+            {
+                match msg {
+                    Some(Inbound::SyncDone(from, d)) => {
+                        self.count_sync_report(&d);
+                        round.handle_report(
+                            from,
+                            d.step,
+                            d.stage as usize,
+                            d.grad_sq_norm,
+                            d.grad_digest,
+                        );
                     }
+                    Some(Inbound::Down(p)) => {
+                        if !round.handle_down(p) {
+                            self.lose_peer(p, None, on_event);
+                        }
+                    }
+                    Some(Inbound::Leave(p)) => {
+                        // Asked to leave during the sync: it still takes part; it is released
+                        // at the step boundary.
+                        self.retire_from_view(p);
+                    }
+                    Some(Inbound::Ready(from, r)) => self.on_ready(from, r, on_event),
+                    Some(other) => tracing::debug!(?other, "pipeline message during sync ignored"),
+                    None => return Err(run_err("trainer inbox closed")),
                 }
-                break;
             }
-            let Ok(msg) = tokio::time::timeout(deadline - now, self.inbox.recv()).await else {
-                continue;
-            };
-            match msg {
-                Some(Inbound::SyncDone(from, d)) => {
-                    let k = d.stage as usize;
-                    self.count_sync_report(&d);
-                    if d.step == step && waiting.remove(&(k, from)).is_some() {
-                        reports
-                            .entry(k)
-                            .or_default()
-                            .push((from, d.grad_sq_norm, d.grad_digest));
-                    }
-                }
-                Some(Inbound::Down(p)) => {
-                    let mut participant = false;
-                    for (&k, parts) in &parts_of {
-                        if !parts.contains(&p) {
-                            continue;
-                        }
-                        participant = true;
-                        waiting.remove(&(k, p));
-                        // Survivors that have not reported never got (and never will get) its
-                        // share: they are stuck in this round, so the stage's sync is redone.
-                        // Those that reported summed every share, the dead one's included.
-                        // In a local phase nothing is exchanged: nobody waits for its share.
-                        let stuck: Vec<PeerId> = parts
-                            .iter()
-                            .filter(|q| waiting.contains_key(&(k, **q)))
-                            .filter(|_| phase != SyncPhase::Local)
-                            .copied()
-                            .collect();
-                        if !stuck.is_empty() {
-                            tracing::warn!(peer = %p.short(), stage = k, stuck = stuck.len(), "participant lost during the sync; the stage's sync restarts");
-                            out.broken.insert(k);
-                            for q in stuck {
-                                waiting.remove(&(k, q));
-                            }
-                        }
-                    }
-                    if participant {
-                        if !out.failed_peers.contains(&p) {
-                            out.failed_peers.push(p);
-                        }
-                    } else {
-                        self.lose_peer(p, None, on_event);
-                    }
-                }
-                Some(Inbound::Leave(p)) => {
-                    // Asked to leave during the sync: it still takes part; it is released at
-                    // the step boundary.
-                    self.retire_from_view(p);
-                }
-                Some(Inbound::Ready(from, r)) => self.on_ready(from, r, on_event),
-                Some(other) => tracing::debug!(?other, "pipeline message during sync ignored"),
-                None => return Err(run_err("trainer inbox closed")),
-            }
+            round.handle_timeout(Instant::now());
         }
-        for &k in stages {
-            if out.broken.contains(&k) {
-                continue;
-            }
-            let mut reps = reports.remove(&k).unwrap_or_default();
-            let Some(first) = reps.first() else { continue };
-            if phase == SyncPhase::Local {
-                // Each replica reported its own gradient's norm: the stage's term of the global
-                // norm is their mean (summed in peer order, so it does not depend on arrival).
-                reps.sort_by_key(|(p, _, _)| *p);
-                let mean = reps.iter().map(|(_, n, _)| n).sum::<f64>() / reps.len() as f64;
-                out.done.push((k, mean, reps.len()));
-                continue;
-            }
-            // Replicas must agree bitwise; the majority wins and the rest re-sync after Apply.
-            let mut tally: HashMap<(u64, [u8; 32]), usize> = HashMap::new();
-            for (_, n, d) in &reps {
-                *tally.entry((n.to_bits(), *d)).or_default() += 1;
-            }
-            let best = tally
-                .iter()
-                .max_by_key(|(key, c)| (**c, std::cmp::Reverse(key.0)))
-                .map(|(key, _)| *key)
-                .unwrap_or((first.1.to_bits(), first.2));
-            let disagree = reps
-                .iter()
-                .filter(|(_, n, d)| (n.to_bits(), *d) != best)
-                .count();
-            if disagree > 0 {
-                tracing::warn!(
-                    stage = k,
-                    disagree,
-                    "replicas disagree on the summed gradient"
-                );
-                out.norm_mismatches += disagree as u64;
-            }
-            out.done.push((k, f64::from_bits(best.0), reps.len()));
-        }
-        Ok(out)
+        Ok(round.finish())
     }
 
     /// Sends Apply to every participant, compares digests, reloads the odd ones out. Returns the
@@ -535,13 +442,3 @@ impl Trainer {
 
 /// Attempts of one boundary's outer sync (each loses at least one participant).
 const MAX_OUTER_ROUNDS: usize = 8;
-
-#[derive(Default)]
-pub(super) struct SyncOutcome {
-    /// (stage, agreed grad_sq_norm, participants)
-    pub(super) done: Vec<(usize, f64, usize)>,
-    pub(super) failed_peers: Vec<PeerId>,
-    /// Stages whose sync must be redone (a participant was lost before every survivor summed).
-    pub(super) broken: HashSet<usize>,
-    pub(super) norm_mismatches: u64,
-}
