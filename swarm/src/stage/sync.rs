@@ -3,6 +3,9 @@
 
 use super::*;
 
+mod share;
+use share::{ShareFate, share_fate, takes_early};
+
 impl StageWorker {
     pub(super) async fn on_sync_start(
         &self,
@@ -65,7 +68,7 @@ impl StageWorker {
         let mut shares = vec![None; n];
         for (i, p) in s.participants.iter().enumerate() {
             match st.early.remove(&(s.step, *p)) {
-                Some((round, f)) if round == s.round => shares[i] = Some(f),
+                Some((round, f)) if takes_early(round, s.round) => shares[i] = Some(f),
                 Some((round, _)) => {
                     tracing::debug!(peer = %p.short(), step = s.step, round, "share of a dropped sync round ignored")
                 }
@@ -299,20 +302,18 @@ impl StageWorker {
             let mut st = lock(&self.inner.state);
             // A share of a round the trainer dropped (a participant died) must not be summed
             // into a later one: it holds an outdated gradient.
-            let stale = st
-                .round
-                .as_ref()
-                .is_some_and(|r| r.step == step && g.round < r.round)
-                || st
-                    .early
-                    .get(&(step, g.from))
-                    .is_some_and(|(round, _)| g.round < *round);
-            if stale {
+            let fate = share_fate(
+                st.round.as_ref().map(|r| (r.step, r.round)),
+                st.early.get(&(step, g.from)).map(|(round, _)| *round),
+                step,
+                g.round,
+            );
+            if fate == ShareFate::Stale {
                 tracing::debug!(peer = %g.from.short(), step, round = g.round, "share of a dropped sync round ignored");
                 return rpc::reply(&Ack);
             }
             match st.round.as_mut() {
-                Some(r) if r.step == step && r.round == g.round => {
+                Some(r) if fate == ShareFate::Take => {
                     let Some(i) = r.participants.iter().position(|p| *p == g.from) else {
                         return Err(refuse(code::FORBIDDEN, "not a participant of this sync"));
                     };
