@@ -430,6 +430,32 @@ impl Router {
         self.nat
     }
 
+    /// Rebinds: from now on every new mapping leaves from a port in `ports` instead of the
+    /// inside port, and only replies to what the inside sent come back in (the endpoint-
+    /// independent port map is gone), then forgets every mapping. Every flow through the router
+    /// thus continues from a new public port that no peer outside knows, as behind a
+    /// carrier-grade NAT that reassigns ports. Not for a symmetric router.
+    pub fn rebind(&self, ports: (u16, u16)) -> Result<()> {
+        let wan = self.host.ip;
+        let script = format!(
+            "delete table ip nat
+table ip nat {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname \"wan\" meta l4proto udp snat ip to {wan}:{}-{}
+    oifname \"wan\" snat ip to {wan}
+  }}
+}}
+",
+            ports.0, ports.1
+        );
+        nft(&self.host.ns, &script)?;
+        self.flush_conntrack()
+    }
+
     /// Forgets every mapping, as a router that reboots or times its table out: conntrack
     /// entries and the endpoint-independent port map. Inbound traffic is dropped until an inside
     /// host sends again, and may then appear from another port.
@@ -437,6 +463,10 @@ impl Router {
         if !matches!(self.nat, Nat::Symmetric) {
             nft(&self.host.ns, "flush map ip nat fullcone\n")?;
         }
+        self.flush_conntrack()
+    }
+
+    fn flush_conntrack(&self) -> Result<()> {
         match self.host.command("conntrack").args(["-F"]).output() {
             Err(_) => Err(Error::Missing("conntrack")),
             Ok(o) if o.status.success() => Ok(()),

@@ -220,3 +220,25 @@ fn a_panicking_test_still_tears_its_lab_down() {
         assert!(!left.contains(&n), "{n} survived the panic");
     }
 }
+
+#[test]
+fn a_rebound_router_moves_flows_to_new_ports_and_filters_the_old_one() {
+    let mut lab = lab_or_skip!("rebind");
+    let s = lab.public_host("s").unwrap();
+    let mut r = lab.router("r1", Nat::Home).unwrap();
+    let a = lab.home_host(&mut r, "a").unwrap();
+    let srv = s.udp_bind(PORT).unwrap();
+    let sock = a.udp_bind(40000).unwrap();
+    let before = observed(&sock, &srv, (s.ip(), PORT).into(), b"hello");
+    assert_eq!(before.port(), 40000, "a home router keeps the port");
+    r.rebind((20000, 29999)).unwrap();
+    // The old mapping is gone: nothing sent to it comes in.
+    srv.send_to(b"old", before).unwrap();
+    assert!(recv(&sock).is_none(), "the old public port still forwards");
+    // The same inside socket now appears from a port of the new range, and replies come back.
+    let after = observed(&sock, &srv, (s.ip(), PORT).into(), b"again");
+    assert_eq!(after.ip(), before.ip());
+    assert!((20000..=29999).contains(&after.port()), "{after}");
+    srv.send_to(b"reply", after).unwrap();
+    assert_eq!(recv(&sock).unwrap().0, b"reply");
+}
