@@ -63,7 +63,7 @@ impl Trainer {
             Inbound::Ready(from, ready) => self.on_ready(from, ready, on_event),
             Inbound::Leave(_) => self.release_leavers(on_event).await,
             Inbound::Down(from) => {
-                self.lose_peer(from, None, on_event);
+                self.lose_peer(from, on_event);
             }
             Inbound::SyncDone(_, d) => self.count_sync_report(&d),
             other => tracing::debug!(?other, "message between steps ignored"),
@@ -231,25 +231,20 @@ impl Trainer {
         state_source(&self.shared, stage, except)
     }
 
-    /// Removes a replica: from the registry, the router, and this step's accounting.
-    pub(super) fn lose_peer(
-        &mut self,
-        peer: PeerId,
-        book: Option<&mut StepBook>,
-        on_event: &mut dyn FnMut(&TrainerEvent),
-    ) -> Vec<usize> {
+    /// Removes a replica from the registry and the router (a step in progress learns it from
+    /// the `StepMachine`'s `PeerLost`).
+    pub(super) fn lose_peer(&mut self, peer: PeerId, on_event: &mut dyn FnMut(&TrainerEvent)) {
         let stage = self.stage_of(&peer);
         let removed = self
             .shared
             .reg(|r| r.stages.iter_mut().any(|s| s.remove(&peer).is_some()));
         let _ = self.view.remove(&key_of(&peer));
-        let lost = book.map(|b| b.exclude(peer)).unwrap_or_default();
         if let Some(k) = stage {
             self.check_stage_state(k as usize);
         }
         if removed {
             self.metrics.peers_lost += 1;
-            tracing::warn!(peer = %peer.short(), ?stage, lost = lost.len(), "replica lost");
+            tracing::warn!(peer = %peer.short(), ?stage, "replica lost");
             self.emit(
                 TrainerEvent::Lost {
                     peer,
@@ -258,7 +253,6 @@ impl Trainer {
                 on_event,
             );
         }
-        lost
     }
 
     /// At a step boundary: waits (bounded) for admitted joiners to report Ready.
@@ -291,7 +285,7 @@ impl Trainer {
             if now >= deadline {
                 for p in joining {
                     tracing::warn!(peer = %p.short(), "joiner did not load its state in time");
-                    self.lose_peer(p, None, on_event);
+                    self.lose_peer(p, on_event);
                 }
                 return Ok(());
             }

@@ -82,7 +82,7 @@ impl Trainer {
         while let Ok(msg) = self.inbox.try_recv() {
             match msg {
                 Inbound::Down(p) => {
-                    self.lose_peer(p, None, on_event);
+                    self.lose_peer(p, on_event);
                 }
                 Inbound::Leave(p) => {
                     self.shared.reg(|r| {

@@ -101,7 +101,7 @@ impl Trainer {
                         self.retire_from_view(p);
                     }
                     Some(Inbound::Down(p)) => {
-                        self.lose_peer(p, None, on_event);
+                        self.lose_peer(p, on_event);
                         sm.handle(Event::PeerLost(p), now);
                     }
                     Some(Inbound::Ready(from, r)) => self.on_ready(from, r, on_event),
@@ -124,7 +124,7 @@ impl Trainer {
             let dead = self.probe_replicas(&pending_sync).await;
             if !dead.is_empty() {
                 for p in dead {
-                    self.lose_peer(p, None, on_event);
+                    self.lose_peer(p, on_event);
                     sm.handle(Event::PeerLost(p), Instant::now());
                 }
                 if !sm.micro_batches_done() {
@@ -141,7 +141,7 @@ impl Trainer {
                     for b in &bans {
                         self.observer.ban(&b.peer, b.stage, &b.reason, step);
                         self.shared.reg(|r| r.banned.insert(b.peer));
-                        self.lose_peer(b.peer, None, on_event);
+                        self.lose_peer(b.peer, on_event);
                     }
                     for k in 0..stages {
                         self.reset_stage(k, step).await;
@@ -186,7 +186,7 @@ impl Trainer {
             }
             mismatches += outcome.norm_mismatches;
             for p in &outcome.failed_peers {
-                self.lose_peer(*p, None, on_event);
+                self.lose_peer(*p, on_event);
                 sm.handle(Event::PeerLost(*p), Instant::now());
             }
             pending_sync = (0..stages).filter(|k| !norms.contains_key(k)).collect();

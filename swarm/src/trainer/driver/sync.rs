@@ -84,7 +84,7 @@ impl Trainer {
                     }
                     Some(Inbound::Down(p)) => {
                         if !round.handle_down(p) {
-                            self.lose_peer(p, None, on_event);
+                            self.lose_peer(p, on_event);
                         }
                     }
                     Some(Inbound::Leave(p)) => {
@@ -178,11 +178,11 @@ impl Trainer {
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(peer = %p.short(), error = %e, "Apply failed");
-                    self.lose_peer(p, None, on_event);
+                    self.lose_peer(p, on_event);
                 }
                 Err(_) => {
                     tracing::warn!(peer = %p.short(), "Apply timed out");
-                    self.lose_peer(p, None, on_event);
+                    self.lose_peer(p, on_event);
                 }
             }
         }
@@ -217,7 +217,7 @@ impl Trainer {
                 // Between boundaries there is no agreed state to reload it with: it is released
                 // and joins again at the next sync boundary (its drift is lost, as a crash's).
                 tracing::warn!(peer = %p.short(), stage = k, "excluded replica released until the next sync boundary");
-                self.lose_peer(p, None, on_event);
+                self.lose_peer(p, on_event);
                 continue;
             }
             // Excluded this step (suspected but alive): it skipped the sync, so it loads the new
@@ -273,7 +273,7 @@ impl Trainer {
         for (p, ok) in futures::future::join_all(calls).await {
             if !ok {
                 tracing::warn!(peer = %p.short(), stage = k, "reset after a failed sync did not work");
-                self.lose_peer(p, None, &mut |_| {});
+                self.lose_peer(p, &mut |_| {});
             }
         }
     }
@@ -309,7 +309,7 @@ impl Trainer {
                 .await?;
             mismatches += outcome.norm_mismatches;
             for p in &outcome.failed_peers {
-                self.lose_peer(*p, None, on_event);
+                self.lose_peer(*p, on_event);
             }
             for (k, _, _) in &outcome.done {
                 pending.retain(|x| x != k);
@@ -421,7 +421,7 @@ impl Trainer {
             );
             self.shared.reg(|r| r.banned.insert(ban.peer));
             self.metrics.bad_states += 1;
-            self.lose_peer(ban.peer, None, on_event);
+            self.lose_peer(ban.peer, on_event);
         }
     }
 
