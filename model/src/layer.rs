@@ -20,6 +20,8 @@
 //! weight gradients) add fixed blocks of rows in a fixed order. So the bits depend neither on the
 //! thread count nor on how layers are split into stages, and the swarm equals the local run.
 
+use std::sync::Arc;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -749,26 +751,54 @@ pub(crate) enum StagePass {
     F64(StageSaved<f64>),
 }
 
-/// The weights each layer used and its activations, for layers `first..` in order.
+/// The weights the layers used (shared with the shard's cache and other passes) and each
+/// layer's activations, for layers `first..` in order.
 pub(crate) struct StageSaved<T> {
     geom: Geom,
     rope: Rope<T>,
     first: usize,
-    layers: Vec<(LayerWeights<T>, LayerActs<T>)>,
+    weights: Arc<[LayerWeights<T>]>,
+    acts: Vec<LayerActs<T>>,
 }
 
-/// Wraps a typed pass into [`StagePass`].
+/// A shard's flat copy of a stage's layer weights, in its float type.
+pub(crate) enum StageWeights {
+    F32(Arc<[LayerWeights<f32>]>),
+    F64(Arc<[LayerWeights<f64>]>),
+}
+
+/// Wraps a typed pass into [`StagePass`], and typed weights into [`StageWeights`].
 pub(crate) trait IntoPass: Float {
     fn into_pass(s: StageSaved<Self>) -> StagePass;
+    fn wrap(w: Arc<[LayerWeights<Self>]>) -> StageWeights;
+    fn unwrap(w: &StageWeights) -> Option<Arc<[LayerWeights<Self>]>>;
 }
 impl IntoPass for f32 {
     fn into_pass(s: StageSaved<Self>) -> StagePass {
         StagePass::F32(s)
     }
+    fn wrap(w: Arc<[LayerWeights<Self>]>) -> StageWeights {
+        StageWeights::F32(w)
+    }
+    fn unwrap(w: &StageWeights) -> Option<Arc<[LayerWeights<Self>]>> {
+        match w {
+            StageWeights::F32(w) => Some(w.clone()),
+            StageWeights::F64(_) => None,
+        }
+    }
 }
 impl IntoPass for f64 {
     fn into_pass(s: StageSaved<Self>) -> StagePass {
         StagePass::F64(s)
+    }
+    fn wrap(w: Arc<[LayerWeights<Self>]>) -> StageWeights {
+        StageWeights::F64(w)
+    }
+    fn unwrap(w: &StageWeights) -> Option<Arc<[LayerWeights<Self>]>> {
+        match w {
+            StageWeights::F64(w) => Some(w.clone()),
+            StageWeights::F32(_) => None,
+        }
     }
 }
 
@@ -777,22 +807,23 @@ pub(crate) fn stage_forward<T: Float>(
     geom: Geom,
     tables: &RopeTables,
     first: usize,
-    weights: Vec<LayerWeights<T>>,
+    weights: Arc<[LayerWeights<T>]>,
     x: Vec<T>,
 ) -> (Vec<T>, StageSaved<T>) {
     let rope = Rope::new(tables, geom.seq);
-    let mut layers = Vec::with_capacity(weights.len());
+    let mut acts = Vec::with_capacity(weights.len());
     let mut cur = x;
-    for w in weights {
-        let (y, acts) = forward(&geom, &w, &rope, cur);
-        layers.push((w, acts));
+    for w in weights.iter() {
+        let (y, a) = forward(&geom, w, &rope, cur);
+        acts.push(a);
         cur = y;
     }
     let saved = StageSaved {
         geom,
         rope,
         first,
-        layers,
+        weights,
+        acts,
     };
     (cur, saved)
 }
@@ -806,7 +837,7 @@ pub(crate) fn stage_backward<T: Float>(
 ) -> (Vec<T>, Vec<(usize, LayerGrads<T>)>) {
     let mut grads = Vec::new();
     let mut d = dout;
-    for (l, (w, acts)) in s.layers.iter().enumerate().rev() {
+    for (l, (w, acts)) in s.weights.iter().zip(&s.acts).enumerate().rev() {
         let (dx, g) = backward(&s.geom, w, &s.rope, acts, d, weights);
         if let Some(g) = g {
             grads.push((s.first + l, g));
@@ -821,5 +852,23 @@ impl<T> StageSaved<T> {
     /// `(batch, seq, hidden)` of the pass.
     pub(crate) fn dims(&self) -> (usize, usize, usize) {
         (self.geom.batch, self.geom.seq, self.geom.hidden)
+    }
+
+    /// Bytes of the activations kept for backward (the weights are the shard's, shared).
+    pub(crate) fn bytes(&self) -> u64 {
+        let elems: usize = self
+            .acts
+            .iter()
+            .map(|a| {
+                [
+                    &a.x, &a.r1, &a.xn1, &a.q, &a.k, &a.v, &a.p, &a.y, &a.xm, &a.r2, &a.xn2, &a.gu,
+                    &a.act,
+                ]
+                .iter()
+                .map(|v| v.len())
+                .sum::<usize>()
+            })
+            .sum();
+        (elems * std::mem::size_of::<T>()) as u64
     }
 }

@@ -3,14 +3,16 @@
 //! Each preset is a Llama shape with a stage split and a micro-batch geometry sized for it. The
 //! vocabulary comes from the run's data (its tokenizer), so one preset serves any tokenizer.
 //!
-//! [`stage_memory`] predicts the peak resident bytes of a peer serving one stage, term by term:
-//! fp32 weights, their gradient accumulators and AdamW's two moments (16 bytes per parameter),
-//! plus what the forward pass of each micro-batch in flight keeps for its backward pass (the
-//! tensors of the autograd graph, counted from `Shard::layer`), plus the transient workspace of
-//! one layer's backward. `swarm join` compares it with the memory available; `swarm bench memory`
-//! measures the peak (VmHWM) of a real stage and records both.
+//! [`stage_memory`] predicts the peak resident bytes of a peer serving one stage, term by term,
+//! from what the code holds at the peak (the first backward of a step, with every micro-batch in
+//! flight still holding its forward context): fp32 weights, the flat copy of them the
+//! hand-written layers run on, AdamW's two moments, what each micro-batch's forward keeps for
+//! its backward (`layer::LayerActs`), and the backward's own buffers (the micro-batch's parameter
+//! gradients, one layer's largest transient). `swarm join` compares it with the memory
+//! available; `swarm bench memory` measures the peak (VmHWM) of a real stage and records both;
+//! `model/tests/stage_memory.rs` checks it against the heap's peak.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, ModelConfig, RunConfig};
 
@@ -148,20 +150,31 @@ impl Preset {
 }
 
 /// What one stage of a run needs in memory, by term (bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageMemory {
     pub parameters: u64,
     /// fp32 weights.
     pub weights: u64,
-    /// Gradient accumulators.
+    /// Gradient accumulators (the sum over the micro-batches of a step).
     pub grads: u64,
     /// AdamW's first and second moments.
     pub optimizer: u64,
-    /// Forward tensors kept for backward, per micro-batch in flight.
+    /// The flat copy of the weights the hand-written layers run on (`Shard::stage_forward`
+    /// makes it once per optimizer step; every pass in flight shares it).
+    pub weights_copy: u64,
+    /// What one micro-batch's forward keeps until its backward (`Shard::stage_forward`'s
+    /// context): each layer's saved activations ([`layer_activation_bytes_per_token`]).
     pub activations_per_micro_batch: u64,
     pub micro_batches_in_flight: u64,
-    /// One layer's backward workspace and the frames a micro-batch arrives and leaves in.
+    /// A backward pass on top of the contexts: the micro-batch's own parameter gradients (held
+    /// until added into the accumulators), the output-gradient frame, and the largest transient
+    /// of one layer's backward ([`layer_backward_transient`]).
     pub workspace: u64,
+    /// Threads the attention backward's per-block scratch was counted for.
+    pub threads: u64,
+    /// The peak: weights, their flat copy and the moments, plus the larger of the step's first
+    /// backward (every context alive, no accumulated gradients yet) and its second (one context
+    /// fewer, the accumulators, and the sum of the largest parameter being formed).
     pub total: u64,
 }
 
@@ -172,30 +185,84 @@ pub fn in_flight(cfg: &RunConfig) -> usize {
     cfg.train.micro_batches.min(2 * stages)
 }
 
-/// Bytes of fp32 activations one decoder layer keeps per token for its backward pass, counted
-/// from the graph `Shard::layer` builds: two RMS norms (normalized and scaled, 2d each), q, k, v
-/// projections and their RoPE'd copies (2d + 4 kv, v made contiguous), the attention
-/// probabilities (heads x seq_len), the attention output and its re-laid-out copy (2d), the
-/// output projection and residual (2d), gate, up and SwiGLU (3 intermediate), down projection and
-/// residual (2d).
-pub fn layer_activation_bytes_per_token(m: &ModelConfig, seq_len: usize) -> u64 {
-    let d = m.hidden_size as u64;
-    let kv = (m.num_kv_heads() * m.head_dim()) as u64;
-    let i = m.intermediate_size as u64;
-    let probs = (m.num_attention_heads * seq_len) as u64;
-    4 * (12 * d + 4 * kv + 3 * i + probs)
+/// Widths of one decoder layer (elements).
+struct Dims {
+    d: u64,
+    kv: u64,
+    i: u64,
+    heads: u64,
+    rep: u64,
 }
 
-/// Parameters of decoder layers `layers`.
+fn dims(m: &ModelConfig) -> Dims {
+    let kv_heads = m.num_kv_heads().max(1);
+    Dims {
+        d: m.hidden_size as u64,
+        kv: (kv_heads * m.head_dim()) as u64,
+        i: m.intermediate_size as u64,
+        heads: m.num_attention_heads as u64,
+        rep: (m.num_attention_heads / kv_heads) as u64,
+    }
+}
+
+/// Bytes of fp32 activations one decoder layer keeps per token for its backward pass, the
+/// fields of `layer::LayerActs`: the input, normalized input, queries, attention output,
+/// mid-layer residual and its normalized copy (d each), rotated keys and values (kv each), the
+/// attention probabilities (heads x seq_len, stored full including the masked upper triangle),
+/// `gate | up` and SwiGLU (3 intermediate) and the two inverse RMS values.
+pub fn layer_activation_bytes_per_token(m: &ModelConfig, seq_len: usize) -> u64 {
+    let Dims {
+        d, kv, i, heads, ..
+    } = dims(m);
+    4 * (6 * d + 2 * kv + 3 * i + heads * seq_len as u64 + 2)
+}
+
+/// The largest set of buffers one layer's backward (`layer::backward`) holds at once besides
+/// the saved activations and its parameter gradients, for `tokens` rows of `seq_len`: the
+/// maximum over its phases (MLP, attention, input projections, splitting the stacked gradients).
+/// The attention phase allocates one score-gradient block per (sequence, KV head) a thread
+/// works on, so it depends on the `threads` running it.
+pub fn layer_backward_transient(m: &ModelConfig, tokens: u64, seq_len: u64, threads: u64) -> u64 {
+    let Dims { d, kv, i, rep, .. } = dims(m);
+    let r = tokens;
+    let blocks = (tokens / seq_len.max(1)) * (m.num_kv_heads() as u64);
+    let ds = blocks.min(threads.max(1)) * rep * seq_len * seq_len;
+    let phases = [
+        // dxm, dact, dgu
+        r * d + r * i + 2 * r * i,
+        // dxm, dgu, dxn2 (the stacked gate|up gradient is a parameter gradient here)
+        2 * r * d + 2 * r * i,
+        // dxm, dy and dyh, then dq, dk, dv and the score gradients
+        3 * r * d,
+        r * d + r * d + r * d + 2 * r * kv + ds,
+        // dxm, dq, dk, dv, the merged dqkv
+        r * d + (r * d + 2 * r * kv) + r * (d + 2 * kv),
+        // dx, dqkv, dxn1
+        r * d + r * (d + 2 * kv) + r * d,
+        // dx, dxn1, and the stacked qkv and gate|up gradients while they are split in copies
+        2 * r * d + (d + 2 * kv) * d + 2 * i * d,
+    ];
+    4 * phases.into_iter().max().unwrap_or(0)
+}
+
+/// Parameters of one decoder layer.
 fn layer_parameters(m: &ModelConfig) -> u64 {
-    let d = m.hidden_size as u64;
-    let kv = (m.num_kv_heads() * m.head_dim()) as u64;
-    let i = m.intermediate_size as u64;
+    let Dims { d, kv, i, .. } = dims(m);
     2 * d * d + 2 * d * kv + 3 * d * i + 2 * d
 }
 
-/// The memory stage `stage` of `cfg` needs (beyond the process's own baseline).
+/// The memory stage `stage` of `cfg` needs (beyond the process's own baseline), with the
+/// attention backward on this process's rayon threads.
 pub fn stage_memory(cfg: &RunConfig, stage: usize) -> Result<StageMemory, Error> {
+    stage_memory_on(cfg, stage, rayon::current_num_threads())
+}
+
+/// [`stage_memory`] for a backward on `threads` threads.
+pub fn stage_memory_on(
+    cfg: &RunConfig,
+    stage: usize,
+    threads: usize,
+) -> Result<StageMemory, Error> {
     let Some(w) = cfg.stages.get(stage..stage + 2) else {
         return Err(Error::Config(format!(
             "stage {stage} of a run with {} stages",
@@ -207,30 +274,30 @@ pub fn stage_memory(cfg: &RunConfig, stage: usize) -> Result<StageMemory, Error>
     let t = &cfg.train;
     let tokens = (t.micro_batch_size * t.seq_len) as u64;
     let parameters = layers * layer_parameters(m);
-    let per_layer = tokens * layer_activation_bytes_per_token(m, t.seq_len);
-    // The stage's input copy (a Var) on top of its layers.
-    let activations_per_micro_batch = layers * per_layer + 4 * tokens * m.hidden_size as u64;
-    let micro_batches_in_flight = in_flight(cfg) as u64;
-    // Backward of one layer at a time: its gradients are about one layer's activations; plus the
-    // received activation and gradient frames (fp32, d per token each).
-    let workspace = per_layer + 8 * tokens * m.hidden_size as u64;
     let weights = 4 * parameters;
-    let mut s = StageMemory {
+    let activations_per_micro_batch =
+        layers * tokens * layer_activation_bytes_per_token(m, t.seq_len);
+    let micro_batches_in_flight = in_flight(cfg) as u64;
+    let frame = 4 * tokens * m.hidden_size as u64;
+    let workspace =
+        weights + frame + layer_backward_transient(m, tokens, t.seq_len as u64, threads as u64);
+    let Dims { d, i, .. } = dims(m);
+    let largest = 4 * (d * i).max(d * d);
+    let k = micro_batches_in_flight;
+    let first = k * activations_per_micro_batch + workspace;
+    let second = k.saturating_sub(1) * activations_per_micro_batch + weights + workspace + largest;
+    Ok(StageMemory {
         parameters,
         weights,
         grads: weights,
         optimizer: 2 * weights,
+        weights_copy: weights,
         activations_per_micro_batch,
         micro_batches_in_flight,
         workspace,
-        total: 0,
-    };
-    s.total = s.weights
-        + s.grads
-        + s.optimizer
-        + s.activations_per_micro_batch * s.micro_batches_in_flight
-        + s.workspace;
-    Ok(s)
+        threads: threads as u64,
+        total: 4 * weights + first.max(second),
+    })
 }
 
 /// Memory available to a new process: `MemAvailable` of `/proc/meminfo` (Linux), in bytes.
@@ -303,6 +370,78 @@ mod tests {
         assert_eq!(s.weights, 4 * s.parameters);
         assert_eq!(s.micro_batches_in_flight, 8);
         assert!(stage_memory(&cfg, 4).is_err());
+    }
+
+    /// A run with `layers` layers split in two stages, `heads` / `kv_heads`, micro-batches of
+    /// `batch x seq`.
+    fn small_run(
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        batch: usize,
+        seq: usize,
+    ) -> RunConfig {
+        let mut cfg = RunConfig::default();
+        cfg.model.hidden_size = 64;
+        cfg.model.intermediate_size = 160;
+        cfg.model.num_hidden_layers = layers;
+        cfg.model.num_attention_heads = heads;
+        cfg.model.num_key_value_heads = Some(kv_heads);
+        cfg.model.max_position_embeddings = seq;
+        cfg.stages = vec![0, layers / 2, layers];
+        cfg.train.micro_batch_size = batch;
+        cfg.train.seq_len = seq;
+        cfg.validate().unwrap();
+        cfg
+    }
+
+    #[test]
+    fn activation_term_is_what_a_stage_forward_keeps() {
+        use candle_core::{DType, Device, Tensor};
+        let dev = Device::Cpu;
+        // Multi-head and grouped-query attention, one and several layers per stage.
+        for cfg in [small_run(2, 4, 4, 3, 16), small_run(6, 8, 2, 2, 32)] {
+            for stage in 0..2 {
+                let pieces = crate::Piece::stages(&cfg.stages);
+                let shard =
+                    crate::Shard::new(&cfg.model, &pieces[stage..stage + 1], 1, DType::F32, &dev)
+                        .unwrap();
+                let t = &cfg.train;
+                let x =
+                    Tensor::randn(0f32, 1f32, (t.micro_batch_size, t.seq_len, 64), &dev).unwrap();
+                let (_, ctx) = shard.stage_forward(stage, &x).unwrap();
+                let need = stage_memory(&cfg, stage).unwrap();
+                assert_eq!(
+                    ctx.saved_bytes(),
+                    Some(need.activations_per_micro_batch),
+                    "stage {stage} of {:?}",
+                    cfg.model
+                );
+                assert_eq!(need.weights, 4 * shard.num_parameters() as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn peak_is_the_first_backward_with_every_context_alive() {
+        // Long sequences: the attention phase is the backward's largest.
+        let cfg = small_run(2, 8, 2, 2, 128);
+        let s = stage_memory_on(&cfg, 0, 2).unwrap();
+        let k = s.micro_batches_in_flight;
+        assert_eq!(k, 2);
+        assert_eq!(
+            s.total,
+            s.weights
+                + s.weights_copy
+                + s.optimizer
+                + k * s.activations_per_micro_batch
+                + s.workspace
+        );
+        // More threads hold more attention scratch, up to one block per (sequence, KV head):
+        // 2 sequences x 2 KV heads here.
+        let wide = stage_memory_on(&cfg, 0, 64).unwrap();
+        assert!(wide.total > s.total);
+        assert_eq!(wide.total, stage_memory_on(&cfg, 0, 4).unwrap().total);
     }
 
     #[test]

@@ -20,15 +20,15 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, TensorId, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 
-use crate::layer::{self, Float, Geom, IntoPass, LayerWeights, StagePass};
+use crate::layer::{self, Float, Geom, IntoPass, LayerWeights, StagePass, StageWeights};
 use crate::ops::{self, RopeTables};
 use crate::optim::AdamW;
 use crate::{Error, ModelConfig, Result};
@@ -160,6 +160,19 @@ enum Pass {
     Layers(StagePass),
 }
 
+impl ForwardCtx {
+    /// Bytes of the buffers a stage pass keeps for its backward (the weights copy it ran with
+    /// and each layer's activations); `None` for the embedding and head, whose contexts are
+    /// candle graphs. `presets::stage_memory` predicts this.
+    pub fn saved_bytes(&self) -> Option<u64> {
+        match &self.pass {
+            Pass::Layers(StagePass::F32(s)) => Some(s.bytes()),
+            Pass::Layers(StagePass::F64(s)) => Some(s.bytes()),
+            Pass::Graph { .. } => None,
+        }
+    }
+}
+
 impl std::fmt::Debug for ForwardCtx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ForwardCtx")
@@ -178,6 +191,10 @@ pub struct Shard {
     dtype: DType,
     device: Device,
     step: u64,
+    /// Per stage piece: the flat layer weights the hand-written pass runs on, made once per
+    /// version of the weights (keyed by the variables' ids, which change whenever a weight is
+    /// replaced) and shared by every context in flight, instead of a copy per micro-batch.
+    stage_weights: Mutex<HashMap<usize, (Vec<TensorId>, StageWeights)>>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -309,6 +326,7 @@ impl Shard {
             dtype,
             device: device.clone(),
             step: 0,
+            stage_weights: Mutex::new(HashMap::new()),
         })
     }
 
@@ -479,14 +497,15 @@ impl Shard {
             inter: self.cfg.intermediate_size,
             eps: self.cfg.rms_norm_eps,
         };
+        let vars = self.piece_vars(piece);
         let (y, pass) = match self.dtype {
-            DType::F32 => self.stage_pass::<f32>(geom, layers, x)?,
-            _ => self.stage_pass::<f64>(geom, layers, x)?,
+            DType::F32 => self.stage_pass::<f32>(geom, piece, &vars, layers, x)?,
+            _ => self.stage_pass::<f64>(geom, piece, &vars, layers, x)?,
         };
         let ctx = ForwardCtx {
             piece,
             out_dims: y.dims().to_vec(),
-            vars: self.piece_vars(piece),
+            vars,
             pass: Pass::Layers(pass),
         };
         Ok((y, ctx))
@@ -495,17 +514,52 @@ impl Shard {
     fn stage_pass<T: IntoPass>(
         &self,
         geom: Geom,
+        piece: usize,
+        vars: &[Var],
         layers: Range<usize>,
         x: &Tensor,
     ) -> Result<(Tensor, StagePass)> {
         let x = x.flatten_all()?.to_vec1::<T>()?;
-        let weights = layers
-            .clone()
-            .map(|l| self.layer_weights::<T>(l))
-            .collect::<Result<Vec<_>>>()?;
+        let weights = self.stage_weights::<T>(piece, vars, layers.clone())?;
         let (y, saved) = layer::stage_forward(geom, &self.rope, layers.start, weights, x);
         let y = Tensor::from_vec(y, (geom.batch, geom.seq, geom.hidden), &self.device)?;
         Ok((y, T::into_pass(saved)))
+    }
+
+    /// The flat weights of stage piece `piece` (layers `layers`, variables `vars`): the cached
+    /// copy if it was made from these very variables, else a new one (the stale copy is freed
+    /// first, so a stage never holds two).
+    fn stage_weights<T: IntoPass>(
+        &self,
+        piece: usize,
+        vars: &[Var],
+        layers: Range<usize>,
+    ) -> Result<Arc<[LayerWeights<T>]>> {
+        let ids: Vec<TensorId> = vars.iter().map(|v| v.as_tensor().id()).collect();
+        let mut cache = self.stage_weights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = cache
+            .get(&piece)
+            .filter(|(k, _)| *k == ids)
+            .and_then(|(_, w)| T::unwrap(w))
+        {
+            return Ok(w);
+        }
+        cache.remove(&piece);
+        let w: Arc<[LayerWeights<T>]> = layers
+            .map(|l| self.layer_weights::<T>(l))
+            .collect::<Result<Vec<_>>>()?
+            .into();
+        cache.insert(piece, (ids, T::wrap(w.clone())));
+        Ok(w)
+    }
+
+    /// Drops the cached flat weights (they are stale once a weight is replaced; freeing them
+    /// before the replacement keeps the peak down).
+    fn forget_stage_weights(&mut self) {
+        self.stage_weights
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Layer `l`'s weights as flat vectors, the projections reading one input stacked.
@@ -837,6 +891,7 @@ impl Shard {
     /// and learning rate `lr`. Math in f32 element by element, so the result is bitwise
     /// reproducible. Does not zero the gradients. Contexts from earlier forwards become stale.
     pub fn optimizer_step(&mut self, hp: &AdamW, lr: f64, clip_scale: f64) -> Result<()> {
+        self.forget_stage_weights();
         self.step += 1;
         let t = self.step as i32;
         let bc1 = 1.0 - hp.beta1.powi(t);
@@ -1021,6 +1076,7 @@ impl Shard {
             let t = Tensor::from_vec(w, p.shape.as_slice(), &self.device)?.to_dtype(self.dtype)?;
             new.push((Var::from_tensor(&t)?, m, v));
         }
+        self.forget_stage_weights();
         for (p, (var, m, v)) in self.params.iter_mut().zip(new) {
             p.var = var;
             p.m = m;

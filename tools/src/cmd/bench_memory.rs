@@ -8,7 +8,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use swarm_model::RunConfig;
-use swarm_model::presets::{PRESETS, meminfo_field, preset, stage_memory};
+use swarm_model::presets::{PRESETS, StageMemory, meminfo_field, preset, stage_memory};
 
 use crate::cmd::train::short_candle_spin;
 use crate::ui;
@@ -41,12 +41,15 @@ struct Measured {
     in_flight: u64,
     /// Resident bytes before the stage was built (binary, libraries).
     baseline_bytes: u64,
-    /// `stage_memory(..).total`: weights, grads, AdamW moments, activations in flight, workspace.
+    /// `stage_memory(..).total`: weights and their flat copy, AdamW moments, activations in
+    /// flight, the backward's gradients and workspace.
     stage_bytes: u64,
     predicted_peak_bytes: u64,
     measured_peak_bytes: u64,
     /// measured / predicted - 1.
     error: f64,
+    /// The prediction term by term.
+    terms: StageMemory,
 }
 
 fn status_field(key: &str) -> anyhow::Result<u64> {
@@ -131,5 +134,6 @@ fn measure(args: &BenchMemoryArgs) -> anyhow::Result<Measured> {
         predicted_peak_bytes: predicted,
         measured_peak_bytes: peak,
         error: peak as f64 / predicted as f64 - 1.0,
+        terms: need,
     })
 }
