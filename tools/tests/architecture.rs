@@ -308,3 +308,40 @@ fn the_network_crate_sources_name_no_upper_layer() {
         }
     }
 }
+
+/// The decisions of a step are sans-IO (issue #16): the trainer's `machine` modules do no I/O,
+/// read no clock and draw no randomness; time comes in as an argument (comments aside: they
+/// may name what they are modelled on). (Their tests, in
+/// `tests.rs` files or an inline `mod tests` at the end, start a virtual clock from a real
+/// `Instant`.)
+#[test]
+fn the_step_machine_is_sans_io() {
+    let files = module_files(&["swarm/src/trainer/machine.rs", "swarm/src/trainer/machine"]);
+    assert!(files.len() >= 3, "{files:?}");
+    for f in files.iter().filter(|f| !is_test_file(f)) {
+        let text = std::fs::read_to_string(f).unwrap();
+        let code: String = text
+            .split("#[cfg(test)]\nmod tests {")
+            .next()
+            .unwrap()
+            .lines()
+            .map(|l| l.split("//").next().unwrap())
+            .collect::<Vec<_>>()
+            .join("\n");
+        for word in [
+            "tokio",
+            "quinn",
+            "std::net",
+            "std::fs",
+            "Instant::now",
+            "SystemTime",
+            "rand::",
+            "thread_rng",
+            "async ",
+            ".await",
+            "Mutex",
+        ] {
+            assert!(!code.contains(word), "{} uses {word}", f.display());
+        }
+    }
+}

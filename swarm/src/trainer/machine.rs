@@ -18,7 +18,8 @@
 //! the payload of each attempt (frames, contexts, targets); it holds no decision of its own.
 //!
 //! The step boundary's sync rounds are [`sync::SyncRound`]: who takes part with which counts,
-//! which reports count, who is stuck when a participant dies, the deadline, the majority.
+//! which reports count, who is stuck when a participant dies, the deadline, the majority. When
+//! joiners are answered and how long a boundary waits for them is [`join`].
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ use crate::identity::PeerId;
 use crate::protocol::{Abandon, MbKey, Traffic};
 use crate::receipt::Pass;
 
+pub mod join;
 pub mod sync;
 
 #[cfg(test)]

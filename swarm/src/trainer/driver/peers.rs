@@ -2,6 +2,7 @@
 //! (graceful leaves), as the driver sees them between and during steps.
 
 use super::*;
+use crate::trainer::machine::join::{BoundaryWait, boundary_wait};
 
 impl Trainer {
     /// Waits until every stage has `need` serving replicas, handling messages meanwhile.
@@ -265,10 +266,8 @@ impl Trainer {
         while let Ok(msg) = self.inbox.try_recv() {
             self.handle_idle(msg, on_event).await;
         }
-        if !self.cfg().is_sync_boundary(self.shared.reg(|r| r.step)) {
-            // Joiners are answered only at sync boundaries (the one state replicas agree on).
-            return Ok(());
-        }
+        // Joiners are answered only at sync boundaries (the one state replicas agree on).
+        let at_sync_boundary = self.cfg().is_sync_boundary(self.shared.reg(|r| r.step));
         loop {
             let joining: Vec<PeerId> = self.shared.reg(|r| {
                 r.stages
@@ -278,19 +277,22 @@ impl Trainer {
                     .map(|(p, _)| *p)
                     .collect()
             });
-            if joining.is_empty() {
-                return Ok(());
-            }
             let now = Instant::now();
-            if now >= deadline {
-                for p in joining {
-                    tracing::warn!(peer = %p.short(), "joiner did not load its state in time");
-                    self.lose_peer(p, on_event);
+            match boundary_wait(joining, at_sync_boundary, deadline, now) {
+                BoundaryWait::Start => return Ok(()),
+                BoundaryWait::Drop(late) => {
+                    for p in late {
+                        tracing::warn!(peer = %p.short(), "joiner did not load its state in time");
+                        self.lose_peer(p, on_event);
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            if let Ok(Some(msg)) = tokio::time::timeout(deadline - now, self.inbox.recv()).await {
-                self.handle_idle(msg, on_event).await;
+                BoundaryWait::Hold(until) => {
+                    let wait = until.saturating_duration_since(now);
+                    if let Ok(Some(msg)) = tokio::time::timeout(wait, self.inbox.recv()).await {
+                        self.handle_idle(msg, on_event).await;
+                    }
+                }
             }
         }
     }

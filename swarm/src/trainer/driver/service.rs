@@ -2,6 +2,7 @@
 //! and the liveness pinger.
 
 use super::*;
+use crate::trainer::machine::join::admit_now;
 
 /// Pings every replica each second; two misses in a row report it down.
 pub(super) async fn ping_loop(shared: Arc<Shared>, ps: Arc<PeerShared>) {
@@ -182,7 +183,7 @@ pub(super) fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
             });
             let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
             // With a multi-step sync, only a sync boundary has a state the replicas agree on.
-            while s.reg(|r| r.in_step || !s.config.is_sync_boundary(r.step)) {
+            while s.reg(|r| !admit_now(r.in_step, s.config.is_sync_boundary(r.step))) {
                 if tokio::time::timeout_at(deadline, boundary.changed())
                     .await
                     .is_err()
