@@ -29,9 +29,14 @@ fn compare(dir: &Path) -> f32 {
     let theirs = common::candle_llama_last_logits(dir, &ids);
     assert_eq!(ours.len(), ck.config.vocab_size);
     let d = common::rel_diff(&ours, &theirs);
+    let scale = theirs.iter().fold(0f32, |m, x| m.max(x.abs()));
     eprintln!(
-        "{}: rel. diff of last logits vs candle llama {d:.2e}",
-        dir.display()
+        "{}: {} prompt ids, {} logits: max |ours - candle llama| {:.2e} = {d:.2e} of max |logit| \
+         {scale:.3}",
+        dir.display(),
+        ids.len(),
+        ours.len(),
+        d * scale
     );
     d
 }
