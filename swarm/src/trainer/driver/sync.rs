@@ -2,7 +2,7 @@
 //! checks, and resets of a stage whose replicas disagree.
 
 use super::*;
-use crate::trainer::machine::sync::{SyncOutcome, SyncRound};
+use crate::trainer::machine::sync::{SyncOutcome, SyncRound, digest_majority};
 
 impl Trainer {
     /// Starts the sync of `stages` and waits for every participant's report. `step` is the
@@ -191,15 +191,7 @@ impl Trainer {
             if phase == SyncPhase::Local {
                 break;
             }
-            let mut tally: HashMap<[u8; 32], usize> = HashMap::new();
-            for (_, _, d) in ds {
-                *tally.entry(*d).or_default() += 1;
-            }
-            let Some(best) = tally
-                .iter()
-                .max_by_key(|(d, c)| (**c, std::cmp::Reverse(**d)))
-                .map(|(d, _)| *d)
-            else {
+            let Some(best) = digest_majority(ds.iter().map(|(_, _, d)| *d)) else {
                 continue;
             };
             self.shared.reg(|r| r.digests[k] = Some(best));

@@ -257,5 +257,19 @@ impl SyncRound {
     }
 }
 
+/// The weights digest a stage's replicas agree on after `Apply`: the most common one (ties to
+/// the smallest, so every run picks the same). Replicas holding another are reloaded with it.
+/// `None` when nobody answered.
+pub fn digest_majority(digests: impl IntoIterator<Item = [u8; 32]>) -> Option<[u8; 32]> {
+    let mut tally: HashMap<[u8; 32], usize> = HashMap::new();
+    for d in digests {
+        *tally.entry(d).or_default() += 1;
+    }
+    tally
+        .iter()
+        .max_by_key(|(d, c)| (**c, std::cmp::Reverse(**d)))
+        .map(|(d, _)| *d)
+}
+
 #[cfg(test)]
 mod tests;

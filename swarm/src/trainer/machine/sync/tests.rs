@@ -238,3 +238,14 @@ fn outer_round_sends_no_counts() {
     assert!(r.starts().iter().all(|s| s.mb_counts == vec![0, 0]));
     assert!(SyncRound::plan(3, SyncPhase::Gradient, &book, &[0], &replicas, &[0, 0], now).is_err());
 }
+
+/// After `Apply`: the most common digest is the stage's, a replica holding another is the odd
+/// one out; a tie goes to the smallest digest whatever the order of the answers.
+#[test]
+fn the_digest_majority_is_deterministic() {
+    let (a, b) = ([1; 32], [2; 32]);
+    assert_eq!(digest_majority([b, a, b]), Some(b));
+    assert_eq!(digest_majority([a, b]), Some(a));
+    assert_eq!(digest_majority([b, a]), Some(a));
+    assert_eq!(digest_majority([]), None);
+}
