@@ -77,6 +77,14 @@ pub struct DemoArgs {
     #[command(flatten)]
     pub http_flags: crate::monitor::HttpFlags,
 
+    /// Run the swarm behind real NAT routers (network namespaces and nftables; needs root):
+    /// `home` (every volunteer behind a home router, hops punched), `symmetric` (one volunteer
+    /// behind a symmetric NAT, relayed by the trainer) or `mixed` (home, symmetric and a
+    /// UDP-blocking firewall in turn). The trainer then runs as a process on the lab's public
+    /// segment, and the monitor is not served.
+    #[arg(long, value_enum)]
+    pub nat: Option<super::demo_nat::NatScenario>,
+
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -99,6 +107,9 @@ pub(crate) fn demo_config(
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.peers >= 1, "--peers must be at least 1");
+    if let Some(scenario) = args.nat {
+        return super::demo_nat::run(&args, scenario);
+    }
     let cfg = demo_config(args.config.as_deref(), args.steps)?;
     let stages = cfg.stages.len() - 1;
     anyhow::ensure!(

@@ -11,6 +11,7 @@ pub mod bench_monitor;
 pub mod bench_nat;
 pub mod data;
 pub mod demo;
+pub mod demo_nat;
 pub mod eval;
 pub mod generate;
 pub mod join;
