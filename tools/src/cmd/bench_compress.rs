@@ -112,14 +112,23 @@ pub fn run(args: BenchCompressArgs) -> anyhow::Result<()> {
     let corpus = load_corpus(&cfg.data).context("loading training data")?;
     let mut opts = SimOptions::from_config(&cfg, args.replicas)?;
     opts.sync_feedback = !args.no_sync_feedback;
-    opts.outer = args.outer_every.map(|every| OuterSync {
-        every,
-        chunk: args.outer_chunk,
-        beta: args.outer_beta,
-        lr: args.outer_lr,
-        momentum: args.outer_momentum,
-        nesterov: true,
-    });
+    // A config in a multi-step sync mode brings its own (`[sync]`); the flags override it.
+    let mut sync_label = cfg.codec.sync.clone();
+    if cfg.sync.drifts() {
+        sync_label = args.sync.clone().unwrap_or_else(|| cfg.sync.codec.clone());
+        opts.sync = sync_label.parse()?;
+    }
+    if let Some(every) = args.outer_every {
+        opts.outer = Some(OuterSync {
+            every,
+            chunk: args.outer_chunk,
+            beta: args.outer_beta,
+            lr: args.outer_lr,
+            momentum: args.outer_momentum,
+            nesterov: true,
+        });
+    }
+    let outer_every = opts.outer.map(|o| o.every);
     let mut sim = SimTrainer::new(&cfg, opts)?;
     let mut local = (!args.no_baseline)
         .then(|| LocalTrainer::new(&cfg))
@@ -162,10 +171,10 @@ pub fn run(args: BenchCompressArgs) -> anyhow::Result<()> {
         codecs: [
             cfg.codec.activations.clone(),
             cfg.codec.gradients.clone(),
-            cfg.codec.sync.clone(),
+            sync_label,
         ],
         replicas: args.replicas,
-        outer_every: args.outer_every,
+        outer_every,
         val_penalty: local_val_loss.map(|l| val_loss / l - 1.0),
         loss,
         local_loss,
