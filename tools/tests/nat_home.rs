@@ -8,8 +8,8 @@ mod net_common;
 
 use std::time::{Duration, Instant};
 
-use net_common::nat::{config, first_json, run_completes, spawn};
-use net_common::{BIN, FAST};
+use net_common::BIN;
+use net_common::nat::{run_completes, start_trainer, start_volunteer};
 use swarm_netlab::{Host, Nat, lab_or_skip};
 
 #[test]
@@ -27,54 +27,13 @@ fn home_volunteers_punch_through_two_routers_and_the_run_completes() {
     let dir = tempfile::tempdir().unwrap();
     // Long enough that all four have joined and served well before the end.
     let steps = 600;
-    let cfg_path = dir.path().join("run.toml");
-    std::fs::write(&cfg_path, config(steps).to_toml().unwrap()).unwrap();
-    let out = dir.path().join("ckpt");
-    let trainer_addr = format!("{}:7000", t_host.ip());
-    let trainer = spawn(
-        &t_host,
-        &[
-            "train",
-            "--config",
-            cfg_path.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--listen",
-            &trainer_addr,
-            "--data-dir",
-            dir.path().join("trainer-id").to_str().unwrap(),
-            "--json",
-        ],
-        &[],
-    );
-    trainer
-        .lines
-        .recv_timeout(Duration::from_secs(60))
-        .expect("trainer startup line");
+    let (trainer, trainer_addr) = start_trainer(&t_host, dir.path(), steps, &[]);
 
     let mut peers = Vec::new();
     for (i, (host, stage)) in vols.iter().enumerate() {
         let data = dir.path().join(format!("v{i}"));
-        // One port per volunteer: the lab's endpoint-independent map is keyed by the inside
-        // port, so two hosts of one LAN on the same port would clash (see swarm-netlab).
-        let listen = format!("0.0.0.0:{}", 7100 + i);
         let t0 = Instant::now();
-        let p = spawn(
-            host,
-            &[
-                "join",
-                &trainer_addr,
-                "--stage",
-                &stage.to_string(),
-                "--listen",
-                &listen,
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--json",
-            ],
-            FAST,
-        );
-        let started = first_json(&p, Duration::from_secs(60));
+        let (p, started) = start_volunteer(host, &trainer_addr, *stage, 7100 + i as u16, &data);
         assert_eq!(started["reach"], "punchable", "{started}");
         assert!(
             started["advice"]

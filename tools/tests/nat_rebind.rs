@@ -12,8 +12,8 @@ mod net_common;
 
 use std::time::{Duration, Instant};
 
-use net_common::nat::{config, first_json, run_completes, spawn};
-use net_common::{BIN, FAST};
+use net_common::BIN;
+use net_common::nat::{config, run_completes, start_trainer, start_volunteer};
 use swarm_netlab::{Host, Nat, lab_or_skip};
 use swarm_testkit::local_losses;
 
@@ -92,54 +92,17 @@ fn a_run_survives_home_routers_that_forget_their_mappings() {
     let dir = tempfile::tempdir().unwrap();
     let steps = 500;
     let cfg = config(steps);
-    let cfg_path = dir.path().join("run.toml");
-    std::fs::write(&cfg_path, cfg.to_toml().unwrap()).unwrap();
-    let trainer_addr = format!("{}:7000", t_host.ip());
-    let trainer = spawn(
+    // Every volunteer serves from the first step, so each flush cuts live connections.
+    let (trainer, trainer_addr) = start_trainer(
         &t_host,
-        &[
-            "train",
-            "--config",
-            cfg_path.to_str().unwrap(),
-            "--out",
-            dir.path().join("ckpt").to_str().unwrap(),
-            "--listen",
-            &trainer_addr,
-            "--data-dir",
-            dir.path().join("trainer-id").to_str().unwrap(),
-            // Every volunteer serves from the first step, so each flush cuts live connections.
-            "--min-replicas",
-            "2",
-            "--http",
-            MONITOR,
-            "--json",
-        ],
-        &[],
+        dir.path(),
+        steps,
+        &["--min-replicas", "2", "--http", MONITOR],
     );
-    trainer
-        .lines
-        .recv_timeout(Duration::from_secs(60))
-        .expect("trainer startup line");
     let mut peers = Vec::new();
     for (i, (host, stage)) in vols.iter().enumerate() {
         let data = dir.path().join(format!("v{i}"));
-        // One port per volunteer: the lab's endpoint-independent map is keyed by the inside port.
-        let p = spawn(
-            host,
-            &[
-                "join",
-                &trainer_addr,
-                "--stage",
-                &stage.to_string(),
-                "--listen",
-                &format!("0.0.0.0:{}", 7100 + i),
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--json",
-            ],
-            FAST,
-        );
-        let started = first_json(&p, Duration::from_secs(60));
+        let (p, started) = start_volunteer(host, &trainer_addr, *stage, 7100 + i as u16, &data);
         assert_eq!(started["reach"], "punchable", "{started}");
         peers.push(p);
     }

@@ -15,8 +15,8 @@ mod net_common;
 
 use std::time::Duration;
 
-use net_common::nat::{config, first_json, run_completes, spawn};
-use net_common::{BIN, FAST};
+use net_common::BIN;
+use net_common::nat::{run_completes, start_trainer, start_volunteer};
 use swarm_netlab::{Host, Nat, lab_or_skip};
 
 /// The trainer's monitor inside its namespace.
@@ -61,36 +61,14 @@ fn a_symmetric_volunteer_is_relayed_gets_less_work_and_the_run_completes() {
     let v4 = lab.home_host(&mut r1, "v4").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let steps = 400;
-    let cfg_path = dir.path().join("run.toml");
-    std::fs::write(&cfg_path, config(steps).to_toml().unwrap()).unwrap();
-    let trainer_addr = format!("{}:7000", t_host.ip());
-    let trainer = spawn(
+    // Every replica serves from the first step: the work split is the router's alone.
+    let (trainer, trainer_addr) = start_trainer(
         &t_host,
-        &[
-            "train",
-            "--config",
-            cfg_path.to_str().unwrap(),
-            "--out",
-            dir.path().join("ckpt").to_str().unwrap(),
-            "--listen",
-            &trainer_addr,
-            "--data-dir",
-            dir.path().join("trainer-id").to_str().unwrap(),
-            // Every replica serves from the first step: the work split is the router's alone.
-            "--min-replicas",
-            "2",
-            "--http",
-            MONITOR,
-            "--json",
-        ],
-        &[],
+        dir.path(),
+        steps,
+        &["--min-replicas", "2", "--http", MONITOR],
     );
-    trainer
-        .lines
-        .recv_timeout(Duration::from_secs(60))
-        .expect("trainer startup line");
 
-    // One port per volunteer: the lab's endpoint-independent map is keyed by the inside port.
     let vols = [
         (&v1, 0u32, 7100u16),
         (&v3, 1, 7102),
@@ -101,22 +79,7 @@ fn a_symmetric_volunteer_is_relayed_gets_less_work_and_the_run_completes() {
     let mut ids = Vec::new();
     for (i, (host, stage, port)) in vols.iter().enumerate() {
         let data = dir.path().join(format!("v{i}"));
-        let p = spawn(
-            host,
-            &[
-                "join",
-                &trainer_addr,
-                "--stage",
-                &stage.to_string(),
-                "--listen",
-                &format!("0.0.0.0:{port}"),
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--json",
-            ],
-            FAST,
-        );
-        let started = first_json(&p, Duration::from_secs(60));
+        let (p, started) = start_volunteer(host, &trainer_addr, *stage, *port, &data);
         let want = if *port == 7102 {
             "symmetric"
         } else {

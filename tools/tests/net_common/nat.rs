@@ -1,6 +1,7 @@
 //! Helpers for the NAT scenario tests (real `swarm` processes inside `swarm-netlab` namespaces).
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -96,4 +97,67 @@ pub fn first_json(p: &Proc, limit: Duration) -> serde_json::Value {
             return v;
         }
     }
+}
+
+/// `swarm train --json` inside `host`, listening on port 7000 of its address, on the tiny
+/// config of `steps` steps, with its config, identity and checkpoint (`ckpt`, ledger
+/// `ckpt.ledger`) under `dir` and `extra` flags; returns it after its startup line, and its
+/// address.
+pub fn start_trainer(host: &Host, dir: &Path, steps: u64, extra: &[&str]) -> (Proc, String) {
+    let cfg_path = dir.join("run.toml");
+    std::fs::write(&cfg_path, config(steps).to_toml().unwrap()).unwrap();
+    let addr = format!("{}:7000", host.ip());
+    let (cfg_s, out, id) = (
+        cfg_path.display().to_string(),
+        dir.join("ckpt").display().to_string(),
+        dir.join("trainer-id").display().to_string(),
+    );
+    let mut args = vec![
+        "train",
+        "--config",
+        &cfg_s,
+        "--out",
+        &out,
+        "--listen",
+        &addr,
+        "--data-dir",
+        &id,
+    ];
+    args.extend_from_slice(extra);
+    args.push("--json");
+    let trainer = spawn(host, &args, &[]);
+    trainer
+        .lines
+        .recv_timeout(Duration::from_secs(60))
+        .expect("trainer startup line");
+    (trainer, addr)
+}
+
+/// `swarm join TRAINER --json` inside `host` for `stage`, listening on `port` (one port per
+/// volunteer: the lab's endpoint-independent map is keyed by the inside port), its identity in
+/// `data`; returns it with its first JSON line (id, verdict, advice).
+pub fn start_volunteer(
+    host: &Host,
+    trainer: &str,
+    stage: u32,
+    port: u16,
+    data: &Path,
+) -> (Proc, serde_json::Value) {
+    let p = spawn(
+        host,
+        &[
+            "join",
+            trainer,
+            "--stage",
+            &stage.to_string(),
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--json",
+        ],
+        super::FAST,
+    );
+    let started = first_json(&p, Duration::from_secs(60));
+    (p, started)
 }
