@@ -342,7 +342,14 @@ impl Observer {
                     seq_len: cfg.train.seq_len,
                     codec_activations: cfg.codec.activations.clone(),
                     codec_gradients: cfg.codec.gradients.clone(),
-                    codec_sync: cfg.codec.sync.clone(),
+                    // What the sync channel actually carries in this run's sync mode.
+                    codec_sync: match cfg.sync.mode {
+                        swarm_model::SyncMode::Step => cfg.codec.sync.clone(),
+                        swarm_model::SyncMode::Sparseloco => format!(
+                            "sparseloco every {} steps: {} per {} values",
+                            cfg.sync.every, cfg.sync.codec, cfg.sync.chunk
+                        ),
+                    },
                 },
             },
             progress: Progress {
