@@ -169,6 +169,9 @@ pub struct SyncDone {
     pub epoch: u32,
     pub step: u64,
     pub stage: u32,
+    /// The round of `step`'s sync this reports (`SyncStart.round`): the trainer counts it only
+    /// in that round, so a late report of a round it gave up on never counts in the redo.
+    pub round: u32,
     /// Sum of squares of the summed gradient (before clipping).
     pub grad_sq_norm: f64,
     /// BLAKE3 of the summed gradient's f32 bytes (replicas must agree).
@@ -190,6 +193,7 @@ impl WireMessage for SyncDone {
         put_run(w, &self.run, self.epoch);
         w.varint(self.step)
             .u32(self.stage)
+            .u32(self.round)
             .f64(self.grad_sq_norm)
             .array(&self.grad_digest)
             .varint(self.share_bytes)
@@ -201,6 +205,7 @@ impl WireMessage for SyncDone {
         let (run, epoch) = get_run(r)?;
         let step = r.varint()?;
         let stage = get_stage(r)?;
+        let round = r.u32()?;
         // A non-finite norm is legal here: the trainer must see it to skip the step.
         let grad_sq_norm = r.f64()?;
         Ok(SyncDone {
@@ -208,6 +213,7 @@ impl WireMessage for SyncDone {
             epoch,
             step,
             stage,
+            round,
             grad_sq_norm,
             grad_digest: r.array()?,
             share_bytes: r.varint()?,

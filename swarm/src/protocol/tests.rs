@@ -203,6 +203,7 @@ fn samples() -> Vec<(u16, Vec<u8>)> {
             epoch: 2,
             step: 17,
             stage: 1,
+            round: 3,
             grad_sq_norm: 0.25,
             grad_digest: [6; 32],
             share_bytes: 100,

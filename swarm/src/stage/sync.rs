@@ -444,21 +444,24 @@ impl StageWorker {
             };
             r.summing = false;
             r.summed = true;
+            let round = r.round;
             if st.reported.len() >= 8 {
                 st.reported.remove(0);
             }
             st.reported.push(generation);
             (
+                round,
                 std::mem::take(&mut st.dropped_shares),
                 std::mem::take(&mut st.abandoned),
             )
         };
-        let (dropped, (abandoned_activations, abandoned_gradients)) = dropped;
+        let (round, dropped, (abandoned_activations, abandoned_gradients)) = dropped;
         let msg = SyncDone {
             run: self.inner.opts.run,
             epoch: self.epoch(),
             step,
             stage: self.inner.opts.stage,
+            round,
             grad_sq_norm: norm,
             grad_digest: digest,
             share_bytes: share_bytes.saturating_add(dropped.wire),

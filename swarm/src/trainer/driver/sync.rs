@@ -78,6 +78,7 @@ impl Trainer {
                             from,
                             d.step,
                             d.stage as usize,
+                            d.round,
                             d.grad_sq_norm,
                             d.grad_digest,
                         );

@@ -151,10 +151,16 @@ impl SyncRound {
         from: PeerId,
         step: u64,
         stage: usize,
+        round: u32,
         grad_sq_norm: f64,
         digest: [u8; 32],
     ) {
-        if step == self.step && self.waiting.remove(&(stage, from)) {
+        // A report of another round of this stage (one given up on and redone) never counts.
+        let this_round = self
+            .starts
+            .iter()
+            .any(|s| s.stage == stage && s.round == round);
+        if step == self.step && this_round && self.waiting.remove(&(stage, from)) {
             self.reports
                 .entry(stage)
                 .or_default()

@@ -92,8 +92,8 @@ fn death_before_the_survivor_reported_redoes_the_stage() {
     let two = [p(3), p(4)];
     let book = counted(&two);
     let mut r = round(&book, &two, now);
-    r.handle_report(p(1), 3, 0, 1.5, D);
-    r.handle_report(p(2), 3, 0, 1.5, D);
+    r.handle_report(p(1), 3, 0, 0, 1.5, D);
+    r.handle_report(p(2), 3, 0, 0, 1.5, D);
     assert!(!r.is_finished());
     assert!(r.handle_down(p(4)));
     assert!(
@@ -102,7 +102,7 @@ fn death_before_the_survivor_reported_redoes_the_stage() {
     );
     assert_eq!(r.poll_timeout(), None);
     // The stuck survivor's report, should it still come, belongs to a dropped round.
-    r.handle_report(p(3), 3, 1, 9.0, D);
+    r.handle_report(p(3), 3, 1, 2, 9.0, D);
     let out = r.finish();
     assert_eq!(out.broken, BTreeSet::from([1]));
     assert_eq!(out.failed_peers, vec![p(4)]);
@@ -118,10 +118,10 @@ fn death_after_the_survivor_reported_completes_the_stage() {
     let two = [p(3), p(4)];
     let book = counted(&two);
     let mut r = round(&book, &two, now);
-    r.handle_report(p(3), 3, 1, 2.5, D);
+    r.handle_report(p(3), 3, 1, 2, 2.5, D);
     assert!(r.handle_down(p(4)));
-    r.handle_report(p(1), 3, 0, 1.5, D);
-    r.handle_report(p(2), 3, 0, 1.5, D);
+    r.handle_report(p(1), 3, 0, 0, 1.5, D);
+    r.handle_report(p(2), 3, 0, 0, 1.5, D);
     assert!(r.is_finished());
     let out = r.finish();
     assert!(out.broken.is_empty());
@@ -137,8 +137,8 @@ fn death_with_two_stuck_survivors_drops_both() {
     let three = [p(3), p(4), p(5)];
     let book = counted(&three);
     let mut r = round(&book, &three, now);
-    r.handle_report(p(1), 3, 0, 1.5, D);
-    r.handle_report(p(2), 3, 0, 1.5, D);
+    r.handle_report(p(1), 3, 0, 0, 1.5, D);
+    r.handle_report(p(2), 3, 0, 0, 1.5, D);
     assert!(r.handle_down(p(5)));
     assert!(r.is_finished());
     let out = r.finish();
@@ -154,15 +154,15 @@ fn late_and_stray_reports_are_ignored() {
     let two = [p(3), p(4)];
     let book = counted(&two);
     let mut r = round(&book, &two, now);
-    r.handle_report(p(3), 2, 1, 9.0, D);
-    r.handle_report(p(9), 3, 1, 9.0, D);
-    r.handle_report(p(3), 3, 0, 9.0, D);
-    r.handle_report(p(3), 3, 1, 2.5, D);
-    r.handle_report(p(3), 3, 1, 9.0, D);
+    r.handle_report(p(3), 2, 1, 2, 9.0, D);
+    r.handle_report(p(9), 3, 1, 2, 9.0, D);
+    r.handle_report(p(3), 3, 0, 0, 9.0, D);
+    r.handle_report(p(3), 3, 1, 2, 2.5, D);
+    r.handle_report(p(3), 3, 1, 2, 9.0, D);
     assert!(!r.handle_down(p(9)));
-    r.handle_report(p(4), 3, 1, 2.5, D);
-    r.handle_report(p(1), 3, 0, 1.5, D);
-    r.handle_report(p(2), 3, 0, 1.5, D);
+    r.handle_report(p(4), 3, 1, 2, 2.5, D);
+    r.handle_report(p(1), 3, 0, 0, 1.5, D);
+    r.handle_report(p(2), 3, 0, 0, 1.5, D);
     let out = r.finish();
     assert_eq!(out.done, vec![(0, 1.5, 2), (1, 2.5, 2)]);
     assert_eq!(out.norm_mismatches, 0);
@@ -176,9 +176,9 @@ fn deadline_fails_the_silent_participants() {
     let two = [p(3), p(4)];
     let book = counted(&two);
     let mut r = round(&book, &two, now);
-    r.handle_report(p(1), 3, 0, 1.5, D);
-    r.handle_report(p(2), 3, 0, 1.5, D);
-    r.handle_report(p(3), 3, 1, 2.5, D);
+    r.handle_report(p(1), 3, 0, 0, 1.5, D);
+    r.handle_report(p(2), 3, 0, 0, 1.5, D);
+    r.handle_report(p(3), 3, 1, 2, 2.5, D);
     let deadline = r.poll_timeout().unwrap();
     r.handle_timeout(deadline - Duration::from_millis(1));
     assert!(!r.is_finished());
@@ -197,11 +197,11 @@ fn the_majority_wins_and_dissenters_are_counted() {
     let three = [p(3), p(4), p(5)];
     let book = counted(&three);
     let mut r = round(&book, &three, now);
-    r.handle_report(p(1), 3, 0, 1.5, D);
-    r.handle_report(p(2), 3, 0, 1.5, D);
-    r.handle_report(p(3), 3, 1, 2.5, D);
-    r.handle_report(p(4), 3, 1, 2.5, [8; 32]);
-    r.handle_report(p(5), 3, 1, 2.5, D);
+    r.handle_report(p(1), 3, 0, 0, 1.5, D);
+    r.handle_report(p(2), 3, 0, 0, 1.5, D);
+    r.handle_report(p(3), 3, 1, 2, 2.5, D);
+    r.handle_report(p(4), 3, 1, 2, 2.5, [8; 32]);
+    r.handle_report(p(5), 3, 1, 2, 2.5, D);
     let out = r.finish();
     assert_eq!(out.done, vec![(0, 1.5, 2), (1, 2.5, 3)]);
     assert_eq!(out.norm_mismatches, 1);
@@ -216,10 +216,10 @@ fn local_round_strands_nobody_and_takes_the_mean_norm() {
     let book = counted(&three);
     let replicas = vec![vec![p(1), p(2)], three.to_vec()];
     let mut r = SyncRound::plan(3, SyncPhase::Local, &book, &[1], &replicas, &[0, 0], now).unwrap();
-    r.handle_report(p(4), 3, 1, 4.0, [1; 32]);
+    r.handle_report(p(4), 3, 1, 0, 4.0, [1; 32]);
     assert!(r.handle_down(p(5)));
     assert!(!r.is_finished(), "replica 3 is still awaited, not stuck");
-    r.handle_report(p(3), 3, 1, 2.0, [2; 32]);
+    r.handle_report(p(3), 3, 1, 0, 2.0, [2; 32]);
     let out = r.finish();
     assert!(out.broken.is_empty());
     assert_eq!(out.failed_peers, vec![p(5)]);
@@ -248,4 +248,25 @@ fn the_digest_majority_is_deterministic() {
     assert_eq!(digest_majority([a, b]), Some(a));
     assert_eq!(digest_majority([b, a]), Some(a));
     assert_eq!(digest_majority([]), None);
+}
+
+#[test]
+fn a_report_of_a_round_given_up_on_never_counts_in_its_redo() {
+    let now = Instant::now();
+    let two = [p(3), p(4)];
+    let book = counted(&two);
+    // Stage 1's sync is being redone: this round is its round 2. A report replica 3 sent in
+    // round 1 (it summed the shares of that round) arrives late: it is not this round's.
+    let mut r = round(&book, &two, now);
+    r.handle_report(p(3), 3, 1, 1, 9.0, D);
+    r.handle_report(p(4), 3, 1, 2, 2.5, D);
+    r.handle_report(p(1), 3, 0, 0, 1.5, D);
+    r.handle_report(p(2), 3, 0, 0, 1.5, D);
+    assert!(
+        !r.is_finished(),
+        "stage 1 still waits for replica 3's round-2 report"
+    );
+    // Its report of this round counts.
+    r.handle_report(p(3), 3, 1, 2, 2.5, D);
+    assert!(r.is_finished());
 }
