@@ -18,7 +18,7 @@ const SAMPLES: usize = 4096;
 
 /// Reusable buffers for selection; grow to the largest tensor seen, never shrink.
 #[derive(Debug, Default)]
-pub struct Scratch {
+pub(crate) struct Scratch {
     cand: Vec<u32>,
     keys: Vec<u32>,
 }
@@ -29,7 +29,7 @@ pub struct Scratch {
 /// `hint` is a magnitude key that probably at least `k` elements reach (0 for none), e.g. from the
 /// previous row of the same tensor; it only affects speed. Returns the key of the k-th largest
 /// magnitude (0 when nothing or everything is kept).
-pub fn select(
+pub(crate) fn select(
     data: &[f32],
     k: usize,
     offset: u32,
@@ -81,7 +81,7 @@ pub fn select(
 
 /// A hint for the next row from this row's k-th magnitude key: 20% lower in magnitude, so that a
 /// similar row has about 1.2-1.5 k candidates instead of all its elements.
-pub fn next_hint(t: u32) -> u32 {
+pub(crate) fn next_hint(t: u32) -> u32 {
     key(f32::from_bits(t) * 0.8)
 }
 

@@ -277,7 +277,7 @@ pub(crate) struct Rope<T> {
 }
 
 impl<T: Float> Rope<T> {
-    pub fn new(tables: &RopeTables, seq: usize) -> Self {
+    pub(crate) fn new(tables: &RopeTables, seq: usize) -> Self {
         let (cos, sin) = tables.rows(seq);
         Self {
             cos: cos.iter().map(|&c| T::f(c)).collect(),

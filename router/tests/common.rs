@@ -4,21 +4,21 @@
 use swarm_router::{Coord, Link, PeerInfo, PeerKey, PeerState, SwarmView, Workload};
 
 /// 128 tokens x 256 hidden, raw f32: 128 KiB per activation.
-pub const WL: Workload = Workload {
+pub(crate) const WL: Workload = Workload {
     tokens: 128,
     hidden: 256,
     codec_ratio: 1.0,
 };
 
-pub fn key(i: u8) -> PeerKey {
+pub(crate) fn key(i: u8) -> PeerKey {
     PeerKey([i; 32])
 }
 
-pub fn mbit(x: f64) -> f64 {
+pub(crate) fn mbit(x: f64) -> f64 {
     x * 1e6 / 8.0
 }
 
-pub fn link(up_mbit: f64, down_mbit: f64) -> Link {
+pub(crate) fn link(up_mbit: f64, down_mbit: f64) -> Link {
     Link {
         up_bytes_per_s: mbit(up_mbit),
         down_bytes_per_s: mbit(down_mbit),
@@ -27,7 +27,7 @@ pub fn link(up_mbit: f64, down_mbit: f64) -> Link {
 }
 
 /// A serving peer on `stages` with `compute` tokens/s and a symmetric link.
-pub fn peer(stages: std::ops::Range<u16>, compute: f64, link_mbit: f64) -> PeerInfo {
+pub(crate) fn peer(stages: std::ops::Range<u16>, compute: f64, link_mbit: f64) -> PeerInfo {
     PeerInfo {
         stages,
         compute_tokens_per_s: compute,
@@ -36,11 +36,11 @@ pub fn peer(stages: std::ops::Range<u16>, compute: f64, link_mbit: f64) -> PeerI
     }
 }
 
-pub fn view(stages: u16) -> SwarmView {
+pub(crate) fn view(stages: u16) -> SwarmView {
     SwarmView::new(stages, WL).expect("valid view")
 }
 
-pub fn client() -> swarm_router::PlanRequest {
+pub(crate) fn client() -> swarm_router::PlanRequest {
     swarm_router::PlanRequest {
         workload: WL,
         client: link(1000.0, 1000.0),

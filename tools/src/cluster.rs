@@ -34,7 +34,7 @@ struct PeerProc {
 }
 
 /// The peer processes of one run and their temporary folder (identities and logs).
-pub struct Cluster {
+pub(crate) struct Cluster {
     exe: PathBuf,
     dir: PathBuf,
     peers: Vec<PeerProc>,
@@ -43,7 +43,7 @@ pub struct Cluster {
 impl Cluster {
     /// A cluster whose peers run this same binary; files go to a fresh temp folder (kept when
     /// `SWARM_DEMO_KEEP` is set, for debugging).
-    pub fn new(label: &str) -> anyhow::Result<Cluster> {
+    pub(crate) fn new(label: &str) -> anyhow::Result<Cluster> {
         let exe = std::env::current_exe().context("locating the swarm binary")?;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -60,7 +60,7 @@ impl Cluster {
 
     /// Starts a peer serving `stage` of the run whose trainer listens at `trainer`; returns its
     /// index (0, 1, ... in start order).
-    pub fn spawn(
+    pub(crate) fn spawn(
         &mut self,
         stage: u32,
         trainer: SocketAddr,
@@ -70,7 +70,7 @@ impl Cluster {
     }
 
     /// [`Cluster::spawn`] with extra `swarm join` arguments (e.g. `--fault noise:0.1`).
-    pub fn spawn_with(
+    pub(crate) fn spawn_with(
         &mut self,
         stage: u32,
         trainer: SocketAddr,
@@ -108,12 +108,12 @@ impl Cluster {
     }
 
     /// The data folder (identity key) of peer `index`.
-    pub fn data_dir(&self, index: usize) -> PathBuf {
+    pub(crate) fn data_dir(&self, index: usize) -> PathBuf {
         self.dir.join(format!("peer{index}"))
     }
 
     /// The process ids of the peers still running.
-    pub fn pids(&self) -> Vec<u32> {
+    pub(crate) fn pids(&self) -> Vec<u32> {
         self.peers
             .iter()
             .filter(|p| !p.killed)
@@ -122,7 +122,7 @@ impl Cluster {
     }
 
     /// SIGKILLs peer `index` (no goodbye: a crash). False if it was not running.
-    pub fn kill(&mut self, index: usize) -> bool {
+    pub(crate) fn kill(&mut self, index: usize) -> bool {
         let Some(p) = self.peers.get_mut(index) else {
             return false;
         };
@@ -136,7 +136,7 @@ impl Cluster {
     }
 
     /// SIGKILLs the first live peer serving `stage`; returns its index.
-    pub fn kill_one(&mut self, stage: u32) -> Option<usize> {
+    pub(crate) fn kill_one(&mut self, stage: u32) -> Option<usize> {
         let i = self.peers.iter_mut().find_map(|p| {
             let live = !p.killed && p.child.try_wait().ok().flatten().is_none();
             (p.stage == stage && live).then_some(p.index)
@@ -145,7 +145,7 @@ impl Cluster {
     }
 
     /// Changes the link of live peer `index` (through its control stdin).
-    pub fn reshape(&mut self, index: usize, shape: &LinkShape) -> anyhow::Result<()> {
+    pub(crate) fn reshape(&mut self, index: usize, shape: &LinkShape) -> anyhow::Result<()> {
         let p = self
             .peers
             .get_mut(index)
@@ -160,7 +160,7 @@ impl Cluster {
     }
 
     /// The last lines of every peer's log (shown when a run fails).
-    pub fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         let mut out = String::new();
         for p in &self.peers {
             let path = self.dir.join(format!("peer{}.log", p.index));
@@ -193,13 +193,13 @@ impl Drop for Cluster {
     }
 }
 
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// When an action fires.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum When {
+pub(crate) enum When {
     /// During step K (0-based): joins and link changes as step K starts, kills a fifth of the
     /// previous step's duration into it (so mid-step, during the micro-batches).
     Step(u64),
@@ -209,7 +209,7 @@ pub enum When {
 
 /// What happens to the cluster.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Action {
+pub(crate) enum Action {
     /// SIGKILL peer `index`.
     Kill(usize),
     /// SIGKILL the first live replica of a stage.
@@ -222,7 +222,7 @@ pub enum Action {
 
 /// A scheduled action with the label shown on plots.
 #[derive(Clone, Debug)]
-pub struct Timed {
+pub(crate) struct Timed {
     pub when: When,
     pub action: Action,
     pub label: String,
@@ -230,7 +230,7 @@ pub struct Timed {
 
 /// An action that happened: in which step and how long after the first step started.
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct Fired {
+pub(crate) struct Fired {
     pub label: String,
     /// The step in progress when it fired (0-based).
     pub step: u64,
@@ -253,7 +253,7 @@ struct Clock {
 
 /// Runs `trainer` to the end while firing `events` on `cluster`; `on_event` sees every trainer
 /// event (progress bars, per-step records). Returns the metrics and what fired.
-pub async fn run_with_events(
+pub(crate) async fn run_with_events(
     trainer: &mut Trainer,
     cluster: &Arc<Mutex<Cluster>>,
     events: &[Timed],

@@ -6,7 +6,7 @@
 use swarm_core::stage::StageOptions;
 
 #[cfg(feature = "fault")]
-pub use swarm_core::fault::FaultSpec;
+pub(crate) use swarm_core::fault::FaultSpec;
 
 /// Without the `fault` feature no fault can be named: parsing one fails.
 #[cfg(not(feature = "fault"))]
@@ -29,7 +29,7 @@ impl std::fmt::Display for FaultSpec {
 }
 
 /// Stage options with `fault` injected (none without the feature).
-pub fn configure(fault: Option<FaultSpec>) -> impl FnOnce(&mut StageOptions) {
+pub(crate) fn configure(fault: Option<FaultSpec>) -> impl FnOnce(&mut StageOptions) {
     move |o| {
         #[cfg(feature = "fault")]
         {

@@ -7,7 +7,7 @@ use swarm_monitor::{HttpConfig, Monitor, Source};
 
 /// How a command serves its monitor.
 #[derive(clap::Args, Clone, Debug, Default)]
-pub struct HttpFlags {
+pub(crate) struct HttpFlags {
     /// Allow a non-loopback address for the monitor; every request must then carry the bearer
     /// token (`--http-token`).
     #[arg(long)]
@@ -19,7 +19,7 @@ pub struct HttpFlags {
 }
 
 impl HttpFlags {
-    pub fn config(&self, addr: SocketAddr) -> HttpConfig {
+    pub(crate) fn config(&self, addr: SocketAddr) -> HttpConfig {
         let mut c = HttpConfig::new(addr);
         c.allow_public = self.http_public;
         c.token = self.http_token.clone();
@@ -29,13 +29,13 @@ impl HttpFlags {
 
 /// Starts a monitor for `source` on `addr`, or explains why not. It serves from a thread of its
 /// own, so that readers never take a worker from the training's runtime.
-pub fn start(addr: SocketAddr, flags: &HttpFlags, source: Source) -> anyhow::Result<Monitor> {
+pub(crate) fn start(addr: SocketAddr, flags: &HttpFlags, source: Source) -> anyhow::Result<Monitor> {
     Ok(Monitor::start_on_own_thread(flags.config(addr), source)?)
 }
 
 /// The line that tells the user where the page is (stdout for people, stderr under `--json` so
 /// that stdout's last line stays the JSON object).
-pub fn announce(what: &str, m: &Monitor, json: bool) {
+pub(crate) fn announce(what: &str, m: &Monitor, json: bool) {
     let line = format!(
         "{what}: {} (JSON: {}api/v1/state, Prometheus: {}metrics)",
         m.url(),
@@ -57,13 +57,13 @@ fn reachability(peer: &swarm_core::peer::Peer) -> String {
 }
 
 /// A volunteer's state for its own monitor (`swarm join --metrics`), refreshed by the join loop.
-pub struct VolunteerFeed {
+pub(crate) struct VolunteerFeed {
     tx: tokio::sync::watch::Sender<std::sync::Arc<swarm_monitor::VolunteerState>>,
     state: swarm_monitor::VolunteerState,
 }
 
 impl VolunteerFeed {
-    pub fn new(peer: &swarm_core::peer::Peer) -> VolunteerFeed {
+    pub(crate) fn new(peer: &swarm_core::peer::Peer) -> VolunteerFeed {
         let record = peer.local_record();
         let state = swarm_monitor::VolunteerState {
             version: swarm_monitor::VOLUNTEER_SCHEMA_VERSION,
@@ -78,12 +78,12 @@ impl VolunteerFeed {
         VolunteerFeed { tx, state }
     }
 
-    pub fn source(&self) -> Source {
+    pub(crate) fn source(&self) -> Source {
         Source::Volunteer(self.tx.subscribe())
     }
 
     /// Refreshes from the peer and (when serving a stage) its worker.
-    pub fn update(
+    pub(crate) fn update(
         &mut self,
         peer: &swarm_core::peer::Peer,
         worker: Option<&swarm_core::stage::StageWorker>,

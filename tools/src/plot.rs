@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 /// One curve.
 #[derive(Clone, Debug)]
-pub struct Series {
+pub(crate) struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
     /// Dashed (the local baseline).
@@ -15,14 +15,14 @@ pub struct Series {
 
 /// A vertical marker (an event) at `x`.
 #[derive(Clone, Debug)]
-pub struct Marker {
+pub(crate) struct Marker {
     pub x: f64,
     pub label: String,
 }
 
 /// A line chart.
 #[derive(Clone, Debug, Default)]
-pub struct Chart {
+pub(crate) struct Chart {
     pub title: String,
     pub x_label: String,
     pub y_label: String,
@@ -279,7 +279,7 @@ impl Chart {
     }
 
     /// The chart as an SVG document.
-    pub fn svg(&self) -> String {
+    pub(crate) fn svg(&self) -> String {
         let mut s = String::new();
         let _ = write!(
             s,
@@ -346,7 +346,7 @@ impl Chart {
     }
 
     /// The chart as RGB pixels (`W` x `H`, row-major).
-    pub fn pixels(&self) -> (usize, usize, Vec<u8>) {
+    pub(crate) fn pixels(&self) -> (usize, usize, Vec<u8>) {
         let mut img = Canvas {
             px: vec![255; W * H * 3],
         };
@@ -378,7 +378,7 @@ impl Chart {
     }
 
     /// The chart as a PNG file.
-    pub fn png(&self) -> anyhow::Result<Vec<u8>> {
+    pub(crate) fn png(&self) -> anyhow::Result<Vec<u8>> {
         let (w, h, px) = self.pixels();
         let mut out = Vec::new();
         let mut enc = png::Encoder::new(&mut out, w as u32, h as u32);

@@ -2,7 +2,7 @@
 //! reports: the load average, and the CPU time a process has used.
 
 /// The 1, 5 and 15 minute load averages, as `/proc/loadavg` prints them ("" where unavailable).
-pub fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
@@ -10,7 +10,7 @@ pub fn load_average() -> String {
 
 /// CPU seconds (user + system, all threads) process `pid` has used so far: `None` once it is
 /// gone or where `/proc` does not say.
-pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn process_cpu_seconds(pid: u32) -> Option<f64> {
     stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 

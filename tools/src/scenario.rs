@@ -36,12 +36,12 @@ use swarm_model::RunConfig;
 use crate::cluster::{Action, Timed, When};
 
 /// Largest scenario file read.
-pub const MAX_SCENARIO_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_SCENARIO_BYTES: u64 = 1 << 20;
 /// Most peer processes a variant may start (initial peers and joiners).
-pub const MAX_PEERS: usize = 32;
+pub(crate) const MAX_PEERS: usize = 32;
 /// Most events per variant, and most variants per scenario.
-pub const MAX_EVENTS: usize = 256;
-pub const MAX_VARIANTS: usize = 32;
+pub(crate) const MAX_EVENTS: usize = 256;
+pub(crate) const MAX_VARIANTS: usize = 32;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -108,7 +108,7 @@ struct VariantSpec {
 
 /// A checked scenario, every variant resolved.
 #[derive(Debug, Clone)]
-pub struct Scenario {
+pub(crate) struct Scenario {
     pub name: String,
     pub description: String,
     pub attempt_timeout: Duration,
@@ -117,7 +117,7 @@ pub struct Scenario {
 
 /// One swarm run to compare with the local baseline.
 #[derive(Debug, Clone)]
-pub struct Variant {
+pub(crate) struct Variant {
     pub name: String,
     pub config: RunConfig,
     pub trainer_shape: Option<LinkShape>,
@@ -128,7 +128,7 @@ pub struct Variant {
 
 impl Scenario {
     /// Reads and checks a scenario file; its name is the file stem.
-    pub fn from_file(path: &Path) -> anyhow::Result<Scenario> {
+    pub(crate) fn from_file(path: &Path) -> anyhow::Result<Scenario> {
         let meta =
             std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
         if meta.len() > MAX_SCENARIO_BYTES {
@@ -146,7 +146,7 @@ impl Scenario {
     }
 
     /// Parses and checks scenario text; `base` resolves a relative `run` path.
-    pub fn parse(text: &str, name: &str, base: &Path) -> anyhow::Result<Scenario> {
+    pub(crate) fn parse(text: &str, name: &str, base: &Path) -> anyhow::Result<Scenario> {
         if text.len() as u64 > MAX_SCENARIO_BYTES {
             bail!("larger than {MAX_SCENARIO_BYTES} bytes");
         }

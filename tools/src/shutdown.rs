@@ -18,7 +18,7 @@ static SIGNALS: OnceLock<watch::Sender<Option<i32>>> = OnceLock::new();
 
 /// Why the command is asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
+pub(crate) enum Reason {
     /// SIGINT or SIGTERM.
     Signal,
     /// `--control-stdin` ended: whoever started this process is gone.
@@ -26,7 +26,7 @@ pub enum Reason {
 }
 
 /// Starts the signal thread (idempotent). Until it runs, signals keep their default action.
-pub fn install() -> anyhow::Result<()> {
+pub(crate) fn install() -> anyhow::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     if SIGNALS.get().is_some() {
         return Ok(());
@@ -51,7 +51,7 @@ pub fn install() -> anyhow::Result<()> {
 
 /// A wait for the next shutdown request. While one exists, signals are delivered to it instead of
 /// ending the process.
-pub struct ShutdownSignal {
+pub(crate) struct ShutdownSignal {
     signals: Option<watch::Receiver<Option<i32>>>,
     stdin_closed: Option<tokio::sync::oneshot::Receiver<()>>,
 }
@@ -59,7 +59,7 @@ pub struct ShutdownSignal {
 impl ShutdownSignal {
     /// Subscribes to the signals [`install`] receives (without `install`, only `wait`ing on the
     /// stdin end, if any, returns).
-    pub fn new() -> ShutdownSignal {
+    pub(crate) fn new() -> ShutdownSignal {
         ShutdownSignal {
             signals: SIGNALS.get().map(|tx| tx.subscribe()),
             stdin_closed: None,
@@ -67,13 +67,13 @@ impl ShutdownSignal {
     }
 
     /// Also stops when `rx` fires (the control stdin ended).
-    pub fn with_stdin_closed(mut self, rx: tokio::sync::oneshot::Receiver<()>) -> Self {
+    pub(crate) fn with_stdin_closed(mut self, rx: tokio::sync::oneshot::Receiver<()>) -> Self {
         self.stdin_closed = Some(rx);
         self
     }
 
     /// Resolves at the first request.
-    pub async fn wait(&mut self) -> Reason {
+    pub(crate) async fn wait(&mut self) -> Reason {
         let signals = self.signals.as_mut();
         let signalled = async move {
             match signals {

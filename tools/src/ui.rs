@@ -4,7 +4,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 /// Logs go to stderr so that stdout stays clean for results and the `--json` line.
-pub fn init_tracing(filter: &str) {
+pub(crate) fn init_tracing(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
@@ -14,13 +14,13 @@ pub fn init_tracing(filter: &str) {
 }
 
 /// Prints `value` as one line of JSON on stdout: with `--json` this must be the last line printed.
-pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(value)?);
     Ok(())
 }
 
 /// A progress bar on stderr; hidden when output is for scripts (`--json`) or not a terminal.
-pub fn progress(len: u64, json: bool) -> ProgressBar {
+pub(crate) fn progress(len: u64, json: bool) -> ProgressBar {
     let bar = ProgressBar::new(len);
     if json {
         bar.set_draw_target(ProgressDrawTarget::hidden());

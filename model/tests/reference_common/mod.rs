@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use swarm_model::{Model, ModelConfig};
 
 /// `../shared/data/<name>` if present; tests needing it skip with a printed reason otherwise.
-pub fn shared_data(name: &str) -> Option<PathBuf> {
+pub(crate) fn shared_data(name: &str) -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/data")
         .join(name);
@@ -26,7 +26,7 @@ pub fn shared_data(name: &str) -> Option<PathBuf> {
 }
 
 /// Last-position logits of our own [`Model`] on `tokens`.
-pub fn our_last_logits(
+pub(crate) fn our_last_logits(
     cfg: &ModelConfig,
     tensors: &HashMap<String, Tensor>,
     tokens: &[u32],
@@ -44,7 +44,7 @@ pub fn our_last_logits(
 
 /// Last-position logits of candle-transformers' `llama::Llama` loading the HF checkpoint in `dir`
 /// (config.json + model.safetensors) exactly as a user of candle would.
-pub fn candle_llama_last_logits(dir: &Path, tokens: &[u32]) -> Vec<f32> {
+pub(crate) fn candle_llama_last_logits(dir: &Path, tokens: &[u32]) -> Vec<f32> {
     use candle_transformers::models::llama;
     let dev = Device::Cpu;
     let cfg: llama::LlamaConfig =
@@ -71,7 +71,7 @@ pub fn candle_llama_last_logits(dir: &Path, tokens: &[u32]) -> Vec<f32> {
 }
 
 /// max |a - b| / max |b|: the relative difference of two logit vectors.
-pub fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
     let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));

@@ -25,7 +25,7 @@ use crate::rpc::{self, RpcError, code};
 use crate::wire::{self, kind};
 
 /// Most attempts recorded per step: every micro-batch, retried a few times.
-pub fn records_cap(micro_batches: usize) -> usize {
+pub(super) fn records_cap(micro_batches: usize) -> usize {
     4 * micro_batches + 16
 }
 

@@ -10,11 +10,11 @@ use swarm_core::peer::{Peer, PeerConfig};
 use swarm_core::stage::{Joined, join_run};
 use swarm_model::{LocalTrainer, RunConfig};
 #[allow(unused_imports)] // each test crate uses some of them
-pub use swarm_testkit::{assert_losses_match, local_run, tiny_config};
+pub(crate) use swarm_testkit::{assert_losses_match, local_run, tiny_config};
 
 /// Trainer options of the fault tests: start once `min_replicas` per stage have joined, waiting
 /// up to a minute for them.
-pub fn fault_options(cfg: &RunConfig, min_replicas: usize) -> swarm_core::trainer::TrainerOptions {
+pub(crate) fn fault_options(cfg: &RunConfig, min_replicas: usize) -> swarm_core::trainer::TrainerOptions {
     let mut opts = swarm_core::trainer::TrainerOptions::new(cfg.clone());
     opts.min_replicas = min_replicas;
     opts.wait_for_peers = std::time::Duration::from_secs(60);
@@ -22,24 +22,24 @@ pub fn fault_options(cfg: &RunConfig, min_replicas: usize) -> swarm_core::traine
 }
 
 /// A stage replica: its peer and its worker.
-pub struct Replica {
+pub(crate) struct Replica {
     pub peer: Peer,
     pub joined: Joined,
 }
 
 impl Replica {
     /// Crashes it: the endpoint closes at once (connections die, nothing is said).
-    pub fn crash(&self) {
+    pub(crate) fn crash(&self) {
         self.peer.shared().node().close();
     }
 }
 
-pub async fn start_replica(trainer: SocketAddr, stage: u32) -> Replica {
+pub(crate) async fn start_replica(trainer: SocketAddr, stage: u32) -> Replica {
     start_replica_with(trainer, stage, |_| {}).await
 }
 
 /// A replica whose stage options `configure` adjusts (e.g. a fault to inject).
-pub async fn start_replica_with(
+pub(crate) async fn start_replica_with(
     trainer: SocketAddr,
     stage: u32,
     configure: impl FnOnce(&mut swarm_core::stage::StageOptions),
@@ -59,7 +59,7 @@ pub async fn start_replica_with(
     Replica { peer, joined }
 }
 
-pub async fn start_replicas(trainer: SocketAddr, stages: &[u32]) -> Vec<Replica> {
+pub(crate) async fn start_replicas(trainer: SocketAddr, stages: &[u32]) -> Vec<Replica> {
     let mut out = Vec::new();
     for &s in stages {
         out.push(start_replica(trainer, s).await);
@@ -70,7 +70,7 @@ pub async fn start_replicas(trainer: SocketAddr, stages: &[u32]) -> Vec<Replica>
 impl Replica {
     /// Arms a crash: the next request of `kind` this replica receives closes its endpoint instead
     /// of being served (as a SIGKILL at that moment would).
-    pub fn crash_on(&self, kind: u16) {
+    pub(crate) fn crash_on(&self, kind: u16) {
         self.peer.register(
             kind,
             |peer: std::sync::Arc<swarm_core::peer::PeerShared>,
@@ -88,7 +88,7 @@ impl Replica {
 
 /// Asserts the checkpoint in `dir` is at `step` and holds `local`'s weights (within 1e-4 of each
 /// tensor's scale).
-pub fn assert_checkpoint_is_local(dir: &std::path::Path, step: u64, local: &LocalTrainer) {
+pub(crate) fn assert_checkpoint_is_local(dir: &std::path::Path, step: u64, local: &LocalTrainer) {
     let ck = swarm_model::checkpoint::load(dir).unwrap();
     assert_eq!(ck.state.as_ref().map(|s| s.step), Some(step));
     for (name, t) in &local.tensors() {

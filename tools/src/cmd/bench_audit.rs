@@ -33,7 +33,7 @@ mod recompute;
 use recompute::measure_recompute;
 
 #[derive(clap::Args)]
-pub struct BenchAuditArgs {
+pub(crate) struct BenchAuditArgs {
     /// Run config (model, stages, micro-batch geometry, codecs); default: the built-in run.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -53,7 +53,7 @@ pub struct BenchAuditArgs {
     pub json: bool,
 }
 
-pub fn run(args: BenchAuditArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: BenchAuditArgs) -> anyhow::Result<()> {
     let mut cfg = match &args.config {
         Some(p) => RunConfig::from_file(p)?,
         None => RunConfig::default(),
@@ -98,7 +98,7 @@ pub fn run(args: BenchAuditArgs) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 
 #[derive(clap::Args)]
-pub struct BenchAuditBanArgs {
+pub(crate) struct BenchAuditBanArgs {
     /// Fault kinds to run (comma-separated); default: all five.
     #[arg(long, value_delimiter = ',')]
     pub kinds: Vec<String>,
@@ -278,7 +278,7 @@ async fn one_run(
     Ok((run, faulty))
 }
 
-pub fn run_ban(args: BenchAuditBanArgs) -> anyhow::Result<()> {
+pub(crate) fn run_ban(args: BenchAuditBanArgs) -> anyhow::Result<()> {
     let kinds: Vec<FaultKind> = if args.honest {
         vec![]
     } else if args.kinds.is_empty() {

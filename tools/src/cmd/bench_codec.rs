@@ -24,7 +24,7 @@ const DEFAULT_CODECS: &str = "none,fp16,bf16,q8:4096,q8,q4,rht+q4,q2,rht+q2,q8+z
 topk:0.1+q8+zstd:3,topk:0.1+q8+zstd:1,topk-row:0.1+q8+zstd:3,topk:0.01+q8+zstd:3,topk:0.1+rht+q4+zstd:3";
 
 #[derive(clap::Args)]
-pub struct BenchCodecArgs {
+pub(crate) struct BenchCodecArgs {
     /// Print the result as one JSON object on the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -104,7 +104,7 @@ fn best_of(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow:
     Ok(best)
 }
 
-pub fn run(args: BenchCodecArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: BenchCodecArgs) -> anyhow::Result<()> {
     let n = (args.elements / 1024).max(1) * 1024;
     let mut names: Vec<String> = args
         .codecs

@@ -14,7 +14,7 @@ use swarm_model::{LocalTrainer, RunConfig};
 use crate::ui;
 
 #[derive(clap::Args)]
-pub struct BenchCompressArgs {
+pub(crate) struct BenchCompressArgs {
     /// Run config (TOML, see experiments/run.toml); default: the built-in default run.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -84,7 +84,7 @@ struct Summary {
     ratio: [f64; 4],
 }
 
-pub fn run(args: BenchCompressArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: BenchCompressArgs) -> anyhow::Result<()> {
     super::train::short_candle_spin();
     let mut cfg = match &args.config {
         Some(p) => RunConfig::from_file(p)?,

@@ -12,7 +12,7 @@ use swarm_core::bench_link::{LinkCase, LinkResult, run_case, standard_cases};
 use crate::ui;
 
 #[derive(clap::Args)]
-pub struct BenchLinkArgs {
+pub(crate) struct BenchLinkArgs {
     /// Seconds of transfer per case.
     #[arg(long, default_value_t = 8.0)]
     pub seconds: f64,
@@ -42,7 +42,7 @@ struct Report {
     cases: Vec<LinkResult>,
 }
 
-pub fn run(args: BenchLinkArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: BenchLinkArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.seconds > 0.0 && args.seconds <= 600.0,
         "--seconds must be in (0, 600]"

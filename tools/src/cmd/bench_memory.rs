@@ -14,7 +14,7 @@ use crate::cmd::train::short_candle_spin;
 use crate::ui;
 
 #[derive(clap::Args)]
-pub struct BenchMemoryArgs {
+pub(crate) struct BenchMemoryArgs {
     /// Preset to measure (2m, 20m, 100m, 1b), or `all` (one child process each).
     #[arg(long, default_value = "all")]
     pub model: String,
@@ -57,7 +57,7 @@ fn status_field(key: &str) -> anyhow::Result<u64> {
     meminfo_field(&text, key).with_context(|| format!("no {key} in /proc/self/status"))
 }
 
-pub fn run(args: BenchMemoryArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: BenchMemoryArgs) -> anyhow::Result<()> {
     if args.model != "all" {
         let m = measure(&args)?;
         if args.json {

@@ -15,7 +15,7 @@ use crate::cmd::train::short_candle_spin;
 use crate::ui;
 
 #[derive(clap::Args)]
-pub struct BenchModelArgs {
+pub(crate) struct BenchModelArgs {
     /// Run config whose model and micro-batch geometry to time; default: the built-in run.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -233,7 +233,7 @@ fn run_vs_torch(args: &BenchModelArgs, cfg: &RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(args: BenchModelArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: BenchModelArgs) -> anyhow::Result<()> {
     short_candle_spin();
     let cfg = match &args.config {
         Some(p) => RunConfig::from_file(p)?,

@@ -26,7 +26,7 @@ use crate::cluster::{Cluster, lock, run_with_events};
 use crate::{procfs, ui};
 
 #[derive(clap::Args)]
-pub struct BenchMonitorArgs {
+pub(crate) struct BenchMonitorArgs {
     /// Run config (default: the built-in model with the demo's codecs).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -108,7 +108,7 @@ fn readers(
     }
 }
 
-pub fn run(args: BenchMonitorArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: BenchMonitorArgs) -> anyhow::Result<()> {
     let warmup = 2u64;
     let steps = warmup + 2 * args.blocks * args.block;
     let cfg = super::demo::demo_config(args.config.as_deref(), steps)?;

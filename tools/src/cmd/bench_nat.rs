@@ -22,7 +22,7 @@ use swarm_netlab::{Host, Lab, Nat};
 use crate::ui;
 
 #[derive(clap::Args)]
-pub struct BenchNatArgs {
+pub(crate) struct BenchNatArgs {
     /// Punches to time (each between two fresh peers).
     #[arg(long, default_value_t = 10)]
     pub rounds: u32,
@@ -74,7 +74,7 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-pub fn run(args: BenchNatArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: BenchNatArgs) -> anyhow::Result<()> {
     if args.rounds == 0 || args.rounds > 200 {
         bail!("--rounds must be 1..=200");
     }

@@ -8,13 +8,13 @@ use swarm_model::prepare::{PrepareOptions, prepare};
 use crate::ui;
 
 #[derive(clap::Subcommand)]
-pub enum DataCommand {
+pub(crate) enum DataCommand {
     /// Tokenize text files, folders and JSONL (`text` field) into token shards + manifest.json.
     Prepare(PrepareArgs),
 }
 
 #[derive(clap::Args)]
-pub struct PrepareArgs {
+pub(crate) struct PrepareArgs {
     /// Text files, folders of them, and `.jsonl` files (one document per line, in `text`).
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
@@ -41,7 +41,7 @@ pub struct PrepareArgs {
     pub json: bool,
 }
 
-pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: DataCommand) -> anyhow::Result<()> {
     match cmd {
         DataCommand::Prepare(a) => run_prepare(a),
     }

@@ -21,7 +21,7 @@ use swarm_core::trainer::{
 };
 
 #[derive(clap::Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Stage peers to start (spread over the stages round-robin).
     #[arg(long, default_value_t = 4)]
     pub peers: usize,
@@ -105,7 +105,7 @@ pub(crate) fn demo_config(
     Ok(cfg)
 }
 
-pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.peers >= 1, "--peers must be at least 1");
     if let Some(scenario) = args.nat {
         return super::demo_nat::run(&args, scenario);

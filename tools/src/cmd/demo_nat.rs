@@ -22,7 +22,7 @@ use crate::ui;
 
 /// Which routers the volunteers sit behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum NatScenario {
+pub(crate) enum NatScenario {
     /// Every volunteer behind one of two home routers: all hops punched, no relay bytes.
     Home,
     /// As home, but the first replica of the last stage sits behind a symmetric NAT: its hops
@@ -170,7 +170,7 @@ struct Report {
     summary: serde_json::Value,
 }
 
-pub fn run(args: &DemoArgs, scenario: NatScenario) -> anyhow::Result<()> {
+pub(crate) fn run(args: &DemoArgs, scenario: NatScenario) -> anyhow::Result<()> {
     let cfg = demo_config(args.config.as_deref(), args.steps)?;
     let stages = cfg.stages.len() - 1;
     anyhow::ensure!(

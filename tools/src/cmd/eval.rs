@@ -13,7 +13,7 @@ use swarm_model::{ByteTokenizer, Corpus, Tokenizer};
 use crate::ui;
 
 #[derive(clap::Args)]
-pub struct EvalArgs {
+pub(crate) struct EvalArgs {
     /// A checkpoint directory (HF format: config.json + model.safetensors) or a llama2.c `.bin`.
     #[arg(long)]
     pub checkpoint: PathBuf,
@@ -50,7 +50,7 @@ struct EvalOut {
 }
 
 /// Loads any supported checkpoint and builds the model.
-pub fn load_model(path: &Path) -> anyhow::Result<(Checkpoint, Evaluator)> {
+pub(crate) fn load_model(path: &Path) -> anyhow::Result<(Checkpoint, Evaluator)> {
     let ck = checkpoint::load_any(path)
         .with_context(|| format!("loading checkpoint {}", path.display()))?;
     let model = Evaluator::from_checkpoint(&ck).context("building the model")?;
@@ -58,7 +58,7 @@ pub fn load_model(path: &Path) -> anyhow::Result<(Checkpoint, Evaluator)> {
 }
 
 /// The tokenizer to use with a checkpoint, or an error saying what is possible.
-pub fn tokenizer_for(
+pub(crate) fn tokenizer_for(
     checkpoint: &Path,
     vocab_size: usize,
     explicit: Option<&Path>,
@@ -87,7 +87,7 @@ pub fn tokenizer_for(
     Ok(tok)
 }
 
-pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: EvalArgs) -> anyhow::Result<()> {
     let (ck, model) = load_model(&args.checkpoint)?;
     let vocab = ck.config.vocab_size;
     let out = if let Some(tokens) = &args.tokens {

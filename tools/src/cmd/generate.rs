@@ -10,7 +10,7 @@ use super::eval::{load_model, tokenizer_for};
 use crate::ui;
 
 #[derive(clap::Args)]
-pub struct GenerateArgs {
+pub(crate) struct GenerateArgs {
     /// A checkpoint directory (HF format) or a llama2.c `.bin`.
     #[arg(long)]
     pub checkpoint: PathBuf,
@@ -50,7 +50,7 @@ struct GenerateOut {
     text: Option<String>,
 }
 
-pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!("--temperature must be a finite number >= 0");
     }

@@ -16,7 +16,7 @@ use crate::shutdown::{Reason, ShutdownSignal};
 use crate::ui;
 
 #[derive(clap::Args)]
-pub struct JoinArgs {
+pub(crate) struct JoinArgs {
     /// Address (host:port) of any peer of the swarm; without it, start a new swarm.
     pub bootstrap: Option<String>,
 
@@ -135,7 +135,7 @@ struct Left {
 }
 
 /// The data folder: `--data-dir`, else `$XDG_DATA_HOME/swarm`, else `~/.local/share/swarm`.
-pub fn default_data_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn default_data_dir() -> anyhow::Result<PathBuf> {
     if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
         return Ok(PathBuf::from(d).join("swarm"));
     }
@@ -144,7 +144,7 @@ pub fn default_data_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// Resolves `host:port` to one socket address.
-pub fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
     addr.to_socket_addrs()
         .with_context(|| format!("cannot resolve `{addr}` (expected host:port)"))?
         .next()
@@ -179,7 +179,7 @@ fn membership_config(args: &JoinArgs) -> anyhow::Result<MembershipConfig> {
     })
 }
 
-pub fn run(args: JoinArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: JoinArgs) -> anyhow::Result<()> {
     let membership = membership_config(&args)?;
     if let Some(a) = args.metrics {
         args.http_flags.config(a).check()?;
@@ -532,7 +532,7 @@ fn control_stdin(shaped: bool) -> tokio::sync::oneshot::Receiver<()> {
 
 /// A byte size: a number with an optional unit (B, KiB, MiB, GiB, TiB; KB/MB/GB/TB are powers of
 /// 1000; `k`, `M`, `G` as the binary ones).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

@@ -17,7 +17,7 @@ use swarm_core::ledger::{self, Body, Credit, Expect, Head};
 use crate::ui;
 
 #[derive(clap::Subcommand)]
-pub enum LedgerCommand {
+pub(crate) enum LedgerCommand {
     /// Verify the ledger, then print per-peer credit.
     Show(LedgerArgs),
     /// Check the chain, every signature and the pinned key; exit 1 on the first problem.
@@ -25,7 +25,7 @@ pub enum LedgerCommand {
 }
 
 #[derive(clap::Args)]
-pub struct LedgerArgs {
+pub(crate) struct LedgerArgs {
     /// The ledger file (`<out>/ledger` of a `swarm train --out` run).
     pub file: PathBuf,
 
@@ -99,7 +99,7 @@ fn expect(a: &LedgerArgs) -> anyhow::Result<Expect> {
     })
 }
 
-pub fn run(cmd: LedgerCommand) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: LedgerCommand) -> anyhow::Result<()> {
     match cmd {
         LedgerCommand::Verify(a) => verify(a),
         LedgerCommand::Show(a) => show(a),

@@ -24,7 +24,7 @@ use crate::scenario::{Scenario, Variant};
 use crate::ui;
 
 #[derive(clap::Args)]
-pub struct ReplayArgs {
+pub(crate) struct ReplayArgs {
     /// Scenario file, e.g. experiments/home-80-20.toml.
     pub scenario: PathBuf,
 
@@ -47,7 +47,7 @@ pub struct ReplayArgs {
 
 /// One step of a run, as written to `steps.csv` / `steps.json`.
 #[derive(Clone, Debug, Serialize)]
-pub struct StepRow {
+pub(crate) struct StepRow {
     pub step: u64,
     /// Seconds since the first step started, at the end of this step.
     pub wall_s: f64,
@@ -157,7 +157,7 @@ struct ReplayJson {
     variants: Vec<VariantJson>,
 }
 
-pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let mut scenario = Scenario::from_file(&args.scenario)?;
     if !args.only.is_empty() {
         for n in &args.only {

@@ -10,7 +10,7 @@ use swarm_router::sim::{self, Observer, SimConfig};
 use crate::ui;
 
 #[derive(clap::Args)]
-pub struct SimArgs {
+pub(crate) struct SimArgs {
     /// Peers at the start (churn keeps the swarm at this size).
     #[arg(long, default_value_t = 1000)]
     pub peers: usize,
@@ -86,7 +86,7 @@ fn percentile_us(sorted_ns: &[u64], q: f64) -> f64 {
     sorted_ns[i] as f64 / 1e3
 }
 
-pub fn run(args: SimArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: SimArgs) -> anyhow::Result<()> {
     let mut cfg = SimConfig::new(args.peers, args.stages, args.churn, args.seed);
     cfg.duration_s = args.duration;
     cfg.warmup_s = args.warmup;

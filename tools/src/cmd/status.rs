@@ -14,7 +14,7 @@ use crate::cmd::join::resolve;
 use crate::ui;
 
 #[derive(clap::Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// Address (host:port) of the peer to ask.
     pub addr: String,
 
@@ -65,7 +65,7 @@ struct Status {
     invalid: usize,
 }
 
-pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: StatusArgs) -> anyhow::Result<()> {
     let addr = resolve(&args.addr)?;
     let expected = match &args.peer_id {
         Some(s) => Some(PeerId::parse(s).context("--peer-id must be 64 hex digits")?),

@@ -11,7 +11,7 @@ use swarm_core::trainer::observe::{SCHEMA_VERSION, Snapshot};
 use crate::ui;
 
 #[derive(clap::Args)]
-pub struct TopArgs {
+pub(crate) struct TopArgs {
     /// The monitor's address (`host:port`, or the URL printed by `swarm demo`).
     pub addr: String,
     /// Bearer token of a public monitor.
@@ -78,7 +78,7 @@ fn secs(s: Option<f64>) -> String {
 }
 
 /// One screen of text.
-pub fn render(s: &Snapshot) -> String {
+pub(crate) fn render(s: &Snapshot) -> String {
     let mut o = String::new();
     let p = &s.progress;
     let c = &s.run.config;
@@ -193,7 +193,7 @@ pub fn render(s: &Snapshot) -> String {
     o
 }
 
-pub fn run(args: TopArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: TopArgs) -> anyhow::Result<()> {
     let addr = parse_addr(&args.addr)?;
     let token = args.token.as_deref();
     if args.json {

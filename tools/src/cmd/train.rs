@@ -12,7 +12,7 @@ use swarm_model::{LocalTrainer, RunConfig, checkpoint};
 use crate::ui;
 
 #[derive(clap::Args)]
-pub struct TrainArgs {
+pub(crate) struct TrainArgs {
     /// Train in this process (the reference run); without it, train on a swarm.
     #[arg(long)]
     pub local: bool,
@@ -56,7 +56,7 @@ struct Summary {
     wall_s: f64,
 }
 
-pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
     short_candle_spin();
     if !args.local {
         return super::train_swarm::run_cli(&args);
@@ -214,7 +214,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 
 /// Applies `--data`, `--tokenizer` and `--model` to a run config, then validates it. A preset
 /// takes its vocabulary from the data (the tokenizer's, or a dataset's manifest; bytes otherwise).
-pub fn apply_overrides(
+pub(crate) fn apply_overrides(
     cfg: &mut RunConfig,
     data: Option<&PathBuf>,
     tokenizer: Option<&PathBuf>,

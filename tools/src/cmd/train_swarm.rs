@@ -19,7 +19,7 @@ use crate::ui;
 
 /// What the distributed path of `swarm train` takes (the clap arguments live in `train.rs`).
 #[derive(Clone, Debug)]
-pub struct SwarmTrainArgs {
+pub(crate) struct SwarmTrainArgs {
     pub config: Option<PathBuf>,
     /// Training text or token shards (overrides `[data] path`).
     pub data: Option<PathBuf>,
@@ -46,7 +46,7 @@ pub struct SwarmTrainArgs {
 /// The JSON of `swarm train` (and `swarm demo`): the summary fields of the issue, plus the loss of
 /// every step and the bytes per channel.
 #[derive(Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     #[serde(flatten)]
     pub summary: Summary,
     pub losses: Vec<f64>,
@@ -57,7 +57,7 @@ pub struct Report {
     pub wall_s: f64,
 }
 
-pub fn report(m: &Metrics, wall_s: f64) -> Report {
+pub(crate) fn report(m: &Metrics, wall_s: f64) -> Report {
     Report {
         summary: m.summary(),
         losses: m.steps.iter().map(|s| s.loss).collect(),
@@ -73,7 +73,7 @@ fn mb(bytes: u64) -> String {
 }
 
 /// Progress bar updates for trainer events (shared with `swarm demo`).
-pub struct Progress {
+pub(crate) struct Progress {
     pub bar: ProgressBar,
     wire: u64,
     dense: u64,
@@ -82,7 +82,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(steps: u64, json: bool) -> Progress {
+    pub(crate) fn new(steps: u64, json: bool) -> Progress {
         Progress {
             bar: ui::progress(steps, json),
             wire: 0,
@@ -92,7 +92,7 @@ impl Progress {
         }
     }
 
-    pub fn on_event(&mut self, e: &TrainerEvent) {
+    pub(crate) fn on_event(&mut self, e: &TrainerEvent) {
         match e {
             TrainerEvent::Waiting { serving, need } => self.bar.set_message(format!(
                 "waiting for replicas: {serving:?} serving, {need} needed per stage"
@@ -176,7 +176,7 @@ impl Progress {
 }
 
 /// Human summary lines.
-pub fn print_summary(m: &Metrics, wall_s: f64) {
+pub(crate) fn print_summary(m: &Metrics, wall_s: f64) {
     let s = m.summary();
     println!(
         "trained {} steps in {wall_s:.1}s: loss {:.4} -> {:.4}, {:.0} tokens/s",
@@ -222,7 +222,7 @@ pub fn print_summary(m: &Metrics, wall_s: f64) {
 }
 
 /// Loads the run config (the built-in default without `--config`).
-pub fn load_config(
+pub(crate) fn load_config(
     path: Option<&std::path::Path>,
     steps: Option<u64>,
 ) -> anyhow::Result<RunConfig> {
@@ -239,7 +239,7 @@ pub fn load_config(
 
 /// The flags `swarm train` takes for a distributed run (flattened into `TrainArgs`).
 #[derive(clap::Args, Clone, Debug)]
-pub struct SwarmFlags {
+pub(crate) struct SwarmFlags {
     /// UDP address the trainer listens on; peers join with `swarm join ADDR`.
     #[arg(long, default_value = "0.0.0.0:7070")]
     pub listen: SocketAddr,
@@ -265,7 +265,7 @@ pub struct SwarmFlags {
 }
 
 /// `swarm train` without `--local`.
-pub fn run_cli(args: &super::train::TrainArgs) -> anyhow::Result<()> {
+pub(crate) fn run_cli(args: &super::train::TrainArgs) -> anyhow::Result<()> {
     run(SwarmTrainArgs {
         config: args.config.clone(),
         data: args.data.clone(),
@@ -284,7 +284,7 @@ pub fn run_cli(args: &super::train::TrainArgs) -> anyhow::Result<()> {
     })
 }
 
-pub fn run(args: SwarmTrainArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: SwarmTrainArgs) -> anyhow::Result<()> {
     let mut cfg = load_config(args.config.as_deref(), args.steps)?;
     super::train::apply_overrides(
         &mut cfg,

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Chromium's path, or `None` where it is not installed.
-pub fn chromium() -> Option<PathBuf> {
+pub(crate) fn chromium() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SWARM_CHROMIUM") {
         return Some(PathBuf::from(p));
     }
@@ -29,7 +29,7 @@ pub fn chromium() -> Option<PathBuf> {
 
 /// Runs headless Chromium (`cmd`, e.g. `Command::new(chrome)` or one that enters a network
 /// namespace first) on `url` and returns its stdout.
-pub fn browse_with(mut cmd: Command, profile: &Path, extra: &[String], url: &str) -> String {
+pub(crate) fn browse_with(mut cmd: Command, profile: &Path, extra: &[String], url: &str) -> String {
     let mut child = cmd
         .args([
             "--headless",
@@ -72,17 +72,17 @@ pub fn browse_with(mut cmd: Command, profile: &Path, extra: &[String], url: &str
 }
 
 /// [`browse_with`] Chromium at `chrome`.
-pub fn browse(chrome: &Path, profile: &Path, extra: &[String], url: &str) -> String {
+pub(crate) fn browse(chrome: &Path, profile: &Path, extra: &[String], url: &str) -> String {
     browse_with(Command::new(chrome), profile, extra, url)
 }
 
 /// The page's DOM after its scripts ran.
-pub fn dump_dom(chrome: &Path, profile: &Path, url: &str) -> String {
+pub(crate) fn dump_dom(chrome: &Path, profile: &Path, url: &str) -> String {
     browse(chrome, profile, &["--dump-dom".into()], url)
 }
 
 /// The DOM element of the page's peer row for `id` (`<tr ... data-peer="ID" ...>`), as text.
-pub fn peer_row<'a>(dom: &'a str, id: &str) -> Option<&'a str> {
+pub(crate) fn peer_row<'a>(dom: &'a str, id: &str) -> Option<&'a str> {
     // The coverage panel tags its replica lines with the same attribute: take the table row.
     dom.match_indices(&format!("data-peer=\"{id}\""))
         .filter_map(|(at, _)| {

@@ -14,19 +14,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub mod nat;
+pub(crate) mod nat;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_swarm");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_swarm");
 
 /// Fast membership timing for tests (real defaults are seconds to a minute).
-pub const FAST: &[(&str, &str)] = &[
+pub(crate) const FAST: &[(&str, &str)] = &[
     ("SWARM_GOSSIP_INTERVAL_MS", "200"),
     ("SWARM_RECORD_TTL_MS", "4000"),
     ("SWARM_REFRESH_INTERVAL_MS", "1000"),
 ];
 
 /// A running `swarm join`, killed on drop.
-pub struct PeerProc {
+pub(crate) struct PeerProc {
     pub child: Child,
     pub id: String,
     pub addr: SocketAddr,
@@ -46,12 +46,12 @@ impl Drop for PeerProc {
 impl PeerProc {
     /// Starts a peer (joining `bootstrap` if given) with `env` timing and extra flags, and waits
     /// (bounded) for its JSON startup line.
-    pub fn start(bootstrap: Option<SocketAddr>, env: &[(&str, &str)], extra: &[&str]) -> PeerProc {
+    pub(crate) fn start(bootstrap: Option<SocketAddr>, env: &[(&str, &str)], extra: &[&str]) -> PeerProc {
         PeerProc::start_in(tempfile::tempdir().unwrap(), bootstrap, env, extra)
     }
 
     /// [`PeerProc::start`] with a given data dir (to restart a peer with the same identity).
-    pub fn start_in(
+    pub(crate) fn start_in(
         dir: tempfile::TempDir,
         bootstrap: Option<SocketAddr>,
         env: &[(&str, &str)],
@@ -92,7 +92,7 @@ impl PeerProc {
     }
 
     /// SIGKILLs the peer and hands back its data dir.
-    pub fn kill_keep_dir(mut self) -> tempfile::TempDir {
+    pub(crate) fn kill_keep_dir(mut self) -> tempfile::TempDir {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let dir = tempfile::tempdir().unwrap();
@@ -100,7 +100,7 @@ impl PeerProc {
     }
 
     /// Sends SIGINT (Ctrl-C) so the peer leaves gracefully.
-    pub fn interrupt(&self) {
+    pub(crate) fn interrupt(&self) {
         let ok = Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])
             .status()
@@ -110,7 +110,7 @@ impl PeerProc {
     }
 
     /// Waits (bounded) for the process to exit.
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -139,14 +139,14 @@ fn line_reader(stdout: ChildStdout) -> mpsc::Receiver<String> {
 }
 
 /// Output of one bounded command run.
-pub struct Output {
+pub(crate) struct Output {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
 }
 
 /// Runs `swarm ARGS`, killing it if it takes longer than `timeout`.
-pub fn run_swarm(args: &[&str], timeout: Duration) -> Output {
+pub(crate) fn run_swarm(args: &[&str], timeout: Duration) -> Output {
     let mut child = Command::new(BIN)
         .args(args)
         .env("SWARM_LOG", "warn")
@@ -188,7 +188,7 @@ pub fn run_swarm(args: &[&str], timeout: Duration) -> Output {
 
 /// One row of `swarm status --json`.
 #[derive(Debug, Clone)]
-pub struct Row {
+pub(crate) struct Row {
     pub id: String,
     pub addr: String,
     pub state: String,
@@ -198,7 +198,7 @@ pub struct Row {
 }
 
 /// `swarm status ADDR --json`, parsed; `None` if the command failed.
-pub fn status(addr: SocketAddr) -> Option<Vec<Row>> {
+pub(crate) fn status(addr: SocketAddr) -> Option<Vec<Row>> {
     let out = run_swarm(
         &["status", &addr.to_string(), "--json"],
         Duration::from_secs(20),
@@ -230,7 +230,7 @@ pub fn status(addr: SocketAddr) -> Option<Vec<Row>> {
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, or panics with `what` after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check() {
@@ -245,7 +245,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
 }
 
 /// The ids a peer lists with state `state` (sorted).
-pub fn ids_in_state(rows: &[Row], state: &str) -> Vec<String> {
+pub(crate) fn ids_in_state(rows: &[Row], state: &str) -> Vec<String> {
     let mut ids: Vec<String> = rows
         .iter()
         .filter(|r| r.state == state)

@@ -12,7 +12,7 @@ use swarm_netlab::Host;
 use super::BIN;
 
 /// The testkit's tiny run (2 layers, 2 stages) with a checkpoint every 100 steps.
-pub fn config(steps: u64) -> RunConfig {
+pub(crate) fn config(steps: u64) -> RunConfig {
     let mut cfg = swarm_testkit::tiny_config(steps);
     cfg.train.checkpoint_every = 100;
     cfg
@@ -20,7 +20,7 @@ pub fn config(steps: u64) -> RunConfig {
 
 /// Waits (at most `limit`) for the trainer to finish and checks that its run completed `steps`
 /// steps with the loss falling and replicas agreeing; returns its summary JSON.
-pub fn run_completes(trainer: &Proc, steps: u64, limit: Duration) -> serde_json::Value {
+pub(crate) fn run_completes(trainer: &Proc, steps: u64, limit: Duration) -> serde_json::Value {
     let deadline = Instant::now() + limit;
     let mut last = String::new();
     loop {
@@ -47,7 +47,7 @@ pub fn run_completes(trainer: &Proc, steps: u64, limit: Duration) -> serde_json:
 }
 
 /// A child killed on drop, its stdout lines on a channel.
-pub struct Proc {
+pub(crate) struct Proc {
     pub child: Child,
     pub lines: mpsc::Receiver<String>,
 }
@@ -59,7 +59,7 @@ impl Drop for Proc {
     }
 }
 
-pub fn spawn(host: &Host, args: &[&str], env: &[(&str, &str)]) -> Proc {
+pub(crate) fn spawn(host: &Host, args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut cmd = host.command(BIN);
     cmd.args(args)
         .env(
@@ -86,7 +86,7 @@ pub fn spawn(host: &Host, args: &[&str], env: &[(&str, &str)]) -> Proc {
     Proc { child, lines }
 }
 
-pub fn first_json(p: &Proc, limit: Duration) -> serde_json::Value {
+pub(crate) fn first_json(p: &Proc, limit: Duration) -> serde_json::Value {
     let deadline = Instant::now() + limit;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -103,7 +103,7 @@ pub fn first_json(p: &Proc, limit: Duration) -> serde_json::Value {
 /// config of `steps` steps, with its config, identity and checkpoint (`ckpt`, ledger
 /// `ckpt.ledger`) under `dir` and `extra` flags; returns it after its startup line, and its
 /// address.
-pub fn start_trainer(host: &Host, dir: &Path, steps: u64, extra: &[&str]) -> (Proc, String) {
+pub(crate) fn start_trainer(host: &Host, dir: &Path, steps: u64, extra: &[&str]) -> (Proc, String) {
     let cfg_path = dir.join("run.toml");
     std::fs::write(&cfg_path, config(steps).to_toml().unwrap()).unwrap();
     let addr = format!("{}:7000", host.ip());
@@ -136,7 +136,7 @@ pub fn start_trainer(host: &Host, dir: &Path, steps: u64, extra: &[&str]) -> (Pr
 /// `swarm join TRAINER --json` inside `host` for `stage`, listening on `port` (one port per
 /// volunteer: the lab's endpoint-independent map is keyed by the inside port), its identity in
 /// `data`; returns it with its first JSON line (id, verdict, advice).
-pub fn start_volunteer(
+pub(crate) fn start_volunteer(
     host: &Host,
     trainer: &str,
     stage: u32,

@@ -21,7 +21,7 @@ fn cand<T>(r: candle_core::Result<T>) -> Result<T> {
 
 /// What [`measure_recompute`] found (`swarm bench audit`).
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct RecomputeBench {
+pub(super) struct RecomputeBench {
     pub codec_activations: String,
     pub codec_gradients: String,
     pub threads: Vec<usize>,
@@ -65,7 +65,7 @@ fn random_tensor(rng: &mut ChaCha8Rng, dims: &[usize], scale: f32) -> Vec<f32> {
 /// smallest distance each fault kind gives on the same micro-batches, and the audit's cost.
 ///
 /// Each thread count runs in its own rayon pool of that size.
-pub fn measure_recompute(
+pub(super) fn measure_recompute(
     cfg: &RunConfig,
     micro_batches: usize,
     threads: &[usize],
