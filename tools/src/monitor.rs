@@ -29,7 +29,11 @@ impl HttpFlags {
 
 /// Starts a monitor for `source` on `addr`, or explains why not. It serves from a thread of its
 /// own, so that readers never take a worker from the training's runtime.
-pub(crate) fn start(addr: SocketAddr, flags: &HttpFlags, source: Source) -> anyhow::Result<Monitor> {
+pub(crate) fn start(
+    addr: SocketAddr,
+    flags: &HttpFlags,
+    source: Source,
+) -> anyhow::Result<Monitor> {
     Ok(Monitor::start_on_own_thread(flags.config(addr), source)?)
 }
 

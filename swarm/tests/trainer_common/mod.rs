@@ -14,7 +14,10 @@ pub(crate) use swarm_testkit::{assert_losses_match, local_run, tiny_config};
 
 /// Trainer options of the fault tests: start once `min_replicas` per stage have joined, waiting
 /// up to a minute for them.
-pub(crate) fn fault_options(cfg: &RunConfig, min_replicas: usize) -> swarm_core::trainer::TrainerOptions {
+pub(crate) fn fault_options(
+    cfg: &RunConfig,
+    min_replicas: usize,
+) -> swarm_core::trainer::TrainerOptions {
     let mut opts = swarm_core::trainer::TrainerOptions::new(cfg.clone());
     opts.min_replicas = min_replicas;
     opts.wait_for_peers = std::time::Duration::from_secs(60);

@@ -46,7 +46,11 @@ impl Drop for PeerProc {
 impl PeerProc {
     /// Starts a peer (joining `bootstrap` if given) with `env` timing and extra flags, and waits
     /// (bounded) for its JSON startup line.
-    pub(crate) fn start(bootstrap: Option<SocketAddr>, env: &[(&str, &str)], extra: &[&str]) -> PeerProc {
+    pub(crate) fn start(
+        bootstrap: Option<SocketAddr>,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> PeerProc {
         PeerProc::start_in(tempfile::tempdir().unwrap(), bootstrap, env, extra)
     }
 
@@ -230,7 +234,11 @@ pub(crate) fn status(addr: SocketAddr) -> Option<Vec<Row>> {
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, or panics with `what` after `timeout`.
-pub(crate) fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check() {
