@@ -90,7 +90,9 @@ fn a_run_survives_home_routers_that_forget_their_mappings() {
         (lab.home_host(&mut r2, "v4").unwrap(), 1),
     ];
     let dir = tempfile::tempdir().unwrap();
-    let steps = 500;
+    // Long enough for both events and 100 steps after the first; short enough that the
+    // rounding drift of two replicas per stage stays far below the loss bound below.
+    let steps = 200;
     let cfg = config(steps);
     // Every volunteer serves from the first step, so each flush cuts live connections.
     let (trainer, trainer_addr) = start_trainer(
@@ -169,9 +171,16 @@ fn a_run_survives_home_routers_that_forget_their_mappings() {
     );
     // And the losses follow the single-process run's. Two replicas per stage sum their
     // gradients in another order than one process does, so the runs part by rounding from
-    // the first steps and drift (to about 1e-4 after a few hundred steps, rebinding or not);
-    // a micro-batch counted twice or lost would move the loss by far more.
+    // the first steps and drift, rebinding or not: about 2e-4 by step 200, and 1e-3 by step
+    // 420 in one run (chaotic growth), hence the short run. A micro-batch counted twice or
+    // lost would move the loss by far more at once.
     let want = local_losses(&cfg);
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs() / w.abs())
+        .fold(0.0, f64::max);
+    eprintln!("largest relative loss difference to the local run: {worst:.2e}");
     swarm_testkit::assert_losses_match(&got, &want, 1e-3);
     eprintln!(
         "retries {}, peers lost {}, losses {:.4} -> {:.4}",
