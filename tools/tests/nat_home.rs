@@ -8,8 +8,7 @@ mod net_common;
 
 use std::time::{Duration, Instant};
 
-use net_common::BIN;
-use net_common::nat::{run_completes, start_trainer, start_volunteer};
+use net_common::nat::{run_completes, start_trainer, start_volunteer, swarm_json};
 use swarm_netlab::{Host, Nat, lab_or_skip};
 
 #[test]
@@ -50,14 +49,10 @@ fn home_volunteers_punch_through_two_routers_and_the_run_completes() {
     std::thread::sleep(Duration::from_secs(3));
     let mut punched = 0;
     for (i, (host, _)) in vols.iter().enumerate() {
-        let o = host
-            .command(BIN)
-            .args(["status", &format!("127.0.0.1:{}", 7100 + i), "--json"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let text = String::from_utf8_lossy(&o.stdout);
-        let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        let v = swarm_json(
+            host,
+            &["status", &format!("127.0.0.1:{}", 7100 + i), "--json"],
+        );
         for p in v["peers"].as_array().unwrap() {
             if p["self"] == true {
                 assert_eq!(p["reach"], "punchable", "{p}");

@@ -13,7 +13,7 @@ mod net_common;
 use std::time::{Duration, Instant};
 
 use net_common::BIN;
-use net_common::nat::{config, run_completes, start_trainer, start_volunteer};
+use net_common::nat::{config, run_completes, start_trainer, start_volunteer, swarm_json};
 use swarm_netlab::{Host, Nat, lab_or_skip};
 use swarm_testkit::local_losses;
 
@@ -22,14 +22,7 @@ const MONITOR: &str = "127.0.0.1:7080";
 
 /// The trainer's `/api/v1/state`, read by `swarm top --json` inside its namespace.
 fn state(host: &Host) -> serde_json::Value {
-    let o = host
-        .command(BIN)
-        .args(["top", MONITOR, "--json"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let text = String::from_utf8_lossy(&o.stdout);
-    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    swarm_json(host, &["top", MONITOR, "--json"])
 }
 
 /// Waits (bounded) until the trainer has finished `step` steps.

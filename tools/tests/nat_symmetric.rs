@@ -15,8 +15,7 @@ mod net_common;
 
 use std::time::Duration;
 
-use net_common::BIN;
-use net_common::nat::{run_completes, start_trainer, start_volunteer};
+use net_common::nat::{run_completes, start_trainer, start_volunteer, swarm_json};
 use swarm_netlab::{Host, Nat, lab_or_skip};
 
 /// The trainer's monitor inside its namespace.
@@ -24,28 +23,18 @@ const MONITOR: &str = "127.0.0.1:7080";
 
 /// The `peers` rows of the monitor's `/api/v1/state`, read by `swarm top --json` inside `host`.
 fn monitor_peers(host: &Host) -> Vec<serde_json::Value> {
-    let o = host
-        .command(BIN)
-        .args(["top", MONITOR, "--json"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let text = String::from_utf8_lossy(&o.stdout);
-    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    v["peers"].as_array().unwrap().clone()
+    swarm_json(host, &["top", MONITOR, "--json"])["peers"]
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 /// The `peers` rows of `swarm status ADDR --json` run inside `host`.
 fn status(host: &Host, addr: &str) -> Vec<serde_json::Value> {
-    let o = host
-        .command(BIN)
-        .args(["status", addr, "--json"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let text = String::from_utf8_lossy(&o.stdout);
-    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    v["peers"].as_array().unwrap().clone()
+    swarm_json(host, &["status", addr, "--json"])["peers"]
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 #[test]

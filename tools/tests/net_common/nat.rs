@@ -12,6 +12,15 @@ use swarm_netlab::Host;
 use super::BIN;
 
 /// The testkit's tiny run (2 layers, 2 stages) with a checkpoint every 100 steps.
+/// `swarm ARGS` (a command that prints one JSON object last, e.g. `status --json` or `top
+/// --json`) run inside `host`; that object. Panics with its stderr if it fails.
+pub(crate) fn swarm_json(host: &Host, args: &[&str]) -> serde_json::Value {
+    let o = host.command(BIN).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
 pub(crate) fn config(steps: u64) -> RunConfig {
     let mut cfg = swarm_testkit::tiny_config(steps);
     cfg.train.checkpoint_every = 100;
