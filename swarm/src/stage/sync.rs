@@ -75,30 +75,7 @@ impl StageWorker {
                 None => {}
             }
         }
-        st.early.clear();
-        st.end_round();
-        st.generation += 1;
-        let generation = st.generation;
-        st.round = Some(Round {
-            step: s.step,
-            round: s.round,
-            generation,
-            participants: s.participants.clone(),
-            me,
-            shares,
-            trainer: ctx.remote_addr,
-            trainer_id: ctx.from,
-            phase: s.phase,
-            summing: false,
-            summed: false,
-            share_bytes: 0,
-            share_dense: 0,
-            delivered: Traffic::default(),
-        });
-        drop(st);
-        let w = self.clone();
-        tokio::spawn(async move { w.run_sync(s, generation).await });
-        rpc::reply(&Ack)
+        self.begin_round(st, ctx, s, me, shares)
     }
 
     /// An outer round of a multi-step sync (state step `s.step`): no micro-batches and no
@@ -122,6 +99,19 @@ impl StageWorker {
                 shares[i] = Some(f);
             }
         }
+        self.begin_round(st, ctx, s, me, shares)
+    }
+
+    /// Starts round `s` with the shares that came early (`shares`, in participant order; `me`
+    /// is our index) in place of any round before it, and runs it in the background.
+    fn begin_round(
+        &self,
+        mut st: std::sync::MutexGuard<'_, State>,
+        ctx: RequestCtx,
+        s: SyncStart,
+        me: usize,
+        shares: Vec<Option<Vec<u8>>>,
+    ) -> Result<rpc::Reply, RpcError> {
         st.early.clear();
         st.end_round();
         st.generation += 1;
@@ -135,7 +125,7 @@ impl StageWorker {
             shares,
             trainer: ctx.remote_addr,
             trainer_id: ctx.from,
-            phase: SyncPhase::Outer,
+            phase: s.phase,
             summing: false,
             summed: false,
             share_bytes: 0,
