@@ -176,21 +176,20 @@ impl Monitor {
                     }
                 };
                 rt.block_on(async move {
-                    let listener = match bind(cfg.addr).await {
-                        Ok(l) => l,
+                    let bound = match bind(cfg.addr).await {
+                        Ok(l) => local_addr(&l, cfg.addr).map(|a| (l, a)),
+                        Err(e) => Err(e),
+                    };
+                    let listener = match bound {
+                        Ok((l, addr)) => {
+                            let _ = ready_tx.send(Ok((addr, cpu::current_tid())));
+                            l
+                        }
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
                             return;
                         }
                     };
-                    let addr = match local_addr(&listener, cfg.addr) {
-                        Ok(a) => a,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok((addr, cpu::current_tid())));
                     tokio::select! {
                         () = http::serve(listener, cfg, source) => {}
                         _ = stopped => {}

@@ -154,8 +154,7 @@ pub(crate) fn run(args: BenchMonitorArgs) -> anyhow::Result<()> {
             );
             std::thread::spawn(move || readers(addr, on, stop, counts, tid))
         };
-        // CPU seconds so far of the readers, the server, and the whole run (this process and
-        // the peers), read at every step's end.
+        // CPU seconds so far, read at every step's end: the readers', and the run's.
         let readers_cpu = || {
             u32::try_from(reader_tid.load(Ordering::Relaxed))
                 .ok()
@@ -163,6 +162,7 @@ pub(crate) fn run(args: BenchMonitorArgs) -> anyhow::Result<()> {
                 .and_then(swarm_monitor::cpu::thread_seconds)
                 .unwrap_or(0.0)
         };
+        // The run's own CPU so far: this process and the peers, less the readers and the server.
         let run_cpu = |cluster: &Mutex<Cluster>| {
             let peers: f64 = lock(cluster)
                 .pids()
@@ -170,9 +170,11 @@ pub(crate) fn run(args: BenchMonitorArgs) -> anyhow::Result<()> {
                 .filter_map(procfs::process_cpu_seconds)
                 .sum();
             procfs::process_cpu_seconds(std::process::id()).unwrap_or(0.0) + peers
+                - readers_cpu()
+                - monitor.cpu_seconds().unwrap_or(0.0)
         };
         let mut cpu_on = 0.0;
-        let mut last = (run_cpu(&cluster), readers_cpu(), 0.0);
+        let mut last = run_cpu(&cluster);
         // Step k (0-based) of the timed part is "on" in odd blocks.
         let mode = |step: u64| step >= warmup && ((step - warmup) / args.block) % 2 == 1;
         let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
@@ -180,15 +182,11 @@ pub(crate) fn run(args: BenchMonitorArgs) -> anyhow::Result<()> {
         let (result, _) = run_with_events(&mut trainer, &cluster, &[], |e, _| {
             if let TrainerEvent::Step(r) = e {
                 bar.inc(1);
-                let now = (
-                    run_cpu(&cluster),
-                    readers_cpu(),
-                    monitor.cpu_seconds().unwrap_or(0.0),
-                );
+                let now = run_cpu(&cluster);
                 if r.step >= warmup {
                     times[usize::from(mode(r.step))].push(r.seconds);
                     if mode(r.step) {
-                        cpu_on += (now.0 - last.0) - (now.1 - last.1) - (now.2 - last.2);
+                        cpu_on += now - last;
                     }
                 }
                 last = now;

@@ -107,9 +107,6 @@ pub(crate) fn demo_config(
 
 pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.peers >= 1, "--peers must be at least 1");
-    if let Some(scenario) = args.nat {
-        return super::demo_nat::run(&args, scenario);
-    }
     let cfg = demo_config(args.config.as_deref(), args.steps)?;
     let stages = cfg.stages.len() - 1;
     anyhow::ensure!(
@@ -117,6 +114,9 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
         "--peers {} cannot cover {stages} stages",
         args.peers
     );
+    if let Some(scenario) = args.nat {
+        return super::demo_nat::run(&args, scenario, cfg);
+    }
     if !args.no_http {
         args.http_flags.config(args.http).check()?;
     }

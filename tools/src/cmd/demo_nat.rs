@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use swarm_netlab::{Host, Lab, Nat};
 
-use super::demo::{DemoArgs, demo_config};
+use super::demo::DemoArgs;
 use crate::ui;
 
 /// Which routers the volunteers sit behind.
@@ -170,14 +170,14 @@ struct Report {
     summary: serde_json::Value,
 }
 
-pub(crate) fn run(args: &DemoArgs, scenario: NatScenario) -> anyhow::Result<()> {
-    let cfg = demo_config(args.config.as_deref(), args.steps)?;
+/// Runs the demo of `cfg` (the demo's config, whose stages `args.peers` covers) behind the
+/// routers of `scenario`.
+pub(crate) fn run(
+    args: &DemoArgs,
+    scenario: NatScenario,
+    cfg: swarm_model::RunConfig,
+) -> anyhow::Result<()> {
     let stages = cfg.stages.len() - 1;
-    anyhow::ensure!(
-        args.peers >= stages,
-        "--peers {} cannot cover {stages} stages",
-        args.peers
-    );
     anyhow::ensure!(
         args.faulty_peer.is_none()
             && args.kill_peer_at_step.is_none()
@@ -273,7 +273,7 @@ pub(crate) fn run(args: &DemoArgs, scenario: NatScenario) -> anyhow::Result<()> 
                 started["advice"].as_str().unwrap_or_default()
             );
         }
-        vols.push((id, stage, kind, reach, host, p));
+        vols.push((id, stage, kind, reach, p));
     }
     // The trainer's last line is its summary; its progress goes to stderr.
     let limit = Duration::from_secs(120 + 30 * args.steps);
@@ -294,7 +294,7 @@ pub(crate) fn run(args: &DemoArgs, scenario: NatScenario) -> anyhow::Result<()> 
     let work = summary["peers"].as_array().cloned().unwrap_or_default();
     let volunteers: Vec<Volunteer> = vols
         .iter()
-        .map(|(id, stage, kind, reach, _, _)| {
+        .map(|(id, stage, kind, reach, _)| {
             let w = work.iter().find(|p| p["peer"] == id.as_str());
             let num = |k: &str| w.and_then(|w| w[k].as_u64()).unwrap_or(0);
             Volunteer {
