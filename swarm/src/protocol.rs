@@ -215,6 +215,43 @@ impl Traffic {
     }
 }
 
+/// Where the stage peers of one pass (forward or backward) of a micro-batch attempt spent its
+/// time, summed over the hops so far, in microseconds (issue #18's time breakdown): the stage
+/// pass itself, the boundary codec (decode of what came in, encode of what goes out), and the
+/// wait behind the stage's other micro-batches (the stage's state lock and blocking pool). Each
+/// hop adds its own before passing the pass on; self-reported, for monitoring only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PassTime {
+    pub compute_us: u64,
+    pub codec_us: u64,
+    pub queued_us: u64,
+}
+
+impl PassTime {
+    /// This time plus one hop's.
+    pub fn plus(self, hop: PassTime) -> PassTime {
+        PassTime {
+            compute_us: self.compute_us.saturating_add(hop.compute_us),
+            codec_us: self.codec_us.saturating_add(hop.codec_us),
+            queued_us: self.queued_us.saturating_add(hop.queued_us),
+        }
+    }
+}
+
+fn put_pass_time(w: &mut Writer, t: &PassTime) {
+    w.varint(t.compute_us)
+        .varint(t.codec_us)
+        .varint(t.queued_us);
+}
+
+fn get_pass_time(r: &mut Reader<'_>) -> Result<PassTime, WireError> {
+    Ok(PassTime {
+        compute_us: r.varint()?,
+        codec_us: r.varint()?,
+        queued_us: r.varint()?,
+    })
+}
+
 fn put_traffic(w: &mut Writer, t: &Traffic) {
     w.varint(t.wire).varint(t.dense);
 }

@@ -9,10 +9,12 @@ mod driver;
 pub mod machine;
 pub mod metrics;
 pub mod observe;
+mod timing;
 
 pub use book::{Attempt, Column, CountOutcome, Holder, StepBook};
 pub use driver::{Trainer, TrainerEvent, TrainerOptions, run_id_of};
 pub use metrics::{Channel, ChannelBytes, Metrics, StepReport, Summary, WireStats};
+pub use timing::TimeBreakdown;
 
 /// Codecs for runs over home links: the defaults of `RunConfig` (`[codec]` in
 /// experiments/run.toml) and of `swarm demo`. Together about 11x fewer tensor bytes than fp32

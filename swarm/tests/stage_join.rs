@@ -220,6 +220,7 @@ async fn a_joiner_takes_the_weakest_stage_fetches_its_state_and_serves() {
             addr: trainer.local_addr(),
         },
         accumulate: 0b10,
+        time: Default::default(),
         upstream: Traffic::default(),
         activations: frame.clone(),
         receipt: None,

@@ -50,6 +50,21 @@ async fn swarm_run_matches_local_run_with_codec_none() {
     );
     // Codec none: the wire carries fp32 frames plus headers.
     assert!(s.wire_bytes >= s.dense_bytes && s.dense_bytes > 0, "{s:?}");
+    // The trainer's time by part (issue #18) adds up to its training time, and every part the
+    // run went through got some of it.
+    let t = s.time_breakdown;
+    assert!((t.wall_s - metrics.train_seconds).abs() < 1e-6, "{t:?}");
+    assert!((t.parts_s() - t.wall_s).abs() < 1e-3 * t.wall_s, "{t:?}");
+    for (part, v) in [
+        ("compute", t.compute_s),
+        ("encode/decode", t.encode_decode_s),
+        ("links", t.links_s),
+        ("barrier", t.barrier_s),
+        ("sync", t.sync_s),
+    ] {
+        assert!(v > 0.0 && v < t.wall_s, "{part}: {t:?}");
+    }
+    assert!(t.stage_queue_s >= 0.0 && t.idle_s >= 0.0, "{t:?}");
 
     // The final checkpoint holds the local model's weights.
     assert_checkpoint_is_local(&out.path().join("ckpt"), steps, &local);

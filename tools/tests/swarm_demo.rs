@@ -117,6 +117,27 @@ fn demo_with_codec_none_matches_the_local_run() {
         json["dense_bytes"].as_u64().unwrap(),
     );
     assert!(wire >= dense && dense > 0, "{json}");
+    // The trainer's time by part adds up to its training time, within the demo's wall time.
+    let t = &json["time_breakdown"];
+    let part = |k: &str| t[k].as_f64().unwrap_or_else(|| panic!("{k} in {t}"));
+    let wall = part("wall_s");
+    let parts = [
+        "compute_s",
+        "encode_decode_s",
+        "stage_queue_s",
+        "links_s",
+        "barrier_s",
+        "sync_s",
+        "audits_s",
+        "idle_s",
+    ];
+    let sum: f64 = parts.iter().map(|k| part(k)).sum();
+    assert!((sum - wall).abs() < 1e-3 * wall, "{t}");
+    assert!(
+        wall > 0.0 && wall <= json["wall_s"].as_f64().unwrap(),
+        "{json}"
+    );
+    assert!(part("compute_s") > 0.0 && part("sync_s") > 0.0, "{t}");
 }
 
 #[test]

@@ -24,7 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 /// The 4 bytes that open every envelope.
 pub const MAGIC: [u8; 4] = *b"SWRM";
 /// The protocol version this build speaks. A peer sending another version is refused.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Size of the envelope header: magic, version, kind, body length.
 pub const HEADER_LEN: usize = 12;
 /// Longest LEB128 encoding of a u64.

@@ -42,6 +42,9 @@ pub struct Forward {
     /// The activations, a compression frame of shape `[batch, seq, hidden]`.
     /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
     pub upstream: Traffic,
+    /// The stage peers' time on the earlier hops of this pass (this hop's included when it
+    /// comes from a stage).
+    pub time: PassTime,
     pub activations: Vec<u8>,
     /// The sending stage peer's signed forward receipt for `activations` (`None` from the
     /// trainer, which is trusted and hashes what it sends itself).
@@ -69,6 +72,7 @@ impl WireMessage for Forward {
         put_endpoint(w, &self.trainer);
         w.u64(self.accumulate);
         put_traffic(w, &self.upstream);
+        put_pass_time(w, &self.time);
         w.bytes(&self.activations);
         put_opt_receipt(w, &self.receipt);
     }
@@ -104,6 +108,7 @@ impl WireMessage for Forward {
             trainer: get_endpoint(r)?,
             accumulate: r.u64()?,
             upstream: get_traffic(r)?,
+            time: get_pass_time(r)?,
             activations: get_frame(r, "activations")?,
             receipt: get_opt_receipt(r)?,
         })
@@ -123,6 +128,9 @@ pub struct ForwardOut {
     pub stage: u32,
     /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
     pub upstream: Traffic,
+    /// The stage peers' time on the earlier hops of this pass (this hop's included when it
+    /// comes from a stage).
+    pub time: PassTime,
     pub activations: Vec<u8>,
     /// The sender's signed forward receipt for `activations`.
     pub receipt: Option<Receipt>,
@@ -135,6 +143,7 @@ impl WireMessage for ForwardOut {
         put_key(w, &self.key);
         w.u32(self.stage);
         put_traffic(w, &self.upstream);
+        put_pass_time(w, &self.time);
         w.bytes(&self.activations);
         put_opt_receipt(w, &self.receipt);
     }
@@ -146,6 +155,7 @@ impl WireMessage for ForwardOut {
             key: get_key(r)?,
             stage: get_stage(r)?,
             upstream: get_traffic(r)?,
+            time: get_pass_time(r)?,
             activations: get_frame(r, "activations")?,
             receipt: get_opt_receipt(r)?,
         })
@@ -168,6 +178,9 @@ pub struct Backward {
     pub stage: u32,
     /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
     pub upstream: Traffic,
+    /// The stage peers' time on the earlier hops of this pass (this hop's included when it
+    /// comes from a stage).
+    pub time: PassTime,
     pub grad: Vec<u8>,
     /// The sending stage peer's signed backward receipt for `grad` (`None` from the trainer).
     pub receipt: Option<Receipt>,
@@ -180,6 +193,7 @@ impl WireMessage for Backward {
         put_key(w, &self.key);
         w.u32(self.stage);
         put_traffic(w, &self.upstream);
+        put_pass_time(w, &self.time);
         w.bytes(&self.grad);
         put_opt_receipt(w, &self.receipt);
     }
@@ -191,6 +205,7 @@ impl WireMessage for Backward {
             key: get_key(r)?,
             stage: get_stage(r)?,
             upstream: get_traffic(r)?,
+            time: get_pass_time(r)?,
             grad: get_frame(r, "gradient")?,
             receipt: get_opt_receipt(r)?,
         })
@@ -208,6 +223,9 @@ pub struct BackwardOut {
     pub key: MbKey,
     /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
     pub upstream: Traffic,
+    /// The stage peers' time on the earlier hops of this pass (this hop's included when it
+    /// comes from a stage).
+    pub time: PassTime,
     pub grad: Vec<u8>,
     /// The sender's signed backward receipt for `grad`.
     pub receipt: Option<Receipt>,
@@ -219,6 +237,7 @@ impl WireMessage for BackwardOut {
         put_run(w, &self.run, self.epoch);
         put_key(w, &self.key);
         put_traffic(w, &self.upstream);
+        put_pass_time(w, &self.time);
         w.bytes(&self.grad);
         put_opt_receipt(w, &self.receipt);
     }
@@ -229,6 +248,7 @@ impl WireMessage for BackwardOut {
             epoch,
             key: get_key(r)?,
             upstream: get_traffic(r)?,
+            time: get_pass_time(r)?,
             grad: get_frame(r, "gradient")?,
             receipt: get_opt_receipt(r)?,
         })

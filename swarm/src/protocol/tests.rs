@@ -47,6 +47,11 @@ fn forward() -> Forward {
             addr: addr(9000),
         },
         accumulate: 0b10,
+        time: PassTime {
+            compute_us: 5,
+            codec_us: 6,
+            queued_us: 70_000,
+        },
         upstream: Traffic {
             wire: 10,
             dense: 40,
@@ -81,6 +86,11 @@ fn samples() -> Vec<(u16, Vec<u8>)> {
             epoch: 1,
             key: KEY,
             stage: 1,
+            time: PassTime {
+                compute_us: 5,
+                codec_us: 6,
+                queued_us: 70_000,
+            },
             upstream: Traffic::default(),
             activations: vec![9; 40],
             receipt: Some(receipt(1, crate::receipt::Pass::Forward, &[9; 40])),
@@ -90,6 +100,11 @@ fn samples() -> Vec<(u16, Vec<u8>)> {
             epoch: 1,
             key: KEY,
             stage: 1,
+            time: PassTime {
+                compute_us: 5,
+                codec_us: 6,
+                queued_us: 70_000,
+            },
             upstream: Traffic { wire: 1, dense: 2 },
             grad: vec![8; 33],
             receipt: None,
@@ -98,6 +113,11 @@ fn samples() -> Vec<(u16, Vec<u8>)> {
             run: RUN,
             epoch: 1,
             key: KEY,
+            time: PassTime {
+                compute_us: 5,
+                codec_us: 6,
+                queued_us: 70_000,
+            },
             upstream: Traffic {
                 wire: 300,
                 dense: 1 << 40,
@@ -435,6 +455,7 @@ fn hostile_counts_do_not_allocate() {
     w.array(&RUN.0).u32(0);
     put_key(&mut w, &KEY);
     put_traffic(&mut w, &Traffic::default());
+    put_pass_time(&mut w, &PassTime::default());
     w.varint(u64::MAX >> 1);
     assert!(matches!(
         decode_body::<BackwardOut>(w.as_slice()),

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::compute::{self, Expect};
+use crate::protocol::PassTime;
 
 impl StageWorker {
     pub(super) async fn on_forward(
@@ -95,22 +96,29 @@ impl StageWorker {
         let in_len = frame.len();
         let (kept_in, fault) = (frame.clone(), self.inner.fault.clone());
         let received = f.receipt;
-        let computed =
-            tokio::task::spawn_blocking(move || -> Result<(ForwardCtx, Vec<u8>, usize, usize)> {
+        let mut clock = HopClock::start();
+        let computed = tokio::task::spawn_blocking(
+            move || -> Result<(ForwardCtx, Vec<u8>, usize, usize, HopClock)> {
+                clock.queued();
                 let (x, in_elems) =
                     compute::decode(&mut Decoder::new(), &frame, &limits, Expect::Hidden(hidden))?;
+                clock.codec();
                 let g = lock(&shard);
+                clock.queued();
                 let s = g.as_ref().ok_or_else(|| Error::Run("no state".into()))?;
                 let (y, c) = s.stage_forward(stage as usize, &x)?;
                 let y = fault.forward(key, stage, &x, y)?;
                 drop(g);
+                clock.compute();
                 let (out, elems) = compute::encode(act_codec, &y)?;
-                Ok((c, out, elems, in_elems))
-            })
-            .await
-            .map_err(|e| Error::Run(e.to_string()))
-            .and_then(|r| r);
-        let (c, out, elems, in_elems) = match computed {
+                clock.codec();
+                Ok((c, out, elems, in_elems, clock))
+            },
+        )
+        .await
+        .map_err(|e| Error::Run(e.to_string()))
+        .and_then(|r| r);
+        let (c, out, elems, in_elems, clock) = match computed {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(stage, step = key.step, microbatch = key.mb, error = %e, "forward failed");
@@ -159,6 +167,7 @@ impl StageWorker {
         );
         // What the previous hop sent us is upstream of the next message.
         let upstream = f.upstream.plus_frame(in_len, in_elems);
+        let time = f.time.plus(clock.time);
         let with_ours = upstream.plus_frame(out.len(), elems);
         let ours = Traffic::default().plus_frame(out.len(), elems);
         let next = f.hop as usize + 1;
@@ -172,6 +181,7 @@ impl StageWorker {
                 trainer,
                 accumulate: f.accumulate,
                 upstream,
+                time,
                 activations: out,
                 receipt,
             };
@@ -184,6 +194,7 @@ impl StageWorker {
                 key,
                 stage,
                 upstream,
+                time,
                 activations: out,
                 receipt,
             };
@@ -364,28 +375,36 @@ impl StageWorker {
         let in_len = frame.len();
         let (kept_in, fault) = (frame.clone(), self.inner.fault.clone());
         let received = b.receipt;
-        let computed = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, usize, usize)> {
-            let (g, in_elems) = compute::decode(&mut Decoder::new(), &frame, &limits, Expect::Any)?;
-            let mut guard = lock(&shard);
-            let s = guard
-                .as_mut()
-                .ok_or_else(|| Error::Run("no state".into()))?;
-            let dx = if accumulate {
-                s.backward(ctx, &g)?
-            } else {
-                s.backward_input_only(ctx, &g)?
-            };
-            drop(guard);
-            let dx = dx.ok_or_else(|| Error::Run("stage input has no gradient".into()))?;
-            let dx = fault.backward(key, &g, dx)?;
-            let (out, elems) = compute::encode(grad_codec, &dx)?;
-            Ok((out, elems, in_elems))
-        })
-        .await
-        .map_err(|e| Error::Run(e.to_string()))
-        .and_then(|r| r);
+        let mut clock = HopClock::start();
+        let computed =
+            tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, usize, usize, HopClock)> {
+                clock.queued();
+                let (g, in_elems) =
+                    compute::decode(&mut Decoder::new(), &frame, &limits, Expect::Any)?;
+                clock.codec();
+                let mut guard = lock(&shard);
+                clock.queued();
+                let s = guard
+                    .as_mut()
+                    .ok_or_else(|| Error::Run("no state".into()))?;
+                let dx = if accumulate {
+                    s.backward(ctx, &g)?
+                } else {
+                    s.backward_input_only(ctx, &g)?
+                };
+                drop(guard);
+                let dx = dx.ok_or_else(|| Error::Run("stage input has no gradient".into()))?;
+                let dx = fault.backward(key, &g, dx)?;
+                clock.compute();
+                let (out, elems) = compute::encode(grad_codec, &dx)?;
+                clock.codec();
+                Ok((out, elems, in_elems, clock))
+            })
+            .await
+            .map_err(|e| Error::Run(e.to_string()))
+            .and_then(|r| r);
         let trainer = entry.trainer;
-        let (out, elems, in_elems) = match computed {
+        let (out, elems, in_elems, clock) = match computed {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(stage, step = key.step, microbatch = key.mb, error = %e, "backward failed");
@@ -412,6 +431,7 @@ impl StageWorker {
         );
         let epoch = b.epoch;
         let upstream = b.upstream.plus_frame(in_len, in_elems);
+        let time = b.time.plus(clock.time);
         if accumulate {
             let msg = Counted {
                 run: b.run,
@@ -439,6 +459,7 @@ impl StageWorker {
                 key,
                 stage: stage - 1,
                 upstream,
+                time,
                 grad: out,
                 receipt,
             };
@@ -449,6 +470,7 @@ impl StageWorker {
                 epoch,
                 key,
                 upstream,
+                time,
                 grad: out,
                 receipt,
             };
@@ -490,5 +512,41 @@ impl StageWorker {
         st.attempt_abandoned(a.key, a.uncounted);
         drop(st);
         rpc::reply(&Ack)
+    }
+}
+
+/// One hop's [`PassTime`], measured by laps: each lap since the previous one is charged to what
+/// the hop did in it.
+#[derive(Clone, Copy)]
+pub(super) struct HopClock {
+    last: Instant,
+    time: PassTime,
+}
+
+impl HopClock {
+    fn start() -> HopClock {
+        HopClock {
+            last: Instant::now(),
+            time: PassTime::default(),
+        }
+    }
+
+    fn lap(&mut self) -> u64 {
+        let now = Instant::now();
+        let us = now.duration_since(self.last).as_micros() as u64;
+        self.last = now;
+        us
+    }
+
+    fn queued(&mut self) {
+        self.time.queued_us += self.lap();
+    }
+
+    fn codec(&mut self) {
+        self.time.codec_us += self.lap();
+    }
+
+    fn compute(&mut self) {
+        self.time.compute_us += self.lap();
     }
 }

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use super::book::StepBook;
 use super::checkpoint;
 use super::metrics::{Channel, Metrics, StepReport};
+use super::timing::Part;
 use crate::error::{Error, Result};
 use crate::identity::{Identity, PeerId};
 use crate::membership::RunId;
@@ -558,6 +559,7 @@ impl Trainer {
         self.wait_for_replicas(self.opts.min_replicas.max(1), on_event)
             .await?;
         let train_start = Instant::now();
+        self.metrics.clock = Some(super::timing::Clock::new(train_start));
         let waited = train_start - started;
         tracing::debug!(?waited, "replicas ready");
         while self.step() < last {
@@ -566,14 +568,21 @@ impl Trainer {
             }
             self.admit_joiners(on_event).await?;
             self.wait_for_replicas(1, on_event).await?;
-            let Some(report) = self.run_step(on_event).await? else {
+            self.metrics.enter(Part::Pipeline);
+            let report = self.run_step(on_event).await?;
+            self.metrics.enter(Part::Idle);
+            let Some(report) = report else {
                 continue;
             };
             if self.restore_pending {
                 // A stage lost its state during this step's Apply: the step does not count.
                 continue;
             }
-            self.metrics.train_seconds = train_start.elapsed().as_secs_f64();
+            let now = Instant::now();
+            self.metrics.train_seconds = (now - train_start).as_secs_f64();
+            if let Some(c) = &self.metrics.clock {
+                self.metrics.time_breakdown = c.breakdown(now);
+            }
             let step = report.step + 1;
             self.emit(TrainerEvent::Step(report.clone()), on_event);
             self.metrics.steps.push(report);

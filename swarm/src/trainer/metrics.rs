@@ -4,6 +4,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 
 use crate::identity::PeerId;
+use crate::trainer::timing::{Clock, Part, TimeBreakdown};
 
 /// A tensor channel of the pipeline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -135,6 +136,8 @@ pub struct Summary {
     pub banned: Vec<String>,
     /// Per replica: the work routed to it and the bytes our relay carried for it (issue #14).
     pub peers: Vec<PeerWork>,
+    /// Where the trainer's time went, to the end of the last step (issue #18).
+    pub time_breakdown: TimeBreakdown,
 }
 
 /// One replica's share of the run.
@@ -180,6 +183,10 @@ pub struct Metrics {
     pub audit: super::audit::AuditStats,
     /// Per replica (by peer id text): work routed and relay bytes.
     pub peers: std::collections::BTreeMap<String, PeerWork>,
+    /// Where the trainer's time went, to the end of the last step (`train_seconds`).
+    pub time_breakdown: TimeBreakdown,
+    /// The part clock of the current `Trainer::run` (`None` outside one).
+    pub(crate) clock: Option<Clock>,
 }
 
 impl Metrics {
@@ -205,6 +212,29 @@ impl Metrics {
             audit_failures: self.audit.audit_failures,
             banned: self.audit.banned.iter().map(|p| p.to_string()).collect(),
             peers: self.peers.values().cloned().collect(),
+            time_breakdown: self.time_breakdown,
+        }
+    }
+
+    /// Enters `part` of the trainer's time now; returns the part left (`Idle` without a clock).
+    pub(crate) fn enter(&mut self, part: Part) -> Part {
+        match &mut self.clock {
+            Some(c) => c.switch(part, std::time::Instant::now()),
+            None => Part::Idle,
+        }
+    }
+
+    /// Moves `d` of the time charged to `from` over to `to`.
+    pub(crate) fn reassign(&mut self, from: Part, to: Part, d: std::time::Duration) {
+        if let Some(c) = &mut self.clock {
+            c.reassign(from, to, d);
+        }
+    }
+
+    /// A pipeline pass came back after `round_trip`, with its stages' time.
+    pub(crate) fn pass(&mut self, round_trip: std::time::Duration, t: crate::protocol::PassTime) {
+        if let Some(c) = &mut self.clock {
+            c.pass(round_trip, t);
         }
     }
 }

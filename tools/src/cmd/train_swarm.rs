@@ -202,6 +202,22 @@ pub(crate) fn print_summary(m: &Metrics, wall_s: f64) {
         "retries {}, peers lost {}, peers left {}, replica hash mismatches {}",
         s.retries, s.peers_lost, s.peers_left, s.replica_hash_mismatches
     );
+    let t = &s.time_breakdown;
+    if t.wall_s > 0.0 {
+        let pct = |x: f64| 100.0 * x / t.wall_s;
+        println!(
+            "trainer time {:.1}s: compute {:.0}%, encode/decode {:.0}%, stage queues {:.0}%, links {:.0}%, step barrier {:.0}%, sync {:.0}%, audits {:.0}%, idle {:.0}%",
+            t.wall_s,
+            pct(t.compute_s),
+            pct(t.encode_decode_s),
+            pct(t.stage_queue_s),
+            pct(t.links_s),
+            pct(t.barrier_s),
+            pct(t.sync_s),
+            pct(t.audits_s),
+            pct(t.idle_s),
+        );
+    }
     for p in s.peers.iter().filter(|p| p.relay_bytes > 0) {
         println!(
             "peer {} (stage {}, {}): {} micro-batches, {} through the relay",

@@ -6,7 +6,9 @@
 
 use super::*;
 use crate::compute::{self, Expect};
+use crate::protocol::PassTime;
 use crate::trainer::machine::{Action, Event, Outcome, StepMachine};
+use crate::trainer::timing::Part;
 
 /// The driver's side of an attempt in flight: what performing the machine's actions needs.
 pub(super) struct Work {
@@ -19,6 +21,8 @@ pub(super) struct Work {
     /// forward pass is back) the loss gradient. The passes' `upstream` includes them again.
     sent_act: Traffic,
     sent_grad: Option<Traffic>,
+    /// When the current pass (forward, then backward) left the trainer.
+    sent_at: Instant,
 }
 
 impl Trainer {
@@ -263,16 +267,21 @@ impl Trainer {
         let codec = self.act_codec;
         let inputs = batch.inputs.clone();
         let (bsz, seq) = (batch.batch_size, batch.seq_len);
-        let (ctx, frame, dense) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let prev = self.metrics.enter(Part::Compute);
+        let computed = tokio::task::spawn_blocking(move || -> Result<_> {
             let e = ends.lock().unwrap_or_else(|e| e.into_inner());
             let (x, ctx) = e.embed_forward(&inputs, bsz, seq)?;
             drop(e);
+            let t = Instant::now();
             let (frame, n) = compute::encode(codec, &x)?;
             let dense = 4 * n as u64;
-            Ok((ctx, frame, dense))
+            Ok((ctx, frame, dense, t.elapsed()))
         })
         .await
-        .map_err(|e| run_err(e.to_string()))??;
+        .map_err(|e| run_err(e.to_string()));
+        self.metrics.enter(prev);
+        let (ctx, frame, dense, coding) = computed??;
+        self.metrics.reassign(Part::Compute, Part::Codec, coding);
         // Our frame crosses the network whatever happens to the attempt: count it now.
         let sent_act = Traffic {
             wire: frame.len() as u64,
@@ -291,6 +300,7 @@ impl Trainer {
             hop: 0,
             trainer: self.shared.endpoint,
             accumulate,
+            time: PassTime::default(),
             upstream: Traffic::default(),
             activations: frame,
             receipt: None,
@@ -304,6 +314,7 @@ impl Trainer {
             targets: batch.targets,
             sent_act,
             sent_grad: None,
+            sent_at: Instant::now(),
         })
     }
 
@@ -359,6 +370,7 @@ impl Trainer {
         ) {
             tracing::warn!(peer = %from.short(), why, mb = key.mb, "bad receipt with the forward output");
         } else {
+            self.metrics.pass(w.sent_at.elapsed(), out.time);
             match self.run_head(w, &out, accepted.accumulate).await {
                 Ok(loss) => {
                     sm.handle(Event::HeadDone { key, loss }, Instant::now());
@@ -389,10 +401,13 @@ impl Trainer {
             self.cfg().train.seq_len,
             self.cfg().model.hidden_size,
         );
-        let (loss, grad, dense) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let prev = self.metrics.enter(Part::Compute);
+        let computed = tokio::task::spawn_blocking(move || -> Result<_> {
             let dims = [bsz, seq, hidden];
+            let t = Instant::now();
             let (x, _) =
                 compute::decode(&mut Decoder::new(), &frame, &limits, Expect::Dims(&dims))?;
+            let mut coding = t.elapsed();
             let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
             let (loss, ctx) = e.head_forward(&x, &targets)?;
             let grad = if accumulate {
@@ -405,12 +420,17 @@ impl Trainer {
                 g
             };
             drop(e);
+            let t = Instant::now();
             let (frame, n) = compute::encode(codec, &grad)?;
             let dense = 4 * n as u64;
-            Ok((loss, frame, dense))
+            coding += t.elapsed();
+            Ok((loss, frame, dense, coding))
         })
         .await
-        .map_err(|e| run_err(e.to_string()))??;
+        .map_err(|e| run_err(e.to_string()));
+        self.metrics.enter(prev);
+        let (loss, grad, dense, coding) = computed??;
+        self.metrics.reassign(Part::Compute, Part::Codec, coding);
         // The rest of the forward pass (every hop's frame but our first, counted when sent) and
         // the gradient we send now; the rest of the backward pass comes with BackwardOut.
         self.metrics.wire.channel_mut(Channel::Activations).add(
@@ -434,11 +454,13 @@ impl Trainer {
             epoch: out.epoch,
             key: w.key,
             stage: last.stage,
+            time: PassTime::default(),
             upstream: Traffic::default(),
             grad,
             receipt: None,
         };
         self.send::<Backward>(last.addr, last.peer, w.key, msg);
+        w.sent_at = Instant::now();
         Ok(loss)
     }
 
@@ -469,6 +491,7 @@ impl Trainer {
         ) {
             tracing::warn!(peer = %from.short(), why, mb = key.mb, "bad receipt with the input gradient");
         } else {
+            self.metrics.pass(w.sent_at.elapsed(), out.time);
             self.audit.got_backward(key, &out.grad);
             let res = embed_backward(
                 &self.ends,
@@ -524,12 +547,18 @@ async fn embed_backward(
     let frame = out.grad.clone();
     let limits = *limits;
     let shape = info.shape().to_vec();
-    tokio::task::spawn_blocking(move || -> Result<()> {
+    let prev = metrics.enter(Part::Compute);
+    let done = tokio::task::spawn_blocking(move || -> Result<Duration> {
+        let t = Instant::now();
         let (g, _) = compute::decode(&mut Decoder::new(), &frame, &limits, Expect::Dims(&shape))?;
+        let coding = t.elapsed();
         let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
         e.backward(ctx, &g)?;
-        Ok(())
+        Ok(coding)
     })
     .await
-    .map_err(|e| run_err(e.to_string()))?
+    .map_err(|e| run_err(e.to_string()));
+    metrics.enter(prev);
+    metrics.reassign(Part::Compute, Part::Codec, done??);
+    Ok(())
 }

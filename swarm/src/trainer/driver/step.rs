@@ -4,6 +4,7 @@
 use super::pipeline::Work;
 use super::*;
 use crate::trainer::machine::{Event, MachineConfig, StepMachine};
+use crate::trainer::timing::Part;
 
 impl Trainer {
     /// One optimizer step: every micro-batch counted exactly once, then the replica sync.
@@ -46,6 +47,7 @@ impl Trainer {
 
         loop {
             // Micro-batch phase.
+            self.metrics.enter(Part::Pipeline);
             while !sm.micro_batches_done() {
                 if let Some(e) = self.perform(&mut sm, &mut work, epoch).await? {
                     if self.restore_pending {
@@ -118,6 +120,7 @@ impl Trainer {
             // Attempts still in flight are complete (their late messages are ignored).
             sm.close_micro_batches();
             self.settle(&mut sm, &mut work);
+            self.metrics.enter(Part::Barrier);
 
             // A replica that died after counting must not be asked to sync: probe them all
             // first (a crash during the sync itself is handled below, at a higher cost).
@@ -136,7 +139,9 @@ impl Trainer {
             // receipts and frames. A ban discards the step's gradients everywhere (they may hold
             // the cheater's outputs) and re-runs the step on honest replicas.
             if pending_sync.len() == stages {
+                self.metrics.enter(Part::Audits);
                 let bans = self.audit_step(step, epoch, sm.book()).await;
+                self.metrics.enter(Part::Barrier);
                 if !bans.is_empty() {
                     for b in &bans {
                         self.observer.ban(&b.peer, b.stage, &b.reason, step);
@@ -167,6 +172,7 @@ impl Trainer {
             } else {
                 SyncPhase::Gradient
             };
+            self.metrics.enter(Part::Sync);
             let outcome = self
                 .sync_stages(
                     step,
@@ -184,6 +190,7 @@ impl Trainer {
                 // Its replicas hold the summed gradient: losing one now costs no count.
                 sm.handle(Event::StageSynced(k as u16), Instant::now());
             }
+            self.metrics.enter(Part::Barrier);
             mismatches += outcome.norm_mismatches;
             for p in &outcome.failed_peers {
                 self.lose_peer(*p, on_event);
@@ -205,6 +212,7 @@ impl Trainer {
         }
 
         // Global norm, clip, learning rate, optimizer everywhere.
+        self.metrics.enter(Part::Compute);
         let ends_norm = {
             let ends = self.ends.clone();
             tokio::task::spawn_blocking(move || {
@@ -231,6 +239,7 @@ impl Trainer {
             .await
             .map_err(|e| run_err(e.to_string()))??;
         }
+        self.metrics.enter(Part::Barrier);
         let drifts = cfg.sync.drifts();
         let phase = if drifts {
             SyncPhase::Local
@@ -241,7 +250,9 @@ impl Trainer {
             .apply_all(step, epoch, sm.book(), lr, scale, phase, on_event)
             .await?;
         if drifts && cfg.is_sync_boundary(step + 1) && !self.restore_pending {
+            self.metrics.enter(Part::Sync);
             mismatches += self.outer_sync(step + 1, epoch, on_event).await?;
+            self.metrics.enter(Part::Barrier);
         }
         let book = sm.book();
         let attempts: Vec<Option<u32>> = (0..m).map(|mb| book.current_attempt(mb)).collect();
