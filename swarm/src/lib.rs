@@ -4,8 +4,6 @@
 //! The network modules are re-exported under their old paths (`swarm_core::rpc`, ...) so callers
 //! need one import root; they live in `swarm/net`.
 
-pub mod bench_link;
-pub mod codec_sim;
 pub mod compute;
 pub mod error;
 #[cfg(feature = "fault")]

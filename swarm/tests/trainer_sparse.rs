@@ -1,6 +1,6 @@
 //! The multi-step replica sync (`[sync] mode = "sparseloco"`, issue #13 part 2) in the real
 //! trainer and stage workers over QUIC on loopback, against the in-process simulation
-//! (`swarm_core::codec_sim`, an independent implementation of the same math on one copy of the
+//! (`swarm_bench::codec_sim`, an independent implementation of the same math on one copy of the
 //! weights per replica):
 //! - one replica per stage: routing is fixed, so the swarm is the simulation step for step
 //!   (losses and validation within 1e-4);
@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use swarm_core::codec_sim::{SimOptions, SimTrainer};
+use swarm_bench::codec_sim::{SimOptions, SimTrainer};
 use swarm_core::trainer::{Metrics, Trainer, TrainerEvent, TrainerOptions};
 use swarm_core::wire::kind;
 use swarm_model::{RunConfig, SyncMode};

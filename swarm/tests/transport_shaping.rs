@@ -6,8 +6,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use swarm_bench::link::{LinkCase, run_case};
 use swarm_core::Identity;
-use swarm_core::bench_link::{LinkCase, run_case};
 use swarm_core::rpc::{self, BasicService, Ping, Pong};
 use swarm_core::shaping::LinkShape;
 use swarm_core::transport::{Congestion, Node, TransportConfig};

@@ -96,6 +96,7 @@ fn library_crates_use_thiserror_not_anyhow() {
         "model",
         "router",
         "swarm",
+        "swarm/bench",
         "swarm/nat",
         "swarm/net",
         "swarm/netlab",
@@ -254,7 +255,6 @@ fn proof_of_training_does_not_import_training() {
         "trainer",
         "state_transfer",
         "compute",
-        "codec_sim",
         "stage_fit",
     ];
     let proof = module_files(&["swarm/src/receipt.rs", "swarm/src/ledger.rs"]);

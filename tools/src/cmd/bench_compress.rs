@@ -1,5 +1,5 @@
 //! `swarm bench compress`: the loss and bytes of a run's codecs, simulated in this process
-//! (`swarm_core::codec_sim`), against the local run of the same config in the same invocation.
+//! (`swarm_bench::codec_sim`), against the local run of the same config in the same invocation.
 //! Seconds per step instead of a swarm's minutes: for bisecting a loss effect by channel and for
 //! sweeping codecs before confirming a point with `swarm replay`.
 
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use serde::Serialize;
-use swarm_core::codec_sim::{OuterSync, SimBytes, SimOptions, SimTrainer};
+use swarm_bench::codec_sim::{OuterSync, SimBytes, SimOptions, SimTrainer};
 use swarm_model::train::load_corpus;
 use swarm_model::{LocalTrainer, RunConfig};
 

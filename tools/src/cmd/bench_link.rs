@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use swarm_core::bench_link::{LinkCase, LinkResult, run_case, standard_cases};
+use swarm_bench::link::{LinkCase, LinkResult, run_case, standard_cases};
 
 use crate::ui;
 

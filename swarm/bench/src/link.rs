@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::identity::Identity;
-use crate::shaping::{LinkShape, ShapeCounters};
-use crate::transport::{Congestion, Node, TransportConfig};
-use crate::wire::{HEADER_LEN, Header, NET_KINDS, kind};
+use swarm_net::identity::Identity;
+use swarm_net::shaping::{LinkShape, ShapeCounters};
+use swarm_net::transport::{Congestion, Node, TransportConfig};
+use swarm_net::wire::{HEADER_LEN, Header, NET_KINDS, kind};
 use swarm_net::{Error, Result};
 
 /// One benchmark case.
@@ -178,7 +178,7 @@ pub async fn run_case(case: &LinkCase, progress: Option<Arc<AtomicU64>>) -> Resu
     let stats = conn.connection().stats();
     let measured_rtt = conn.rtt();
     let sender_shaper = sender.shape_counters().unwrap_or_default();
-    conn.close(crate::transport::CLOSE_SHUTDOWN, b"done");
+    conn.close(swarm_net::transport::CLOSE_SHUTDOWN, b"done");
     sender.close();
     receiver.close();
     recv_task.abort();

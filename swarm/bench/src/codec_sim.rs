@@ -194,12 +194,10 @@ impl SimTrainer {
     pub fn new(cfg: &RunConfig, opts: SimOptions) -> Result<SimTrainer> {
         cfg.validate()?;
         if opts.replicas == 0 {
-            return Err(Error::Run(
-                "a simulated run needs at least one replica".into(),
-            ));
+            return Err(Error::Options("a simulated run needs at least one replica"));
         }
         if opts.outer.is_some_and(|o| o.every == 0) {
-            return Err(Error::Run("a multi-step sync needs every >= 1".into()));
+            return Err(Error::Options("a multi-step sync needs every >= 1"));
         }
         let dev = Device::Cpu;
         let ends = Shard::new(
