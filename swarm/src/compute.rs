@@ -38,9 +38,10 @@ pub fn decode(
         Expect::Any => true,
     };
     if !ok {
-        return Err(Error::Run(format!(
-            "frame of shape {shape:?}, expected {expect:?}"
-        )));
+        return Err(Error::FrameShape {
+            got: shape,
+            expected: format!("{expect:?}"),
+        });
     }
     let t = cand(Tensor::from_vec(values, shape.as_slice(), &Device::Cpu))?;
     Ok((t, info.elements))
@@ -84,7 +85,7 @@ pub fn recompute(
     let (g, _) = decode(&mut dec, bwd_in, limits, Expect::Dims(y.dims()))?;
     let dx = shard
         .backward_input_only(ctx, &g)?
-        .ok_or_else(|| Error::Run("stage input has no gradient".into()))?;
+        .ok_or_else(|| Error::NoInputGradient)?;
     let (bwd_out, _) = encode(grad, &dx)?;
     Ok((fwd_out, bwd_out))
 }

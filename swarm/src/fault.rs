@@ -83,12 +83,7 @@ impl fmt::Display for FaultSpec {
 impl FromStr for FaultSpec {
     type Err = Error;
     fn from_str(s: &str) -> Result<FaultSpec> {
-        let bad = || {
-            Error::Run(format!(
-                "bad fault `{s}`: expected KIND:RATE[:SEED] with KIND one of noise, zero, stale, \
-                 skip, scale-grad and RATE in [0, 1]"
-            ))
-        };
+        let bad = || Error::BadFault(s.to_string());
         let mut parts = s.trim().split(':');
         let kind = match parts.next().ok_or_else(bad)? {
             "noise" => FaultKind::Noise,

@@ -414,7 +414,7 @@ pub fn stage_pieces(config: &RunConfig, stage: u32) -> Result<Vec<Piece>> {
     all.get(stage as usize)
         .cloned()
         .map(|p| vec![p])
-        .ok_or_else(|| Error::Run(format!("the run has no stage {stage}")))
+        .ok_or(Error::NoSuchStage(stage))
 }
 
 /// The stage's shard as built from the run seed (step 0).
@@ -458,9 +458,7 @@ impl StageWorker {
         if let Some(s) = &shard
             && s.pieces() != pieces.as_slice()
         {
-            return Err(Error::Run(
-                "the shard holds other pieces than the stage".into(),
-            ));
+            return Err(Error::WrongPieces);
         }
         let boundary_elems = cfg.train.micro_batch_size * cfg.train.seq_len * cfg.model.hidden_size;
         let me = peer.node().peer_id();
@@ -570,8 +568,7 @@ impl StageWorker {
         let shard = self.inner.shard.clone();
         Ok(
             tokio::task::spawn_blocking(move || lock(&shard).as_ref().map(Shard::weights_digest))
-                .await
-                .map_err(|e| Error::Run(e.to_string()))?
+                .await?
                 .transpose()?,
         )
     }
@@ -586,18 +583,15 @@ impl StageWorker {
             let mut g = lock(&shard);
             g.as_mut().map(f)
         })
-        .await
-        .map_err(|e| Error::Run(e.to_string()))?
-        .ok_or_else(|| Error::Run("no state loaded".into()))
+        .await?
+        .ok_or_else(|| Error::NoState)
     }
 
     /// Replaces the state: a new shard for `epoch`; contexts, accumulator, sync round and the
     /// error-feedback residual are dropped (they refer to the old state).
     pub fn install(&self, shard: Shard, epoch: u32) -> Result<()> {
         if shard.pieces() != self.inner.pieces.as_slice() {
-            return Err(Error::Run(
-                "the shard holds other pieces than the stage".into(),
-            ));
+            return Err(Error::WrongPieces);
         }
         let step = shard.step();
         if let Some(d) = &self.inner.drift {

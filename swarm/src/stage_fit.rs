@@ -34,7 +34,7 @@ pub fn fitting_stage(
     if let Some(s) = asked {
         let n = need(s as usize)?;
         if n > budget {
-            return Err(Error::Run(format!(
+            return Err(Error::DoesNotFit(format!(
                 "stage {s} needs about {} (weights, gradients, AdamW state, activations of {} \
                  micro-batches in flight) but {} is available: choose a smaller model or free memory",
                 mib(n),
@@ -62,7 +62,7 @@ pub fn fitting_stage(
         None => {
             let smallest = (0..stages).map(need).collect::<Result<Vec<_>>>()?;
             let min = smallest.iter().copied().min().unwrap_or(0);
-            Err(Error::Run(format!(
+            Err(Error::DoesNotFit(format!(
                 "no stage of this run fits in {} of memory: the smallest needs about {} (weights, \
                  gradients, AdamW state, activations of {} micro-batches in flight)",
                 mib(budget),

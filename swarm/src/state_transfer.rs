@@ -198,12 +198,15 @@ pub async fn fetch_verified(
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
     let max_total = max_export_len(num_params);
-    let mut last = Error::Run(format!("stage {}: no state source", req.stage));
+    let mut last = Error::NoStateSource(req.stage);
     for src in from {
         let bytes = match download(peer, req, src, max_total).await {
             Download::Got(b) => b,
             Download::Bad(reason) => {
-                last = Error::Run(format!("state from {}: {reason}", src.peer.short()));
+                last = Error::BadState {
+                    peer: src.peer,
+                    reason: reason.clone(),
+                };
                 blame(&mut bad, src.peer, reason, [0; 32]);
                 continue;
             }
@@ -223,7 +226,7 @@ pub async fn fetch_verified(
             Ok(v) => v,
             Err(e) => {
                 return Err(FetchFailed {
-                    error: Error::Run(format!("state check task: {e}")),
+                    error: Error::Task(e),
                     bad,
                 });
             }
@@ -238,7 +241,10 @@ pub async fn fetch_verified(
                 });
             }
             Err(reason) => {
-                last = Error::Run(format!("state from {}: {reason}", src.peer.short()));
+                last = Error::BadState {
+                    peer: src.peer,
+                    reason: reason.clone(),
+                };
                 blame(&mut bad, src.peer, reason, *blake3::hash(&bytes).as_bytes());
             }
         }

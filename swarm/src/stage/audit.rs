@@ -78,12 +78,12 @@ impl StageWorker {
             return Ok(d);
         }
         let g = lock(&self.inner.shard);
-        let s = g.as_ref().ok_or_else(|| Error::Run("no state".into()))?;
+        let s = g.as_ref().ok_or_else(|| Error::NoState)?;
         if s.step() != step {
-            return Err(Error::Run(format!(
-                "audit of step {step}, the stage is at step {}",
-                s.step()
-            )));
+            return Err(Error::StepMismatch {
+                asked: step,
+                at: s.step(),
+            });
         }
         let d = s.weights_digest()?;
         drop(g);
@@ -202,14 +202,17 @@ impl StageWorker {
         let send_frames = a.frames;
         let done = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Vec<u8>)> {
             let g = lock(&shard);
-            let s = g.as_ref().ok_or_else(|| Error::Run("no state".into()))?;
+            let s = g.as_ref().ok_or_else(|| Error::NoState)?;
             if s.step() != step {
-                return Err(Error::Run("the stage moved on".into()));
+                return Err(Error::StepMismatch {
+                    asked: step,
+                    at: s.step(),
+                });
             }
             recompute(s, stage, &a.fwd_in, &a.bwd_in, &limits, act, grad)
         })
         .await
-        .map_err(|e| Error::Run(e.to_string()))
+        .map_err(Error::from)
         .and_then(|r| r)
         .map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
         let (fwd_hash, bwd_hash) = (frame_hash(&done.0), frame_hash(&done.1));

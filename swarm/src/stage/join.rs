@@ -75,7 +75,7 @@ pub async fn join_run_within(
     let (tid, info): (PeerId, RunInfo) = shared.call(trainer, None, &RunInfoRequest).await?;
     let h = blake3::hash(info.config_toml.as_bytes());
     if h.as_bytes()[..16] != info.run.0 || info.run != peer.run_id() {
-        return Err(Error::Run("the run info does not match the run id".into()));
+        return Err(Error::RunMismatch);
     }
     let config = RunConfig::from_toml(&info.config_toml)?;
     let replicas: Vec<usize> = info.replicas.iter().map(Vec::len).collect();

@@ -105,7 +105,7 @@ impl StageWorker {
                 clock.codec();
                 let g = lock(&shard);
                 clock.queued();
-                let s = g.as_ref().ok_or_else(|| Error::Run("no state".into()))?;
+                let s = g.as_ref().ok_or_else(|| Error::NoState)?;
                 let (y, c) = s.stage_forward(stage as usize, &x)?;
                 let y = fault.forward(key, stage, &x, y)?;
                 drop(g);
@@ -116,7 +116,7 @@ impl StageWorker {
             },
         )
         .await
-        .map_err(|e| Error::Run(e.to_string()))
+        .map_err(Error::from)
         .and_then(|r| r);
         let (c, out, elems, in_elems, clock) = match computed {
             Ok(v) => v,
@@ -234,8 +234,9 @@ impl StageWorker {
         peer: PeerId,
         msg: &M,
     ) -> Result<()> {
-        let mut last = None;
-        for attempt in 0..self.inner.opts.send_tries.max(1) {
+        let tries = self.inner.opts.send_tries.max(1);
+        let mut attempt = 0;
+        loop {
             match self
                 .inner
                 .peer
@@ -246,14 +247,14 @@ impl StageWorker {
                 Ok(_) => return Ok(()),
                 // A refusal is an answer: retrying would get the same one.
                 Err(e @ Error::Remote(_)) => return Err(e),
+                Err(e) if attempt + 1 >= tries => return Err(e),
                 Err(e) => {
                     tracing::debug!(attempt, error = %e, "send failed");
-                    last = Some(e);
                     tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
+                    attempt += 1;
                 }
             }
         }
-        Err(last.unwrap_or_else(|| Error::Run("no send attempted".into())))
     }
 
     pub(super) async fn report_failure(
@@ -386,14 +387,14 @@ impl StageWorker {
                 clock.queued();
                 let s = guard
                     .as_mut()
-                    .ok_or_else(|| Error::Run("no state".into()))?;
+                    .ok_or_else(|| Error::NoState)?;
                 let dx = if accumulate {
                     s.backward(ctx, &g)?
                 } else {
                     s.backward_input_only(ctx, &g)?
                 };
                 drop(guard);
-                let dx = dx.ok_or_else(|| Error::Run("stage input has no gradient".into()))?;
+                let dx = dx.ok_or_else(|| Error::NoInputGradient)?;
                 let dx = fault.backward(key, &g, dx)?;
                 clock.compute();
                 let (out, elems) = compute::encode(grad_codec, &dx)?;
@@ -401,7 +402,7 @@ impl StageWorker {
                 Ok((out, elems, in_elems, clock))
             })
             .await
-            .map_err(|e| Error::Run(e.to_string()))
+            .map_err(Error::from)
             .and_then(|r| r);
         let trainer = entry.trainer;
         let (out, elems, in_elems, clock) = match computed {

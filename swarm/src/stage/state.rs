@@ -15,7 +15,7 @@ impl StageWorker {
         let shard = self.inner.shard.clone();
         let e = tokio::task::spawn_blocking(move || -> Result<Export> {
             let g = lock(&shard);
-            let s = g.as_ref().ok_or_else(|| Error::Run("no state".into()))?;
+            let s = g.as_ref().ok_or_else(|| Error::NoState)?;
             let bytes = s.export_state()?;
             Ok(Export {
                 epoch,
@@ -25,8 +25,7 @@ impl StageWorker {
                 bytes: Arc::new(bytes),
             })
         })
-        .await
-        .map_err(|e| Error::Run(e.to_string()))??;
+        .await??;
         let e = Arc::new(e);
         lock(&self.inner.state).export = Some(e.clone());
         Ok(e)
@@ -162,15 +161,11 @@ pub async fn load_state(
     match source {
         StateSource::Init => {
             if step != 0 {
-                return Err(Error::Run(format!(
-                    "cannot build step {step} from the seed"
-                )));
+                return Err(Error::NotFromSeed(step));
             }
             let cfg = opts.config.clone();
             let stage = opts.stage;
-            tokio::task::spawn_blocking(move || init_shard(&cfg, stage))
-                .await
-                .map_err(|e| Error::Run(e.to_string()))?
+            tokio::task::spawn_blocking(move || init_shard(&cfg, stage)).await?
         }
         StateSource::Fetch { from, digest } => {
             fetch_state(peer, opts, epoch, step, from, *digest).await

@@ -145,10 +145,10 @@ impl StageWorker {
             .inner
             .drift
             .as_ref()
-            .ok_or_else(|| Error::Run("no multi-step sync in this run".into()))?;
+            .ok_or_else(|| Error::NoOuterSync("no multi-step sync in this run"))?;
         let w = lock(&self.inner.shard)
             .as_ref()
-            .ok_or_else(|| Error::Run("no state".into()))?
+            .ok_or_else(|| Error::NoState)?
             .weights_flat()?;
         let mut d = lock(drift);
         let d = &mut *d;
@@ -198,7 +198,7 @@ impl StageWorker {
                 }
                 let g = lock(&shard)
                     .as_ref()
-                    .ok_or_else(|| Error::Run("no state".into()))?
+                    .ok_or_else(|| Error::NoState)?
                     .grads_flat()?;
                 let mut out = Vec::new();
                 let mut enc = Encoder::new(sync_codec)?.with_seed(seed);
@@ -206,7 +206,7 @@ impl StageWorker {
                 Ok(out)
             })
             .await
-            .map_err(|e| Error::Run(e.to_string()))
+            .map_err(Error::from)
             .and_then(|r| r);
             let frame = match enc {
                 Ok(f) => f,
@@ -373,7 +373,7 @@ impl StageWorker {
                 SyncPhase::Gradient => {}
             }
             let mut g = lock(&shard);
-            let s = g.as_mut().ok_or_else(|| Error::Run("no state".into()))?;
+            let s = g.as_mut().ok_or_else(|| Error::NoState)?;
             if frames.len() > 1 {
                 let limits = Limits::new(n_params);
                 let mut dec = Decoder::new();
@@ -382,10 +382,10 @@ impl StageWorker {
                 for (i, f) in frames.iter().enumerate() {
                     let info = dec.decode(f, &limits, &mut buf)?;
                     if info.elements != n_params {
-                        return Err(Error::Run(format!(
-                            "share of {} elements for {n_params} parameters",
-                            info.elements
-                        )));
+                        return Err(Error::ShareSize {
+                            got: info.elements,
+                            expected: n_params,
+                        });
                     }
                     if i == 0 {
                         sum.clone_from(&buf);
@@ -410,7 +410,7 @@ impl StageWorker {
             }
         })
         .await
-        .map_err(|e| Error::Run(e.to_string()))
+        .map_err(Error::from)
         .and_then(|r| r);
         let (norm, digest) = match done {
             Ok(v) => v,
@@ -490,7 +490,7 @@ impl StageWorker {
         let fault = self.inner.fault.clone();
         let digest = tokio::task::spawn_blocking(move || -> Result<[u8; 32]> {
             let mut g = lock(&shard);
-            let s = g.as_mut().ok_or_else(|| Error::Run("no state".into()))?;
+            let s = g.as_mut().ok_or_else(|| Error::NoState)?;
             fault.before_apply(a.step, s)?;
             s.optimizer_step(&hp, a.lr, a.clip_scale)?;
             s.zero_grads();
@@ -526,7 +526,7 @@ impl StageWorker {
         let mine = lock(&self.inner.state).counted.len();
         let total = self.inner.opts.config.train.micro_batches;
         let mut g = lock(&self.inner.shard);
-        let s = g.as_mut().ok_or_else(|| Error::Run("no state".into()))?;
+        let s = g.as_mut().ok_or_else(|| Error::NoState)?;
         let mut flat = s.grads_flat()?;
         if mine > 0 && mine != total {
             let k = total as f32 / mine as f32;
@@ -549,7 +549,7 @@ impl StageWorker {
             .inner
             .drift
             .as_ref()
-            .ok_or_else(|| Error::Run("no multi-step sync in this run".into()))?;
+            .ok_or_else(|| Error::NoOuterSync("no multi-step sync in this run"))?;
         let cfg = &self.inner.opts.config.sync;
         let n = self.inner.num_params;
         let weight = 1.0 / frames.len().max(1) as f32;
@@ -588,10 +588,10 @@ impl StageWorker {
             let mut d = lock(&drift);
             let anchor = match d.pending.take() {
                 Some((s, r, anchor)) if s == step && Some(r) == round => anchor,
-                _ => return Err(Error::Run("no outer step computed for this round".into())),
+                _ => return Err(Error::NoOuterSync("no outer step computed for this round")),
             };
             let mut g = lock(&shard);
-            let s = g.as_mut().ok_or_else(|| Error::Run("no state".into()))?;
+            let s = g.as_mut().ok_or_else(|| Error::NoState)?;
             s.set_weights_flat(&anchor)?;
             d.anchor = anchor;
             d.backup = None;

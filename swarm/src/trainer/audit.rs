@@ -844,11 +844,10 @@ impl Auditor {
             .collect();
         let shard = if v.step == 0 {
             let cfg = v.config.clone();
-            let s = tokio::task::spawn_blocking(move || crate::stage::init_shard(&cfg, k))
-                .await
-                .map_err(|e| Error::Run(e.to_string()))??;
+            let s =
+                tokio::task::spawn_blocking(move || crate::stage::init_shard(&cfg, k)).await??;
             if s.weights_digest()? != digest {
-                return Err(Error::Run("digest is not the seed's".into()));
+                return Err(Error::DigestMismatch(k));
             }
             s
         } else {
@@ -859,8 +858,7 @@ impl Auditor {
         let (fo, bo) = tokio::task::spawn_blocking(move || {
             recompute(&shard, k as usize, &fi, &bi, &limits, act, grad)
         })
-        .await
-        .map_err(|e| Error::Run(e.to_string()))??;
+        .await??;
         Ok(AuditResult {
             weights_digest: digest,
             fwd_hash: frame_hash(&fo),

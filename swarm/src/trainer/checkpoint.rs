@@ -22,7 +22,7 @@ const META_CONFIG: &str = "swarm.run_config";
 const META_LEDGER_HEAD: &str = "swarm.ledger_head";
 
 fn bad(m: impl Into<String>) -> Error {
-    Error::Run(m.into())
+    Error::Checkpoint(m.into())
 }
 
 /// Whether `dir` holds a checkpoint.
