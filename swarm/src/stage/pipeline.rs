@@ -385,9 +385,7 @@ impl StageWorker {
                 clock.codec();
                 let mut guard = lock(&shard);
                 clock.queued();
-                let s = guard
-                    .as_mut()
-                    .ok_or_else(|| Error::NoState)?;
+                let s = guard.as_mut().ok_or_else(|| Error::NoState)?;
                 let dx = if accumulate {
                     s.backward(ctx, &g)?
                 } else {

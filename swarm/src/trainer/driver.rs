@@ -7,7 +7,7 @@
 //! acknowledgement and forward what they received to the driver through a channel, so nothing is
 //! shared but the registry that answers `RunInfo` and `Admit`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 use super::book::StepBook;
 use super::checkpoint;
+use super::machine::{self, replicas::StageHolders};
 use super::metrics::{Channel, Metrics, StepReport};
 use super::timing::Part;
 use crate::error::{Error, Result};
@@ -227,7 +228,7 @@ struct Registry {
     /// Whether stage state exists only from the seed (step 0 of a fresh run).
     fresh: bool,
     /// Peers banned by an audit: never admitted again.
-    banned: std::collections::BTreeSet<PeerId>,
+    banned: BTreeSet<PeerId>,
 }
 
 struct Shared {
@@ -320,7 +321,7 @@ impl Trainer {
             // An audit recomputes a pass on another replica with the same weights; between sync
             // boundaries replicas hold different weights, and auditing a replica against its own
             // (and its inner optimizer steps) is not built: refuse rather than skip audits.
-            return Err(run_err(format!(
+            return Err(Error::Unsupported(format!(
                 "sync mode {:?} cannot be audited yet (replicas drift between sync boundaries); \
                  run it with audits off (--audit-rate 0)",
                 cfg.sync.mode
@@ -331,11 +332,10 @@ impl Trainer {
         // The same corpus the local trainer reads, so batches match step for step.
         let corpus = swarm_model::train::load_corpus(&cfg.data)?;
         if corpus.vocab_size() > cfg.model.vocab_size {
-            return Err(run_err(format!(
-                "corpus vocab {} > model vocab {}",
-                corpus.vocab_size(),
-                cfg.model.vocab_size
-            )));
+            return Err(Error::VocabMismatch {
+                corpus: corpus.vocab_size(),
+                model: cfg.model.vocab_size,
+            });
         }
         let num_stages = cfg.stages.len() - 1;
         let device = Device::Cpu;
@@ -351,11 +351,11 @@ impl Trainer {
         {
             let restored = checkpoint::restore(dir, &cfg, &device)?;
             if restored.run != run {
-                return Err(run_err(format!(
-                    "{} holds a checkpoint of run {}, not of this config's run {run}",
-                    dir.display(),
-                    restored.run
-                )));
+                return Err(Error::ForeignCheckpoint {
+                    dir: dir.clone(),
+                    found: restored.run,
+                    expected: run,
+                });
             }
             ends.import_state(&restored.ends_state)?;
             epoch = restored.epoch + 1;
@@ -675,35 +675,27 @@ fn now_ms() -> u64 {
     crate::peer::unix_now()
 }
 
+/// Where a replica of `stage` (other than `except`) loads its state from now (see
+/// [`machine::replicas::state_source`]).
 fn state_source(shared: &Shared, stage: u32, except: Option<PeerId>) -> StateSource {
     shared.reg(|r| {
-        if let Some(s) = r.served.get(&stage)
-            && s.step == r.step
-        {
-            return StateSource::Fetch {
-                from: vec![shared.endpoint],
-                digest: s.digest,
-            };
-        }
-        if r.fresh && !r.in_step {
-            return StateSource::Init;
-        }
-        let from: Vec<Endpoint> = r.stages[stage as usize]
-            .iter()
-            .filter(|(p, rep)| rep.state == ReplicaState::Serving && Some(**p) != except)
-            .map(|(p, rep)| Endpoint {
-                peer: *p,
-                addr: rep.addr,
-            })
-            .collect();
-        match r.digests[stage as usize] {
-            Some(digest) if !from.is_empty() => StateSource::Fetch { from, digest },
-            _ if r.fresh => StateSource::Init,
-            _ => StateSource::Fetch {
-                from,
-                digest: [0; 32],
-            },
-        }
+        let holders = StageHolders {
+            served: r
+                .served
+                .get(&stage)
+                .filter(|s| s.step == r.step)
+                .map(|s| s.digest),
+            replicas: r.stages[stage as usize]
+                .iter()
+                .filter(|(p, rep)| rep.state == ReplicaState::Serving && Some(**p) != except)
+                .map(|(p, rep)| Endpoint {
+                    peer: *p,
+                    addr: rep.addr,
+                })
+                .collect(),
+            agreed: r.digests[stage as usize],
+        };
+        machine::replicas::state_source(shared.endpoint, holders, r.fresh, r.in_step)
     })
 }
 

@@ -29,7 +29,9 @@ use crate::identity::PeerId;
 use crate::protocol::{Abandon, MbKey, Traffic};
 use crate::receipt::Pass;
 
+pub mod flow;
 pub mod join;
+pub mod replicas;
 pub mod sync;
 
 #[cfg(test)]

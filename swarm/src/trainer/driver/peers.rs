@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::trainer::machine::join::{BoundaryWait, boundary_wait};
+use crate::trainer::machine::replicas::{LeaveAction, Leaver, Leavers};
 
 impl Trainer {
     /// Waits until every stage has `need` serving replicas, handling messages meanwhile.
@@ -41,10 +42,11 @@ impl Trainer {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(run_err(format!(
-                    "waited {:?} for {need} replica(s) per stage; serving: {serving:?}",
-                    self.opts.wait_for_peers
-                )));
+                return Err(Error::NotEnoughReplicas {
+                    need,
+                    serving,
+                    waited: self.opts.wait_for_peers,
+                });
             }
             let wait = (deadline - now).min(Duration::from_millis(500));
             if let Ok(Some(msg)) = tokio::time::timeout(wait, self.inbox.recv()).await {
@@ -312,95 +314,116 @@ impl Trainer {
         }
     }
 
-    /// At a step boundary: releases every replica that asked to leave. The last replica of a
-    /// stage hands its state to the trainer first (fetched and verified), so the next peer to take
-    /// the stage loads it from the trainer and nothing is lost.
+    /// At a step boundary: releases every replica that asked to leave. Which leaver hands its
+    /// state to the trainer first is [`Leavers`]'s decision; the hand-off is fetched and
+    /// verified against the stage's agreed digest like any state the trainer takes, so a leaver
+    /// cannot hand the next replica (or a checkpoint) altered weights.
     pub(super) async fn release_leavers(&mut self, on_event: &mut dyn FnMut(&TrainerEvent)) {
-        if !self.cfg().is_sync_boundary(self.shared.reg(|r| r.step)) {
-            // Between sync boundaries a replica holds its own drifted state: a leaver's hand-off
-            // (verified against the stage's agreed digest) waits for the next boundary.
-            return;
-        }
-        let (epoch, step, leaving) = self.shared.reg(|r| {
-            let leaving: Vec<(usize, PeerId, SocketAddr, bool)> = r
+        let at_sync_boundary = self.cfg().is_sync_boundary(self.shared.reg(|r| r.step));
+        let (epoch, step, leaving, held) = self.shared.reg(|r| {
+            let leaving: Vec<(Leaver, SocketAddr)> = r
                 .stages
                 .iter()
                 .enumerate()
                 .flat_map(|(k, s)| {
+                    let last = !s.values().any(|o| o.state == ReplicaState::Serving);
                     s.iter()
                         .filter(|(_, rep)| rep.state == ReplicaState::Leaving)
                         .map(move |(p, rep)| {
-                            let last = !s.values().any(|o| o.state == ReplicaState::Serving);
-                            (k, *p, rep.addr, last)
+                            let l = Leaver {
+                                stage: k,
+                                peer: *p,
+                                last,
+                            };
+                            (l, rep.addr)
                         })
                 })
                 .collect();
-            (r.epoch, r.step, leaving)
+            let held: BTreeSet<usize> = r.served.keys().map(|k| *k as usize).collect();
+            (r.epoch, r.step, leaving, held)
         });
-        let mut handed: HashSet<usize> = HashSet::new();
-        for (k, p, addr, last) in leaving {
-            let mut handed_off = false;
-            if last
-                && !handed.contains(&k)
-                && !self.shared.reg(|r| r.served.contains_key(&(k as u32)))
-            {
-                // Verified against the stage's agreed digest like any state the trainer takes:
-                // a leaver cannot hand the next replica (or a checkpoint) altered weights.
-                let digest = self.shared.reg(|r| r.digests[k]);
-                let fetched = match digest {
-                    Some(digest) => {
-                        tokio::time::timeout(
-                            self.opts.sync_timeout,
-                            self.fetch_stage_state(epoch, k, step, &[(p, addr)], digest),
-                        )
-                        .await
-                    }
-                    None => Ok(Err(FetchFailed {
-                        error: run_err(format!("stage {k} has no agreed digest")),
-                        bad: Vec::new(),
-                    })),
-                };
-                match fetched {
-                    Ok(Ok(got)) => {
-                        let bytes = got.bytes;
-                        let hash = *blake3::hash(&bytes).as_bytes();
-                        let digest = digest.unwrap_or_default();
-                        self.shared.reg(|r| {
-                            r.served.insert(
-                                k as u32,
-                                ServedState {
-                                    step,
-                                    bytes,
-                                    hash,
-                                    digest,
-                                },
-                            )
-                        });
-                        handed.insert(k);
-                        handed_off = true;
-                    }
-                    Ok(Err(f)) => {
-                        self.blame_bad_states(&f.bad, step, on_event);
-                        tracing::warn!(peer = %p.short(), stage = k, error = %f.error, "leaving replica's state could not be fetched")
-                    }
-                    Err(_) => {
-                        tracing::warn!(peer = %p.short(), stage = k, "leaving replica's state fetch timed out")
-                    }
+        let addrs: HashMap<PeerId, SocketAddr> =
+            leaving.iter().map(|(l, a)| (l.peer, *a)).collect();
+        let mut leavers = Leavers::new(
+            at_sync_boundary,
+            leaving.into_iter().map(|(l, _)| l).collect(),
+            held,
+        );
+        while let Some(action) = leavers.poll_action() {
+            match action {
+                LeaveAction::HandOff { stage: k, peer: p } => {
+                    let ok = self.hand_off(epoch, step, k, p, addrs[&p], on_event).await;
+                    leavers.handed_off(ok);
+                }
+                LeaveAction::Release {
+                    stage: k,
+                    peer: p,
+                    handed_off,
+                } => {
+                    self.shared.reg(|r| r.stages[k].remove(&p));
+                    let _ = self.view.remove(&key_of(&p));
+                    self.check_stage_state(k);
+                    self.metrics.peers_left += 1;
+                    tracing::info!(peer = %p.short(), stage = k, handed_off, "replica left");
+                    self.emit(
+                        TrainerEvent::Left {
+                            peer: p,
+                            stage: k as u32,
+                            handed_off,
+                        },
+                        on_event,
+                    );
                 }
             }
-            self.shared.reg(|r| r.stages[k].remove(&p));
-            let _ = self.view.remove(&key_of(&p));
-            self.check_stage_state(k);
-            self.metrics.peers_left += 1;
-            tracing::info!(peer = %p.short(), stage = k, handed_off, "replica left");
-            self.emit(
-                TrainerEvent::Left {
-                    peer: p,
-                    stage: k as u32,
-                    handed_off,
-                },
-                on_event,
-            );
+        }
+    }
+
+    /// Takes the state of stage `k` from its leaving last replica `p` (verified against the
+    /// stage's agreed digest) and serves it from the trainer; whether that worked.
+    async fn hand_off(
+        &mut self,
+        epoch: u32,
+        step: u64,
+        k: usize,
+        p: PeerId,
+        addr: SocketAddr,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> bool {
+        let Some(digest) = self.shared.reg(|r| r.digests[k]) else {
+            tracing::warn!(peer = %p.short(), stage = k, "leaving replica's stage has no agreed digest");
+            return false;
+        };
+        let fetched = tokio::time::timeout(
+            self.opts.sync_timeout,
+            self.fetch_stage_state(epoch, k, step, &[(p, addr)], digest),
+        )
+        .await;
+        match fetched {
+            Ok(Ok(got)) => {
+                let bytes = got.bytes;
+                let hash = *blake3::hash(&bytes).as_bytes();
+                self.shared.reg(|r| {
+                    r.served.insert(
+                        k as u32,
+                        ServedState {
+                            step,
+                            bytes,
+                            hash,
+                            digest,
+                        },
+                    )
+                });
+                true
+            }
+            Ok(Err(f)) => {
+                self.blame_bad_states(&f.bad, step, on_event);
+                tracing::warn!(peer = %p.short(), stage = k, error = %f.error, "leaving replica's state could not be fetched");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(peer = %p.short(), stage = k, "leaving replica's state fetch timed out");
+                false
+            }
         }
     }
 

@@ -7,7 +7,7 @@
 use super::*;
 use crate::compute::{self, Expect};
 use crate::protocol::PassTime;
-use crate::trainer::machine::{Action, Event, Outcome, StepMachine};
+use crate::trainer::machine::{Accepted, Action, Event, Outcome, StepMachine};
 use crate::trainer::timing::Part;
 
 /// The driver's side of an attempt in flight: what performing the machine's actions needs.
@@ -278,7 +278,7 @@ impl Trainer {
             Ok((ctx, frame, dense, t.elapsed()))
         })
         .await
-        .map_err(|e| run_err(e.to_string()));
+        .map_err(Error::from);
         self.metrics.enter(prev);
         let (ctx, frame, dense, coding) = computed??;
         self.metrics.reassign(Part::Compute, Part::Codec, coding);
@@ -351,41 +351,21 @@ impl Trainer {
         out: ForwardOut,
     ) {
         let key = out.key;
-        let Some(accepted) = sm.accept_output(from, key, Pass::Forward) else {
-            return;
-        };
-        let Some(w) = work.get_mut(&(key.mb as usize)).filter(|w| w.key == key) else {
-            return;
-        };
-        let stage = w.route.last().map_or(0, |h| h.stage);
-        if let Err(why) = Receipt::check_received(
-            out.receipt.as_ref(),
-            &from,
-            &out.run,
-            out.epoch,
+        let received = Received {
+            from,
             key,
-            stage,
-            Pass::Forward,
-            &out.activations,
-        ) {
-            tracing::warn!(peer = %from.short(), why, mb = key.mb, "bad receipt with the forward output");
-        } else {
-            self.metrics.pass(w.sent_at.elapsed(), out.time);
-            match self.run_head(w, &out, accepted.accumulate).await {
-                Ok(loss) => {
-                    sm.handle(Event::HeadDone { key, loss }, Instant::now());
-                    return;
-                }
-                Err(e) => tracing::warn!(error = %e, mb = key.mb, "bad forward output"),
-            }
-        }
-        sm.handle(
-            Event::Rejected {
-                key,
-                pass: Pass::Forward,
-            },
-            Instant::now(),
-        );
+            pass: Pass::Forward,
+            run: out.run,
+            epoch: out.epoch,
+            receipt: out.receipt.as_ref(),
+            frame: &out.activations,
+        };
+        let Some((accepted, w)) = received.accept(sm, work) else {
+            return;
+        };
+        self.metrics.pass(w.sent_at.elapsed(), out.time);
+        let res = self.run_head(w, &out, accepted.accumulate).await;
+        received.conclude(sm, res.map(|loss| Event::HeadDone { key, loss }));
     }
 
     /// Loss, head backward (accumulating if asked), the gradient sent to the last stage.
@@ -427,7 +407,7 @@ impl Trainer {
             Ok((loss, frame, dense, coding))
         })
         .await
-        .map_err(|e| run_err(e.to_string()));
+        .map_err(Error::from);
         self.metrics.enter(prev);
         let (loss, grad, dense, coding) = computed??;
         self.metrics.reassign(Part::Compute, Part::Codec, coding);
@@ -473,47 +453,95 @@ impl Trainer {
         out: BackwardOut,
     ) {
         let key = out.key;
-        let Some(accepted) = sm.accept_output(from, key, Pass::Backward) else {
+        let received = Received {
+            from,
+            key,
+            pass: Pass::Backward,
+            run: out.run,
+            epoch: out.epoch,
+            receipt: out.receipt.as_ref(),
+            frame: &out.grad,
+        };
+        let Some((accepted, w)) = received.accept(sm, work) else {
             return;
         };
-        let Some(w) = work.get_mut(&(key.mb as usize)).filter(|w| w.key == key) else {
-            return;
+        self.metrics.pass(w.sent_at.elapsed(), out.time);
+        self.audit.got_backward(key, &out.grad);
+        let res = embed_backward(
+            &self.ends,
+            &self.limits,
+            w,
+            &out,
+            &mut self.metrics,
+            accepted.accumulate,
+        )
+        .await;
+        received.conclude(sm, res.map(|()| Event::EmbedDone { key }));
+    }
+}
+
+/// An output of an attempt that came back to the trainer: the forward output from the route's
+/// last replica, or the input gradient from its first.
+struct Received<'a> {
+    from: PeerId,
+    key: MbKey,
+    pass: Pass,
+    run: RunId,
+    epoch: u32,
+    receipt: Option<&'a Receipt>,
+    frame: &'a [u8],
+}
+
+impl Received<'_> {
+    /// The attempt's work, if the machine accepts the output and its receipt holds (the
+    /// signature of the route's end that computed it, over this frame). A bad receipt is
+    /// reported to the machine as a rejection.
+    fn accept<'w>(
+        &self,
+        sm: &mut StepMachine,
+        work: &'w mut HashMap<usize, Work>,
+    ) -> Option<(Accepted, &'w mut Work)> {
+        let accepted = sm.accept_output(self.from, self.key, self.pass)?;
+        let w = work
+            .get_mut(&(self.key.mb as usize))
+            .filter(|w| w.key == self.key)?;
+        let stage = match self.pass {
+            Pass::Forward => w.route.last().map_or(0, |h| h.stage),
+            Pass::Backward => 0,
         };
         if let Err(why) = Receipt::check_received(
-            out.receipt.as_ref(),
-            &from,
-            &out.run,
-            out.epoch,
-            key,
-            0,
-            Pass::Backward,
-            &out.grad,
+            self.receipt,
+            &self.from,
+            &self.run,
+            self.epoch,
+            self.key,
+            stage,
+            self.pass,
+            self.frame,
         ) {
-            tracing::warn!(peer = %from.short(), why, mb = key.mb, "bad receipt with the input gradient");
-        } else {
-            self.metrics.pass(w.sent_at.elapsed(), out.time);
-            self.audit.got_backward(key, &out.grad);
-            let res = embed_backward(
-                &self.ends,
-                &self.limits,
-                w,
-                &out,
-                &mut self.metrics,
-                accepted.accumulate,
-            )
-            .await;
-            match res {
-                Ok(()) => {
-                    sm.handle(Event::EmbedDone { key }, Instant::now());
-                    return;
-                }
-                Err(e) => tracing::warn!(error = %e, mb = key.mb, "bad input gradient"),
+            tracing::warn!(peer = %self.from.short(), why, mb = self.key.mb, pass = ?self.pass, "bad receipt with an output");
+            self.reject(sm);
+            return None;
+        }
+        Some((accepted, w))
+    }
+
+    /// Feeds the machine what the trainer's end made of the output: `done`, or a rejection.
+    fn conclude(&self, sm: &mut StepMachine, done: Result<Event>) {
+        match done {
+            Ok(e) => sm.handle(e, Instant::now()),
+            Err(e) => {
+                tracing::warn!(error = %e, mb = self.key.mb, pass = ?self.pass, "bad output");
+                self.reject(sm);
             }
         }
+    }
+
+    fn reject(&self, sm: &mut StepMachine) {
         sm.handle(
             Event::Rejected {
-                key,
-                pass: Pass::Backward,
+                key: self.key,
+                pass: self.pass,
             },
             Instant::now(),
         );
@@ -557,7 +585,7 @@ async fn embed_backward(
         Ok(coding)
     })
     .await
-    .map_err(|e| run_err(e.to_string()));
+    .map_err(Error::from);
     metrics.enter(prev);
     metrics.reassign(Part::Compute, Part::Codec, done??);
     Ok(())

@@ -22,18 +22,19 @@ impl Trainer {
                     tokio::task::spawn_blocking(move || {
                         checkpoint::restore(&dir, &cfg, &Device::Cpu)
                     })
-                    .await
-                    .map_err(|e| run_err(e.to_string()))??,
+                    .await??,
                 )
             }
             _ => None,
         };
-        if let Some(c) = &ckpt
+        if let (Some(c), Some(dir)) = (&ckpt, &self.opts.out)
             && c.run != self.shared.run
         {
-            return Err(run_err(
-                "the checkpoint in the output folder is of another run",
-            ));
+            return Err(Error::ForeignCheckpoint {
+                dir: dir.clone(),
+                found: c.run,
+                expected: self.shared.run,
+            });
         }
         let mut ends = Shard::new(&cfg.model, &ends_pieces(), cfg.seed, DType::F32, &device)?;
         let num_stages = self.num_stages();
@@ -132,10 +133,10 @@ impl Trainer {
             let digest = self
                 .shared
                 .reg(|r| r.digests[k])
-                .ok_or_else(|| run_err(format!("stage {k} has no agreed digest")))?;
+                .ok_or(Error::NoAgreedDigest(k as u32))?;
             let sources = self.serving(k);
             if sources.is_empty() {
-                return Err(run_err(format!("stage {k} has no replica to fetch from")));
+                return Err(Error::NoReplica(k as u32));
             }
             let got = self
                 .fetch_stage_state(epoch, k, step, &sources, digest)
@@ -172,8 +173,7 @@ impl Trainer {
         tokio::task::spawn_blocking(move || {
             checkpoint::save_with_ledger(&dir, &cfg, run, m.epoch, m.step, &m.ends, &m.stages, head)
         })
-        .await
-        .map_err(|e| run_err(e.to_string()))??;
+        .await??;
         Ok(())
     }
 
@@ -183,8 +183,7 @@ impl Trainer {
         let cfg = self.cfg().clone();
         let corpus = self.corpus.clone();
         tokio::task::spawn_blocking(move || checkpoint::val_loss(&cfg, &corpus, &m.ends, &m.stages))
-            .await
-            .map_err(|e| run_err(e.to_string()))?
+            .await?
     }
 }
 

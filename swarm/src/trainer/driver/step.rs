@@ -3,14 +3,15 @@
 
 use super::pipeline::Work;
 use super::*;
+use crate::trainer::machine::flow::{FlowAction, FlowConfig, FlowEvent, StepFlow};
 use crate::trainer::machine::{Event, MachineConfig, StepMachine};
 use crate::trainer::timing::Part;
 
 impl Trainer {
     /// One optimizer step: every micro-batch counted exactly once, then the replica sync.
     /// `None`: the step was abandoned because a stage lost its last replica (see `restore`).
-    /// The decisions are the [`StepMachine`]'s: this loop feeds it what arrives and performs
-    /// what it asks for (`pipeline.rs`).
+    /// The decisions are the [`StepFlow`]'s (the order of the phases) and its [`StepMachine`]'s
+    /// (the micro-batches): this performs what they ask for and feeds them back what happened.
     pub(super) async fn run_step(
         &mut self,
         on_event: &mut dyn FnMut(&TrainerEvent),
@@ -28,7 +29,7 @@ impl Trainer {
         } else {
             self.opts.max_in_flight
         };
-        let mut sm = StepMachine::new(
+        let sm = StepMachine::new(
             MachineConfig {
                 stages,
                 micro_batches: m,
@@ -37,224 +38,198 @@ impl Trainer {
             },
             step,
         );
+        let cfg = self.cfg().clone();
+        let mut flow = StepFlow::new(
+            FlowConfig {
+                stages,
+                drifts: cfg.sync.drifts(),
+                outer_boundary: cfg.is_sync_boundary(step + 1),
+            },
+            sm,
+        );
         let mut work: HashMap<usize, Work> = HashMap::new();
-        let mut pending_sync: Vec<usize> = (0..stages).collect();
-        let mut norms: HashMap<usize, f64> = HashMap::new();
-        let mut mismatches = 0u64;
-        let mut participants_per_stage = vec![0usize; stages];
-        // Sync rounds per stage in this step: bumped when a stage's sync is redone.
-        let mut sync_rounds = vec![0u32; stages];
-
+        let mut grad_norm = 0.0;
+        let mut lr = 0.0;
+        let mut clip = 1.0;
+        // Every flow action is answered before the next (bounded: a step is finite).
         loop {
-            // Micro-batch phase.
-            self.metrics.enter(Part::Pipeline);
-            while !sm.micro_batches_done() {
-                if let Some(e) = self.perform(&mut sm, &mut work, epoch).await? {
+            if self.restore_pending {
+                flow.state_lost();
+            }
+            let Some(action) = flow.poll_action(Instant::now()) else {
+                return Err(run_err("the step's flow stopped without finishing"));
+            };
+            let event = match action {
+                FlowAction::MicroBatches => {
+                    self.metrics.enter(Part::Pipeline);
+                    self.micro_batches(flow.machine_mut(), &mut work, epoch, on_event)
+                        .await?;
                     if self.restore_pending {
-                        return Ok(self.abandon_step(&mut sm, &mut work));
+                        continue;
                     }
-                    // No routable replica for some stage: wait for one (pauses the run).
-                    tracing::warn!(error = %e, "cannot route; waiting for replicas");
-                    self.wait_for_replicas(1, on_event).await?;
+                    FlowEvent::MicroBatchesDone
                 }
-                let wait = sm
-                    .poll_timeout()
-                    .map(|d| d.saturating_duration_since(Instant::now()))
-                    .unwrap_or(Duration::from_millis(200))
-                    .max(Duration::from_millis(1));
-                let msg = match tokio::time::timeout(wait, self.inbox.recv()).await {
-                    Ok(Some(msg)) => Some(msg),
-                    Ok(None) => return Err(run_err("trainer inbox closed")),
-                    Err(_) => None,
-                };
-                let now = Instant::now();
-                match msg {
-                    None => {}
-                    Some(Inbound::ForwardOut(from, out)) => {
-                        self.on_forward_out(&mut sm, &mut work, from, out).await
+                FlowAction::Probe { stages } => {
+                    let dead = self.probe_replicas(&stages).await;
+                    for p in &dead {
+                        self.lose_peer(*p, on_event);
                     }
-                    Some(Inbound::BackwardOut(from, out)) => {
-                        self.on_backward_out(&mut sm, &mut work, from, out).await
-                    }
-                    Some(Inbound::Counted(from, c)) => sm.handle(
-                        Event::Counted {
-                            from,
-                            key: c.key,
-                            stage: c.stage,
-                        },
-                        now,
-                    ),
-                    Some(Inbound::HopFailed(from, h)) => sm.handle(
-                        Event::HopFailed {
-                            from,
-                            key: h.key,
-                            failed: h.failed,
-                            busy: h.busy,
-                            traffic: h.traffic,
-                        },
-                        now,
-                    ),
-                    Some(Inbound::SendFailed { key, peer, busy }) => {
-                        sm.handle(Event::Failed { key, peer, busy }, now)
-                    }
-                    Some(Inbound::Leave(p)) => {
-                        // No new work; what it holds finishes, it syncs, and it is released at
-                        // the boundary.
-                        self.retire_from_view(p);
-                    }
-                    Some(Inbound::Down(p)) => {
-                        self.lose_peer(p, on_event);
-                        sm.handle(Event::PeerLost(p), now);
-                    }
-                    Some(Inbound::Ready(from, r)) => self.on_ready(from, r, on_event),
-                    Some(Inbound::SyncDone(from, d)) => {
-                        self.count_sync_report(&d);
-                        tracing::debug!(peer = %from.short(), step = d.step, "sync report outside a sync ignored");
-                    }
+                    FlowEvent::Probed { dead }
                 }
-                if self.restore_pending {
-                    return Ok(self.abandon_step(&mut sm, &mut work));
-                }
-                sm.handle_timeout(Instant::now());
-            }
-            // Attempts still in flight are complete (their late messages are ignored).
-            sm.close_micro_batches();
-            self.settle(&mut sm, &mut work);
-            self.metrics.enter(Part::Barrier);
-
-            // A replica that died after counting must not be asked to sync: probe them all
-            // first (a crash during the sync itself is handled below, at a higher cost).
-            let dead = self.probe_replicas(&pending_sync).await;
-            if !dead.is_empty() {
-                for p in dead {
-                    self.lose_peer(p, on_event);
-                    sm.handle(Event::PeerLost(p), Instant::now());
-                }
-                if !sm.micro_batches_done() {
-                    continue;
-                }
-            }
-
-            // Audits (issue #7), before any stage syncs: replicas still hold the step's weights,
-            // receipts and frames. A ban discards the step's gradients everywhere (they may hold
-            // the cheater's outputs) and re-runs the step on honest replicas.
-            if pending_sync.len() == stages {
-                self.metrics.enter(Part::Audits);
-                let bans = self.audit_step(step, epoch, sm.book()).await;
-                self.metrics.enter(Part::Barrier);
-                if !bans.is_empty() {
+                FlowAction::Audit => {
+                    self.metrics.enter(Part::Audits);
+                    let bans = self.audit_step(step, epoch, flow.machine().book()).await;
+                    self.metrics.enter(Part::Barrier);
                     for b in &bans {
                         self.observer.ban(&b.peer, b.stage, &b.reason, step);
                         self.shared.reg(|r| r.banned.insert(b.peer));
                         self.lose_peer(b.peer, on_event);
                     }
-                    for k in 0..stages {
+                    FlowEvent::Audited {
+                        banned: bans.iter().map(|b| b.peer).collect(),
+                    }
+                }
+                FlowAction::Discard { stages } => {
+                    for k in stages {
                         self.reset_stage(k, step).await;
                     }
                     let ends = self.ends.clone();
                     tokio::task::spawn_blocking(move || {
                         ends.lock().unwrap_or_else(|e| e.into_inner()).zero_grads()
                     })
-                    .await
-                    .map_err(|e| run_err(e.to_string()))?;
-                    self.metrics.retries += sm.book().retries();
-                    sm.handle(Event::Discarded, Instant::now());
-                    continue;
+                    .await?;
+                    self.metrics.retries += flow.machine().book().retries();
+                    FlowEvent::Discarded
                 }
-            }
-
-            if self.restore_pending {
-                return Ok(self.abandon_step(&mut sm, &mut work));
-            }
-            // Sync phase, for the stages not yet synced.
-            let phase = if self.cfg().sync.drifts() {
-                SyncPhase::Local
-            } else {
-                SyncPhase::Gradient
-            };
-            self.metrics.enter(Part::Sync);
-            let outcome = self
-                .sync_stages(
-                    step,
-                    epoch,
-                    sm.book(),
-                    &pending_sync,
-                    &sync_rounds,
+                FlowAction::Sync {
+                    stages,
+                    rounds,
                     phase,
-                    on_event,
-                )
-                .await?;
-            for (k, n, parts) in outcome.done {
-                norms.insert(k, n);
-                participants_per_stage[k] = parts;
-                // Its replicas hold the summed gradient: losing one now costs no count.
-                sm.handle(Event::StageSynced(k as u16), Instant::now());
+                } => {
+                    self.metrics.enter(Part::Sync);
+                    let outcome = self
+                        .sync_stages(
+                            step,
+                            epoch,
+                            flow.machine().book(),
+                            &stages,
+                            &rounds,
+                            phase,
+                            on_event,
+                        )
+                        .await?;
+                    self.metrics.enter(Part::Barrier);
+                    for p in &outcome.failed_peers {
+                        self.lose_peer(*p, on_event);
+                    }
+                    FlowEvent::Synced(outcome)
+                }
+                FlowAction::Reset { stages } => {
+                    tracing::warn!(?stages, "sync failed; re-running lost micro-batches");
+                    for k in stages {
+                        self.reset_stage(k, step).await;
+                    }
+                    FlowEvent::Reset
+                }
+                FlowAction::Optimize { stage_sq_norms } => {
+                    // Global norm, clip, learning rate, the ends' optimizer step.
+                    self.metrics.enter(Part::Compute);
+                    let ends_norm = {
+                        let ends = self.ends.clone();
+                        tokio::task::spawn_blocking(move || {
+                            ends.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .grad_sq_norm()
+                        })
+                        .await??
+                    };
+                    let total: f64 = stage_sq_norms.iter().sum::<f64>() + ends_norm;
+                    grad_norm = total;
+                    lr = cfg.schedule().at(step);
+                    let hp = cfg.adamw();
+                    clip = clip_scale(total, cfg.train.grad_clip);
+                    let (ends, lr, scale) = (self.ends.clone(), lr, clip);
+                    tokio::task::spawn_blocking(move || -> Result<()> {
+                        let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
+                        e.optimizer_step(&hp, lr, scale)?;
+                        e.zero_grads();
+                        Ok(())
+                    })
+                    .await??;
+                    self.metrics.enter(Part::Barrier);
+                    FlowEvent::Optimized
+                }
+                FlowAction::Apply { phase } => {
+                    let mismatches = self
+                        .apply_all(
+                            step,
+                            epoch,
+                            flow.machine().book(),
+                            lr,
+                            clip,
+                            phase,
+                            on_event,
+                        )
+                        .await?;
+                    FlowEvent::Applied { mismatches }
+                }
+                FlowAction::OuterSync {
+                    stages: pending,
+                    rounds,
+                } => {
+                    // An outer round syncs weights, not micro-batches: its book counts nothing.
+                    self.metrics.enter(Part::Sync);
+                    let outcome = self
+                        .sync_stages(
+                            step + 1,
+                            epoch,
+                            &StepBook::new(stages as u16, m),
+                            &pending,
+                            &rounds,
+                            SyncPhase::Outer,
+                            on_event,
+                        )
+                        .await?;
+                    for p in &outcome.failed_peers {
+                        self.lose_peer(*p, on_event);
+                    }
+                    self.metrics.enter(Part::Barrier);
+                    if outcome.done.len() < pending.len() {
+                        tracing::warn!(stages = ?pending, state_step = step + 1, "outer sync lost a participant; redoing it");
+                    }
+                    FlowEvent::OuterSynced(outcome)
+                }
+                FlowAction::OuterApply => {
+                    let book = StepBook::new(stages as u16, m);
+                    self.metrics.enter(Part::Sync);
+                    let mismatches = self
+                        .apply_all(step + 1, epoch, &book, 0.0, 1.0, SyncPhase::Outer, on_event)
+                        .await?;
+                    self.metrics.enter(Part::Barrier);
+                    FlowEvent::OuterApplied { mismatches }
+                }
+                FlowAction::GiveUp { rounds } => {
+                    return Err(Error::OuterSyncFailed {
+                        state_step: step + 1,
+                        rounds,
+                    });
+                }
+                FlowAction::Abandon => return Ok(self.abandon_step(flow.machine_mut(), &mut work)),
+                FlowAction::Finish => break,
+            };
+            let closes = matches!(event, FlowEvent::MicroBatchesDone);
+            flow.handle(event, Instant::now());
+            if closes {
+                // The attempts still in flight, released (a closed machine asks for no route;
+                // the next phase that makes a micro-batch incomplete reopens it, and the
+                // micro-batch phase then performs its routes).
+                self.settle(flow.machine_mut(), &mut work);
+                self.metrics.enter(Part::Barrier);
             }
-            self.metrics.enter(Part::Barrier);
-            mismatches += outcome.norm_mismatches;
-            for p in &outcome.failed_peers {
-                self.lose_peer(*p, on_event);
-                sm.handle(Event::PeerLost(*p), Instant::now());
-            }
-            pending_sync = (0..stages).filter(|k| !norms.contains_key(k)).collect();
-            if pending_sync.is_empty() {
-                break;
-            }
-            // A replica died during the sync of these stages: the survivors are stuck in that
-            // sync with their accumulators. Reset them to the step's starting state (which they
-            // still hold: nobody applied) and run every micro-batch again for those stages.
-            for &k in &pending_sync {
-                sync_rounds[k] += 1;
-                self.reset_stage(k, step).await;
-                sm.handle(Event::StageReset(k as u16), Instant::now());
-            }
-            tracing::warn!(stages = ?pending_sync, "sync failed; re-running lost micro-batches");
         }
 
-        // Global norm, clip, learning rate, optimizer everywhere.
-        self.metrics.enter(Part::Compute);
-        let ends_norm = {
-            let ends = self.ends.clone();
-            tokio::task::spawn_blocking(move || {
-                ends.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .grad_sq_norm()
-            })
-            .await
-            .map_err(|e| run_err(e.to_string()))??
-        };
-        let total: f64 = (0..stages).map(|k| norms[&k]).sum::<f64>() + ends_norm;
-        let cfg = self.cfg().clone();
-        let scale = clip_scale(total, cfg.train.grad_clip);
-        let lr = cfg.schedule().at(step);
-        let hp = cfg.adamw();
-        {
-            let ends = self.ends.clone();
-            tokio::task::spawn_blocking(move || -> Result<()> {
-                let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
-                e.optimizer_step(&hp, lr, scale)?;
-                e.zero_grads();
-                Ok(())
-            })
-            .await
-            .map_err(|e| run_err(e.to_string()))??;
-        }
-        self.metrics.enter(Part::Barrier);
-        let drifts = cfg.sync.drifts();
-        let phase = if drifts {
-            SyncPhase::Local
-        } else {
-            SyncPhase::Gradient
-        };
-        mismatches += self
-            .apply_all(step, epoch, sm.book(), lr, scale, phase, on_event)
-            .await?;
-        if drifts && cfg.is_sync_boundary(step + 1) && !self.restore_pending {
-            self.metrics.enter(Part::Sync);
-            mismatches += self.outer_sync(step + 1, epoch, on_event).await?;
-            self.metrics.enter(Part::Barrier);
-        }
-        let book = sm.book();
+        let mismatches = flow.mismatches();
+        let book = flow.machine().book();
         let attempts: Vec<Option<u32>> = (0..m).map(|mb| book.current_attempt(mb)).collect();
         self.audit.end_step(step, &attempts, &cfg);
         self.metrics.audit = self.audit.stats.clone();
@@ -270,23 +245,104 @@ impl Trainer {
         });
         self.shared.boundary.send_replace(step + 1);
         self.release_leavers(on_event).await;
-        let loss = book
-            .mean_loss()
-            .ok_or_else(|| run_err("step finished without every loss"))?;
-        Ok(Some(StepReport {
+        let report = StepReport {
             step,
-            loss,
+            loss: book
+                .mean_loss()
+                .ok_or_else(|| run_err("step finished without every loss"))?,
             lr,
-            grad_norm: total.sqrt(),
+            grad_norm: grad_norm.sqrt(),
             tokens,
             seconds: started.elapsed().as_secs_f64(),
             retries: book.retries(),
             hash_mismatches: mismatches,
-            participants: participants_per_stage,
+            participants: flow.participants().to_vec(),
             wire_bytes: self.metrics.wire.tensor_wire_bytes(),
             dense_bytes: self.metrics.wire.tensor_dense_bytes(),
             wire: self.metrics.wire,
-        }))
+        };
+        Ok(Some(report))
+    }
+
+    /// The micro-batch phase: performs the machine's actions and feeds it what arrives, until
+    /// every micro-batch is counted or a stage's state is lost.
+    async fn micro_batches(
+        &mut self,
+        sm: &mut StepMachine,
+        work: &mut HashMap<usize, Work>,
+        epoch: u32,
+        on_event: &mut dyn FnMut(&TrainerEvent),
+    ) -> Result<()> {
+        while !sm.micro_batches_done() {
+            if let Some(e) = self.perform(sm, work, epoch).await? {
+                if self.restore_pending {
+                    return Ok(());
+                }
+                // No routable replica for some stage: wait for one (pauses the run).
+                tracing::warn!(error = %e, "cannot route; waiting for replicas");
+                self.wait_for_replicas(1, on_event).await?;
+            }
+            let wait = sm
+                .poll_timeout()
+                .map(|d| d.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_millis(200))
+                .max(Duration::from_millis(1));
+            let msg = match tokio::time::timeout(wait, self.inbox.recv()).await {
+                Ok(Some(msg)) => Some(msg),
+                Ok(None) => return Err(Error::InboxClosed),
+                Err(_) => None,
+            };
+            let now = Instant::now();
+            match msg {
+                None => {}
+                Some(Inbound::ForwardOut(from, out)) => {
+                    self.on_forward_out(sm, work, from, out).await
+                }
+                Some(Inbound::BackwardOut(from, out)) => {
+                    self.on_backward_out(sm, work, from, out).await
+                }
+                Some(Inbound::Counted(from, c)) => sm.handle(
+                    Event::Counted {
+                        from,
+                        key: c.key,
+                        stage: c.stage,
+                    },
+                    now,
+                ),
+                Some(Inbound::HopFailed(from, h)) => sm.handle(
+                    Event::HopFailed {
+                        from,
+                        key: h.key,
+                        failed: h.failed,
+                        busy: h.busy,
+                        traffic: h.traffic,
+                    },
+                    now,
+                ),
+                Some(Inbound::SendFailed { key, peer, busy }) => {
+                    sm.handle(Event::Failed { key, peer, busy }, now)
+                }
+                Some(Inbound::Leave(p)) => {
+                    // No new work; what it holds finishes, it syncs, and it is released at
+                    // the boundary.
+                    self.retire_from_view(p);
+                }
+                Some(Inbound::Down(p)) => {
+                    self.lose_peer(p, on_event);
+                    sm.handle(Event::PeerLost(p), now);
+                }
+                Some(Inbound::Ready(from, r)) => self.on_ready(from, r, on_event),
+                Some(Inbound::SyncDone(from, d)) => {
+                    self.count_sync_report(&d);
+                    tracing::debug!(peer = %from.short(), step = d.step, "sync report outside a sync ignored");
+                }
+            }
+            if self.restore_pending {
+                return Ok(());
+            }
+            sm.handle_timeout(Instant::now());
+        }
+        Ok(())
     }
 
     /// Runs the step's audits (see `audit.rs`); returns the bans.

@@ -2,7 +2,8 @@
 //! checks, and resets of a stage whose replicas disagree.
 
 use super::*;
-use crate::trainer::machine::sync::{SyncOutcome, SyncRound, digest_majority};
+use crate::trainer::machine::replicas::{apply_verdict, reset_digest};
+use crate::trainer::machine::sync::{SyncOutcome, SyncRound};
 
 impl Trainer {
     /// Starts the sync of `stages` and waits for every participant's report. `step` is the
@@ -39,8 +40,7 @@ impl Trainer {
             (replicas, addrs)
         });
         let deadline = Instant::now() + self.opts.sync_timeout;
-        let mut round = SyncRound::plan(step, phase, book, stages, &replicas, rounds, deadline)
-            .map_err(|e| run_err(e.to_string()))?;
+        let mut round = SyncRound::plan(step, phase, book, stages, &replicas, rounds, deadline)?;
         for s in round.starts() {
             let msg = SyncStart {
                 run: self.shared.run,
@@ -95,7 +95,7 @@ impl Trainer {
                     }
                     Some(Inbound::Ready(from, r)) => self.on_ready(from, r, on_event),
                     Some(other) => tracing::debug!(?other, "pipeline message during sync ignored"),
-                    None => return Err(run_err("trainer inbox closed")),
+                    None => return Err(Error::InboxClosed),
                 }
             }
             round.handle_timeout(Instant::now());
@@ -118,12 +118,6 @@ impl Trainer {
         phase: SyncPhase,
         on_event: &mut dyn FnMut(&TrainerEvent),
     ) -> Result<u64> {
-        // The state step the replicas reach.
-        let after = if phase == SyncPhase::Outer {
-            step
-        } else {
-            step + 1
-        };
         let mut calls = Vec::new();
         let mut idle = Vec::new();
         for k in 0..self.num_stages() {
@@ -187,38 +181,37 @@ impl Trainer {
                 }
             }
         }
-        let mut mismatches = 0u64;
-        for (k, ds) in digests.iter().enumerate() {
-            if phase == SyncPhase::Local {
-                break;
-            }
-            let Some(best) = digest_majority(ds.iter().map(|(_, _, d)| *d)) else {
-                continue;
-            };
-            self.shared.reg(|r| r.digests[k] = Some(best));
-            for (p, addr, d) in ds {
-                if *d != best {
-                    mismatches += 1;
-                    tracing::warn!(peer = %p.short(), stage = k, "replica digest differs; re-syncing it");
-                    self.mark_joining(*p, k);
-                    self.send_reload(*p, *addr, k as u32, after);
-                }
+        let applied: Vec<Vec<(PeerId, [u8; 32])>> = digests
+            .iter()
+            .map(|ds| ds.iter().map(|(p, _, d)| (*p, *d)).collect())
+            .collect();
+        let excluded: Vec<(usize, PeerId)> = idle.iter().map(|(k, p, _)| (*k, *p)).collect();
+        let verdict = apply_verdict(phase, self.cfg().sync.drifts(), step, &applied, &excluded);
+        for (k, agreed) in verdict.agreed.iter().enumerate() {
+            if let Some(d) = agreed {
+                self.shared.reg(|r| r.digests[k] = Some(*d));
             }
         }
-        for (k, p, addr) in idle {
-            if self.cfg().sync.drifts() {
-                // Between boundaries there is no agreed state to reload it with: it is released
-                // and joins again at the next sync boundary (its drift is lost, as a crash's).
-                tracing::warn!(peer = %p.short(), stage = k, "excluded replica released until the next sync boundary");
-                self.lose_peer(p, on_event);
-                continue;
-            }
-            // Excluded this step (suspected but alive): it skipped the sync, so it loads the new
-            // state from a replica that applied it.
+        let addrs: HashMap<PeerId, SocketAddr> = digests
+            .iter()
+            .flatten()
+            .map(|(p, a, _)| (*p, *a))
+            .chain(idle.iter().map(|(_, p, a)| (*p, *a)))
+            .collect();
+        for (k, p, at) in verdict.reload {
+            tracing::warn!(peer = %p.short(), stage = k, excluded = excluded.contains(&(k, p)), "replica not at its stage's agreed state; reloading it");
             self.mark_joining(p, k);
-            self.send_reload(p, addr, k as u32, step + 1);
+            if let Some(&addr) = addrs.get(&p) {
+                self.send_reload(p, addr, k as u32, at);
+            }
         }
-        Ok(mismatches)
+        for (k, p) in verdict.release {
+            // Between boundaries there is no agreed state to reload it with: it joins again at
+            // the next sync boundary (its drift is lost, as a crash's).
+            tracing::warn!(peer = %p.short(), stage = k, "excluded replica released until the next sync boundary");
+            self.lose_peer(p, on_event);
+        }
+        Ok(verdict.mismatches)
     }
 
     /// Reloads every live replica of stage `k` with its own state at `step` (drops contexts,
@@ -236,18 +229,14 @@ impl Trainer {
         let drifts = self.cfg().sync.drifts();
         let calls = reps.iter().map(|&(p, addr)| {
             let ps = self.peer.shared().clone();
-            // Between sync boundaries a replica's state is its own: the one it last reported.
-            let digest = match self.own_digests.get(&p) {
-                Some(d) if drifts => Some(*d),
-                _ => digest,
-            };
-            let source = match digest {
-                Some(d) if !fresh => StateSource::Fetch {
-                    from: vec![Endpoint { peer: p, addr }],
-                    digest: d,
-                },
-                _ => StateSource::Init,
-            };
+            let source =
+                match reset_digest(fresh, drifts, self.own_digests.get(&p).copied(), digest) {
+                    Some(d) => StateSource::Fetch {
+                        from: vec![Endpoint { peer: p, addr }],
+                        digest: d,
+                    },
+                    None => StateSource::Init,
+                };
             let msg = Reload {
                 run: self.shared.run,
                 epoch,
@@ -269,69 +258,6 @@ impl Trainer {
                 self.lose_peer(p, &mut |_| {});
             }
         }
-    }
-
-    /// A multi-step sync's boundary, after every replica took its inner step of the step that
-    /// ends at `state_step`: each stage's replicas exchange and average their compressed
-    /// pseudo-gradients and take the same outer step (checked like a gradient sync: the averages
-    /// must agree bitwise, then the weights digests, odd ones out reloaded). A participant lost
-    /// mid-exchange makes the survivors redo the round among themselves (their error-feedback
-    /// residuals are restored first). Returns the digest mismatches.
-    pub(super) async fn outer_sync(
-        &mut self,
-        state_step: u64,
-        epoch: u32,
-        on_event: &mut dyn FnMut(&TrainerEvent),
-    ) -> Result<u64> {
-        let stages = self.num_stages();
-        let book = StepBook::new(stages as u16, self.cfg().train.micro_batches);
-        let mut rounds = vec![0u32; stages];
-        let mut pending: Vec<usize> = (0..stages).collect();
-        let mut mismatches = 0u64;
-        for _ in 0..MAX_OUTER_ROUNDS {
-            let outcome = self
-                .sync_stages(
-                    state_step,
-                    epoch,
-                    &book,
-                    &pending,
-                    &rounds,
-                    SyncPhase::Outer,
-                    on_event,
-                )
-                .await?;
-            mismatches += outcome.norm_mismatches;
-            for p in &outcome.failed_peers {
-                self.lose_peer(*p, on_event);
-            }
-            for (k, _, _) in &outcome.done {
-                pending.retain(|x| x != k);
-            }
-            if pending.is_empty() {
-                return Ok(mismatches
-                    + self
-                        .apply_all(
-                            state_step,
-                            epoch,
-                            &book,
-                            0.0,
-                            1.0,
-                            SyncPhase::Outer,
-                            on_event,
-                        )
-                        .await?);
-            }
-            if self.restore_pending {
-                return Ok(mismatches);
-            }
-            tracing::warn!(stages = ?pending, state_step, "outer sync lost a participant; redoing it");
-            for &k in &pending {
-                rounds[k] += 1;
-            }
-        }
-        Err(run_err(format!(
-            "the outer sync at step {state_step} failed {MAX_OUTER_ROUNDS} times"
-        )))
     }
 
     /// Pings every replica of `stages` (bounded wait); returns the ones that did not answer.
@@ -432,6 +358,3 @@ impl Trainer {
         }
     }
 }
-
-/// Attempts of one boundary's outer sync (each loses at least one participant).
-const MAX_OUTER_ROUNDS: usize = 8;
