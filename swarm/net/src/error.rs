@@ -6,14 +6,18 @@ pub enum Error {
     /// Reading or writing a local file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: std::path::PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
     /// A key file exists but is not a valid ed25519 key.
     #[error("invalid identity key in {path}: {reason}")]
     BadKey {
+        /// The key file.
         path: std::path::PathBuf,
+        /// What is wrong with it.
         reason: String,
     },
     /// Bytes from a peer were refused by the wire protocol decoder.
@@ -34,7 +38,9 @@ pub enum Error {
     /// A connection could not be started (bad address, endpoint closed, config refused).
     #[error("connect to {addr}: {reason}")]
     Connect {
+        /// The address dialled.
         addr: std::net::SocketAddr,
+        /// Why it could not start.
         reason: String,
     },
     /// An established connection failed or was closed (handshake refusal, timeout, peer gone).
@@ -43,8 +49,11 @@ pub enum Error {
     /// The peer proved a different id than the one we dialled.
     #[error("peer at {addr} is {got}, expected {expected}")]
     WrongPeer {
+        /// The address dialled.
         addr: std::net::SocketAddr,
+        /// The id we dialled.
         expected: crate::identity::PeerId,
+        /// The id the peer proved.
         got: crate::identity::PeerId,
     },
     /// Reading or writing a stream failed.
@@ -53,7 +62,9 @@ pub enum Error {
     /// A request got no answer in time.
     #[error("{what} timed out after {after:?}")]
     Timeout {
+        /// What was waited for.
         what: &'static str,
+        /// How long.
         after: std::time::Duration,
     },
     /// The remote peer refused a request with an application error.
@@ -62,12 +73,18 @@ pub enum Error {
     /// The bootstrap peer belongs to another run than the one asked for.
     #[error("the bootstrap peer serves run {got}, not {expected}")]
     WrongRun {
+        /// The run asked for.
         expected: crate::membership::RunId,
+        /// The bootstrap's run.
         got: crate::membership::RunId,
     },
     /// Listening on an unspecified address (0.0.0.0 or ::) with nobody to tell us our address.
     #[error("listening on {listen} with no bootstrap: give an address to announce")]
-    NoAnnounceAddress { listen: std::net::SocketAddr },
+    NoAnnounceAddress {
+        /// The unspecified address listened on.
+        listen: std::net::SocketAddr,
+    },
 }
 
+/// This crate's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

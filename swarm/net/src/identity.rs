@@ -20,6 +20,7 @@ pub const KEY_FILE: &str = "identity.key.pem";
 pub struct PeerId(pub [u8; 32]);
 
 impl PeerId {
+    /// The id of an ed25519 public key: the BLAKE3 hash of its bytes.
     pub fn from_public_key(key: &VerifyingKey) -> PeerId {
         PeerId(*blake3::hash(key.as_bytes()).as_bytes())
     }
@@ -102,14 +103,17 @@ impl Identity {
         }
     }
 
+    /// This identity's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.id
     }
 
+    /// This identity's public key.
     pub fn public_key(&self) -> VerifyingKey {
         self.key.verifying_key()
     }
 
+    /// Signs `message` with this identity's key (ed25519).
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.key.sign(message).to_bytes()
     }
@@ -130,6 +134,7 @@ impl Identity {
             .to_string()
     }
 
+    /// Where the identity key lives in a data folder.
     pub fn key_path(dir: &Path) -> PathBuf {
         dir.join(KEY_FILE)
     }

@@ -6,6 +6,8 @@
 //! their kind numbers and size caps as a [`wire::KindSet`] with [`peer::Peer::register_kinds`], and
 //! add handlers with [`peer::Peer::register`].
 
+#![warn(missing_docs)]
+
 pub mod congestion;
 pub mod error;
 pub mod identity;

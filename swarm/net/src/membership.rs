@@ -87,6 +87,7 @@ impl MembershipConfig {
 /// One peer in the view.
 #[derive(Clone, Debug)]
 pub struct ViewEntry {
+    /// Its latest signed record.
     pub record: PeerRecord,
     /// When this peer last heard something first-hand or fresh about it: the arrival of its newest
     /// record, or a successful exchange with it.
@@ -98,6 +99,7 @@ pub struct ViewEntry {
 pub struct GossipTarget {
     /// `None` for a seed (bootstrap) address whose id is not known yet.
     pub peer: Option<PeerId>,
+    /// Where to reach it.
     pub addr: SocketAddr,
 }
 
@@ -165,14 +167,17 @@ impl Membership {
         }
     }
 
+    /// The run this view belongs to.
     pub fn run_id(&self) -> RunId {
         self.run_id
     }
 
+    /// This peer's own id.
     pub fn peer_id(&self) -> PeerId {
         self.identity.peer_id()
     }
 
+    /// The membership's settings.
     pub fn config(&self) -> &MembershipConfig {
         &self.config
     }

@@ -64,6 +64,7 @@ fn decode_addrs(r: &mut Reader<'_>) -> std::result::Result<Vec<SocketAddr>, Wire
 /// Joiner -> bootstrap: dial me back at these addresses from your checker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DialBackRequest {
+    /// Where the checker should dial the joiner.
     pub addrs: Vec<SocketAddr>,
 }
 
@@ -71,7 +72,9 @@ pub struct DialBackRequest {
 /// means the address the joiner reached the bootstrap at).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DialBackReply {
+    /// The checker reached the joiner.
     pub reached: bool,
+    /// Where the checker listens.
     pub observer: SocketAddr,
 }
 
@@ -79,29 +82,37 @@ pub struct DialBackReply {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObserveRequest;
 
+/// Checker -> joiner: the source address the checker saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObserveReply {
+    /// The joiner's address as the checker sees it.
     pub observed: SocketAddr,
 }
 
 /// Peer -> coordinator: I cannot dial `target`; start a punch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PunchRequest {
+    /// The peer it cannot dial.
     pub target: PeerId,
 }
 
 /// Coordinator -> requester: dial these after `delay_ms`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PunchPlan {
+    /// The target's addresses.
     pub addrs: Vec<SocketAddr>,
+    /// Wait this long before dialling, so both sides dial at once.
     pub delay_ms: u32,
 }
 
 /// Coordinator -> target: `peer` wants you; dial it at `addrs` after `delay_ms`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PunchStart {
+    /// The requester.
     pub peer: PeerId,
+    /// The requester's addresses.
     pub addrs: Vec<SocketAddr>,
+    /// Wait this long before dialling, so both sides dial at once.
     pub delay_ms: u32,
 }
 
@@ -264,6 +275,7 @@ impl Checker {
         Ok(Checker { node })
     }
 
+    /// The checker's local address.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         self.node.local_addr()
     }
@@ -289,6 +301,7 @@ impl Checker {
             .any(|ok| ok)
     }
 
+    /// Stops the checker's endpoint.
     pub fn close(&self) {
         self.node.close();
     }

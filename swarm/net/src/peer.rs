@@ -52,13 +52,19 @@ pub struct PeerConfig {
     pub announce: Vec<SocketAddr>,
     /// Stages served, throughput and state announced at start.
     pub stages: Vec<u32>,
+    /// Throughput announced at start (tokens per second; 0 when unknown).
     pub throughput: f64,
+    /// State announced at start.
     pub state: PeerState,
     /// Software version announced (defaults to this crate's version).
     pub version: String,
+    /// Gossip settings.
     pub membership: MembershipConfig,
+    /// QUIC settings.
     pub transport: TransportConfig,
+    /// Link shaping of this peer's socket (tests, experiments).
     pub shape: Option<LinkShape>,
+    /// Peers allowed to connect (`None`: anyone of the run).
     pub allow: Option<AllowList>,
     /// Longest wait for one request (connect + answer).
     pub rpc_timeout: Duration,
@@ -116,6 +122,7 @@ pub type HandlerFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
 
 /// Serves one message kind. Implemented for closures `Fn(Arc<PeerShared>, RequestCtx, Vec<u8>)`.
 pub trait Handler: Send + Sync + 'static {
+    /// Serves one request of the kind.
     fn handle(&self, peer: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>) -> HandlerFuture;
 }
 
@@ -167,6 +174,7 @@ pub fn unix_now() -> UnixMillis {
 }
 
 impl PeerShared {
+    /// The QUIC node underneath.
     pub fn node(&self) -> &Node {
         &self.node
     }
@@ -326,6 +334,7 @@ impl PeerShared {
         }
     }
 
+    /// Whether a hole punch towards `peer` is in progress.
     pub fn is_punching(&self, peer: PeerId) -> bool {
         self.punching
             .lock()
@@ -359,18 +368,22 @@ impl PeerShared {
         v
     }
 
+    /// This peer's reachability checker, if it runs one.
     pub fn checker(&self) -> Option<&Checker> {
         self.checker.as_ref()
     }
 
+    /// The peer coordinating hole punches for us (the bootstrap), if any.
     pub fn coordinator(&self) -> Option<PeerId> {
         self.coordinator
     }
 
+    /// The hole-punch settings.
     pub fn punch_config(&self) -> PunchConfig {
         self.punch
     }
 
+    /// The longest wait for one request.
     pub fn rpc_timeout(&self) -> Duration {
         self.rpc_timeout
     }
@@ -689,6 +702,7 @@ impl Peer {
         })
     }
 
+    /// This peer's id.
     pub fn peer_id(&self) -> PeerId {
         self.shared.node.peer_id()
     }
@@ -698,6 +712,7 @@ impl Peer {
         self.addr
     }
 
+    /// The run this peer belongs to.
     pub fn run_id(&self) -> RunId {
         self.shared.with_membership(|m| m.run_id())
     }

@@ -55,7 +55,9 @@ pub const RELAY_DIAL_TIMEOUT: Duration = Duration::from_secs(8);
 /// the target. Relay -> target: `incoming` true, `peer` the requester.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayOpen {
+    /// The other end of the tunnel.
     pub peer: PeerId,
+    /// Relay -> target (true), or requester -> relay (false).
     pub incoming: bool,
 }
 
@@ -315,6 +317,7 @@ impl std::fmt::Debug for RelaySocket {
 }
 
 impl RelaySocket {
+    /// Wraps `inner`, with no relayed route yet.
     pub fn new(inner: Arc<dyn AsyncUdpSocket>) -> io::Result<RelaySocket> {
         let v6 = inner.local_addr()?.is_ipv6();
         Ok(RelaySocket {
@@ -324,6 +327,7 @@ impl RelaySocket {
         })
     }
 
+    /// The routes that go through the relay.
     pub fn routes(&self) -> Arc<RelayRoutes> {
         self.routes.clone()
     }
@@ -418,6 +422,7 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// A relay within the quotas of `cfg`.
     pub fn new(cfg: RelayConfig) -> Relay {
         Relay {
             quota: Mutex::new(RelayQuota::new(cfg, Instant::now())),
@@ -443,6 +448,7 @@ impl Relay {
         self.with(|q| q.forwarded())
     }
 
+    /// Its settings.
     pub fn config(&self) -> RelayConfig {
         self.with(|q| *q.config())
     }

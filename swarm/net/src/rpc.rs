@@ -45,7 +45,9 @@ pub mod code {
 /// A refusal sent back to the caller instead of a reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteError {
+    /// What kind of refusal (`code::*`).
     pub code: u16,
+    /// Why, for people.
     pub message: String,
 }
 
@@ -82,6 +84,7 @@ impl WireMessage for RemoteError {
 /// Liveness and RTT probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ping {
+    /// Echoed in the answer.
     pub nonce: u64,
 }
 
@@ -98,6 +101,7 @@ impl WireMessage for Ping {
 /// Answer to [`Ping`], echoing its nonce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pong {
+    /// The nonce of the ping answered.
     pub nonce: u64,
 }
 
@@ -114,6 +118,7 @@ impl WireMessage for Pong {
 /// Opaque bytes (benchmarks, tests): the whole body is the payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bulk {
+    /// The bytes.
     pub payload: Vec<u8>,
 }
 
@@ -134,7 +139,9 @@ impl WireMessage for Bulk {
 /// Acknowledges a [`Bulk`] with the number of bytes received and their BLAKE3 hash prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BulkAck {
+    /// Bytes received.
     pub bytes: u64,
+    /// The first 8 bytes of their BLAKE3 hash.
     pub hash: [u8; 8],
 }
 
@@ -157,7 +164,12 @@ pub enum RpcError {
     /// The request body is malformed: the connection is closed as a protocol violation.
     Malformed(WireError),
     /// The request is refused: the caller gets a [`RemoteError`], the connection stays up.
-    Refused { code: u16, message: String },
+    Refused {
+        /// What kind of refusal (`code::*`).
+        code: u16,
+        /// Why, for people.
+        message: String,
+    },
 }
 
 impl From<WireError> for RpcError {
@@ -167,6 +179,7 @@ impl From<WireError> for RpcError {
 }
 
 impl RpcError {
+    /// A refusal with `code` and a message.
     pub fn refused(code: u16, message: impl Into<String>) -> RpcError {
         RpcError::Refused {
             code,
@@ -194,6 +207,7 @@ pub trait Service: Send + Sync + 'static {
         NET_KINDS.get(kind)
     }
 
+    /// Answers one request; `Err` refuses it.
     fn handle(
         &self,
         from: PeerId,

@@ -262,6 +262,7 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// A bucket of `rate_bps` with `burst_bytes` of burst and a queue of `queue_limit_bytes`.
     pub fn new(rate_bps: u64, burst_bytes: u64, queue_limit_bytes: u64) -> Bucket {
         let rate_bps = rate_bps.max(1);
         Bucket {
@@ -310,6 +311,7 @@ fn tx_ns(bytes: u64, rate_bps: u64) -> u64 {
 pub struct ShapeStats {
     /// Datagrams and bytes admitted by the upload bucket (sent onto the emulated link).
     pub up_packets: AtomicU64,
+    /// Bytes admitted by the upload bucket.
     pub up_bytes: AtomicU64,
     /// Datagrams dropped because the upload queue was full.
     pub up_queue_drops: AtomicU64,
@@ -318,9 +320,11 @@ pub struct ShapeStats {
     /// Virtual time (ns since the socket was made) of the first upload start and last finish:
     /// `up_bytes * 8 / (last - first)` is the rate the shaper delivered.
     pub up_first_ns: AtomicU64,
+    /// Virtual time of the last upload finish (ns).
     pub up_last_ns: AtomicU64,
     /// Datagrams and bytes delivered by the download bucket.
     pub down_packets: AtomicU64,
+    /// Bytes delivered by the download bucket.
     pub down_bytes: AtomicU64,
     /// Datagrams dropped because the download queue was full.
     pub down_queue_drops: AtomicU64,
@@ -329,14 +333,23 @@ pub struct ShapeStats {
 /// A plain copy of [`ShapeStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ShapeCounters {
+    /// See [`ShapeStats::up_packets`].
     pub up_packets: u64,
+    /// See [`ShapeStats::up_bytes`].
     pub up_bytes: u64,
+    /// See [`ShapeStats::up_queue_drops`].
     pub up_queue_drops: u64,
+    /// See [`ShapeStats::up_lost`].
     pub up_lost: u64,
+    /// See [`ShapeStats::up_first_ns`].
     pub up_first_ns: u64,
+    /// See [`ShapeStats::up_last_ns`].
     pub up_last_ns: u64,
+    /// See [`ShapeStats::down_packets`].
     pub down_packets: u64,
+    /// See [`ShapeStats::down_bytes`].
     pub down_bytes: u64,
+    /// See [`ShapeStats::down_queue_drops`].
     pub down_queue_drops: u64,
 }
 
@@ -349,6 +362,7 @@ impl ShapeCounters {
 }
 
 impl ShapeStats {
+    /// The counters now.
     pub fn snapshot(&self) -> ShapeCounters {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         ShapeCounters {
@@ -447,6 +461,7 @@ impl ShapedSocket {
         })
     }
 
+    /// The socket's counters.
     pub fn stats(&self) -> Arc<ShapeStats> {
         self.shared.stats.clone()
     }

@@ -41,24 +41,29 @@ pub struct AllowList {
 }
 
 impl AllowList {
+    /// Allows exactly `ids`.
     pub fn new(ids: impl IntoIterator<Item = PeerId>) -> AllowList {
         AllowList {
             ids: ids.into_iter().collect(),
         }
     }
 
+    /// Whether `id` is allowed.
     pub fn contains(&self, id: &PeerId) -> bool {
         self.ids.contains(id)
     }
 
+    /// Allows `id` too.
     pub fn insert(&mut self, id: PeerId) {
         self.ids.insert(id);
     }
 
+    /// How many ids are allowed.
     pub fn len(&self) -> usize {
         self.ids.len()
     }
 
+    /// Whether nobody is allowed.
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }

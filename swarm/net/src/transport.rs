@@ -72,6 +72,7 @@ pub struct TransportConfig {
     pub conn_window: u64,
     /// Bytes we buffer unacknowledged for sending, per connection.
     pub send_window: u64,
+    /// The congestion controller.
     pub congestion: Congestion,
     /// Keep-alive pings on idle connections, so NATs keep the mapping and the idle timer sees life.
     pub keep_alive: Duration,
@@ -122,6 +123,7 @@ impl TransportConfig {
         }
     }
 
+    /// The same settings with another congestion controller.
     pub fn with_congestion(mut self, congestion: Congestion) -> TransportConfig {
         self.congestion = congestion;
         self
@@ -248,14 +250,17 @@ impl Node {
         })
     }
 
+    /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.identity.peer_id()
     }
 
+    /// This node's identity.
     pub fn identity(&self) -> &Identity {
         &self.identity
     }
 
+    /// The socket's local address.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         self.endpoint.local_addr().map_err(Error::Socket)
     }
@@ -342,6 +347,7 @@ pub const CLOSE_WRONG_PEER: VarInt = VarInt::from_u32(2);
 pub struct Incoming(quinn::Incoming);
 
 impl Incoming {
+    /// The peer's address.
     pub fn remote_addr(&self) -> SocketAddr {
         self.0.remote_address()
     }
@@ -390,6 +396,7 @@ impl PeerConn {
         self.remote
     }
 
+    /// The peer's address.
     pub fn remote_addr(&self) -> SocketAddr {
         self.conn.remote_address()
     }
@@ -404,6 +411,7 @@ impl PeerConn {
         self.conn.close_reason()
     }
 
+    /// Closes the connection with `code` and `reason`.
     pub fn close(&self, code: VarInt, reason: &[u8]) {
         self.conn.close(code, reason)
     }

@@ -35,29 +35,50 @@ const MAX_VARINT_LEN: usize = 10;
 pub enum WireError {
     /// The input ended before a value of `need` bytes could be read.
     #[error("truncated input: needed {need} more bytes, {have} left")]
-    Truncated { need: usize, have: usize },
+    Truncated {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes left.
+        have: usize,
+    },
     /// A length or count exceeds its cap (or the bytes actually present).
     #[error("{what} too long: {len} > {max}")]
     TooLong {
+        /// The field.
         what: &'static str,
+        /// The length it claims.
         len: u64,
+        /// The largest allowed.
         max: u64,
     },
     /// An enum tag or flag byte has no meaning.
     #[error("bad tag {tag} for {what}")]
-    BadTag { what: &'static str, tag: u64 },
+    BadTag {
+        /// The field.
+        what: &'static str,
+        /// The tag found.
+        tag: u64,
+    },
     /// The envelope does not start with [`MAGIC`]: not our protocol.
     #[error("bad magic {0:02x?}")]
     BadMagic([u8; 4]),
     /// The peer speaks a protocol version we do not.
     #[error("unsupported protocol version {got} (we speak {PROTOCOL_VERSION})")]
-    BadVersion { got: u16 },
+    BadVersion {
+        /// The version found.
+        got: u16,
+    },
     /// The message kind is not registered in [`kind::TABLE`].
     #[error("unknown message kind {0}")]
     UnknownKind(u16),
     /// A message of one kind arrived where another was expected.
     #[error("expected message kind {expected}, got {got}")]
-    UnexpectedKind { expected: u16, got: u16 },
+    UnexpectedKind {
+        /// The kind the caller decodes.
+        expected: u16,
+        /// The kind in the header.
+        got: u16,
+    },
     /// A decoder finished with bytes left over.
     #[error("{0} trailing bytes after the message")]
     Trailing(usize),
@@ -157,6 +178,7 @@ pub const NET_KINDS: KindSet = KindSet {
 /// One row of a kind table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KindInfo {
+    /// The kind number.
     pub kind: u16,
     /// Short name for logs and errors.
     pub name: &'static str,
@@ -165,6 +187,7 @@ pub struct KindInfo {
 }
 
 impl KindInfo {
+    /// A row: `kind` named `name`, bodies up to `max_len` bytes.
     pub const fn new(kind: u16, name: &'static str, max_len: usize) -> KindInfo {
         KindInfo {
             kind,
@@ -184,6 +207,7 @@ pub struct KindSet {
     pub first: u16,
     /// Last kind number of the layer's range (inclusive).
     pub last: u16,
+    /// A row for every kind the layer uses.
     pub kinds: &'static [KindInfo],
 }
 
@@ -237,13 +261,28 @@ impl KindSet {
 pub enum KindError {
     /// A kind lies outside its layer's range, or has no name.
     #[error("kind {kind} of layer {layer} is outside its range or unnamed")]
-    OutOfRange { layer: &'static str, kind: u16 },
+    OutOfRange {
+        /// The layer.
+        layer: &'static str,
+        /// The kind outside its range.
+        kind: u16,
+    },
     /// Two rows of one layer share a number or a name.
     #[error("kind {kind} of layer {layer} is listed twice")]
-    Duplicate { layer: &'static str, kind: u16 },
+    Duplicate {
+        /// The layer.
+        layer: &'static str,
+        /// The kind listed twice.
+        kind: u16,
+    },
     /// Two layers' ranges overlap.
     #[error("the kind ranges of layers {a} and {b} overlap")]
-    Overlap { a: &'static str, b: &'static str },
+    Overlap {
+        /// One layer.
+        a: &'static str,
+        /// The other.
+        b: &'static str,
+    },
 }
 
 /// The kinds a peer accepts: the network layer's own and those of every layer registered on top.
@@ -310,7 +349,9 @@ pub trait WireMessage: Sized {
     const KIND: u16 = Self::INFO.kind;
     /// Largest encoded body; defaults to the kind's cap.
     const MAX_LEN: usize = Self::INFO.max_len;
+    /// Appends the body.
     fn encode(&self, w: &mut Writer);
+    /// Reads a body (untrusted: every length checked before use).
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError>;
 }
 
@@ -327,32 +368,39 @@ impl fmt::Debug for Writer {
 }
 
 impl Writer {
+    /// An empty writer.
     pub fn new() -> Writer {
         Writer::default()
     }
 
+    /// An empty writer with room for `capacity` bytes.
     pub fn with_capacity(capacity: usize) -> Writer {
         Writer {
             buf: Vec::with_capacity(capacity),
         }
     }
 
+    /// Bytes written.
     pub fn len(&self) -> usize {
         self.buf.len()
     }
 
+    /// Whether nothing was written.
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }
 
+    /// The bytes written.
     pub fn as_slice(&self) -> &[u8] {
         &self.buf
     }
 
+    /// The bytes written, owned.
     pub fn into_vec(self) -> Vec<u8> {
         self.buf
     }
 
+    /// Appends a byte.
     pub fn u8(&mut self, v: u8) -> &mut Self {
         self.buf.push(v);
         self
@@ -363,26 +411,32 @@ impl Writer {
         self.u8(v as u8)
     }
 
+    /// Appends a little-endian u16.
     pub fn u16(&mut self, v: u16) -> &mut Self {
         self.raw(&v.to_le_bytes())
     }
 
+    /// Appends a little-endian u32.
     pub fn u32(&mut self, v: u32) -> &mut Self {
         self.raw(&v.to_le_bytes())
     }
 
+    /// Appends a little-endian u64.
     pub fn u64(&mut self, v: u64) -> &mut Self {
         self.raw(&v.to_le_bytes())
     }
 
+    /// Appends a little-endian i64.
     pub fn i64(&mut self, v: i64) -> &mut Self {
         self.raw(&v.to_le_bytes())
     }
 
+    /// Appends an f32 (its little-endian bits).
     pub fn f32(&mut self, v: f32) -> &mut Self {
         self.raw(&v.to_le_bytes())
     }
 
+    /// Appends an f64 (its little-endian bits).
     pub fn f64(&mut self, v: f64) -> &mut Self {
         self.raw(&v.to_le_bytes())
     }
@@ -431,6 +485,7 @@ impl Writer {
         self.u16(a.port())
     }
 
+    /// Appends a length-prefixed f32 slice.
     pub fn f32s(&mut self, v: &[f32]) -> &mut Self {
         self.len_prefix(v.len());
         self.buf.reserve(v.len() * 4);
@@ -461,6 +516,7 @@ impl fmt::Debug for Reader<'_> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader at the start of `buf`.
     pub fn new(buf: &'a [u8]) -> Reader<'a> {
         Reader { buf }
     }
@@ -491,6 +547,7 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    /// Reads `N` bytes.
     pub fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
         let bytes = self.take(N)?;
         let mut out = [0u8; N];
@@ -498,6 +555,7 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
+    /// Reads a byte.
     pub fn u8(&mut self) -> Result<u8, WireError> {
         Ok(self.array::<1>()?[0])
     }
@@ -514,26 +572,32 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Reads a little-endian u16.
     pub fn u16(&mut self) -> Result<u16, WireError> {
         Ok(u16::from_le_bytes(self.array()?))
     }
 
+    /// Reads a little-endian u32.
     pub fn u32(&mut self) -> Result<u32, WireError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
 
+    /// Reads a little-endian u64.
     pub fn u64(&mut self) -> Result<u64, WireError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
+    /// Reads a little-endian i64.
     pub fn i64(&mut self) -> Result<i64, WireError> {
         Ok(i64::from_le_bytes(self.array()?))
     }
 
+    /// Reads an f32.
     pub fn f32(&mut self) -> Result<f32, WireError> {
         Ok(f32::from_le_bytes(self.array()?))
     }
 
+    /// Reads an f64.
     pub fn f64(&mut self) -> Result<f64, WireError> {
         Ok(f64::from_le_bytes(self.array()?))
     }
@@ -630,7 +694,9 @@ impl<'a> Reader<'a> {
 /// length within that kind's limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The message kind.
     pub kind: u16,
+    /// The body's length in bytes.
     pub body_len: u32,
 }
 

@@ -21,6 +21,8 @@
 //! which reports count, who is stuck when a participant dies, the deadline, the majority. When
 //! joiners are answered and how long a boundary waits for them is [`join`].
 
+#![warn(missing_docs)]
+
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -40,7 +42,9 @@ mod tests;
 /// The shape of a step.
 #[derive(Clone, Copy, Debug)]
 pub struct MachineConfig {
+    /// Pipeline stages (every route has one replica of each).
     pub stages: usize,
+    /// Micro-batches of the step (each counted exactly once in every column).
     pub micro_batches: usize,
     /// Micro-batches in flight at once (at least 1).
     pub max_in_flight: usize,
@@ -55,41 +59,71 @@ pub enum Event {
     /// Answer to [`Action::Route`]: the router's route for `mb` (`route[k]` serves stage `k`) and
     /// its expected seconds end to end.
     Routed {
+        /// The micro-batch routed.
         mb: usize,
+        /// One replica per stage, in stage order.
         route: Vec<PeerId>,
+        /// The router's expected seconds end to end.
         expected_s: f64,
     },
     /// Answer to [`Action::Route`]: some stage has no routable replica; `mb` waits.
-    Unroutable { mb: usize },
+    Unroutable {
+        /// The micro-batch that waits.
+        mb: usize,
+    },
     /// The head ran on the forward output of `key` (accepted by [`StepMachine::accept_output`]):
     /// it counted if it was asked to, with this loss, and the loss gradient was sent back.
-    HeadDone { key: MbKey, loss: f64 },
+    HeadDone {
+        /// The attempt.
+        key: MbKey,
+        /// Its micro-batch's loss.
+        loss: f64,
+    },
     /// The embedding took the input gradient of `key` (accepted by
     /// [`StepMachine::accept_output`]), accumulating if it was asked to.
-    EmbedDone { key: MbKey },
+    EmbedDone {
+        /// The attempt.
+        key: MbKey,
+    },
     /// An output of `key` accepted by [`StepMachine::accept_output`] proved bad (its receipt,
     /// its frame): the attempt fails on the route's end that delivered it.
-    Rejected { key: MbKey, pass: Pass },
+    Rejected {
+        /// The attempt.
+        key: MbKey,
+        /// Which output proved bad.
+        pass: Pass,
+    },
     /// Our send of attempt `key` to `peer` failed (`busy`: it refused for lack of room, no
     /// fault of its own).
     Failed {
+        /// The attempt.
         key: MbKey,
+        /// Who the send went to.
         peer: PeerId,
+        /// It refused for lack of room.
         busy: bool,
     },
     /// A hop of `key`'s route (`from`) reports that the next one (`failed`) failed, with what
     /// the failed pass had sent (`traffic`, echoed in [`Action::ChargeFailedPass`]).
     HopFailed {
+        /// The reporting hop.
         from: PeerId,
+        /// The attempt.
         key: MbKey,
+        /// The next hop, which failed.
         failed: PeerId,
+        /// It refused for lack of room.
         busy: bool,
+        /// What the failed pass had sent.
         traffic: Traffic,
     },
     /// `from`, a replica of `stage`, added `key`'s gradient to its accumulator.
     Counted {
+        /// The replica that counted.
         from: PeerId,
+        /// The attempt.
         key: MbKey,
+        /// Its stage.
         stage: u32,
     },
     /// A replica is gone for this step (dead, banned, failed its sync): what it counted is
@@ -128,28 +162,41 @@ pub enum Outcome {
 pub enum Action {
     /// Ask the router for a route for `mb`, then answer with [`Event::Routed`] or
     /// [`Event::Unroutable`] before anything else.
-    Route { mb: usize },
+    Route {
+        /// The micro-batch to route.
+        mb: usize,
+    },
     /// Start attempt `key` along the route just given: embedding forward, `Forward` to stage 0
     /// with `accumulate` (bit `k`: stage `k` adds this attempt's gradient). `head` and
     /// `embedding`: whether the trainer's ends accumulate it.
     Forward {
+        /// The new attempt.
         key: MbKey,
+        /// Bit `k`: stage `k` adds this attempt's gradient.
         accumulate: u64,
+        /// The head accumulates it.
         head: bool,
+        /// The embedding accumulates it.
         embedding: bool,
     },
     /// Count what a failed pass of `key` had sent (`traffic` of its [`Event::HopFailed`]) on
     /// the activation channel, or the gradient one if `backward`.
     ChargeFailedPass {
+        /// The attempt.
         key: MbKey,
+        /// The failed pass was the backward one.
         backward: bool,
+        /// What it had sent.
         traffic: Traffic,
     },
     /// Attempt `key` is over: release its router load, report `outcome` to the router's health,
     /// and when `abandon` is set, send `Abandon { uncounted: abandon }` to its route.
     Release {
+        /// The attempt.
         key: MbKey,
+        /// Why it is over.
         outcome: Outcome,
+        /// The passes its route must abandon (`Abandon::uncounted`), if any.
         abandon: Option<u8>,
     },
 }
@@ -158,6 +205,7 @@ pub enum Action {
 /// for a forward output, the embedding for an input gradient) accumulates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Accepted {
+    /// The trainer's end accumulates this output's gradient.
     pub accumulate: bool,
 }
 
@@ -204,6 +252,7 @@ impl StepMachine {
         }
     }
 
+    /// The step this machine runs.
     pub fn step(&self) -> u64 {
         self.step
     }

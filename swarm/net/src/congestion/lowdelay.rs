@@ -50,6 +50,7 @@ pub struct LowDelayConfig {
     pub queue_fraction: f64,
     /// ... clamped to this range.
     pub min_queue: Duration,
+    /// Upper bound of the queue target.
     pub max_queue: Duration,
     /// A round losing more than this fraction of its bytes is congestion, not noise.
     pub loss_threshold: f64,
@@ -136,6 +137,7 @@ pub struct LowDelay {
 }
 
 impl LowDelay {
+    /// A controller for a path of `mtu` bytes, starting in slow start.
     pub fn new(cfg: LowDelayConfig, mtu: u16) -> LowDelay {
         let mtu = u64::from(mtu).max(1200);
         LowDelay {
@@ -160,6 +162,7 @@ impl LowDelay {
         }
     }
 
+    /// The phase the controller is in.
     pub fn phase(&self) -> Phase {
         self.phase
     }
@@ -169,6 +172,7 @@ impl LowDelay {
         self.bw.iter().map(|&(_, b)| b).fold(0.0, f64::max)
     }
 
+    /// The smallest RTT seen in the current window, if any.
     pub fn min_rtt(&self) -> Option<Duration> {
         self.min_rtt
     }
@@ -212,10 +216,12 @@ impl LowDelay {
         w.max(self.min_window())
     }
 
+    /// The window a new connection starts with.
     pub fn initial_window(&self) -> u64 {
         self.cfg.initial_window
     }
 
+    /// Adapts the window's floor to a new path MTU.
     pub fn on_mtu_update(&mut self, mtu: u16) {
         self.mtu = u64::from(mtu).max(1200);
     }

@@ -22,6 +22,7 @@ pub use lowdelay::{LowDelay, LowDelayConfig, Phase};
 /// Builds a [`LowDelay`] controller per connection.
 #[derive(Debug, Clone, Default)]
 pub struct LowDelayFactory {
+    /// The controller's settings.
     pub config: LowDelayConfig,
 }
 

@@ -38,7 +38,9 @@ fn decode_records(r: &mut Reader<'_>) -> Result<Vec<PeerRecord>, WireError> {
 /// One entry of a digest: a peer and the sequence number of the record held for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Digest {
+    /// The peer.
     pub peer: PeerId,
+    /// The sequence number of the record held for it.
     pub seq: u64,
 }
 
@@ -46,7 +48,9 @@ pub struct Digest {
 /// `digest` what the sender holds, asking for what it lacks. Without a digest: push only.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GossipPush {
+    /// Records pushed.
     pub records: Vec<PeerRecord>,
+    /// What the sender holds (`None`: push only).
     pub digest: Option<Vec<Digest>>,
 }
 
@@ -54,7 +58,9 @@ pub struct GossipPush {
 /// sender holds newer records (it pushes them next). Both empty for a push-only message.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GossipReply {
+    /// Records the sender lacks or holds older.
     pub records: Vec<PeerRecord>,
+    /// Peers of which the sender holds newer records (it pushes them next).
     pub want: Vec<PeerId>,
 }
 
@@ -117,8 +123,11 @@ pub struct JoinRequest;
 /// peer listening on 0.0.0.0 can announce something reachable), and the bootstrap's records.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JoinReply {
+    /// The run to join.
     pub run_id: RunId,
+    /// The newcomer's address as the bootstrap sees it.
     pub observed_addr: SocketAddr,
+    /// The bootstrap's records.
     pub records: Vec<PeerRecord>,
 }
 
@@ -153,6 +162,7 @@ pub struct StatusRequest;
 /// One peer as the answering peer sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StatusEntry {
+    /// Its latest record.
     pub record: PeerRecord,
     /// Milliseconds since the answering peer last heard from or about it.
     pub last_seen_ago_ms: u64,
@@ -166,7 +176,9 @@ pub struct StatusEntry {
 /// A peer's view: its own record first (seen 0 ms ago), then every record it holds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StatusReply {
+    /// The answering peer's run.
     pub run_id: RunId,
+    /// Its own entry first, then every peer it knows.
     pub entries: Vec<StatusEntry>,
 }
 

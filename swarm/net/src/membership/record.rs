@@ -105,6 +105,7 @@ impl PeerState {
         }
     }
 
+    /// The state's name in records and status output.
     pub fn as_str(self) -> &'static str {
         match self {
             PeerState::Joining => "JOINING",
@@ -129,6 +130,7 @@ pub struct RecordInfo {
     pub stages: Vec<u32>,
     /// Measured throughput (tokens per second through its stages; 0 when unknown).
     pub throughput: f64,
+    /// Whether it serves, joins or leaves.
     pub state: PeerState,
     /// Software version string (e.g. the crate version).
     pub version: String,
@@ -142,13 +144,19 @@ pub struct RecordInfo {
 pub struct PeerRecord {
     /// The ed25519 public key; `peer_id` must be its BLAKE3 hash.
     pub public_key: [u8; 32],
+    /// The BLAKE3 hash of `public_key`.
     pub peer_id: PeerId,
+    /// The run it belongs to.
     pub run_id: RunId,
     /// Strictly increasing per peer; a record is only replaced by one with a higher `seq`.
     pub seq: u64,
+    /// When it was signed (unix milliseconds).
     pub issued_at: UnixMillis,
+    /// When it stops counting (unix milliseconds).
     pub expires_at: UnixMillis,
+    /// What it announces.
     pub info: RecordInfo,
+    /// Ed25519 signature over every field above.
     pub signature: [u8; 64],
 }
 
@@ -158,6 +166,7 @@ pub struct PeerRecord {
 pub struct Verified(pub(super) PeerRecord);
 
 impl Verified {
+    /// The record, now known to be validly signed.
     pub fn record(&self) -> &PeerRecord {
         &self.0
     }

@@ -63,31 +63,51 @@ pub enum FlowAction {
     /// (or a stage's state is lost); answer [`FlowEvent::MicroBatchesDone`].
     MicroBatches,
     /// Ping the replicas of these stages; answer [`FlowEvent::Probed`].
-    Probe { stages: Vec<usize> },
+    Probe {
+        /// The stages still to sync.
+        stages: Vec<usize>,
+    },
     /// Audit the step; answer [`FlowEvent::Audited`].
     Audit,
     /// Discard the step's gradients: reset every stage's replicas to the step's start and zero
     /// the ends' gradients; answer [`FlowEvent::Discarded`].
-    Discard { stages: Vec<usize> },
+    Discard {
+        /// Every stage.
+        stages: Vec<usize>,
+    },
     /// Run one sync round of `stages` (`rounds[k]`: stage `k`'s round number); answer
     /// [`FlowEvent::Synced`].
     Sync {
+        /// The stages not synced yet.
         stages: Vec<usize>,
+        /// Every stage's round number (bumped at each redo).
         rounds: Vec<u32>,
+        /// A gradient all-reduce, or a multi-step sync's local round.
         phase: SyncPhase,
     },
     /// Reset the replicas of these stages to the step's start (their round broke); answer
     /// [`FlowEvent::Reset`].
-    Reset { stages: Vec<usize> },
+    Reset {
+        /// The stages whose round broke.
+        stages: Vec<usize>,
+    },
     /// The ends' optimizer step with the global norm: `stage_sq_norms` (in stage order) plus
     /// the ends' own; answer [`FlowEvent::Optimized`].
-    Optimize { stage_sq_norms: Vec<f64> },
+    Optimize {
+        /// Each stage's agreed squared gradient norm, in stage order.
+        stage_sq_norms: Vec<f64>,
+    },
     /// Apply the step on every replica (and reload the odd ones out); answer
     /// [`FlowEvent::Applied`].
-    Apply { phase: SyncPhase },
+    Apply {
+        /// The phase of the step's sync rounds.
+        phase: SyncPhase,
+    },
     /// One outer round of `stages`; answer [`FlowEvent::OuterSynced`].
     OuterSync {
+        /// The stages whose outer round is not done yet.
         stages: Vec<usize>,
+        /// Every stage's outer round number.
         rounds: Vec<u32>,
     },
     /// Apply the outer step on every replica; answer [`FlowEvent::OuterApplied`].
@@ -97,7 +117,10 @@ pub enum FlowAction {
     /// A stage's state is gone: give the step up (the run restores).
     Abandon,
     /// The outer sync failed [`MAX_OUTER_ROUNDS`] times: the run cannot go on.
-    GiveUp { rounds: u32 },
+    GiveUp {
+        /// Outer rounds tried.
+        rounds: u32,
+    },
 }
 
 /// What a [`FlowAction`] ended with.
@@ -107,24 +130,32 @@ pub enum FlowEvent {
     MicroBatchesDone,
     /// These replicas did not answer the probe (the driver already took them out of the run).
     Probed {
+        /// The replicas that did not answer.
         dead: Vec<PeerId>,
     },
     /// The audits banned these replicas (taken out of the run already).
     Audited {
+        /// The replicas banned.
         banned: Vec<PeerId>,
     },
+    /// The step's gradients are discarded everywhere.
     Discarded,
     /// A sync round's outcome (its failed peers taken out of the run already).
     Synced(SyncOutcome),
+    /// The broken stages' replicas are back at the step's start.
     Reset,
+    /// The ends took their optimizer step.
     Optimized,
-    /// Replicas whose digest disagreed with their stage's majority.
+    /// The step was applied on every replica.
     Applied {
+        /// Replicas whose digest disagreed with their stage's majority.
         mismatches: u64,
     },
     /// An outer round's outcome (its failed peers taken out of the run already).
     OuterSynced(SyncOutcome),
+    /// The outer step was applied on every replica.
     OuterApplied {
+        /// Replicas whose digest disagreed.
         mismatches: u64,
     },
 }

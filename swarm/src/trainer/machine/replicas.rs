@@ -140,7 +140,9 @@ pub fn apply_verdict(
 /// A replica that asked to leave, at a boundary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Leaver {
+    /// Its stage.
     pub stage: usize,
+    /// The replica.
     pub peer: PeerId,
     /// No other replica serves its stage.
     pub last: bool,
@@ -151,11 +153,19 @@ pub struct Leaver {
 pub enum LeaveAction {
     /// Fetch `peer`'s state of `stage` (verified against the stage's agreed digest) and serve it
     /// from the trainer; answer [`Leavers::handed_off`].
-    HandOff { stage: usize, peer: PeerId },
+    HandOff {
+        /// The stage.
+        stage: usize,
+        /// Its last replica, leaving.
+        peer: PeerId,
+    },
     /// Take `peer` out of the run (`handed_off`: its state is the trainer's now).
     Release {
+        /// Its stage.
         stage: usize,
+        /// The leaver.
         peer: PeerId,
+        /// Its state is the trainer's now.
         handed_off: bool,
     },
 }

@@ -25,8 +25,11 @@ pub enum SyncPlanError {
     /// The participants' counts do not add up to the step's micro-batches (a bug upstream).
     #[error("stage {stage}: participants counted {counted} micro-batches of {expected}")]
     Miscounted {
+        /// The stage.
         stage: usize,
+        /// Micro-batches its participants hold together.
         counted: u32,
+        /// The step's micro-batches.
         expected: usize,
     },
 }
@@ -35,11 +38,15 @@ pub enum SyncPlanError {
 /// alike; the latter see they are not in `participants`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct StageStart {
+    /// The stage.
     pub stage: usize,
+    /// Its round number in this step (bumped at each redo).
     pub round: u32,
     /// In a fixed order (by peer id), with the micro-batches each holds.
     pub participants: Vec<PeerId>,
+    /// Micro-batches each participant holds, in `participants`' order.
     pub mb_counts: Vec<u32>,
+    /// Who gets the `SyncStart`.
     pub to: Vec<PeerId>,
 }
 
@@ -48,6 +55,7 @@ pub struct StageStart {
 pub struct SyncOutcome {
     /// (stage, agreed grad_sq_norm, participants)
     pub done: Vec<(usize, f64, usize)>,
+    /// Participants that died or never reported in time: out of the run.
     pub failed_peers: Vec<PeerId>,
     /// Stages whose sync must be redone (a participant was lost before every survivor summed).
     pub broken: BTreeSet<usize>,
