@@ -10,7 +10,7 @@ use swarm_core::Identity;
 use swarm_core::membership::{MembershipConfig, StatusReply, StatusRequest};
 use swarm_core::peer::{Peer, PeerConfig};
 use swarm_core::rpc::{Bulk, BulkAck};
-use swarm_nat::{PathKind, Reachability, RelayConfig};
+use swarm_nat::{PathKind, Reachability, RelayConfig, UpgradeConfig};
 use swarm_netlab::{Host, Nat, lab_or_skip};
 
 const PORT: u16 = 7000;
@@ -190,7 +190,10 @@ fn a_symmetric_peer_is_reached_through_the_relay_and_its_bytes_are_counted() {
         .unwrap();
     let boot_addr = SocketAddr::from((boot_host.ip(), PORT));
     let mut boot_cfg = config(boot_addr, None);
-    boot_cfg.checker = Some(SocketAddr::from((boot_host.ip(), 0)));
+    // The checker on a second IP (as a STUN server has): D's firewall passes UDP only to the
+    // first, so D's check finds it blocked.
+    let checker_ip = lab.add_public_ip(&boot_host).unwrap();
+    boot_cfg.checker = Some(SocketAddr::from((checker_ip, 0)));
     boot_cfg.relay = Some(RelayConfig::default());
     let boot = start(&boot_host, &rt, boot_cfg);
     let any: SocketAddr = "0.0.0.0:7100".parse().unwrap();
@@ -272,9 +275,13 @@ fn a_symmetric_peer_is_reached_through_the_relay_and_its_bytes_are_counted() {
         assert_eq!(c_entry.path, Some(PathKind::Relayed));
         assert!(c_entry.relay_bytes >= payload.len() as u64);
 
-        // Blocked: D's UDP reaches only the bootstrap. Its check sees one mapping (both
-        // observers share the bootstrap's address), so it looks punchable; the punch then fails
-        // and the relay carries it: reachable, never a hang.
+        // Blocked: D's UDP reaches only the bootstrap's first address, so the checker on the
+        // second never hears from it: blocked. A goes to the relay at once (no punch to fail
+        // first): reachable, never a hang.
+        assert_eq!(
+            pd.verdict().map(|v| v.reachability),
+            Some(Reachability::Blocked)
+        );
         wait_known(&pa, pd.peer_id()).await;
         let d_addr = pd.local_record().info.addrs[0];
         let t = Instant::now();
@@ -294,6 +301,125 @@ fn a_symmetric_peer_is_reached_through_the_relay_and_its_bytes_are_counted() {
         assert_eq!(pa.path(pd.peer_id()), Some(PathKind::Relayed));
     });
     for p in [pa, pb, pc, pd, boot] {
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), p.leave())
+                .await
+                .ok()
+        });
+    }
+}
+
+#[test]
+fn a_relayed_path_moves_to_a_punched_one_when_the_nat_becomes_punchable() {
+    let mut lab = lab_or_skip!("upgrade");
+    let boot_host = lab.public_host("boot").unwrap();
+    let mut r1 = lab.router("r1", Nat::Home).unwrap();
+    let mut r3 = lab.router("r3", Nat::Symmetric).unwrap();
+    let a = lab.home_host(&mut r1, "a").unwrap();
+    let c = lab.home_host(&mut r3, "c").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let boot_addr = SocketAddr::from((boot_host.ip(), PORT));
+    let mut boot_cfg = config(boot_addr, None);
+    boot_cfg.checker = Some(SocketAddr::from((boot_host.ip(), 0)));
+    boot_cfg.relay = Some(RelayConfig::default());
+    let boot = start(&boot_host, &rt, boot_cfg);
+    // Short re-check and retry periods, so the test sees in seconds what takes minutes in a run.
+    let fast = |cfg: PeerConfig| PeerConfig {
+        recheck: Some(Duration::from_secs(2)),
+        upgrade: UpgradeConfig {
+            first: Duration::from_secs(1),
+            max: Duration::from_secs(4),
+        },
+        ..cfg
+    };
+    let any: SocketAddr = "0.0.0.0:7100".parse().unwrap();
+    let pa = start(&a, &rt, fast(config(any, Some(boot_addr))));
+    let pc = start(&c, &rt, fast(config(any, Some(boot_addr))));
+    assert_eq!(
+        pc.verdict().map(|v| v.reachability),
+        Some(Reachability::Symmetric)
+    );
+    let relay = boot.shared().relay().expect("the bootstrap relays");
+    rt.block_on(async {
+        wait_known(&pa, pc.peer_id()).await;
+        let c_addr = pc.local_record().info.addrs[0];
+        let call = |what: &'static str| {
+            let pa = &pa;
+            let id = pc.peer_id();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(40),
+                    pa.shared().call(c_addr, Some(id), &StatusRequest),
+                )
+                .await
+                .expect("bounded")
+                .map(|(_, r): (_, StatusReply)| r)
+                .map_err(|e| format!("{what}: {e}"))
+            }
+        };
+        call("A -> C relayed").await.unwrap();
+        assert_eq!(pa.path(pc.peer_id()), Some(PathKind::Relayed));
+        // Its retries find nothing to do while C's NAT is symmetric: still relayed.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        call("still relayed").await.unwrap();
+        assert_eq!(pa.path(pc.peer_id()), Some(PathKind::Relayed));
+
+        // C's owner replaces the symmetric NAT with a home router. C's next re-check finds it
+        // punchable; its record says so; A tries a punch and the direct path takes over, while
+        // A keeps calling C as a run would.
+        r3.set_nat(Nat::Home).unwrap();
+        let t = Instant::now();
+        let mut last = None;
+        for _ in 0..120 {
+            // A call may fail while the NAT changes under the relayed connection; it redials.
+            let _ = call("during the change").await;
+            last = Some((
+                pc.verdict().map(|v| v.reachability),
+                pa.path(pc.peer_id()),
+                pc.path(pa.peer_id()),
+            ));
+            if last
+                == Some((
+                    Some(Reachability::Punchable),
+                    Some(PathKind::Punched),
+                    Some(PathKind::Punched),
+                ))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        eprintln!("relayed -> punched after {:?}: {last:?}", t.elapsed());
+        assert_eq!(
+            last,
+            Some((
+                Some(Reachability::Punchable),
+                Some(PathKind::Punched),
+                Some(PathKind::Punched),
+            )),
+            "(C's verdict, A's path to C, C's path to A)"
+        );
+        // From now on C's bytes no longer pass through the relay.
+        let before = relay.usage(&pc.peer_id());
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (_, ack): (_, BulkAck) = pa
+            .shared()
+            .call(c_addr, Some(pc.peer_id()), &Bulk { payload })
+            .await
+            .expect("bulk A -> C");
+        assert_eq!(ack.bytes, 200_000);
+        let after = relay.usage(&pc.peer_id());
+        assert!(
+            after.received - before.received < 10_000,
+            "the relay still carried C's traffic: {before:?} -> {after:?}"
+        );
+        assert_eq!(pa.path(pc.peer_id()), Some(PathKind::Punched));
+    });
+    for p in [pa, pc, boot] {
         rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(5), p.leave())
                 .await

@@ -7,11 +7,14 @@
 //!   the advice `swarm join` prints.
 //! - [`punch`]: one side of a coordinated hole punch: when to probe or dial, bounded retries.
 //! - [`relay`]: a relay's admission and byte quotas (total budget, per-peer cap, circuit limits).
+//! - [`upgrade`]: when to try replacing a relayed connection with a direct or punched one.
 
 pub mod punch;
 pub mod reachability;
 pub mod relay;
+pub mod upgrade;
 
 pub use punch::{Punch, PunchAction, PunchConfig, PunchOutcome, PunchRole};
 pub use reachability::{Observations, PathKind, Plan, Reachability, Verdict, classify, plan};
 pub use relay::{Admit, RelayConfig, RelayQuota, RelayRefusal, RelayUsage};
+pub use upgrade::{Relayed, UpgradeConfig, Upgrades};

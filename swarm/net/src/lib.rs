@@ -13,6 +13,7 @@ pub mod error;
 pub mod identity;
 pub mod membership;
 pub mod nat;
+mod paths;
 pub mod peer;
 pub mod relay;
 pub mod rpc;

@@ -217,10 +217,14 @@ impl WireMessage for PunchStarted {
 }
 
 /// The bootstrap's second endpoint: same identity, another source address. It answers
-/// [`ObserveRequest`]s with the address it sees and makes the dial-backs.
+/// [`ObserveRequest`]s with the address it sees. The dial-backs leave from a third endpoint
+/// that never receives anything: a peer that observed through the second one (at join, or at a
+/// re-check) has opened its NAT to it, so a dial-back from there would pass a filtering NAT and
+/// make the peer look public.
 #[derive(Clone, Debug)]
 pub struct Checker {
     node: Node,
+    dialer: Node,
 }
 
 struct ObserveService {
@@ -258,7 +262,16 @@ impl Checker {
         listen: SocketAddr,
         transport: TransportConfig,
     ) -> Result<Checker> {
-        let node = Node::bind(identity, listen, transport, None, None)?;
+        let node = Node::bind(identity.clone(), listen, transport.clone(), None, None)?;
+        // Bound now, on the same IP: sockets made later could land elsewhere (another network
+        // namespace, when the peer was started inside one).
+        let dialer = Node::bind(
+            identity,
+            SocketAddr::new(node.local_addr()?.ip(), 0),
+            transport,
+            None,
+            None,
+        )?;
         let accept = node.clone();
         tokio::spawn(async move {
             while let Some(incoming) = accept.accept().await {
@@ -272,7 +285,7 @@ impl Checker {
                 });
             }
         });
-        Ok(Checker { node })
+        Ok(Checker { node, dialer })
     }
 
     /// The checker's local address.
@@ -280,11 +293,11 @@ impl Checker {
         self.node.local_addr()
     }
 
-    /// Dials `peer` at each of `addrs` (bounded by [`DIAL_BACK_TIMEOUT`]); true if any handshake
-    /// completed. The connections are closed at once.
+    /// Dials `peer` at each of `addrs` (bounded by [`DIAL_BACK_TIMEOUT`]) from the dial-back
+    /// endpoint; true if any handshake completed. The connections are closed at once.
     pub async fn dial_back(&self, peer: PeerId, addrs: &[SocketAddr]) -> bool {
         let tries = addrs.iter().take(MAX_CANDIDATES).map(|&a| {
-            let node = self.node.clone();
+            let node = self.dialer.clone();
             async move {
                 match tokio::time::timeout(DIAL_BACK_TIMEOUT, node.connect(a, Some(peer))).await {
                     Ok(Ok(c)) => {
@@ -304,6 +317,7 @@ impl Checker {
     /// Stops the checker's endpoint.
     pub fn close(&self) {
         self.node.close();
+        self.dialer.close();
     }
 }
 
@@ -336,7 +350,11 @@ pub async fn handle_dial_back(
 
 /// Runs the reachability check of a peer that joined through `boot` (which saw it at
 /// `observed`). Bounded: about [`DIAL_BACK_TIMEOUT`] + [`OBSERVE_TIMEOUT`] plus two round trips.
-pub async fn check(node: &Node, boot: &PeerConn, observed: SocketAddr) -> Verdict {
+///
+/// `serving`: the peer's server already accepts connections (a re-check during the run), so a
+/// dial-back that reaches us is completed by it; at join nothing serves yet and this check
+/// completes what arrives itself.
+pub async fn check(node: &Node, boot: &PeerConn, observed: SocketAddr, serving: bool) -> Verdict {
     let local = node.local_addr().ok();
     let mut obs = Observations {
         local: local.into_iter().collect(),
@@ -351,17 +369,21 @@ pub async fn check(node: &Node, boot: &PeerConn, observed: SocketAddr) -> Verdic
     // The peer's server is not running yet: complete (then drop) whatever arrives meanwhile, so
     // a dial-back that reaches us finishes its handshake.
     let acceptor = node.clone();
-    let accepting = tokio::spawn(async move {
-        while let Some(incoming) = acceptor.accept().await {
-            tokio::spawn(async move {
-                if let Ok(c) = incoming.handshake().await {
-                    c.close(0u32.into(), b"dial-back seen");
-                }
-            });
-        }
+    let accepting = (!serving).then(|| {
+        tokio::spawn(async move {
+            while let Some(incoming) = acceptor.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(c) = incoming.handshake().await {
+                        c.close(0u32.into(), b"dial-back seen");
+                    }
+                });
+            }
+        })
     });
     let reply = rpc::call_timeout::<_, DialBackReply>(boot, &req, timeout).await;
-    accepting.abort();
+    if let Some(a) = accepting {
+        a.abort();
+    }
     let reply = match reply {
         Ok(r) => r,
         Err(e) => {
@@ -479,12 +501,12 @@ pub async fn punch(
         if let Some(o) = machine.outcome() {
             return o;
         }
-        // The other side's dial may have arrived first.
-        if let Some(c) = shared.live_conn(peer).await {
-            // A relayed connection ends the punch too, but stays relayed.
-            if !shared.node().relay_routes().is_virtual(c.remote_addr()) {
-                shared.set_path(peer, PathKind::Punched, c.remote_addr());
-            }
+        // The other side's dial may have arrived first. A relayed connection does not end a
+        // punch: the punch is what replaces it.
+        if let Some(c) = shared.live_conn(peer).await
+            && !shared.node().relay_routes().is_virtual(c.remote_addr())
+        {
+            shared.set_path(peer, PathKind::Punched, c.remote_addr());
             machine.handle_connected(c.remote_addr(), Instant::now());
             continue;
         }
@@ -508,8 +530,53 @@ pub async fn punch(
 }
 
 /// Dials `peer`: every candidate address at once; when none answers within [`DIRECT_TIMEOUT`]
-/// and a coordinator exists, a coordinated punch. Bounded by the caller's timeout.
+/// and a coordinator exists, a coordinated punch; when that cannot work or fails, the
+/// coordinator's relay. Bounded by the caller's timeout.
 pub async fn dial(shared: &PeerShared, addr: SocketAddr, peer: PeerId) -> Result<PeerConn> {
+    match direct_path(shared, addr, peer).await {
+        Ok(c) => Ok(c),
+        Err(NoDirect { err, relay: None }) => Err(err),
+        Err(NoDirect {
+            relay: Some((coord, why)),
+            ..
+        }) => relay_fallback(shared, coord, peer, addr, &why).await,
+    }
+}
+
+/// Tries once to replace the relayed connection to `peer` with a direct or punched one (see
+/// [`swarm_nat::upgrade`]). True when the cache now holds a connection that is not relayed.
+pub async fn upgrade(shared: &PeerShared, peer: PeerId) -> bool {
+    let Some(addr) = shared.with_membership(|m| {
+        m.get(&peer)
+            .and_then(|e| e.record.info.addrs.first().copied())
+    }) else {
+        return false;
+    };
+    let limit = shared.rpc_timeout() + PUNCH_BUDGET;
+    match tokio::time::timeout(limit, direct_path(shared, addr, peer)).await {
+        Ok(Ok(c)) => !shared.node().relay_routes().is_virtual(c.remote_addr()),
+        Ok(Err(NoDirect { err, .. })) => {
+            tracing::debug!(peer = %peer.short(), error = %err, "no direct path yet");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+/// Why no direct path was made, and the relay to fall back on (with the reason) when one may
+/// help.
+struct NoDirect {
+    err: Error,
+    relay: Option<(PeerId, String)>,
+}
+
+/// A direct or punched connection to `peer`, never a relayed one: the dial of every candidate at
+/// once, then (for a peer behind a NAT, with a coordinator) a coordinated punch.
+async fn direct_path(
+    shared: &PeerShared,
+    addr: SocketAddr,
+    peer: PeerId,
+) -> std::result::Result<PeerConn, NoDirect> {
     let candidates = shared.candidates(peer, addr);
     // A peer whose record says it is public (or that we know nothing of) is dialed as before:
     // directly, for the whole timeout. Only a peer behind a NAT gets the short dial and a punch
@@ -543,25 +610,28 @@ pub async fn dial(shared: &PeerShared, addr: SocketAddr, peer: PeerId) -> Result
             after: direct_timeout,
         },
     };
+    let is_virtual = |c: &PeerConn| shared.node().relay_routes().is_virtual(c.remote_addr());
     // The other side may have reached us meanwhile.
-    if let Some(c) = shared.live_conn(peer).await {
+    if let Some(c) = shared.live_conn(peer).await
+        && !is_virtual(&c)
+    {
         return Ok(c);
     }
+    let fail = |err| NoDirect { err, relay: None };
     let Some(coord) = coordinator else {
-        return Err(err);
+        return Err(fail(err));
     };
     let Some(coord_conn) = shared.live_conn(coord).await else {
-        return Err(err);
+        return Err(fail(err));
     };
     if plan(ours, theirs.unwrap_or(Reachability::Unknown)) == Plan::Relay {
-        return relay_fallback(
-            shared,
-            coord,
-            peer,
-            addr,
-            "cannot be punched (symmetric or filtered NAT)",
-        )
-        .await;
+        return Err(NoDirect {
+            err,
+            relay: Some((
+                coord,
+                "cannot be punched (symmetric or filtered NAT)".to_owned(),
+            )),
+        });
     }
     shared.set_punching(peer, true);
     let plan = rpc::call_timeout::<_, PunchPlan>(
@@ -579,19 +649,27 @@ pub async fn dial(shared: &PeerShared, addr: SocketAddr, peer: PeerId) -> Result
         }
         Err(e) => {
             shared.set_punching(peer, false);
-            return Err(e);
+            return Err(fail(e));
         }
     };
     shared.set_punching(peer, false);
     match outcome {
         PunchOutcome::Connected { elapsed, .. } => {
             tracing::info!(peer = %peer.short(), ms = elapsed.as_millis() as u64, "punched");
-            shared.live_conn(peer).await.ok_or(err)
+            match shared.live_conn(peer).await {
+                Some(c) if !is_virtual(&c) => Ok(c),
+                _ => Err(fail(err)),
+            }
         }
         PunchOutcome::Failed { attempts } => {
             tracing::info!(peer = %peer.short(), attempts, "punch failed; trying the relay");
-            let why = format!("a hole punch failed after {attempts} attempt(s)");
-            relay_fallback(shared, coord, peer, addr, &why).await
+            Err(NoDirect {
+                err,
+                relay: Some((
+                    coord,
+                    format!("a hole punch failed after {attempts} attempt(s)"),
+                )),
+            })
         }
     }
 }
@@ -616,8 +694,18 @@ async fn relay_fallback(
     }
 }
 
+/// Serves OBSERVE on a peer's main endpoint: the source address of the request, for a peer
+/// re-checking its reachability over the connection it already holds.
+async fn handle_observe(_peer: Arc<PeerShared>, ctx: RequestCtx, body: Vec<u8>) -> HandlerResult {
+    wire::decode_body::<ObserveRequest>(&body).map_err(RpcError::from)?;
+    rpc::reply(&ObserveReply {
+        observed: ctx.remote_addr,
+    })
+}
+
 /// Registers the NAT traversal handlers on a peer.
 pub(crate) fn register_handlers(shared: &Arc<PeerShared>) {
+    register(shared, kind::OBSERVE, handle_observe);
     register(shared, kind::DIAL_BACK, handle_dial_back);
     register(shared, kind::PUNCH_REQUEST, handle_punch_request);
     register(shared, kind::PUNCH_START, handle_punch_start);

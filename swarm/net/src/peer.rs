@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use swarm_nat::{PathKind, PunchConfig, Reachability, RelayConfig, Verdict};
+use swarm_nat::{PathKind, PunchConfig, Reachability, RelayConfig, UpgradeConfig, Verdict};
 
 use crate::error::{Error, Result};
 use crate::identity::{Identity, PeerId};
@@ -79,6 +79,11 @@ pub struct PeerConfig {
     /// Relay datagrams between peers that cannot reach each other, within these quotas (the
     /// trainer does by default; `swarm join --relay`).
     pub relay: Option<RelayConfig>,
+    /// Re-check our reachability with the bootstrap this often (`None`: only at join). A verdict
+    /// that changed (a NAT replaced, a port forwarded) is announced in our record.
+    pub recheck: Option<Duration>,
+    /// When to retry a direct or punched path for a relayed connection.
+    pub upgrade: UpgradeConfig,
 }
 
 impl Default for PeerConfig {
@@ -101,6 +106,8 @@ impl Default for PeerConfig {
             checker: None,
             punch: PunchConfig::default(),
             relay: None,
+            recheck: Some(Duration::from_secs(600)),
+            upgrade: UpgradeConfig::default(),
         }
     }
 }
@@ -152,7 +159,10 @@ pub struct PeerShared {
     checker: Option<Checker>,
     /// The peer that coordinates hole punches for us (our bootstrap).
     coordinator: Option<PeerId>,
-    verdict: Option<Verdict>,
+    /// Where we joined (the coordinator's address): reachability re-checks go there.
+    bootstrap: Option<SocketAddr>,
+    /// Our reachability verdict: from the check at join, then from each re-check.
+    verdict: Mutex<Option<Verdict>>,
     punch: PunchConfig,
     /// Our relay's quotas and counters, when we relay for others.
     relay: Option<Arc<Relay>>,
@@ -239,20 +249,37 @@ impl PeerShared {
         } else {
             path
         };
-        let kept = {
+        let routes = self.node.relay_routes();
+        let (kept, replaced) = {
             let mut conns = self.conns.lock().await;
-            match conns.get(&id) {
-                Some(c) if c.close_reason().is_none() => c.clone(),
+            let open = conns.get(&id).filter(|c| c.close_reason().is_none());
+            // A direct (or punched) connection supersedes a relayed one: that is how a relayed
+            // peer moves to a direct path when one appears.
+            let upgrade = open.is_some_and(|c| {
+                routes.is_virtual(c.remote_addr()) && !routes.is_virtual(conn.remote_addr())
+            });
+            match open {
+                Some(c) if !upgrade => (c.clone(), None),
                 _ => {
-                    conns.insert(id, conn.clone());
+                    let replaced = conns.insert(id, conn.clone()).filter(|_| upgrade);
                     self.paths
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(id, (path, conn.remote_addr()));
-                    conn.clone()
+                    (conn.clone(), replaced)
                 }
             }
         };
+        if let Some(old) = replaced {
+            tracing::info!(peer = %id.short(), %path, "relayed connection superseded by a direct path");
+            // Requests already under way on the relayed connection may finish; new ones take the
+            // direct path. Closing it also ends its tunnel.
+            let grace = self.rpc_timeout;
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                old.close(0u32.into(), b"superseded by a direct path");
+            });
+        }
         if serve && let Some(me) = self.me.upgrade() {
             let service = Arc::new(ConnService {
                 remote_addr: conn.remote_addr(),
@@ -403,7 +430,7 @@ impl PeerShared {
             .collect()
     }
 
-    /// Forgets a cached connection after an error on it.
+    /// Forgets the cached connection to `peer` (its record expired).
     pub async fn drop_conn(&self, peer: PeerId) {
         if let Some(c) = self.conns.lock().await.remove(&peer) {
             c.close(0u32.into(), b"dropped");
@@ -412,6 +439,56 @@ impl PeerShared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&peer);
+    }
+
+    /// Forgets `conn` after an error on it, unless another connection to the same peer has
+    /// replaced it in the cache meanwhile (a direct path superseding a relayed one).
+    async fn drop_failed(&self, conn: &PeerConn) {
+        let id = conn.remote_id();
+        let stable = conn.connection().stable_id();
+        let mut conns = self.conns.lock().await;
+        if conns
+            .get(&id)
+            .is_some_and(|c| c.connection().stable_id() == stable)
+        {
+            conns.remove(&id);
+            self.paths
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        }
+        drop(conns);
+        conn.close(0u32.into(), b"dropped");
+    }
+
+    /// Our reachability verdict (see [`Peer::verdict`]).
+    pub fn verdict(&self) -> Option<Verdict> {
+        *self.verdict.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a new verdict; returns the previous one.
+    pub(crate) fn set_verdict(&self, v: Verdict) -> Option<Verdict> {
+        self.verdict
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(v)
+    }
+
+    /// The bootstrap we joined through, as (address, id), when we joined one.
+    pub fn bootstrap(&self) -> Option<(SocketAddr, PeerId)> {
+        Some((self.bootstrap?, self.coordinator?))
+    }
+
+    /// The ids of the cached connections that run through a relay.
+    pub(crate) async fn relayed_peers(&self) -> Vec<PeerId> {
+        let routes = self.node.relay_routes();
+        self.conns
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, c)| c.close_reason().is_none() && routes.is_virtual(c.remote_addr()))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// One request to `addr` (expecting `peer` if known), on a cached connection.
@@ -428,7 +505,7 @@ impl PeerShared {
             // A refusal is an answer: the connection is fine and stays cached.
             Err(e @ Error::Remote(_)) => Err(e),
             Err(e) => {
-                self.drop_conn(id).await;
+                self.drop_failed(&conn).await;
                 Err(e)
             }
         }
@@ -582,7 +659,7 @@ impl Peer {
         // its checker reports the address it sees. Bounded (a few seconds).
         let verdict = match (&boot_conn, &joined) {
             (Some(conn), Some((_, reply))) => {
-                let v = nat::check(&node, conn, reply.observed_addr).await;
+                let v = nat::check(&node, conn, reply.observed_addr, false).await;
                 tracing::info!(reach = %v.reachability, addr = ?v.public_addr, "reachability verdict");
                 Some(v)
             }
@@ -669,7 +746,8 @@ impl Peer {
             punching: Mutex::new(Default::default()),
             checker,
             coordinator: joined.as_ref().map(|(id, _)| *id),
-            verdict,
+            bootstrap: config.bootstrap,
+            verdict: Mutex::new(verdict),
             punch: config.punch,
             relay: config.relay.map(|c| Arc::new(Relay::new(c))),
             me: me.clone(),
@@ -692,12 +770,18 @@ impl Peer {
                 })
                 .await?;
         }
-        let gossip = tokio::spawn(gossip_loop(shared.clone(), rng, stop_rx));
+        let gossip = tokio::spawn(gossip_loop(shared.clone(), rng, stop_rx.clone()));
+        let paths = tokio::spawn(crate::paths::maintain(
+            shared.clone(),
+            config.recheck,
+            config.upgrade,
+            stop_rx,
+        ));
         tracing::info!(peer = %shared.node.peer_id().short(), addr = %local, run = %run_id, "peer started");
         Ok(Peer {
             shared,
             stop,
-            tasks: vec![server, gossip],
+            tasks: vec![server, gossip, paths],
             addr: local,
         })
     }
@@ -722,9 +806,10 @@ impl Peer {
         &self.shared
     }
 
-    /// This peer's reachability verdict from its check at join (`None` without a bootstrap).
+    /// This peer's reachability verdict: from its check at join, or its latest re-check (`None`
+    /// without a bootstrap).
     pub fn verdict(&self) -> Option<Verdict> {
-        self.shared.verdict
+        self.shared.verdict()
     }
 
     /// How our connection to `peer` was made, if we have one.

@@ -197,9 +197,8 @@ impl Lab {
         ]))
     }
 
-    /// Plugs interface `ifname` of `ns` into the public switch and gives it the next public
-    /// address.
-    fn plug_public(&mut self, ns: &str, ifname: &str) -> Result<Ipv4Addr> {
+    /// The next free address of the public segment.
+    fn next_public_ip(&mut self) -> Result<Ipv4Addr> {
         if self.next_public > 250 {
             return Err(Error::Full("public address"));
         }
@@ -210,6 +209,13 @@ impl Lab {
             self.next_public as u8,
         );
         self.next_public += 1;
+        Ok(addr)
+    }
+
+    /// Plugs interface `ifname` of `ns` into the public switch and gives it the next public
+    /// address.
+    fn plug_public(&mut self, ns: &str, ifname: &str) -> Result<Ipv4Addr> {
+        let addr = self.next_public_ip()?;
         let port = format!("p{}", self.next_port);
         self.next_port += 1;
         let inet = self.inet.clone();
@@ -237,6 +243,23 @@ impl Lab {
         let ns = self.add_ns(role)?;
         let ip = self.plug_public(&ns, "eth0")?;
         Ok(Host { ns, ip })
+    }
+
+    /// Gives `host` (made by [`Lab::public_host`]) a second public address, as a server with two
+    /// IPs: a reachability checker there tells a firewall that lets UDP reach only the first
+    /// address from a NAT that can be punched (the RFC 5780 behaviour tests need two IPs).
+    pub fn add_public_ip(&mut self, host: &Host) -> Result<Ipv4Addr> {
+        let addr = self.next_public_ip()?;
+        ip(&[
+            "-n",
+            &host.ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        Ok(addr)
     }
 
     /// A home router doing `nat` between its LAN and the public segment.
@@ -453,6 +476,18 @@ table ip nat {{
             ports.0, ports.1
         );
         nft(&self.host.ns, &script)?;
+        self.flush_conntrack()
+    }
+
+    /// Replaces the router's NAT behaviour with `nat`, as when its owner swaps or reconfigures
+    /// it mid-run, and forgets every mapping.
+    pub fn set_nat(&mut self, nat: Nat) -> Result<()> {
+        let script = format!(
+            "delete table ip nat\ndelete table ip filter\n{}",
+            nat_rules(nat, self.host.ip)
+        );
+        nft(&self.host.ns, &script)?;
+        self.nat = nat;
         self.flush_conntrack()
     }
 

@@ -95,6 +95,9 @@ pub struct TrainerOptions {
     /// Relay for volunteers that cannot reach each other, within these quotas (issue #14; on by
     /// default, `None` turns it off).
     pub relay: Option<swarm_nat::RelayConfig>,
+    /// Where the joiners' reachability checker listens (`None`: the listen IP, any port). On a
+    /// second IP of the host it also detects firewalls that pass UDP only to the trainer.
+    pub checker: Option<SocketAddr>,
 }
 
 impl TrainerOptions {
@@ -109,6 +112,7 @@ impl TrainerOptions {
             transport: TransportConfig::default(),
             min_replicas: 1,
             relay: Some(swarm_nat::RelayConfig::default()),
+            checker: None,
             max_in_flight: 0,
             attempt_timeout: Duration::from_secs(60),
             sync_timeout: Duration::from_secs(120),
@@ -385,7 +389,10 @@ impl Trainer {
                 shape: opts.shape.clone(),
                 seed: Some(cfg.seed),
                 // Joiners learn their NAT verdict from the trainer's checker (issue #14).
-                checker: Some(SocketAddr::new(opts.listen.ip(), 0)),
+                checker: Some(
+                    opts.checker
+                        .unwrap_or_else(|| SocketAddr::new(opts.listen.ip(), 0)),
+                ),
                 relay: opts.relay,
                 ..PeerConfig::default()
             },

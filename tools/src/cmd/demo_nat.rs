@@ -192,6 +192,9 @@ pub(crate) fn run(
     std::fs::write(&cfg_path, cfg.to_toml()?)?;
     let t_host = lab.public_host("trainer")?;
     let trainer_addr = format!("{}:7000", t_host.ip());
+    // The checker on a second IP of the trainer's host, so a firewall that lets UDP reach only
+    // the trainer's address is told apart from a NAT that can be punched.
+    let checker_addr = format!("{}:0", lab.add_public_ip(&t_host)?);
     let mut targs: Vec<String> = [
         "train",
         "--config",
@@ -204,6 +207,8 @@ pub(crate) fn run(
         &(args.peers / stages).to_string(),
         "--shape",
         &args.shape.to_string(),
+        "--checker-addr",
+        &checker_addr,
         "--json",
     ]
     .iter()

@@ -34,6 +34,8 @@ pub(crate) struct SwarmTrainArgs {
     pub min_replicas: usize,
     /// The relay's quotas (`None`: no relay).
     pub relay: Option<swarm_nat::RelayConfig>,
+    /// Where the reachability checker listens (`None`: the listen IP, any port).
+    pub checker: Option<SocketAddr>,
     /// Stop after this many steps (the config's `train.steps` otherwise).
     pub steps: Option<u64>,
     pub data_dir: Option<PathBuf>,
@@ -269,6 +271,11 @@ pub(crate) struct SwarmFlags {
     /// peer may send a quarter of it). 0 turns the relay off.
     #[arg(long, default_value_t = 32.0)]
     pub relay_mbit: f64,
+    /// Where joiners' reachability checker listens (default: the listen IP, any port). A second
+    /// IP of this host (`IP2:0`) also tells volunteers whose firewall passes UDP only to the
+    /// trainer from those behind a NAT that can be punched.
+    #[arg(long)]
+    pub checker_addr: Option<SocketAddr>,
     /// Folder holding the trainer's identity key (a new identity each start without it).
     #[arg(long, env = "SWARM_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -292,6 +299,7 @@ pub(crate) fn run_cli(args: &super::train::TrainArgs) -> anyhow::Result<()> {
         shape: args.swarm.shape.clone(),
         min_replicas: args.swarm.min_replicas,
         relay: swarm_nat::RelayConfig::from_mbit(args.swarm.relay_mbit),
+        checker: args.swarm.checker_addr,
         steps: args.steps,
         data_dir: args.swarm.data_dir.clone(),
         http: args.swarm.http,
@@ -325,6 +333,7 @@ pub(crate) fn run(args: SwarmTrainArgs) -> anyhow::Result<()> {
         opts.shape = args.shape.clone();
         opts.min_replicas = args.min_replicas.max(1);
         opts.relay = args.relay;
+        opts.checker = args.checker;
         let mut trainer = Trainer::start(opts).await?;
         println!(
             "trainer {} listening on {} (run {}, resuming at step {}); peers join with: swarm join {}",
