@@ -59,6 +59,7 @@ mod index;
 pub mod outer;
 mod quant;
 mod rotate;
+pub mod tokens;
 mod topk;
 
 pub use codec::{Codec, TopK, Values};
@@ -67,3 +68,4 @@ pub use encoder::{DEFAULT_SEED, Encoder};
 pub use error::{Error, Result};
 pub use feedback::ErrorFeedback;
 pub use frame::{FrameInfo, IndexCoding, Limits};
+pub use tokens::{decode_tokens, encode_tokens};

@@ -408,6 +408,27 @@ pub fn save_with_tokenizer(
     tokenizer: Option<&Path>,
 ) -> Result<(), Error> {
     cfg.validate()?;
+    // A subspace model is saved as the plain model it computes (U·A and E_fix + A_emb·Uᵀ
+    // materialized), so any Llama reader loads it. Its AdamW moments belong to the
+    // parametrization and are not saved: resuming such a checkpoint is refused (missing moments).
+    let plain;
+    let materialized;
+    let without_moments;
+    let (cfg, tensors, state) = if cfg.subspace_rank > 0 {
+        plain = ModelConfig {
+            subspace_rank: 0,
+            subspace_seed: 0,
+            ..cfg.clone()
+        };
+        materialized = crate::subspace::materialize(cfg, tensors)?;
+        without_moments = state.map(|s| TrainState {
+            optimizer: HashMap::new(),
+            ..s.clone()
+        });
+        (&plain, &materialized, without_moments.as_ref())
+    } else {
+        (cfg, tensors, state)
+    };
     let tokenizer = match tokenizer {
         Some(p) => {
             let file = if p.is_dir() {
@@ -597,6 +618,8 @@ mod tests {
             rope_theta: 10_000.0,
             max_position_embeddings: 32,
             tie_word_embeddings: tied,
+            subspace_rank: 0,
+            subspace_seed: 0,
         }
     }
 

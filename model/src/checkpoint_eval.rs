@@ -230,6 +230,8 @@ mod tests {
             rope_theta: 10_000.0,
             max_position_embeddings: 8,
             tie_word_embeddings: true,
+            subspace_rank: 0,
+            subspace_seed: 0,
         };
         Evaluator::new(&cfg, &Model::new(&cfg, 3).unwrap().tensors()).unwrap()
     }

@@ -23,6 +23,23 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// Subspace network rank k (issue #13, [`crate::subspace`]): every residual write goes
+    /// through a seed-derived `U` (hidden x k), so stage boundaries carry k values per token.
+    /// 0 = off. Not an HF field: left out of `config.json` when 0, and checkpoints are
+    /// materialized to a plain model (rank 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub subspace_rank: usize,
+    /// Seed of `U` and the fixed token table (a run config fills in its run seed).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub subspace_seed: u64,
+}
+
+fn is_zero(x: &usize) -> bool {
+    *x == 0
+}
+
+fn is_zero_u64(x: &u64) -> bool {
+    *x == 0
 }
 
 fn default_rms_norm_eps() -> f64 {
@@ -110,6 +127,17 @@ impl ModelConfig {
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
             return bad(format!("rope_theta {} must be positive", self.rope_theta));
         }
+        if self.subspace_rank >= self.hidden_size {
+            return bad(format!(
+                "subspace_rank {} must be below hidden_size {} (0 = off)",
+                self.subspace_rank, self.hidden_size
+            ));
+        }
+        if self.subspace_rank > 0 && self.tie_word_embeddings {
+            return bad(
+                "subspace_rank needs untied embeddings (tie_word_embeddings = false)".into(),
+            );
+        }
         Ok(())
     }
 
@@ -142,6 +170,8 @@ mod tests {
             rope_theta: 10_000.0,
             max_position_embeddings: 512,
             tie_word_embeddings: true,
+            subspace_rank: 0,
+            subspace_seed: 0,
         }
     }
 

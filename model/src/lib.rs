@@ -17,6 +17,7 @@ pub mod presets;
 pub mod run;
 pub mod shard;
 pub mod shards;
+pub mod subspace;
 pub mod tokenizer;
 pub mod tokenizer_bpe;
 pub mod train;

@@ -73,6 +73,8 @@ pub fn header_config(bytes: &[u8]) -> Result<(ModelConfig, bool), Error> {
         rope_theta: 10_000.0,
         max_position_embeddings: positive("seq_len", seq_len)?,
         tie_word_embeddings: shared,
+        subspace_rank: 0,
+        subspace_seed: 0,
     };
     config.validate()?;
     Ok((config, shared))

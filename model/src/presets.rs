@@ -132,6 +132,8 @@ impl Preset {
             rope_theta: 10_000.0,
             max_position_embeddings: self.max_positions,
             tie_word_embeddings: false,
+            subspace_rank: 0,
+            subspace_seed: 0,
         }
     }
 

@@ -175,6 +175,8 @@ pub fn default_model() -> ModelConfig {
         rope_theta: 10_000.0,
         max_position_embeddings: 256,
         tie_word_embeddings: false,
+        subspace_rank: 0,
+        subspace_seed: 0,
     }
 }
 
@@ -275,6 +277,11 @@ struct StrictModel {
     max_position_embeddings: usize,
     #[serde(default)]
     tie_word_embeddings: bool,
+    #[serde(default)]
+    subspace_rank: usize,
+    /// 0 (or absent): the run's seed.
+    #[serde(default)]
+    subspace_seed: u64,
 }
 
 fn eps_default() -> f64 {
@@ -298,6 +305,8 @@ fn strict_model<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<ModelCon
         rope_theta: m.rope_theta,
         max_position_embeddings: m.max_position_embeddings,
         tie_word_embeddings: m.tie_word_embeddings,
+        subspace_rank: m.subspace_rank,
+        subspace_seed: m.subspace_seed,
     })
 }
 
@@ -316,6 +325,10 @@ impl RunConfig {
             toml::from_str(text).map_err(|e| Error::Config(format!("run config: {e}")))?;
         if cfg.stages.is_empty() {
             cfg.stages = default_stages(cfg.model.num_hidden_layers);
+        }
+        if cfg.model.subspace_rank > 0 && cfg.model.subspace_seed == 0 {
+            // U and the fixed token table derive from the run seed unless given.
+            cfg.model.subspace_seed = cfg.seed;
         }
         cfg.validate()?;
         Ok(cfg)

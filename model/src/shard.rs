@@ -31,6 +31,7 @@ use rayon::prelude::*;
 use crate::layer::{self, Float, Geom, IntoPass, LayerWeights, StagePass, StageWeights};
 use crate::ops::{self, RopeTables};
 use crate::optim::AdamW;
+use crate::subspace::Subspace;
 use crate::{Error, ModelConfig, Result};
 
 /// A part of the model that can be built and run alone.
@@ -78,7 +79,15 @@ impl Piece {
     /// Names and shapes of this piece's own parameters, in the stable order the shard uses for
     /// flat gradients, digests and state. With tied embeddings the head owns no LM head (it uses
     /// `model.embed_tokens.weight`, which belongs to the embedding).
+    /// A subspace model (`subspace_rank` k > 0) has `*.subspace` parameters in place of
+    /// `o_proj` (k x hidden), `down_proj` (k x intermediate) and the embedding (vocab x k), in
+    /// the same places (see [`crate::subspace`]).
     pub fn parameters(&self, cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+        crate::subspace::reparametrize(cfg, self.hf_parameters(cfg))
+    }
+
+    /// [`Piece::parameters`] of the standard (HF) model.
+    fn hf_parameters(&self, cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         let h = cfg.hidden_size;
         let kv = cfg.num_kv_heads() * cfg.head_dim();
         let i = cfg.intermediate_size;
@@ -121,6 +130,9 @@ pub fn init_values(cfg: &ModelConfig, seed: u64, name: &str, len: usize) -> Vec<
     let mut std = 0.02;
     if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
         std /= (2.0 * cfg.num_hidden_layers as f64).sqrt();
+    }
+    if name.ends_with("o_proj.subspace") || name.ends_with("down_proj.subspace") {
+        std = crate::subspace::init_std(cfg);
     }
     let mut h = blake3::Hasher::new();
     h.update(b"swarm-model init v1\0");
@@ -195,6 +207,8 @@ pub struct Shard {
     /// version of the weights (keyed by the variables' ids, which change whenever a weight is
     /// replaced) and shared by every context in flight, instead of a copy per micro-batch.
     stage_weights: Mutex<HashMap<usize, (Vec<TensorId>, StageWeights)>>,
+    /// `U` and the fixed token table of a subspace model.
+    subspace: Option<Arc<Subspace>>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -280,6 +294,9 @@ impl Shard {
         device: &Device,
     ) -> Result<Self> {
         let pieces = check_pieces(cfg, pieces)?;
+        let subspace = Subspace::new(cfg)?.map(Arc::new);
+        // A materialized checkpoint of a subspace model goes back to its parameters.
+        let tensors = &crate::subspace::from_materialized(cfg, tensors)?;
         if !matches!(dtype, DType::F32 | DType::F64) {
             return Err(Error::Input(format!(
                 "shard dtype {dtype:?} (f32 or f64 only)"
@@ -327,7 +344,14 @@ impl Shard {
             device: device.clone(),
             step: 0,
             stage_weights: Mutex::new(HashMap::new()),
+            subspace,
         })
+    }
+
+    /// `U` and the fixed token table when the model is a subspace model: what a stage boundary
+    /// projects onto and lifts from.
+    pub fn subspace(&self) -> Option<Arc<Subspace>> {
+        self.subspace.clone()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -461,10 +485,16 @@ impl Shard {
         let piece = self.piece_index(|p| *p == Piece::Embedding, "the embedding")?;
         self.check_tokens(tokens, batch, seq)?;
         let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
-        let x = self
-            .w("model.embed_tokens.weight")?
-            .index_select(&ids, 0)?
-            .reshape((batch, seq, self.cfg.hidden_size))?;
+        let x = match &self.subspace {
+            None => self.w("model.embed_tokens.weight")?.index_select(&ids, 0)?,
+            Some(sub) => {
+                let a = self
+                    .w("model.embed_tokens.subspace")?
+                    .index_select(&ids, 0)?;
+                (sub.fixed_rows(tokens, self.dtype)? + a.matmul(&sub.u(self.dtype).t()?)?)?
+            }
+        }
+        .reshape((batch, seq, self.cfg.hidden_size))?;
         let ctx = ForwardCtx {
             piece,
             out_dims: x.dims().to_vec(),
@@ -572,13 +602,21 @@ impl Shard {
             }
             Ok(v)
         };
+        // A subspace model's residual writes run on their materialized U·A.
+        let write = |n: &str| match &self.subspace {
+            None => get(&[n]),
+            Some(sub) => Ok(sub
+                .expand(self.w(&format!("model.layers.{l}.{n}.subspace"))?)?
+                .flatten_all()?
+                .to_vec1::<T>()?),
+        };
         Ok(LayerWeights {
             norm1: get(&["input_layernorm"])?,
             qkv: get(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])?,
-            o: get(&["self_attn.o_proj"])?,
+            o: write("self_attn.o_proj")?,
             norm2: get(&["post_attention_layernorm"])?,
             gate_up: get(&["mlp.gate_proj", "mlp.up_proj"])?,
-            down: get(&["mlp.down_proj"])?,
+            down: write("mlp.down_proj")?,
         })
     }
 
@@ -689,13 +727,20 @@ impl Shard {
         let (dx, grads) = layer::stage_backward(saved, grad_out, weights);
         let mut named = Vec::with_capacity(grads.len() * 9);
         for (l, g) in grads {
-            let names = Piece::Stage {
+            let piece = Piece::Stage {
                 index: 0,
                 layers: l..l + 1,
-            }
-            .parameters(&self.cfg);
-            for ((name, shape), g) in names.into_iter().zip(g) {
-                named.push((name, Tensor::from_vec(g, shape, &self.device)?));
+            };
+            let names = piece.parameters(&self.cfg);
+            let hf = piece.hf_parameters(&self.cfg);
+            for (((name, _), (_, hf_shape)), g) in names.into_iter().zip(hf).zip(g) {
+                let g = Tensor::from_vec(g, hf_shape, &self.device)?;
+                // The gradient of A in W = U·A is Uᵀ·grad(W).
+                let g = match &self.subspace {
+                    Some(sub) if name.ends_with(".subspace") => sub.reduce(&g)?,
+                    _ => g,
+                };
+                named.push((name, g));
             }
         }
         Ok((Tensor::from_vec(dx, (b, t, h), &self.device)?, named))

@@ -57,13 +57,23 @@ pub fn forward_micro_batch(
 
 /// [`forward_micro_batch`] where every hidden state crossing a boundary (embedding -> stage 0
 /// -> ... -> head) goes through `link` first, as a swarm's activation codec does: the receiver
-/// continues with what `link` returns.
+/// continues with what `link` returns. In a subspace model what crosses is the projection
+/// `c = Uᵀ(h - E_fix[tok])`, lifted back after `link`, as a swarm's boundary does (so a swarm
+/// with codec `none` computes bitwise what this does).
 pub fn forward_micro_batch_with(
     ends: &Shard,
     stages: &[Shard],
     batch: &Batch,
     link: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<(f64, MicroBatchCtx)> {
+    let sub = ends.subspace();
+    let tokens = &batch.inputs;
+    let mut link = |x: &Tensor| -> Result<Tensor> {
+        match &sub {
+            None => link(x),
+            Some(s) => s.lift(&link(&s.project(x, tokens)?)?, tokens),
+        }
+    };
     let (x, embed) = ends.embed_forward(&batch.inputs, batch.batch_size, batch.seq_len)?;
     let mut x = link(&x)?;
     let mut ctxs = Vec::with_capacity(stages.len());
@@ -95,7 +105,8 @@ pub fn backward_micro_batch(
 }
 
 /// [`backward_micro_batch`] where every gradient crossing a boundary (head -> last stage -> ...
-/// -> embedding) goes through `link` first, as a swarm's gradient codec does.
+/// -> embedding) goes through `link` first, as a swarm's gradient codec does. In a subspace
+/// model what crosses is `Uᵀ·g`, continued with as `U·Uᵀ·g`.
 pub fn backward_micro_batch_with(
     ends: &mut Shard,
     stages: &mut [Shard],
@@ -103,6 +114,13 @@ pub fn backward_micro_batch_with(
     loss_scale: f64,
     link: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<()> {
+    let sub = ends.subspace();
+    let mut link = |g: &Tensor| -> Result<Tensor> {
+        match &sub {
+            None => link(g),
+            Some(s) => s.lift_grad(&link(&s.project_grad(g)?)?),
+        }
+    };
     let mut g = link(&ends.head_backward(ctx.head, loss_scale)?)?;
     for (s, c) in stages.iter_mut().zip(ctx.stages).rev() {
         g = s

@@ -24,6 +24,8 @@ fn cfg(kv_heads: usize) -> ModelConfig {
         rope_theta: 10_000.0,
         max_position_embeddings: 16,
         tie_word_embeddings: false,
+        subspace_rank: 0,
+        subspace_seed: 0,
     }
 }
 

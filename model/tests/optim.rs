@@ -21,6 +21,8 @@ fn cfg() -> ModelConfig {
         rope_theta: 10_000.0,
         max_position_embeddings: 32,
         tie_word_embeddings: false,
+        subspace_rank: 0,
+        subspace_seed: 0,
     }
 }
 

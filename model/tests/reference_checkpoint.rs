@@ -23,6 +23,8 @@ fn cfg(heads: usize, kv: usize, tied: bool) -> ModelConfig {
         rope_theta: 10_000.0,
         max_position_embeddings: 64,
         tie_word_embeddings: tied,
+        subspace_rank: 0,
+        subspace_seed: 0,
     }
 }
 

@@ -16,6 +16,8 @@ fn tiny_run(steps: u64) -> RunConfig {
             rope_theta: 10_000.0,
             max_position_embeddings: 64,
             tie_word_embeddings: false,
+            subspace_rank: 0,
+            subspace_seed: 0,
         },
         ..RunConfig::default()
     };

@@ -30,6 +30,8 @@ fuzz_target!(|data: &[u8]| {
         rope_theta: 10_000.0,
         max_position_embeddings: 16,
         tie_word_embeddings: false,
+        subspace_rank: 0,
+        subspace_seed: 0,
     };
     let mut out = HashMap::new();
     let _ = read_safetensors(rest, &cfg, &mut out);

@@ -20,6 +20,8 @@ fn cfg() -> ModelConfig {
         rope_theta: 10_000.0,
         max_position_embeddings: 16,
         tie_word_embeddings: true,
+        subspace_rank: 0,
+        subspace_seed: 0,
     }
 }
 
