@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 use swarm_compression::{Codec, Decoder, Encoder, Limits};
 use swarm_model::Shard;
+use swarm_model::subspace::Subspace;
 
 use crate::error::{Error, Result};
 
@@ -65,6 +66,125 @@ pub fn encode(codec: Codec, t: &Tensor) -> Result<(Vec<u8>, usize)> {
     Ok((frame, values.len()))
 }
 
+/// A hidden state at a stage boundary as it travels: plain, one frame of `[batch, seq, hidden]`;
+/// in a subspace model (issue #13, [`swarm_model::subspace`]), the token ids
+/// ([`swarm_compression::tokens`]) then one frame of the coordinates `c = Uᵀ(h - E_fix[tok])`,
+/// `[batch, seq, k]`. Returns the bytes and the element count of the standard model's hidden
+/// state (what `dense_bytes` counts, 4 bytes each, whatever crosses).
+pub fn encode_hidden(
+    codec: Codec,
+    sub: Option<&Subspace>,
+    h: &Tensor,
+    tokens: &[u32],
+) -> Result<(Vec<u8>, usize)> {
+    let Some(sub) = sub else {
+        return encode(codec, h);
+    };
+    let mut out = Vec::new();
+    swarm_compression::encode_tokens(tokens, &mut out)?;
+    let (frame, _) = encode(codec, &sub.project(h, tokens)?)?;
+    out.extend_from_slice(&frame);
+    Ok((out, h.elem_count()))
+}
+
+/// The inverse of [`encode_hidden`]: the hidden state `[batch, seq, hidden]`, the token ids (in
+/// a subspace model; empty otherwise) and the standard model's element count. `vocab` bounds the
+/// ids.
+pub fn decode_hidden(
+    dec: &mut Decoder,
+    bytes: &[u8],
+    limits: &Limits,
+    hidden: usize,
+    vocab: usize,
+    sub: Option<&Subspace>,
+) -> Result<(Tensor, Vec<u32>, usize)> {
+    let Some(sub) = sub else {
+        let (h, n) = decode(dec, bytes, limits, Expect::Hidden(hidden))?;
+        return Ok((h, Vec::new(), n));
+    };
+    let (tokens, used) = swarm_compression::decode_tokens(
+        bytes,
+        limits.max_elements / hidden.max(1),
+        u32::try_from(vocab).unwrap_or(u32::MAX),
+    )?;
+    let (c, _) = decode(dec, &bytes[used..], limits, Expect::Hidden(sub.rank()))?;
+    if c.dims()[0] * c.dims()[1] != tokens.len() {
+        return Err(Error::FrameShape {
+            got: c.dims().to_vec(),
+            expected: format!("{} positions (the token ids sent)", tokens.len()),
+        });
+    }
+    let h = sub.lift(&c, &tokens)?;
+    let n = h.elem_count();
+    Ok((h, tokens, n))
+}
+
+/// A hidden-state gradient at a stage boundary as it travels: plain, one frame; in a subspace
+/// model one frame of `Uᵀ·g` (`[batch, seq, k]`: exact, see [`swarm_model::subspace`]). Returns
+/// the bytes and the standard model's element count.
+pub fn encode_grad(codec: Codec, sub: Option<&Subspace>, g: &Tensor) -> Result<(Vec<u8>, usize)> {
+    match sub {
+        None => encode(codec, g),
+        Some(sub) => Ok((encode(codec, &sub.project_grad(g)?)?.0, g.elem_count())),
+    }
+}
+
+/// The inverse of [`encode_grad`]: the gradient `[batch, seq, hidden]` to continue with (`U·Uᵀ·g`
+/// in a subspace model) and the standard model's element count. `dims`: the shape expected, or
+/// any when `None`.
+pub fn decode_grad(
+    dec: &mut Decoder,
+    bytes: &[u8],
+    limits: &Limits,
+    dims: Option<&[usize]>,
+    sub: Option<&Subspace>,
+) -> Result<(Tensor, usize)> {
+    let Some(sub) = sub else {
+        return decode(dec, bytes, limits, dims.map_or(Expect::Any, Expect::Dims));
+    };
+    let want = dims.map(|d| [d[0], d[1], sub.rank()]);
+    let expect = match &want {
+        Some(w) => Expect::Dims(w),
+        None => Expect::Hidden(sub.rank()),
+    };
+    let (gc, _) = decode(dec, bytes, limits, expect)?;
+    let g = sub.lift_grad(&gc)?;
+    let n = g.elem_count();
+    Ok((g, n))
+}
+
+/// Checks the token ids a subspace boundary brought back against the micro-batch's `targets`
+/// (each row's next tokens): id `i + 1` of a row must be target `i`. Plain boundaries carry no
+/// ids (`tokens` empty) and pass.
+pub fn check_tokens(tokens: &[u32], targets: &[u32], seq: usize) -> Result<()> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let ok = tokens.len() == targets.len()
+        && seq > 0
+        && tokens
+            .chunks(seq)
+            .zip(targets.chunks(seq))
+            .all(|(t, y)| t[1..] == y[..y.len() - 1]);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::FrameShape {
+            got: vec![tokens.len()],
+            expected: "the micro-batch's token ids (each row's targets shifted)".into(),
+        })
+    }
+}
+
+/// The standard model's element count of a gradient frame with header `info` (a subspace
+/// frame holds `k` values per token where the standard model sends `hidden`).
+pub fn dense_elements(info: &swarm_compression::FrameInfo, hidden: usize) -> usize {
+    match info.shape() {
+        [b, t, _] => b * t * hidden,
+        _ => info.elements,
+    }
+}
+
 /// Forward of `fwd_in` through stage `index`, then the input gradient for `bwd_in` (nothing is
 /// accumulated), both encoded as a stage sends them: what an audit compares with the audited
 /// peer's frames.
@@ -77,16 +197,18 @@ pub fn recompute(
     act: Codec,
     grad: Codec,
 ) -> Result<(Vec<u8>, Vec<u8>)> {
-    let hidden = shard.config().hidden_size;
+    let (hidden, vocab) = (shard.config().hidden_size, shard.config().vocab_size);
+    let sub = shard.subspace();
+    let sub = sub.as_deref();
     let mut dec = Decoder::new();
-    let (x, _) = decode(&mut dec, fwd_in, limits, Expect::Hidden(hidden))?;
+    let (x, tokens, _) = decode_hidden(&mut dec, fwd_in, limits, hidden, vocab, sub)?;
     let (y, ctx) = shard.stage_forward(index, &x)?;
-    let (fwd_out, _) = encode(act, &y)?;
-    let (g, _) = decode(&mut dec, bwd_in, limits, Expect::Dims(y.dims()))?;
+    let (fwd_out, _) = encode_hidden(act, sub, &y, &tokens)?;
+    let (g, _) = decode_grad(&mut dec, bwd_in, limits, Some(y.dims()), sub)?;
     let dx = shard
         .backward_input_only(ctx, &g)?
         .ok_or_else(|| Error::NoInputGradient)?;
-    let (bwd_out, _) = encode(grad, &dx)?;
+    let (bwd_out, _) = encode_grad(grad, sub, &dx)?;
     Ok((fwd_out, bwd_out))
 }
 

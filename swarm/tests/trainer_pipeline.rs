@@ -207,3 +207,54 @@ async fn frames_of_failed_attempts_count_as_wire_bytes() {
     let (sa, sb) = (clean.summary(), retried.summary());
     assert!(sb.wire_bytes > sa.wire_bytes, "{sa:?} {sb:?}");
 }
+
+/// A subspace model (issue #13) over real stage workers with codec `none`: every boundary carries
+/// the token ids and k coordinates per token forward and `Uᵀ·g` back, and the run is the local
+/// run of the same (subspace) config step for step; fp32 bytes stay the standard model's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subspace_swarm_matches_local_run_and_sends_k_values_per_token() {
+    let steps = 3;
+    let mut cfg = tiny_config(steps);
+    cfg.model.subspace_rank = 4;
+    cfg.model.subspace_seed = cfg.seed;
+    cfg.validate().unwrap();
+    let mut opts = TrainerOptions::new(cfg.clone());
+    opts.min_replicas = 2;
+    opts.wait_for_peers = Duration::from_secs(60);
+    opts.attempt_timeout = Duration::from_secs(30);
+    let mut trainer = Trainer::start(opts).await.unwrap();
+    let replicas = start_replicas(trainer.addr(), &[0, 0, 1, 1]).await;
+    let metrics = tokio::time::timeout(Duration::from_secs(120), trainer.run(&mut |_| {}))
+        .await
+        .expect("run finishes in time")
+        .expect("run succeeds");
+    let (want, _) = local_run(&cfg, steps as usize);
+    let got: Vec<f64> = metrics.steps.iter().map(|r| r.loss).collect();
+    assert_losses_match(&got, &want, 1e-4);
+    let s = metrics.summary();
+    assert_eq!((s.retries, s.replica_hash_mismatches), (0, 0));
+    // fp32 bytes: the standard model's 4·hidden per token, 3 boundaries (trainer -> stage 0 ->
+    // stage 1 -> trainer), every micro-batch of every step, each way.
+    let t = &cfg.train;
+    let per_way = 4
+        * cfg.model.hidden_size as u64
+        * (t.micro_batch_size * t.seq_len * t.micro_batches) as u64
+        * 3
+        * steps;
+    let (act, grad) = (&metrics.wire.activations, &metrics.wire.gradients);
+    assert_eq!(act.dense_bytes, per_way);
+    assert_eq!(grad.dense_bytes, per_way);
+    // What crosses is k = 4 of hidden = 32 values per token (fp32 frames plus headers, and the
+    // ids forward; frame headers add about 20% at this tiny size): near 8x fewer bytes.
+    let k_share = per_way / 8;
+    assert!(
+        grad.wire_bytes >= k_share && grad.wire_bytes < k_share * 13 / 10,
+        "{grad:?}"
+    );
+    assert!(
+        act.wire_bytes > grad.wire_bytes && act.wire_bytes < k_share * 15 / 10,
+        "{act:?}"
+    );
+    drop(replicas);
+    trainer.shutdown().await;
+}

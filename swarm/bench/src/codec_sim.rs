@@ -127,10 +127,15 @@ impl SimOptions {
 }
 
 /// One boundary crossing: encode with `enc`, count, decode; the receiver's tensor.
+/// In a subspace model `x` is the boundary's coordinates (`[batch, seq, k]`): fp32 counts the
+/// standard model's `hidden` values per token, and `tokens` (the forward's ids) cross too.
+#[allow(clippy::too_many_arguments)]
 fn cross(
     enc: &mut Encoder,
     dec: &mut Decoder,
     x: &Tensor,
+    hidden: usize,
+    tokens: Option<&[u32]>,
     bytes: &mut ChannelBytes,
     frame: &mut Vec<u8>,
     buf: &mut Vec<f32>,
@@ -142,7 +147,17 @@ fn cross(
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(swarm_model::Error::from)?;
     enc.encode(&v, &dims, frame)?;
-    bytes.add(frame.len(), v.len());
+    let dense = match dims.as_slice() {
+        [b, t, _] => b * t * hidden,
+        _ => v.len(),
+    };
+    let mut ids = 0;
+    if let Some(tokens) = tokens {
+        let mut section = Vec::new();
+        swarm_compression::encode_tokens(tokens, &mut section)?;
+        ids = section.len();
+    }
+    bytes.add(frame.len() + ids, dense);
     dec.decode(frame, &Limits::new(v.len()), buf)?;
     Ok(
         Tensor::from_slice(buf.as_slice(), dims.as_slice(), &Device::Cpu)
@@ -326,8 +341,21 @@ impl SimTrainer {
                     &mut self.bytes.activations,
                 );
                 let (mut frame, mut buf) = (Vec::new(), Vec::new());
-                let mut link =
-                    |x: &Tensor| cross(enc, dec, x, bytes, &mut frame, &mut buf).map_err(model_err);
+                let hidden = self.cfg.model.hidden_size;
+                let ids = self.ends.subspace().map(|_| batch.inputs.clone());
+                let mut link = |x: &Tensor| {
+                    cross(
+                        enc,
+                        dec,
+                        x,
+                        hidden,
+                        ids.as_deref(),
+                        bytes,
+                        &mut frame,
+                        &mut buf,
+                    )
+                    .map_err(model_err)
+                };
                 forward_micro_batch_with(&self.ends, &self.pipes[pipe], &batch, &mut link)?
             };
             loss += l;
@@ -335,8 +363,10 @@ impl SimTrainer {
                 let (enc, dec, bytes) =
                     (&mut self.grad_enc, &mut self.dec, &mut self.bytes.gradients);
                 let (mut frame, mut buf) = (Vec::new(), Vec::new());
-                let mut link =
-                    |g: &Tensor| cross(enc, dec, g, bytes, &mut frame, &mut buf).map_err(model_err);
+                let hidden = self.cfg.model.hidden_size;
+                let mut link = |g: &Tensor| {
+                    cross(enc, dec, g, hidden, None, bytes, &mut frame, &mut buf).map_err(model_err)
+                };
                 backward_micro_batch_with(
                     &mut self.ends,
                     &mut self.pipes[pipe],

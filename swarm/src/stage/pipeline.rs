@@ -2,7 +2,7 @@
 //! the blocking pool and passed on (or reported as failed), and Abandon.
 
 use super::*;
-use crate::compute::{self, Expect};
+use crate::compute;
 use crate::protocol::PassTime;
 
 impl StageWorker {
@@ -89,6 +89,7 @@ impl StageWorker {
         let key = f.key;
         let stage = self.inner.opts.stage;
         let hidden = self.inner.opts.config.model.hidden_size;
+        let vocab = self.inner.opts.config.model.vocab_size;
         let limits = self.limits();
         let shard = self.inner.shard.clone();
         let act_codec = self.inner.act_codec;
@@ -100,8 +101,15 @@ impl StageWorker {
         let computed = tokio::task::spawn_blocking(
             move || -> Result<(ForwardCtx, Vec<u8>, usize, usize, HopClock)> {
                 clock.queued();
-                let (x, in_elems) =
-                    compute::decode(&mut Decoder::new(), &frame, &limits, Expect::Hidden(hidden))?;
+                let sub = lock(&shard).as_ref().and_then(|s| s.subspace());
+                let (x, tokens, in_elems) = compute::decode_hidden(
+                    &mut Decoder::new(),
+                    &frame,
+                    &limits,
+                    hidden,
+                    vocab,
+                    sub.as_deref(),
+                )?;
                 clock.codec();
                 let g = lock(&shard);
                 clock.queued();
@@ -110,7 +118,8 @@ impl StageWorker {
                 let y = fault.forward(key, stage, &x, y)?;
                 drop(g);
                 clock.compute();
-                let (out, elems) = compute::encode(act_codec, &y)?;
+                let (out, elems) =
+                    compute::encode_hidden(act_codec, sub.as_deref(), &y, &tokens)?;
                 clock.codec();
                 Ok((c, out, elems, in_elems, clock))
             },
@@ -380,8 +389,14 @@ impl StageWorker {
         let computed =
             tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, usize, usize, HopClock)> {
                 clock.queued();
-                let (g, in_elems) =
-                    compute::decode(&mut Decoder::new(), &frame, &limits, Expect::Any)?;
+                let sub = lock(&shard).as_ref().and_then(|s| s.subspace());
+                let (g, in_elems) = compute::decode_grad(
+                    &mut Decoder::new(),
+                    &frame,
+                    &limits,
+                    None,
+                    sub.as_deref(),
+                )?;
                 clock.codec();
                 let mut guard = lock(&shard);
                 clock.queued();
@@ -395,7 +410,7 @@ impl StageWorker {
                 let dx = dx.ok_or_else(|| Error::NoInputGradient)?;
                 let dx = fault.backward(key, &g, dx)?;
                 clock.compute();
-                let (out, elems) = compute::encode(grad_codec, &dx)?;
+                let (out, elems) = compute::encode_grad(grad_codec, sub.as_deref(), &dx)?;
                 clock.codec();
                 Ok((out, elems, in_elems, clock))
             })

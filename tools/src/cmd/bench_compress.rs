@@ -58,7 +58,10 @@ pub(crate) struct BenchCompressArgs {
     /// Chunk of the pseudo-gradient's top-k.
     #[arg(long, default_value_t = 4096)]
     pub outer_chunk: usize,
-    /// Skip the local baseline.
+    /// Subspace network rank k (overrides `[model] subspace_rank`; 0 = the standard model).
+    #[arg(long)]
+    pub subspace_rank: Option<usize>,
+    /// Skip the local baseline (the standard model, `subspace_rank` 0, of the same config).
     #[arg(long)]
     pub no_baseline: bool,
     /// Print the result as one JSON object on the last line of stdout.
@@ -98,6 +101,13 @@ pub(crate) fn run(args: BenchCompressArgs) -> anyhow::Result<()> {
     }
     if let Some(s) = args.seed {
         cfg.seed = s;
+        cfg.model.subspace_seed = 0;
+    }
+    if let Some(k) = args.subspace_rank {
+        cfg.model.subspace_rank = k;
+    }
+    if cfg.model.subspace_rank > 0 && cfg.model.subspace_seed == 0 {
+        cfg.model.subspace_seed = cfg.seed;
     }
     for (o, c) in [
         (&args.activations, &mut cfg.codec.activations),
@@ -130,8 +140,13 @@ pub(crate) fn run(args: BenchCompressArgs) -> anyhow::Result<()> {
     }
     let outer_every = opts.outer.map(|o| o.every);
     let mut sim = SimTrainer::new(&cfg, opts)?;
+    // The baseline is the standard model trained locally (issue #13: a structural method is
+    // compared with the unconstrained model at equal steps).
+    let mut standard = cfg.clone();
+    standard.model.subspace_rank = 0;
+    standard.model.subspace_seed = 0;
     let mut local = (!args.no_baseline)
-        .then(|| LocalTrainer::new(&cfg))
+        .then(|| LocalTrainer::new(&standard))
         .transpose()?;
     let bar = ui::progress(cfg.train.steps, args.json);
     let (mut loss, mut local_loss) = (Vec::new(), Vec::new());

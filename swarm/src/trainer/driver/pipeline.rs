@@ -5,7 +5,7 @@
 //! is abandoned.
 
 use super::*;
-use crate::compute::{self, Expect};
+use crate::compute;
 use crate::protocol::PassTime;
 use crate::trainer::machine::{Accepted, Action, Event, Outcome, StepMachine};
 use crate::trainer::timing::Part;
@@ -271,9 +271,10 @@ impl Trainer {
         let computed = tokio::task::spawn_blocking(move || -> Result<_> {
             let e = ends.lock().unwrap_or_else(|e| e.into_inner());
             let (x, ctx) = e.embed_forward(&inputs, bsz, seq)?;
+            let sub = e.subspace();
             drop(e);
             let t = Instant::now();
-            let (frame, n) = compute::encode(codec, &x)?;
+            let (frame, n) = compute::encode_hidden(codec, sub.as_deref(), &x, &inputs)?;
             let dense = 4 * n as u64;
             Ok((ctx, frame, dense, t.elapsed()))
         })
@@ -376,17 +377,32 @@ impl Trainer {
         let targets = w.targets.clone();
         let scale = 1.0 / self.cfg().train.micro_batches as f64;
         let codec = self.grad_codec;
-        let (bsz, seq, hidden) = (
+        let (bsz, seq, hidden, vocab) = (
             self.cfg().train.micro_batch_size,
             self.cfg().train.seq_len,
             self.cfg().model.hidden_size,
+            self.cfg().model.vocab_size,
         );
         let prev = self.metrics.enter(Part::Compute);
         let computed = tokio::task::spawn_blocking(move || -> Result<_> {
             let dims = [bsz, seq, hidden];
+            let sub = ends.lock().unwrap_or_else(|e| e.into_inner()).subspace();
             let t = Instant::now();
-            let (x, _) =
-                compute::decode(&mut Decoder::new(), &frame, &limits, Expect::Dims(&dims))?;
+            let (x, tokens, _) = compute::decode_hidden(
+                &mut Decoder::new(),
+                &frame,
+                &limits,
+                hidden,
+                vocab,
+                sub.as_deref(),
+            )?;
+            if x.dims() != dims {
+                return Err(Error::FrameShape {
+                    got: x.dims().to_vec(),
+                    expected: format!("{dims:?}"),
+                });
+            }
+            compute::check_tokens(&tokens, &targets, seq)?;
             let mut coding = t.elapsed();
             let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
             let (loss, ctx) = e.head_forward(&x, &targets)?;
@@ -401,7 +417,7 @@ impl Trainer {
             };
             drop(e);
             let t = Instant::now();
-            let (frame, n) = compute::encode(codec, &grad)?;
+            let (frame, n) = compute::encode_grad(codec, sub.as_deref(), &grad)?;
             let dense = 4 * n as u64;
             coding += t.elapsed();
             Ok((loss, frame, dense, coding))
@@ -467,6 +483,7 @@ impl Trainer {
         };
         self.metrics.pass(w.sent_at.elapsed(), out.time);
         self.audit.got_backward(key, &out.grad);
+        let hidden = self.cfg().model.hidden_size;
         let res = embed_backward(
             &self.ends,
             &self.limits,
@@ -474,6 +491,7 @@ impl Trainer {
             &out,
             &mut self.metrics,
             accepted.accumulate,
+            hidden,
         )
         .await;
         received.conclude(sm, res.map(|()| Event::EmbedDone { key }));
@@ -556,6 +574,7 @@ async fn embed_backward(
     out: &BackwardOut,
     metrics: &mut Metrics,
     accumulate: bool,
+    hidden: usize,
 ) -> Result<()> {
     let info = swarm_compression::frame::FrameInfo::read(&out.grad, limits)?;
     // The backward pass: every earlier hop and this frame, but our own Backward's frame (in
@@ -563,7 +582,8 @@ async fn embed_backward(
     let ours = w.sent_grad.unwrap_or_default();
     metrics.wire.channel_mut(Channel::Gradients).add(
         (out.upstream.wire + out.grad.len() as u64).saturating_sub(ours.wire),
-        (out.upstream.dense + info.elements as u64 * 4).saturating_sub(ours.dense),
+        (out.upstream.dense + compute::dense_elements(&info, hidden) as u64 * 4)
+            .saturating_sub(ours.dense),
     );
     if !accumulate {
         return Ok(());
@@ -577,8 +597,15 @@ async fn embed_backward(
     let shape = info.shape().to_vec();
     let prev = metrics.enter(Part::Compute);
     let done = tokio::task::spawn_blocking(move || -> Result<Duration> {
+        let sub = ends.lock().unwrap_or_else(|e| e.into_inner()).subspace();
+        // A subspace frame holds k values per token; the gradient continued with has `hidden`.
+        let mut dims = shape;
+        if let (Some(_), Some(last)) = (&sub, dims.last_mut()) {
+            *last = hidden;
+        }
         let t = Instant::now();
-        let (g, _) = compute::decode(&mut Decoder::new(), &frame, &limits, Expect::Dims(&shape))?;
+        let (g, _) =
+            compute::decode_grad(&mut Decoder::new(), &frame, &limits, Some(&dims), sub.as_deref())?;
         let coding = t.elapsed();
         let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
         e.backward(ctx, &g)?;
