@@ -118,8 +118,7 @@ impl StageWorker {
                 let y = fault.forward(key, stage, &x, y)?;
                 drop(g);
                 clock.compute();
-                let (out, elems) =
-                    compute::encode_hidden(act_codec, sub.as_deref(), &y, &tokens)?;
+                let (out, elems) = compute::encode_hidden(act_codec, sub.as_deref(), &y, &tokens)?;
                 clock.codec();
                 Ok((c, out, elems, in_elems, clock))
             },

@@ -604,8 +604,13 @@ async fn embed_backward(
             *last = hidden;
         }
         let t = Instant::now();
-        let (g, _) =
-            compute::decode_grad(&mut Decoder::new(), &frame, &limits, Some(&dims), sub.as_deref())?;
+        let (g, _) = compute::decode_grad(
+            &mut Decoder::new(),
+            &frame,
+            &limits,
+            Some(&dims),
+            sub.as_deref(),
+        )?;
         let coding = t.elapsed();
         let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
         e.backward(ctx, &g)?;
