@@ -16,26 +16,11 @@ use std::time::{Duration, Instant};
 use net_common::{BIN, FAST, PeerProc};
 use swarm_model::{LocalTrainer, RunConfig};
 
-/// 2 stages, 4 micro-batches of 2 x 16 tokens, codec none, a checkpoint every 2 steps.
+/// The shared tiny run (2 stages, 4 micro-batches of 2 x 16 tokens, codec none) with a
+/// checkpoint every 2 steps.
 fn config(steps: u64) -> RunConfig {
-    let mut cfg = RunConfig::default();
-    cfg.model.hidden_size = 32;
-    cfg.model.intermediate_size = 64;
-    cfg.model.num_hidden_layers = 2;
-    cfg.model.num_attention_heads = 4;
-    cfg.model.num_key_value_heads = Some(2);
-    cfg.model.max_position_embeddings = 32;
-    cfg.stages = vec![0, 1, 2];
-    cfg.train.steps = steps;
-    cfg.train.micro_batches = 4;
-    cfg.train.micro_batch_size = 2;
-    cfg.train.seq_len = 16;
-    cfg.train.warmup_steps = 1;
-    cfg.train.lr = 1e-2;
+    let mut cfg = swarm_testkit::tiny_config(steps);
     cfg.train.checkpoint_every = 2;
-    cfg.codec.activations = "none".into();
-    cfg.codec.gradients = "none".into();
-    cfg.codec.sync = "none".into();
     cfg.validate().unwrap();
     cfg
 }
