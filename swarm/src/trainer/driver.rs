@@ -23,7 +23,10 @@ use tokio::sync::mpsc;
 
 use super::book::StepBook;
 use super::checkpoint;
-use super::machine::{self, replicas::StageHolders};
+use super::machine::{
+    self,
+    replicas::{ReplicaState, StageHolders},
+};
 use super::metrics::{Channel, Metrics, StepReport};
 use super::timing::Part;
 use crate::error::{Error, Result};
@@ -181,26 +184,6 @@ enum Inbound {
     },
     /// A replica stopped answering pings.
     Down(PeerId),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ReplicaState {
-    /// Admitted, loading its state.
-    Joining,
-    /// Routable.
-    Serving,
-    /// Announced it is leaving: no new work.
-    Leaving,
-}
-
-impl ReplicaState {
-    fn name(self) -> &'static str {
-        match self {
-            ReplicaState::Joining => "joining",
-            ReplicaState::Serving => "serving",
-            ReplicaState::Leaving => "leaving",
-        }
-    }
 }
 
 #[derive(Clone, Debug)]

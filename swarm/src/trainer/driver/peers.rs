@@ -3,7 +3,9 @@
 
 use super::*;
 use crate::trainer::machine::join::{BoundaryWait, boundary_wait};
-use crate::trainer::machine::replicas::{LeaveAction, Leaver, Leavers};
+use crate::trainer::machine::replicas::{
+    LeaveAction, Leaver, Leavers, ReadyVerdict, ready_verdict,
+};
 
 impl Trainer {
     /// Waits until every stage has `need` serving replicas, handling messages meanwhile.
@@ -80,39 +82,33 @@ impl Trainer {
         on_event: &mut dyn FnMut(&TrainerEvent),
     ) {
         let stage = ready.stage as usize;
-        let (ok, addr) = self.shared.reg(|r| {
-            let expected_step = r.step;
-            let want = r.digests.get(stage).copied().flatten();
-            let Some(rep) = r.stages.get_mut(stage).and_then(|s| s.get_mut(&from)) else {
-                return (false, None);
-            };
-            if rep.state == ReplicaState::Leaving {
-                // Asked to leave while loading: it is released at the boundary, never routed.
-                return (false, None);
+        let (verdict, addr, current) = self.shared.reg(|r| {
+            let rep = r.stages.get_mut(stage).and_then(|s| s.get_mut(&from));
+            let state = rep.as_ref().map(|rep| rep.state);
+            let addr = rep.as_ref().map(|rep| rep.addr);
+            let agreed = r.digests.get(stage).copied().flatten();
+            let verdict = ready_verdict(state, ready.step, ready.digest, r.step, agreed);
+            if let ReadyVerdict::Serve { adopt } = verdict {
+                if let Some(rep) = rep {
+                    rep.state = ReplicaState::Serving;
+                }
+                if adopt {
+                    r.digests[stage] = Some(ready.digest);
+                }
             }
-            let digest_ok = want.is_none_or(|d| d == ready.digest);
-            if rep.state == ReplicaState::Serving && ready.step == expected_step && digest_ok {
-                // A second report of the same load (a joiner the trainer also told to reload
-                // after a restore answers both): one join, one entry.
-                tracing::debug!(peer = %from.short(), stage, "replica already serving this state");
-                return (false, None);
-            }
-            if ready.step != expected_step || !digest_ok {
-                tracing::warn!(peer = %from.short(), stage, step = ready.step, expected_step, digest_ok, "replica ready with the wrong state");
-                return (false, Some(rep.addr));
-            }
-            rep.state = ReplicaState::Serving;
-            if want.is_none() {
-                r.digests[stage] = Some(ready.digest);
-            }
-            (true, Some(rep.addr))
+            (verdict, addr, r.step)
         });
-        if !ok {
-            if let Some(addr) = addr {
-                let step = self.shared.reg(|r| r.step);
-                self.send_reload(from, addr, stage as u32, step);
+        match (verdict, addr) {
+            (ReadyVerdict::Serve { .. }, _) => {}
+            (ReadyVerdict::Reload, Some(addr)) => {
+                tracing::warn!(peer = %from.short(), stage, step = ready.step, current, "replica ready with the wrong state");
+                self.send_reload(from, addr, stage as u32, current);
+                return;
             }
-            return;
+            _ => {
+                tracing::debug!(peer = %from.short(), stage, "Ready ignored");
+                return;
+            }
         }
         self.own_digests.insert(from, ready.digest);
         let info = router::PeerInfo {

@@ -74,6 +74,70 @@ pub fn reset_digest(
     }
 }
 
+/// Where a replica of the run stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaState {
+    /// Admitted, loading its state.
+    Joining,
+    /// Routable.
+    Serving,
+    /// Announced it is leaving: no new work.
+    Leaving,
+}
+
+impl ReplicaState {
+    /// Its name in the monitor's snapshot.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicaState::Joining => "joining",
+            ReplicaState::Serving => "serving",
+            ReplicaState::Leaving => "leaving",
+        }
+    }
+}
+
+/// What a replica's `Ready` (its report of the state it loaded) does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadyVerdict {
+    /// It serves from now on; `adopt`: the stage had no agreed digest yet, and the reported one
+    /// becomes it (the first load of a fresh stage).
+    Serve {
+        /// The reported digest becomes the stage's agreed one.
+        adopt: bool,
+    },
+    /// It reloads: it holds another step or another state than its stage's current one.
+    Reload,
+    /// Nothing: not a replica of the stage, asked to leave while loading (it is released at the
+    /// boundary, never routed), or a second report of the load it serves already.
+    Ignore,
+}
+
+/// The verdict on a `Ready` of the replica in `state` (`None`: not a replica of that stage)
+/// reporting `step` and `digest`, when the replicas hold `current` steps and the stage's agreed
+/// digest is `agreed`.
+pub fn ready_verdict(
+    state: Option<ReplicaState>,
+    step: u64,
+    digest: [u8; 32],
+    current: u64,
+    agreed: Option<[u8; 32]>,
+) -> ReadyVerdict {
+    let Some(state) = state else {
+        return ReadyVerdict::Ignore;
+    };
+    let right = step == current && agreed.is_none_or(|d| d == digest);
+    match state {
+        ReplicaState::Leaving => ReadyVerdict::Ignore,
+        // A second report of the same load (a joiner the trainer also told to reload after a
+        // restore answers both): one join, one entry.
+        ReplicaState::Serving if right => ReadyVerdict::Ignore,
+        _ if !right => ReadyVerdict::Reload,
+        _ => ReadyVerdict::Serve {
+            adopt: agreed.is_none(),
+        },
+    }
+}
+
 /// What an apply leaves to do.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyVerdict {

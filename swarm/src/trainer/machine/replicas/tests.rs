@@ -190,3 +190,41 @@ fn the_last_leaver_of_a_stage_hands_its_state_off_once() {
     );
     assert_eq!(l.poll_action(), None);
 }
+
+/// A joiner's `Ready` with the stage's current state makes it serve (its digest adopted when the
+/// stage had none); the wrong step or digest reloads it; a second report, a leaver's or a
+/// stranger's changes nothing.
+#[test]
+fn a_ready_serves_reloads_or_is_ignored() {
+    use ReplicaState::*;
+    let (d, other) = ([1; 32], [2; 32]);
+    assert_eq!(
+        ready_verdict(Some(Joining), 5, d, 5, Some(d)),
+        ReadyVerdict::Serve { adopt: false }
+    );
+    assert_eq!(
+        ready_verdict(Some(Joining), 0, d, 0, None),
+        ReadyVerdict::Serve { adopt: true }
+    );
+    assert_eq!(
+        ready_verdict(Some(Joining), 4, d, 5, Some(d)),
+        ReadyVerdict::Reload
+    );
+    assert_eq!(
+        ready_verdict(Some(Joining), 5, other, 5, Some(d)),
+        ReadyVerdict::Reload
+    );
+    assert_eq!(
+        ready_verdict(Some(Serving), 5, other, 5, Some(d)),
+        ReadyVerdict::Reload
+    );
+    assert_eq!(
+        ready_verdict(Some(Serving), 5, d, 5, Some(d)),
+        ReadyVerdict::Ignore
+    );
+    assert_eq!(
+        ready_verdict(Some(Leaving), 5, d, 5, Some(d)),
+        ReadyVerdict::Ignore
+    );
+    assert_eq!(ready_verdict(None, 5, d, 5, Some(d)), ReadyVerdict::Ignore);
+}
