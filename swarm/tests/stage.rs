@@ -28,24 +28,9 @@ use swarm_testkit::bounded;
 use tokio::sync::mpsc;
 
 fn config(stages: &[usize], sync: &str) -> RunConfig {
-    let mut c = RunConfig {
-        seed: 42,
-        ..RunConfig::default()
-    };
-    c.model.hidden_size = 16;
-    c.model.intermediate_size = 32;
-    c.model.num_hidden_layers = 2;
-    c.model.num_attention_heads = 4;
-    c.model.num_key_value_heads = Some(2);
-    c.model.max_position_embeddings = 16;
-    c.stages = stages.to_vec();
-    c.train.micro_batches = 2;
-    c.train.micro_batch_size = 2;
-    c.train.seq_len = 8;
     // Exact activations and gradients (the defaults are lossy); the sync codec as asked.
-    c.codec.activations = "none".into();
-    c.codec.gradients = "none".into();
-    c.codec = swarm_model::CodecConfig::none();
+    let mut c = swarm_testkit::micro_config(42);
+    c.stages = stages.to_vec();
     c.codec.sync = sync.into();
     c.validate().unwrap();
     c

@@ -19,23 +19,7 @@ use swarm_model::RunConfig;
 use swarm_testkit::bounded;
 
 fn config() -> RunConfig {
-    let mut c = RunConfig {
-        seed: 9,
-        ..RunConfig::default()
-    };
-    c.model.hidden_size = 16;
-    c.model.intermediate_size = 32;
-    c.model.num_hidden_layers = 2;
-    c.model.num_attention_heads = 4;
-    c.model.num_key_value_heads = Some(2);
-    c.model.max_position_embeddings = 16;
-    c.stages = vec![0, 1, 2];
-    c.train.micro_batches = 2;
-    c.train.micro_batch_size = 2;
-    c.train.seq_len = 8;
-    c.codec = swarm_model::CodecConfig::none();
-    c.validate().unwrap();
-    c
+    swarm_testkit::micro_config(9)
 }
 
 fn run_id(toml: &str) -> RunId {

@@ -71,6 +71,29 @@ pub fn tiny_config(steps: u64) -> RunConfig {
     cfg
 }
 
+/// The smallest run the stage tests use: a 2-layer, width-16 model in 2 stages; 2
+/// micro-batches of 2 x 8 tokens; codec `none`; seeded with `seed`.
+#[cfg(feature = "model")]
+pub fn micro_config(seed: u64) -> RunConfig {
+    let mut c = RunConfig {
+        seed,
+        codec: swarm_model::CodecConfig::none(),
+        ..RunConfig::default()
+    };
+    c.model.hidden_size = 16;
+    c.model.intermediate_size = 32;
+    c.model.num_hidden_layers = 2;
+    c.model.num_attention_heads = 4;
+    c.model.num_key_value_heads = Some(2);
+    c.model.max_position_embeddings = 16;
+    c.stages = vec![0, 1, 2];
+    c.train.micro_batches = 2;
+    c.train.micro_batch_size = 2;
+    c.train.seq_len = 8;
+    c.validate().unwrap();
+    c
+}
+
 /// The single-process reference run of `cfg` for `steps` steps: its losses, step by step, and
 /// the trainer (for its weights).
 #[cfg(feature = "model")]
