@@ -2,7 +2,7 @@
 //! checks, and resets of a stage whose replicas disagree.
 
 use super::*;
-use crate::trainer::machine::replicas::{apply_verdict, reset_digest};
+use crate::trainer::machine::replicas::{apply_verdict, reset_digest, state_lost};
 use crate::trainer::machine::sync::{SyncOutcome, SyncRound};
 
 impl Trainer {
@@ -291,7 +291,6 @@ impl Trainer {
             .collect()
     }
 
-    /// Flags a restore when stage `k` has no replica left and nobody holds its current state.
     /// Fetches stage `k`'s state at `step` from `sources` (in order), verified against `digest`
     /// (the one state-transfer implementation the replicas use too). Counts the bytes taken.
     pub(super) async fn fetch_stage_state(
@@ -344,13 +343,16 @@ impl Trainer {
         }
     }
 
+    /// Flags a restore when stage `k` has no replica left and nobody holds its current state
+    /// ([`state_lost`]).
     pub(super) fn check_stage_state(&mut self, k: usize) {
-        // Joiners do not count: they load from a holder, and there is none.
         let orphaned = self.shared.reg(|r| {
-            !r.stages[k]
+            let holders = r.stages[k]
                 .values()
-                .any(|rep| rep.state != ReplicaState::Joining)
-                && r.served.get(&(k as u32)).is_none_or(|s| s.step != r.step)
+                .filter(|rep| rep.state != ReplicaState::Joining)
+                .count();
+            let served_now = r.served.get(&(k as u32)).is_some_and(|s| s.step == r.step);
+            state_lost(holders, served_now)
         });
         if orphaned && !self.restore_pending {
             tracing::warn!(stage = k, "the stage lost its last replica and its state");

@@ -138,6 +138,14 @@ pub fn ready_verdict(
     }
 }
 
+/// Whether a stage's state is gone, so the run must restore every stage from the latest
+/// checkpoint (or the seed): no replica holds it (`holders`: replicas serving or leaving;
+/// joiners do not count, they load from a holder) and the trainer does not serve it at the
+/// current step (`served_now`: resumed from a checkpoint, or handed off by its last leaver).
+pub fn state_lost(holders: usize, served_now: bool) -> bool {
+    holders == 0 && !served_now
+}
+
 /// What an apply leaves to do.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyVerdict {

@@ -228,3 +228,15 @@ fn a_ready_serves_reloads_or_is_ignored() {
     );
     assert_eq!(ready_verdict(None, 5, d, 5, Some(d)), ReadyVerdict::Ignore);
 }
+
+/// A stage's state is lost only when nobody holds it: no serving or leaving replica, and no
+/// copy of the trainer's at the current step.
+#[test]
+fn a_stage_state_is_lost_only_without_any_holder() {
+    assert!(state_lost(0, false));
+    assert!(!state_lost(1, false));
+    assert!(
+        !state_lost(0, true),
+        "the trainer serves it (a checkpoint, a hand-off)"
+    );
+}
