@@ -427,3 +427,89 @@ fn a_relayed_path_moves_to_a_punched_one_when_the_nat_becomes_punchable() {
         });
     }
 }
+
+#[test]
+fn dual_stack_peers_are_reached_over_either_family() {
+    let mut lab = lab_or_skip!("dual");
+    let boot_host = lab.public_host("boot").unwrap();
+    let four = lab.public_host("four").unwrap();
+    let six = lab.public_host("six").unwrap();
+    let both = lab.public_host("both").unwrap();
+    let boot6 = lab.dual_stack(&boot_host).unwrap();
+    let six6 = lab.dual_stack(&six).unwrap();
+    lab.dual_stack(&both).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // The bootstrap listens dual-stack: IPv4 joiners reach it at its IPv4 address, IPv6 ones at
+    // its IPv6 address, and each is observed in its own family.
+    let any6: SocketAddr = "[::]:7000".parse().unwrap();
+    let mut boot_cfg = config(any6, None);
+    boot_cfg.checker = Some("[::]:0".parse().unwrap());
+    let boot = start(&boot_host, &rt, boot_cfg);
+    let boot_v4 = SocketAddr::from((boot_host.ip(), 7000));
+    let boot_v6 = SocketAddr::from((boot6, 7000));
+    // An IPv4-only peer, an IPv6-only peer, and a dual-stack one that joins over IPv4.
+    let p4 = start(
+        &four,
+        &rt,
+        config("0.0.0.0:7100".parse().unwrap(), Some(boot_v4)),
+    );
+    let p6 = start(
+        &six,
+        &rt,
+        config(SocketAddr::from((six6, 7100)), Some(boot_v6)),
+    );
+    let pd = start(
+        &both,
+        &rt,
+        config("[::]:7100".parse().unwrap(), Some(boot_v4)),
+    );
+    for p in [&p4, &p6, &pd] {
+        assert_eq!(
+            p.verdict().map(|v| v.reachability),
+            Some(Reachability::Public)
+        );
+    }
+    // The IPv4 joiner was observed as plain IPv4 (not `::ffff:a.b.c.d`) by the dual-stack
+    // bootstrap, and the dual-stack peer announces candidates of both families.
+    assert_eq!(
+        p4.local_record().info.addrs[0],
+        SocketAddr::from((four.ip(), 7100))
+    );
+    let d_addrs = pd.local_record().info.addrs;
+    assert!(d_addrs.iter().any(|a| a.is_ipv4()), "{d_addrs:?}");
+    assert!(
+        d_addrs.iter().any(|a| a.is_ipv6() && !a.ip().is_loopback()),
+        "{d_addrs:?}"
+    );
+    rt.block_on(async {
+        wait_known(&p4, pd.peer_id()).await;
+        wait_known(&p6, pd.peer_id()).await;
+        // Each single-stack peer reaches the dual-stack one at the candidate of its own family,
+        // though both are given the record's first address (IPv4).
+        for (p, family) in [(&p4, "IPv4"), (&p6, "IPv6")] {
+            let (id, _): (_, StatusReply) = tokio::time::timeout(
+                Duration::from_secs(30),
+                p.shared()
+                    .call(d_addrs[0], Some(pd.peer_id()), &StatusRequest),
+            )
+            .await
+            .expect("bounded")
+            .unwrap_or_else(|e| panic!("the {family} peer did not reach the dual-stack one: {e}"));
+            assert_eq!(id, pd.peer_id());
+            assert_eq!(p.path(pd.peer_id()), Some(PathKind::Direct));
+        }
+        // The IPv6 peer's view holds the IPv4 peer too: records travel across families.
+        wait_known(&p6, p4.peer_id()).await;
+    });
+    for p in [p4, p6, pd, boot] {
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), p.leave())
+                .await
+                .ok()
+        });
+    }
+}

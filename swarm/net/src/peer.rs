@@ -680,8 +680,19 @@ impl Peer {
         }
         if !local.ip().is_unspecified() {
             addrs.push(local);
-        } else if let Some(ip) = primary_ip(local.is_ipv6()) {
-            addrs.push(SocketAddr::new(ip, local.port()));
+        } else {
+            // A socket on `[::]` is dual-stack (Linux's default): our addresses of both families
+            // are candidates, so IPv4-only and IPv6-only peers both find one they can dial.
+            let families: &[bool] = if local.is_ipv6() {
+                &[true, false]
+            } else {
+                &[false]
+            };
+            for &v6 in families {
+                if let Some(ip) = primary_ip(v6) {
+                    addrs.push(SocketAddr::new(ip, local.port()));
+                }
+            }
         }
         let mut seen = Vec::new();
         addrs.retain(|a| {

@@ -214,7 +214,16 @@ impl Node {
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
         server.transport_config(transport.clone());
 
-        let socket = std::net::UdpSocket::bind(listen).map_err(Error::Socket)?;
+        let socket = match std::net::UdpSocket::bind(listen) {
+            Ok(s) => s,
+            // `[::]` (dual-stack, the default) on a host without IPv6: IPv4 alone.
+            Err(e) if listen.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+                let v4 = SocketAddr::from(([0, 0, 0, 0], listen.port()));
+                tracing::info!(error = %e, %v4, "no IPv6 here: listening on IPv4 only");
+                std::net::UdpSocket::bind(v4).map_err(Error::Socket)?
+            }
+            Err(e) => return Err(Error::Socket(e)),
+        };
         let runtime: Arc<dyn Runtime> = Arc::new(TokioRuntime);
         let (socket, stats): (Arc<dyn quinn::AsyncUdpSocket>, _) = match shape {
             Some(shape) => {
@@ -347,9 +356,9 @@ pub const CLOSE_WRONG_PEER: VarInt = VarInt::from_u32(2);
 pub struct Incoming(quinn::Incoming);
 
 impl Incoming {
-    /// The peer's address.
+    /// The peer's address (an IPv4 peer of a dual-stack socket as plain IPv4).
     pub fn remote_addr(&self) -> SocketAddr {
-        self.0.remote_address()
+        canonical(self.0.remote_address())
     }
 
     /// Completes the handshake; the remote's certificate was checked by our verifier.
@@ -396,9 +405,9 @@ impl PeerConn {
         self.remote
     }
 
-    /// The peer's address.
+    /// The peer's address (an IPv4 peer of a dual-stack socket as plain IPv4).
     pub fn remote_addr(&self) -> SocketAddr {
-        self.conn.remote_address()
+        canonical(self.conn.remote_address())
     }
 
     /// The current smoothed RTT estimate.
@@ -425,4 +434,11 @@ impl PeerConn {
     pub fn connection(&self) -> &quinn::Connection {
         &self.conn
     }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, how a dual-stack socket sees an
+/// IPv4 peer) written as the IPv4 address: the form records, observations and comparisons use,
+/// and one an IPv4-only peer can dial. quinn maps it back when a dual-stack socket sends.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }

@@ -27,7 +27,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -243,6 +243,31 @@ impl Lab {
         let ns = self.add_ns(role)?;
         let ip = self.plug_public(&ns, "eth0")?;
         Ok(Host { ns, ip })
+    }
+
+    /// Makes `host` (made by [`Lab::public_host`]) dual-stack: an IPv6 address on the public
+    /// segment (`2001:db8:100::N`, N its IPv4 host number, as a home line with native IPv6 gets
+    /// one) and default routes of both families onto the segment, so a program asking which
+    /// interface reaches the internet gets an answer. Returns the IPv6 address.
+    pub fn dual_stack(&mut self, host: &Host) -> Result<Ipv6Addr> {
+        let n = host.ip.octets()[3] as u16;
+        let addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, n);
+        self.sysctl(&host.ns, "net.ipv6.conf.all.disable_ipv6", "0")?;
+        ip(&[
+            "-n",
+            &host.ns,
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&["-n", &host.ns, "route", "add", "default", "dev", "eth0"])?;
+        ip(&[
+            "-n", &host.ns, "-6", "route", "add", "default", "dev", "eth0",
+        ])?;
+        Ok(addr)
     }
 
     /// Gives `host` (made by [`Lab::public_host`]) a second public address, as a server with two

@@ -381,9 +381,14 @@ impl Trainer {
             },
         )
         .await?;
+        // What joiners should dial: what the operator announced, else the first address of our
+        // record (IPv4 first: most home links have it), else the socket's.
+        let record = peer.local_record().info.addrs;
         let addr = opts
             .announce
             .first()
+            .or_else(|| record.iter().find(|a| a.is_ipv4()))
+            .or(record.first())
             .copied()
             .unwrap_or_else(|| peer.local_addr());
         let (tx, rx) = mpsc::unbounded_channel();

@@ -259,7 +259,7 @@ pub(crate) fn run(
                 // One port per volunteer: a home router's endpoint-independent map is keyed
                 // by the inside port.
                 "--listen".into(),
-                format!("0.0.0.0:{}", 7100 + i),
+                format!("[::]:{}", 7100 + i),
                 "--data-dir".into(),
                 dir.path().join(format!("v{i}")).display().to_string(),
                 "--shape".into(),

@@ -21,7 +21,7 @@ pub(crate) struct JoinArgs {
     pub bootstrap: Option<String>,
 
     /// UDP address to listen on (port 0 picks a free one).
-    #[arg(long, default_value = "0.0.0.0:7070")]
+    #[arg(long, default_value = "[::]:7070")]
     pub listen: SocketAddr,
 
     /// Folder holding this peer's identity key (created on first start).

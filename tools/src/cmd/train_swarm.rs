@@ -259,7 +259,7 @@ pub(crate) fn load_config(
 #[derive(clap::Args, Clone, Debug)]
 pub(crate) struct SwarmFlags {
     /// UDP address the trainer listens on; peers join with `swarm join ADDR`.
-    #[arg(long, default_value = "0.0.0.0:7070")]
+    #[arg(long, default_value = "[::]:7070")]
     pub listen: SocketAddr,
     /// Emulate a home link on the trainer's socket, e.g. `up=20mbit,down=80mbit,delay=15ms`.
     #[arg(long)]

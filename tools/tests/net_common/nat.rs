@@ -160,7 +160,7 @@ pub(crate) fn start_volunteer(
             "--stage",
             &stage.to_string(),
             "--listen",
-            &format!("0.0.0.0:{port}"),
+            &format!("[::]:{port}"),
             "--data-dir",
             data.to_str().unwrap(),
             "--json",
