@@ -32,6 +32,9 @@ pub enum Error {
     /// A link shape specification is invalid (the message says which part).
     #[error("bad link shape: {0}")]
     BadShape(String),
+    /// A transport setting is beyond what QUIC can carry (a window or timeout too large).
+    #[error("{0} too large for QUIC")]
+    OutOfRange(&'static str),
     /// Binding or configuring the UDP socket failed.
     #[error("socket: {0}")]
     Socket(#[source] std::io::Error),

@@ -131,8 +131,8 @@ impl TransportConfig {
 
     /// The quinn settings.
     pub fn to_quinn(&self) -> Result<quinn::TransportConfig> {
-        let varint = |v: u64, what: &str| {
-            VarInt::from_u64(v).map_err(|_| Error::Tls(format!("{what} too large")))
+        let varint = |v: u64, what: &'static str| {
+            VarInt::from_u64(v).map_err(|_| Error::OutOfRange(what))
         };
         let mut t = quinn::TransportConfig::default();
         t.stream_receive_window(varint(self.stream_window, "stream window")?)
@@ -145,7 +145,7 @@ impl TransportConfig {
             .max_idle_timeout(Some(
                 self.idle_timeout
                     .try_into()
-                    .map_err(|_| Error::Tls("idle timeout too large".into()))?,
+                    .map_err(|_| Error::OutOfRange("idle timeout"))?,
             ));
         match self.congestion {
             Congestion::Cubic => {
