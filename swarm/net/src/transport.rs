@@ -131,9 +131,8 @@ impl TransportConfig {
 
     /// The quinn settings.
     pub fn to_quinn(&self) -> Result<quinn::TransportConfig> {
-        let varint = |v: u64, what: &'static str| {
-            VarInt::from_u64(v).map_err(|_| Error::OutOfRange(what))
-        };
+        let varint =
+            |v: u64, what: &'static str| VarInt::from_u64(v).map_err(|_| Error::OutOfRange(what));
         let mut t = quinn::TransportConfig::default();
         t.stream_receive_window(varint(self.stream_window, "stream window")?)
             .receive_window(varint(self.conn_window, "connection window")?)
