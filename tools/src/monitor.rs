@@ -40,12 +40,12 @@ pub(crate) fn start(
 /// The line that tells the user where the page is (stdout for people, stderr under `--json` so
 /// that stdout's last line stays the JSON object).
 pub(crate) fn announce(what: &str, m: &Monitor, json: bool) {
-    let line = format!(
-        "{what}: {} (JSON: {}api/v1/state, Prometheus: {}metrics)",
-        m.url(),
-        m.url(),
-        m.url()
-    );
+    announce_url(what, &m.url(), json);
+}
+
+/// [`announce`] for a monitor served at `url` (one forwarded from elsewhere).
+pub(crate) fn announce_url(what: &str, url: &str, json: bool) {
+    let line = format!("{what}: {url} (JSON: {url}api/v1/state, Prometheus: {url}metrics)");
     if json {
         eprintln!("{line}");
     } else {

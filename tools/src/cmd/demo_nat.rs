@@ -170,6 +170,10 @@ struct Report {
     summary: serde_json::Value,
 }
 
+/// Where the trainer's monitor listens inside its namespace.
+const MONITOR_INSIDE: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7080);
+
 /// Runs the demo of `cfg` (the demo's config, whose stages `args.peers` covers) behind the
 /// routers of `scenario`.
 pub(crate) fn run(
@@ -185,6 +189,9 @@ pub(crate) fn run(
             && args.audit_rate == swarm_core::trainer::audit::DEFAULT_RATE,
         "--nat runs the plain demo with the trainer's defaults: no --faulty-peer, --kill-peer-at-step, --join-peer-at-step or --audit-rate"
     );
+    if !args.no_http {
+        args.http_flags.config(args.http).check()?;
+    }
     let mut lab = Lab::new("demo")
         .context("building the NAT lab (needs root, iproute2, nftables and conntrack)")?;
     let dir = TempDir::new()?;
@@ -209,6 +216,8 @@ pub(crate) fn run(
         &args.shape.to_string(),
         "--checker-addr",
         &checker_addr,
+        "--http",
+        &MONITOR_INSIDE.to_string(),
         "--json",
     ]
     .iter()
@@ -218,6 +227,15 @@ pub(crate) fn run(
         targs.extend(["--out".into(), out.display().to_string()]);
     }
     let trainer = spawn(&t_host, &targs)?;
+    // The trainer's monitor listens on its namespace's loopback; the demo carries it out to
+    // `--http` here, where the user's browser is.
+    let _monitor = if args.no_http {
+        None
+    } else {
+        let f = super::ns_forward::Forward::start(args.http, &t_host, MONITOR_INSIDE)?;
+        crate::monitor::announce_url("monitor", &format!("http://{}/", f.addr()), args.json);
+        Some(f)
+    };
     if !args.json {
         println!(
             "demo --nat {}: trainer on the public segment at {trainer_addr}, {} volunteers over {stages} stages behind NAT routers, links {}",

@@ -16,6 +16,7 @@ pub(crate) mod eval;
 pub(crate) mod generate;
 pub(crate) mod join;
 pub(crate) mod ledger;
+pub(crate) mod ns_forward;
 pub(crate) mod replay;
 pub(crate) mod sim;
 pub(crate) mod status;
