@@ -93,6 +93,8 @@ fn demo_nat_symmetric_relays_the_symmetric_volunteer() {
     for p in vols.iter().filter(|p| p["router"] == "home") {
         assert_eq!(p["reach"], "punchable", "{p}");
     }
-    // The symmetric replica exchanges its stage's sync through the trainer's relay.
+    // The symmetric replica exchanges its stage's sync through the trainer's relay, and its own
+    // row shows those bytes even when the router gave it no micro-batch.
     assert!(v["relay_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(sym[0]["relay_bytes"].as_u64().unwrap() > 0, "{v}");
 }

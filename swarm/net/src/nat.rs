@@ -39,6 +39,9 @@ pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(2);
 pub const OBSERVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a first direct dial may take before a punch is tried (when a coordinator exists).
 pub const DIRECT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// The same when both sides are behind NATs: a direct dial then only works between peers on one
+/// LAN, which answer in a round trip of their LAN, so the punch starts sooner.
+pub const LAN_DIAL_TIMEOUT: Duration = Duration::from_millis(300);
 /// Upper bound of what a punch adds to a dial: the request, the start delay, the attempts
 /// (default `PunchConfig`: 3 x 3 s).
 pub const PUNCH_BUDGET: Duration = Duration::from_secs(20);
@@ -592,10 +595,14 @@ async fn direct_path(
         .coordinator()
         .filter(|c| *c != peer)
         .filter(|_| natted);
-    let direct_timeout = if coordinator.is_some() {
-        DIRECT_TIMEOUT
-    } else {
-        shared.rpc_timeout()
+    let both_natted = matches!(
+        plan(ours, theirs.unwrap_or(Reachability::Unknown)),
+        Plan::Punch | Plan::Relay
+    );
+    let direct_timeout = match coordinator {
+        Some(_) if both_natted => LAN_DIAL_TIMEOUT,
+        Some(_) => DIRECT_TIMEOUT,
+        None => shared.rpc_timeout(),
     };
     let tries = candidates.iter().map(|&a| {
         let node = shared.node().clone();

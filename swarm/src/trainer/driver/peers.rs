@@ -173,10 +173,29 @@ impl Trainer {
         }
     }
 
-    /// Copies each replica's verdict and the relay's byte counts into the metrics.
+    /// Copies each replica's verdict and the relay's byte counts into the metrics. Every
+    /// replica gets a row, those routed no work too (a relayed one may get none, and its relay
+    /// bytes must still show).
     pub(super) fn note_relay_bytes(&mut self) {
         let shared = self.peer.shared().clone();
         let relay = shared.relay();
+        let replicas: Vec<(PeerId, u32)> = self.shared.reg(|r| {
+            r.stages
+                .iter()
+                .enumerate()
+                .flat_map(|(s, m)| m.keys().map(move |p| (*p, s as u32)))
+                .collect()
+        });
+        for (peer, stage) in replicas {
+            self.metrics
+                .peers
+                .entry(peer.to_string())
+                .or_insert_with(|| crate::trainer::metrics::PeerWork {
+                    peer: peer.to_string(),
+                    stage,
+                    ..Default::default()
+                });
+        }
         for w in self.metrics.peers.values_mut() {
             let Some(id) = PeerId::parse(&w.peer) else {
                 continue;
