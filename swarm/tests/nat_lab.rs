@@ -448,6 +448,7 @@ fn dual_stack_peers_are_reached_over_either_family() {
     let any6: SocketAddr = "[::]:7000".parse().unwrap();
     let mut boot_cfg = config(any6, None);
     boot_cfg.checker = Some("[::]:0".parse().unwrap());
+    boot_cfg.relay = Some(RelayConfig::default());
     let boot = start(&boot_host, &rt, boot_cfg);
     let boot_v4 = SocketAddr::from((boot_host.ip(), 7000));
     let boot_v6 = SocketAddr::from((boot6, 7000));
@@ -502,8 +503,20 @@ fn dual_stack_peers_are_reached_over_either_family() {
             assert_eq!(id, pd.peer_id());
             assert_eq!(p.path(pd.peer_id()), Some(PathKind::Direct));
         }
-        // The IPv6 peer's view holds the IPv4 peer too: records travel across families.
+        // The IPv6 peer's view holds the IPv4 peer too: records travel across families. The two
+        // share no family, so the dual-stack bootstrap relays between them.
         wait_known(&p6, p4.peer_id()).await;
+        let a4 = p4.local_record().info.addrs[0];
+        let (id, _): (_, StatusReply) = tokio::time::timeout(
+            Duration::from_secs(30),
+            p6.shared().call(a4, Some(p4.peer_id()), &StatusRequest),
+        )
+        .await
+        .expect("bounded")
+        .expect("the IPv6 peer reached the IPv4 one through the relay");
+        assert_eq!(id, p4.peer_id());
+        assert_eq!(p6.path(p4.peer_id()), Some(PathKind::Relayed));
+        assert_eq!(p4.path(p6.peer_id()), Some(PathKind::Relayed));
     });
     for p in [p4, p6, pd, boot] {
         rt.block_on(async {

@@ -580,7 +580,24 @@ async fn direct_path(
     addr: SocketAddr,
     peer: PeerId,
 ) -> std::result::Result<PeerConn, NoDirect> {
-    let candidates = shared.candidates(peer, addr);
+    let candidates: Vec<SocketAddr> = shared
+        .candidates(peer, addr)
+        .into_iter()
+        .filter(|a| dialable(shared.node().local_addr().ok(), *a))
+        .collect();
+    if candidates.is_empty() {
+        // An IPv4-only peer and an IPv6-only one share no family: only a relay that speaks both
+        // (the dual-stack trainer) joins them.
+        let err = Error::Connect {
+            addr,
+            reason: "no announced address of a family this socket can reach".into(),
+        };
+        let relay = shared
+            .coordinator()
+            .filter(|c| *c != peer)
+            .map(|c| (c, "it announces no address of our family".to_owned()));
+        return Err(NoDirect { err, relay });
+    }
     // A peer whose record says it is public (or that we know nothing of) is dialed as before:
     // directly, for the whole timeout. Only a peer behind a NAT gets the short dial and a punch
     // or, when either side's NAT cannot be punched, the relay.
@@ -678,6 +695,16 @@ async fn direct_path(
                 )),
             })
         }
+    }
+}
+
+/// Whether a socket bound at `local` can send to `to`: an IPv4 socket reaches IPv4 only, one
+/// bound to a particular IPv6 address IPv6 only, a dual-stack one (`[::]`) both.
+fn dialable(local: Option<SocketAddr>, to: SocketAddr) -> bool {
+    match local {
+        Some(SocketAddr::V4(_)) => to.is_ipv4(),
+        Some(SocketAddr::V6(l)) if !l.ip().is_unspecified() => to.is_ipv6(),
+        _ => true,
     }
 }
 
