@@ -21,6 +21,26 @@ fn start(host: &Host, rt: &tokio::runtime::Runtime, cfg: PeerConfig) -> Peer {
         .expect("peer start")
 }
 
+/// The runtime the lab's in-process peers run on.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Every peer leaves (bounded), so none outlives its test's lab.
+fn leave_all<const N: usize>(rt: &tokio::runtime::Runtime, peers: [Peer; N]) {
+    for p in peers {
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), p.leave())
+                .await
+                .ok()
+        });
+    }
+}
+
 fn config(listen: SocketAddr, bootstrap: Option<SocketAddr>) -> PeerConfig {
     PeerConfig {
         listen,
@@ -45,11 +65,7 @@ fn joiners_get_verdicts_and_home_peers_punch_through_their_routers() {
     let a = lab.home_host(&mut r1, "a").unwrap();
     let b = lab.home_host(&mut r2, "b").unwrap();
     let c = lab.home_host(&mut r3, "c").unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
 
     let boot_addr = SocketAddr::from((boot_host.ip(), PORT));
     let mut boot_cfg = config(boot_addr, None);
@@ -142,13 +158,7 @@ fn joiners_get_verdicts_and_home_peers_punch_through_their_routers() {
         assert!(err.to_string().contains("no relay"), "{err}");
         assert!(t.elapsed() < Duration::from_secs(25));
     });
-    for p in [pa, pb, pc, po, boot] {
-        rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), p.leave())
-                .await
-                .ok()
-        });
-    }
+    leave_all(&rt, [pa, pb, pc, po, boot]);
 }
 
 /// Waits (bounded) until `p` holds the record of `id`.
@@ -183,11 +193,7 @@ fn a_symmetric_peer_is_reached_through_the_relay_and_its_bytes_are_counted() {
         )
         .unwrap();
     let d = lab.home_host(&mut r4, "d").unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let boot_addr = SocketAddr::from((boot_host.ip(), PORT));
     let mut boot_cfg = config(boot_addr, None);
     // The checker on a second IP (as a STUN server has): D's firewall passes UDP only to the
@@ -300,13 +306,7 @@ fn a_symmetric_peer_is_reached_through_the_relay_and_its_bytes_are_counted() {
         assert_eq!(id, pd.peer_id());
         assert_eq!(pa.path(pd.peer_id()), Some(PathKind::Relayed));
     });
-    for p in [pa, pb, pc, pd, boot] {
-        rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), p.leave())
-                .await
-                .ok()
-        });
-    }
+    leave_all(&rt, [pa, pb, pc, pd, boot]);
 }
 
 #[test]
@@ -317,11 +317,7 @@ fn a_relayed_path_moves_to_a_punched_one_when_the_nat_becomes_punchable() {
     let mut r3 = lab.router("r3", Nat::Symmetric).unwrap();
     let a = lab.home_host(&mut r1, "a").unwrap();
     let c = lab.home_host(&mut r3, "c").unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let boot_addr = SocketAddr::from((boot_host.ip(), PORT));
     let mut boot_cfg = config(boot_addr, None);
     boot_cfg.checker = Some(SocketAddr::from((boot_host.ip(), 0)));
@@ -419,13 +415,7 @@ fn a_relayed_path_moves_to_a_punched_one_when_the_nat_becomes_punchable() {
         );
         assert_eq!(pa.path(pc.peer_id()), Some(PathKind::Punched));
     });
-    for p in [pa, pc, boot] {
-        rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), p.leave())
-                .await
-                .ok()
-        });
-    }
+    leave_all(&rt, [pa, pc, boot]);
 }
 
 #[test]
@@ -438,11 +428,7 @@ fn dual_stack_peers_are_reached_over_either_family() {
     let boot6 = lab.dual_stack(&boot_host).unwrap();
     let six6 = lab.dual_stack(&six).unwrap();
     lab.dual_stack(&both).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     // The bootstrap listens dual-stack: IPv4 joiners reach it at its IPv4 address, IPv6 ones at
     // its IPv6 address, and each is observed in its own family.
     let any6: SocketAddr = "[::]:7000".parse().unwrap();
@@ -518,11 +504,5 @@ fn dual_stack_peers_are_reached_over_either_family() {
         assert_eq!(p6.path(p4.peer_id()), Some(PathKind::Relayed));
         assert_eq!(p4.path(p6.peer_id()), Some(PathKind::Relayed));
     });
-    for p in [p4, p6, pd, boot] {
-        rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), p.leave())
-                .await
-                .ok()
-        });
-    }
+    leave_all(&rt, [p4, p6, pd, boot]);
 }

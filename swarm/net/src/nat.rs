@@ -580,10 +580,11 @@ async fn direct_path(
     addr: SocketAddr,
     peer: PeerId,
 ) -> std::result::Result<PeerConn, NoDirect> {
+    let local = shared.node().local_addr().ok();
     let candidates: Vec<SocketAddr> = shared
         .candidates(peer, addr)
         .into_iter()
-        .filter(|a| dialable(shared.node().local_addr().ok(), *a))
+        .filter(|a| dialable(local, *a))
         .collect();
     if candidates.is_empty() {
         // An IPv4-only peer and an IPv6-only one share no family: only a relay that speaks both
