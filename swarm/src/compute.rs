@@ -212,6 +212,41 @@ pub fn recompute(
     Ok((fwd_out, bwd_out))
 }
 
+/// Forward of `fwd_in` through stage `index`, then the full backward of `bwd_in`, adding the
+/// parameter gradients to the shard's accumulators as the stage worker does for a micro-batch it
+/// counts: the trainer's audit of a replica's inner optimizer step recomputes its gradient so.
+pub fn accumulate(
+    shard: &mut Shard,
+    index: usize,
+    fwd_in: &[u8],
+    bwd_in: &[u8],
+    limits: &Limits,
+) -> Result<()> {
+    let (hidden, vocab) = (shard.config().hidden_size, shard.config().vocab_size);
+    let sub = shard.subspace();
+    let sub = sub.as_deref();
+    let mut dec = Decoder::new();
+    let (x, _, _) = decode_hidden(&mut dec, fwd_in, limits, hidden, vocab, sub)?;
+    let (y, ctx) = shard.stage_forward(index, &x)?;
+    let (g, _) = decode_grad(&mut dec, bwd_in, limits, Some(y.dims()), sub)?;
+    shard.backward(ctx, &g)?;
+    Ok(())
+}
+
+/// A replica's gradient for its own inner optimizer step while replicas drift: the sum it
+/// accumulated over the `mine` micro-batches it counted (each already scaled by
+/// `1/total`), scaled to the mean of its own micro-batches, set as the shard's gradient. Returns
+/// it flat. The stage worker and the trainer's inner-step audit both call this.
+pub fn own_mean_gradient(shard: &mut Shard, mine: usize, total: usize) -> Result<Vec<f32>> {
+    let mut flat = shard.grads_flat()?;
+    if mine > 0 && mine != total {
+        let k = total as f32 / mine as f32;
+        flat.iter_mut().for_each(|x| *x *= k);
+        shard.set_grads_flat(&flat)?;
+    }
+    Ok(flat)
+}
+
 fn cand<T>(r: candle_core::Result<T>) -> Result<T> {
     r.map_err(|e| Error::Model(e.into()))
 }

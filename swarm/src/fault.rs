@@ -10,7 +10,11 @@
 //! steps ago (a snapshot refreshed every [`STALE_EVERY`] steps; at step 0 there is nothing older,
 //! so it is honest then); `skip` returns its input unchanged (forward: the activations it got;
 //! backward: the gradient it got); `scale-grad` multiplies only the input gradients it sends back
-//! by [`SCALE_GRAD`].
+//! by [`SCALE_GRAD`]. Two kinds cheat on the replica's own optimizer step instead of its passes
+//! (caught by the inner-step audit while replicas drift between sync boundaries; with a per-step
+//! sync the replicas' digests disagree and the odd one is reloaded): `skip-step` keeps its
+//! weights (a zero learning rate), `scale-step` scales the learning rate by [`SCALE_STEP`]. They
+//! fire per step (for all of a step's micro-batches at once).
 
 use std::fmt;
 use std::str::FromStr;
@@ -29,6 +33,8 @@ pub const NOISE_RELATIVE: f64 = 0.01;
 pub const SCALE_GRAD: f64 = -1.0;
 /// A `stale` peer refreshes its old weights every this many steps (so they lag 1 to 4 steps).
 pub const STALE_EVERY: u64 = 4;
+/// Factor `scale-step` applies to its learning rate.
+pub const SCALE_STEP: f64 = 4.0;
 
 /// How a faulty peer misbehaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,10 +44,22 @@ pub enum FaultKind {
     Stale,
     Skip,
     ScaleGrad,
+    SkipStep,
+    ScaleStep,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; 7] = [
+        FaultKind::Noise,
+        FaultKind::Zero,
+        FaultKind::Stale,
+        FaultKind::Skip,
+        FaultKind::ScaleGrad,
+        FaultKind::SkipStep,
+        FaultKind::ScaleStep,
+    ];
+    /// The kinds that corrupt the frames a peer sends (the rest cheat on its optimizer step).
+    pub const PASSES: [FaultKind; 5] = [
         FaultKind::Noise,
         FaultKind::Zero,
         FaultKind::Stale,
@@ -56,6 +74,8 @@ impl FaultKind {
             FaultKind::Stale => "stale",
             FaultKind::Skip => "skip",
             FaultKind::ScaleGrad => "scale-grad",
+            FaultKind::SkipStep => "skip-step",
+            FaultKind::ScaleStep => "scale-step",
         }
     }
 }
@@ -91,6 +111,8 @@ impl FromStr for FaultSpec {
             "stale" => FaultKind::Stale,
             "skip" => FaultKind::Skip,
             "scale-grad" => FaultKind::ScaleGrad,
+            "skip-step" => FaultKind::SkipStep,
+            "scale-step" => FaultKind::ScaleStep,
             _ => return Err(bad()),
         };
         let rate: f64 = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
@@ -209,7 +231,7 @@ impl Fault {
                     None => Ok(y),
                 }
             }
-            FaultKind::ScaleGrad => Ok(y),
+            FaultKind::ScaleGrad | FaultKind::SkipStep | FaultKind::ScaleStep => Ok(y),
         }
     }
 
@@ -226,7 +248,22 @@ impl Fault {
                 tracing::debug!(step, microbatch = mb, fault = %self.spec, "corrupting a backward");
                 cand(dx.affine(SCALE_GRAD, 0.0))
             }
-            FaultKind::Noise | FaultKind::Stale => Ok(dx),
+            FaultKind::Noise | FaultKind::Stale | FaultKind::SkipStep | FaultKind::ScaleStep => {
+                Ok(dx)
+            }
+        }
+    }
+
+    /// The learning rate this peer's optimizer step of `step` uses in place of `lr`.
+    pub fn step_lr(&self, step: u64, lr: f64) -> f64 {
+        // A step-level decision: one draw per step (micro-batch index out of range).
+        if !self.fires(step, u32::MAX) {
+            return lr;
+        }
+        match self.spec.kind {
+            FaultKind::SkipStep => 0.0,
+            FaultKind::ScaleStep => lr * SCALE_STEP,
+            _ => lr,
         }
     }
 }
@@ -333,6 +370,9 @@ mod tests {
             / 24.0)
             .sqrt();
         assert!(diff > 0.0 && diff < 0.05 * rms, "{diff} vs rms {rms}");
+        assert_eq!(on("skip-step").step_lr(3, 0.5), 0.0);
+        assert_eq!(on("scale-step").step_lr(3, 0.5), 0.5 * SCALE_STEP);
+        assert_eq!(on("noise").step_lr(3, 0.5), 0.5);
         // Stale without a snapshot (step 0) is honest.
         assert_eq!(
             v(&on("stale").forward(0, 0, 0, &x, y.clone()).unwrap()),

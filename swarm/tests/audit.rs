@@ -2,7 +2,8 @@
 //! codec none): an honest run audited at rate 1 bans nobody, every audit is bitwise identical,
 //! the run is still the local run, and the ledger verifies with credit for every peer; a replica
 //! injecting each fault kind is banned (and only it), its step is re-run on honest replicas, so
-//! the run ends on exactly the local run's losses.
+//! the run ends on exactly the local run's losses. The same while replicas drift between sync
+//! boundaries (`[sync] mode = "sparseloco"`), where each replica is audited against its own state.
 
 mod trainer_common;
 
@@ -12,7 +13,7 @@ use swarm_core::fault::{FaultKind, FaultSpec};
 use swarm_core::ledger::{self, Expect};
 use swarm_core::trainer::{Metrics, Trainer, TrainerEvent, TrainerOptions};
 use swarm_model::RunConfig;
-use trainer_common::{Replica, start_replica_with, tiny_config};
+use trainer_common::{Replica, sparse_config, start_replica_with, tiny_config};
 
 /// Runs `steps` steps with 2 replicas per stage; `faulty` = (stage, spec) makes the first replica
 /// of that stage misbehave. Returns the metrics, the replicas' ids in start order, the ledger.
@@ -107,7 +108,9 @@ async fn each_fault_kind_is_banned_and_the_run_stays_the_local_run() {
     let steps = 3;
     let cfg = tiny_config(steps);
     let want = trainer_common::local_run(&cfg, steps as usize).0;
-    for (i, kind) in FaultKind::ALL.into_iter().enumerate() {
+    // The optimizer-step kinds are caught by the inner-step audit of a drifting sync (below);
+    // here replicas must agree every step, and the odd one out is reloaded.
+    for (i, kind) in FaultKind::PASSES.into_iter().enumerate() {
         let stage = (i % 2) as u32;
         let spec = FaultSpec {
             kind,
@@ -134,5 +137,60 @@ async fn each_fault_kind_is_banned_and_the_run_stays_the_local_run() {
         }
         let bad = credits.iter().find(|c| c.peer == faulty).unwrap();
         assert_eq!(bad.credited_micro_batches, 0);
+    }
+}
+
+/// Drifting replicas (SparseLoCo, a sync every 3 steps): each replica's receipts sign its own
+/// weights, which differ from the other replica's between boundaries, and the trainer recomputes
+/// from that state, fetched from the audited peer and pinned by the digest. Honest work passes
+/// bitwise; auditing against the stage's agreed state or another replica's would fail it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drifting_replicas_are_audited_against_their_own_state() {
+    let steps = 4;
+    let cfg = sparse_config(steps);
+    let (m, _, ledger_bytes, _) = run(&cfg, 1.0, None).await;
+    let a = &m.audit;
+    // Every pass, bitwise identical; and every replica's inner optimizer step of steps 0 and 1
+    // (steps 2 and 3 end in an outer sync, whose state is not the inner step's): 2 x 4.
+    assert_eq!(a.identical, steps * 4 * 2, "{a:?}");
+    assert_eq!((a.inner_audits, a.inner_skipped), (8, 0), "{a:?}");
+    assert_eq!(a.audits, a.identical + a.inner_audits, "{a:?}");
+    assert!(a.max_inner_distance <= 1e-6, "{a:?}");
+    assert_eq!((a.audit_failures, a.banned.len()), (0, 0), "{a:?}");
+    assert!(a.state_bytes > 0 && a.state_bytes <= a.bytes, "{a:?}");
+    let s = m.summary();
+    assert_eq!((s.steps, s.replica_hash_mismatches), (steps, 0), "{s:?}");
+    let v = ledger::verify(&ledger_bytes, &Expect::default()).unwrap();
+    assert!(ledger::credits(&v.entries).iter().all(|c| !c.banned));
+}
+
+/// Every fault kind, those that cheat on the replica's own optimizer step included, is banned
+/// while replicas drift, and nobody else is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fault_kind_is_banned_while_replicas_drift() {
+    let steps = 4;
+    let cfg = sparse_config(steps);
+    for (i, kind) in FaultKind::ALL.into_iter().enumerate() {
+        let stage = (i % 2) as u32;
+        let spec = FaultSpec {
+            kind,
+            rate: 1.0,
+            seed: 1,
+        };
+        let (m, ids, ledger_bytes, _) = run(&cfg, 1.0, Some((stage, spec))).await;
+        let faulty = ids[2 * stage as usize];
+        let a = &m.audit;
+        assert_eq!(a.banned, vec![faulty], "{kind:?} at stage {stage}: {a:?}");
+        if !FaultKind::PASSES.contains(&kind) {
+            // Its passes are honest: only the inner-step audit can have caught it.
+            assert_eq!(a.identical, a.audits - a.inner_audits, "{kind:?}: {a:?}");
+        }
+        let s = m.summary();
+        assert_eq!(s.steps, steps, "{kind:?}: {s:?}");
+        assert!(m.steps.iter().all(|r| r.loss.is_finite()), "{kind:?}");
+        let v = ledger::verify(&ledger_bytes, &Expect::default()).unwrap();
+        for c in &ledger::credits(&v.entries) {
+            assert_eq!(c.banned, c.peer == faulty, "{kind:?}");
+        }
     }
 }

@@ -10,29 +10,17 @@
 //!   weights digests there: 0 mismatches) and hold identical weights at the end; the sync moves
 //!   a few percent of fp32's bytes;
 //! - a replica lost during an outer sync: the survivors redo the round and the run completes;
-//! - audits are refused in this mode (not silently skipped).
+//! - audits in this mode: `swarm/tests/audit.rs`.
 
 use std::time::Duration;
 
 use swarm_bench::codec_sim::{SimOptions, SimTrainer};
 use swarm_core::trainer::{Metrics, Trainer, TrainerEvent, TrainerOptions};
 use swarm_core::wire::kind;
-use swarm_model::{RunConfig, SyncMode};
+use swarm_model::RunConfig;
 
 mod trainer_common;
-use trainer_common::{Replica, start_replica, start_replicas, tiny_config};
-
-/// The tiny run with a SparseLoCo sync every 3 steps (top 3% of each 1024-chunk, 2-bit values).
-fn sparse_config(steps: u64) -> RunConfig {
-    let mut cfg = tiny_config(steps);
-    cfg.sync.mode = SyncMode::Sparseloco;
-    cfg.sync.every = 3;
-    cfg.sync.chunk = 1024;
-    cfg.sync.codec = "topk-row:0.03+q2".into();
-    cfg.train.eval_every = 0;
-    cfg.validate().unwrap();
-    cfg
-}
+use trainer_common::{Replica, sparse_config, start_replica, start_replicas};
 
 fn options(cfg: &RunConfig, min_replicas: usize) -> TrainerOptions {
     let mut opts = TrainerOptions::new(cfg.clone());
@@ -173,13 +161,4 @@ async fn a_replica_lost_during_the_outer_sync_and_a_joiner_keep_the_others_ident
     drop(late);
     drop(replicas);
     trainer.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audits_are_refused_rather_than_skipped() {
-    let cfg = sparse_config(3);
-    let mut opts = options(&cfg, 1);
-    opts.audit.rate = 0.05;
-    let err = Trainer::start(opts).await.err().expect("refused");
-    assert!(err.to_string().contains("--audit-rate 0"), "{err}");
 }

@@ -53,6 +53,17 @@ impl Hook {
         Ok(dx)
     }
 
+    /// The learning rate of this worker's optimizer step of `step` (a `skip-step` or
+    /// `scale-step` fault changes it).
+    pub(super) fn step_lr(&self, step: u64, lr: f64) -> f64 {
+        #[cfg(feature = "fault")]
+        if let Some(f) = &self.fault {
+            return f.step_lr(step, lr);
+        }
+        let _ = step;
+        lr
+    }
+
     /// Called before the optimizer step of `step` (a stale fault snapshots the weights).
     pub(super) fn before_apply(&self, step: u64, shard: &Shard) -> Result<()> {
         #[cfg(feature = "fault")]

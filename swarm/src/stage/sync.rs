@@ -492,7 +492,7 @@ impl StageWorker {
             let mut g = lock(&shard);
             let s = g.as_mut().ok_or_else(|| Error::NoState)?;
             fault.before_apply(a.step, s)?;
-            s.optimizer_step(&hp, a.lr, a.clip_scale)?;
+            s.optimizer_step(&hp, fault.step_lr(a.step, a.lr), a.clip_scale)?;
             s.zero_grads();
             Ok(s.weights_digest()?)
         })
@@ -527,12 +527,7 @@ impl StageWorker {
         let total = self.inner.opts.config.train.micro_batches;
         let mut g = lock(&self.inner.shard);
         let s = g.as_mut().ok_or_else(|| Error::NoState)?;
-        let mut flat = s.grads_flat()?;
-        if mine > 0 && mine != total {
-            let k = total as f32 / mine as f32;
-            flat.iter_mut().for_each(|x| *x *= k);
-            s.set_grads_flat(&flat)?;
-        }
+        let flat = crate::compute::own_mean_gradient(s, mine, total)?;
         Ok((s.grad_sq_norm()?, f32_digest(&flat)))
     }
 

@@ -26,6 +26,11 @@
 //!    itself from the stage state fetched from A and verified against the digest. The side the
 //!    referee disagrees with is banned.
 //!
+//! While replicas drift between sync boundaries (`[sync] mode = "sparseloco"`), no other replica
+//! holds the audited peer's weights: its receipts must sign its own state (its last `Applied`
+//! digest), and the trainer recomputes from that state, fetched from the peer and verified
+//! against the digest, as both auditor and referee.
+//!
 //! A ban removes the peer from the run for good and voids its work in the ledger. The step's
 //! gradients may already hold the banned peer's corrupted outputs (other stages computed on them),
 //! so the driver discards the whole step's accumulated gradients and re-runs it on honest
@@ -41,7 +46,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 use swarm_compression::{Codec, Decoder, Limits};
-use swarm_model::RunConfig;
+use swarm_model::{RunConfig, Shard};
 
 use crate::compute::recompute;
 use crate::error::{Error, Result};
@@ -55,10 +60,16 @@ use crate::receipt::{
 };
 use crate::stage::{StageOptions, fetch_state};
 
+mod drift;
 mod judge;
 
+use drift::{InnerCheck, drifts};
 pub use judge::frame_distance;
 use judge::link_liar;
+
+/// The micro-batch index a ledger `Audit` entry carries for an audit of a replica's optimizer
+/// step (not of a pass).
+pub const INNER_STEP_MB: u32 = u32::MAX;
 
 /// Default fraction of micro-batches audited per stage.
 pub const DEFAULT_RATE: f64 = 0.05;
@@ -120,6 +131,16 @@ pub struct AuditStats {
     pub identical: u64,
     /// Bytes moved by audits (records, recompute requests and results).
     pub bytes: u64,
+    /// Of those, audited peers' own states fetched for the trainer's recomputation (drifting
+    /// replicas).
+    pub state_bytes: u64,
+    /// Inner optimizer steps audited (drifting replicas; included in `audits`).
+    pub inner_audits: u64,
+    /// Inner steps drawn but not audited: the replica's micro-batches were retried (the audit
+    /// replays only first attempts) or its next state was unavailable.
+    pub inner_skipped: u64,
+    /// Largest distance seen in a passed inner-step audit.
+    pub max_inner_distance: f32,
     /// Wall time spent in the audit phase.
     pub seconds: f64,
     /// Audits (run, failed) per audited peer.
@@ -164,8 +185,14 @@ pub struct StepView<'a> {
     pub attempts: Vec<Option<u32>>,
     /// Live replicas per stage (peer, address), excluding any already excluded this step.
     pub replicas: Vec<Vec<(PeerId, SocketAddr)>>,
+    /// Per stage, per micro-batch: the replica that counted its gradient this step, if any.
+    pub holders: Vec<Vec<Option<PeerId>>>,
     /// The agreed weights digest per stage at this step, when known.
     pub digests: Vec<Option<[u8; 32]>>,
+    /// In a sync mode whose replicas drift between sync boundaries: each replica's own weights
+    /// digest at this step (its last `Applied` or loaded state), which its receipts must sign in
+    /// place of a stage-wide agreed one. Empty otherwise.
+    pub own: HashMap<PeerId, [u8; 32]>,
     pub peer: &'a Arc<PeerShared>,
 }
 
@@ -178,6 +205,11 @@ pub struct Auditor {
     seen: HashMap<MbKey, Seen>,
     served: HashMap<PeerId, u64>,
     banned: BTreeSet<PeerId>,
+    /// Inner optimizer steps under audit (drifting replicas), drawn at the last audit phase.
+    inner: Vec<InnerCheck>,
+    /// Audited peers' own states fetched this step (drifting replicas), by (stage, digest).
+    states: HashMap<(u32, [u8; 32]), Arc<Shard>>,
+    states_step: u64,
     pub stats: AuditStats,
     act: Codec,
     grad: Codec,
@@ -223,6 +255,9 @@ impl Auditor {
             seen: HashMap::new(),
             served: HashMap::new(),
             banned: BTreeSet::new(),
+            inner: Vec::new(),
+            states: HashMap::new(),
+            states_step: 0,
             stats: AuditStats::default(),
             act: config.codec.activations.parse()?,
             grad: config.codec.gradients.parse()?,
@@ -310,6 +345,9 @@ impl Auditor {
         if self.cfg.rate <= 0.0 {
             return bans;
         }
+        if drifts(v) {
+            bans.extend(self.resolve_inner(v).await);
+        }
         let stages = v.replicas.len();
         let mut jobs = Vec::new();
         for (mb, att) in v.attempts.iter().enumerate() {
@@ -356,6 +394,10 @@ impl Auditor {
                     tracing::warn!(step = v.step, microbatch = key.mb, stage = k, error = %e, "audit could not run");
                 }
             }
+        }
+        if drifts(v) {
+            let more = self.draw_inner(v, &bans).await;
+            bans.extend(more);
         }
         // Count this step's work per peer for the new-peer rate (bans are handled by the driver).
         for (key, seen) in &self.seen {
@@ -471,7 +513,15 @@ impl Auditor {
         if f.weights_digest != b.weights_digest {
             return Err("two weights digests in one step".into());
         }
-        if let Some(d) = v.digests.get(k as usize).copied().flatten()
+        if drifts(v) {
+            // Replicas drift between sync boundaries: the receipts must sign the replica's own
+            // state, the one the trainer recorded from its last Applied (or its load).
+            if let Some(d) = v.own.get(&peer)
+                && *d != f.weights_digest
+            {
+                return Err("receipt claims weights other than its own last applied state".into());
+            }
+        } else if let Some(d) = v.digests.get(k as usize).copied().flatten()
             && d != f.weights_digest
         {
             return Err("receipt claims weights other than the stage's agreed state".into());
@@ -618,6 +668,9 @@ impl Auditor {
                 let ev = frame_hash(&crate::wire::encode_body(&nrec).unwrap_or_default());
                 return Ok(Some(self.ban(liar, key.step, at, reason.into(), ev)));
             }
+        }
+        if drifts(v) {
+            return self.audit_own_state(v, key, k, hop, &fr, &br, rec).await;
         }
         // Recompute on another replica (or on the trainer when the stage has no other).
         let others: Vec<(PeerId, SocketAddr)> = v.replicas[k as usize]
@@ -870,7 +923,15 @@ impl Auditor {
 
     /// After the step's Apply: Work entries per (peer, stage) for the micro-batches of the
     /// completed attempts, then fsync.
-    pub fn end_step(&mut self, step: u64, attempts: &[Option<u32>], config: &RunConfig) {
+    pub fn end_step(
+        &mut self,
+        step: u64,
+        attempts: &[Option<u32>],
+        config: &RunConfig,
+        lr: f64,
+        clip: f64,
+    ) {
+        self.step_inner(step, config, lr, clip);
         let tokens = (config.train.micro_batch_size * config.train.seq_len) as u64;
         let layers: Vec<u64> = config
             .stages

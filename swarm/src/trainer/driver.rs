@@ -304,16 +304,6 @@ impl Trainer {
     pub async fn start(opts: TrainerOptions) -> Result<Trainer> {
         let cfg = opts.config.clone();
         cfg.validate()?;
-        if cfg.sync.drifts() && opts.audit.rate > 0.0 {
-            // An audit recomputes a pass on another replica with the same weights; between sync
-            // boundaries replicas hold different weights, and auditing a replica against its own
-            // (and its inner optimizer steps) is not built: refuse rather than skip audits.
-            return Err(Error::Unsupported(format!(
-                "sync mode {:?} cannot be audited yet (replicas drift between sync boundaries); \
-                 run it with audits off (--audit-rate 0)",
-                cfg.sync.mode
-            )));
-        }
         let config_toml = cfg.to_toml()?;
         let run = run_id_of(&config_toml);
         // The same corpus the local trainer reads, so batches match step for step.

@@ -71,6 +71,21 @@ pub fn tiny_config(steps: u64) -> RunConfig {
     cfg
 }
 
+/// [`tiny_config`] with the multi-step replica sync (`[sync] mode = "sparseloco"`) every 3 steps:
+/// the top 3% of each 1024-value chunk, 2-bit values; no evaluation (it runs only at sync
+/// boundaries in this mode).
+#[cfg(feature = "model")]
+pub fn sparse_config(steps: u64) -> RunConfig {
+    let mut cfg = tiny_config(steps);
+    cfg.sync.mode = swarm_model::SyncMode::Sparseloco;
+    cfg.sync.every = 3;
+    cfg.sync.chunk = 1024;
+    cfg.sync.codec = "topk-row:0.03+q2".into();
+    cfg.train.eval_every = 0;
+    cfg.validate().unwrap();
+    cfg
+}
+
 /// The smallest run the stage tests use: a 2-layer, width-16 model in 2 stages; 2
 /// micro-batches of 2 x 8 tokens; codec `none`; seeded with `seed`.
 #[cfg(feature = "model")]

@@ -10,7 +10,7 @@ use swarm_core::peer::{Peer, PeerConfig};
 use swarm_core::stage::{Joined, join_run};
 use swarm_model::{LocalTrainer, RunConfig};
 #[allow(unused_imports)] // each test crate uses some of them
-pub(crate) use swarm_testkit::{assert_losses_match, local_run, tiny_config};
+pub(crate) use swarm_testkit::{assert_losses_match, local_run, sparse_config, tiny_config};
 
 /// Trainer options of the fault tests: start once `min_replicas` per stage have joined, waiting
 /// up to a minute for them.

@@ -55,7 +55,9 @@ pub(crate) struct DemoArgs {
     pub attempt_timeout_s: u64,
 
     /// Make the first peer misbehave (issue #7): `KIND:RATE[:SEED]`, KIND one of noise, zero,
-    /// stale, skip, scale-grad. The JSON then says whether audits banned it (`banned`) and
+    /// stale, skip, scale-grad, skip-step, scale-step (the last two cheat on the peer's own
+    /// optimizer step; audits catch them when replicas drift, `[sync] mode = "sparseloco"`).
+    /// The JSON then says whether audits banned it (`banned`) and
     /// whether they banned anyone else (`false_bans`).
     #[arg(long)]
     pub faulty_peer: Option<crate::fault::FaultSpec>,

@@ -58,7 +58,8 @@ pub(crate) struct JoinArgs {
     pub memory: Option<u64>,
 
     /// Misbehave on purpose on a seeded fraction of micro-batches (demos and tests of the audits):
-    /// `KIND:RATE[:SEED]`, KIND one of noise, zero, stale, skip, scale-grad.
+    /// `KIND:RATE[:SEED]`, KIND one of noise, zero, stale, skip, scale-grad, skip-step,
+    /// scale-step (rate per micro-batch; for the last two, per optimizer step).
     #[arg(long)]
     pub fault: Option<crate::fault::FaultSpec>,
 

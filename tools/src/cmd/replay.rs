@@ -423,11 +423,6 @@ async fn swarm_run(
         .max(1);
     opts.attempt_timeout = attempt_timeout;
     opts.wait_for_peers = Duration::from_secs(300);
-    if v.config.sync.drifts() {
-        // Replicas that drift between sync boundaries cannot be audited yet (the trainer refuses
-        // audits in that mode): such a variant is measured without them.
-        opts.audit.rate = 0.0;
-    }
     let mut trainer = Trainer::start(opts).await?;
     let addr = trainer.addr();
     for (stage, shape) in &v.peers {

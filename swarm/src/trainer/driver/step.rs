@@ -3,6 +3,7 @@
 
 use super::pipeline::Work;
 use super::*;
+use crate::trainer::book::{Column, Holder};
 use crate::trainer::machine::flow::{FlowAction, FlowConfig, FlowEvent, StepFlow};
 use crate::trainer::machine::{Event, MachineConfig, StepMachine};
 use crate::trainer::timing::Part;
@@ -231,7 +232,7 @@ impl Trainer {
         let mismatches = flow.mismatches();
         let book = flow.machine().book();
         let attempts: Vec<Option<u32>> = (0..m).map(|mb| book.current_attempt(mb)).collect();
-        self.audit.end_step(step, &attempts, &cfg);
+        self.audit.end_step(step, &attempts, &cfg, lr, clip);
         self.metrics.audit = self.audit.stats.clone();
         self.metrics.replica_hash_mismatches += mismatches;
         self.metrics.retries += book.retries();
@@ -370,8 +371,23 @@ impl Trainer {
             attempts: (0..book.micro_batches())
                 .map(|mb| book.current_attempt(mb))
                 .collect(),
+            holders: (0..stages)
+                .map(|k| {
+                    (0..book.micro_batches())
+                        .map(|mb| match book.holder(mb, Column::Stage(k as u16)) {
+                            Some(Holder::Peer(p)) => Some(p),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .collect(),
             replicas,
             digests: self.shared.reg(|r| r.digests.clone()),
+            own: if config.sync.drifts() {
+                self.own_digests.clone()
+            } else {
+                Default::default()
+            },
             peer: &ps,
         };
         self.audit.audit_step(&view).await
