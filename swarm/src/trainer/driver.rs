@@ -25,6 +25,7 @@ use super::book::StepBook;
 use super::checkpoint;
 use super::machine::{
     self,
+    join::{Admissions, AdmitEvent, Ticket},
     replicas::{ReplicaState, StageHolders},
 };
 use super::metrics::{Channel, Metrics, StepReport};
@@ -205,8 +206,12 @@ struct Registry {
     epoch: u32,
     /// Steps done (the state replicas hold between steps).
     step: u64,
-    /// A step is running: joiners must load the state after it.
-    in_step: bool,
+    /// When each pending `Admit` is answered (and whether a step is running: joiners must load
+    /// the state after it).
+    admissions: Admissions,
+    /// Where each pending `Admit`'s answer goes (its handler waits on it).
+    admit_waiters: HashMap<Ticket, tokio::sync::oneshot::Sender<AdmitAnswer>>,
+    next_ticket: Ticket,
     phase: RunPhase,
     stages: Vec<BTreeMap<PeerId, Replica>>,
     /// The weights digest every replica of each stage holds at `step` (None before anyone knows).
@@ -221,14 +226,13 @@ struct Registry {
 struct Shared {
     run: RunId,
     config_toml: String,
-    /// The run config (for the sync boundaries the admission handler waits for).
-    config: RunConfig,
     endpoint: Endpoint,
     registry: Mutex<Registry>,
     inbox: mpsc::UnboundedSender<Inbound>,
-    /// Steps done, published at every step boundary (joiners admitted mid-step wait for it).
-    boundary: tokio::sync::watch::Sender<u64>,
 }
+
+/// The answer to an `Admit`, sent to its handler.
+type AdmitAnswer = std::result::Result<AdmitReply, RpcError>;
 
 impl Shared {
     fn reg<T>(&self, f: impl FnOnce(&mut Registry) -> T) -> T {
@@ -385,7 +389,6 @@ impl Trainer {
         let shared = Arc::new(Shared {
             run,
             config_toml,
-            config: cfg.clone(),
             endpoint: Endpoint {
                 peer: peer.peer_id(),
                 addr,
@@ -393,7 +396,9 @@ impl Trainer {
             registry: Mutex::new(Registry {
                 epoch,
                 step,
-                in_step: false,
+                admissions: Admissions::new(ADMIT_WAIT, cfg.is_sync_boundary(step)),
+                admit_waiters: HashMap::new(),
+                next_ticket: 0,
                 phase: RunPhase::Running,
                 stages: vec![BTreeMap::new(); num_stages],
                 digests,
@@ -402,7 +407,6 @@ impl Trainer {
                 banned: Default::default(),
             }),
             inbox: tx,
-            boundary: tokio::sync::watch::channel(step).0,
         });
         register_handlers(&peer, &shared);
 
@@ -661,9 +665,14 @@ fn now_ms() -> u64 {
 }
 
 /// Where a replica of `stage` (other than `except`) loads its state from now (see
-/// [`machine::replicas::state_source`]).
-fn state_source(shared: &Shared, stage: u32, except: Option<PeerId>) -> StateSource {
-    shared.reg(|r| {
+/// [`machine::replicas::state_source`]), with the registry `r` of the trainer at `trainer`.
+fn state_source(
+    r: &Registry,
+    trainer: Endpoint,
+    stage: u32,
+    except: Option<PeerId>,
+) -> StateSource {
+    {
         let holders = StageHolders {
             served: r
                 .served
@@ -680,8 +689,8 @@ fn state_source(shared: &Shared, stage: u32, except: Option<PeerId>) -> StateSou
                 .collect(),
             agreed: r.digests[stage as usize],
         };
-        machine::replicas::state_source(shared.endpoint, holders, r.fresh, r.in_step)
-    })
+        machine::replicas::state_source(trainer, holders, r.fresh, r.admissions.in_step())
+    }
 }
 
 /// Longest wait for a replica's answer to the liveness probe before a sync.

@@ -34,7 +34,9 @@ use crate::receipt::Pass;
 pub mod flow;
 pub mod join;
 pub mod replicas;
+pub mod restore;
 pub mod sync;
+pub mod wait;
 
 #[cfg(test)]
 mod tests;

@@ -6,56 +6,69 @@ use crate::trainer::machine::join::{BoundaryWait, boundary_wait};
 use crate::trainer::machine::replicas::{
     LeaveAction, Leaver, Leavers, ReadyVerdict, ready_verdict,
 };
+use crate::trainer::machine::wait::{ReplicaWait, WaitAction, WaitEvent};
 
 impl Trainer {
-    /// Waits until every stage has `need` serving replicas, handling messages meanwhile.
+    /// Waits until every stage has `need` serving replicas, handling messages meanwhile. What to
+    /// do and when to give up is the [`ReplicaWait`]'s decision; this performs it.
     pub(super) async fn wait_for_replicas(
         &mut self,
         need: usize,
         on_event: &mut dyn FnMut(&TrainerEvent),
     ) -> Result<()> {
-        let deadline = Instant::now() + self.opts.wait_for_peers;
-        let mut last_report: Option<Vec<usize>> = None;
+        let mut wait = ReplicaWait::new(need, Instant::now() + self.opts.wait_for_peers);
+        // Bounded: the machine gives up at its deadline.
         loop {
+            let now = Instant::now();
             if self.restore_pending {
-                Box::pin(self.restore(on_event)).await?;
+                wait.handle(WaitEvent::StateLost, now);
             }
             let serving: Vec<usize> = (0..self.num_stages())
                 .map(|k| self.serving(k).len())
                 .collect();
-            if serving.iter().all(|&n| n >= need) {
-                return Ok(());
-            }
-            if last_report.as_ref() != Some(&serving) {
-                self.emit(
-                    TrainerEvent::Waiting {
-                        serving: serving.clone(),
-                        need,
-                    },
-                    on_event,
-                );
-                if let Some(k) = serving.iter().position(|&n| n == 0)
-                    && self.step() > 0
-                {
-                    self.shared.reg(|r| r.phase = RunPhase::Paused);
-                    self.emit(TrainerEvent::Paused { stage: k as u32 }, on_event);
-                }
-                last_report = Some(serving.clone());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::NotEnoughReplicas {
-                    need,
+            let steps_done = self.step();
+            wait.handle(
+                WaitEvent::Counts {
                     serving,
-                    waited: self.opts.wait_for_peers,
-                });
+                    steps_done,
+                },
+                now,
+            );
+            let mut restored = false;
+            while let Some(action) = wait.poll_action(now) {
+                match action {
+                    WaitAction::Restore => {
+                        Box::pin(self.restore(on_event)).await?;
+                        restored = true;
+                        break;
+                    }
+                    WaitAction::Ready => return Ok(()),
+                    WaitAction::Waiting { serving, need } => {
+                        self.emit(TrainerEvent::Waiting { serving, need }, on_event)
+                    }
+                    WaitAction::Paused { stage } => {
+                        self.shared.reg(|r| r.phase = RunPhase::Paused);
+                        self.emit(TrainerEvent::Paused { stage }, on_event);
+                    }
+                    WaitAction::GiveUp { serving, need } => {
+                        return Err(Error::NotEnoughReplicas {
+                            need,
+                            serving,
+                            waited: self.opts.wait_for_peers,
+                        });
+                    }
+                }
             }
-            let wait = (deadline - now).min(Duration::from_millis(500));
-            if let Ok(Some(msg)) = tokio::time::timeout(wait, self.inbox.recv()).await {
+            if restored {
+                continue;
+            }
+            let idle = wait
+                .poll_timeout()
+                .saturating_duration_since(Instant::now());
+            if let Ok(Some(msg)) = tokio::time::timeout(idle, self.inbox.recv()).await {
                 self.handle_idle(msg, on_event).await;
             }
         }
-        // (unreachable)
     }
 
     /// Between steps: Ready, Leave and Down are acted on; pipeline traffic is stale and dropped.
@@ -246,7 +259,8 @@ impl Trainer {
     }
 
     pub(super) fn state_source(&self, stage: u32, except: Option<PeerId>) -> StateSource {
-        state_source(&self.shared, stage, except)
+        self.shared
+            .reg(|r| state_source(r, self.shared.endpoint, stage, except))
     }
 
     /// Removes a replica from the registry and the router (a step in progress learns it from

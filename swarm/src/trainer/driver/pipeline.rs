@@ -96,7 +96,8 @@ impl Trainer {
     ) -> Option<StepReport> {
         sm.close_micro_batches();
         self.settle(sm, work);
-        self.shared.reg(|r| r.in_step = false);
+        self.shared
+            .admissions(Some(AdmitEvent::StepAbandoned), Instant::now());
         None
     }
 

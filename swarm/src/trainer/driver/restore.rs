@@ -2,6 +2,9 @@
 //! checkpoint in a new epoch.
 
 use super::*;
+use crate::trainer::machine::restore::{
+    Found, Queued, Restore, RestoreAction, RestoreEvent, Stale, stale,
+};
 
 impl Trainer {
     /// Restores EVERY stage and the ends from the latest checkpoint in `out` (or, without one,
@@ -10,63 +13,150 @@ impl Trainer {
     /// batches are a function of (seed, step, micro-batch), so the run continues on the same
     /// trajectory; lost are the compute since the checkpoint and, with lossy sync codecs, the
     /// error-feedback residuals (they restart at zero).
+    ///
+    /// The order is the [`Restore`] machine's; this performs its actions.
     pub(super) async fn restore(&mut self, on_event: &mut dyn FnMut(&TrainerEvent)) -> Result<()> {
         self.restore_pending = false;
         let cfg = self.cfg().clone();
-        let device = Device::Cpu;
-        let ckpt = match &self.opts.out {
-            Some(dir) if checkpoint::exists(dir) => {
-                let dir = dir.clone();
-                let cfg = cfg.clone();
-                Some(
-                    tokio::task::spawn_blocking(move || {
-                        checkpoint::restore(&dir, &cfg, &Device::Cpu)
-                    })
-                    .await??,
-                )
-            }
-            _ => None,
-        };
-        if let (Some(c), Some(dir)) = (&ckpt, &self.opts.out)
-            && c.run != self.shared.run
-        {
-            return Err(Error::ForeignCheckpoint {
-                dir: dir.clone(),
-                found: c.run,
-                expected: self.shared.run,
-            });
-        }
-        let mut ends = Shard::new(&cfg.model, &ends_pieces(), cfg.seed, DType::F32, &device)?;
-        let num_stages = self.num_stages();
-        let mut served = HashMap::new();
-        let mut digests = vec![None; num_stages];
-        let step = match ckpt {
-            Some(c) => {
-                ends.import_state(&c.ends_state)?;
-                for (k, st) in c.stages.into_iter().enumerate() {
-                    digests[k] = Some(st.digest);
-                    served.insert(
-                        k as u32,
-                        ServedState {
-                            step: c.step,
-                            hash: *blake3::hash(&st.bytes).as_bytes(),
-                            bytes: st.bytes,
-                            digest: st.digest,
+        let mut machine = Restore::new(self.shared.run);
+        let mut ckpt = None;
+        let mut addrs: HashMap<PeerId, SocketAddr> = HashMap::new();
+        // Bounded: a restore is a finite sequence (one action per replica at most).
+        while let Some(action) = machine.poll_action() {
+            match action {
+                RestoreAction::Load => {
+                    ckpt = match &self.opts.out {
+                        Some(dir) if checkpoint::exists(dir) => {
+                            let dir = dir.clone();
+                            let cfg = cfg.clone();
+                            Some(
+                                tokio::task::spawn_blocking(move || {
+                                    checkpoint::restore(&dir, &cfg, &Device::Cpu)
+                                })
+                                .await??,
+                            )
+                        }
+                        _ => None,
+                    };
+                    let found = ckpt.as_ref().map(|c| Found {
+                        run: c.run,
+                        step: c.step,
+                    });
+                    machine.handle(RestoreEvent::Loaded(found));
+                }
+                RestoreAction::Foreign { found } => {
+                    return Err(Error::ForeignCheckpoint {
+                        dir: self.opts.out.clone().unwrap_or_default(),
+                        found,
+                        expected: self.shared.run,
+                    });
+                }
+                RestoreAction::Install {
+                    step,
+                    from_checkpoint,
+                } => {
+                    let (epoch, replicas) =
+                        self.install(&cfg, ckpt.take(), step, from_checkpoint)?;
+                    addrs = replicas.iter().map(|(_, p, a)| (*p, *a)).collect();
+                    let replicas = replicas.into_iter().map(|(k, p, _)| (k, p)).collect();
+                    machine.handle(RestoreEvent::Installed { epoch, replicas });
+                }
+                RestoreAction::Drain => {
+                    while let Ok(msg) = self.inbox.try_recv() {
+                        let queued = match &msg {
+                            Inbound::Down(_) => Queued::Down,
+                            Inbound::Leave(_) => Queued::Leave,
+                            Inbound::SyncDone(..) => Queued::SyncReport,
+                            _ => Queued::Other,
+                        };
+                        match (stale(queued), msg) {
+                            (Stale::Lose, Inbound::Down(p)) => self.lose_peer(p, on_event),
+                            (Stale::Release, Inbound::Leave(p)) => {
+                                self.shared.reg(|r| {
+                                    r.stages.iter_mut().for_each(|s| {
+                                        s.remove(&p);
+                                    })
+                                });
+                                self.metrics.peers_left += 1;
+                            }
+                            (Stale::CountTraffic, Inbound::SyncDone(_, d)) => {
+                                self.count_sync_report(&d)
+                            }
+                            _ => {}
+                        }
+                    }
+                    // Every stage was just installed: a loss seen meanwhile is of the old epoch.
+                    self.restore_pending = false;
+                    machine.handle(RestoreEvent::Drained);
+                }
+                RestoreAction::Reload { stage, peer, step } => {
+                    let _ = self.view.remove(&key_of(&peer));
+                    if let Some(addr) = addrs.get(&peer) {
+                        self.send_reload(peer, *addr, stage as u32, step);
+                    }
+                }
+                RestoreAction::Trim { step } => {
+                    self.metrics.steps.retain(|s| s.step < step);
+                    self.metrics.val_losses.retain(|v| v.0 <= step);
+                }
+                RestoreAction::Announce {
+                    step,
+                    epoch,
+                    from_checkpoint,
+                } => {
+                    self.metrics.restores += 1;
+                    tracing::warn!(step, epoch, from_checkpoint, "run restored");
+                    self.emit(
+                        TrainerEvent::Restored {
+                            step,
+                            epoch,
+                            from_checkpoint,
                         },
+                        on_event,
                     );
                 }
-                c.step
             }
-            None => 0,
-        };
+        }
+        Ok(())
+    }
+
+    /// Installs the checkpoint `ckpt` (or the seed's state) at `step`: the ends, the stage
+    /// states the trainer serves, and the registry in a new epoch with every replica joining.
+    /// Returns the epoch and the replicas (stage, replica, address) in stage order.
+    fn install(
+        &mut self,
+        cfg: &RunConfig,
+        ckpt: Option<checkpoint::Restored>,
+        step: u64,
+        from_checkpoint: bool,
+    ) -> Result<(u32, Vec<Registered>)> {
+        let device = Device::Cpu;
+        let mut ends = Shard::new(&cfg.model, &ends_pieces(), cfg.seed, DType::F32, &device)?;
+        let mut served = HashMap::new();
+        let mut digests = vec![None; self.num_stages()];
+        if let Some(c) = ckpt.filter(|_| from_checkpoint) {
+            ends.import_state(&c.ends_state)?;
+            for (k, st) in c.stages.into_iter().enumerate() {
+                digests[k] = Some(st.digest);
+                served.insert(
+                    k as u32,
+                    ServedState {
+                        step,
+                        hash: *blake3::hash(&st.bytes).as_bytes(),
+                        bytes: st.bytes,
+                        digest: st.digest,
+                    },
+                );
+            }
+        }
         *self.ends.lock().unwrap_or_else(|e| e.into_inner()) = ends;
-        let from_checkpoint = !served.is_empty();
-        let (epoch, replicas) = self.shared.reg(|r| {
+        // A checkpoint with no stage is the seed's state as far as loads go.
+        let fresh = served.is_empty();
+        let installed = self.shared.reg(|r| {
             r.epoch += 1;
             r.step = step;
-            r.in_step = false;
             r.phase = RunPhase::Paused;
-            r.fresh = !from_checkpoint;
+            r.fresh = fresh;
             r.served = served;
             r.digests = digests;
             let mut reps = Vec::new();
@@ -78,46 +168,12 @@ impl Trainer {
             }
             (r.epoch, reps)
         });
-        self.shared.boundary.send_replace(step);
-        // Messages of the old epoch still queued are void (Down/Leave still matter).
-        while let Ok(msg) = self.inbox.try_recv() {
-            match msg {
-                Inbound::Down(p) => {
-                    self.lose_peer(p, on_event);
-                }
-                Inbound::Leave(p) => {
-                    self.shared.reg(|r| {
-                        r.stages.iter_mut().for_each(|s| {
-                            s.remove(&p);
-                        })
-                    });
-                    self.metrics.peers_left += 1;
-                }
-                Inbound::SyncDone(_, d) => self.count_sync_report(&d),
-                _ => {}
-            }
-        }
-        self.restore_pending = false;
-        for (k, p, _) in &replicas {
-            let _ = self.view.remove(&key_of(p));
-            let _ = k;
-        }
-        for (k, p, addr) in replicas {
-            self.send_reload(p, addr, k as u32, step);
-        }
-        self.metrics.steps.retain(|s| s.step < step);
-        self.metrics.val_losses.retain(|v| v.0 <= step);
-        self.metrics.restores += 1;
-        tracing::warn!(step, epoch, from_checkpoint, "run restored");
-        self.emit(
-            TrainerEvent::Restored {
-                step,
-                epoch,
-                from_checkpoint,
-            },
-            on_event,
+        let at_sync_boundary = cfg.is_sync_boundary(step);
+        self.shared.admissions(
+            Some(AdmitEvent::Boundary { at_sync_boundary }),
+            Instant::now(),
         );
-        Ok(())
+        Ok(installed)
     }
 
     /// Fetches every stage's state from a replica, with the ends' own: the whole model as of
@@ -186,6 +242,9 @@ impl Trainer {
             .await?
     }
 }
+
+/// A replica of the run: (stage, replica, address).
+type Registered = (usize, PeerId, SocketAddr);
 
 /// The whole model at a step boundary: exported states of the ends and of every stage.
 pub(super) struct ModelState {

@@ -2,7 +2,63 @@
 //! and the liveness pinger.
 
 use super::*;
-use crate::trainer::machine::join::admit_now;
+use crate::trainer::machine::join::AdmitAction;
+
+impl Shared {
+    /// Feeds the admissions machine `event` (if any) and the time, and sends every answer it
+    /// decides on to its waiting handler.
+    pub(super) fn admissions(&self, event: Option<AdmitEvent>, now: Instant) {
+        let answers = self.reg(|r| {
+            if let Some(e) = event {
+                r.admissions.handle(e, now);
+            }
+            r.admissions.handle_timeout(now);
+            let mut answers = Vec::new();
+            while let Some(action) = r.admissions.poll_action() {
+                let (ticket, answer) = match action {
+                    AdmitAction::Admit {
+                        ticket,
+                        peer,
+                        stage,
+                    } => {
+                        let source = state_source(r, self.endpoint, stage, Some(peer));
+                        tracing::info!(peer = %peer.short(), stage, step = r.step, "admitted");
+                        let reply = AdmitReply {
+                            run: self.run,
+                            epoch: r.epoch,
+                            stage,
+                            step: r.step,
+                            source,
+                        };
+                        (ticket, Ok(reply))
+                    }
+                    AdmitAction::Refuse {
+                        ticket,
+                        peer,
+                        stage,
+                    } => {
+                        if let Some(st) = r.stages.get_mut(stage as usize) {
+                            st.remove(&peer);
+                        }
+                        let busy = RpcError::refused(
+                            code::BUSY,
+                            "the current step did not end in time; ask again",
+                        );
+                        (ticket, Err(busy))
+                    }
+                };
+                if let Some(tx) = r.admit_waiters.remove(&ticket) {
+                    answers.push((tx, answer));
+                }
+            }
+            answers
+        });
+        for (tx, answer) in answers {
+            // A handler gone (its connection closed) needs no answer.
+            let _ = tx.send(answer);
+        }
+    }
+}
 
 /// Pings every replica each second; two misses in a row report it down.
 pub(super) async fn ping_loop(shared: Arc<Shared>, ps: Arc<PeerShared>) {
@@ -167,9 +223,10 @@ pub(super) fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
                 ));
             }
             // Registered as joining at once, so the driver holds the next step boundary until it
-            // is ready; answered at a boundary, when replicas hold the state it must load.
-            let mut boundary = s.boundary.subscribe();
-            s.reg(|r| {
+            // is ready; answered when the admissions machine says (at a boundary, when replicas
+            // hold the state it must load, or refused at its deadline).
+            let (tx, mut rx) = tokio::sync::oneshot::channel();
+            let ticket = s.reg(|r| {
                 for st in r.stages.iter_mut() {
                     st.remove(&ctx.from);
                 }
@@ -180,31 +237,37 @@ pub(super) fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
                         state: ReplicaState::Joining,
                     },
                 );
+                let ticket = r.next_ticket;
+                r.next_ticket += 1;
+                r.admit_waiters.insert(ticket, tx);
+                ticket
             });
-            let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
-            // With a multi-step sync, only a sync boundary has a state the replicas agree on.
-            while s.reg(|r| !admit_now(r.in_step, s.config.is_sync_boundary(r.step))) {
-                if tokio::time::timeout_at(deadline, boundary.changed())
-                    .await
-                    .is_err()
-                {
-                    s.reg(|r| r.stages[a.stage as usize].remove(&ctx.from));
-                    return Err(RpcError::refused(
-                        code::BUSY,
-                        "the current step did not end in time; ask again",
-                    ));
+            s.admissions(
+                Some(AdmitEvent::Asked {
+                    ticket,
+                    peer: ctx.from,
+                    stage: a.stage,
+                }),
+                Instant::now(),
+            );
+            // This task only wakes the machine at its deadlines; each wake answers at least the
+            // earliest pending Admit, ours by its own deadline at the latest (bounded).
+            loop {
+                let wake = s.reg(|r| r.admissions.poll_timeout());
+                let answer = match wake {
+                    Some(at) => {
+                        tokio::time::timeout_at(tokio::time::Instant::from_std(at), &mut rx).await
+                    }
+                    None => Ok((&mut rx).await),
+                };
+                match answer {
+                    Ok(Ok(reply)) => return rpc::reply(&reply?),
+                    Ok(Err(_)) => {
+                        return Err(RpcError::refused(code::BUSY, "the trainer stopped"));
+                    }
+                    Err(_) => s.admissions(None, Instant::now()),
                 }
             }
-            let (epoch, step) = s.reg(|r| (r.epoch, r.step));
-            let source = state_source(&s, a.stage, Some(ctx.from));
-            tracing::info!(peer = %ctx.from.short(), stage = a.stage, step, "admitted");
-            rpc::reply(&AdmitReply {
-                run: s.run,
-                epoch,
-                stage: a.stage,
-                step,
-                source,
-            })
         },
     );
 

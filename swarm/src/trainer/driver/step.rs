@@ -19,10 +19,11 @@ impl Trainer {
     ) -> Result<Option<StepReport>> {
         let started = Instant::now();
         let (step, epoch) = self.shared.reg(|r| {
-            r.in_step = true;
             r.phase = RunPhase::Running;
             (r.step, r.epoch)
         });
+        self.shared
+            .admissions(Some(AdmitEvent::StepStarted), Instant::now());
         let stages = self.num_stages();
         let m = self.cfg().train.micro_batches;
         let max_in_flight = if self.opts.max_in_flight == 0 {
@@ -240,11 +241,14 @@ impl Trainer {
         self.metrics.tokens += tokens;
         self.shared.reg(|r| {
             r.step = step + 1;
-            r.in_step = false;
             r.fresh = false;
             r.served.retain(|_, s| s.step == step + 1);
         });
-        self.shared.boundary.send_replace(step + 1);
+        let at_sync_boundary = cfg.is_sync_boundary(step + 1);
+        self.shared.admissions(
+            Some(AdmitEvent::Boundary { at_sync_boundary }),
+            Instant::now(),
+        );
         self.release_leavers(on_event).await;
         let report = StepReport {
             step,
