@@ -573,7 +573,8 @@ impl StageWorker {
         )
     }
 
-    /// Runs `f` on the held shard on a blocking thread.
+    /// Runs `f` on the held shard on a blocking thread (tests read its gradients).
+    #[cfg(feature = "test-hooks")]
     pub async fn with_shard<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Shard) -> T + Send + 'static,
@@ -676,6 +677,7 @@ impl StageWorker {
 impl StageWorker {
     /// Serves one pipeline, sync or state request of `kind` as the registered handlers do (for
     /// wrappers that filter or observe requests, e.g. fault-injection tests).
+    #[cfg(feature = "test-hooks")]
     pub async fn handle(
         &self,
         kind: u16,
