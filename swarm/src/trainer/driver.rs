@@ -201,6 +201,30 @@ struct ServedState {
     digest: [u8; 32],
 }
 
+/// The stage states of a checkpoint at `step`, which the trainer serves (every replica loads
+/// from it), and their digests, the stages' agreed ones.
+fn served_states(
+    stages: Vec<checkpoint::StageState>,
+    step: u64,
+    num_stages: usize,
+) -> (HashMap<u32, ServedState>, Vec<Option<[u8; 32]>>) {
+    let mut served = HashMap::new();
+    let mut digests = vec![None; num_stages];
+    for (k, s) in stages.into_iter().enumerate() {
+        digests[k] = Some(s.digest);
+        served.insert(
+            k as u32,
+            ServedState {
+                step,
+                hash: *blake3::hash(&s.bytes).as_bytes(),
+                bytes: s.bytes,
+                digest: s.digest,
+            },
+        );
+    }
+    (served, digests)
+}
+
 /// What handlers read and the driver updates.
 struct Registry {
     epoch: u32,
@@ -341,18 +365,7 @@ impl Trainer {
             ends.import_state(&restored.ends_state)?;
             epoch = restored.epoch + 1;
             step = restored.step;
-            for (k, s) in restored.stages.into_iter().enumerate() {
-                digests[k] = Some(s.digest);
-                served.insert(
-                    k as u32,
-                    ServedState {
-                        step,
-                        hash: *blake3::hash(&s.bytes).as_bytes(),
-                        bytes: s.bytes,
-                        digest: s.digest,
-                    },
-                );
-            }
+            (served, digests) = served_states(restored.stages, step, num_stages);
             tracing::info!(%run, step, epoch, dir = %dir.display(), "resumed from checkpoint");
         }
 

@@ -132,23 +132,13 @@ impl Trainer {
     ) -> Result<(u32, Vec<Registered>)> {
         let device = Device::Cpu;
         let mut ends = Shard::new(&cfg.model, &ends_pieces(), cfg.seed, DType::F32, &device)?;
-        let mut served = HashMap::new();
-        let mut digests = vec![None; self.num_stages()];
-        if let Some(c) = ckpt.filter(|_| from_checkpoint) {
-            ends.import_state(&c.ends_state)?;
-            for (k, st) in c.stages.into_iter().enumerate() {
-                digests[k] = Some(st.digest);
-                served.insert(
-                    k as u32,
-                    ServedState {
-                        step,
-                        hash: *blake3::hash(&st.bytes).as_bytes(),
-                        bytes: st.bytes,
-                        digest: st.digest,
-                    },
-                );
+        let (served, digests) = match ckpt.filter(|_| from_checkpoint) {
+            Some(c) => {
+                ends.import_state(&c.ends_state)?;
+                served_states(c.stages, step, self.num_stages())
             }
-        }
+            None => (HashMap::new(), vec![None; self.num_stages()]),
+        };
         *self.ends.lock().unwrap_or_else(|e| e.into_inner()) = ends;
         // A checkpoint with no stage is the seed's state as far as loads go.
         let fresh = served.is_empty();
