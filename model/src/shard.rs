@@ -11,6 +11,8 @@
 //! 2. `head_backward(ctx, 1/micro_batches)` -> `stage_backward` in reverse -> `embed_backward`.
 //!    Each backward consumes its context, returns the input gradient and adds the parameter
 //!    gradients into the shard's accumulators. Dropping a context instead frees its graph.
+//!    Tagging contexts with their micro-batch ([`ForwardCtx::micro_batch`]) makes the sum the
+//!    same whatever order the backwards run in (`shard/grads.rs`).
 //!
 //! At the step boundary: `grad_sq_norm` on every shard, sum them, [`crate::clip_scale`], then
 //! `optimizer_step(lr, scale)` and `zero_grads` on every shard.
@@ -33,6 +35,9 @@ use crate::ops::{self, RopeTables};
 use crate::optim::AdamW;
 use crate::subspace::Subspace;
 use crate::{Error, ModelConfig, Result};
+
+mod grads;
+use grads::Grads;
 
 /// A part of the model that can be built and run alone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -147,8 +152,6 @@ struct Param {
     name: String,
     shape: Vec<usize>,
     var: Var,
-    /// Accumulated gradient; `None` means zero.
-    grad: Option<Tensor>,
     /// AdamW first and second moments, f32, allocated on the first step.
     m: Vec<f32>,
     v: Vec<f32>,
@@ -163,6 +166,8 @@ pub struct ForwardCtx {
     /// The parameter variables the forward used, to detect stale contexts.
     vars: Vec<Var>,
     pass: Pass,
+    /// The micro-batch whose gradients a backward adds ([`ForwardCtx::micro_batch`]).
+    mb: Option<u64>,
 }
 
 enum Pass {
@@ -182,6 +187,14 @@ impl ForwardCtx {
             Pass::Layers(StagePass::F64(s)) => Some(s.bytes()),
             Pass::Graph { .. } => None,
         }
+    }
+
+    /// Tags the context with its micro-batch's number in the step: its backward's parameter
+    /// gradients are then added in micro-batch order, whatever order the backwards run in (see
+    /// `shard/grads.rs`). Untagged, a backward counts as the next micro-batch in order.
+    pub fn micro_batch(mut self, mb: u64) -> ForwardCtx {
+        self.mb = Some(mb);
+        self
     }
 }
 
@@ -209,6 +222,8 @@ pub struct Shard {
     stage_weights: Mutex<HashMap<usize, (Vec<TensorId>, StageWeights)>>,
     /// `U` and the fixed token table of a subspace model.
     subspace: Option<Arc<Subspace>>,
+    /// Accumulated gradients, in micro-batch order.
+    grads: Grads,
 }
 
 impl std::fmt::Debug for Shard {
@@ -327,13 +342,13 @@ impl Shard {
                     name,
                     shape,
                     var,
-                    grad: None,
                     m: vec![],
                     v: vec![],
                 });
             }
         }
         let max_len = cfg.max_position_embeddings;
+        let grads = Grads::new(params.len());
         Ok(Self {
             rope: RopeTables::new(cfg.head_dim(), max_len, cfg.rope_theta),
             cfg: cfg.clone(),
@@ -345,6 +360,7 @@ impl Shard {
             step: 0,
             stage_weights: Mutex::new(HashMap::new()),
             subspace,
+            grads,
         })
     }
 
@@ -503,6 +519,7 @@ impl Shard {
                 input: None,
                 root: x.clone(),
             },
+            mb: None,
         };
         Ok((x.detach(), ctx))
     }
@@ -537,6 +554,7 @@ impl Shard {
             out_dims: y.dims().to_vec(),
             vars,
             pass: Pass::Layers(pass),
+            mb: None,
         };
         Ok((y, ctx))
     }
@@ -638,6 +656,7 @@ impl Shard {
                 input: Some(input),
                 root: loss,
             },
+            mb: None,
         };
         Ok((value, ctx))
     }
@@ -677,9 +696,11 @@ impl Shard {
             }
             Pass::Layers(pass) => {
                 let (dx, grads) = self.layers_backward(&ctx, pass, grad_out, true)?;
-                for (name, g) in grads {
-                    self.accumulate(self.by_name[&name], g)?;
-                }
+                let adds = grads
+                    .into_iter()
+                    .map(|(name, g)| (self.by_name[&name], g))
+                    .collect();
+                self.add_grads(ctx.mb, ctx.piece, adds)?;
                 Ok(Some(dx))
             }
         }
@@ -746,16 +767,6 @@ impl Shard {
         Ok((Tensor::from_vec(dx, (b, t, h), &self.device)?, named))
     }
 
-    /// Adds `g` into parameter `i`'s accumulated gradient.
-    fn accumulate(&mut self, i: usize, g: Tensor) -> Result<()> {
-        let p = &mut self.params[i];
-        p.grad = Some(match p.grad.take() {
-            Some(acc) => (acc + g)?,
-            None => g,
-        });
-        Ok(())
-    }
-
     /// Backward of a head forward, for the loss multiplied by `loss_scale` (e.g. 1/micro_batches,
     /// so that accumulated gradients are those of the mean loss over the step). Returns the
     /// gradient of the head's input.
@@ -768,6 +779,26 @@ impl Shard {
         };
         let root = (root * loss_scale)?;
         self.run_backward(&ctx, &root)?
+            .ok_or_else(|| Error::Piece("head input has no gradient".into()))
+    }
+
+    /// [`Shard::head_backward`] without touching the accumulated parameter gradients: returns
+    /// only the (bitwise identical) input gradient, for a micro-batch whose head already counted.
+    pub fn head_backward_input_only(&self, ctx: ForwardCtx, loss_scale: f64) -> Result<Tensor> {
+        let Pass::Graph {
+            root,
+            input: Some(input),
+        } = &ctx.pass
+        else {
+            return Err(Error::Piece("head_backward needs a head context".into()));
+        };
+        if self.pieces.get(ctx.piece) != Some(&Piece::Head) {
+            return Err(Error::Piece("head_backward needs a head context".into()));
+        }
+        self.check_fresh(&ctx)?;
+        let mut grads = (root * loss_scale)?.backward()?;
+        grads
+            .remove(input.as_tensor())
             .ok_or_else(|| Error::Piece("head input has no gradient".into()))
     }
 
@@ -822,13 +853,15 @@ impl Shard {
         self.check_fresh(ctx)?;
         let current = self.piece_vars(ctx.piece);
         let mut grads = root.backward()?;
+        let mut adds = Vec::with_capacity(current.len());
         for var in &current {
             let i = self.param_index_of(var);
             let g = grads
                 .remove(var.as_tensor())
                 .ok_or_else(|| Error::Piece(format!("no gradient for {}", self.params[i].name)))?;
-            self.accumulate(i, g)?;
+            adds.push((i, g));
         }
+        self.add_grads(ctx.mb, ctx.piece, adds)?;
         Ok(match &ctx.pass {
             Pass::Graph { input: Some(v), .. } => grads.remove(v.as_tensor()),
             _ => None,
@@ -841,46 +874,6 @@ impl Shard {
             .iter()
             .position(|p| p.var.as_tensor().id() == id)
             .expect("var of this shard")
-    }
-
-    /// Forgets all accumulated gradients.
-    pub fn zero_grads(&mut self) {
-        for p in &mut self.params {
-            p.grad = None;
-        }
-    }
-
-    /// The accumulated gradients, flattened in parameter order, as f32 (zeros where none).
-    pub fn grads_flat(&self) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(self.num_parameters());
-        for p in &self.params {
-            match &p.grad {
-                Some(g) => out.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                None => out.resize(out.len() + p.var.elem_count(), 0.0),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Overwrites the accumulated gradients from a flat f32 vector in parameter order (e.g. the
-    /// average over replicas).
-    pub fn set_grads_flat(&mut self, flat: &[f32]) -> Result<()> {
-        if flat.len() != self.num_parameters() {
-            return Err(Error::Input(format!(
-                "{} gradient values for {} parameters",
-                flat.len(),
-                self.num_parameters()
-            )));
-        }
-        let mut off = 0;
-        for p in &mut self.params {
-            let n = p.var.elem_count();
-            let g = Tensor::from_slice(&flat[off..off + n], p.shape.as_slice(), &self.device)?
-                .to_dtype(self.dtype)?;
-            p.grad = Some(g);
-            off += n;
-        }
-        Ok(())
     }
 
     /// The weights, flattened in parameter order, as f32 (the layout of [`Shard::grads_flat`]).
@@ -919,19 +912,6 @@ impl Shard {
         Ok(())
     }
 
-    /// Sum of squared accumulated gradients, in f64, in parameter order (so every replica of
-    /// the same shard gets the same bits). The caller sums over shards for global clipping.
-    pub fn grad_sq_norm(&self) -> Result<f64> {
-        let mut total = 0f64;
-        for p in &self.params {
-            if let Some(g) = &p.grad {
-                let g = g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                total += g.iter().map(|x| x * x).sum::<f64>();
-            }
-        }
-        Ok(total)
-    }
-
     /// One AdamW step on every parameter with gradient `clip_scale * grad` (see [`clip_scale`])
     /// and learning rate `lr`. Math in f32 element by element, so the result is bitwise
     /// reproducible. Does not zero the gradients. Contexts from earlier forwards become stale.
@@ -946,7 +926,7 @@ impl Shard {
         let bc2_sqrt = bc2.sqrt() as f32;
         let eps = hp.eps as f32;
         let scale = clip_scale as f32;
-        for p in &mut self.params {
+        for (i, p) in self.params.iter_mut().enumerate() {
             let n = p.var.elem_count();
             let decay = if p.shape.len() >= 2 {
                 (1.0 - lr * hp.weight_decay) as f32
@@ -958,7 +938,7 @@ impl Shard {
                 .flatten_all()?
                 .to_dtype(DType::F32)?
                 .to_vec1::<f32>()?;
-            let g = match &p.grad {
+            let g = match self.grads.get(i)? {
                 Some(g) => g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
                 None => vec![0.0; n],
             };
@@ -1126,8 +1106,8 @@ impl Shard {
             p.var = var;
             p.m = m;
             p.v = v;
-            p.grad = None;
         }
+        self.zero_grads();
         self.step = step;
         Ok(())
     }

@@ -45,6 +45,18 @@ pub struct MicroBatchCtx {
     head: ForwardCtx,
 }
 
+impl MicroBatchCtx {
+    /// Tags every context with the micro-batch's number in the step, so that its backward adds
+    /// the parameter gradients in micro-batch order ([`ForwardCtx::micro_batch`]).
+    pub fn micro_batch(self, mb: u64) -> MicroBatchCtx {
+        MicroBatchCtx {
+            embed: self.embed.micro_batch(mb),
+            stages: self.stages.into_iter().map(|c| c.micro_batch(mb)).collect(),
+            head: self.head.micro_batch(mb),
+        }
+    }
+}
+
 /// Forward of one micro-batch through `ends` (embedding + head) and `stages` (in order):
 /// returns its mean loss and the contexts for [`backward_micro_batch`].
 pub fn forward_micro_batch(

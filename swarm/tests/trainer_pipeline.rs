@@ -123,6 +123,65 @@ async fn swarm_run_matches_local_run_with_codec_none() {
     trainer.shutdown().await;
 }
 
+/// One replica per stage, four micro-batches in flight, and micro-batch 0's forward held back at
+/// stage 1 so that it comes back last: the trainer's head and embedding and both stages see the
+/// backwards out of order. Gradients are added in micro-batch order, so the run is bitwise the
+/// single-process run: every loss, and every weight of the final checkpoint. (Added in arrival
+/// order, micro-batch 0's gradients would come last and the bits would differ.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_run_is_the_local_run_bitwise_when_backwards_come_out_of_order() {
+    use std::sync::Arc;
+    let steps = 3;
+    let cfg = tiny_config(steps);
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = TrainerOptions::new(cfg.clone());
+    opts.min_replicas = 1;
+    opts.max_in_flight = cfg.train.micro_batches;
+    opts.out = Some(out.path().join("ckpt"));
+    opts.wait_for_peers = Duration::from_secs(60);
+    opts.attempt_timeout = Duration::from_secs(30);
+    let mut trainer = Trainer::start(opts).await.unwrap();
+    let replicas = start_replicas(trainer.addr(), &[0, 1]).await;
+    let worker = replicas[1].joined.worker.clone();
+    replicas[1].peer.register(
+        swarm_core::wire::kind::FORWARD,
+        move |_p: Arc<swarm_core::peer::PeerShared>,
+              ctx: swarm_core::peer::RequestCtx,
+              body: Vec<u8>| {
+            let worker = worker.clone();
+            async move {
+                let f: swarm_core::protocol::Forward =
+                    swarm_core::wire::decode_body(&body).expect("a forward");
+                if f.key.mb == 0 {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+                worker
+                    .handle(swarm_core::wire::kind::FORWARD, ctx, body)
+                    .await
+            }
+        },
+    );
+    let metrics = tokio::time::timeout(Duration::from_secs(120), trainer.run(&mut |_| {}))
+        .await
+        .expect("run finishes in time")
+        .expect("run succeeds");
+    assert_eq!(metrics.summary().retries, 0);
+    let (want, local) = local_run(&cfg, steps as usize);
+    let got: Vec<u64> = metrics.steps.iter().map(|r| r.loss.to_bits()).collect();
+    let want: Vec<u64> = want.iter().map(|l| l.to_bits()).collect();
+    assert_eq!(got, want);
+    let ck = swarm_model::checkpoint::load(&out.path().join("ckpt")).unwrap();
+    for (name, t) in &local.tensors() {
+        let bits = |t: &candle_core::Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        assert!(bits(t) == bits(&ck.tensors[name]), "{name} differs");
+    }
+    drop(replicas);
+    trainer.shutdown().await;
+}
+
 /// Runs `steps` steps of the tiny run on 2 stages x 2 replicas; with `refuse_first_forward`, the
 /// first replica of stage 1 refuses the first Forward it receives (the attempt fails after two
 /// activation frames crossed the network: the trainer's and stage 0's) and serves the rest.

@@ -401,7 +401,8 @@ impl StageWorker {
                 clock.queued();
                 let s = guard.as_mut().ok_or_else(|| Error::NoState)?;
                 let dx = if accumulate {
-                    s.backward(ctx, &g)?
+                    // Added in micro-batch order, whatever order the backwards arrive in.
+                    s.backward(ctx.micro_batch(u64::from(key.mb)), &g)?
                 } else {
                     s.backward_input_only(ctx, &g)?
                 };

@@ -377,6 +377,7 @@ impl Trainer {
         let frame = out.activations.clone();
         let targets = w.targets.clone();
         let scale = 1.0 / self.cfg().train.micro_batches as f64;
+        let mb = w.key.mb;
         let codec = self.grad_codec;
         let (bsz, seq, hidden, vocab) = (
             self.cfg().train.micro_batch_size,
@@ -408,13 +409,10 @@ impl Trainer {
             let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
             let (loss, ctx) = e.head_forward(&x, &targets)?;
             let grad = if accumulate {
-                e.head_backward(ctx, scale)?
+                e.head_backward(ctx.micro_batch(u64::from(mb)), scale)?
             } else {
                 // The head already counted this micro-batch: compute the input gradient only.
-                let saved = e.grads_flat()?;
-                let g = e.head_backward(ctx, scale)?;
-                e.set_grads_flat(&saved)?;
-                g
+                e.head_backward_input_only(ctx, scale)?
             };
             drop(e);
             let t = Instant::now();
@@ -592,7 +590,7 @@ async fn embed_backward(
     let Some(ctx) = w.embed_ctx.take() else {
         return Err(run_err("embedding context already used"));
     };
-    let ends = ends.clone();
+    let (ends, mb) = (ends.clone(), w.key.mb);
     let frame = out.grad.clone();
     let limits = *limits;
     let shape = info.shape().to_vec();
@@ -614,7 +612,7 @@ async fn embed_backward(
         )?;
         let coding = t.elapsed();
         let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
-        e.backward(ctx, &g)?;
+        e.backward(ctx.micro_batch(u64::from(mb)), &g)?;
         Ok(coding)
     })
     .await

@@ -145,7 +145,8 @@ impl Trainer {
                         })
                         .await??
                     };
-                    let total: f64 = stage_sq_norms.iter().sum::<f64>() + ends_norm;
+                    // Ends first, then stages in order: the local trainer's sum, bit for bit.
+                    let total: f64 = stage_sq_norms.iter().fold(ends_norm, |a, s| a + s);
                     grad_norm = total;
                     lr = cfg.schedule().at(step);
                     let hp = cfg.adamw();
