@@ -27,13 +27,27 @@ async fn run(
     Vec<u8>,
     swarm_core::PeerId,
 ) {
+    run_rates(cfg, audit_rate, audit_rate, faulty).await
+}
+
+async fn run_rates(
+    cfg: &RunConfig,
+    audit_rate: f64,
+    new_peer_rate: f64,
+    faulty: Option<(u32, FaultSpec)>,
+) -> (
+    Metrics,
+    Vec<swarm_core::PeerId>,
+    Vec<u8>,
+    swarm_core::PeerId,
+) {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = TrainerOptions::new(cfg.clone());
     opts.min_replicas = 2;
     opts.wait_for_peers = Duration::from_secs(60);
     opts.attempt_timeout = Duration::from_secs(30);
     opts.audit.rate = audit_rate;
-    opts.audit.new_peer_rate = audit_rate;
+    opts.audit.new_peer_rate = new_peer_rate;
     opts.audit.seed = Some(7);
     opts.audit.ledger = Some(dir.path().join("ledger"));
     let trainer_id = opts.identity.peer_id();
@@ -138,6 +152,23 @@ async fn each_fault_kind_is_banned_and_the_run_stays_the_local_run() {
         let bad = credits.iter().find(|c| c.peer == faulty).unwrap();
         assert_eq!(bad.credited_micro_batches, 0);
     }
+}
+
+/// The audits drawn only because peers are new are reported apart: with a base rate of 0 in
+/// effect, every audit of these young peers (fewer than 20 micro-batches served) is one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_peer_audits_are_reported_apart() {
+    let cfg = tiny_config(2);
+    let (m, _, _, _) = run_rates(&cfg, 1e-9, 1.0, None).await;
+    let a = &m.audit;
+    assert_eq!(a.audits, 2 * 4 * 2, "{a:?}");
+    assert_eq!(
+        (a.new_peer_audits, a.new_peer_bytes),
+        (a.audits, a.bytes),
+        "{a:?}"
+    );
+    let (m, _, _, _) = run_rates(&cfg, 1.0, 1.0, None).await;
+    assert_eq!(m.audit.new_peer_audits, 0, "{:?}", m.audit);
 }
 
 /// Drifting replicas (SparseLoCo, a sync every 3 steps): each replica's receipts sign its own

@@ -42,6 +42,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
@@ -134,6 +135,10 @@ pub struct AuditStats {
     /// Of those, audited peers' own states fetched for the trainer's recomputation (drifting
     /// replicas).
     pub state_bytes: u64,
+    /// Audits drawn only because the audited peer is new (`new_peer_rate` above `rate`), and
+    /// the bytes they moved (included in `audits` and `bytes`).
+    pub new_peer_audits: u64,
+    pub new_peer_bytes: u64,
     /// Inner optimizer steps audited (drifting replicas; included in `audits`).
     pub inner_audits: u64,
     /// Inner steps drawn but not audited: the replica's micro-batches were retried (the audit
@@ -146,6 +151,31 @@ pub struct AuditStats {
     /// Audits (run, failed) per audited peer.
     #[serde(skip)]
     pub per_peer: HashMap<PeerId, (u64, u64)>,
+}
+
+impl AuditStats {
+    /// Adds the counters of `t` (one audit job's) to these.
+    fn absorb(&mut self, t: &AuditStats) {
+        self.audits += t.audits;
+        self.audit_failures += t.audit_failures;
+        self.disputes += t.disputes;
+        self.candidates += t.candidates;
+        self.max_passed_distance = self.max_passed_distance.max(t.max_passed_distance);
+        self.identical += t.identical;
+        self.bytes += t.bytes;
+        self.state_bytes += t.state_bytes;
+        self.new_peer_audits += t.new_peer_audits;
+        self.new_peer_bytes += t.new_peer_bytes;
+        self.inner_audits += t.inner_audits;
+        self.inner_skipped += t.inner_skipped;
+        self.max_inner_distance = self.max_inner_distance.max(t.max_inner_distance);
+        self.seconds += t.seconds;
+        for (p, (a, f)) in &t.per_peer {
+            let e = self.per_peer.entry(*p).or_default();
+            e.0 += a;
+            e.1 += f;
+        }
+    }
 }
 
 fn ser_peers<S: serde::Serializer>(v: &[PeerId], s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -166,6 +196,17 @@ struct Seen {
     sent_bwd: Option<[u8; 32]>,
     got_bwd: Option<[u8; 32]>,
 }
+
+/// What one audit job did: its counters and ledger entries, merged into the auditor's in draw
+/// order once every job of the step is done.
+#[derive(Default)]
+struct Tally {
+    stats: AuditStats,
+    log: Vec<Body>,
+}
+
+/// Audit jobs of one step in flight at once.
+const MAX_CONCURRENT_AUDITS: usize = 8;
 
 /// One ban decided by an audit.
 #[derive(Debug, Clone)]
@@ -209,6 +250,9 @@ pub struct Auditor {
     inner: Vec<InnerCheck>,
     /// Audited peers' own states fetched this step (drifting replicas), by (stage, digest).
     states: HashMap<(u32, [u8; 32]), Arc<Shard>>,
+    /// Audited peers that served a state other than the one they signed this step (reason,
+    /// evidence), by (stage, peer).
+    state_lies: HashMap<(u32, PeerId), (String, [u8; 32])>,
     states_step: u64,
     pub stats: AuditStats,
     act: Codec,
@@ -257,6 +301,7 @@ impl Auditor {
             banned: BTreeSet::new(),
             inner: Vec::new(),
             states: HashMap::new(),
+            state_lies: HashMap::new(),
             states_step: 0,
             stats: AuditStats::default(),
             act: config.codec.activations.parse()?,
@@ -310,14 +355,15 @@ impl Auditor {
         self.entry(key).got_bwd = Some(frame_hash(frame));
     }
 
-    fn draw(&self, step: u64, mb: u32, stage: u32, rate: f64) -> bool {
+    /// The uniform draw of (step, micro-batch, stage) in [0, 1): audited when below the rate.
+    fn draw(&self, step: u64, mb: u32, stage: u32) -> f64 {
         let mut h = blake3::Hasher::new();
         h.update(&self.secret)
             .update(&step.to_le_bytes())
             .update(&mb.to_le_bytes())
             .update(&stage.to_le_bytes());
         let mut rng = ChaCha20Rng::from_seed(*h.finalize().as_bytes());
-        rng.random::<f64>() < rate
+        rng.random::<f64>()
     }
 
     async fn call<Q: crate::wire::WireMessage, R: crate::wire::WireMessage>(
@@ -376,23 +422,60 @@ impl Auditor {
                 } else {
                     self.cfg.rate
                 };
-                if self.draw(v.step, mb as u32, k, rate) {
-                    jobs.push((key, k));
+                let u = self.draw(v.step, mb as u32, k);
+                if u < rate {
+                    // Drawn only because the peer is new: its cost is reported apart.
+                    jobs.push((key, k, u >= self.cfg.rate));
                 }
             }
         }
-        for (key, k) in jobs {
-            let seen = self.seen[&key].clone();
-            let p = seen.route[k as usize];
-            if self.banned.contains(&p.peer) || bans.iter().any(|b| b.peer == p.peer) {
-                continue;
+        jobs.retain(|(key, k, _)| {
+            let p = self.seen[key].route[*k as usize].peer;
+            !self.banned.contains(&p) && !bans.iter().any(|b| b.peer == p)
+        });
+        if drifts(v) {
+            self.prefetch_own_states(v, &jobs).await;
+        }
+        // The jobs wait on the network (records, neighbours, recomputations) far more than they
+        // compute: they run at once, and their outcomes are merged in draw order, so the ledger
+        // does not depend on which answer came first.
+        let this = &*self;
+        let outcomes = futures::stream::iter(jobs.iter().map(|&(key, k, new_peer)| async move {
+            let seen = this.seen[&key].clone();
+            let mut t = Tally::default();
+            let r = this.audit_one(&mut t, v, key, k, &seen).await;
+            (key, k, new_peer, t, r)
+        }))
+        .buffered(MAX_CONCURRENT_AUDITS)
+        .collect::<Vec<_>>()
+        .await;
+        for (key, k, new_peer, mut t, r) in outcomes {
+            if new_peer {
+                self.stats.new_peer_audits += t.stats.audits;
+                self.stats.new_peer_bytes += t.stats.bytes;
             }
-            match self.audit_one(v, key, k, &seen).await {
-                Ok(None) => {}
-                Ok(Some(ban)) => bans.push(ban),
+            let ban = match r {
+                Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(step = v.step, microbatch = key.mb, stage = k, error = %e, "audit could not run");
+                    None
                 }
+            };
+            // Two audits of one cheater both ban it: the ledger records one ban.
+            let mut banned_now: Vec<PeerId> = bans.iter().map(|b| b.peer).collect();
+            t.log.retain(|b| match b {
+                Body::Ban { peer, .. } if banned_now.contains(peer) => false,
+                Body::Ban { peer, .. } => {
+                    banned_now.push(*peer);
+                    true
+                }
+                _ => true,
+            });
+            self.commit(t);
+            if let Some(ban) = ban
+                && !bans.iter().any(|b| b.peer == ban.peer)
+            {
+                bans.push(ban);
             }
         }
         if drifts(v) {
@@ -430,8 +513,9 @@ impl Auditor {
         }
     }
 
-    fn ban(
-        &mut self,
+    fn ban_to(
+        &self,
+        t: &mut Tally,
         peer: PeerId,
         step: u64,
         stage: u32,
@@ -439,7 +523,7 @@ impl Auditor {
         evidence: [u8; 32],
     ) -> Ban {
         tracing::warn!(peer = %peer.short(), step, stage, %reason, "peer banned");
-        self.log(Body::Ban {
+        t.log.push(Body::Ban {
             peer,
             step,
             reason: reason.clone(),
@@ -450,6 +534,20 @@ impl Auditor {
             stage,
             reason,
         }
+    }
+
+    fn ban(
+        &mut self,
+        peer: PeerId,
+        step: u64,
+        stage: u32,
+        reason: String,
+        evidence: [u8; 32],
+    ) -> Ban {
+        let mut t = Tally::default();
+        let ban = self.ban_to(&mut t, peer, step, stage, reason, evidence);
+        self.commit(t);
+        ban
     }
 
     /// Bans `peer` for misbehaviour the trainer saw itself outside an audit (a replica serving a
@@ -567,7 +665,8 @@ impl Auditor {
     }
 
     async fn audit_one(
-        &mut self,
+        &self,
+        t: &mut Tally,
         v: &StepView<'_>,
         key: MbKey,
         k: u32,
@@ -593,18 +692,18 @@ impl Auditor {
                 return Ok(None);
             }
         };
-        self.stats.bytes +=
+        t.stats.bytes +=
             (rec.fwd_in.len() + rec.fwd_out.len() + rec.bwd_in.len() + rec.bwd_out.len()) as u64;
-        self.stats.audits += 1;
-        self.stats.per_peer.entry(p).or_default().0 += 1;
+        t.stats.audits += 1;
+        t.stats.per_peer.entry(p).or_default().0 += 1;
         let (fr, br) = match self.check_record(v, key, k, p, &seen.route, &rec) {
             Ok(r) => r,
             Err(reason) => {
-                self.stats.audit_failures += 1;
-                self.stats.per_peer.entry(p).or_default().1 += 1;
-                self.log_audit(p, key, k, p, None, false, 1.0);
+                t.stats.audit_failures += 1;
+                t.stats.per_peer.entry(p).or_default().1 += 1;
+                self.log_audit_to(t, p, key, k, p, None, false, 1.0);
                 let ev = frame_hash(&crate::wire::encode_body(&rec).unwrap_or_default());
-                return Ok(Some(self.ban(p, key.step, k, reason, ev)));
+                return Ok(Some(self.ban_to(t, p, key.step, k, reason, ev)));
             }
         };
         // The ends of the pipeline: the trainer's own hashes.
@@ -622,10 +721,11 @@ impl Auditor {
             lied = Some("output gradient differs from what the trainer sent");
         }
         if let Some(reason) = lied {
-            self.stats.audit_failures += 1;
-            self.stats.per_peer.entry(p).or_default().1 += 1;
-            self.log_audit(p, key, k, p, None, false, 1.0);
-            return Ok(Some(self.ban(
+            t.stats.audit_failures += 1;
+            t.stats.per_peer.entry(p).or_default().1 += 1;
+            self.log_audit_to(t, p, key, k, p, None, false, 1.0);
+            return Ok(Some(self.ban_to(
+                t,
                 p,
                 key.step,
                 k,
@@ -662,15 +762,15 @@ impl Auditor {
             let liar = link_liar(up, p, k, n.peer, nk, &fr, &br, nf, nb, &nrec);
             if let Some((liar, at, reason)) = liar {
                 tracing::warn!(peer = %liar.short(), audited = %p.short(), step = key.step, microbatch = key.mb, reason, "receipt chain broken");
-                self.stats.audit_failures += 1;
-                self.stats.per_peer.entry(liar).or_default().1 += 1;
-                self.log_audit(liar, key, at, liar, None, false, 1.0);
+                t.stats.audit_failures += 1;
+                t.stats.per_peer.entry(liar).or_default().1 += 1;
+                self.log_audit_to(t, liar, key, at, liar, None, false, 1.0);
                 let ev = frame_hash(&crate::wire::encode_body(&nrec).unwrap_or_default());
-                return Ok(Some(self.ban(liar, key.step, at, reason.into(), ev)));
+                return Ok(Some(self.ban_to(t, liar, key.step, at, reason.into(), ev)));
             }
         }
         if drifts(v) {
-            return self.audit_own_state(v, key, k, hop, &fr, &br, rec).await;
+            return self.audit_own_state(t, v, key, k, hop, &fr, &br, rec).await;
         }
         // Recompute on another replica (or on the trainer when the stage has no other).
         let others: Vec<(PeerId, SocketAddr)> = v.replicas[k as usize]
@@ -705,7 +805,7 @@ impl Auditor {
                 Err(e) => tracing::warn!(auditor = %q.short(), error = %e, "auditor failed"),
             }
         }
-        self.stats.bytes += (req.fwd_in.len() + req.bwd_in.len()) as u64;
+        t.stats.bytes += (req.fwd_in.len() + req.bwd_in.len()) as u64;
         let (a_id, a_res) = match auditor {
             Some((q, _, r)) => (q, r),
             None => {
@@ -717,8 +817,8 @@ impl Auditor {
                     Ok(r) => (me, r),
                     Err(e) => {
                         tracing::warn!(error = %e, "no replica could recompute; audit skipped");
-                        self.stats.audits -= 1;
-                        self.stats.per_peer.entry(p).or_default().0 -= 1;
+                        t.stats.audits -= 1;
+                        t.stats.per_peer.entry(p).or_default().0 -= 1;
                         return Ok(None);
                     }
                 }
@@ -729,8 +829,8 @@ impl Auditor {
             && a_res.fwd_hash == fr.output_hash
             && a_res.bwd_hash == br.output_hash
         {
-            self.stats.identical += 1;
-            self.log_audit(p, key, k, a_id, None, true, 0.0);
+            t.stats.identical += 1;
+            self.log_audit_to(t, p, key, k, a_id, None, true, 0.0);
             return Ok(None);
         }
         // They differ: the frames themselves, the audited peer's (bound by its receipts) and the
@@ -742,15 +842,15 @@ impl Auditor {
                 AuditRecord::default()
             }
         };
-        self.stats.bytes += (outs.fwd_out.len() + outs.bwd_out.len()) as u64;
+        t.stats.bytes += (outs.fwd_out.len() + outs.bwd_out.len()) as u64;
         if frame_hash(&outs.fwd_out) != fr.output_hash
             || frame_hash(&outs.bwd_out) != br.output_hash
         {
-            self.stats.audit_failures += 1;
-            self.stats.per_peer.entry(p).or_default().1 += 1;
-            self.log_audit(p, key, k, a_id, None, false, 1.0);
+            t.stats.audit_failures += 1;
+            t.stats.per_peer.entry(p).or_default().1 += 1;
+            self.log_audit_to(t, p, key, k, a_id, None, false, 1.0);
             let reason = "outputs shown do not match its own receipts".to_string();
-            return Ok(Some(self.ban(p, key.step, k, reason, fr.output_hash)));
+            return Ok(Some(self.ban_to(t, p, key.step, k, reason, fr.output_hash)));
         }
         rec.fwd_out = outs.fwd_out;
         rec.bwd_out = outs.bwd_out;
@@ -776,7 +876,7 @@ impl Auditor {
         } else {
             a_res
         };
-        self.stats.bytes += (a_res.fwd_out.len() + a_res.bwd_out.len()) as u64;
+        t.stats.bytes += (a_res.fwd_out.len() + a_res.bwd_out.len()) as u64;
         let dist = |x: &AuditResult, fo: &[u8], bo: &[u8], lim: &Limits| {
             frame_distance(fo, &x.fwd_out, lim).max(frame_distance(bo, &x.bwd_out, lim))
         };
@@ -787,15 +887,15 @@ impl Auditor {
         };
         if d_pa <= self.cfg.tolerance {
             if d_pa == 0.0 {
-                self.stats.identical += 1;
+                t.stats.identical += 1;
             }
-            self.stats.max_passed_distance = self.stats.max_passed_distance.max(d_pa);
-            self.log_audit(p, key, k, a_id, None, true, d_pa);
+            t.stats.max_passed_distance = t.stats.max_passed_distance.max(d_pa);
+            self.log_audit_to(t, p, key, k, a_id, None, true, d_pa);
             return Ok(None);
         }
         // Mismatch: a referee decides.
-        self.stats.audit_failures += 1;
-        self.stats.per_peer.entry(p).or_default().1 += 1;
+        t.stats.audit_failures += 1;
+        t.stats.per_peer.entry(p).or_default().1 += 1;
         let third: Vec<(PeerId, SocketAddr)> =
             others.iter().copied().filter(|(q, _)| *q != a_id).collect();
         let mut referee = None;
@@ -817,12 +917,12 @@ impl Auditor {
                 Ok(r) => (PeerId([0; 32]), r),
                 Err(e) => {
                     tracing::warn!(error = %e, "no referee; nobody banned");
-                    self.log_audit(p, key, k, a_id, None, false, d_pa);
+                    self.log_audit_to(t, p, key, k, a_id, None, false, d_pa);
                     return Ok(None);
                 }
             },
         };
-        self.stats.bytes += (r_res.fwd_out.len() + r_res.bwd_out.len()) as u64;
+        t.stats.bytes += (r_res.fwd_out.len() + r_res.bwd_out.len()) as u64;
         let d_pr = dist(&r_res, &rec.fwd_out, &rec.bwd_out, &self.limits);
         let d_ar = dist(&r_res, &a_res.fwd_out, &a_res.bwd_out, &self.limits);
         let tol = self.cfg.tolerance;
@@ -833,26 +933,52 @@ impl Auditor {
         let evidence = *h.finalize().as_bytes();
         let referee_id = Some(r_id);
         if d_pr > tol && d_ar <= tol {
-            self.log_audit(p, key, k, a_id, referee_id, false, d_pr);
+            self.log_audit_to(t, p, key, k, a_id, referee_id, false, d_pr);
             let reason = format!(
                 "stage {k} step {} mb {}: output off by {d_pr:.3e} (relative L2) from two recomputations",
                 key.step, key.mb
             );
-            return Ok(Some(self.ban(p, key.step, k, reason, evidence)));
+            return Ok(Some(self.ban_to(t, p, key.step, k, reason, evidence)));
         }
         if d_ar > tol && d_pr <= tol && a_id != PeerId([0; 32]) {
             // The auditor lied about an honest peer's work.
-            self.log_audit(p, key, k, a_id, referee_id, true, d_pr);
-            self.log_audit(a_id, key, k, r_id, None, false, d_ar);
+            self.log_audit_to(t, p, key, k, a_id, referee_id, true, d_pr);
+            self.log_audit_to(t, a_id, key, k, r_id, None, false, d_ar);
             let reason = format!(
                 "audit of stage {k} step {} mb {}: recomputation off by {d_ar:.3e}",
                 key.step, key.mb
             );
-            return Ok(Some(self.ban(a_id, key.step, k, reason, evidence)));
+            return Ok(Some(self.ban_to(t, a_id, key.step, k, reason, evidence)));
         }
         tracing::warn!(peer = %p.short(), d_pa, d_pr, d_ar, "audit inconclusive; nobody banned");
-        self.log_audit(p, key, k, a_id, referee_id, false, d_pr);
+        self.log_audit_to(t, p, key, k, a_id, referee_id, false, d_pr);
         Ok(None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn log_audit_to(
+        &self,
+        t: &mut Tally,
+        peer: PeerId,
+        key: MbKey,
+        stage: u32,
+        auditor: PeerId,
+        referee: Option<PeerId>,
+        passed: bool,
+        distance: f32,
+    ) {
+        let tolerance = self.cfg.tolerance;
+        t.log.push(Body::Audit {
+            peer,
+            step: key.step,
+            mb: key.mb,
+            stage,
+            auditor,
+            referee,
+            passed,
+            distance: if distance.is_finite() { distance } else { 1.0 },
+            tolerance,
+        });
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -866,18 +992,17 @@ impl Auditor {
         passed: bool,
         distance: f32,
     ) {
-        let tolerance = self.cfg.tolerance;
-        self.log(Body::Audit {
-            peer,
-            step: key.step,
-            mb: key.mb,
-            stage,
-            auditor,
-            referee,
-            passed,
-            distance: if distance.is_finite() { distance } else { 1.0 },
-            tolerance,
-        });
+        let mut t = Tally::default();
+        self.log_audit_to(&mut t, peer, key, stage, auditor, referee, passed, distance);
+        self.commit(t);
+    }
+
+    /// Merges a job's counters into the stats and appends its ledger entries.
+    fn commit(&mut self, t: Tally) {
+        self.stats.absorb(&t.stats);
+        for b in t.log {
+            self.log(b);
+        }
     }
 
     /// The trainer recomputes itself from the stage state fetched from a replica and verified

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use swarm_model::{RunConfig, Shard};
 
-use super::{Auditor, Ban, INNER_STEP_MB, StepView, frame_distance, recompute};
+use super::{Auditor, Ban, INNER_STEP_MB, StepView, Tally, frame_distance, recompute};
 use crate::error::{Error, Result};
 use crate::identity::PeerId;
 use crate::protocol::{Endpoint, Hop, MbKey};
@@ -76,7 +76,8 @@ impl Auditor {
     /// once). The trainer is trusted, so its recomputation is the referee.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn audit_own_state(
-        &mut self,
+        &self,
+        t: &mut Tally,
         v: &StepView<'_>,
         key: MbKey,
         k: u32,
@@ -87,18 +88,18 @@ impl Auditor {
     ) -> Result<Option<Ban>> {
         let p = hop.peer;
         let me = PeerId([0; 32]);
-        let shard = match self.own_state(v, k, p, hop.addr, fr.weights_digest).await {
+        let shard = match self.prefetched(k, p, fr.weights_digest) {
             Ok(s) => s,
             Err(OwnState::Lied(reason, evidence)) => {
-                self.stats.audit_failures += 1;
-                self.stats.per_peer.entry(p).or_default().1 += 1;
-                self.log_audit(p, key, k, me, None, false, 1.0);
-                return Ok(Some(self.ban(p, key.step, k, reason, evidence)));
+                t.stats.audit_failures += 1;
+                t.stats.per_peer.entry(p).or_default().1 += 1;
+                self.log_audit_to(t, p, key, k, me, None, false, 1.0);
+                return Ok(Some(self.ban_to(t, p, key.step, k, reason, evidence)));
             }
             Err(OwnState::Unavailable(e)) => {
                 tracing::warn!(peer = %p.short(), error = %e, "audited peer's state unavailable; audit skipped");
-                self.stats.audits -= 1;
-                self.stats.per_peer.entry(p).or_default().0 -= 1;
+                t.stats.audits -= 1;
+                t.stats.per_peer.entry(p).or_default().0 -= 1;
                 return Ok(None);
             }
         };
@@ -109,8 +110,8 @@ impl Auditor {
         })
         .await??;
         if frame_hash(&fo) == fr.output_hash && frame_hash(&bo) == br.output_hash {
-            self.stats.identical += 1;
-            self.log_audit(p, key, k, me, None, true, 0.0);
+            t.stats.identical += 1;
+            self.log_audit_to(t, p, key, k, me, None, true, 0.0);
             return Ok(None);
         }
         let fetch = AuditFetch {
@@ -128,15 +129,15 @@ impl Auditor {
                 AuditRecord::default()
             }
         };
-        self.stats.bytes += (outs.fwd_out.len() + outs.bwd_out.len()) as u64;
+        t.stats.bytes += (outs.fwd_out.len() + outs.bwd_out.len()) as u64;
         if frame_hash(&outs.fwd_out) != fr.output_hash
             || frame_hash(&outs.bwd_out) != br.output_hash
         {
-            self.stats.audit_failures += 1;
-            self.stats.per_peer.entry(p).or_default().1 += 1;
-            self.log_audit(p, key, k, me, None, false, 1.0);
+            t.stats.audit_failures += 1;
+            t.stats.per_peer.entry(p).or_default().1 += 1;
+            self.log_audit_to(t, p, key, k, me, None, false, 1.0);
             let reason = "outputs shown do not match its own receipts".to_string();
-            return Ok(Some(self.ban(p, key.step, k, reason, fr.output_hash)));
+            return Ok(Some(self.ban_to(t, p, key.step, k, reason, fr.output_hash)));
         }
         rec.fwd_out = outs.fwd_out;
         rec.bwd_out = outs.bwd_out;
@@ -146,13 +147,13 @@ impl Auditor {
             &self.limits,
         ));
         if d <= self.cfg.tolerance {
-            self.stats.max_passed_distance = self.stats.max_passed_distance.max(d);
-            self.log_audit(p, key, k, me, None, true, d);
+            t.stats.max_passed_distance = t.stats.max_passed_distance.max(d);
+            self.log_audit_to(t, p, key, k, me, None, true, d);
             return Ok(None);
         }
-        self.stats.audit_failures += 1;
-        self.stats.per_peer.entry(p).or_default().1 += 1;
-        self.log_audit(p, key, k, me, Some(me), false, d);
+        t.stats.audit_failures += 1;
+        t.stats.per_peer.entry(p).or_default().1 += 1;
+        self.log_audit_to(t, p, key, k, me, Some(me), false, d);
         let mut h = blake3::Hasher::new();
         for f in [&rec.fwd_in, &rec.fwd_out, &rec.bwd_in, &rec.bwd_out] {
             h.update(&frame_hash(f));
@@ -161,7 +162,8 @@ impl Auditor {
             "stage {k} step {} mb {}: output off by {d:.3e} (relative L2) from a recomputation with its own state",
             key.step, key.mb
         );
-        Ok(Some(self.ban(
+        Ok(Some(self.ban_to(
+            t,
             p,
             key.step,
             k,
@@ -392,6 +394,54 @@ impl Auditor {
         self.log_audit(peer, key, stage, PeerId([0; 32]), None, passed, distance);
     }
 
+    /// Fetches, before the step's audit jobs run, the own state of every peer they audit
+    /// (pinned by the digest the trainer recorded for it; a receipt signing another is refused
+    /// by the record check anyway).
+    pub(super) async fn prefetch_own_states(
+        &mut self,
+        v: &StepView<'_>,
+        jobs: &[(MbKey, u32, bool)],
+    ) {
+        for &(key, k, _) in jobs {
+            let hop = self.seen[&key].route[k as usize];
+            let Some(&digest) = v.own.get(&hop.peer) else {
+                continue;
+            };
+            if self.state_lies.contains_key(&(k, hop.peer)) {
+                continue;
+            }
+            match self.own_state(v, k, hop.peer, hop.addr, digest).await {
+                Ok(_) => {}
+                Err(OwnState::Lied(reason, evidence)) => {
+                    self.state_lies.insert((k, hop.peer), (reason, evidence));
+                }
+                Err(OwnState::Unavailable(e)) => {
+                    tracing::warn!(peer = %hop.peer.short(), error = %e, "audited peer's state unavailable");
+                }
+            }
+        }
+    }
+
+    /// A state [`Self::prefetch_own_states`] fetched.
+    fn prefetched(
+        &self,
+        k: u32,
+        p: PeerId,
+        digest: [u8; 32],
+    ) -> std::result::Result<Arc<Shard>, OwnState> {
+        if let Some(s) = self
+            .states
+            .get(&(k, digest))
+            .filter(|_| self.states_step == self.step)
+        {
+            return Ok(s.clone());
+        }
+        match self.state_lies.get(&(k, p)) {
+            Some((reason, evidence)) => Err(OwnState::Lied(reason.clone(), *evidence)),
+            None => Err(OwnState::Unavailable(Error::NoState)),
+        }
+    }
+
     /// The audited peer's own state at this step, pinned by `digest` (cached per step).
     async fn own_state(
         &mut self,
@@ -403,6 +453,7 @@ impl Auditor {
     ) -> std::result::Result<Arc<Shard>, OwnState> {
         if self.states_step != v.step {
             self.states.clear();
+            self.state_lies.clear();
             self.states_step = v.step;
         }
         if let Some(s) = self.states.get(&(k, digest)) {
