@@ -15,6 +15,8 @@
 //! `view.add_load(peer, -1)` when it ends, failing over to `hop.fallback` (or [`replacement`]);
 //! when a peer joins, `choose_stages(&view, span, None)`.
 
+#![warn(missing_docs)]
+
 pub mod error;
 pub mod health;
 pub mod placement;

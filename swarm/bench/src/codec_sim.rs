@@ -28,7 +28,9 @@ use crate::{Error, Result};
 /// Bytes of one channel: what crossed the links, and what fp32 would have sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct ChannelBytes {
+    /// Bytes that crossed the links (compressed frames).
     pub wire: u64,
+    /// What the same tensors weigh as fp32.
     pub dense: u64,
 }
 
@@ -51,8 +53,11 @@ impl ChannelBytes {
 /// Bytes per channel so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct SimBytes {
+    /// Forward activations between stages.
     pub activations: ChannelBytes,
+    /// Backward gradients between stages.
     pub gradients: ChannelBytes,
+    /// The replicas' sync shares.
     pub sync: ChannelBytes,
 }
 
@@ -69,8 +74,11 @@ impl SimBytes {
 /// The three channel codecs and the swarm geometry of a simulated run.
 #[derive(Debug, Clone)]
 pub struct SimOptions {
+    /// Codec of the activations a stage sends forward.
     pub activations: Codec,
+    /// Codec of the gradients a stage sends back.
     pub gradients: Codec,
+    /// Codec of the replicas' sync shares.
     pub sync: Codec,
     /// Replicas per stage (>= 1).
     pub replicas: usize,
@@ -88,11 +96,17 @@ pub struct SimOptions {
 /// `momentum` (see [`swarm_compression::outer`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OuterSync {
+    /// Inner steps between outer syncs.
     pub every: u64,
+    /// Values per chunk the sync codec compresses on its own.
     pub chunk: usize,
+    /// Decay of the error-feedback residual.
     pub beta: f32,
+    /// Outer SGD learning rate.
     pub lr: f32,
+    /// Outer SGD momentum.
     pub momentum: f32,
+    /// Nesterov momentum rather than plain.
     pub nesterov: bool,
 }
 

@@ -9,6 +9,8 @@
 //! simulation is an independent implementation of the swarm's order of operations, which is what
 //! makes it a reference for the real trainer.
 
+#![warn(missing_docs)]
+
 pub mod codec_sim;
 pub mod link;
 

@@ -22,6 +22,7 @@ use swarm_net::{Error, Result};
 /// One benchmark case.
 #[derive(Debug, Clone)]
 pub struct LinkCase {
+    /// Names the case in the report.
     pub name: String,
     /// Rate of the path, bits/s (both directions).
     pub rate_bps: u64,
@@ -29,8 +30,11 @@ pub struct LinkCase {
     pub rtt: Duration,
     /// Random loss per direction, in [0, 1).
     pub loss: f64,
+    /// QUIC settings of both nodes (congestion controller, windows).
     pub transport: TransportConfig,
+    /// How long the sender sends.
     pub duration: Duration,
+    /// Seeds the shapers' loss draws (per node).
     pub seed: u64,
 }
 
@@ -51,15 +55,23 @@ impl LinkCase {
 /// What one case measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LinkResult {
+    /// The case's name.
     pub name: String,
+    /// The configured rate, Mbit/s.
     pub rate_mbit: f64,
+    /// The configured round trip, ms.
     pub rtt_ms: f64,
+    /// The configured loss per direction, percent.
     pub loss_pct: f64,
+    /// The congestion controller used.
     pub congestion: Congestion,
+    /// The QUIC stream window, bytes.
     pub stream_window: u64,
     /// Payload bytes received by the deadline.
     pub bytes: u64,
+    /// How long the transfer ran.
     pub seconds: f64,
+    /// Payload goodput, Mbit/s.
     pub goodput_mbit: f64,
     /// Goodput as a fraction of the configured rate.
     pub utilisation: f64,
@@ -67,6 +79,7 @@ pub struct LinkResult {
     pub measured_rtt_ms: f64,
     /// Packets the sender's QUIC stack declared lost, and sent.
     pub lost_packets: u64,
+    /// Packets the sender's QUIC stack sent.
     pub sent_packets: u64,
     /// The sender's shaper counters (upload side) over the whole case.
     pub sender_shaper: ShapeCounters,

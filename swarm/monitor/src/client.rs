@@ -8,15 +8,21 @@ use std::time::Duration;
 /// Largest response read (a snapshot of a big swarm is a few MB).
 pub const MAX_RESPONSE: usize = 64 << 20;
 
+/// Why a GET failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The connection or a read/write failed.
     #[error("{addr}: {source}")]
     Io {
+        /// The server asked.
         addr: SocketAddr,
+        /// The socket error.
         source: std::io::Error,
     },
+    /// The answer was not HTTP/1.1 we can parse.
     #[error("{0}: malformed HTTP response")]
     Malformed(SocketAddr),
+    /// The answer exceeded [`MAX_RESPONSE`].
     #[error("{0}: response larger than {MAX_RESPONSE} bytes")]
     TooLarge(SocketAddr),
 }
@@ -24,12 +30,16 @@ pub enum ClientError {
 /// A response: status code, headers (lower-case names) and body.
 #[derive(Debug, Clone)]
 pub struct Response {
+    /// HTTP status code.
     pub status: u16,
+    /// Headers in order, names lower-case.
     pub headers: Vec<(String, String)>,
+    /// The body as received.
     pub body: Vec<u8>,
 }
 
 impl Response {
+    /// The first header called `name` (any case).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -37,6 +47,7 @@ impl Response {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The body as text (invalid UTF-8 replaced).
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }

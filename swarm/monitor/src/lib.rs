@@ -13,6 +13,8 @@
 //! every request. Requests are bounded (header bytes, header count, time to send the headers,
 //! concurrent connections) and each excess gets a clear HTTP refusal.
 
+#![warn(missing_docs)]
+
 pub mod client;
 mod http;
 mod prom;
@@ -44,7 +46,9 @@ pub enum Error {
     /// The socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address asked for.
         addr: SocketAddr,
+        /// Why binding failed.
         source: std::io::Error,
     },
 }
@@ -55,6 +59,7 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// How the server listens and what it tolerates.
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
+    /// Where to listen (loopback unless `allow_public`).
     pub addr: SocketAddr,
     /// Required for a non-loopback `addr`.
     pub allow_public: bool,

@@ -9,6 +9,8 @@
 //! - [`relay`]: a relay's admission and byte quotas (total budget, per-peer cap, circuit limits).
 //! - [`upgrade`]: when to try replacing a relayed connection with a direct or punched one.
 
+#![warn(missing_docs)]
+
 pub mod punch;
 pub mod reachability;
 pub mod relay;

@@ -65,12 +65,18 @@ pub enum PunchAction {
 pub enum PunchOutcome {
     /// A connection authenticated as the other peer, on this remote address.
     Connected {
+        /// The remote address that answered.
         addr: SocketAddr,
+        /// The attempt that got through (from 1).
         attempt: u32,
+        /// Time from the start of the punch.
         elapsed: Duration,
     },
     /// Every attempt timed out or failed: use a relay.
-    Failed { attempts: u32 },
+    Failed {
+        /// Attempts made.
+        attempts: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +131,7 @@ impl Punch {
         }
     }
 
+    /// Which side of the punch this is.
     pub fn role(&self) -> PunchRole {
         self.role
     }

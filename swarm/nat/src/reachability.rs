@@ -35,6 +35,7 @@ pub enum Reachability {
 }
 
 impl Reachability {
+    /// Its name in JSON, logs and `swarm join`'s advice.
     pub fn as_str(self) -> &'static str {
         match self {
             Reachability::Public => "public",
@@ -96,6 +97,7 @@ pub enum PathKind {
 }
 
 impl PathKind {
+    /// Its name in JSON and logs.
     pub fn as_str(self) -> &'static str {
         match self {
             PathKind::Direct => "direct",
@@ -139,6 +141,7 @@ pub struct Observations {
 /// A classified peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Verdict {
+    /// How others can reach the peer.
     pub reachability: Reachability,
     /// The address others should use for it: the mapping observers agree on (or the first one).
     pub public_addr: Option<SocketAddr>,

@@ -67,10 +67,13 @@ impl RelayConfig {
 /// Why a circuit was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RelayRefusal {
+    /// Both ends of the circuit are the same peer.
     #[error("a peer cannot relay to itself")]
     SamePeer,
+    /// The relay's circuit limit is reached.
     #[error("the relay has its maximum number of circuits open")]
     TooManyCircuits,
+    /// One end already has its per-peer circuit limit.
     #[error("the peer has its maximum number of relay circuits open")]
     PeerCircuitCap,
 }
@@ -78,6 +81,7 @@ pub enum RelayRefusal {
 /// What to do with one datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
+    /// Forward it now.
     Forward,
     /// No circuit between the two peers.
     NoCircuit,
@@ -151,6 +155,7 @@ pub struct RelayQuota<K: Ord + Clone> {
 }
 
 impl<K: Ord + Clone> RelayQuota<K> {
+    /// A relay with full buckets at `now`.
     pub fn new(cfg: RelayConfig, now: Instant) -> RelayQuota<K> {
         RelayQuota {
             cfg,
@@ -160,6 +165,7 @@ impl<K: Ord + Clone> RelayQuota<K> {
         }
     }
 
+    /// Its quotas.
     pub fn config(&self) -> &RelayConfig {
         &self.cfg
     }
@@ -240,6 +246,7 @@ impl<K: Ord + Clone> RelayQuota<K> {
         }
     }
 
+    /// Whether a circuit joins `a` and `b` (either order).
     pub fn has_circuit(&self, a: &K, b: &K) -> bool {
         self.circuits.contains_key(&Self::pair(a, b))
     }

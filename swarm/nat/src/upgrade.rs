@@ -40,6 +40,7 @@ impl Default for UpgradeConfig {
 /// One relayed connection as the network layer sees it at a tick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Relayed<K> {
+    /// The peer at the other end.
     pub peer: K,
     /// Changes whenever anything the path depends on changes (verdicts, addresses).
     pub fingerprint: u64,
@@ -64,6 +65,7 @@ pub struct Upgrades<K> {
 }
 
 impl<K: Copy + Eq + Hash + Ord> Upgrades<K> {
+    /// No relayed connection tracked yet.
     pub fn new(cfg: UpgradeConfig) -> Upgrades<K> {
         Upgrades {
             cfg,

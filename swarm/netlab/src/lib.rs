@@ -24,6 +24,8 @@
 //! keyed by the inside port: two hosts of one LAN must use different ports (a second host on the
 //! same port gets a remapped, per-destination port, as behind a symmetric NAT).
 
+#![warn(missing_docs)]
+
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Write;
@@ -45,14 +47,21 @@ pub enum Error {
     Missing(&'static str),
     /// A command exited non-zero.
     #[error("`{cmd}` failed: {stderr}")]
-    Command { cmd: String, stderr: String },
+    Command {
+        /// The command line.
+        cmd: String,
+        /// Its standard error.
+        stderr: String,
+    },
     /// The address plan has no room left.
     #[error("the lab has no room for another {0}")]
     Full(&'static str),
+    /// Reading or spawning failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
+/// The lab's results.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Builds a [`Lab`], or prints why namespaces are unavailable and returns from the test.
@@ -82,7 +91,10 @@ pub enum Nat {
     Symmetric,
     /// [`Nat::Home`], and outbound UDP is dropped except to `allow` (a firewall that lets one
     /// service through).
-    UdpBlocked { allow: Ipv4Addr },
+    UdpBlocked {
+        /// The one IPv4 address outbound UDP may reach.
+        allow: Ipv4Addr,
+    },
 }
 
 /// The public segment's prefix.
@@ -474,6 +486,7 @@ impl Router {
         Ipv4Addr::new(b[0], b[1], b[2], b[3] + 1)
     }
 
+    /// The NAT this router does.
     pub fn nat(&self) -> Nat {
         self.nat
     }

@@ -4,6 +4,8 @@
 //!
 //! A dev-dependency only (`publish = false`); no library crate depends on it.
 
+#![warn(missing_docs)]
+
 use std::future::Future;
 use std::time::Duration;
 
