@@ -6,7 +6,9 @@ pub enum Error {
     /// Reading or writing a local file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: std::path::PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
@@ -16,7 +18,9 @@ pub enum Error {
     /// A request got no answer in time.
     #[error("{what} timed out after {after:?}")]
     Timeout {
+        /// The request.
         what: &'static str,
+        /// How long it waited.
         after: std::time::Duration,
     },
     /// The remote peer refused a request with an application error.
@@ -45,7 +49,12 @@ pub enum Error {
     Task(#[from] tokio::task::JoinError),
     /// A multi-step sync's boundary lost a participant in every one of its outer rounds.
     #[error("the outer sync at step {state_step} failed {rounds} times")]
-    OuterSyncFailed { state_step: u64, rounds: u32 },
+    OuterSyncFailed {
+        /// Steps done in the state the outer sync was for.
+        state_step: u64,
+        /// Outer rounds tried.
+        rounds: u32,
+    },
     /// A stage peer holds no state yet (before its first load, or after a failed one): what
     /// needs the weights is refused until it loads.
     #[error("no stage state loaded")]
@@ -58,16 +67,31 @@ pub enum Error {
     WrongPieces,
     /// A request about step `asked` reached a stage at step `at` (it moved on, or is behind).
     #[error("a request about step {asked} reached the stage at step {at}")]
-    StepMismatch { asked: u64, at: u64 },
+    StepMismatch {
+        /// The step the request is about.
+        asked: u64,
+        /// The stage's step.
+        at: u64,
+    },
     /// Only step 0 is built from the seed; later states are fetched.
     #[error("cannot build step {0} from the seed")]
     NotFromSeed(u64),
     /// A tensor frame decoded fine but has another shape than its message needs.
     #[error("frame of shape {got:?}, expected {expected}")]
-    FrameShape { got: Vec<usize>, expected: String },
+    FrameShape {
+        /// The frame's shape.
+        got: Vec<usize>,
+        /// The shape the message needs.
+        expected: String,
+    },
     /// A replica's sync share holds another number of values than the stage has parameters.
     #[error("share of {got} elements for {expected} parameters")]
-    ShareSize { got: usize, expected: usize },
+    ShareSize {
+        /// Values in the share.
+        got: usize,
+        /// The stage's parameters.
+        expected: usize,
+    },
     /// A stage pass produced no input gradient (its input was not tracked).
     #[error("the stage's input has no gradient")]
     NoInputGradient,
@@ -81,8 +105,11 @@ pub enum Error {
     /// A checkpoint folder holds another run's checkpoint.
     #[error("{dir}: a checkpoint of run {found}, not of this config's run {expected}")]
     ForeignCheckpoint {
+        /// The folder.
         dir: std::path::PathBuf,
+        /// The run whose checkpoint it holds.
         found: swarm_net::membership::RunId,
+        /// The run of this config.
         expected: swarm_net::membership::RunId,
     },
     /// A checkpoint folder is malformed (a tensor or metadata missing or unreadable).
@@ -90,7 +117,12 @@ pub enum Error {
     Checkpoint(String),
     /// The corpus's tokens do not fit the model's vocabulary.
     #[error("corpus vocab {corpus} > model vocab {model}")]
-    VocabMismatch { corpus: usize, model: usize },
+    VocabMismatch {
+        /// The corpus's vocabulary size.
+        corpus: usize,
+        /// The model's.
+        model: usize,
+    },
     /// The run's options cannot be served together (the message says which and why).
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -100,8 +132,11 @@ pub enum Error {
     /// Not every stage got the replicas it needs in time.
     #[error("waited {waited:?} for {need} replica(s) per stage; serving: {serving:?}")]
     NotEnoughReplicas {
+        /// Replicas each stage needs.
         need: usize,
+        /// Serving replicas per stage when the wait ended.
         serving: Vec<usize>,
+        /// How long it waited.
         waited: std::time::Duration,
     },
     /// A stage has no agreed weights digest yet: its state cannot be verified, so it is not
@@ -117,7 +152,9 @@ pub enum Error {
     /// A stage state from `peer` was refused: its bytes are not the stage's agreed state.
     #[error("state from {peer}: {reason}")]
     BadState {
+        /// The replica that sent it (banned by the trainer).
         peer: swarm_net::identity::PeerId,
+        /// What was wrong with it.
         reason: String,
     },
     /// A state's weights digest is not the one agreed for its stage.
@@ -151,4 +188,5 @@ impl From<swarm_net::Error> for Error {
     }
 }
 
+/// The crate's results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

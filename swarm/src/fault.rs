@@ -39,16 +39,24 @@ pub const SCALE_STEP: f64 = 4.0;
 /// How a faulty peer misbehaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FaultKind {
+    /// Gaussian noise on forward outputs.
     Noise,
+    /// Zeros instead of outputs and input gradients.
     Zero,
+    /// Forwards computed with old weights.
     Stale,
+    /// The input returned unchanged.
     Skip,
+    /// Input gradients scaled by [`SCALE_GRAD`].
     ScaleGrad,
+    /// The optimizer step skipped.
     SkipStep,
+    /// The learning rate scaled by [`SCALE_STEP`].
     ScaleStep,
 }
 
 impl FaultKind {
+    /// Every kind, in the order `--fault` help lists them.
     pub const ALL: [FaultKind; 7] = [
         FaultKind::Noise,
         FaultKind::Zero,
@@ -67,6 +75,7 @@ impl FaultKind {
         FaultKind::ScaleGrad,
     ];
 
+    /// Its name in `KIND:RATE` specs.
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::Noise => "noise",
@@ -83,6 +92,7 @@ impl FaultKind {
 /// `KIND:RATE[:SEED]`, e.g. `noise:0.1`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FaultSpec {
+    /// How it misbehaves.
     pub kind: FaultKind,
     /// Fraction of micro-batches corrupted, in [0, 1].
     pub rate: f64,
@@ -132,6 +142,7 @@ impl FromStr for FaultSpec {
 
 /// A peer's fault injector: the spec, its per-peer seed and (for `stale`) old weights.
 pub struct Fault {
+    /// What it injects and how often.
     pub spec: FaultSpec,
     seed: u64,
     stale: Mutex<Option<Shard>>,

@@ -13,6 +13,7 @@ pub const MAX_STAGES: usize = 64;
 /// Identifies one attempt of one micro-batch: contexts on stage peers are keyed by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MbKey {
+    /// The step (optimizer steps done before it).
     pub step: u64,
     /// Micro-batch index within the step.
     pub mb: u32,
@@ -23,7 +24,9 @@ pub struct MbKey {
 /// Which pass of a micro-batch through a stage: receipts and audits name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Pass {
+    /// Activations forward through the stage.
     Forward,
+    /// Gradients back through the stage.
     Backward,
 }
 

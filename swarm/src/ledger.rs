@@ -52,35 +52,72 @@ pub enum LedgerError {
     BadHeader,
     /// An entry could not be decoded (truncated, oversized, bad tag, trailing bytes).
     #[error("entry {index}: malformed: {source}")]
-    Malformed { index: u64, source: WireError },
+    Malformed {
+        /// The entry's position in the file.
+        index: u64,
+        /// What the decoder refused.
+        source: WireError,
+    },
     /// The ledger is empty or its first entry is not a genesis.
     #[error("the first entry is not a genesis")]
     NoGenesis,
     /// A genesis entry after the first.
     #[error("entry {index}: a second genesis")]
-    ExtraGenesis { index: u64 },
+    ExtraGenesis {
+        /// The entry's position in the file.
+        index: u64,
+    },
     /// Entry `index` carries another sequence number: an entry was deleted, inserted or moved.
     #[error("entry {index} has seq {seq}: an entry was deleted, inserted or reordered")]
-    BadSeq { index: u64, seq: u64 },
+    BadSeq {
+        /// The entry's position in the file.
+        index: u64,
+        /// The seq it carries.
+        seq: u64,
+    },
     /// Entry `index` does not chain to the previous entry's hash: an earlier entry was edited,
     /// deleted or reordered.
     #[error("entry {index}: prev hash does not match the previous entry")]
-    BrokenChain { index: u64 },
+    BrokenChain {
+        /// The entry's position in the file.
+        index: u64,
+    },
     /// The signature of entry `index` is not the trainer's: the entry was edited or forged.
     #[error("entry {index}: bad signature (edited or forged)")]
-    BadSignature { index: u64 },
+    BadSignature {
+        /// The entry's position in the file.
+        index: u64,
+    },
     /// The genesis pins another key than the one the verifier expected.
     #[error("the ledger is signed by {got}, expected {expected}")]
-    WrongKey { expected: PeerId, got: PeerId },
+    WrongKey {
+        /// The trainer expected.
+        expected: PeerId,
+        /// The key the genesis pins.
+        got: PeerId,
+    },
     /// The ledger's run is not the expected one.
     #[error("the ledger is of run {got}, expected {expected}")]
-    WrongRun { expected: RunId, got: RunId },
+    WrongRun {
+        /// The run expected.
+        expected: RunId,
+        /// The ledger's run.
+        got: RunId,
+    },
     /// The file ends before a known head (seq, hash): entries were cut from the end.
     #[error("the ledger ends at seq {last}, before the known head {head}")]
-    Truncated { last: u64, head: u64 },
+    Truncated {
+        /// The last seq in the file.
+        last: u64,
+        /// The known head's seq.
+        head: u64,
+    },
     /// The entry at the known head's seq has another hash than the head.
     #[error("entry {seq} does not match the known head hash")]
-    HeadMismatch { seq: u64 },
+    HeadMismatch {
+        /// The known head's seq.
+        seq: u64,
+    },
     /// More entries than [`MAX_ENTRIES`].
     #[error("more than {MAX_ENTRIES} entries")]
     TooManyEntries,
@@ -92,44 +129,64 @@ pub enum LedgerError {
 pub enum Body {
     /// Entry 0: the run and the key that signs every entry.
     Genesis {
+        /// The run.
         #[serde(serialize_with = "ser_run")]
         run: RunId,
+        /// The trainer's ed25519 public key.
         #[serde(serialize_with = "ser_hex32")]
         trainer_key: [u8; 32],
     },
     /// Work a peer did in one step for one stage: micro-batches (forward and backward) and
     /// tokens x layers (tokens of those micro-batches times the stage's layer count).
     Work {
+        /// The peer credited.
         #[serde(serialize_with = "ser_peer")]
         peer: PeerId,
+        /// The step.
         step: u64,
+        /// The stage it served.
         stage: u32,
+        /// Micro-batches it served (forward and backward).
         micro_batches: u32,
+        /// Tokens of those micro-batches times the stage's layers.
         tokens_layers: u64,
     },
     /// An audit of `peer`'s forward and backward of micro-batch `mb` of `step`, recomputed by
     /// `auditor` (and `referee` when the first comparison failed). `distance` is the largest
     /// relative difference found (0 when bitwise identical), `tolerance` the bound applied.
     Audit {
+        /// The peer audited.
         #[serde(serialize_with = "ser_peer")]
         peer: PeerId,
+        /// The step.
         step: u64,
+        /// The micro-batch.
         mb: u32,
+        /// The stage.
         stage: u32,
+        /// The replica that recomputed.
         #[serde(serialize_with = "ser_peer")]
         auditor: PeerId,
+        /// The tie-breaker, when the first comparison failed.
         #[serde(serialize_with = "ser_opt_peer")]
         referee: Option<PeerId>,
+        /// Whether the peer's frames held.
         passed: bool,
+        /// The largest relative difference found.
         distance: f32,
+        /// The bound applied.
         tolerance: f32,
     },
     /// `peer` was banned from the run; `evidence` is the BLAKE3 of the frames that convicted it.
     Ban {
+        /// The peer banned.
         #[serde(serialize_with = "ser_peer")]
         peer: PeerId,
+        /// The step.
         step: u64,
+        /// Why.
         reason: String,
+        /// BLAKE3 of the frames that convicted it.
         #[serde(serialize_with = "ser_hex32")]
         evidence: [u8; 32],
     },
@@ -276,11 +333,16 @@ impl Body {
 /// One entry of the ledger.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Entry {
+    /// Its position (0: the genesis).
     pub seq: u64,
+    /// BLAKE3 of the previous entry's bytes (zeros for the genesis).
     #[serde(serialize_with = "ser_hex32")]
     pub prev: [u8; 32],
+    /// When it was written (Unix ms, the trainer's clock).
     pub time_ms: u64,
+    /// What it records.
     pub body: Body,
+    /// The trainer's signature over the entry.
     #[serde(skip)]
     pub signature: [u8; 64],
 }
@@ -333,7 +395,9 @@ impl Entry {
 /// The last entry of a ledger: its seq and hash. Stored in checkpoints so truncation shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Head {
+    /// The last entry's seq.
     pub seq: u64,
+    /// BLAKE3 of the last entry's bytes.
     #[serde(serialize_with = "ser_hex32")]
     pub hash: [u8; 32],
 }
@@ -389,19 +453,26 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Entry>, LedgerError> {
 /// What a verifier knows from elsewhere: the trainer's id, the run, the last head it saw.
 #[derive(Debug, Clone, Default)]
 pub struct Expect {
+    /// The trainer's peer id, if known.
     pub trainer: Option<PeerId>,
+    /// The run, if known.
     pub run: Option<RunId>,
+    /// A head seen earlier (a checkpoint's): entries up to it must be there unchanged.
     pub head: Option<Head>,
 }
 
 /// A verified ledger.
 #[derive(Debug, Clone)]
 pub struct Verified {
+    /// The run.
     pub run: RunId,
+    /// The key that signed every entry.
     pub trainer_key: [u8; 32],
     /// The peer id of the signing key (BLAKE3 of it).
     pub trainer: PeerId,
+    /// Every entry, in order.
     pub entries: Vec<Entry>,
+    /// The last entry.
     pub head: Head,
 }
 
@@ -480,19 +551,26 @@ pub fn verify(bytes: &[u8], expect: &Expect) -> Result<Verified, LedgerError> {
 /// Credit of one peer, from a verified ledger.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Credit {
+    /// The peer.
     #[serde(serialize_with = "ser_peer")]
     pub peer: PeerId,
     /// Work covered by a later passed audit of this peer (zero for a banned peer).
     pub credited_micro_batches: u64,
+    /// Tokens x layers of that work.
     pub credited_tokens_layers: u64,
     /// Work since this peer's last passed audit: not yet verified.
     pub pending_micro_batches: u64,
+    /// Tokens x layers of that work.
     pub pending_tokens_layers: u64,
     /// All work of a banned peer.
     pub voided_micro_batches: u64,
+    /// Tokens x layers of that work.
     pub voided_tokens_layers: u64,
+    /// Audits of it that passed.
     pub audits_passed: u64,
+    /// Audits of it that failed.
     pub audits_failed: u64,
+    /// Whether an audit banned it.
     pub banned: bool,
 }
 
@@ -683,10 +761,12 @@ impl LedgerWriter {
         }
     }
 
+    /// The run it records.
     pub fn run(&self) -> RunId {
         self.run
     }
 
+    /// The file it appends to.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -4,6 +4,8 @@
 //! The network modules are re-exported under their old paths (`swarm_core::rpc`, ...) so callers
 //! need one import root; they live in `swarm/net`.
 
+#![warn(missing_docs)]
+
 pub mod compute;
 pub mod error;
 #[cfg(feature = "fault")]

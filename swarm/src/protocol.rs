@@ -69,16 +69,27 @@ const TENSOR_MSG_OVERHEAD: usize = 16 * 1024;
 /// Per-kind body caps, the rows of [`KINDS`].
 pub mod caps {
     use super::*;
+    /// Body cap of [`Forward`]: one frame and its ids.
     pub const FORWARD: usize = MAX_FRAME_BYTES + TENSOR_MSG_OVERHEAD;
+    /// Body cap of [`ForwardOut`].
     pub const FORWARD_OUT: usize = MAX_FRAME_BYTES + TENSOR_MSG_OVERHEAD;
+    /// Body cap of [`Backward`].
     pub const BACKWARD: usize = MAX_FRAME_BYTES + TENSOR_MSG_OVERHEAD;
+    /// Body cap of [`BackwardOut`].
     pub const BACKWARD_OUT: usize = MAX_FRAME_BYTES + TENSOR_MSG_OVERHEAD;
+    /// Body cap of [`GradShare`].
     pub const GRAD_SHARE: usize = MAX_FRAME_BYTES + TENSOR_MSG_OVERHEAD;
+    /// Body cap of [`StateChunk`]: one chunk and its header.
     pub const STATE_CHUNK: usize = MAX_CHUNK_BYTES + 1024;
+    /// Body cap of [`RunInfo`]: the config and every replica id.
     pub const RUN_INFO: usize = MAX_CONFIG_BYTES + MAX_STAGES * 8 + MAX_REPLICAS * 40 + 1024;
+    /// Body cap of [`SyncStart`]: its participants and counts.
     pub const SYNC_START: usize = MAX_REPLICAS * (32 + 10) + 256;
+    /// Body cap of the small control messages.
     pub const SMALL: usize = 4 * 1024;
+    /// Body cap of [`AdmitReply`]: a state source listing replicas.
     pub const ADMIT_REPLY: usize = MAX_REPLICAS * 60 + 256;
+    /// Body cap of [`Reload`]: a state source listing replicas.
     pub const RELOAD: usize = MAX_REPLICAS * 60 + 256;
 }
 
@@ -172,19 +183,25 @@ pub const KINDS: KindSet = KindSet {
 /// A peer and an address to reach it at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Endpoint {
+    /// The peer (TLS pins it).
     pub peer: PeerId,
+    /// Where it is reached.
     pub addr: SocketAddr,
 }
 
 /// One hop of a route: the replica chosen for `stage`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Hop {
+    /// The stage it serves in the route.
     pub stage: u32,
+    /// The replica.
     pub peer: PeerId,
+    /// Where it is reached.
     pub addr: SocketAddr,
 }
 
 impl Hop {
+    /// The replica and its address.
     pub fn endpoint(&self) -> Endpoint {
         Endpoint {
             peer: self.peer,
@@ -201,7 +218,9 @@ impl Hop {
 /// so it must not count it again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Traffic {
+    /// Bytes of the frames as sent.
     pub wire: u64,
+    /// What the same tensors weigh as fp32.
     pub dense: u64,
 }
 
@@ -222,8 +241,11 @@ impl Traffic {
 /// hop adds its own before passing the pass on; self-reported, for monitoring only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PassTime {
+    /// The stage passes.
     pub compute_us: u64,
+    /// Decoding what came in and encoding what goes out.
     pub codec_us: u64,
+    /// Waiting behind the stage's other micro-batches.
     pub queued_us: u64,
 }
 

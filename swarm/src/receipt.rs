@@ -29,10 +29,15 @@ pub fn frame_hash(frame: &[u8]) -> [u8; 32] {
 /// A peer's signed statement about one pass it served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
+    /// The run.
     pub run: RunId,
+    /// The run's epoch.
     pub epoch: u32,
+    /// The micro-batch attempt.
     pub key: MbKey,
+    /// The stage served.
     pub stage: u32,
+    /// Forward or backward.
     pub pass: Pass,
     /// The signer's ed25519 public key; its peer id is BLAKE3 of it.
     pub public_key: [u8; 32],
@@ -42,6 +47,7 @@ pub struct Receipt {
     pub input_hash: [u8; 32],
     /// BLAKE3 of the frame sent on.
     pub output_hash: [u8; 32],
+    /// The signer's ed25519 signature over everything above.
     pub signature: [u8; 64],
 }
 
@@ -143,11 +149,13 @@ impl Receipt {
         Ok(())
     }
 
+    /// Appends the receipt to a wire body.
     pub fn encode(&self, w: &mut Writer) {
         self.body(w);
         w.array(&self.signature);
     }
 
+    /// Reads a receipt from a wire body (its signature is not checked here).
     pub fn decode(r: &mut Reader<'_>) -> Result<Receipt, WireError> {
         let run = RunId(r.array()?);
         let epoch = r.u32()?;
@@ -211,9 +219,13 @@ pub(crate) fn get_opt_receipt(r: &mut Reader<'_>) -> Result<Option<Receipt>, Wir
 /// Caps of the audit kinds.
 pub mod caps {
     use super::*;
+    /// Body cap of [`AuditFetch`].
     pub const FETCH: usize = 256;
+    /// Body cap of [`AuditRecord`]: four frames and their receipts.
     pub const RECORD: usize = 4 * MAX_FRAME_BYTES + 4 * RECEIPT_BYTES + 256;
+    /// Body cap of [`AuditRecompute`]: two input frames.
     pub const RECOMPUTE: usize = 2 * MAX_FRAME_BYTES + 256;
+    /// Body cap of [`AuditResult`]: two output frames.
     pub const RESULT: usize = 2 * MAX_FRAME_BYTES + 256;
 }
 
@@ -247,11 +259,17 @@ pub const KINDS: KindSet = KindSet {
 /// `outputs` (asked only when a recomputation disagrees: receipts already commit to them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditFetch {
+    /// The run.
     pub run: RunId,
+    /// The run's epoch.
     pub epoch: u32,
+    /// The micro-batch attempt audited.
     pub key: MbKey,
+    /// The stage audited.
     pub stage: u32,
+    /// Send the input frames.
     pub frames: bool,
+    /// Send the output frames.
     pub outputs: bool,
 }
 
@@ -296,11 +314,17 @@ impl WireMessage for AuditFetch {
 /// did not serve) and, when asked, the four frames (empty when absent).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AuditRecord {
+    /// Its signed forward receipt.
     pub forward: Option<Receipt>,
+    /// Its signed backward receipt.
     pub backward: Option<Receipt>,
+    /// The activations it received.
     pub fwd_in: Vec<u8>,
+    /// The activations it sent on.
     pub fwd_out: Vec<u8>,
+    /// The output gradient it received.
     pub bwd_in: Vec<u8>,
+    /// The input gradient it sent back.
     pub bwd_out: Vec<u8>,
     /// The previous hop's forward receipt that came with `fwd_in` (`None` from the trainer).
     pub fwd_in_receipt: Option<Receipt>,
@@ -339,11 +363,17 @@ impl WireMessage for AuditRecord {
 /// Reply: [`AuditResult`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecompute {
+    /// The run.
     pub run: RunId,
+    /// The run's epoch.
     pub epoch: u32,
+    /// The micro-batch attempt audited.
     pub key: MbKey,
+    /// The stage audited.
     pub stage: u32,
+    /// The activations to run forward.
     pub fwd_in: Vec<u8>,
+    /// The output gradient to run backward.
     pub bwd_in: Vec<u8>,
     /// Send the recomputed frames back (else only their hashes).
     pub frames: bool,
@@ -383,11 +413,15 @@ impl WireMessage for AuditRecompute {
 /// An auditor's recomputation: the weights digest it used and the frames it would have sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditResult {
+    /// The weights digest of the state it recomputed with.
     pub weights_digest: [u8; 32],
     /// BLAKE3 of the recomputed frames (always); the frames themselves only when asked.
     pub fwd_hash: [u8; 32],
+    /// BLAKE3 of the recomputed input gradient.
     pub bwd_hash: [u8; 32],
+    /// The recomputed activations, when asked.
     pub fwd_out: Vec<u8>,
+    /// The recomputed input gradient, when asked.
     pub bwd_out: Vec<u8>,
 }
 

@@ -65,8 +65,11 @@ pub use state::{fetch_state, load_state};
 /// How a stage worker runs. Build with [`StageOptions::new`].
 #[derive(Debug, Clone)]
 pub struct StageOptions {
+    /// The run it serves.
     pub run: RunId,
+    /// The run's config (model shape, codecs, batch geometry).
     pub config: RunConfig,
+    /// The stage it serves.
     pub stage: u32,
     /// Most forward contexts held at once (in flight between forward and backward).
     pub max_contexts: usize,
@@ -99,15 +102,23 @@ impl StageOptions {
 /// Tensor bytes this worker sent, per channel: frames as sent, and their fp32 size.
 #[derive(Debug, Default)]
 pub struct StageStats {
+    /// Activation frames sent, bytes on the wire.
     pub activations_wire: AtomicU64,
+    /// The same activations as fp32.
     pub activations_dense: AtomicU64,
+    /// Gradient frames sent, bytes on the wire.
     pub gradients_wire: AtomicU64,
+    /// The same gradients as fp32.
     pub gradients_dense: AtomicU64,
+    /// Sync shares sent, bytes on the wire.
     pub sync_wire: AtomicU64,
+    /// The same shares as fp32.
     pub sync_dense: AtomicU64,
     /// State bytes served through FetchState.
     pub state_served: AtomicU64,
+    /// Forward passes served.
     pub forwards: AtomicU64,
+    /// Backward passes served.
     pub backwards: AtomicU64,
     /// Requests refused with BUSY (context table full).
     pub busy: AtomicU64,
@@ -116,9 +127,13 @@ pub struct StageStats {
     /// This peer's standing in the trainer's ledger, as the trainer last reported it with an
     /// `Apply` (`credit_reported` false: never reported).
     pub credit_reported: std::sync::atomic::AtomicBool,
+    /// Audits of this peer passed, per the ledger.
     pub audits_passed: AtomicU64,
+    /// Audits of this peer failed, per the ledger.
     pub audits_failed: AtomicU64,
+    /// Micro-batches credited to this peer, per the ledger.
     pub credited_micro_batches: AtomicU64,
+    /// Micro-batches served but not credited yet.
     pub pending_micro_batches: AtomicU64,
 }
 
@@ -535,10 +550,12 @@ impl StageWorker {
         self.register_audit(peer);
     }
 
+    /// The stage it serves.
     pub fn stage(&self) -> u32 {
         self.inner.opts.stage
     }
 
+    /// Its traffic and ledger counters (the monitor reads them).
     pub fn stats(&self) -> &StageStats {
         &self.inner.stats
     }

@@ -24,9 +24,13 @@ use crate::rpc::{RpcError, code};
 /// Which state to fetch: a stage of a run at the end of a step, in an epoch.
 #[derive(Debug, Clone, Copy)]
 pub struct StateRequest {
+    /// The run.
     pub run: RunId,
+    /// The run's epoch (a restore starts a new one).
     pub epoch: u32,
+    /// The stage.
     pub stage: u32,
+    /// Steps applied in the state asked for.
     pub step: u64,
     /// Bytes asked per chunk (capped by [`MAX_CHUNK_BYTES`]).
     pub chunk_bytes: u32,
@@ -35,7 +39,9 @@ pub struct StateRequest {
 /// A source that served a state failing verification: it answered, so this is its fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadState {
+    /// The source.
     pub peer: PeerId,
+    /// What was wrong (for the ban's ledger entry).
     pub reason: String,
     /// BLAKE3 of the bytes it served (all zero when the bytes never formed a whole state).
     pub evidence: [u8; 32],
@@ -45,9 +51,13 @@ pub struct BadState {
 /// served it, with the sources refused before it.
 #[derive(Debug)]
 pub struct Fetched {
+    /// The state imported into a shard of the stage.
     pub shard: Shard,
+    /// The exact bytes served.
     pub bytes: Vec<u8>,
+    /// Who served it.
     pub source: PeerId,
+    /// Sources refused before it.
     pub bad: Vec<BadState>,
 }
 

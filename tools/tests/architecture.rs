@@ -345,3 +345,62 @@ fn the_step_machine_is_sans_io() {
         }
     }
 }
+
+/// Library crates whose every public item is documented (`#![warn(missing_docs)]` at the
+/// crate root).
+const DOCUMENTED: &[&str] = &[
+    "compression",
+    "router",
+    "swarm",
+    "swarm/bench",
+    "swarm/monitor",
+    "swarm/nat",
+    "swarm/net",
+    "swarm/netlab",
+    "swarm/testkit",
+];
+
+/// `pub` marks what other crates reach (`unreachable_pub` in `[workspace.lints]`, which every
+/// crate takes), every public item of the library crates says what it is for, and no source
+/// allows either lint away.
+#[test]
+fn library_crates_document_their_api_and_allow_no_lint_away() {
+    let root = workspace_root();
+    let ws: toml::Table =
+        toml::from_str(&std::fs::read_to_string(root.join("Cargo.toml")).unwrap()).unwrap();
+    assert_eq!(
+        ws["workspace"]["lints"]["rust"]["unreachable_pub"].as_str(),
+        Some("warn")
+    );
+    let members = ws["workspace"]["members"].as_array().unwrap();
+    for m in members {
+        let folder = m.as_str().unwrap();
+        let manifest: toml::Table =
+            toml::from_str(&std::fs::read_to_string(root.join(folder).join("Cargo.toml")).unwrap())
+                .unwrap();
+        assert_eq!(
+            manifest.get("lints").and_then(|l| l.get("workspace")),
+            Some(&toml::Value::Boolean(true)),
+            "{folder}/Cargo.toml must take [workspace.lints]"
+        );
+        let mut files = Vec::new();
+        rust_files(&root.join(folder), &mut files);
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            for lint in ["unreachable_pub", "missing_docs"] {
+                assert!(
+                    !text.contains(&format!("allow({lint}")),
+                    "{} allows {lint} away",
+                    f.display()
+                );
+            }
+        }
+    }
+    for folder in DOCUMENTED {
+        let lib = std::fs::read_to_string(root.join(folder).join("src/lib.rs")).unwrap();
+        assert!(
+            lib.contains("#![warn(missing_docs)]"),
+            "{folder}/src/lib.rs must warn on missing docs"
+        );
+    }
+}

@@ -28,8 +28,11 @@ impl WireMessage for Ack {
 /// attempt). Reply: [`Ack`] once queued, or `BUSY` when the context table is full.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The micro-batch attempt.
     pub key: MbKey,
     /// One hop per stage, in stage order (`route[i].stage == i`).
     pub route: Vec<Hop>,
@@ -39,12 +42,12 @@ pub struct Forward {
     pub trainer: Endpoint,
     /// Bit `s`: stage `s` accumulates parameter gradients for this attempt.
     pub accumulate: u64,
-    /// The activations, a compression frame of shape `[batch, seq, hidden]`.
     /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
     pub upstream: Traffic,
     /// The stage peers' time on the earlier hops of this pass (this hop's included when it
     /// comes from a stage).
     pub time: PassTime,
+    /// The activations, a compression frame of shape `[batch, seq, hidden]`.
     pub activations: Vec<u8>,
     /// The sending stage peer's signed forward receipt for `activations` (`None` from the
     /// trainer, which is trusted and hashes what it sends itself).
@@ -121,8 +124,11 @@ impl WireMessage for Forward {
 /// (loss) and backward and starts the backward pass with [`Backward`]. Reply: [`Ack`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardOut {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The micro-batch attempt.
     pub key: MbKey,
     /// The stage that produced it (the last one).
     pub stage: u32,
@@ -131,6 +137,7 @@ pub struct ForwardOut {
     /// The stage peers' time on the earlier hops of this pass (this hop's included when it
     /// comes from a stage).
     pub time: PassTime,
+    /// The last stage's output, a compression frame of shape `[batch, seq, hidden]`.
     pub activations: Vec<u8>,
     /// The sender's signed forward receipt for `activations`.
     pub receipt: Option<Receipt>,
@@ -172,15 +179,20 @@ impl WireMessage for ForwardOut {
 /// when no context exists (abandoned, or never seen).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backward {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The micro-batch attempt.
     pub key: MbKey,
+    /// The receiving stage.
     pub stage: u32,
     /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
     pub upstream: Traffic,
     /// The stage peers' time on the earlier hops of this pass (this hop's included when it
     /// comes from a stage).
     pub time: PassTime,
+    /// The gradient of the loss with respect to the stage's output, a compression frame.
     pub grad: Vec<u8>,
     /// The sending stage peer's signed backward receipt for `grad` (`None` from the trainer).
     pub receipt: Option<Receipt>,
@@ -218,14 +230,18 @@ impl WireMessage for Backward {
 /// micro-batch attempt is then finished. Reply: [`Ack`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackwardOut {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The micro-batch attempt.
     pub key: MbKey,
     /// Tensor bytes sent by the earlier hops of this pass (not counting this message's frame).
     pub upstream: Traffic,
     /// The stage peers' time on the earlier hops of this pass (this hop's included when it
     /// comes from a stage).
     pub time: PassTime,
+    /// The gradient with respect to stage 0's input, a compression frame.
     pub grad: Vec<u8>,
     /// The sender's signed backward receipt for `grad`.
     pub receipt: Option<Receipt>,
@@ -261,9 +277,13 @@ impl WireMessage for BackwardOut {
 /// backward. Receiver: the trainer, which records `counted[mb][stage] = sender`. Reply: [`Ack`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counted {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The micro-batch attempt.
     pub key: MbKey,
+    /// The stage whose accumulator it went into.
     pub stage: u32,
 }
 
@@ -291,12 +311,17 @@ impl WireMessage for Counted {
 /// trainer, which bans or suspects `failed` and retries the micro-batch. Reply: [`Ack`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HopFailed {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The micro-batch attempt.
     pub key: MbKey,
+    /// The next hop that could not be reached.
     pub failed: PeerId,
     /// Whether the next hop answered BUSY (overloaded, alive) rather than failing.
     pub busy: bool,
+    /// What the send said (logs).
     pub reason: String,
     /// Tensor bytes of this attempt's failed pass known to have crossed the network: the
     /// upstream of the message the reporter got, its frame, and the reporter's own frame when
@@ -347,9 +372,13 @@ fn truncate(s: &str, max: usize) -> &str {
 /// receiver reports the frames it sent in those passes with its next [`SyncDone`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Abandon {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The micro-batch attempt.
     pub key: MbKey,
+    /// Bits [`Abandon::FORWARD`], [`Abandon::BACKWARD`]: passes the trainer has no report of.
     pub uncounted: u8,
 }
 

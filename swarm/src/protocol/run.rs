@@ -56,10 +56,13 @@ impl RunPhase {
 /// `replicas` with the router's stage choice and asks for [`Admit`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunInfo {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
     /// The next step to run (steps `0..step` are done).
     pub step: u64,
+    /// Running, paused (a stage has no replica) or finished.
     pub phase: RunPhase,
     /// The run config (TOML) as the run id was computed from.
     pub config_toml: String,
@@ -121,8 +124,11 @@ impl WireMessage for RunInfo {
 /// step boundary. Reply: [`AdmitReply`], or `BAD_REQUEST` for a stage the run does not have.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Admit {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The stage it asks to serve.
     pub stage: u32,
     /// Where the peer serves (its announced address).
     pub addr: SocketAddr,
@@ -164,7 +170,9 @@ pub enum StateSource {
     /// Fetch with [`FetchState`] from one of `from` (current replicas, or the trainer after a
     /// restore); the result must have weights digest `digest`.
     Fetch {
+        /// Sources, tried in order.
         from: Vec<Endpoint>,
+        /// The weights digest the loaded state must have.
         digest: [u8; 32],
     },
 }
@@ -175,11 +183,15 @@ pub enum StateSource {
 /// Sender: the trainer, in reply to [`Admit`]. Receiver: the joining peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdmitReply {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The stage it serves.
     pub stage: u32,
     /// The step the loaded state must be at (optimizer steps applied so far).
     pub step: u64,
+    /// Where it loads the state from.
     pub source: StateSource,
 }
 
@@ -208,10 +220,15 @@ impl WireMessage for AdmitReply {
 /// step on (and counts a digest mismatch if `digest` is not the stage's). Reply: [`Ack`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ready {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The stage.
     pub stage: u32,
+    /// Steps applied in the state it holds.
     pub step: u64,
+    /// Its weights digest.
     pub digest: [u8; 32],
     /// How long fetching (or building) the state took, in milliseconds.
     pub sync_ms: u64,
@@ -243,7 +260,9 @@ impl WireMessage for Ready {
 /// stops routing new micro-batches to it. Reply: [`LeaveReply`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Leave {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
 }
 
@@ -263,6 +282,7 @@ impl WireMessage for Leave {
 /// `s`'s sync (until `Apply` of `s`, bounded wait) before exiting; with `None` it may go now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaveReply {
+    /// `Some(s)`: stay through step `s`'s sync; `None`: go now.
     pub stay_for_step: Option<u64>,
 }
 

@@ -9,12 +9,17 @@ use super::*;
 /// `max_len` bytes from `offset`, or `BAD_REQUEST` when the server's state is not at `step`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FetchState {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The stage.
     pub stage: u32,
     /// The step the state must be at (optimizer steps applied).
     pub step: u64,
+    /// Where the chunk starts in the export.
     pub offset: u64,
+    /// Most bytes wanted (the server may send fewer).
     pub max_len: u32,
 }
 
@@ -53,16 +58,23 @@ impl WireMessage for FetchState {
 /// digest against `digest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateChunk {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The stage.
     pub stage: u32,
+    /// Steps applied in the state.
     pub step: u64,
+    /// Length of the whole export.
     pub total_len: u64,
+    /// Where this chunk starts.
     pub offset: u64,
     /// BLAKE3 of the complete export.
     pub state_hash: [u8; 32],
     /// `Shard::weights_digest` of the state.
     pub digest: [u8; 32],
+    /// The chunk's bytes.
     pub data: Vec<u8>,
 }
 
@@ -122,10 +134,15 @@ impl WireMessage for StateChunk {
 /// the peer's epoch).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reload {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The stage.
     pub stage: u32,
+    /// Steps applied in the state to load.
     pub step: u64,
+    /// Where to load it from.
     pub source: StateSource,
 }
 

@@ -46,15 +46,22 @@ impl SyncPhase {
 /// micro-batches participant `i` counted (checked against the receiver's own count). Reply: [`Ack`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncStart {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The step whose gradients are synced (for `Outer`: steps done in the state synced).
     pub step: u64,
+    /// The stage.
     pub stage: u32,
     /// Which sync of `stage` in `step` this is (0 first; the trainer bumps it when it redoes the
     /// stage's sync after losing a participant), so shares of a dropped round are told apart.
     pub round: u32,
+    /// A gradient all-reduce, a multi-step sync's local round or its outer round.
     pub phase: SyncPhase,
+    /// The replicas that sync, in the order shares are summed.
     pub participants: Vec<PeerId>,
+    /// Micro-batches each participant counted.
     pub mb_counts: Vec<u32>,
     /// Endpoints of the participants, same order (to send shares to).
     pub addrs: Vec<SocketAddr>,
@@ -124,13 +131,19 @@ impl WireMessage for SyncStart {
 /// the same sync. Reply: [`Ack`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GradShare {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The step it is about (optimizer steps done before it).
     pub step: u64,
+    /// The stage.
     pub stage: u32,
     /// The [`SyncStart::round`] the share belongs to: a receiver drops shares of another round.
     pub round: u32,
+    /// The participant that sent it.
     pub from: PeerId,
+    /// Its gradient (or pseudo-gradient), a compression frame.
     pub frame: Vec<u8>,
 }
 
@@ -165,9 +178,13 @@ impl WireMessage for GradShare {
 /// Reply: [`Ack`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SyncDone {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The step it is about (optimizer steps done before it).
     pub step: u64,
+    /// The stage.
     pub stage: u32,
     /// The round of `step`'s sync this reports (`SyncStart.round`): the trainer counts it only
     /// in that round, so a late report of a round it gave up on never counts in the redo.
@@ -180,10 +197,12 @@ pub struct SyncDone {
     /// round's, plus those of earlier rounds that were dropped unreported and reached their
     /// receiver.
     pub share_bytes: u64,
+    /// The fp32 size of those shares.
     pub share_dense_bytes: u64,
     /// Frames this participant sent in passes of abandoned attempts that the trainer had no
     /// report of (see [`Abandon::uncounted`]), since its last `SyncDone`: activations, gradients.
     pub abandoned_activations: Traffic,
+    /// The gradient frames of those passes.
     pub abandoned_gradients: Traffic,
 }
 
@@ -231,11 +250,17 @@ impl WireMessage for SyncDone {
 /// [`Applied`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Apply {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The step it is about (optimizer steps done before it).
     pub step: u64,
+    /// The stage.
     pub stage: u32,
+    /// Learning rate of this step.
     pub lr: f64,
+    /// Factor of the global-norm clip (1: none).
     pub clip_scale: f64,
     /// The sync phase this applies: the AdamW step (`Gradient`, `Local`) or the outer step of a
     /// multi-step sync (`Outer`; `lr` and `clip_scale` unused).
@@ -248,9 +273,13 @@ pub struct Apply {
 /// A peer's audits and credited work as the trainer's ledger counts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CreditReport {
+    /// Audits of it that passed.
     pub audits_passed: u64,
+    /// Audits of it that failed.
     pub audits_failed: u64,
+    /// Micro-batches credited to it.
     pub credited_micro_batches: u64,
+    /// Micro-batches served, not credited yet.
     pub pending_micro_batches: u64,
 }
 
@@ -317,10 +346,15 @@ impl WireMessage for Apply {
 /// Receiver: the trainer, which compares the digests of a stage's replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Applied {
+    /// The run (a message of another run is refused).
     pub run: RunId,
+    /// The run's epoch (a message of an older one is refused).
     pub epoch: u32,
+    /// The step it is about (optimizer steps done before it).
     pub step: u64,
+    /// The stage.
     pub stage: u32,
+    /// Its weights digest after the step.
     pub digest: [u8; 32],
     /// Tensor bytes this replica has sent since it started, per channel (activations,
     /// gradients, sync), as it reports them: for monitoring only, never for credit.

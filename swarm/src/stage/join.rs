@@ -13,10 +13,13 @@ const ADMIT_RETRY: Duration = Duration::from_millis(500);
 /// What [`join_run`] did.
 #[derive(Debug)]
 pub struct Joined {
+    /// The stage worker, serving.
     pub worker: StageWorker,
+    /// The run as the trainer described it.
     pub info: RunInfo,
     /// Time to fetch (or build) the stage's state.
     pub sync_time: Duration,
+    /// The step of the state it loaded.
     pub step: u64,
 }
 

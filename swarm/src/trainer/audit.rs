@@ -76,6 +76,7 @@ pub const INNER_STEP_MB: u32 = u32::MAX;
 pub const DEFAULT_RATE: f64 = 0.05;
 /// Default audit rate for a peer's first [`DEFAULT_NEW_PEER_MICRO_BATCHES`] micro-batches.
 pub const DEFAULT_NEW_PEER_RATE: f64 = 0.2;
+/// Micro-batches a new peer serves at [`DEFAULT_NEW_PEER_RATE`].
 pub const DEFAULT_NEW_PEER_MICRO_BATCHES: u64 = 20;
 /// Relative L2 distance above which two recomputations disagree. Honest recomputations measured
 /// on this machine are bitwise identical at any thread count (see the note in ARCHITECTURE.md);
@@ -88,8 +89,11 @@ pub const DEFAULT_TOLERANCE: f32 = 2e-3;
 pub struct AuditConfig {
     /// Fraction of (micro-batch, stage) pairs audited; 0 disables audits (new peers' too).
     pub rate: f64,
+    /// Audit rate of a peer's first `new_peer_micro_batches` micro-batches (trust is earned).
     pub new_peer_rate: f64,
+    /// How long a peer counts as new, in micro-batches served.
     pub new_peer_micro_batches: u64,
+    /// Relative L2 distance above which a recomputation disagrees.
     pub tolerance: f32,
     /// Secret seed of the draws (random unless given; give it only for reproducible tests).
     pub seed: Option<u64>,
@@ -113,7 +117,9 @@ impl Default for AuditConfig {
 /// Audit counters for metrics and the demo's JSON.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AuditStats {
+    /// Audits run.
     pub audits: u64,
+    /// Audits that found a cheater.
     pub audit_failures: u64,
     /// Banned peers, in ban order.
     #[serde(serialize_with = "ser_peers")]
@@ -138,6 +144,7 @@ pub struct AuditStats {
     /// Audits drawn only because the audited peer is new (`new_peer_rate` above `rate`), and
     /// the bytes they moved (included in `audits` and `bytes`).
     pub new_peer_audits: u64,
+    /// Bytes of the audits drawn because their peer is new.
     pub new_peer_bytes: u64,
     /// Inner optimizer steps audited (drifting replicas; included in `audits`).
     pub inner_audits: u64,
@@ -211,16 +218,23 @@ const MAX_CONCURRENT_AUDITS: usize = 8;
 /// One ban decided by an audit.
 #[derive(Debug, Clone)]
 pub struct Ban {
+    /// The banned peer.
     pub peer: PeerId,
+    /// The stage it served.
     pub stage: u32,
+    /// Why (for the ledger and the logs).
     pub reason: String,
 }
 
 /// What the audit phase needs from the driver.
 pub struct StepView<'a> {
+    /// The run.
     pub run: RunId,
+    /// Its epoch.
     pub epoch: u32,
+    /// The step audited.
     pub step: u64,
+    /// The run's config.
     pub config: &'a RunConfig,
     /// The final attempt of every micro-batch.
     pub attempts: Vec<Option<u32>>,
@@ -234,6 +248,7 @@ pub struct StepView<'a> {
     /// digest at this step (its last `Applied` or loaded state), which its receipts must sign in
     /// place of a stage-wide agreed one. Empty otherwise.
     pub own: HashMap<PeerId, [u8; 32]>,
+    /// The trainer's peer, to call the replicas.
     pub peer: &'a Arc<PeerShared>,
 }
 
@@ -254,6 +269,7 @@ pub struct Auditor {
     /// evidence), by (stage, peer).
     state_lies: HashMap<(u32, PeerId), (String, [u8; 32])>,
     states_step: u64,
+    /// Counters so far.
     pub stats: AuditStats,
     act: Codec,
     grad: Codec,
@@ -312,6 +328,7 @@ impl Auditor {
         })
     }
 
+    /// How it audits.
     pub fn config(&self) -> &AuditConfig {
         &self.cfg
     }
@@ -321,6 +338,7 @@ impl Auditor {
         self.ledger.as_ref().map(LedgerWriter::head)
     }
 
+    /// Whether an audit banned `p`.
     pub fn is_banned(&self, p: &PeerId) -> bool {
         self.banned.contains(p)
     }

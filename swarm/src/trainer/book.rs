@@ -28,8 +28,11 @@ pub enum Holder {
 /// Which accumulator a count belongs to: stage `k`, the head, or the embedding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Column {
+    /// Stage `k`'s replicas.
     Stage(u16),
+    /// The trainer's head (loss and its gradient).
     Head,
+    /// The trainer's embedding (its gradient from stage 0's input gradient).
     Embedding,
 }
 
@@ -88,6 +91,7 @@ impl StepBook {
         }
     }
 
+    /// Micro-batches of the step.
     pub fn micro_batches(&self) -> usize {
         self.mbs.len()
     }
@@ -254,6 +258,7 @@ impl StepBook {
         &self.excluded
     }
 
+    /// Whether `peer` was excluded from this step (its counts dropped, no sync).
     pub fn is_excluded(&self, peer: &PeerId) -> bool {
         self.excluded.contains(peer)
     }
@@ -292,6 +297,7 @@ impl StepBook {
 /// What one attempt must accumulate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attempt {
+    /// Its attempt number.
     pub attempt: u32,
     /// Bit `k` set: stage `k` accumulates this attempt.
     pub stage_mask: u64,

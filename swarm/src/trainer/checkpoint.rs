@@ -32,14 +32,19 @@ pub fn exists(dir: &Path) -> bool {
 
 /// One stage's state as replicas exchange it (`Shard::export_state` bytes) and its digest.
 pub struct StageState {
+    /// `Shard::export_state` bytes.
     pub bytes: Vec<u8>,
+    /// Its weights digest.
     pub digest: [u8; 32],
 }
 
 /// What a checkpoint restores.
 pub struct Restored {
+    /// The run it belongs to.
     pub run: RunId,
+    /// The epoch it was written in (a resume runs the next).
     pub epoch: u32,
+    /// Steps done.
     pub step: u64,
     /// Export of the ends shard (embedding + head).
     pub ends_state: Vec<u8>,

@@ -70,7 +70,9 @@ pub fn run_id_of(config_toml: &str) -> RunId {
 /// How the trainer runs. `TrainerOptions::new(config)` gives loopback defaults.
 #[derive(Clone, Debug)]
 pub struct TrainerOptions {
+    /// The run.
     pub config: RunConfig,
+    /// The trainer's key (its peer id); a resumed run needs no particular one.
     pub identity: Identity,
     /// Address to listen on (port 0 picks one).
     pub listen: SocketAddr,
@@ -78,7 +80,9 @@ pub struct TrainerOptions {
     pub announce: Vec<SocketAddr>,
     /// Checkpoint directory (HF format); a checkpoint found there is resumed from.
     pub out: Option<PathBuf>,
+    /// Link shaping of the trainer's socket (benchmarks, demos).
     pub shape: Option<LinkShape>,
+    /// QUIC settings (windows, congestion control).
     pub transport: TransportConfig,
     /// Serving replicas each stage needs before the first step.
     pub min_replicas: usize,
@@ -105,6 +109,7 @@ pub struct TrainerOptions {
 }
 
 impl TrainerOptions {
+    /// Loopback defaults for `config`, with a new identity.
     pub fn new(config: RunConfig) -> TrainerOptions {
         TrainerOptions {
             config,
@@ -132,39 +137,71 @@ impl TrainerOptions {
 #[derive(Clone, Debug)]
 pub enum TrainerEvent {
     /// Waiting for replicas: `serving[k]` replicas serve stage `k`, `need` per stage.
-    Waiting { serving: Vec<usize>, need: usize },
+    Waiting {
+        /// Serving replicas per stage.
+        serving: Vec<usize>,
+        /// Replicas each stage needs.
+        need: usize,
+    },
     /// A replica became routable (`sync_ms`: how long it took to load its state).
     Joined {
+        /// The replica.
         peer: PeerId,
+        /// Its stage.
         stage: u32,
+        /// How long its load took, ms.
         sync_ms: u64,
     },
     /// A replica was lost (dead, banned or gone).
-    Lost { peer: PeerId, stage: u32 },
+    Lost {
+        /// The replica.
+        peer: PeerId,
+        /// Its stage (`u32::MAX` if it had none).
+        stage: u32,
+    },
     /// A replica that asked to leave was released at a step boundary (`handed_off`: it was its
     /// stage's last one and the trainer kept its state for the next peer to take the stage).
     Left {
+        /// The replica.
         peer: PeerId,
+        /// Its stage.
         stage: u32,
+        /// Its state is the trainer's now.
         handed_off: bool,
     },
     /// A step finished.
     Step(StepReport),
     /// A checkpoint was written after `step` steps.
-    Checkpoint { step: u64, dir: PathBuf },
+    Checkpoint {
+        /// Steps done.
+        step: u64,
+        /// Its folder.
+        dir: PathBuf,
+    },
     /// The whole model's validation loss after `step` steps (every `train.eval_every` steps and
     /// at the last; the same batches as the local trainer's evaluation).
-    Eval { step: u64, val_loss: f64 },
+    Eval {
+        /// Steps done.
+        step: u64,
+        /// Mean loss over the validation batches.
+        val_loss: f64,
+    },
     /// A stage lost its last replica and its state: every stage and the ends were restored from
     /// the checkpoint after `step` steps (`from_checkpoint` false: from the seed, step 0) in a
     /// new `epoch`; the steps since run again.
     Restored {
+        /// Steps done in the restored state.
         step: u64,
+        /// The new epoch.
         epoch: u32,
+        /// From a checkpoint (else the seed).
         from_checkpoint: bool,
     },
     /// The run is paused: stage `stage` has no replica left.
-    Paused { stage: u32 },
+    Paused {
+        /// The stage with none.
+        stage: u32,
+    },
 }
 
 /// Messages from handlers (and helper tasks) to the driver.
@@ -473,10 +510,12 @@ impl Trainer {
         self.shared.endpoint.addr
     }
 
+    /// The trainer's peer id (replicas pin it).
     pub fn peer_id(&self) -> PeerId {
         self.shared.endpoint.peer
     }
 
+    /// The run's id.
     pub fn run_id(&self) -> RunId {
         self.shared.run
     }
@@ -491,6 +530,7 @@ impl Trainer {
         self.shared.reg(|r| r.step)
     }
 
+    /// The current epoch (bumped by each restore).
     pub fn epoch(&self) -> u32 {
         self.shared.reg(|r| r.epoch)
     }

@@ -21,8 +21,6 @@
 //! which reports count, who is stuck when a participant dies, the deadline, the majority. When
 //! joiners are answered and how long a boundary waits for them is [`join`].
 
-#![warn(missing_docs)]
-
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 

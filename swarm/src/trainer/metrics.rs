@@ -23,18 +23,23 @@ pub enum Channel {
 /// Bytes of one channel: what crossed the network and what fp32 would have needed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ChannelBytes {
+    /// Bytes of the frames as sent.
     pub wire_bytes: u64,
+    /// What the same tensors weigh as fp32.
     pub dense_bytes: u64,
+    /// Frames counted.
     pub frames: u64,
 }
 
 impl ChannelBytes {
+    /// Counts one frame of `wire` bytes standing for `dense` fp32 bytes.
     pub fn add(&mut self, wire: u64, dense: u64) {
         self.wire_bytes += wire;
         self.dense_bytes += dense;
         self.frames += 1;
     }
 
+    /// Adds another counter's bytes and frames.
     pub fn merge(&mut self, other: &ChannelBytes) {
         self.wire_bytes += other.wire_bytes;
         self.dense_bytes += other.dense_bytes;
@@ -54,13 +59,18 @@ impl ChannelBytes {
 /// Per-channel byte counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct WireStats {
+    /// Forward activations.
     pub activations: ChannelBytes,
+    /// Backward gradients.
     pub gradients: ChannelBytes,
+    /// Replica sync shares.
     pub sync: ChannelBytes,
+    /// State transfers.
     pub state: ChannelBytes,
 }
 
 impl WireStats {
+    /// The counter of channel `c`.
     pub fn channel_mut(&mut self, c: Channel) -> &mut ChannelBytes {
         match c {
             Channel::Activations => &mut self.activations,
@@ -70,6 +80,7 @@ impl WireStats {
         }
     }
 
+    /// Adds every channel of `other`.
     pub fn merge(&mut self, other: &WireStats) {
         self.activations.merge(&other.activations);
         self.gradients.merge(&other.gradients);
@@ -91,14 +102,19 @@ impl WireStats {
 /// One finished step.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StepReport {
+    /// The step (steps done before it).
     pub step: u64,
     /// Mean loss over the step's micro-batches (nats/token).
     pub loss: f64,
+    /// Learning rate applied.
     pub lr: f64,
+    /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Tokens trained in the step.
     pub tokens: u64,
     /// Seconds the step took (wall clock, informational).
     pub seconds: f64,
+    /// Micro-batch attempts retried in the step.
     pub retries: u64,
     /// Replicas whose digest differed from the majority after the optimizer step.
     pub hash_mismatches: u64,
@@ -107,6 +123,7 @@ pub struct StepReport {
     /// Tensor bytes on the wire since the run started (activations, gradients, sync) and their
     /// fp32 size.
     pub wire_bytes: u64,
+    /// Their fp32 size.
     pub dense_bytes: u64,
     /// Bytes per channel since the run started (state transfers included, apart).
     pub wire: WireStats,
@@ -115,24 +132,35 @@ pub struct StepReport {
 /// The run's summary: the JSON of `swarm train` and `swarm demo`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Summary {
+    /// Steps trained.
     pub steps: u64,
+    /// Loss of the first step.
     pub initial_loss: f64,
+    /// Loss of the last step.
     pub final_loss: f64,
     /// The last validation loss of the whole model (see `Metrics::val_losses`).
     pub val_loss: Option<f64>,
+    /// Tokens trained per second of training.
     pub tokens_per_s: f64,
+    /// Tensor bytes on the wire (activations, gradients, sync).
     pub wire_bytes: u64,
+    /// Their fp32 size.
     pub dense_bytes: u64,
+    /// Micro-batch attempts retried.
     pub retries: u64,
+    /// Replicas that died, timed out or were banned.
     pub peers_lost: u64,
     /// Replicas that left gracefully (asked to leave, released at a step boundary).
     pub peers_left: u64,
+    /// Replicas whose digest differed from their stage's majority.
     pub replica_hash_mismatches: u64,
     /// Replicas refused (and banned) for serving a state other than their stage's agreed one.
     pub bad_states: u64,
     /// Audits run, failed, and the peers they banned (issue #7).
     pub audits: u64,
+    /// Audits that found a cheater.
     pub audit_failures: u64,
+    /// Peers banned, by id.
     pub banned: Vec<String>,
     /// Per replica: the work routed to it and the bytes our relay carried for it (issue #14).
     pub peers: Vec<PeerWork>,
@@ -143,7 +171,9 @@ pub struct Summary {
 /// One replica's share of the run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct PeerWork {
+    /// Its peer id.
     pub peer: String,
+    /// The stage it served.
     pub stage: u32,
     /// Its reachability verdict (`public`, `punchable`, `symmetric`, `blocked`, `unknown`).
     pub reach: String,
@@ -156,8 +186,11 @@ pub struct PeerWork {
 /// Everything measured during a run.
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
+    /// Each finished step, in order (a restore drops those it reruns).
     pub steps: Vec<StepReport>,
+    /// Bytes per channel.
     pub wire: WireStats,
+    /// Micro-batch attempts retried.
     pub retries: u64,
     /// Replicas that died, timed out or were banned.
     pub peers_lost: u64,
@@ -165,9 +198,11 @@ pub struct Metrics {
     pub peers_left: u64,
     /// Restores of the whole run from a checkpoint (or the seed) after a stage lost its state.
     pub restores: u64,
+    /// Replicas whose digest differed from their stage's majority.
     pub replica_hash_mismatches: u64,
     /// Replicas refused (and banned) for serving a state other than their stage's agreed one.
     pub bad_states: u64,
+    /// Tokens trained.
     pub tokens: u64,
     /// Validation losses `(steps done, loss)` of the whole model, every `train.eval_every` steps
     /// and at the last.
@@ -190,6 +225,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The run's JSON summary.
     pub fn summary(&self) -> Summary {
         Summary {
             steps: self.steps.len() as u64,

@@ -41,7 +41,9 @@ pub struct Snapshot {
     pub seq: u64,
     /// Unix milliseconds of this publication.
     pub updated_unix_ms: u64,
+    /// The run's identity and config.
     pub run: RunSummary,
+    /// Steps, losses, throughput and fault counters.
     pub progress: Progress,
     /// One point per finished step (thinned beyond [`MAX_HISTORY`]).
     pub history: Vec<StepPoint>,
@@ -54,56 +56,79 @@ pub struct Snapshot {
     pub peers: Vec<PeerRow>,
     /// Cumulative bytes per channel (activations, gradients, sync, state).
     pub channels: Vec<ChannelBytes>,
+    /// Audit counters.
     pub audits: AuditTotals,
     /// The last [`MAX_EVENTS`] events, oldest first.
     pub events: Vec<EventRow>,
+    /// Where the ledger is and its head.
     pub ledger: LedgerSummary,
 }
 
+/// What run this is.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
     /// Hex run id (BLAKE3 of the canonical config).
     pub run_id: String,
+    /// The trainer's peer id (hex).
     pub trainer_id: String,
+    /// Where joiners reach the trainer.
     pub trainer_addr: String,
     /// Bumped at every restore.
     pub epoch: u32,
     /// `running`, `paused` or `finished`.
     pub phase: String,
+    /// The run's config, summarised.
     pub config: ConfigSummary,
 }
 
+/// The config fields a monitor shows.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ConfigSummary {
+    /// The run's seed.
     pub seed: u64,
+    /// Pipeline stages.
     pub stages: u32,
     /// Stage boundaries (layer indices, `stages + 1` of them).
     pub stage_bounds: Vec<usize>,
+    /// Decoder layers.
     pub layers: usize,
+    /// Hidden size.
     pub hidden_size: usize,
+    /// Vocabulary size.
     pub vocab_size: usize,
+    /// Steps of the run.
     pub steps: u64,
+    /// Micro-batches per step.
     pub micro_batches: usize,
+    /// Sequences per micro-batch.
     pub micro_batch_size: usize,
+    /// Tokens per sequence.
     pub seq_len: usize,
+    /// Codec of the activations.
     pub codec_activations: String,
+    /// Codec of the gradients.
     pub codec_gradients: String,
+    /// Codec of the sync channel.
     pub codec_sync: String,
 }
 
+/// How far the run is.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
     /// Steps done.
     pub step: u64,
+    /// Steps of the run.
     pub total_steps: u64,
     /// Loss of the last finished step (nats/token).
     pub loss: Option<f64>,
     /// The last validation loss of the whole model (every `train.eval_every` steps and at the
     /// last; `None` before the first evaluation).
     pub val_loss: Option<f64>,
+    /// Learning rate of the last finished step.
     pub lr: Option<f64>,
     /// Tokens per second over the training time so far.
     pub tokens_per_s: f64,
+    /// Tokens trained so far.
     pub tokens: u64,
     /// Unix milliseconds when this trainer started.
     pub started_unix_ms: u64,
@@ -111,10 +136,15 @@ pub struct Progress {
     pub train_s: f64,
     /// Estimated seconds to the last step at the mean step time so far.
     pub eta_s: Option<f64>,
+    /// Micro-batch attempts retried.
     pub retries: u64,
+    /// Replicas that died, timed out or were banned.
     pub peers_lost: u64,
+    /// Replicas that left gracefully.
     pub peers_left: u64,
+    /// Restores after a stage lost its state.
     pub restores: u64,
+    /// Replicas whose digest differed from their stage's majority.
     pub replica_hash_mismatches: u64,
 }
 
@@ -123,8 +153,11 @@ pub struct Progress {
 pub struct ChannelBytes {
     /// `activations`, `gradients`, `sync` or `state`.
     pub channel: String,
+    /// Bytes of the frames as sent.
     pub wire_bytes: u64,
+    /// What the same tensors weigh as fp32.
     pub dense_bytes: u64,
+    /// Frames counted.
     pub frames: u64,
 }
 
@@ -133,30 +166,39 @@ pub struct ChannelBytes {
 pub struct ValPoint {
     /// Steps done when it was evaluated.
     pub step: u64,
+    /// Validation loss (nats/token).
     pub loss: f64,
 }
 
 /// One finished step.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepPoint {
+    /// The step (steps done before it).
     pub step: u64,
+    /// Mean loss of its micro-batches.
     pub loss: f64,
+    /// Learning rate applied.
     pub lr: f64,
+    /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Tokens per second of this step alone.
     pub tokens_per_s: f64,
     /// Seconds since the first step started, at the end of this step.
     pub train_s: f64,
+    /// Micro-batch attempts retried in it.
     pub retries: u64,
     /// Cumulative wire and fp32 bytes per channel at the end of this step.
     pub channels: Vec<ChannelBytes>,
 }
 
+/// One stage and who serves it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StageCoverage {
+    /// The stage.
     pub stage: u32,
     /// Layers `[first, end)`.
     pub layers: [usize; 2],
+    /// Its replicas.
     pub replicas: Vec<ReplicaRow>,
     /// Replicas that can be routed to.
     pub serving: usize,
@@ -164,8 +206,10 @@ pub struct StageCoverage {
     pub health: String,
 }
 
+/// One replica of a stage.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaRow {
+    /// Its peer id.
     pub peer: String,
     /// `joining`, `serving` or `leaving`.
     pub state: String,
@@ -173,10 +217,14 @@ pub struct ReplicaRow {
     pub load: u32,
 }
 
+/// One peer that served the run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeerRow {
+    /// Its peer id.
     pub id: String,
+    /// Its address.
     pub addr: String,
+    /// The stage it serves (served).
     pub stage: Option<u32>,
     /// `joining`, `serving`, `leaving`, `left`, `lost` or `banned`.
     pub state: String,
@@ -186,26 +234,32 @@ pub struct PeerRow {
     pub path: String,
     /// Throughput the router uses for it (tokens/s through its stage).
     pub throughput_tokens_per_s: Option<f64>,
+    /// Micro-batches in flight through it.
     pub load: Option<u32>,
     /// Smoothed RTT of the trainer's QUIC connection to it.
     pub rtt_ms: Option<f64>,
     /// UDP bytes the trainer sent to / received from it on that connection (all channels).
     pub tx_bytes: Option<u64>,
+    /// UDP bytes the trainer received from it on that connection.
     pub rx_bytes: Option<u64>,
     /// Its reachability verdict from the check at join (`public`, `punchable`, `symmetric`,
     /// `blocked`, `unknown`), and the bytes the trainer's relay forwarded from and to it.
     #[serde(default)]
     pub reach: Option<String>,
+    /// Bytes the trainer's relay forwarded from and to it.
     #[serde(default)]
     pub relay_bytes: Option<u64>,
     /// Tensor bytes it reports having sent per channel (activations, gradients, sync), as of its
     /// latest step: self-reported, for monitoring only.
     #[serde(default)]
     pub channels: Vec<ChannelBytes>,
+    /// Audits of it that passed (from the ledger).
     pub audits_passed: u64,
+    /// Audits of it that failed (from the ledger).
     pub audits_failed: u64,
     /// Micro-batches of work verified by a later passed audit (from the ledger).
     pub credited_micro_batches: u64,
+    /// Micro-batches served since its last passed audit (from the ledger).
     pub pending_micro_batches: u64,
     /// The version string of its signed record.
     pub version: Option<String>,
@@ -213,34 +267,48 @@ pub struct PeerRow {
     pub last_seen_s: Option<f64>,
     /// Step at which it joined (became routable), and how long it took to load its state.
     pub joined_step: Option<u64>,
+    /// How long its state load took, ms.
     pub sync_ms: Option<u64>,
     /// Why it was banned, when it was.
     pub ban_reason: Option<String>,
 }
 
+/// The audits of the run so far.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuditTotals {
+    /// Audits run.
     pub audits: u64,
+    /// Audits that found a cheater.
     pub failures: u64,
+    /// Peers banned, by id.
     pub banned: Vec<String>,
+    /// Bytes the audits moved.
     pub bytes: u64,
+    /// Seconds the trainer spent auditing.
     pub seconds: f64,
 }
 
+/// Something that happened to the run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EventRow {
+    /// When (Unix ms).
     pub unix_ms: u64,
     /// Steps done when it happened.
     pub step: u64,
     /// `join`, `lost`, `left`, `ban`, `restore`, `checkpoint`, `paused` or `waiting`.
     pub kind: String,
+    /// The peer it is about, if any.
     pub peer: Option<String>,
+    /// The stage it is about, if any.
     pub stage: Option<u32>,
+    /// What happened, in words.
     pub detail: String,
 }
 
+/// The contribution ledger.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LedgerSummary {
+    /// Its file, if one is written.
     pub path: Option<String>,
     /// `SEQ:HEX` of the last entry written.
     pub head: Option<String>,
@@ -257,22 +325,35 @@ pub fn phase_name(p: crate::protocol::RunPhase) -> &'static str {
 
 /// A replica as the driver's registry holds it.
 pub struct ReplicaInput {
+    /// Its stage.
     pub stage: u32,
+    /// The replica.
     pub peer: PeerId,
+    /// Its address.
     pub addr: SocketAddr,
+    /// `joining`, `serving` or `leaving`.
     pub state: &'static str,
 }
 
 /// What the driver hands over at each publication (borrowed, cheap to gather).
 pub struct Inputs<'a> {
+    /// Steps done.
     pub step: u64,
+    /// The run's epoch.
     pub epoch: u32,
+    /// `running`, `paused` or `finished`.
     pub phase: &'static str,
+    /// Every replica in the registry.
     pub replicas: Vec<ReplicaInput>,
+    /// The router's view (load, throughput).
     pub view: &'a router::SwarmView,
+    /// The run's metrics.
     pub metrics: &'a Metrics,
+    /// Audit counters.
     pub audit: &'a AuditStats,
+    /// The ledger's head.
     pub ledger_head: Option<Head>,
+    /// The trainer peer's own status (membership, versions).
     pub status: StatusReply,
     /// (peer, RTT, UDP bytes sent, received) of the trainer's cached connections.
     pub connections: Vec<(PeerId, Duration, u64, u64)>,
@@ -314,6 +395,7 @@ fn channels(w: &WireStats) -> Vec<ChannelBytes> {
 }
 
 impl Observer {
+    /// An observer of a run with nothing published yet but its identity and config.
     pub fn new(
         cfg: &RunConfig,
         run: RunId,

@@ -51,6 +51,7 @@ fn index(p: Part) -> usize {
 /// time since training started, waiting for the first replicas excluded).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct TimeBreakdown {
+    /// Training wall time.
     pub wall_s: f64,
     /// Model compute on the critical path: the trainer's ends plus the stages' share of the
     /// pipeline wait.
