@@ -17,15 +17,20 @@ use crate::{LocalTrainer, Result};
 /// Median timings of one micro-batch (`micro_batch_size x seq_len` tokens) of the run's model.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelBench {
+    /// Parameters of the whole model.
     pub parameters: usize,
     /// Parameters that take part in matmuls (all but an untied embedding table).
     pub matmul_parameters: usize,
+    /// Tokens of one micro-batch.
     pub tokens_per_micro_batch: usize,
+    /// Median forward of one micro-batch through every piece, ms.
     pub forward_ms: f64,
+    /// Median backward of one micro-batch, ms.
     pub backward_ms: f64,
     /// One optimizer step (clip + AdamW over all shards); a training step has one per
     /// `micro_batches` micro-batches.
     pub optimizer_ms: f64,
+    /// Backward time over forward time.
     pub backward_forward_ratio: f64,
     /// Training throughput: tokens / (forward + backward + optimizer / micro_batches).
     pub tokens_per_s: f64,
@@ -33,6 +38,7 @@ pub struct ModelBench {
     pub achieved_gflops: f64,
     /// A large f32 candle matmul on this machine, for comparison.
     pub matmul_peak_gflops: f64,
+    /// Timed repetitions behind each median.
     pub iterations: usize,
 }
 

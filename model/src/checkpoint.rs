@@ -50,8 +50,11 @@ pub struct TrainState {
 /// A loaded checkpoint: f32 CPU tensors by HF name.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
+    /// The model's shape (from `config.json`).
     pub config: ModelConfig,
+    /// Every tensor by its HF name.
     pub tensors: HashMap<String, Tensor>,
+    /// The optimizer state and step, when the checkpoint holds one.
     pub state: Option<TrainState>,
 }
 

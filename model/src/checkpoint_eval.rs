@@ -38,6 +38,7 @@ impl Evaluator {
         Self::new(&ck.config, &ck.tensors)
     }
 
+    /// The model's shape.
     pub fn config(&self) -> &ModelConfig {
         self.model.config()
     }

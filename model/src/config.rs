@@ -8,19 +8,28 @@ use crate::Error;
 /// A Llama-style decoder's shape. Field names are those of HF `config.json` (`LlamaConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the MLP's hidden layer.
     pub intermediate_size: usize,
+    /// Decoder layers.
     pub num_hidden_layers: usize,
+    /// Query heads per layer.
     pub num_attention_heads: usize,
     /// Grouped-query attention when smaller than `num_attention_heads`.
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
+    /// Tokens the embedding and head know.
     pub vocab_size: usize,
+    /// Epsilon of every RMSNorm.
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
+    /// Base of the rotary position embedding.
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+    /// Longest sequence the model takes.
     pub max_position_embeddings: usize,
+    /// The head reuses the embedding table.
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// Subspace network rank k (issue #13, [`crate::subspace`]): every residual write goes
@@ -53,15 +62,20 @@ fn default_rope_theta() -> f64 {
 /// Hard caps on untrusted configs, so that a hostile `config.json` cannot make us allocate
 /// terabytes before any tensor is read.
 pub const MAX_HIDDEN: usize = 1 << 16;
+/// Most layers a config may ask for (bounds what an untrusted config allocates).
 pub const MAX_LAYERS: usize = 1 << 10;
+/// Largest vocabulary a config may ask for.
 pub const MAX_VOCAB: usize = 1 << 21;
+/// Longest sequence a config may ask for.
 pub const MAX_POSITIONS: usize = 1 << 20;
 
 impl ModelConfig {
+    /// Key/value heads (the query heads unless grouped-query attention).
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }

@@ -33,9 +33,13 @@ pub const MAX_CORPUS_BYTES: u64 = 4 << 30;
 /// `batch_size` rows of `seq_len` tokens, row-major; `targets` are `inputs` shifted by one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
+    /// Token ids fed to the model.
     pub inputs: Vec<u32>,
+    /// The next token of each input.
     pub targets: Vec<u32>,
+    /// Rows.
     pub batch_size: usize,
+    /// Tokens per row.
     pub seq_len: usize,
 }
 

@@ -12,7 +12,9 @@ pub enum Error {
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: std::path::PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
@@ -28,20 +30,34 @@ pub enum Error {
     Checkpoint(String),
     /// A checkpoint lacks a tensor its config requires.
     #[error("checkpoint is missing tensor {name}")]
-    MissingTensor { name: String },
+    MissingTensor {
+        /// Its HF name.
+        name: String,
+    },
     /// A checkpoint has a tensor its config does not explain (a typo or another architecture).
     #[error("checkpoint has unexpected tensor {name}")]
-    UnexpectedTensor { name: String },
+    UnexpectedTensor {
+        /// Its name in the file.
+        name: String,
+    },
     /// A checkpoint tensor's shape disagrees with the config.
     #[error("tensor {name} has shape {found:?}, config implies {expected:?}")]
     TensorShape {
+        /// The tensor's name.
         name: String,
+        /// The shape the config implies.
         expected: Vec<usize>,
+        /// The shape in the file.
         found: Vec<usize>,
     },
     /// A checkpoint tensor has a dtype we do not load (only f32, f16 and bf16 are weights).
     #[error("tensor {name} has dtype {dtype}, expected F32, F16 or BF16")]
-    TensorDtype { name: String, dtype: String },
+    TensorDtype {
+        /// The tensor's name.
+        name: String,
+        /// Its dtype in the file.
+        dtype: String,
+    },
     /// A shard was asked for a piece it does not hold, or pieces were combined wrongly (e.g. a
     /// tied head without its embedding, overlapping stages).
     #[error("piece: {0}")]
@@ -59,4 +75,5 @@ pub enum Error {
     State(String),
 }
 
+/// The model crate's results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -34,6 +34,7 @@ impl Model {
         })
     }
 
+    /// The model's shape.
     pub fn config(&self) -> &ModelConfig {
         self.shard.config()
     }

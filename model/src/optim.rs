@@ -6,8 +6,11 @@ use std::f64::consts::PI;
 /// AdamW hyper-parameters (the learning rate is passed per step, from [`LrSchedule`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamW {
+    /// Decay of the first moment.
     pub beta1: f64,
+    /// Decay of the second moment.
     pub beta2: f64,
+    /// Added to the second moment's root (no division by zero).
     pub eps: f64,
     /// Decoupled weight decay (`w *= 1 - lr * weight_decay`), applied to matrices only, not to
     /// RMSNorm weights.
@@ -40,9 +43,13 @@ pub fn clip_scale(total_sq_norm: f64, max_norm: f64) -> f64 {
 /// Linear warmup to `lr`, then cosine decay to `min_lr` at `total_steps`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LrSchedule {
+    /// Peak learning rate.
     pub lr: f64,
+    /// Learning rate at the end of the decay.
     pub min_lr: f64,
+    /// Steps of the linear warmup.
     pub warmup_steps: u64,
+    /// Steps of the run (where the decay ends).
     pub total_steps: u64,
 }
 

@@ -43,6 +43,7 @@ pub struct PrepareOptions {
     pub inputs: Vec<PathBuf>,
     /// A HF tokenizer.json (or a folder holding one).
     pub tokenizer: PathBuf,
+    /// The dataset folder to write.
     pub out: PathBuf,
     /// Tokenizing threads.
     pub threads: usize,
@@ -59,23 +60,35 @@ pub struct PrepareOptions {
 /// What a prepare run did.
 #[derive(Debug, Clone, Serialize)]
 pub struct PrepareSummary {
+    /// The dataset folder.
     pub out: String,
+    /// Input files read.
     pub files: usize,
+    /// Documents tokenized.
     pub documents: u64,
+    /// Input bytes.
     pub bytes: u64,
+    /// Tokens written.
     pub tokens: u64,
+    /// Tokens in the training split.
     pub train_tokens: u64,
+    /// Tokens in the validation split.
     pub val_tokens: u64,
+    /// Shard files written.
     pub shards: usize,
     /// Chunks skipped because an earlier run had written them.
     pub resumed_chunks: u64,
+    /// Tokenizing threads used.
     pub threads: usize,
+    /// Wall seconds.
     pub wall_s: f64,
     /// Process CPU seconds (user + system) spent.
     pub cpu_s: f64,
     /// Input MB (10^6 bytes) tokenized per wall second, and per CPU second (per core).
     pub mb_per_s: f64,
+    /// Input MB tokenized per CPU second.
     pub mb_per_s_per_core: f64,
+    /// Input bytes per token (the tokenizer's compression).
     pub bytes_per_token: f64,
 }
 
@@ -87,6 +100,7 @@ pub struct Progress {
     pub job: String,
     /// Chunks whose tokens are in finished shards.
     pub chunks_done: u64,
+    /// Every chunk is in a finished shard.
     pub complete: bool,
 }
 

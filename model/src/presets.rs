@@ -19,20 +19,33 @@ use crate::{Error, ModelConfig, RunConfig};
 /// A named model shape with its stage split and micro-batch geometry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Preset {
+    /// The name `--preset` takes.
     pub name: &'static str,
+    /// One line on what it is for.
     pub about: &'static str,
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the MLP's hidden layer.
     pub intermediate_size: usize,
+    /// Decoder layers.
     pub layers: usize,
+    /// Query heads per layer.
     pub heads: usize,
+    /// Key/value heads per layer.
     pub kv_heads: usize,
+    /// Longest sequence.
     pub max_positions: usize,
     /// Stage boundaries in layers.
     pub stages: &'static [usize],
+    /// Micro-batches per step.
     pub micro_batches: usize,
+    /// Sequences per micro-batch.
     pub micro_batch_size: usize,
+    /// Tokens per sequence.
     pub seq_len: usize,
+    /// Peak learning rate.
     pub lr: f64,
+    /// Final learning rate.
     pub min_lr: f64,
 }
 
@@ -154,6 +167,7 @@ impl Preset {
 /// What one stage of a run needs in memory, by term (bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageMemory {
+    /// Parameters of the stage.
     pub parameters: u64,
     /// fp32 weights.
     pub weights: u64,
@@ -167,6 +181,7 @@ pub struct StageMemory {
     /// What one micro-batch's forward keeps until its backward (`Shard::stage_forward`'s
     /// context): each layer's saved activations ([`layer_activation_bytes_per_token`]).
     pub activations_per_micro_batch: u64,
+    /// Micro-batches whose forward context the stage holds at once.
     pub micro_batches_in_flight: u64,
     /// A backward pass on top of the contexts: the micro-batch's own parameter gradients (held
     /// until added into the accumulators), the output-gradient frame, and the largest transient

@@ -28,10 +28,13 @@ pub struct RunConfig {
     /// The model shape, the fields of HF `config.json`.
     #[serde(default = "default_model", deserialize_with = "strict_model")]
     pub model: ModelConfig,
+    /// `[train]`: steps, batch geometry, optimizer.
     #[serde(default)]
     pub train: TrainConfig,
+    /// `[data]`: the corpus.
     #[serde(default)]
     pub data: DataConfig,
+    /// `[codec]`: the codec of each channel.
     #[serde(default)]
     pub codec: CodecConfig,
     /// How the replicas of a stage stay identical (absent: every step, `[codec] sync`).
@@ -59,6 +62,7 @@ pub enum SyncMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyncConfig {
+    /// Every step or multi-step (SparseLoCo).
     pub mode: SyncMode,
     /// Steps between sync boundaries (H); the run's last step is a boundary too.
     pub every: u64,
@@ -115,6 +119,7 @@ pub struct TrainConfig {
     pub lr: f64,
     /// Learning rate at the end of the cosine decay.
     pub min_lr: f64,
+    /// Steps of the linear warmup.
     pub warmup_steps: u64,
     /// AdamW decoupled weight decay (matrices only).
     pub weight_decay: f64,

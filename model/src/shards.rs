@@ -74,7 +74,9 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
+    /// Ids below 2^16, two bytes each.
     U16,
+    /// Four bytes each.
     U32,
 }
 
@@ -101,16 +103,22 @@ impl Dtype {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
+    /// The training split.
     Train,
+    /// The validation split.
     Val,
 }
 
 /// The header of one of our shards.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardHeader {
+    /// Width of its ids.
     pub dtype: Dtype,
+    /// Tokens it holds.
     pub tokens: u64,
+    /// Every id is below this.
     pub vocab_size: u32,
+    /// BLAKE3 of the tokenizer it was made with.
     pub tokenizer_hash: [u8; 32],
 }
 
@@ -303,14 +311,17 @@ impl TokenShard {
         self.len
     }
 
+    /// Whether it holds no token.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// Width of its ids.
     pub fn dtype(&self) -> Dtype {
         self.dtype
     }
 
+    /// Ours or another format's.
     pub fn kind(&self) -> ShardKind {
         self.kind
     }
@@ -372,7 +383,9 @@ impl TokenShard {
 pub struct ShardEntry {
     /// File name inside the dataset folder (no path separators).
     pub file: String,
+    /// Tokens it holds.
     pub tokens: u64,
+    /// Its split.
     pub split: Split,
 }
 
@@ -384,6 +397,7 @@ pub struct TokenizerInfo {
     pub name: String,
     /// BLAKE3 of the tokenizer.json bytes, hex.
     pub hash: String,
+    /// Its vocabulary size.
     pub vocab_size: usize,
 }
 
@@ -393,11 +407,15 @@ pub struct TokenizerInfo {
 pub struct Manifest {
     /// Always [`FORMAT`].
     pub format: String,
+    /// The manifest's format version.
     pub version: u32,
+    /// The tokenizer the dataset was made with.
     pub tokenizer: TokenizerInfo,
     /// Token between documents.
     pub end_of_document: u32,
+    /// Width of the shards' ids.
     pub dtype: Dtype,
+    /// Every shard, in order.
     pub shards: Vec<ShardEntry>,
     /// Resume bookkeeping of `swarm data prepare` (absent in datasets made elsewhere).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -474,12 +492,15 @@ impl Manifest {
 /// A dataset's shards, opened: the training and validation splits in order.
 #[derive(Debug)]
 pub struct ShardSet {
+    /// The training split, in order.
     pub train: Vec<TokenShard>,
+    /// The validation split, in order.
     pub val: Vec<TokenShard>,
     /// Every id is below this.
     pub vocab_size: usize,
     /// Hash of the tokenizer (hex), when the dataset records it.
     pub tokenizer_hash: Option<String>,
+    /// The token between documents, when the dataset records it.
     pub end_of_document: Option<u32>,
 }
 
@@ -602,6 +623,7 @@ pub struct ShardWriter {
 }
 
 impl ShardWriter {
+    /// Starts a shard at `path` (written to a temporary file until finished) for ids of `dtype` below `vocab_size`, made with the tokenizer of `tokenizer_hash`.
     pub fn create(
         path: &Path,
         dtype: Dtype,
@@ -632,6 +654,7 @@ impl ShardWriter {
         self.header.tokens
     }
 
+    /// Whether no token was written.
     pub fn is_empty(&self) -> bool {
         self.header.tokens == 0
     }

@@ -119,6 +119,7 @@ impl Subspace {
         }))
     }
 
+    /// The rank k.
     pub fn rank(&self) -> usize {
         self.rank
     }

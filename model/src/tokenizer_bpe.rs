@@ -89,6 +89,7 @@ fn bytes_to_unicode() -> [char; 256] {
 }
 
 impl BpeTokenizer {
+    /// Loads a HF tokenizer.json (BPE, byte-level or SentencePiece-style).
     pub fn from_file(path: &Path) -> Result<Self, Error> {
         let io = |source| Error::Io {
             path: path.to_path_buf(),

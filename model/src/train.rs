@@ -285,6 +285,7 @@ impl LocalTrainer {
         })
     }
 
+    /// The run's config.
     pub fn config(&self) -> &RunConfig {
         &self.cfg
     }
