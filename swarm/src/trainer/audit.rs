@@ -275,7 +275,13 @@ pub struct Auditor {
     grad: Codec,
     limits: Limits,
     timeout: Duration,
+    /// Proven bans (peer, step, stage, reason, evidence) given to a [`Auditor::stand_in`], for
+    /// the auditor to record when it is back.
+    deferred: Option<Vec<DeferredBan>>,
 }
+
+/// A proven ban a stand-in took: (peer, step, stage, reason, evidence).
+pub(crate) type DeferredBan = (PeerId, u64, u32, String, [u8; 32]);
 
 impl std::fmt::Debug for Auditor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -324,8 +330,43 @@ impl Auditor {
             grad: config.codec.gradients.parse()?,
             limits: Limits::new(elems),
             timeout,
+            deferred: None,
             cfg,
         })
+    }
+
+    /// What holds the auditor's place in the driver while the auditor itself is lent to the
+    /// step's audits, which run concurrently with the sync round: it audits nothing and keeps
+    /// any proven ban ([`Auditor::ban_proven`]) for [`Auditor::take_deferred`].
+    pub(crate) fn stand_in(&self) -> Auditor {
+        Auditor {
+            cfg: AuditConfig {
+                rate: 0.0,
+                ledger: None,
+                ..self.cfg.clone()
+            },
+            secret: [0; 32],
+            ledger: None,
+            step: self.step,
+            seen: HashMap::new(),
+            served: HashMap::new(),
+            banned: self.banned.clone(),
+            inner: Vec::new(),
+            states: HashMap::new(),
+            state_lies: HashMap::new(),
+            states_step: 0,
+            stats: AuditStats::default(),
+            act: self.act,
+            grad: self.grad,
+            limits: self.limits,
+            timeout: self.timeout,
+            deferred: Some(Vec::new()),
+        }
+    }
+
+    /// The proven bans a stand-in took, to record with the auditor.
+    pub(crate) fn take_deferred(&mut self) -> Vec<DeferredBan> {
+        self.deferred.take().unwrap_or_default()
     }
 
     /// How it audits.
@@ -578,6 +619,15 @@ impl Auditor {
         reason: String,
         evidence: [u8; 32],
     ) -> Ban {
+        if let Some(d) = self.deferred.as_mut() {
+            d.push((peer, step, stage, reason.clone(), evidence));
+            self.banned.insert(peer);
+            return Ban {
+                peer,
+                stage,
+                reason,
+            };
+        }
         let ban = self.ban(peer, step, stage, reason, evidence);
         if self.banned.insert(peer) {
             self.stats.banned.push(peer);

@@ -77,3 +77,38 @@ fn link_mismatches_are_pinned_on_the_liar() {
     let fr2 = sign(&pi, 1, Pass::Forward, b"a0", b"a1'");
     assert_eq!(down(&df2, &db, Some(fr2)), Some(p));
 }
+
+/// While the auditor is lent to the step's audits, a proven ban the driver finds meanwhile (a
+/// bad state served during the sync) goes to the stand-in, which keeps it for the auditor: it
+/// reaches the ledger and the stats once the auditor is back, and is not lost.
+#[test]
+fn a_stand_in_keeps_proven_bans_for_the_auditor() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = Identity::from_secret([9; 32]);
+    let cfg = AuditConfig {
+        ledger: Some(dir.path().join("ledger")),
+        ..AuditConfig::default()
+    };
+    let config = RunConfig::default();
+    let mut auditor =
+        Auditor::new(cfg, &id, RunId([3; 16]), &config, Duration::from_secs(1)).unwrap();
+    let mut stand_in = auditor.stand_in();
+    let cheat = PeerId([7; 32]);
+    let ban = stand_in.ban_proven(cheat, 5, 1, "bad state".into(), [1; 32]);
+    assert_eq!(ban.peer, cheat);
+    assert!(auditor.stats.banned.is_empty(), "nothing recorded yet");
+    for (peer, step, stage, reason, evidence) in stand_in.take_deferred() {
+        auditor.ban_proven(peer, step, stage, reason, evidence);
+    }
+    assert_eq!(auditor.stats.banned, vec![cheat]);
+    assert!(auditor.is_banned(&cheat));
+    let bytes = std::fs::read(dir.path().join("ledger")).unwrap();
+    let v = crate::ledger::verify(&bytes, &crate::ledger::Expect::default()).unwrap();
+    assert!(
+        crate::ledger::credits(&v.entries)
+            .iter()
+            .any(|c| c.peer == cheat && c.banned)
+    );
+    // The auditor itself never defers.
+    assert!(auditor.take_deferred().is_empty());
+}

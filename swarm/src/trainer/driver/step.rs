@@ -78,17 +78,52 @@ impl Trainer {
                     }
                     FlowEvent::Probed { dead }
                 }
-                FlowAction::Audit => {
-                    self.metrics.enter(Part::Audits);
-                    let bans = self.audit_step(step, epoch, flow.machine().book()).await;
+                FlowAction::AuditAndSync {
+                    stages,
+                    rounds,
+                    phase,
+                } => {
+                    // The audits run while the round syncs: nothing is applied before both are
+                    // done, and their round trips hide behind the sync's. Time past the sync's
+                    // end is the audits'.
+                    self.metrics.enter(Part::Sync);
+                    let book = flow.machine().book();
+                    let (config, ps) = (self.opts.config.clone(), self.peer.shared().clone());
+                    let view = self.audit_view(step, epoch, book, &config, &ps);
+                    let stand_in = self.audit.stand_in();
+                    let mut auditor = std::mem::replace(&mut self.audit, stand_in);
+                    let audit = async {
+                        let bans = auditor.audit_step(&view).await;
+                        (bans, Instant::now())
+                    };
+                    let sync = async {
+                        let r = self
+                            .sync_stages(step, epoch, book, &stages, &rounds, phase, on_event)
+                            .await;
+                        (r, Instant::now())
+                    };
+                    let ((bans, audited_at), (outcome, synced_at)) = tokio::join!(audit, sync);
+                    let mut stand_in = std::mem::replace(&mut self.audit, auditor);
+                    for (peer, at, k, reason, evidence) in stand_in.take_deferred() {
+                        self.audit.ban_proven(peer, at, k, reason, evidence);
+                    }
+                    if audited_at > synced_at {
+                        self.metrics
+                            .reassign(Part::Sync, Part::Audits, audited_at - synced_at);
+                    }
                     self.metrics.enter(Part::Barrier);
+                    let outcome = outcome?;
                     for b in &bans {
                         self.observer.ban(&b.peer, b.stage, &b.reason, step);
                         self.shared.reg(|r| r.banned.insert(b.peer));
                         self.lose_peer(b.peer, on_event);
                     }
-                    FlowEvent::Audited {
+                    for p in &outcome.failed_peers {
+                        self.lose_peer(*p, on_event);
+                    }
+                    FlowEvent::AuditedAndSynced {
                         banned: bans.iter().map(|b| b.peer).collect(),
+                        outcome,
                     }
                 }
                 FlowAction::Discard { stages } => {
@@ -351,13 +386,15 @@ impl Trainer {
         Ok(())
     }
 
-    /// Runs the step's audits (see `audit.rs`); returns the bans.
-    pub(super) async fn audit_step(
-        &mut self,
+    /// What the step's audits (see `audit.rs`) need to know of it.
+    fn audit_view<'a>(
+        &self,
         step: u64,
         epoch: u32,
         book: &StepBook,
-    ) -> Vec<crate::trainer::audit::Ban> {
+        config: &'a RunConfig,
+        ps: &'a Arc<PeerShared>,
+    ) -> crate::trainer::audit::StepView<'a> {
         let stages = self.num_stages();
         let replicas = (0..stages)
             .map(|k| {
@@ -366,13 +403,11 @@ impl Trainer {
                 v
             })
             .collect();
-        let ps = self.peer.shared().clone();
-        let config = self.opts.config.clone();
-        let view = crate::trainer::audit::StepView {
+        crate::trainer::audit::StepView {
             run: self.shared.run,
             epoch,
             step,
-            config: &config,
+            config,
             attempts: (0..book.micro_batches())
                 .map(|mb| book.current_attempt(mb))
                 .collect(),
@@ -393,9 +428,8 @@ impl Trainer {
             } else {
                 Default::default()
             },
-            peer: &ps,
-        };
-        self.audit.audit_step(&view).await
+            peer: ps,
+        }
     }
 
     /// Audit counters so far.

@@ -13,10 +13,12 @@
 //! 2. A probe of the replicas still to sync: one that died after counting must not be asked to
 //!    sync (a crash during the sync costs a redo). A death makes micro-batches incomplete: back
 //!    to 1.
-//! 3. Audits, before any stage synced (the replicas still hold the step's weights, receipts and
-//!    frames). A ban discards the step's gradients everywhere (they may hold the cheater's
-//!    outputs): every stage is reset and every micro-batch runs again (1).
-//! 4. The sync of the stages not yet synced. A stage whose round broke (a participant lost
+//! 3. Audits, while the first sync round of every stage runs (nobody applies before both are
+//!    done, so the replicas still hold the step's weights, receipts and frames, and the audits'
+//!    round trips hide behind the sync's). A ban discards the step's gradients everywhere, the
+//!    round's sums included (they may hold the cheater's outputs): every stage is reset and
+//!    every micro-batch runs again (1).
+//! 4. The sync of the stages not yet synced (a redo, below: no audit runs again). A stage whose round broke (a participant lost
 //!    before every survivor summed) is reset to the step's start and its micro-batches run
 //!    again for that stage only (1), in its next round.
 //! 5. The optimizer step of the ends (with the global norm of every stage's), then the apply on
@@ -67,8 +69,16 @@ pub enum FlowAction {
         /// The stages still to sync.
         stages: Vec<usize>,
     },
-    /// Audit the step; answer [`FlowEvent::Audited`].
-    Audit,
+    /// Audit the step while running the first sync round of every stage (as
+    /// [`FlowAction::Sync`]); answer [`FlowEvent::AuditedAndSynced`].
+    AuditAndSync {
+        /// Every stage.
+        stages: Vec<usize>,
+        /// Every stage's round number.
+        rounds: Vec<u32>,
+        /// A gradient all-reduce, or a multi-step sync's local round.
+        phase: SyncPhase,
+    },
     /// Discard the step's gradients: reset every stage's replicas to the step's start and zero
     /// the ends' gradients; answer [`FlowEvent::Discarded`].
     Discard {
@@ -133,10 +143,13 @@ pub enum FlowEvent {
         /// The replicas that did not answer.
         dead: Vec<PeerId>,
     },
-    /// The audits banned these replicas (taken out of the run already).
-    Audited {
+    /// The audits banned these replicas (taken out of the run already), and the sync round run
+    /// meanwhile ended with this outcome (its failed peers taken out of the run already).
+    AuditedAndSynced {
         /// The replicas banned.
         banned: Vec<PeerId>,
+        /// The sync round's outcome.
+        outcome: SyncOutcome,
     },
     /// The step's gradients are discarded everywhere.
     Discarded,
@@ -246,8 +259,8 @@ impl StepFlow {
         self.state_lost = true;
         let next = match self.state {
             State::MicroBatches => State::Abandon,
-            State::Sync | State::OuterSync if !self.issued => {
-                if self.state == State::Sync {
+            State::Audit | State::Sync | State::OuterSync if !self.issued => {
+                if self.state != State::OuterSync {
                     State::Abandon
                 } else {
                     State::Finish
@@ -271,7 +284,11 @@ impl StepFlow {
             State::Probe => FlowAction::Probe {
                 stages: self.pending.clone(),
             },
-            State::Audit => FlowAction::Audit,
+            State::Audit => FlowAction::AuditAndSync {
+                stages: self.pending.clone(),
+                rounds: self.rounds.clone(),
+                phase: self.gradient_phase(),
+            },
             State::Discard => FlowAction::Discard {
                 stages: (0..self.cfg.stages).collect(),
             },
@@ -324,11 +341,12 @@ impl StepFlow {
                     self.after_probe()
                 }
             }
-            (State::Audit, FlowEvent::Audited { banned }) => {
-                // The banned are out of the run; the discard drops every count, theirs too.
+            (State::Audit, FlowEvent::AuditedAndSynced { banned, outcome }) => {
                 if banned.is_empty() {
-                    State::Sync
+                    self.synced(outcome, now)
                 } else {
+                    // The banned are out of the run; the discard drops every count and every
+                    // sum the round made, theirs too.
                     State::Discard
                 }
             }
@@ -336,27 +354,7 @@ impl StepFlow {
                 self.sm.handle(Event::Discarded, now);
                 State::MicroBatches
             }
-            (State::Sync, FlowEvent::Synced(outcome)) => {
-                for &(k, norm, parts) in &outcome.done {
-                    self.norms[k] = Some(norm);
-                    self.participants[k] = parts;
-                    // Its replicas hold the summed gradient: losing one now costs no count.
-                    self.sm.handle(Event::StageSynced(k as u16), now);
-                }
-                self.mismatches += outcome.norm_mismatches;
-                for p in &outcome.failed_peers {
-                    self.sm.handle(Event::PeerLost(*p), now);
-                }
-                self.pending.retain(|k| self.norms[*k].is_none());
-                if self.pending.is_empty() {
-                    State::Optimize
-                } else {
-                    for &k in &self.pending {
-                        self.rounds[k] += 1;
-                    }
-                    State::Reset
-                }
-            }
+            (State::Sync, FlowEvent::Synced(outcome)) => self.synced(outcome, now),
             (State::Reset, FlowEvent::Reset) => {
                 // The survivors were stuck in the sync with their accumulators; reset to the
                 // step's start (nobody applied), their micro-batches run again.
@@ -405,8 +403,32 @@ impl StepFlow {
         self.issued = false;
     }
 
-    /// After a probe that found every micro-batch still counted: audits while no stage synced
-    /// (the replicas still hold the step's weights), else the sync of the rest.
+    /// A sync round's outcome: the stages done keep their norms; the broken ones are reset.
+    fn synced(&mut self, outcome: SyncOutcome, now: Instant) -> State {
+        for &(k, norm, parts) in &outcome.done {
+            self.norms[k] = Some(norm);
+            self.participants[k] = parts;
+            // Its replicas hold the summed gradient: losing one now costs no count.
+            self.sm.handle(Event::StageSynced(k as u16), now);
+        }
+        self.mismatches += outcome.norm_mismatches;
+        for p in &outcome.failed_peers {
+            self.sm.handle(Event::PeerLost(*p), now);
+        }
+        self.pending.retain(|k| self.norms[*k].is_none());
+        if self.pending.is_empty() {
+            State::Optimize
+        } else {
+            for &k in &self.pending {
+                self.rounds[k] += 1;
+            }
+            State::Reset
+        }
+    }
+
+    /// After a probe that found every micro-batch still counted: audits with the first round
+    /// while no stage synced (the replicas still hold the step's weights), else the sync of the
+    /// rest.
     fn after_probe(&self) -> State {
         if self.pending.len() == self.cfg.stages {
             State::Audit

@@ -102,34 +102,45 @@ fn drive_on(
     panic!("the micro-batches never finished");
 }
 
-/// A step whose micro-batches ran and whose probe found nobody dead: the audit was asked for.
+/// A step whose micro-batches ran and whose probe found nobody dead: the audits with the first
+/// sync round of every stage were asked for (in the step's sync phase).
 fn probed(drifts: bool, outer_boundary: bool, now: Instant) -> StepFlow {
     let mut f = flow(drifts, outer_boundary);
     next(&mut f, now);
     drive(&mut f, now);
-    for e in [
-        FlowEvent::MicroBatchesDone,
-        FlowEvent::Probed { dead: vec![] },
-    ] {
-        f.handle(e, now);
-        next(&mut f, now);
-    }
-    f
-}
-
-/// [`probed`], and the audits banned nobody: the sync was asked for.
-fn audited(drifts: bool, outer_boundary: bool, now: Instant) -> StepFlow {
-    let mut f = probed(drifts, outer_boundary, now);
-    f.handle(FlowEvent::Audited { banned: vec![] }, now);
+    f.handle(FlowEvent::MicroBatchesDone, now);
     next(&mut f, now);
+    f.handle(FlowEvent::Probed { dead: vec![] }, now);
+    let phase = if drifts {
+        SyncPhase::Local
+    } else {
+        SyncPhase::Gradient
+    };
+    assert_eq!(
+        next(&mut f, now),
+        FlowAction::AuditAndSync {
+            stages: vec![0, 1],
+            rounds: vec![0, 0],
+            phase
+        }
+    );
     f
 }
 
-/// [`audited`], then synced, optimized and applied cleanly (the next action follows the apply).
+/// The audits banned nobody and the round they ran with ended with `outcome`.
+fn audited_and_synced(outcome: SyncOutcome) -> FlowEvent {
+    FlowEvent::AuditedAndSynced {
+        banned: vec![],
+        outcome,
+    }
+}
+
+/// [`probed`], then audited, synced, optimized and applied cleanly (the next action follows the
+/// apply).
 fn applied(drifts: bool, outer_boundary: bool, now: Instant) -> StepFlow {
-    let mut f = audited(drifts, outer_boundary, now);
+    let mut f = probed(drifts, outer_boundary, now);
     for e in [
-        FlowEvent::Synced(synced(&[(0, 1.0), (1, 1.0)], &[])),
+        audited_and_synced(synced(&[(0, 1.0), (1, 1.0)], &[])),
         FlowEvent::Optimized,
     ] {
         f.handle(e, now);
@@ -162,17 +173,15 @@ fn a_clean_step_runs_the_phases_in_order() {
     f.handle(FlowEvent::MicroBatchesDone, now);
     assert_eq!(next(&mut f, now), FlowAction::Probe { stages: vec![0, 1] });
     f.handle(FlowEvent::Probed { dead: vec![] }, now);
-    assert_eq!(next(&mut f, now), FlowAction::Audit);
-    f.handle(FlowEvent::Audited { banned: vec![] }, now);
     assert_eq!(
         next(&mut f, now),
-        FlowAction::Sync {
+        FlowAction::AuditAndSync {
             stages: vec![0, 1],
             rounds: vec![0, 0],
             phase: SyncPhase::Gradient
         }
     );
-    f.handle(FlowEvent::Synced(synced(&[(0, 1.5), (1, 2.5)], &[])), now);
+    f.handle(audited_and_synced(synced(&[(0, 1.5), (1, 2.5)], &[])), now);
     assert_eq!(
         next(&mut f, now),
         FlowAction::Optimize {
@@ -215,16 +224,22 @@ fn a_death_found_by_the_probe_reruns_its_counts_before_any_sync() {
     f.handle(FlowEvent::MicroBatchesDone, now);
     assert_eq!(next(&mut f, now), FlowAction::Probe { stages: vec![0, 1] });
     f.handle(FlowEvent::Probed { dead: vec![] }, now);
-    assert_eq!(next(&mut f, now), FlowAction::Audit);
+    assert!(matches!(next(&mut f, now), FlowAction::AuditAndSync { .. }));
 }
 
-/// An audit's ban discards the step: every stage reset, every micro-batch runs again in every
-/// column from a fresh book.
+/// An audit's ban discards the step, the sums of the round that ran meanwhile included: every
+/// stage reset, every micro-batch runs again in every column from a fresh book.
 #[test]
 fn a_ban_discards_the_step_and_reruns_every_micro_batch() {
     let now = Instant::now();
     let mut f = probed(false, false, now);
-    f.handle(FlowEvent::Audited { banned: vec![p(3)] }, now);
+    f.handle(
+        FlowEvent::AuditedAndSynced {
+            banned: vec![p(3)],
+            outcome: synced(&[(0, 1.0), (1, 1.0)], &[]),
+        },
+        now,
+    );
     assert_eq!(
         next(&mut f, now),
         FlowAction::Discard { stages: vec![0, 1] }
@@ -242,9 +257,9 @@ fn a_ban_discards_the_step_and_reruns_every_micro_batch() {
 #[test]
 fn a_death_mid_sync_resets_and_redoes_only_the_broken_stage() {
     let now = Instant::now();
-    let mut f = audited(false, false, now);
+    let mut f = probed(false, false, now);
     // Stage 1 synced; stage 0 lost peer 2 before peer 1 summed.
-    f.handle(FlowEvent::Synced(synced(&[(1, 2.5)], &[p(2)])), now);
+    f.handle(audited_and_synced(synced(&[(1, 2.5)], &[p(2)])), now);
     assert_eq!(next(&mut f, now), FlowAction::Reset { stages: vec![0] });
     f.handle(FlowEvent::Reset, now);
     assert_eq!(next(&mut f, now), FlowAction::MicroBatches);
@@ -285,9 +300,13 @@ fn a_lost_state_abandons_before_work_and_skips_the_outer_round() {
     assert_eq!(next(&mut f, now), FlowAction::Abandon);
     assert_eq!(f.poll_action(now), None);
 
-    // Lost during the audits: no sync starts.
-    let mut f = probed(true, true, now);
-    f.handle(FlowEvent::Audited { banned: vec![] }, now);
+    // Lost before the audits and the first sync round: neither starts.
+    let mut f = flow(true, true);
+    next(&mut f, now);
+    drive(&mut f, now);
+    f.handle(FlowEvent::MicroBatchesDone, now);
+    next(&mut f, now);
+    f.handle(FlowEvent::Probed { dead: vec![] }, now);
     f.state_lost();
     assert_eq!(next(&mut f, now), FlowAction::Abandon);
 
@@ -303,16 +322,7 @@ fn a_lost_state_abandons_before_work_and_skips_the_outer_round() {
 fn outer_rounds_are_redone_for_the_stages_that_lost_a_participant() {
     let now = Instant::now();
     let mut f = probed(true, true, now);
-    f.handle(FlowEvent::Audited { banned: vec![] }, now);
-    assert_eq!(
-        next(&mut f, now),
-        FlowAction::Sync {
-            stages: vec![0, 1],
-            rounds: vec![0, 0],
-            phase: SyncPhase::Local
-        }
-    );
-    f.handle(FlowEvent::Synced(synced(&[(0, 1.0), (1, 1.0)], &[])), now);
+    f.handle(audited_and_synced(synced(&[(0, 1.0), (1, 1.0)], &[])), now);
     next(&mut f, now);
     f.handle(FlowEvent::Optimized, now);
     assert_eq!(
