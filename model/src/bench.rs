@@ -40,6 +40,19 @@ pub struct ModelBench {
     pub matmul_peak_gflops: f64,
     /// Timed repetitions behind each median.
     pub iterations: usize,
+    /// Where a micro-batch's time goes: mean milliseconds per timed micro-batch for each op
+    /// (`fwd.*` / `bwd.*`: the decoder layers, all stages summed; `head.*`, `embed.*`: the ends;
+    /// `stage.convert`: tensors in and out of the layers; `optimizer`: the step), largest first.
+    pub ops: Vec<OpTime>,
+}
+
+/// One line of [`ModelBench::ops`].
+#[derive(Debug, Clone, Serialize)]
+pub struct OpTime {
+    pub op: String,
+    pub ms: f64,
+    /// Share of forward + backward + optimizer time.
+    pub share: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -59,6 +72,9 @@ pub fn bench_model(cfg: &RunConfig, warmup: usize, iterations: usize) -> Result<
     let mut bwd = Vec::new();
     let mut opt = Vec::new();
     for i in 0..warmup + iterations.max(1) {
+        if i == warmup {
+            crate::profile::enable(true);
+        }
         let toks: Vec<u32> = (0..bs * (seq + 1))
             .map(|_| rng.random_range(0..vocab))
             .collect();
@@ -69,7 +85,9 @@ pub fn bench_model(cfg: &RunConfig, warmup: usize, iterations: usize) -> Result<
             seq_len: seq,
         };
         let (f, b, o) = tr.timed_micro_batch(&batch, |shards| {
-            apply_step(shards, &cfg.adamw(), 1e-4, t.grad_clip).map(|_| ())
+            crate::profile::timed("optimizer", || {
+                apply_step(shards, &cfg.adamw(), 1e-4, t.grad_clip).map(|_| ())
+            })
         })?;
         if i >= warmup {
             fwd.push(f);
@@ -77,6 +95,18 @@ pub fn bench_model(cfg: &RunConfig, warmup: usize, iterations: usize) -> Result<
             opt.push(o);
         }
     }
+    let total: f64 = fwd.iter().chain(&bwd).chain(&opt).sum();
+    let n = fwd.len() as f64;
+    let mut ops: Vec<OpTime> = crate::profile::totals()
+        .into_iter()
+        .map(|(op, s, _)| OpTime {
+            op: op.to_string(),
+            ms: s / n * 1e3,
+            share: s / total,
+        })
+        .collect();
+    crate::profile::enable(false);
+    ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     let (f, b, o) = (median(fwd), median(bwd), median(opt));
     let tokens = bs * seq;
     let params = cfg.model.num_parameters();
@@ -99,6 +129,7 @@ pub fn bench_model(cfg: &RunConfig, warmup: usize, iterations: usize) -> Result<
         achieved_gflops: 6.0 * matmul_params as f64 * tokens as f64 / (f + b) / 1e9,
         matmul_peak_gflops: matmul_peak(1024, 5)?,
         iterations: iterations.max(1),
+        ops,
     })
 }
 

@@ -26,6 +26,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::ops::{Real, RopeTables};
+use crate::profile::timed;
 
 /// The float types the layers run on (f64 for gradient checks).
 pub(crate) trait Float: Real + Send + Sync {}
@@ -103,7 +104,7 @@ pub(crate) struct LayerActs<T> {
 /// v, o, post-attention norm, gate, up, down.
 pub(crate) type LayerGrads<T> = [Vec<T>; 9];
 
-fn threads() -> Parallelism {
+pub(crate) fn threads() -> Parallelism {
     match rayon::current_num_threads() {
         0 | 1 => Parallelism::None,
         n => Parallelism::Rayon(n),
@@ -112,13 +113,13 @@ fn threads() -> Parallelism {
 
 /// A strided matrix view: element `(r, c)` is `data[r * rs + c * cs]`.
 #[derive(Clone, Copy)]
-struct View<'a, T> {
+pub(crate) struct View<'a, T> {
     data: &'a [T],
     rs: usize,
     cs: usize,
 }
 
-fn view<T>(data: &[T], rs: usize, cs: usize) -> View<'_, T> {
+pub(crate) fn view<T>(data: &[T], rs: usize, cs: usize) -> View<'_, T> {
     View { data, rs, cs }
 }
 
@@ -135,7 +136,7 @@ fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
 /// old contents of `dst` are added.
 #[allow(clippy::too_many_arguments)]
 #[allow(unsafe_code)] // the gemm call on checked strides: see the SAFETY comment inside
-fn matmul<T: Float>(
+pub(crate) fn matmul<T: Float>(
     m: usize,
     n: usize,
     k: usize,
@@ -186,7 +187,7 @@ fn matmul<T: Float>(
 }
 
 /// `x @ w^T` for `x` (`rows x k`, contiguous) and `w` (`n x k`, row-major) into `dst` (`rows x n`).
-fn linear<T: Float>(x: &[T], w: &[T], k: usize, n: usize, dst: &mut [T], acc: bool) {
+pub(crate) fn linear<T: Float>(x: &[T], w: &[T], k: usize, n: usize, dst: &mut [T], acc: bool) {
     let rows = x.len() / k;
     matmul(
         rows,
@@ -202,10 +203,94 @@ fn linear<T: Float>(x: &[T], w: &[T], k: usize, n: usize, dst: &mut [T], acc: bo
 }
 
 /// Rows per parallel task for per-row passes (keeps task overhead small against the work).
-const ROW_BLOCK: usize = 64;
+pub(crate) const ROW_BLOCK: usize = 64;
+
+/// Partial sums kept side by side in the reductions below: a fixed summation order (the same
+/// bits on every machine and thread count) that the compiler can vectorize, which a single
+/// running sum (a chain of dependent adds) prevents.
+const LANES: usize = 8;
+
+/// `sum_i x[i]^2` in f64 over [`LANES`] interleaved partial sums.
+fn sq_sum_f64<T: Float>(x: &[T]) -> f64 {
+    let mut acc = [0f64; LANES];
+    let c = x.chunks_exact(LANES);
+    let mut s = 0f64;
+    for v in c.remainder() {
+        s += v.to_f64() * v.to_f64();
+    }
+    for v in c {
+        for j in 0..LANES {
+            acc[j] += v[j].to_f64() * v[j].to_f64();
+        }
+    }
+    acc.iter().sum::<f64>() + s
+}
+
+/// `sum_i (a[i] b[i]) c[i]` in f64 (`a b` rounded in `T`) over [`LANES`] interleaved partial sums.
+fn dot3_f64<T: Float>(a: &[T], b: &[T], c: &[T]) -> f64 {
+    let mut acc = [0f64; LANES];
+    let (ca, cb, cc) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    let mut s = 0f64;
+    for ((x, y), z) in ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder())
+    {
+        s += (*x * *y).to_f64() * z.to_f64();
+    }
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for j in 0..LANES {
+            acc[j] += (x[j] * y[j]).to_f64() * z[j].to_f64();
+        }
+    }
+    acc.iter().sum::<f64>() + s
+}
+
+/// `sum_i a[i]` over [`LANES`] interleaved partial sums.
+pub(crate) fn sum<T: Float>(a: &[T]) -> T {
+    let mut acc = [T::f(0.0); LANES];
+    let c = a.chunks_exact(LANES);
+    let mut s = T::f(0.0);
+    for v in c.remainder() {
+        s += *v;
+    }
+    for x in c {
+        for j in 0..LANES {
+            acc[j] += x[j];
+        }
+    }
+    for v in acc {
+        s += v;
+    }
+    s
+}
+
+/// The largest element of a non-empty slice (NaNs ignored unless all are NaN).
+pub(crate) fn max<T: Float>(a: &[T]) -> T {
+    let mut acc = [a[0]; LANES];
+    let c = a.chunks_exact(LANES);
+    let mut m = a[0];
+    for &v in c.remainder() {
+        m = if v > m { v } else { m };
+    }
+    for x in c {
+        for j in 0..LANES {
+            acc[j] = if x[j] > acc[j] { x[j] } else { acc[j] };
+        }
+    }
+    for v in acc {
+        m = if v > m { v } else { m };
+    }
+    m
+}
 
 /// RMSNorm with weight: returns `(x * r) * w` per row and `r = 1 / rms(row)`.
-fn rms_forward<T: Float>(x: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
+pub(crate) fn rms_forward<T: Float>(x: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
     let h = w.len();
     let rows = x.len() / h;
     let mut xn = vec![T::f(0.0); x.len()];
@@ -215,11 +300,7 @@ fn rms_forward<T: Float>(x: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
         .zip(x.par_chunks(h * ROW_BLOCK))
         .for_each(|((xn, r), x)| {
             for ((xn, r), x) in xn.chunks_exact_mut(h).zip(r).zip(x.chunks_exact(h)) {
-                let mut ss = 0f64;
-                for &v in x {
-                    let v = v.to_f64();
-                    ss += v * v;
-                }
+                let ss = sq_sum_f64(x);
                 *r = T::f(1.0 / (ss / h as f64 + eps).sqrt());
                 for ((o, &v), &wi) in xn.iter_mut().zip(x).zip(w) {
                     *o = v * *r * wi;
@@ -231,7 +312,7 @@ fn rms_forward<T: Float>(x: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
 
 /// Backward of [`rms_forward`]: adds the input gradient into `dx` and returns the weight's.
 /// `dxhat = dxn * w`; `dx += r * (dxhat - x * r^2 mean(dxhat * x))`; `dw = sum_rows dxn * x * r`.
-fn rms_backward<T: Float>(x: &[T], r: &[T], w: &[T], dxn: &[T], dx: &mut [T]) -> Vec<T> {
+pub(crate) fn rms_backward<T: Float>(x: &[T], r: &[T], w: &[T], dxn: &[T], dx: &mut [T]) -> Vec<T> {
     let h = w.len();
     let blocks: Vec<Vec<T>> = dx
         .par_chunks_mut(h * ROW_BLOCK)
@@ -246,11 +327,10 @@ fn rms_backward<T: Float>(x: &[T], r: &[T], w: &[T], dxn: &[T], dx: &mut [T]) ->
                 .zip(dxn.chunks_exact(h))
                 .zip(r)
             {
-                let mut gx = 0f64;
                 for i in 0..h {
                     dw[i] += g[i] * (x[i] * r);
-                    gx += (g[i] * w[i]).to_f64() * x[i].to_f64();
                 }
+                let gx = dot3_f64(g, w, x);
                 let rf = r.to_f64();
                 let c = T::f(rf * rf * gx / h as f64);
                 for i in 0..h {
@@ -396,19 +476,12 @@ fn rows_to_heads<T: Float>(g: &Geom, src: &[T]) -> Vec<T> {
 fn causal_softmax_rows<T: Float>(s: &mut [T], t: usize, scale: T) {
     for (r, row) in s.chunks_exact_mut(t).enumerate() {
         let n = r % t + 1;
-        let mut max = row[0] * scale;
-        for &v in &row[1..n] {
-            let v = v * scale;
-            if v > max {
-                max = v;
-            }
-        }
-        let mut sum = T::f(0.0);
+        // scale > 0, so the largest scaled score is the scaled largest score.
+        let m = max(&row[..n]) * scale;
         for v in &mut row[..n] {
-            *v = (*v * scale - max).exp_();
-            sum += *v;
+            *v = (*v * scale - m).exp_();
         }
-        let inv = T::f(1.0) / sum;
+        let inv = T::f(1.0) / sum(&row[..n]);
         for v in &mut row[..n] {
             *v *= inv;
         }
@@ -492,11 +565,12 @@ fn attention_block_backward<T: Float>(
         none,
     );
     // dS = scale * P * (dP - rowsum(P * dP)); masked entries have P = 0.
+    let mut prod = vec![T::f(0.0); t];
     for (pr, dr) in p.chunks_exact(t).zip(ds.chunks_exact_mut(t)) {
-        let mut dot = T::f(0.0);
-        for (&a, &b) in pr.iter().zip(dr.iter()) {
-            dot += a * b;
+        for ((o, &a), &b) in prod.iter_mut().zip(pr).zip(dr.iter()) {
+            *o = a * b;
         }
+        let dot = sum(&prod);
         for (d, &a) in dr.iter_mut().zip(pr) {
             *d = scale * a * (*d - dot);
         }
@@ -539,41 +613,51 @@ pub(crate) fn forward<T: Float>(
     x: Vec<T>,
 ) -> (Vec<T>, LayerActs<T>) {
     let (rows, h, i) = (g.rows(), g.hidden, g.inter);
-    let (xn1, r1) = rms_forward(&x, &w.norm1, g.eps);
+    let (xn1, r1) = timed("fwd.norm", || rms_forward(&x, &w.norm1, g.eps));
     let mut qkv = vec![T::f(0.0); rows * g.qkv()];
-    linear(&xn1, &w.qkv, h, g.qkv(), &mut qkv, false);
-    let (q, k, v) = split_heads(g, &qkv, rope);
+    timed("fwd.gemm.qkv", || {
+        linear(&xn1, &w.qkv, h, g.qkv(), &mut qkv, false)
+    });
+    let (q, k, v) = timed("fwd.rope", || split_heads(g, &qkv, rope));
     drop(qkv);
 
     let (t, hd, rep) = (g.seq, g.head_dim, g.rep());
     let mut p = vec![T::f(0.0); g.batch * g.heads * t * t];
     let mut yh = vec![T::f(0.0); rows * h];
-    p.par_chunks_mut(rep * t * t)
-        .zip(yh.par_chunks_mut(rep * t * hd))
-        .zip(q.par_chunks(rep * t * hd))
-        .zip(k.par_chunks(t * hd).zip(v.par_chunks(t * hd)))
-        .for_each(|(((p, y), q), (k, v))| attention_block(q, k, v, p, y, t));
-    let y = heads_to_rows(g, &yh);
+    timed("fwd.attention", || {
+        p.par_chunks_mut(rep * t * t)
+            .zip(yh.par_chunks_mut(rep * t * hd))
+            .zip(q.par_chunks(rep * t * hd))
+            .zip(k.par_chunks(t * hd).zip(v.par_chunks(t * hd)))
+            .for_each(|(((p, y), q), (k, v))| attention_block(q, k, v, p, y, t))
+    });
+    let y = timed("fwd.heads", || heads_to_rows(g, &yh));
     drop(yh);
 
-    let mut xm = x.clone();
-    linear(&y, &w.o, h, h, &mut xm, true);
-    let (xn2, r2) = rms_forward(&xm, &w.norm2, g.eps);
+    let mut xm = timed("fwd.copy", || x.clone());
+    timed("fwd.gemm.o", || linear(&y, &w.o, h, h, &mut xm, true));
+    let (xn2, r2) = timed("fwd.norm", || rms_forward(&xm, &w.norm2, g.eps));
     let mut gu = vec![T::f(0.0); rows * 2 * i];
-    linear(&xn2, &w.gate_up, h, 2 * i, &mut gu, false);
+    timed("fwd.gemm.gate_up", || {
+        linear(&xn2, &w.gate_up, h, 2 * i, &mut gu, false)
+    });
     let mut act = vec![T::f(0.0); rows * i];
-    act.par_chunks_mut(i * ROW_BLOCK)
-        .zip(gu.par_chunks(2 * i * ROW_BLOCK))
-        .for_each(|(act, gu)| {
-            for (a, gu) in act.chunks_exact_mut(i).zip(gu.chunks_exact(2 * i)) {
-                let (gate, up) = gu.split_at(i);
-                for ((a, &gv), &uv) in a.iter_mut().zip(gate).zip(up) {
-                    *a = gv * sigmoid(gv) * uv;
+    timed("fwd.swiglu", || {
+        act.par_chunks_mut(i * ROW_BLOCK)
+            .zip(gu.par_chunks(2 * i * ROW_BLOCK))
+            .for_each(|(act, gu)| {
+                for (a, gu) in act.chunks_exact_mut(i).zip(gu.chunks_exact(2 * i)) {
+                    let (gate, up) = gu.split_at(i);
+                    for ((a, &gv), &uv) in a.iter_mut().zip(gate).zip(up) {
+                        *a = gv * sigmoid(gv) * uv;
+                    }
                 }
-            }
-        });
-    let mut out = xm.clone();
-    linear(&act, &w.down, i, h, &mut out, true);
+            })
+    });
+    let mut out = timed("fwd.copy", || xm.clone());
+    timed("fwd.gemm.down", || {
+        linear(&act, &w.down, i, h, &mut out, true)
+    });
     let acts = LayerActs {
         x,
         r1,
@@ -593,7 +677,7 @@ pub(crate) fn forward<T: Float>(
 }
 
 /// `src^T x` for `src` (`rows x m`) and `x` (`rows x n`): a weight gradient, `m x n`.
-fn weight_grad<T: Float>(src: &[T], m: usize, x: &[T], n: usize) -> Vec<T> {
+pub(crate) fn weight_grad<T: Float>(src: &[T], m: usize, x: &[T], n: usize) -> Vec<T> {
     let rows = x.len() / n;
     let mut dw = vec![T::f(0.0); m * n];
     matmul(
@@ -610,6 +694,25 @@ fn weight_grad<T: Float>(src: &[T], m: usize, x: &[T], n: usize) -> Vec<T> {
     dw
 }
 
+/// `src w` for `src` (`rows x n`) and a weight `w` (`n x k`): a linear layer's input gradient,
+/// `rows x k`.
+pub(crate) fn input_grad<T: Float>(src: &[T], n: usize, w: &[T], k: usize) -> Vec<T> {
+    let rows = src.len() / n;
+    let mut dx = vec![T::f(0.0); rows * k];
+    matmul(
+        rows,
+        k,
+        n,
+        &mut dx,
+        k,
+        false,
+        view(src, n, 1),
+        view(w, k, 1),
+        threads(),
+    );
+    dx
+}
+
 /// Backward of [`forward`] for output gradient `dout`: returns the input gradient and, when
 /// `weights` is set, the parameter gradients (else the weight GEMMs are skipped).
 pub(crate) fn backward<T: Float>(
@@ -623,108 +726,75 @@ pub(crate) fn backward<T: Float>(
     let (rows, h, i, kv) = (g.rows(), g.hidden, g.inter, g.kv());
     let (t, hd, rep) = (g.seq, g.head_dim, g.rep());
     // MLP: out = xm + act Wd^T, act = silu(gate) * up, [gate|up] = xn2 Wgu^T.
-    let d_down = weights.then(|| weight_grad(&dout, h, &a.act, i));
-    let mut dact = vec![T::f(0.0); rows * i];
-    matmul(
-        rows,
-        i,
-        h,
-        &mut dact,
-        i,
-        false,
-        view(&dout, h, 1),
-        view(&w.down, i, 1),
-        threads(),
-    );
+    let d_down = weights.then(|| timed("bwd.gemm.dw", || weight_grad(&dout, h, &a.act, i)));
+    let dact = timed("bwd.gemm.dx", || input_grad(&dout, h, &w.down, i));
     let mut dgu = vec![T::f(0.0); rows * 2 * i];
-    dgu.par_chunks_mut(2 * i * ROW_BLOCK)
-        .zip(a.gu.par_chunks(2 * i * ROW_BLOCK))
-        .zip(dact.par_chunks(i * ROW_BLOCK))
-        .for_each(|((dgu, gu), dact)| {
-            for ((dgu, gu), d) in dgu
-                .chunks_exact_mut(2 * i)
-                .zip(gu.chunks_exact(2 * i))
-                .zip(dact.chunks_exact(i))
-            {
-                let (dg, du) = dgu.split_at_mut(i);
-                for c in 0..i {
-                    let (gv, uv) = (gu[c], gu[i + c]);
-                    let s = sigmoid(gv);
-                    dg[c] = d[c] * uv * s * (T::f(1.0) + gv * (T::f(1.0) - s));
-                    du[c] = d[c] * gv * s;
+    timed("bwd.swiglu", || {
+        dgu.par_chunks_mut(2 * i * ROW_BLOCK)
+            .zip(a.gu.par_chunks(2 * i * ROW_BLOCK))
+            .zip(dact.par_chunks(i * ROW_BLOCK))
+            .for_each(|((dgu, gu), dact)| {
+                for ((dgu, gu), d) in dgu
+                    .chunks_exact_mut(2 * i)
+                    .zip(gu.chunks_exact(2 * i))
+                    .zip(dact.chunks_exact(i))
+                {
+                    let (dg, du) = dgu.split_at_mut(i);
+                    let (gate, up) = gu.split_at(i);
+                    // Zipped slices (no indexing) so that the loop vectorizes.
+                    for ((((dg, du), &gv), &uv), &d) in
+                        dg.iter_mut().zip(du).zip(gate).zip(up).zip(d)
+                    {
+                        let s = sigmoid(gv);
+                        *dg = d * uv * s * (T::f(1.0) + gv * (T::f(1.0) - s));
+                        *du = d * gv * s;
+                    }
                 }
-            }
-        });
+            })
+    });
     drop(dact);
-    let d_gate_up = weights.then(|| weight_grad(&dgu, 2 * i, &a.xn2, h));
-    let mut dxn2 = vec![T::f(0.0); rows * h];
-    matmul(
-        rows,
-        h,
-        2 * i,
-        &mut dxn2,
-        h,
-        false,
-        view(&dgu, 2 * i, 1),
-        view(&w.gate_up, h, 1),
-        threads(),
-    );
+    let d_gate_up = weights.then(|| timed("bwd.gemm.dw", || weight_grad(&dgu, 2 * i, &a.xn2, h)));
+    let dxn2 = timed("bwd.gemm.dx", || input_grad(&dgu, 2 * i, &w.gate_up, h));
     drop(dgu);
     let mut dxm = dout;
-    let d_norm2 = rms_backward(&a.xm, &a.r2, &w.norm2, &dxn2, &mut dxm);
+    let d_norm2 = timed("bwd.norm", || {
+        rms_backward(&a.xm, &a.r2, &w.norm2, &dxn2, &mut dxm)
+    });
     drop(dxn2);
 
     // Attention: xm = x + y Wo^T.
-    let d_o = weights.then(|| weight_grad(&dxm, h, &a.y, h));
-    let mut dy = vec![T::f(0.0); rows * h];
-    matmul(
-        rows,
-        h,
-        h,
-        &mut dy,
-        h,
-        false,
-        view(&dxm, h, 1),
-        view(&w.o, h, 1),
-        threads(),
-    );
-    let dyh = rows_to_heads(g, &dy);
+    let d_o = weights.then(|| timed("bwd.gemm.dw", || weight_grad(&dxm, h, &a.y, h)));
+    let dy = timed("bwd.gemm.dx", || input_grad(&dxm, h, &w.o, h));
+    let dyh = timed("bwd.heads", || rows_to_heads(g, &dy));
     drop(dy);
     let mut dq = vec![T::f(0.0); rows * h];
     let mut dk = vec![T::f(0.0); rows * kv];
     let mut dv = vec![T::f(0.0); rows * kv];
     let blk = rep * t * hd;
-    dq.par_chunks_mut(blk)
-        .zip(dk.par_chunks_mut(t * hd).zip(dv.par_chunks_mut(t * hd)))
-        .zip(a.q.par_chunks(blk).zip(dyh.par_chunks(blk)))
-        .zip(a.k.par_chunks(t * hd).zip(a.v.par_chunks(t * hd)))
-        .zip(a.p.par_chunks(rep * t * t))
-        .for_each(|((((dq, (dk, dv)), (q, dy)), (k, v)), p)| {
-            let mut ds = vec![T::f(0.0); p.len()];
-            attention_block_backward(q, k, v, p, dy, &mut ds, dq, dk, dv, t);
-        });
+    timed("bwd.attention", || {
+        dq.par_chunks_mut(blk)
+            .zip(dk.par_chunks_mut(t * hd).zip(dv.par_chunks_mut(t * hd)))
+            .zip(a.q.par_chunks(blk).zip(dyh.par_chunks(blk)))
+            .zip(a.k.par_chunks(t * hd).zip(a.v.par_chunks(t * hd)))
+            .zip(a.p.par_chunks(rep * t * t))
+            .for_each(|((((dq, (dk, dv)), (q, dy)), (k, v)), p)| {
+                let mut ds = vec![T::f(0.0); p.len()];
+                attention_block_backward(q, k, v, p, dy, &mut ds, dq, dk, dv, t);
+            })
+    });
     drop(dyh);
-    let dqkv = merge_heads(g, &dq, &dk, &dv, rope);
+    let dqkv = timed("bwd.rope", || merge_heads(g, &dq, &dk, &dv, rope));
     drop((dq, dk, dv));
-    let d_qkv = weights.then(|| weight_grad(&dqkv, g.qkv(), &a.xn1, h));
-    let mut dxn1 = vec![T::f(0.0); rows * h];
-    matmul(
-        rows,
-        h,
-        g.qkv(),
-        &mut dxn1,
-        h,
-        false,
-        view(&dqkv, g.qkv(), 1),
-        view(&w.qkv, h, 1),
-        threads(),
-    );
+    let d_qkv = weights.then(|| timed("bwd.gemm.dw", || weight_grad(&dqkv, g.qkv(), &a.xn1, h)));
+    let dxn1 = timed("bwd.gemm.dx", || input_grad(&dqkv, g.qkv(), &w.qkv, h));
     drop(dqkv);
     let mut dx = dxm;
-    let d_norm1 = rms_backward(&a.x, &a.r1, &w.norm1, &dxn1, &mut dx);
+    let d_norm1 = timed("bwd.norm", || {
+        rms_backward(&a.x, &a.r1, &w.norm1, &dxn1, &mut dx)
+    });
 
     let grads = match (d_qkv, d_o, d_gate_up, d_down) {
-        (Some(qkv), Some(o), Some(gu), Some(down)) => {
+        (Some(qkv), Some(o), Some(gu), Some(down)) => timed("bwd.copy", || {
             let (q, rest) = qkv.split_at(h * h);
             let (k, v) = rest.split_at(kv * h);
             let (gate, up) = gu.split_at(i * h);
@@ -739,7 +809,7 @@ pub(crate) fn backward<T: Float>(
                 up.to_vec(),
                 down,
             ])
-        }
+        }),
         _ => None,
     };
     (dx, grads)

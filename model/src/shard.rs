@@ -20,6 +20,8 @@
 //! Weights are initialised from `(seed, tensor name)` alone, so a shard holding layers 4..8 has
 //! exactly the weights the single-process model has for them.
 
+mod head;
+
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -30,9 +32,11 @@ use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 
+use crate::ends::HeadPass;
 use crate::layer::{self, Float, Geom, IntoPass, LayerWeights, StagePass, StageWeights};
-use crate::ops::{self, RopeTables};
+use crate::ops::RopeTables;
 use crate::optim::AdamW;
+use crate::profile::timed;
 use crate::subspace::Subspace;
 use crate::{Error, ModelConfig, Result};
 
@@ -171,21 +175,23 @@ pub struct ForwardCtx {
 }
 
 enum Pass {
-    /// candle's autograd graph (embedding, head), kept alive by its root, and the input variable.
-    Graph { input: Option<Var>, root: Tensor },
+    /// The embedding's input tokens.
+    Embed(Vec<u32>),
+    /// The head, run by hand ([`crate::ends`]).
+    Head(HeadPass),
     /// Decoder layers run by hand ([`crate::layer`]).
     Layers(StagePass),
 }
 
 impl ForwardCtx {
     /// Bytes of the buffers a stage pass keeps for its backward (the weights copy it ran with
-    /// and each layer's activations); `None` for the embedding and head, whose contexts are
-    /// candle graphs. `presets::stage_memory` predicts this.
+    /// and each layer's activations); `None` for the embedding and head (`presets::stage_memory`
+    /// predicts a stage's).
     pub fn saved_bytes(&self) -> Option<u64> {
         match &self.pass {
             Pass::Layers(StagePass::F32(s)) => Some(s.bytes()),
             Pass::Layers(StagePass::F64(s)) => Some(s.bytes()),
-            Pass::Graph { .. } => None,
+            Pass::Embed(_) | Pass::Head(_) => None,
         }
     }
 
@@ -491,39 +497,6 @@ impl Shard {
         Ok(())
     }
 
-    /// Embedding forward: `tokens` (row-major `batch x seq`) -> hidden `(batch, seq, hidden)`.
-    pub fn embed_forward(
-        &self,
-        tokens: &[u32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<(Tensor, ForwardCtx)> {
-        let piece = self.piece_index(|p| *p == Piece::Embedding, "the embedding")?;
-        self.check_tokens(tokens, batch, seq)?;
-        let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
-        let x = match &self.subspace {
-            None => self.w("model.embed_tokens.weight")?.index_select(&ids, 0)?,
-            Some(sub) => {
-                let a = self
-                    .w("model.embed_tokens.subspace")?
-                    .index_select(&ids, 0)?;
-                (sub.fixed_rows(tokens, self.dtype)? + a.matmul(&sub.u(self.dtype).t()?)?)?
-            }
-        }
-        .reshape((batch, seq, self.cfg.hidden_size))?;
-        let ctx = ForwardCtx {
-            piece,
-            out_dims: x.dims().to_vec(),
-            vars: self.piece_vars(piece),
-            pass: Pass::Graph {
-                input: None,
-                root: x.clone(),
-            },
-            mb: None,
-        };
-        Ok((x.detach(), ctx))
-    }
-
     /// Stage `index` forward: hidden `(batch, seq, hidden)` -> hidden of the same shape.
     pub fn stage_forward(&self, index: usize, x: &Tensor) -> Result<(Tensor, ForwardCtx)> {
         let piece = self.piece_index(
@@ -567,10 +540,15 @@ impl Shard {
         layers: Range<usize>,
         x: &Tensor,
     ) -> Result<(Tensor, StagePass)> {
-        let x = x.flatten_all()?.to_vec1::<T>()?;
-        let weights = self.stage_weights::<T>(piece, vars, layers.clone())?;
+        let (x, weights) = timed("stage.convert", || -> Result<_> {
+            let x = x.flatten_all()?.to_vec1::<T>()?;
+            let weights = self.stage_weights::<T>(piece, vars, layers.clone())?;
+            Ok((x, weights))
+        })?;
         let (y, saved) = layer::stage_forward(geom, &self.rope, layers.start, weights, x);
-        let y = Tensor::from_vec(y, (geom.batch, geom.seq, geom.hidden), &self.device)?;
+        let y = timed("stage.convert", || {
+            Tensor::from_vec(y, (geom.batch, geom.seq, geom.hidden), &self.device)
+        })?;
         Ok((y, T::into_pass(saved)))
     }
 
@@ -638,49 +616,6 @@ impl Shard {
         })
     }
 
-    /// Head forward: hidden `(batch, seq, hidden)` and next-token `targets` (row-major) -> mean
-    /// cross-entropy in nats per token, and the context for [`Shard::head_backward`].
-    pub fn head_forward(&self, x: &Tensor, targets: &[u32]) -> Result<(f64, ForwardCtx)> {
-        let piece = self.piece_index(|p| *p == Piece::Head, "the head")?;
-        let (b, t) = self.check_hidden(x)?;
-        self.check_tokens(targets, b, t)?;
-        let input = Var::from_tensor(&x.detach().copy()?)?;
-        let logits = self.head_logits(input.as_tensor(), b * t)?;
-        let loss = ops::cross_entropy(&logits, Arc::new(targets.to_vec()))?;
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let ctx = ForwardCtx {
-            piece,
-            out_dims: vec![],
-            vars: self.piece_vars(piece),
-            pass: Pass::Graph {
-                input: Some(input),
-                root: loss,
-            },
-            mb: None,
-        };
-        Ok((value, ctx))
-    }
-
-    /// Head logits without a loss or a context (inference): `(batch, seq, vocab)`.
-    pub fn head_logits_only(&self, x: &Tensor) -> Result<Tensor> {
-        self.piece_index(|p| *p == Piece::Head, "the head")?;
-        let (b, t) = self.check_hidden(x)?;
-        let logits = self.head_logits(&x.detach(), b * t)?;
-        Ok(logits.reshape((b, t, self.cfg.vocab_size))?.detach())
-    }
-
-    fn head_logits(&self, x: &Tensor, n: usize) -> Result<Tensor> {
-        let x = x.reshape((n, self.cfg.hidden_size))?;
-        let xn = ops::rms_normalize(&x, self.cfg.rms_norm_eps)?
-            .broadcast_mul(self.w("model.norm.weight")?)?;
-        let lm = if self.cfg.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        Ok(xn.matmul(&self.w(lm)?.t()?)?)
-    }
-
     /// Backward of an embedding or stage forward: `grad_out` is the gradient of the loss with
     /// respect to that forward's output. Adds the parameter gradients into the accumulators and
     /// returns the gradient of the input (`None` for the embedding, whose input is tokens).
@@ -690,17 +625,21 @@ impl Shard {
         }
         self.check_grad_out(&ctx, grad_out)?;
         match &ctx.pass {
-            Pass::Graph { root, .. } => {
-                let root = ops::vjp_root(root, grad_out)?;
-                self.run_backward(&ctx, &root)
+            Pass::Embed(tokens) => {
+                self.check_fresh(&ctx)?;
+                self.embed_backward(&ctx, tokens, grad_out)?;
+                Ok(None)
             }
+            Pass::Head(_) => Err(Error::Piece("use head_backward for the head".into())),
             Pass::Layers(pass) => {
                 let (dx, grads) = self.layers_backward(&ctx, pass, grad_out, true)?;
                 let adds = grads
                     .into_iter()
                     .map(|(name, g)| (self.by_name[&name], g))
                     .collect();
-                self.add_grads(ctx.mb, ctx.piece, adds)?;
+                timed("grad.accumulate", || {
+                    self.add_grads(ctx.mb, ctx.piece, adds)
+                })?;
                 Ok(Some(dx))
             }
         }
@@ -731,7 +670,7 @@ impl Shard {
             return Err(Error::Piece("context from another shard".into()));
         }
         self.check_fresh(ctx)?;
-        let g = grad_out.flatten_all()?;
+        let g = timed("stage.convert", || grad_out.flatten_all())?;
         match pass {
             StagePass::F32(s) => self.typed_backward(s, g.to_vec1::<f32>()?, weights),
             StagePass::F64(s) => self.typed_backward(s, g.to_vec1::<f64>()?, weights),
@@ -746,60 +685,27 @@ impl Shard {
     ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
         let (b, t, h) = saved.dims();
         let (dx, grads) = layer::stage_backward(saved, grad_out, weights);
-        let mut named = Vec::with_capacity(grads.len() * 9);
-        for (l, g) in grads {
-            let piece = Piece::Stage {
-                index: 0,
-                layers: l..l + 1,
-            };
-            let names = piece.parameters(&self.cfg);
-            let hf = piece.hf_parameters(&self.cfg);
-            for (((name, _), (_, hf_shape)), g) in names.into_iter().zip(hf).zip(g) {
-                let g = Tensor::from_vec(g, hf_shape, &self.device)?;
-                // The gradient of A in W = U·A is Uᵀ·grad(W).
-                let g = match &self.subspace {
-                    Some(sub) if name.ends_with(".subspace") => sub.reduce(&g)?,
-                    _ => g,
+        timed("stage.convert", || {
+            let mut named = Vec::with_capacity(grads.len() * 9);
+            for (l, g) in grads {
+                let piece = Piece::Stage {
+                    index: 0,
+                    layers: l..l + 1,
                 };
-                named.push((name, g));
+                let names = piece.parameters(&self.cfg);
+                let hf = piece.hf_parameters(&self.cfg);
+                for (((name, _), (_, hf_shape)), g) in names.into_iter().zip(hf).zip(g) {
+                    let g = Tensor::from_vec(g, hf_shape, &self.device)?;
+                    // The gradient of A in W = U·A is Uᵀ·grad(W).
+                    let g = match &self.subspace {
+                        Some(sub) if name.ends_with(".subspace") => sub.reduce(&g)?,
+                        _ => g,
+                    };
+                    named.push((name, g));
+                }
             }
-        }
-        Ok((Tensor::from_vec(dx, (b, t, h), &self.device)?, named))
-    }
-
-    /// Backward of a head forward, for the loss multiplied by `loss_scale` (e.g. 1/micro_batches,
-    /// so that accumulated gradients are those of the mean loss over the step). Returns the
-    /// gradient of the head's input.
-    pub fn head_backward(&mut self, ctx: ForwardCtx, loss_scale: f64) -> Result<Tensor> {
-        if self.pieces.get(ctx.piece) != Some(&Piece::Head) {
-            return Err(Error::Piece("head_backward needs a head context".into()));
-        }
-        let Pass::Graph { root, .. } = &ctx.pass else {
-            return Err(Error::Piece("head_backward needs a head context".into()));
-        };
-        let root = (root * loss_scale)?;
-        self.run_backward(&ctx, &root)?
-            .ok_or_else(|| Error::Piece("head input has no gradient".into()))
-    }
-
-    /// [`Shard::head_backward`] without touching the accumulated parameter gradients: returns
-    /// only the (bitwise identical) input gradient, for a micro-batch whose head already counted.
-    pub fn head_backward_input_only(&self, ctx: ForwardCtx, loss_scale: f64) -> Result<Tensor> {
-        let Pass::Graph {
-            root,
-            input: Some(input),
-        } = &ctx.pass
-        else {
-            return Err(Error::Piece("head_backward needs a head context".into()));
-        };
-        if self.pieces.get(ctx.piece) != Some(&Piece::Head) {
-            return Err(Error::Piece("head_backward needs a head context".into()));
-        }
-        self.check_fresh(&ctx)?;
-        let mut grads = (root * loss_scale)?.backward()?;
-        grads
-            .remove(input.as_tensor())
-            .ok_or_else(|| Error::Piece("head input has no gradient".into()))
+            Ok((Tensor::from_vec(dx, (b, t, h), &self.device)?, named))
+        })
     }
 
     /// [`Shard::backward`] without touching the accumulated parameter gradients: returns only the
@@ -818,15 +724,8 @@ impl Shard {
         }
         self.check_grad_out(&ctx, grad_out)?;
         match &ctx.pass {
-            Pass::Graph { input: None, .. } => Ok(None),
-            Pass::Graph {
-                input: Some(input),
-                root,
-            } => {
-                self.check_fresh(&ctx)?;
-                let mut grads = ops::vjp_root(root, grad_out)?.backward()?;
-                Ok(grads.remove(input.as_tensor()))
-            }
+            Pass::Embed(_) => Ok(None),
+            Pass::Head(_) => Err(Error::Piece("a head context has no output gradient".into())),
             Pass::Layers(pass) => Ok(Some(self.layers_backward(&ctx, pass, grad_out, false)?.0)),
         }
     }
@@ -844,36 +743,6 @@ impl Shard {
         } else {
             Err(Error::StaleContext)
         }
-    }
-
-    fn run_backward(&mut self, ctx: &ForwardCtx, root: &Tensor) -> Result<Option<Tensor>> {
-        if ctx.piece >= self.pieces.len() {
-            return Err(Error::Piece("context from another shard".into()));
-        }
-        self.check_fresh(ctx)?;
-        let current = self.piece_vars(ctx.piece);
-        let mut grads = root.backward()?;
-        let mut adds = Vec::with_capacity(current.len());
-        for var in &current {
-            let i = self.param_index_of(var);
-            let g = grads
-                .remove(var.as_tensor())
-                .ok_or_else(|| Error::Piece(format!("no gradient for {}", self.params[i].name)))?;
-            adds.push((i, g));
-        }
-        self.add_grads(ctx.mb, ctx.piece, adds)?;
-        Ok(match &ctx.pass {
-            Pass::Graph { input: Some(v), .. } => grads.remove(v.as_tensor()),
-            _ => None,
-        })
-    }
-
-    fn param_index_of(&self, var: &Var) -> usize {
-        let id = var.as_tensor().id();
-        self.params
-            .iter()
-            .position(|p| p.var.as_tensor().id() == id)
-            .expect("var of this shard")
     }
 
     /// The weights, flattened in parameter order, as f32 (the layout of [`Shard::grads_flat`]).

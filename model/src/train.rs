@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::checkpoint::TrainState;
 use crate::data::{Batch, Corpus};
 use crate::optim::{AdamW, clip_scale};
+use crate::profile::timed;
 use crate::run::{DataConfig, RunConfig};
 use crate::shard::{ForwardCtx, Piece, Shard};
 use crate::{Error, Result};
@@ -86,7 +87,9 @@ pub fn forward_micro_batch_with(
             Some(s) => s.lift(&link(&s.project(x, tokens)?)?, tokens),
         }
     };
-    let (x, embed) = ends.embed_forward(&batch.inputs, batch.batch_size, batch.seq_len)?;
+    let (x, embed) = timed("embed.fwd", || {
+        ends.embed_forward(&batch.inputs, batch.batch_size, batch.seq_len)
+    })?;
     let mut x = link(&x)?;
     let mut ctxs = Vec::with_capacity(stages.len());
     for (k, s) in stages.iter().enumerate() {
@@ -94,7 +97,7 @@ pub fn forward_micro_batch_with(
         ctxs.push(c);
         x = link(&y)?;
     }
-    let (loss, head) = ends.head_forward(&x, &batch.targets)?;
+    let (loss, head) = timed("head.fwd", || ends.head_forward(&x, &batch.targets))?;
     Ok((
         loss,
         MicroBatchCtx {
@@ -133,14 +136,16 @@ pub fn backward_micro_batch_with(
             Some(s) => s.lift_grad(&link(&s.project_grad(g)?)?),
         }
     };
-    let mut g = link(&ends.head_backward(ctx.head, loss_scale)?)?;
+    let mut g = link(&timed("head.bwd", || {
+        ends.head_backward(ctx.head, loss_scale)
+    })?)?;
     for (s, c) in stages.iter_mut().zip(ctx.stages).rev() {
         g = s
             .backward(c, &g)?
             .ok_or_else(|| Error::Piece("stage gave no input grad".into()))?;
         g = link(&g)?;
     }
-    ends.backward(ctx.embed, &g)?;
+    timed("embed.bwd", || ends.backward(ctx.embed, &g))?;
     Ok(())
 }
 

@@ -226,6 +226,7 @@ fn run_vs_torch(args: &BenchModelArgs, cfg: &RunConfig) -> anyhow::Result<()> {
         r.torch.backward_ms,
         r.torch.optimizer_ms
     );
+    print_ops(&r.swarm);
     println!(
         "median ratio swarm/PyTorch: {:.2}x; load average {:?} before, {:?} after",
         r.ratio, r.load_before, r.load_after
@@ -272,5 +273,14 @@ pub(crate) fn run(args: BenchModelArgs) -> anyhow::Result<()> {
          matmul peak {:.1} GFLOP/s here; median of {} iterations",
         r.tokens_per_s, r.achieved_gflops, r.matmul_peak_gflops, r.iterations
     );
+    print_ops(&r);
     Ok(())
+}
+
+/// The per-op breakdown, largest first.
+fn print_ops(r: &ModelBench) {
+    println!("per micro-batch, by op (mean of the timed iterations):");
+    for o in &r.ops {
+        println!("  {:<20} {:>8.2} ms {:>6.1}%", o.op, o.ms, 100.0 * o.share);
+    }
 }
