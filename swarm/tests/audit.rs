@@ -81,6 +81,25 @@ async fn run_rates(
     (metrics, ids, bytes, trainer_id)
 }
 
+/// A run audited at rate 1 whose first replica of `stage` injects `kind` at every micro-batch:
+/// it, and only it, is banned. Returns the metrics, its id and the ledger.
+async fn banned_alone(
+    cfg: &RunConfig,
+    kind: FaultKind,
+    stage: u32,
+) -> (Metrics, swarm_core::PeerId, Vec<u8>) {
+    let spec = FaultSpec {
+        kind,
+        rate: 1.0,
+        seed: 1,
+    };
+    let (m, ids, ledger_bytes, _) = run(cfg, 1.0, Some((stage, spec))).await;
+    let faulty = ids[2 * stage as usize];
+    let a = &m.audit;
+    assert_eq!(a.banned, vec![faulty], "{kind:?} at stage {stage}: {a:?}");
+    (m, faulty, ledger_bytes)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn honest_run_audited_at_rate_one_bans_nobody() {
     let steps = 3;
@@ -125,17 +144,8 @@ async fn each_fault_kind_is_banned_and_the_run_stays_the_local_run() {
     // The optimizer-step kinds are caught by the inner-step audit of a drifting sync (below);
     // here replicas must agree every step, and the odd one out is reloaded.
     for (i, kind) in FaultKind::PASSES.into_iter().enumerate() {
-        let stage = (i % 2) as u32;
-        let spec = FaultSpec {
-            kind,
-            rate: 1.0,
-            seed: 1,
-        };
-        let (m, ids, ledger_bytes, _) = run(&cfg, 1.0, Some((stage, spec))).await;
-        let faulty = ids[2 * stage as usize];
-        let a = &m.audit;
-        assert_eq!(a.banned, vec![faulty], "{kind:?} at stage {stage}: {a:?}");
-        assert!(a.audit_failures >= 1);
+        let (m, faulty, ledger_bytes) = banned_alone(&cfg, kind, (i % 2) as u32).await;
+        assert!(m.audit.audit_failures >= 1);
         // The banned peer's step was re-run on honest replicas before anything was applied.
         let got: Vec<f64> = m.steps.iter().map(|r| r.loss).collect();
         for (g, w) in got.iter().zip(&want) {
@@ -202,16 +212,8 @@ async fn each_fault_kind_is_banned_while_replicas_drift() {
     let steps = 4;
     let cfg = sparse_config(steps);
     for (i, kind) in FaultKind::ALL.into_iter().enumerate() {
-        let stage = (i % 2) as u32;
-        let spec = FaultSpec {
-            kind,
-            rate: 1.0,
-            seed: 1,
-        };
-        let (m, ids, ledger_bytes, _) = run(&cfg, 1.0, Some((stage, spec))).await;
-        let faulty = ids[2 * stage as usize];
+        let (m, faulty, ledger_bytes) = banned_alone(&cfg, kind, (i % 2) as u32).await;
         let a = &m.audit;
-        assert_eq!(a.banned, vec![faulty], "{kind:?} at stage {stage}: {a:?}");
         if !FaultKind::PASSES.contains(&kind) {
             // Its passes are honest: only the inner-step audit can have caught it.
             assert_eq!(a.identical, a.audits - a.inner_audits, "{kind:?}: {a:?}");

@@ -903,25 +903,12 @@ impl Auditor {
         }
         // They differ: the frames themselves, the audited peer's (bound by its receipts) and the
         // auditor's, to measure by how much.
-        let outs: AuditRecord = match self.call(v.peer, hop.addr, p, &fetch(false, true)).await {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::warn!(peer = %p.short(), error = %e, "audited peer did not show its outputs");
-                AuditRecord::default()
-            }
-        };
-        t.stats.bytes += (outs.fwd_out.len() + outs.bwd_out.len()) as u64;
-        if frame_hash(&outs.fwd_out) != fr.output_hash
-            || frame_hash(&outs.bwd_out) != br.output_hash
+        if let Err(ban) = self
+            .fetch_outputs(t, v, key, k, hop, (&fr, &br), a_id, &mut rec)
+            .await
         {
-            t.stats.audit_failures += 1;
-            t.stats.per_peer.entry(p).or_default().1 += 1;
-            self.log_audit_to(t, p, key, k, a_id, None, false, 1.0);
-            let reason = "outputs shown do not match its own receipts".to_string();
-            return Ok(Some(self.ban_to(t, p, key.step, k, reason, fr.output_hash)));
+            return Ok(Some(ban));
         }
-        rec.fwd_out = outs.fwd_out;
-        rec.bwd_out = outs.bwd_out;
         let req = AuditRecompute {
             frames: true,
             ..req
@@ -1021,6 +1008,52 @@ impl Auditor {
         tracing::warn!(peer = %p.short(), d_pa, d_pr, d_ar, "audit inconclusive; nobody banned");
         self.log_audit_to(t, p, key, k, a_id, referee_id, false, d_pr);
         Ok(None)
+    }
+
+    /// The audited peer's output frames, which travel only when a recomputation disagrees,
+    /// into `rec`; they must be the ones its receipts `(forward, backward)` commit to, else it
+    /// is banned (`Err`, logged as failed against `auditor`).
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_outputs(
+        &self,
+        t: &mut Tally,
+        v: &StepView<'_>,
+        key: MbKey,
+        k: u32,
+        hop: Hop,
+        (fr, br): (&Receipt, &Receipt),
+        auditor: PeerId,
+        rec: &mut AuditRecord,
+    ) -> std::result::Result<(), Ban> {
+        let p = hop.peer;
+        let fetch = AuditFetch {
+            run: v.run,
+            epoch: v.epoch,
+            key,
+            stage: k,
+            frames: false,
+            outputs: true,
+        };
+        let outs: AuditRecord = match self.call(v.peer, hop.addr, p, &fetch).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(peer = %p.short(), error = %e, "audited peer did not show its outputs");
+                AuditRecord::default()
+            }
+        };
+        t.stats.bytes += (outs.fwd_out.len() + outs.bwd_out.len()) as u64;
+        if frame_hash(&outs.fwd_out) != fr.output_hash
+            || frame_hash(&outs.bwd_out) != br.output_hash
+        {
+            t.stats.audit_failures += 1;
+            t.stats.per_peer.entry(p).or_default().1 += 1;
+            self.log_audit_to(t, p, key, k, auditor, None, false, 1.0);
+            let reason = "outputs shown do not match its own receipts".to_string();
+            return Err(self.ban_to(t, p, key.step, k, reason, fr.output_hash));
+        }
+        rec.fwd_out = outs.fwd_out;
+        rec.bwd_out = outs.bwd_out;
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -114,33 +114,12 @@ impl Auditor {
             self.log_audit_to(t, p, key, k, me, None, true, 0.0);
             return Ok(None);
         }
-        let fetch = AuditFetch {
-            run: v.run,
-            epoch: v.epoch,
-            key,
-            stage: k,
-            frames: false,
-            outputs: true,
-        };
-        let outs: AuditRecord = match self.call(v.peer, hop.addr, p, &fetch).await {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::warn!(peer = %p.short(), error = %e, "audited peer did not show its outputs");
-                AuditRecord::default()
-            }
-        };
-        t.stats.bytes += (outs.fwd_out.len() + outs.bwd_out.len()) as u64;
-        if frame_hash(&outs.fwd_out) != fr.output_hash
-            || frame_hash(&outs.bwd_out) != br.output_hash
+        if let Err(ban) = self
+            .fetch_outputs(t, v, key, k, hop, (fr, br), me, &mut rec)
+            .await
         {
-            t.stats.audit_failures += 1;
-            t.stats.per_peer.entry(p).or_default().1 += 1;
-            self.log_audit_to(t, p, key, k, me, None, false, 1.0);
-            let reason = "outputs shown do not match its own receipts".to_string();
-            return Ok(Some(self.ban_to(t, p, key.step, k, reason, fr.output_hash)));
+            return Ok(Some(ban));
         }
-        rec.fwd_out = outs.fwd_out;
-        rec.bwd_out = outs.bwd_out;
         let d = frame_distance(&rec.fwd_out, &fo, &self.limits).max(frame_distance(
             &rec.bwd_out,
             &bo,
