@@ -99,8 +99,8 @@ pub struct Admissions {
 }
 
 impl Admissions {
-    /// Between steps at `steps_done`'s state (`at_sync_boundary`: one every replica holds); a
-    /// pending `Admit` waits at most `wait` for a boundary.
+    /// Between steps (`at_sync_boundary`: at a state every replica holds); a pending `Admit`
+    /// waits at most `wait` for a boundary.
     pub fn new(wait: Duration, at_sync_boundary: bool) -> Admissions {
         Admissions {
             wait,
