@@ -8,8 +8,8 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use swarm_compression::{Codec, Decoder, Encoder, Limits};
-use swarm_core::compute::{self, Expect, recompute};
+use swarm_compression::{Codec, Decoder, Limits};
+use swarm_core::compute::{self, recompute};
 use swarm_core::fault::{Fault, FaultKind, FaultSpec};
 use swarm_core::stage::init_shard;
 use swarm_core::trainer::audit::{DEFAULT_TOLERANCE, frame_distance};
@@ -118,16 +118,32 @@ pub(super) fn measure_recompute(
             shard.optimizer_step(&cfg.adamw(), cfg.train.lr, 1.0)?;
             shard.zero_grads();
         }
+        // The boundary as the run sends it: in a subspace model (`[model] subspace_rank`), the
+        // token ids and k coordinates forward and `Uᵀ·g` back.
+        let sub = shard.subspace();
+        let sub = sub.as_deref();
+        let (hidden, vocab) = (cfg.model.hidden_size, cfg.model.vocab_size);
         for mb in 0..micro_batches {
-            let x = random_tensor(&mut rng, &dims, 1.0);
-            let g = random_tensor(&mut rng, &dims, 1e-3);
-            let (mut fwd_in, mut bwd_in) = (Vec::new(), Vec::new());
-            Encoder::new(act)?.encode(&x, &dims, &mut fwd_in)?;
-            Encoder::new(grad)?.encode(&g, &dims, &mut bwd_in)?;
+            let x = cand(Tensor::from_vec(
+                random_tensor(&mut rng, &dims, 1.0),
+                &dims,
+                &Device::Cpu,
+            ))?;
+            let g = cand(Tensor::from_vec(
+                random_tensor(&mut rng, &dims, 1e-3),
+                &dims,
+                &Device::Cpu,
+            ))?;
+            let tokens: Vec<u32> = (0..dims[0] * dims[1])
+                .map(|_| rng.random_range(0..vocab as u32))
+                .collect();
+            let (fwd_in, _) = compute::encode_hidden(act, sub, &x, &tokens)?;
+            let (bwd_in, _) = compute::encode_grad(grad, sub, &g)?;
             // The faulty and the own passes see what a stage sees: the decoded frames.
             let mut dec = Decoder::new();
-            let (xt, _) = compute::decode(&mut dec, &fwd_in, &limits, Expect::Dims(&dims))?;
-            let (gt, _) = compute::decode(&mut dec, &bwd_in, &limits, Expect::Dims(&dims))?;
+            let (xt, _, _) =
+                compute::decode_hidden(&mut dec, &fwd_in, &limits, hidden, vocab, sub)?;
+            let (gt, _) = compute::decode_grad(&mut dec, &bwd_in, &limits, Some(&dims), sub)?;
             out.bytes_per_micro_batch = 2 * (fwd_in.len() + bwd_in.len()) as u64;
             let mut results = Vec::new();
             for &t in threads {
@@ -180,8 +196,8 @@ pub(super) fn measure_recompute(
                     .backward_input_only(ctx, &gt)?
                     .ok_or_else(|| anyhow!("stage input gradient"))?;
                 let dx = fault.backward(1, mb as u32, &gt, dx)?;
-                let (fo, _) = compute::encode(act, &y)?;
-                let (bo, _) = compute::encode(grad, &dx)?;
+                let (fo, _) = compute::encode_hidden(act, sub, &y, &tokens)?;
+                let (bo, _) = compute::encode_grad(grad, sub, &dx)?;
                 let d = frame_distance(&fo, honest_f, &limits)
                     .max(frame_distance(&bo, honest_b, &limits));
                 *min = min.min(d);
@@ -196,4 +212,27 @@ pub(super) fn measure_recompute(
         .map(|(k, d)| (k.name().to_string(), *d))
         .collect();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Honest recomputations are bitwise identical and every fault kind lands above the
+    /// tolerance, for a plain and for a subspace model (whose boundary carries token ids and k
+    /// coordinates, not the hidden state).
+    #[test]
+    fn honest_recomputations_agree_and_faults_stand_out() {
+        for rank in [0, 8] {
+            let mut cfg = swarm_testkit::tiny_config(1);
+            cfg.model.subspace_rank = rank;
+            cfg.validate().unwrap();
+            let b = measure_recompute(&cfg, 2, &[1, 2], 3, &mut || {}).unwrap();
+            assert!(b.comparisons > 0);
+            assert_eq!(b.identical, b.comparisons, "rank {rank}: {b:?}");
+            for (kind, d) in &b.min_fault_distance {
+                assert!(*d > b.tolerance, "rank {rank}: {kind} at {d}");
+            }
+        }
+    }
 }
