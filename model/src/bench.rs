@@ -49,7 +49,9 @@ pub struct ModelBench {
 /// One line of [`ModelBench::ops`].
 #[derive(Debug, Clone, Serialize)]
 pub struct OpTime {
+    /// The operation's name (`fwd.attn`, `head.loss`, ...).
     pub op: String,
+    /// Its mean time per timed micro-batch, ms.
     pub ms: f64,
     /// Share of forward + backward + optimizer time.
     pub share: f64,
