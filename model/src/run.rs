@@ -69,6 +69,13 @@ pub struct SyncConfig {
     /// Codec of the pseudo-gradient, applied per chunk of `chunk` values (`topk-row:F` keeps a
     /// fraction F of each chunk).
     pub codec: String,
+    /// Codec of the sync boundaries within the LR warmup (state step <= `train.warmup_steps`).
+    /// Early pseudo-gradients are large and dense while the error feedback is still empty: at 2%
+    /// the first boundary throws most of the inner steps' progress back into the residual and
+    /// the loss jumps (+11% over the local run on the step after it, +20% in a subspace model;
+    /// experiments/results/2026-12-07-warm-sync.md); a wider top-k for these few boundaries
+    /// removes the jump at a small cost in bytes.
+    pub warmup_codec: String,
     /// Values per top-k chunk (SparseLoCo: 4096).
     pub chunk: usize,
     /// Decay of the pseudo-gradient's error-feedback residual, in [0, 1] (SparseLoCo: 0.95).
@@ -83,6 +90,7 @@ impl Default for SyncConfig {
             mode: SyncMode::Step,
             every: 5,
             codec: "topk-row:0.02+q2".into(),
+            warmup_codec: "topk-row:0.1+q2".into(),
             chunk: 4096,
             beta: 0.95,
             outer_lr: 1.0,
@@ -100,6 +108,21 @@ impl SyncConfig {
     /// Replicas drift between sync boundaries (a multi-step mode).
     pub fn drifts(&self) -> bool {
         self.mode != SyncMode::Step
+    }
+
+    /// Whether the sync boundary at state step `steps_done` takes `warmup_codec`.
+    pub fn in_warmup(steps_done: u64, warmup_steps: u64) -> bool {
+        steps_done <= warmup_steps
+    }
+
+    /// The pseudo-gradient codec of the sync boundary at state step `steps_done` (steps done)
+    /// of a run that warms up for `warmup_steps`: `warmup_codec` within the warmup, else `codec`.
+    pub fn codec_at(&self, steps_done: u64, warmup_steps: u64) -> &str {
+        if Self::in_warmup(steps_done, warmup_steps) {
+            &self.warmup_codec
+        } else {
+            &self.codec
+        }
     }
 }
 
@@ -503,6 +526,9 @@ mod tests {
         assert_eq!(RunConfig::from_toml(&s.to_toml().unwrap()).unwrap(), s);
         assert!(s.is_sync_boundary(5) && !s.is_sync_boundary(6) && s.is_sync_boundary(1000));
         assert!(c.is_sync_boundary(7));
+        // Boundaries within the warmup use the wider warmup codec.
+        assert_eq!(s.sync.codec_at(5, 5), "topk-row:0.1+q2");
+        assert_eq!(s.sync.codec_at(10, 5), "topk-row:0.02+q2");
         // eval_every 100 is fine with every 5, 7 is not; unknown modes and keys are refused.
         assert!(RunConfig::from_toml("[sync]\nmode = \"sparseloco\"\nevery = 7\n").is_err());
         assert!(RunConfig::from_toml("[sync]\nmode = \"sparseloco\"\nevery = 0\n").is_err());

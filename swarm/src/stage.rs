@@ -221,6 +221,9 @@ pub(crate) struct Drift {
     /// This replica's error feedback on its pseudo-gradient stream.
     feedback: swarm_compression::outer::SparseFeedback,
     encoder: Encoder,
+    /// `[sync] warmup_codec`'s, for the boundaries within the LR warmup.
+    warmup_encoder: Encoder,
+    warmup_steps: u64,
     /// The residual before the outer round of this state step encoded (restored if the round is
     /// redone or reset, so a share that was never applied is not forgotten).
     backup: Option<(u64, Vec<f32>)>,
@@ -235,6 +238,8 @@ impl Drift {
             anchor: Vec::new(),
             feedback: swarm_compression::outer::SparseFeedback::new(num_params, s.chunk, s.beta),
             encoder: Encoder::new(codec(&s.codec)?)?.with_seed(cfg.seed),
+            warmup_encoder: Encoder::new(codec(&s.warmup_codec)?)?.with_seed(cfg.seed),
+            warmup_steps: cfg.train.warmup_steps,
             backup: None,
             pending: None,
         })

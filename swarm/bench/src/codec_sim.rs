@@ -80,6 +80,9 @@ pub struct SimOptions {
     pub gradients: Codec,
     /// Codec of the replicas' sync shares.
     pub sync: Codec,
+    /// The multi-step sync's codec at the boundaries within the LR warmup (`[sync]
+    /// warmup_codec`; unused by the per-step sync).
+    pub warmup_sync: Codec,
     /// Replicas per stage (>= 1).
     pub replicas: usize,
     /// Keep an error-feedback residual per (stage, replica) for the sync, as the swarm does.
@@ -133,6 +136,7 @@ impl SimOptions {
             } else {
                 &cfg.codec.sync
             })?,
+            warmup_sync: parse(&s.warmup_codec)?,
             replicas,
             sync_feedback: true,
             outer,
@@ -202,6 +206,7 @@ pub struct SimTrainer {
     act_enc: Encoder,
     grad_enc: Encoder,
     sync_enc: Encoder,
+    warmup_sync_enc: Encoder,
     dec: Decoder,
     bytes: SimBytes,
 }
@@ -282,6 +287,7 @@ impl SimTrainer {
             grad_enc: Encoder::new(opts.gradients)?,
             // As the stages do: the sync rotation seeded by the run seed.
             sync_enc: Encoder::new(opts.sync)?.with_seed(cfg.seed),
+            warmup_sync_enc: Encoder::new(opts.warmup_sync)?.with_seed(cfg.seed),
             dec: Decoder::new(),
             cfg: cfg.clone(),
             opts,
@@ -437,7 +443,7 @@ impl SimTrainer {
                 self.bytes.sync.dense += (4 * s.num_parameters() * r * (r - 1)) as u64;
             }
             if (step + 1).is_multiple_of(every) || step + 1 == t.steps {
-                self.outer_sync()?;
+                self.outer_sync(step + 1)?;
             }
         } else {
             let (mut frame, mut buf) = (Vec::new(), Vec::new());
@@ -522,7 +528,9 @@ impl SimTrainer {
 
     /// The multi-step sync: every replica's pseudo-gradient through the sync codec, the mean of
     /// the decoded shares in replica order, one outer step, every replica set to the result.
-    fn outer_sync(&mut self) -> Result<()> {
+    /// `steps_done` picks the codec (the warmup's within the LR warmup), as the stages do.
+    fn outer_sync(&mut self, steps_done: u64) -> Result<()> {
+        let warm = swarm_model::SyncConfig::in_warmup(steps_done, self.cfg.train.warmup_steps);
         let Some(o) = self.outer.as_mut() else {
             return Ok(());
         };
@@ -534,7 +542,12 @@ impl SimTrainer {
             for rep in 0..r {
                 let w = self.pipes[rep][s].weights_flat()?;
                 pseudo_gradient(&o.anchors[s], &w, &mut delta)?;
-                o.feedback[s][rep].encode(&mut self.sync_enc, &delta, &mut frame)?;
+                let enc = if warm {
+                    &mut self.warmup_sync_enc
+                } else {
+                    &mut self.sync_enc
+                };
+                o.feedback[s][rep].encode(enc, &delta, &mut frame)?;
                 self.bytes.sync.wire += (frame.len() * (r - 1)) as u64;
                 SparseFeedback::add_share(
                     &mut self.dec,
@@ -681,5 +694,44 @@ mod tests {
         let b = sim.bytes();
         // 5% of each chunk, 2-bit values: far fewer bytes than fp32 every step.
         assert!(b.sync.ratio() > 20.0, "{b:?}");
+    }
+
+    #[test]
+    fn boundaries_within_the_warmup_take_the_warmup_codec() {
+        let mut cfg = tiny();
+        cfg.train.warmup_steps = 2;
+        let corpus = Corpus::builtin();
+        let sim = |warmup_sync: &str| {
+            let mut o = opts(&cfg, "topk-row:0.02+q2", 2);
+            o.activations = "none".parse().unwrap();
+            o.gradients = "none".parse().unwrap();
+            o.warmup_sync = warmup_sync.parse().unwrap();
+            o.outer = Some(OuterSync {
+                every: 2,
+                chunk: 64,
+                beta: 0.95,
+                lr: 1.0,
+                momentum: 0.0,
+                nesterov: false,
+            });
+            let mut sim = SimTrainer::new(&cfg, o).unwrap();
+            // Bytes of the boundary at state step 2 (in the warmup), then of the one at 4 (not).
+            let mut sync = Vec::new();
+            for _ in 0..2 {
+                let before = sim.bytes().sync.wire;
+                sim.train_step(&corpus).unwrap();
+                sim.train_step(&corpus).unwrap();
+                sync.push(sim.bytes().sync.wire - before);
+            }
+            sync
+        };
+        let (narrow, wide) = (sim("topk-row:0.02+q2"), sim("topk-row:0.25+q2"));
+        // A quarter of each chunk costs several times the bytes of 2%; after the warmup both
+        // send the same codec (the same kept count, values differ by their residuals).
+        assert!(wide[0] > 4 * narrow[0], "{wide:?} vs {narrow:?}");
+        assert!(
+            wide[1].abs_diff(narrow[1]) * 10 < narrow[1],
+            "{wide:?} vs {narrow:?}"
+        );
     }
 }

@@ -160,7 +160,12 @@ impl StageWorker {
         let mut delta = Vec::new();
         swarm_compression::outer::pseudo_gradient(&d.anchor, &w, &mut delta)?;
         let mut out = Vec::new();
-        d.feedback.encode(&mut d.encoder, &delta, &mut out)?;
+        let encoder = if swarm_model::SyncConfig::in_warmup(step, d.warmup_steps) {
+            &mut d.warmup_encoder
+        } else {
+            &mut d.encoder
+        };
+        d.feedback.encode(encoder, &delta, &mut out)?;
         Ok(out)
     }
 

@@ -74,7 +74,8 @@ pub fn tiny_config(steps: u64) -> RunConfig {
 }
 
 /// [`tiny_config`] with the multi-step replica sync (`[sync] mode = "sparseloco"`) every 3 steps:
-/// the top 3% of each 1024-value chunk, 2-bit values; no evaluation (it runs only at sync
+/// the top 3% of each 1024-value chunk, 2-bit values, and the top 10% at the first boundary,
+/// which the 3-step warmup covers (`[sync] warmup_codec`); no evaluation (it runs only at sync
 /// boundaries in this mode).
 #[cfg(feature = "model")]
 pub fn sparse_config(steps: u64) -> RunConfig {
@@ -83,6 +84,8 @@ pub fn sparse_config(steps: u64) -> RunConfig {
     cfg.sync.every = 3;
     cfg.sync.chunk = 1024;
     cfg.sync.codec = "topk-row:0.03+q2".into();
+    cfg.sync.warmup_codec = "topk-row:0.1+q2".into();
+    cfg.train.warmup_steps = 3;
     cfg.train.eval_every = 0;
     cfg.validate().unwrap();
     cfg

@@ -39,6 +39,10 @@ pub(crate) struct BenchCompressArgs {
     /// Sync codec (overrides `[codec] sync`).
     #[arg(long)]
     pub sync: Option<String>,
+    /// Multi-step sync codec at the boundaries within the LR warmup (overrides `[sync]
+    /// warmup_codec`; give the `--sync` codec to measure without a warmup codec).
+    #[arg(long)]
+    pub warmup_sync: Option<String>,
     /// Encode the sync shares without error feedback (to measure what the residual does).
     #[arg(long)]
     pub no_sync_feedback: bool,
@@ -75,6 +79,8 @@ struct Summary {
     codecs: [String; 3],
     replicas: usize,
     outer_every: Option<u64>,
+    /// The multi-step sync's codec within the LR warmup.
+    warmup_sync: String,
     loss: Vec<f64>,
     local_loss: Vec<f64>,
     val_loss: f64,
@@ -138,6 +144,11 @@ pub(crate) fn run(args: BenchCompressArgs) -> anyhow::Result<()> {
             nesterov: true,
         });
     }
+    let warmup_sync = args
+        .warmup_sync
+        .clone()
+        .unwrap_or_else(|| cfg.sync.warmup_codec.clone());
+    opts.warmup_sync = warmup_sync.parse()?;
     let outer_every = opts.outer.map(|o| o.every);
     let mut sim = SimTrainer::new(&cfg, opts)?;
     // The baseline is the standard model trained locally (issue #13: a structural method is
@@ -190,6 +201,7 @@ pub(crate) fn run(args: BenchCompressArgs) -> anyhow::Result<()> {
         ],
         replicas: args.replicas,
         outer_every,
+        warmup_sync,
         val_penalty: local_val_loss.map(|l| val_loss / l - 1.0),
         loss,
         local_loss,
