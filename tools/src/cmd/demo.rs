@@ -87,6 +87,13 @@ pub(crate) struct DemoArgs {
     #[arg(long, value_enum)]
     pub nat: Option<super::demo_nat::NatScenario>,
 
+    /// Run the home frontier point of issue #13 (`swarm_core::trainer::home_frontier`): the
+    /// subspace model at rank hidden/8, 4-bit activations and the SparseLoCo sync, ~110x fewer
+    /// bytes than fp32. Not yet the default: the inner-step audits ban honest replicas of a
+    /// drifting subspace model, so run it with `--audit-rate 0` for now.
+    #[arg(long)]
+    pub frontier: bool,
+
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -109,7 +116,11 @@ pub(crate) fn demo_config(
 
 pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.peers >= 1, "--peers must be at least 1");
-    let cfg = demo_config(args.config.as_deref(), args.steps)?;
+    let mut cfg = demo_config(args.config.as_deref(), args.steps)?;
+    if args.frontier {
+        swarm_core::trainer::home_frontier(&mut cfg);
+        cfg.validate()?;
+    }
     let stages = cfg.stages.len() - 1;
     anyhow::ensure!(
         args.peers >= stages,
