@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The model: Llama-style decoder split into pieces (embedding, stages, head), each with forward and
 //! VJP backward, plus optimizer, checkpoints, tokenizer and data. Knows nothing of peers or codecs.
 

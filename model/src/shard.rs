@@ -49,7 +49,12 @@ pub enum Piece {
     /// `model.embed_tokens.weight`: tokens -> hidden states `(batch, seq, hidden)`.
     Embedding,
     /// Transformer layers `layers` (the run's stage number `index`): hidden -> hidden.
-    Stage { index: usize, layers: Range<usize> },
+    Stage {
+        /// The run's stage number (what the swarm routes by).
+        index: usize,
+        /// The model's layers it holds.
+        layers: Range<usize>,
+    },
     /// Final RMSNorm and LM head (`model.norm.weight`, `lm_head.weight`, or the embedding when
     /// tied): hidden -> logits, and the mean cross-entropy loss.
     Head,
@@ -376,6 +381,7 @@ impl Shard {
         self.subspace.clone()
     }
 
+    /// The whole model's configuration (the shard holds only its pieces of it).
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
@@ -385,10 +391,12 @@ impl Shard {
         &self.pieces
     }
 
+    /// The dtype its weights are stored and computed in.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// The device its tensors live on.
     pub fn device(&self) -> &Device {
         &self.device
     }

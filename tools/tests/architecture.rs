@@ -350,6 +350,7 @@ fn the_step_machine_is_sans_io() {
 /// crate root).
 const DOCUMENTED: &[&str] = &[
     "compression",
+    "model",
     "router",
     "swarm",
     "swarm/bench",
