@@ -2,7 +2,6 @@
 //! The model: Llama-style decoder split into pieces (embedding, stages, head), each with forward and
 //! VJP backward, plus optimizer, checkpoints, tokenizer and data. Knows nothing of peers or codecs.
 
-pub mod bench;
 pub mod checkpoint;
 pub mod checkpoint_eval;
 pub mod config;

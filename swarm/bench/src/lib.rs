@@ -1,5 +1,8 @@
 //! What `swarm bench` (in `tools`) runs that is not the product, kept out of the library crates:
 //!
+//! - [`model`]: one micro-batch of a run's model timed by phase and op, against this machine's
+//!   matmul peak (`swarm bench model`), and a stage's training steps for the memory
+//!   measurements (`swarm bench memory`, `tests/stage_memory.rs`);
 //! - [`link`]: bulk transfer between two nodes on loopback over shaped links (`swarm bench link`,
 //!   and `swarm/tests/transport_shaping.rs`);
 //! - [`codec_sim`]: a swarm run's compression simulated in one process (`swarm bench compress`,
@@ -13,6 +16,7 @@
 
 pub mod codec_sim;
 pub mod link;
+pub mod model;
 
 /// Why a simulation cannot run.
 #[derive(Debug, thiserror::Error)]

@@ -120,7 +120,7 @@ fn measure(args: &BenchMemoryArgs) -> anyhow::Result<Measured> {
     let mut cfg = RunConfig::default();
     preset(&args.model)?.apply(&mut cfg, args.vocab)?;
     let need = stage_memory(&cfg, args.stage)?;
-    swarm_model::bench::run_stage(&cfg, args.stage, args.steps)?;
+    swarm_bench::model::run_stage(&cfg, args.stage, args.steps)?;
     let peak = status_field("VmHWM:")?;
     let predicted = baseline + need.total;
     Ok(Measured {

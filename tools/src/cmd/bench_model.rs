@@ -8,8 +8,8 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
+use swarm_bench::model::{ModelBench, bench_model};
 use swarm_model::RunConfig;
-use swarm_model::bench::{ModelBench, bench_model};
 
 use crate::cmd::train::short_candle_spin;
 use crate::ui;

@@ -9,10 +9,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::data::Batch;
-use crate::run::RunConfig;
-use crate::train::apply_step;
-use crate::{LocalTrainer, Result};
+use swarm_model::train::apply_step;
+use swarm_model::{Batch, Error, LocalTrainer, Piece, Result, RunConfig, Shard};
 
 /// Median timings of one micro-batch (`micro_batch_size x seq_len` tokens) of the run's model.
 #[derive(Debug, Clone, Serialize)]
@@ -75,7 +73,7 @@ pub fn bench_model(cfg: &RunConfig, warmup: usize, iterations: usize) -> Result<
     let mut opt = Vec::new();
     for i in 0..warmup + iterations.max(1) {
         if i == warmup {
-            crate::profile::enable(true);
+            swarm_model::profile::enable(true);
         }
         let toks: Vec<u32> = (0..bs * (seq + 1))
             .map(|_| rng.random_range(0..vocab))
@@ -87,9 +85,7 @@ pub fn bench_model(cfg: &RunConfig, warmup: usize, iterations: usize) -> Result<
             seq_len: seq,
         };
         let (f, b, o) = tr.timed_micro_batch(&batch, |shards| {
-            crate::profile::timed("optimizer", || {
-                apply_step(shards, &cfg.adamw(), 1e-4, t.grad_clip).map(|_| ())
-            })
+            apply_step(shards, &cfg.adamw(), 1e-4, t.grad_clip).map(|_| ())
         })?;
         if i >= warmup {
             fwd.push(f);
@@ -99,15 +95,18 @@ pub fn bench_model(cfg: &RunConfig, warmup: usize, iterations: usize) -> Result<
     }
     let total: f64 = fwd.iter().chain(&bwd).chain(&opt).sum();
     let n = fwd.len() as f64;
-    let mut ops: Vec<OpTime> = crate::profile::totals()
+    let opt_s: f64 = opt.iter().sum();
+    let mut ops: Vec<OpTime> = swarm_model::profile::totals()
         .into_iter()
-        .map(|(op, s, _)| OpTime {
+        .map(|(op, s, _)| (op, s))
+        .chain([("optimizer", opt_s)])
+        .map(|(op, s)| OpTime {
             op: op.to_string(),
             ms: s / n * 1e3,
             share: s / total,
         })
         .collect();
-    crate::profile::enable(false);
+    swarm_model::profile::enable(false);
     ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     let (f, b, o) = (median(fwd), median(bwd), median(opt));
     let tokens = bs * seq;
@@ -152,23 +151,23 @@ pub fn matmul_peak(n: usize, reps: usize) -> Result<f64> {
 }
 
 /// Runs what a peer serving stage `stage` of `cfg` does in `steps` training steps: the forward
-/// passes of the micro-batches in flight at once ([`crate::presets::in_flight`]), their backward
+/// passes of the micro-batches in flight at once ([`swarm_model::presets::in_flight`]), their backward
 /// passes, then an AdamW step; inputs and output gradients are random. For measuring the stage's
 /// peak memory (`swarm bench memory`).
 pub fn run_stage(cfg: &RunConfig, stage: usize, steps: usize) -> Result<()> {
-    let pieces = crate::shard::Piece::stages(&cfg.stages);
+    let pieces = Piece::stages(&cfg.stages);
     let piece = pieces
         .get(stage)
         .cloned()
-        .ok_or_else(|| crate::Error::Config(format!("no stage {stage}")))?;
+        .ok_or_else(|| Error::Config(format!("no stage {stage}")))?;
     let dev = Device::Cpu;
-    let mut shard = crate::Shard::new(&cfg.model, &[piece], cfg.seed, DType::F32, &dev)?;
+    let mut shard = Shard::new(&cfg.model, &[piece], cfg.seed, DType::F32, &dev)?;
     let t = &cfg.train;
     let shape = (t.micro_batch_size, t.seq_len, cfg.model.hidden_size);
     let hp = cfg.adamw();
     for _ in 0..steps {
         let mut ctxs = Vec::new();
-        for _ in 0..crate::presets::in_flight(cfg) {
+        for _ in 0..swarm_model::presets::in_flight(cfg) {
             let x = Tensor::randn(0f32, 1f32, shape, &dev)?;
             ctxs.push(shard.stage_forward(stage, &x)?.1);
         }

@@ -1,5 +1,5 @@
 //! `presets::stage_memory` against the heap: a counting allocator records the peak of live heap
-//! bytes while a stage runs training steps (`bench::run_stage`: the micro-batches in flight
+//! bytes while a stage runs training steps (`swarm_bench::model::run_stage`: the micro-batches in flight
 //! forward, their backward, AdamW), and the prediction must be within 5% of it (issue #17's
 //! target for the resident peak is 10%). The heap is
 //! what the formula models; `swarm bench memory` measures the resident peak of whole processes
@@ -96,7 +96,7 @@ fn predicted_stage_memory_is_within_5_percent_of_the_heap_peak() {
     ];
     // gemm keeps a packing slab per thread (thread-local, the size of the L2 cache) from its
     // first call on: process overhead, not the stage's. A first unmeasured run makes them.
-    swarm_model::bench::run_stage(&runs[0].1, 0, 1).unwrap();
+    swarm_bench::model::run_stage(&runs[0].1, 0, 1).unwrap();
     let threads = rayon::current_num_threads();
     let mut report = Vec::new();
     let mut errs = Vec::new();
@@ -104,7 +104,7 @@ fn predicted_stage_memory_is_within_5_percent_of_the_heap_peak() {
         let need = stage_memory_on(cfg, 0, threads).unwrap();
         let before = LIVE.load(Ordering::SeqCst);
         PEAK.store(before, Ordering::SeqCst);
-        swarm_model::bench::run_stage(cfg, 0, 2).unwrap();
+        swarm_bench::model::run_stage(cfg, 0, 2).unwrap();
         let peak = (PEAK.load(Ordering::SeqCst) - before) as f64;
         let err = peak / need.total as f64 - 1.0;
         report.push(format!(
