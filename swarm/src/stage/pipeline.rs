@@ -453,9 +453,15 @@ impl StageWorker {
                 key,
                 stage,
             };
-            if let Err(e) = self.send(trainer.addr, trainer.peer, &msg).await {
-                tracing::warn!(error = %e, "could not report Counted");
-            }
+            // Beside the backward pass, not ahead of it: awaited here it put a round trip to the
+            // trainer before every backward hop. The trainer needs the count only to release the
+            // attempt, and waits for a count that comes after the attempt's input gradient.
+            let w = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = w.send(trainer.addr, trainer.peer, &msg).await {
+                    tracing::warn!(error = %e, "could not report Counted");
+                }
+            });
         }
         StageStats::add(
             &self.inner.stats.gradients_wire,
