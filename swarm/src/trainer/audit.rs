@@ -66,8 +66,8 @@ mod judge;
 mod record;
 
 use drift::{InnerCheck, drifts};
-pub use judge::frame_distance;
 use judge::link_liar;
+pub use judge::{frame_distance, hidden_distance};
 
 /// The micro-batch index a ledger `Audit` entry carries for an audit of a replica's optimizer
 /// step (not of a pass).
@@ -276,6 +276,8 @@ pub struct Auditor {
     grad: Codec,
     limits: Limits,
     timeout: Duration,
+    /// The model sends token ids with its boundary frames (a subspace model).
+    subspace: bool,
     /// Proven bans (peer, step, stage, reason, evidence) given to a [`Auditor::stand_in`], for
     /// the auditor to record when it is back.
     deferred: Option<Vec<DeferredBan>>,
@@ -331,6 +333,7 @@ impl Auditor {
             grad: config.codec.gradients.parse()?,
             limits: Limits::new(elems),
             timeout,
+            subspace: config.model.subspace_rank > 0,
             deferred: None,
             cfg,
         })
@@ -361,6 +364,7 @@ impl Auditor {
             grad: self.grad,
             limits: self.limits,
             timeout: self.timeout,
+            subspace: self.subspace,
             deferred: Some(Vec::new()),
         }
     }
@@ -844,7 +848,8 @@ impl Auditor {
         };
         t.stats.bytes += (a_res.fwd_out.len() + a_res.bwd_out.len()) as u64;
         let dist = |x: &AuditResult, fo: &[u8], bo: &[u8], lim: &Limits| {
-            frame_distance(fo, &x.fwd_out, lim).max(frame_distance(bo, &x.bwd_out, lim))
+            hidden_distance(fo, &x.fwd_out, lim, self.subspace)
+                .max(frame_distance(bo, &x.bwd_out, lim))
         };
         let d_pa = if a_res.weights_digest != fr.weights_digest {
             1.0

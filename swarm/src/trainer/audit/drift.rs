@@ -11,7 +11,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use swarm_model::{RunConfig, Shard};
 
-use super::{Auditor, Ban, INNER_STEP_MB, StepView, Tally, frame_distance, recompute};
+use super::{
+    Auditor, Ban, INNER_STEP_MB, StepView, Tally, frame_distance, hidden_distance, recompute,
+};
 use crate::error::{Error, Result};
 use crate::identity::PeerId;
 use crate::protocol::{Endpoint, Hop, MbKey};
@@ -120,11 +122,8 @@ impl Auditor {
         {
             return Ok(Some(ban));
         }
-        let d = frame_distance(&rec.fwd_out, &fo, &self.limits).max(frame_distance(
-            &rec.bwd_out,
-            &bo,
-            &self.limits,
-        ));
+        let d = hidden_distance(&rec.fwd_out, &fo, &self.limits, self.subspace)
+            .max(frame_distance(&rec.bwd_out, &bo, &self.limits));
         if d <= self.cfg.tolerance {
             t.stats.max_passed_distance = t.stats.max_passed_distance.max(d);
             self.log_audit_to(t, p, key, k, me, None, true, d);

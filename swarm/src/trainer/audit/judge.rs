@@ -3,6 +3,26 @@
 
 use super::*;
 
+/// [`frame_distance`] of two forward outputs as a stage boundary carries them: in a subspace
+/// model (`tokens`) each begins with the micro-batch's token ids, which must be equal (else 1),
+/// then the frame of the coordinates, which is what is compared.
+pub fn hidden_distance(a: &[u8], b: &[u8], limits: &Limits, tokens: bool) -> f32 {
+    if !tokens || a == b {
+        return frame_distance(a, b, limits);
+    }
+    let max = limits.max_elements;
+    let (Ok((ta, ua)), Ok((tb, ub))) = (
+        swarm_compression::decode_tokens(a, max, u32::MAX),
+        swarm_compression::decode_tokens(b, max, u32::MAX),
+    ) else {
+        return 1.0;
+    };
+    if ta != tb {
+        return 1.0;
+    }
+    frame_distance(&a[ua..], &b[ub..], limits)
+}
+
 /// Relative L2 distance of two frames' decoded values (0 when bitwise identical; 1 when one does
 /// not decode or the shapes differ).
 pub fn frame_distance(a: &[u8], b: &[u8], limits: &Limits) -> f32 {

@@ -112,3 +112,32 @@ fn a_stand_in_keeps_proven_bans_for_the_auditor() {
     // The auditor itself never defers.
     assert!(auditor.take_deferred().is_empty());
 }
+
+/// A subspace model's forward output starts with the token ids: the distance reads past them
+/// (a plain decode would call any difference 1, banning an honest peer whose frame differs in a
+/// quantization level), and different ids are as far apart as frames get.
+#[test]
+fn hidden_distance_reads_past_the_token_ids() {
+    let limits = Limits::new(64);
+    let frame = |tokens: &[u32], v: &[f32]| {
+        let (mut out, mut f) = (Vec::new(), Vec::new());
+        swarm_compression::encode_tokens(tokens, &mut out).unwrap();
+        swarm_compression::Encoder::new("none".parse().unwrap())
+            .unwrap()
+            .encode(v, &[1, 4, 2], &mut f)
+            .unwrap();
+        out.extend_from_slice(&f);
+        out
+    };
+    let v: Vec<f32> = (1..=8).map(|x| x as f32).collect();
+    let mut w = v.clone();
+    w[0] += 0.01;
+    let (a, b) = (frame(&[1, 2, 3, 4], &v), frame(&[1, 2, 3, 4], &w));
+    let d = hidden_distance(&a, &b, &limits, true);
+    assert!(d > 0.0 && d < 1e-2, "{d}");
+    assert_eq!(frame_distance(&a, &b, &limits), 1.0);
+    assert_eq!(
+        hidden_distance(&a, &frame(&[1, 2, 3, 5], &v), &limits, true),
+        1.0
+    );
+}

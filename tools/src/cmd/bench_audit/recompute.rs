@@ -12,7 +12,7 @@ use swarm_compression::{Codec, Decoder, Limits};
 use swarm_core::compute::{self, recompute};
 use swarm_core::fault::{Fault, FaultKind, FaultSpec};
 use swarm_core::stage::init_shard;
-use swarm_core::trainer::audit::{DEFAULT_TOLERANCE, frame_distance};
+use swarm_core::trainer::audit::{DEFAULT_TOLERANCE, frame_distance, hidden_distance};
 use swarm_model::RunConfig;
 
 fn cand<T>(r: candle_core::Result<T>) -> Result<T> {
@@ -161,7 +161,7 @@ pub(super) fn measure_recompute(
             out.bytes_per_audit = 2 * (fwd_in.len() + bwd_in.len()) as u64;
             for i in 0..results.len() {
                 for j in i + 1..results.len() {
-                    let d = frame_distance(&results[i].0, &results[j].0, &limits)
+                    let d = hidden_distance(&results[i].0, &results[j].0, &limits, sub.is_some())
                         .max(frame_distance(&results[i].1, &results[j].1, &limits));
                     out.comparisons += 1;
                     if d == 0.0 {
@@ -198,7 +198,7 @@ pub(super) fn measure_recompute(
                 let dx = fault.backward(1, mb as u32, &gt, dx)?;
                 let (fo, _) = compute::encode_hidden(act, sub, &y, &tokens)?;
                 let (bo, _) = compute::encode_grad(grad, sub, &dx)?;
-                let d = frame_distance(&fo, honest_f, &limits)
+                let d = hidden_distance(&fo, honest_f, &limits, sub.is_some())
                     .max(frame_distance(&bo, honest_b, &limits));
                 *min = min.min(d);
             }
