@@ -62,6 +62,7 @@ pub const HOME_SUBSPACE_ACTIVATIONS: &str = "dedup+rht+q4:256+zstd:3";
 /// (all three audited at step 0, "optimizer step off by 1.4").
 pub fn home_frontier(cfg: &mut swarm_model::RunConfig) {
     cfg.model.subspace_rank = cfg.model.hidden_size / 8;
+    cfg.model.subspace_seed = cfg.seed;
     cfg.codec.activations = HOME_SUBSPACE_ACTIVATIONS.into();
     cfg.codec.gradients = HOME_GRADIENTS.into();
     cfg.sync.mode = swarm_model::SyncMode::Sparseloco;

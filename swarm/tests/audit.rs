@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use swarm_core::fault::{FaultKind, FaultSpec};
 use swarm_core::ledger::{self, Expect};
+use swarm_core::trainer::audit::DEFAULT_TOLERANCE;
 use swarm_core::trainer::{Metrics, Trainer, TrainerEvent, TrainerOptions};
 use swarm_model::RunConfig;
 use trainer_common::{Replica, sparse_config, start_replica_with, tiny_config};
@@ -226,4 +227,22 @@ async fn each_fault_kind_is_banned_while_replicas_drift() {
             assert_eq!(c.banned, c.peer == faulty, "{kind:?}");
         }
     }
+}
+
+/// The home frontier point (issue #13: a subspace model, 4-bit activations and gradients,
+/// SparseLoCo), built in code as `swarm demo --frontier` builds it: an honest run audited at
+/// rate 1 bans nobody. (The trainer once ran such a config with another subspace seed than the
+/// stages, which read it back from TOML, and its recomputations banned every honest peer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_frontier_run_bans_nobody() {
+    let steps = 4;
+    let mut cfg = sparse_config(steps);
+    swarm_core::trainer::home_frontier(&mut cfg);
+    cfg.model.subspace_seed = 0;
+    cfg.validate().unwrap();
+    let (m, _, _, _) = run(&cfg, 1.0, None).await;
+    let a = &m.audit;
+    assert_eq!((a.audit_failures, a.banned.len()), (0, 0), "{a:?}");
+    assert!(a.audits > 0 && a.inner_audits > 0, "{a:?}");
+    assert!(a.max_passed_distance <= DEFAULT_TOLERANCE, "{a:?}");
 }

@@ -366,9 +366,13 @@ fn run_err(m: impl Into<String>) -> Error {
 impl Trainer {
     /// Creates (or resumes, when `opts.out` holds a checkpoint) the run, binds the peer and starts
     /// serving. Must be called inside a tokio runtime.
-    pub async fn start(opts: TrainerOptions) -> Result<Trainer> {
-        let cfg = opts.config.clone();
-        cfg.validate()?;
+    pub async fn start(mut opts: TrainerOptions) -> Result<Trainer> {
+        opts.config.validate()?;
+        // The run is its config as every peer reads it back: parsing fills what a config built in
+        // code may leave to defaults (the subspace seed: U and the token table), and a trainer
+        // on other values than its stages' would compute another model at the same boundaries.
+        let cfg = RunConfig::from_toml(&opts.config.to_toml()?)?;
+        opts.config = cfg.clone();
         let config_toml = cfg.to_toml()?;
         let run = run_id_of(&config_toml);
         // The same corpus the local trainer reads, so batches match step for step.
