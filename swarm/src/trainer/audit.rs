@@ -264,8 +264,10 @@ pub struct Auditor {
     banned: BTreeSet<PeerId>,
     /// Inner optimizer steps under audit (drifting replicas), drawn at the last audit phase.
     inner: Vec<InnerCheck>,
-    /// Audited peers' own states fetched this step (drifting replicas), by (stage, digest).
-    states: HashMap<(u32, [u8; 32]), Arc<Shard>>,
+    /// Audited peers' own states fetched this step (drifting replicas), by (stage, peer,
+    /// digest): per peer, because replicas that share weights (just after an outer sync) still
+    /// keep their own AdamW moments, which the inner-step audit uses.
+    states: HashMap<(u32, PeerId, [u8; 32]), Arc<Shard>>,
     /// Audited peers that served a state other than the one they signed this step (reason,
     /// evidence), by (stage, peer).
     state_lies: HashMap<(u32, PeerId), (String, [u8; 32])>,

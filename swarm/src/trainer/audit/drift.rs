@@ -409,7 +409,7 @@ impl Auditor {
     ) -> std::result::Result<Arc<Shard>, OwnState> {
         if let Some(s) = self
             .states
-            .get(&(k, digest))
+            .get(&(k, p, digest))
             .filter(|_| self.states_step == self.step)
         {
             return Ok(s.clone());
@@ -434,7 +434,7 @@ impl Auditor {
             self.state_lies.clear();
             self.states_step = v.step;
         }
-        if let Some(s) = self.states.get(&(k, digest)) {
+        if let Some(s) = self.states.get(&(k, p, digest)) {
             return Ok(s.clone());
         }
         let shard = if v.step == 0 {
@@ -481,7 +481,7 @@ impl Auditor {
             }
         };
         let shard = Arc::new(shard);
-        self.states.insert((k, digest), shard.clone());
+        self.states.insert((k, p, digest), shard.clone());
         Ok(shard)
     }
 
