@@ -60,6 +60,15 @@ fn random_tensor(rng: &mut ChaCha8Rng, dims: &[usize], scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// A `dims` tensor of normal values times `scale` (activations at 1, their gradients at 1e-3).
+fn random_hidden(rng: &mut ChaCha8Rng, dims: &[usize], scale: f32) -> Result<Tensor> {
+    cand(Tensor::from_vec(
+        random_tensor(rng, dims, scale),
+        dims,
+        &Device::Cpu,
+    ))
+}
+
 /// Measures honest recomputation differences across `threads` (every pair of runs, two runs per
 /// thread count) for `micro_batches` random micro-batches per stage of `cfg` with its codecs, the
 /// smallest distance each fault kind gives on the same micro-batches, and the audit's cost.
@@ -103,16 +112,8 @@ pub(super) fn measure_recompute(
         let stale = init_shard(cfg, k as u32)?;
         let mut shard = init_shard(cfg, k as u32)?;
         {
-            let x = cand(Tensor::from_vec(
-                random_tensor(&mut rng, &dims, 1.0),
-                &dims,
-                &Device::Cpu,
-            ))?;
-            let g = cand(Tensor::from_vec(
-                random_tensor(&mut rng, &dims, 1e-3),
-                &dims,
-                &Device::Cpu,
-            ))?;
+            let x = random_hidden(&mut rng, &dims, 1.0)?;
+            let g = random_hidden(&mut rng, &dims, 1e-3)?;
             let (_, ctx) = shard.stage_forward(k, &x)?;
             shard.backward(ctx, &g)?;
             shard.optimizer_step(&cfg.adamw(), cfg.train.lr, 1.0)?;
@@ -124,16 +125,8 @@ pub(super) fn measure_recompute(
         let sub = sub.as_deref();
         let (hidden, vocab) = (cfg.model.hidden_size, cfg.model.vocab_size);
         for mb in 0..micro_batches {
-            let x = cand(Tensor::from_vec(
-                random_tensor(&mut rng, &dims, 1.0),
-                &dims,
-                &Device::Cpu,
-            ))?;
-            let g = cand(Tensor::from_vec(
-                random_tensor(&mut rng, &dims, 1e-3),
-                &dims,
-                &Device::Cpu,
-            ))?;
+            let x = random_hidden(&mut rng, &dims, 1.0)?;
+            let g = random_hidden(&mut rng, &dims, 1e-3)?;
             let tokens: Vec<u32> = (0..dims[0] * dims[1])
                 .map(|_| rng.random_range(0..vocab as u32))
                 .collect();
