@@ -213,6 +213,15 @@ struct Tally {
     log: Vec<Body>,
 }
 
+/// Evidence of a disputed pass: the hashes of the four frames it involved.
+fn frames_evidence(rec: &AuditRecord) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for f in [&rec.fwd_in, &rec.fwd_out, &rec.bwd_in, &rec.bwd_out] {
+        h.update(&frame_hash(f));
+    }
+    *h.finalize().as_bytes()
+}
+
 /// Audit jobs of one step in flight at once.
 const MAX_CONCURRENT_AUDITS: usize = 8;
 
@@ -241,7 +250,8 @@ pub struct StepView<'a> {
     pub attempts: Vec<Option<u32>>,
     /// Live replicas per stage (peer, address), excluding any already excluded this step.
     pub replicas: Vec<Vec<(PeerId, SocketAddr)>>,
-    /// Per stage, per micro-batch: the replica that counted its gradient this step, if any.
+    /// In a sync mode whose replicas drift: per stage, per micro-batch, the replica that counted
+    /// its gradient this step, if any. Empty otherwise.
     pub holders: Vec<Vec<Option<PeerId>>>,
     /// The agreed weights digest per stage at this step, when known.
     pub digests: Vec<Option<[u8; 32]>>,
@@ -421,15 +431,26 @@ impl Auditor {
         self.entry(key).got_bwd = Some(frame_hash(frame));
     }
 
-    /// The uniform draw of (step, micro-batch, stage) in [0, 1): audited when below the rate.
-    fn draw(&self, step: u64, mb: u32, stage: u32) -> f64 {
+    /// A uniform draw in [0, 1) keyed by the secret and `parts` (what is drawn for): audited
+    /// when below the rate.
+    fn draw(&self, parts: &[&[u8]]) -> f64 {
         let mut h = blake3::Hasher::new();
-        h.update(&self.secret)
-            .update(&step.to_le_bytes())
-            .update(&mb.to_le_bytes())
-            .update(&stage.to_le_bytes());
+        h.update(&self.secret);
+        for part in parts {
+            h.update(part);
+        }
         let mut rng = ChaCha20Rng::from_seed(*h.finalize().as_bytes());
         rng.random::<f64>()
+    }
+
+    /// The audit rate of `peer`'s work: the new-peer rate for its first micro-batches.
+    fn rate_for(&self, peer: &PeerId) -> f64 {
+        let served = self.served.get(peer).copied().unwrap_or(0);
+        if served < self.cfg.new_peer_micro_batches {
+            self.cfg.new_peer_rate.max(self.cfg.rate)
+        } else {
+            self.cfg.rate
+        }
     }
 
     async fn call<Q: crate::wire::WireMessage, R: crate::wire::WireMessage>(
@@ -482,14 +503,12 @@ impl Auditor {
             for k in 0..stages as u32 {
                 let p = seen.route[k as usize].peer;
                 self.stats.candidates += 1;
-                let served = self.served.get(&p).copied().unwrap_or(0);
-                let rate = if served < self.cfg.new_peer_micro_batches {
-                    self.cfg.new_peer_rate.max(self.cfg.rate)
-                } else {
-                    self.cfg.rate
-                };
-                let u = self.draw(v.step, mb as u32, k);
-                if u < rate {
+                let u = self.draw(&[
+                    &v.step.to_le_bytes(),
+                    &(mb as u32).to_le_bytes(),
+                    &k.to_le_bytes(),
+                ]);
+                if u < self.rate_for(&p) {
                     // Drawn only because the peer is new: its cost is reported apart.
                     jobs.push((key, k, u >= self.cfg.rate));
                 }
@@ -577,6 +596,25 @@ impl Auditor {
         {
             tracing::warn!(error = %e, "ledger append failed");
         }
+    }
+
+    /// An audit that proved `peer` lied (at `stage`, judged by `auditor`): a failed audit in the
+    /// tally and the ledger, and its ban.
+    #[allow(clippy::too_many_arguments)]
+    fn lied_to(
+        &self,
+        t: &mut Tally,
+        peer: PeerId,
+        key: MbKey,
+        stage: u32,
+        auditor: PeerId,
+        reason: String,
+        evidence: [u8; 32],
+    ) -> Ban {
+        t.stats.audit_failures += 1;
+        t.stats.per_peer.entry(peer).or_default().1 += 1;
+        self.log_audit_to(t, peer, key, stage, auditor, None, false, 1.0);
+        self.ban_to(t, peer, key.step, stage, reason, evidence)
     }
 
     fn ban_to(
@@ -684,11 +722,8 @@ impl Auditor {
         let (fr, br) = match self.check_record(v, key, k, p, &seen.route, &rec) {
             Ok(r) => r,
             Err(reason) => {
-                t.stats.audit_failures += 1;
-                t.stats.per_peer.entry(p).or_default().1 += 1;
-                self.log_audit_to(t, p, key, k, p, None, false, 1.0);
                 let ev = frame_hash(&crate::wire::encode_body(&rec).unwrap_or_default());
-                return Ok(Some(self.ban_to(t, p, key.step, k, reason, ev)));
+                return Ok(Some(self.lied_to(t, p, key, k, p, reason, ev)));
             }
         };
         // The ends of the pipeline: the trainer's own hashes.
@@ -706,14 +741,12 @@ impl Auditor {
             lied = Some("output gradient differs from what the trainer sent");
         }
         if let Some(reason) = lied {
-            t.stats.audit_failures += 1;
-            t.stats.per_peer.entry(p).or_default().1 += 1;
-            self.log_audit_to(t, p, key, k, p, None, false, 1.0);
-            return Ok(Some(self.ban_to(
+            return Ok(Some(self.lied_to(
                 t,
                 p,
-                key.step,
+                key,
                 k,
+                p,
                 reason.into(),
                 fr.output_hash,
             )));
@@ -747,11 +780,16 @@ impl Auditor {
             let liar = link_liar(up, p, k, n.peer, nk, &fr, &br, nf, nb, &nrec);
             if let Some((liar, at, reason)) = liar {
                 tracing::warn!(peer = %liar.short(), audited = %p.short(), step = key.step, microbatch = key.mb, reason, "receipt chain broken");
-                t.stats.audit_failures += 1;
-                t.stats.per_peer.entry(liar).or_default().1 += 1;
-                self.log_audit_to(t, liar, key, at, liar, None, false, 1.0);
                 let ev = frame_hash(&crate::wire::encode_body(&nrec).unwrap_or_default());
-                return Ok(Some(self.ban_to(t, liar, key.step, at, reason.into(), ev)));
+                return Ok(Some(self.lied_to(
+                    t,
+                    liar,
+                    key,
+                    at,
+                    liar,
+                    reason.into(),
+                    ev,
+                )));
             }
         }
         if drifts(v) {
@@ -899,11 +937,7 @@ impl Auditor {
         let d_pr = dist(&r_res, &rec.fwd_out, &rec.bwd_out, &self.limits);
         let d_ar = dist(&r_res, &a_res.fwd_out, &a_res.bwd_out, &self.limits);
         let tol = self.cfg.tolerance;
-        let mut h = blake3::Hasher::new();
-        for f in [&rec.fwd_in, &rec.fwd_out, &rec.bwd_in, &rec.bwd_out] {
-            h.update(&frame_hash(f));
-        }
-        let evidence = *h.finalize().as_bytes();
+        let evidence = frames_evidence(&rec);
         let referee_id = Some(r_id);
         if d_pr > tol && d_ar <= tol {
             self.log_audit_to(t, p, key, k, a_id, referee_id, false, d_pr);

@@ -7,12 +7,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha20Rng;
 use swarm_model::{RunConfig, Shard};
 
 use super::{
-    Auditor, Ban, INNER_STEP_MB, StepView, Tally, frame_distance, hidden_distance, recompute,
+    Auditor, Ban, INNER_STEP_MB, StepView, Tally, frame_distance, frames_evidence, hidden_distance,
+    recompute,
 };
 use crate::error::{Error, Result};
 use crate::identity::PeerId;
@@ -93,10 +92,7 @@ impl Auditor {
         let shard = match self.prefetched(k, p, fr.weights_digest) {
             Ok(s) => s,
             Err(OwnState::Lied(reason, evidence)) => {
-                t.stats.audit_failures += 1;
-                t.stats.per_peer.entry(p).or_default().1 += 1;
-                self.log_audit_to(t, p, key, k, me, None, false, 1.0);
-                return Ok(Some(self.ban_to(t, p, key.step, k, reason, evidence)));
+                return Ok(Some(self.lied_to(t, p, key, k, me, reason, evidence)));
             }
             Err(OwnState::Unavailable(e)) => {
                 tracing::warn!(peer = %p.short(), error = %e, "audited peer's state unavailable; audit skipped");
@@ -132,10 +128,6 @@ impl Auditor {
         t.stats.audit_failures += 1;
         t.stats.per_peer.entry(p).or_default().1 += 1;
         self.log_audit_to(t, p, key, k, me, Some(me), false, d);
-        let mut h = blake3::Hasher::new();
-        for f in [&rec.fwd_in, &rec.fwd_out, &rec.bwd_in, &rec.bwd_out] {
-            h.update(&frame_hash(f));
-        }
         let reason = format!(
             "stage {k} step {} mb {}: output off by {d:.3e} (relative L2) from a recomputation with its own state",
             key.step, key.mb
@@ -146,7 +138,7 @@ impl Auditor {
             key.step,
             k,
             reason,
-            *h.finalize().as_bytes(),
+            frames_evidence(&rec),
         )))
     }
 
@@ -198,20 +190,13 @@ impl Auditor {
     }
 
     fn draw_peer(&self, step: u64, stage: u32, peer: &PeerId) -> bool {
-        let served = self.served.get(peer).copied().unwrap_or(0);
-        let rate = if served < self.cfg.new_peer_micro_batches {
-            self.cfg.new_peer_rate.max(self.cfg.rate)
-        } else {
-            self.cfg.rate
-        };
-        let mut h = blake3::Hasher::new();
-        h.update(&self.secret)
-            .update(b"inner-step")
-            .update(&step.to_le_bytes())
-            .update(&stage.to_le_bytes())
-            .update(&peer.0);
-        let mut rng = ChaCha20Rng::from_seed(*h.finalize().as_bytes());
-        rng.random::<f64>() < rate
+        let parts: [&[u8]; 4] = [
+            b"inner-step",
+            &step.to_le_bytes(),
+            &stage.to_le_bytes(),
+            &peer.0,
+        ];
+        self.draw(&parts) < self.rate_for(peer)
     }
 
     async fn prepare_inner(

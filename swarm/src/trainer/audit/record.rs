@@ -132,11 +132,8 @@ impl Auditor {
         if frame_hash(&outs.fwd_out) != fr.output_hash
             || frame_hash(&outs.bwd_out) != br.output_hash
         {
-            t.stats.audit_failures += 1;
-            t.stats.per_peer.entry(p).or_default().1 += 1;
-            self.log_audit_to(t, p, key, k, auditor, None, false, 1.0);
             let reason = "outputs shown do not match its own receipts".to_string();
-            return Err(self.ban_to(t, p, key.step, k, reason, fr.output_hash));
+            return Err(self.lied_to(t, p, key, k, auditor, reason, fr.output_hash));
         }
         rec.fwd_out = outs.fwd_out;
         rec.bwd_out = outs.bwd_out;

@@ -411,16 +411,21 @@ impl Trainer {
             attempts: (0..book.micro_batches())
                 .map(|mb| book.current_attempt(mb))
                 .collect(),
-            holders: (0..stages)
-                .map(|k| {
-                    (0..book.micro_batches())
-                        .map(|mb| match book.holder(mb, Column::Stage(k as u16)) {
-                            Some(Holder::Peer(p)) => Some(p),
-                            _ => None,
-                        })
-                        .collect()
-                })
-                .collect(),
+            // Only the inner-step audits of a drifting sync read who counted what.
+            holders: if config.sync.drifts() {
+                (0..stages)
+                    .map(|k| {
+                        (0..book.micro_batches())
+                            .map(|mb| match book.holder(mb, Column::Stage(k as u16)) {
+                                Some(Holder::Peer(p)) => Some(p),
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
             replicas,
             digests: self.shared.reg(|r| r.digests.clone()),
             own: if config.sync.drifts() {
