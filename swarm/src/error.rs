@@ -123,9 +123,6 @@ pub enum Error {
         /// The model's.
         model: usize,
     },
-    /// The run's options cannot be served together (the message says which and why).
-    #[error("unsupported: {0}")]
-    Unsupported(String),
     /// No stage of the run fits this peer's memory (the message gives the sizes).
     #[error("{0}")]
     DoesNotFit(String),
