@@ -3,6 +3,13 @@
 //! candle-transformers' `llama::Llama` load unchanged. Training state (step and AdamW moments) sits
 //! beside it in `optimizer.safetensors` and `train_state.json`, so a run resumes exactly.
 //!
+//! A subspace model (`subspace_rank > 0`) is saved as the plain model it computes (`U·A` and
+//! `E_fix + A_emb·Uᵀ` materialized, so any Llama reader loads it), plus its own parameters in
+//! `subspace.safetensors` and their moments in `optimizer.safetensors`: `A` cannot be recovered
+//! from a trained `U·A` together with its AdamW moments otherwise, and resuming must be exact.
+//! On load the sidecar must materialize to the plain weights, so a checkpoint whose weights were
+//! edited afterwards is not resumed from stale factors.
+//!
 //! Checkpoints are untrusted input: the config is validated against caps, file sizes are checked
 //! against what the config implies before anything is read, and every tensor's name, shape and
 //! dtype is checked against the config. Errors are typed ([`Error`]); nothing here panics on bad
@@ -26,6 +33,8 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const CONFIG_FILE: &str = "config.json";
 /// AdamW moments, `<param>.exp_avg` and `<param>.exp_avg_sq`, f32.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// A subspace model's own parameters (`*.subspace`); its metadata gives the rank and seed.
+pub const SUBSPACE_FILE: &str = "subspace.safetensors";
 /// Step and free-form run metadata.
 pub const STATE_FILE: &str = "train_state.json";
 /// The tokenizer a checkpoint carries (HF tokenizers format), when its run had one.
@@ -54,8 +63,46 @@ pub struct Checkpoint {
     pub config: ModelConfig,
     /// Every tensor by its HF name.
     pub tensors: HashMap<String, Tensor>,
-    /// The optimizer state and step, when the checkpoint holds one.
+    /// The optimizer state and step, when the checkpoint holds one. Its moments belong to the
+    /// model that was trained: [`Checkpoint::subspace`]'s when there is one.
     pub state: Option<TrainState>,
+    /// The subspace model that was trained, when the checkpoint was saved from one.
+    pub subspace: Option<SubspaceModel>,
+}
+
+/// A subspace model saved beside its plain materialization ([`SUBSPACE_FILE`]).
+#[derive(Debug, Clone)]
+pub struct SubspaceModel {
+    /// The trained model's config (the plain config with its `subspace_rank` and `subspace_seed`).
+    pub config: ModelConfig,
+    /// Its `*.subspace` parameters (checked to materialize to the plain weights).
+    pub params: HashMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    /// The model training resumes from: the subspace model when one was saved (its parameters
+    /// by name, the plain matrices they replace left out), else the plain one.
+    pub fn trained_model(&self) -> (&ModelConfig, HashMap<String, Tensor>) {
+        match &self.subspace {
+            Some(sub) => {
+                let mut t: HashMap<String, Tensor> = self
+                    .tensors
+                    .iter()
+                    .filter(|(n, _)| crate::subspace::param_name(n).is_none())
+                    .map(|(n, t)| (n.clone(), t.clone()))
+                    .collect();
+                t.extend(sub.params.iter().map(|(n, p)| (n.clone(), p.clone())));
+                (&sub.config, t)
+            }
+            None => (&self.config, self.tensors.clone()),
+        }
+    }
+}
+
+/// The trained parameters of `cfg` with their shapes: the HF tensors, with a subspace model's
+/// parameters in place of the matrices they replace.
+fn parameter_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    crate::subspace::reparametrize(cfg, expected_tensors(cfg))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -292,12 +339,87 @@ pub fn load(dir: &Path) -> Result<Checkpoint, Error> {
         }
     }
     check_complete(&expected_tensors(&cfg), &tensors)?;
-    let state = load_state(dir, &cfg)?;
+    let subspace = load_subspace(dir, &cfg, &tensors)?;
+    let state = load_state(dir, subspace.as_ref().map_or(&cfg, |s| &s.config))?;
     Ok(Checkpoint {
         config: cfg,
         tensors,
         state,
+        subspace,
     })
+}
+
+/// Reads [`SUBSPACE_FILE`] when present: the rank and seed from its metadata, the `*.subspace`
+/// parameters checked by name and shape, and their materialization checked against `plain`.
+fn load_subspace(
+    dir: &Path,
+    plain_cfg: &ModelConfig,
+    plain: &HashMap<String, Tensor>,
+) -> Result<Option<SubspaceModel>, Error> {
+    let path = dir.join(SUBSPACE_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = read_capped(&path, weight_bytes_cap(plain_cfg, 1))?;
+    read_subspace(&bytes, plain_cfg, plain).map(Some)
+}
+
+/// Reads and checks [`SUBSPACE_FILE`] `bytes` of a checkpoint of `plain_cfg` whose plain weights
+/// are `plain`: rank and seed from its metadata, every `*.subspace` parameter of that model with
+/// its shape, finite, and materializing to the plain matrix it replaces (where `plain` has it).
+pub fn read_subspace(
+    bytes: &[u8],
+    plain_cfg: &ModelConfig,
+    plain: &HashMap<String, Tensor>,
+) -> Result<SubspaceModel, Error> {
+    let bad = |m: String| Error::Checkpoint(format!("{SUBSPACE_FILE}: {m}"));
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("safetensors: {e}")))?;
+    let field = |key: &str| -> Result<u64, Error> {
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get(key))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad(format!("no {key} in its metadata")))
+    };
+    let config = ModelConfig {
+        subspace_rank: usize::try_from(field("subspace_rank")?)
+            .map_err(|_| bad("subspace_rank out of range".into()))?,
+        subspace_seed: field("subspace_seed")?,
+        ..plain_cfg.clone()
+    };
+    if config.subspace_rank == 0 {
+        return Err(bad("subspace_rank 0".into()));
+    }
+    config.validate()?;
+    let expected: HashMap<String, Vec<usize>> = parameter_tensors(&config)
+        .into_iter()
+        .filter(|(n, _)| crate::subspace::hf_name(n).is_some())
+        .collect();
+    let mut params = HashMap::new();
+    read_checked(bytes, &expected, &mut params, |_| false)?;
+    let complete: Vec<(String, Vec<usize>)> = expected.into_iter().collect();
+    check_complete(&complete, &params)?;
+    // The factors must be the ones the plain weights came from: bitwise for the f32 we save, up
+    // to the rounding of a 16-bit copy otherwise.
+    for (name, w) in crate::subspace::materialize(&config, &params)? {
+        let Some(stored) = plain.get(&name) else {
+            continue;
+        };
+        let scale = stored
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?
+            .max(f32::MIN_POSITIVE);
+        let diff = (&w - stored)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        if diff > 1e-3 * scale {
+            return Err(bad(format!(
+                "does not materialize to {name} of the weights (off by {diff:.3e}): the weights \
+                 changed after it was saved; remove it to load the plain model"
+            )));
+        }
+    }
+    Ok(SubspaceModel { config, params })
 }
 
 /// Loads any checkpoint we understand: a HF-format directory ([`load`]) or a llama2.c `.bin`
@@ -311,6 +433,7 @@ pub fn load_any(path: &Path) -> Result<Checkpoint, Error> {
         config,
         tensors,
         state: None,
+        subspace: None,
     })
 }
 
@@ -364,7 +487,7 @@ fn load_state(dir: &Path, cfg: &ModelConfig) -> Result<Option<TrainState>, Error
     let mut optimizer = HashMap::new();
     if opt_path.exists() {
         let bytes = read_capped(&opt_path, 2 * weight_bytes_cap(cfg, 1))?;
-        let expected: HashMap<String, Vec<usize>> = expected_tensors(cfg)
+        let expected: HashMap<String, Vec<usize>> = parameter_tensors(cfg)
             .into_iter()
             .flat_map(|(n, s)| {
                 [
@@ -411,26 +534,31 @@ pub fn save_with_tokenizer(
     tokenizer: Option<&Path>,
 ) -> Result<(), Error> {
     cfg.validate()?;
-    // A subspace model is saved as the plain model it computes (U·A and E_fix + A_emb·Uᵀ
-    // materialized), so any Llama reader loads it. Its AdamW moments belong to the
-    // parametrization and are not saved: resuming such a checkpoint is refused (missing moments).
+    // A subspace model: the plain model it computes, plus its own parameters (module docs).
+    let trained = cfg;
+    let params = parameter_tensors(trained);
+    let subspace = if trained.subspace_rank > 0 {
+        let own: Vec<(String, Vec<usize>)> = params
+            .iter()
+            .filter(|(n, _)| crate::subspace::hf_name(n).is_some())
+            .cloned()
+            .collect();
+        Some(checked_for_save(&own, &subspace_params(tensors, &own))?)
+    } else {
+        None
+    };
     let plain;
     let materialized;
-    let without_moments;
-    let (cfg, tensors, state) = if cfg.subspace_rank > 0 {
+    let (cfg, tensors) = if trained.subspace_rank > 0 {
         plain = ModelConfig {
             subspace_rank: 0,
             subspace_seed: 0,
-            ..cfg.clone()
+            ..trained.clone()
         };
-        materialized = crate::subspace::materialize(cfg, tensors)?;
-        without_moments = state.map(|s| TrainState {
-            optimizer: HashMap::new(),
-            ..s.clone()
-        });
-        (&plain, &materialized, without_moments.as_ref())
+        materialized = crate::subspace::materialize(trained, tensors)?;
+        (&plain, &materialized)
     } else {
-        (cfg, tensors, state)
+        (cfg, tensors)
     };
     let tokenizer = match tokenizer {
         Some(p) => {
@@ -447,7 +575,7 @@ pub fn save_with_tokenizer(
     let weights = checked_for_save(&expected, tensors)?;
     let optimizer = match state {
         Some(s) if !s.optimizer.is_empty() => {
-            let moments: Vec<(String, Vec<usize>)> = expected
+            let moments: Vec<(String, Vec<usize>)> = params
                 .iter()
                 .flat_map(|(n, s)| {
                     [
@@ -486,6 +614,22 @@ pub fn save_with_tokenizer(
     let bytes = safetensors::serialize(weights, Some(meta.clone()))
         .map_err(|e| Error::Checkpoint(format!("serialize: {e}")))?;
     write_synced(&tmp.join(MODEL_FILE), &bytes)?;
+    if let Some(own) = subspace {
+        let meta = HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            (
+                "subspace_rank".to_string(),
+                trained.subspace_rank.to_string(),
+            ),
+            (
+                "subspace_seed".to_string(),
+                trained.subspace_seed.to_string(),
+            ),
+        ]);
+        let bytes = safetensors::serialize(own, Some(meta))
+            .map_err(|e| Error::Checkpoint(format!("serialize: {e}")))?;
+        write_synced(&tmp.join(SUBSPACE_FILE), &bytes)?;
+    }
     if let Some(s) = state {
         if let Some(opt) = optimizer {
             let bytes = safetensors::serialize(opt, Some(meta))
@@ -519,6 +663,16 @@ pub fn save_with_tokenizer(
     sync_dir(&parent)?;
     tracing::debug!(dir = %dir.display(), tensors = tensors.len(), "checkpoint saved");
     Ok(())
+}
+
+/// The tensors of `tensors` named in `own` (a subspace model's own parameters).
+fn subspace_params(
+    tensors: &HashMap<String, Tensor>,
+    own: &[(String, Vec<usize>)],
+) -> HashMap<String, Tensor> {
+    own.iter()
+        .filter_map(|(n, _)| tensors.get(n).map(|t| (n.clone(), t.clone())))
+        .collect()
 }
 
 /// Tensors in `expected` order, each checked and converted to a storable dtype.
@@ -569,6 +723,7 @@ fn refuse_unless_checkpoint(dir: &Path) -> Result<(), Error> {
         MODEL_FILE,
         INDEX_FILE,
         OPTIMIZER_FILE,
+        SUBSPACE_FILE,
         STATE_FILE,
         TOKENIZER_FILE,
     ];

@@ -397,3 +397,73 @@ fn checkpoint_materializes_into_plain_llama_with_the_same_logits() {
         .unwrap();
     assert!(common::rel_diff(&ours, &rebuilt) < 1e-4);
 }
+
+/// The subspace parameters saved beside a checkpoint must be the ones its plain weights came
+/// from: a checkpoint whose weights were edited afterwards is refused with a clear error, and
+/// without the sidecar it is the plain model it says it is.
+#[test]
+fn checkpoint_sidecar_must_match_the_plain_weights() {
+    let mut run = RunConfig {
+        model: cfg(4),
+        stages: vec![0, 1, 2],
+        ..RunConfig::default()
+    };
+    run.train.seq_len = 8;
+    let t = swarm_model::LocalTrainer::new(&run).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt");
+    checkpoint::save(&path, &run.model, &t.tensors(), None).unwrap();
+    let loaded = checkpoint::load(&path).unwrap();
+    let sub = loaded
+        .subspace
+        .as_ref()
+        .expect("the subspace model is saved");
+    assert_eq!(sub.config, run.model);
+    let (model, tensors) = loaded.trained_model();
+    assert_eq!(*model, run.model);
+    for (name, w) in t.tensors() {
+        let got = tensors.get(&name).unwrap_or_else(|| panic!("{name}"));
+        let d = (got - &w).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name} bitwise");
+    }
+
+    // Edit one plain weight after saving: the factors no longer produce it.
+    let mut plain = loaded.tensors.clone();
+    let name = "model.layers.1.mlp.down_proj.weight";
+    let w = plain[name].clone();
+    plain.insert(name.into(), (w * 1.5).unwrap());
+    let edited = dir.path().join("edited");
+    std::fs::create_dir(&edited).unwrap();
+    for f in [checkpoint::CONFIG_FILE, checkpoint::SUBSPACE_FILE] {
+        std::fs::copy(path.join(f), edited.join(f)).unwrap();
+    }
+    let views: Vec<(String, Tensor)> = plain.into_iter().collect();
+    candle_core::safetensors::save(
+        &views.into_iter().collect::<HashMap<_, _>>(),
+        edited.join(checkpoint::MODEL_FILE),
+    )
+    .unwrap();
+    let err = checkpoint::load(&edited).unwrap_err().to_string();
+    assert!(
+        err.contains("does not materialize") && err.contains(name),
+        "{err}"
+    );
+
+    // Without the sidecar: the plain model, nothing to resume a subspace run from.
+    std::fs::remove_file(edited.join(checkpoint::SUBSPACE_FILE)).unwrap();
+    let plain = checkpoint::load(&edited).unwrap();
+    assert!(plain.subspace.is_none());
+    assert_eq!(plain.trained_model().0.subspace_rank, 0);
+
+    // A sidecar with a malformed rank is refused, not trusted.
+    let bytes = std::fs::read(path.join(checkpoint::SUBSPACE_FILE)).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    let at = text
+        .find("\"subspace_rank\":\"4\"")
+        .expect("rank in the header");
+    let mut bad = bytes.clone();
+    bad[at + "\"subspace_rank\":\"".len()] = b'x';
+    std::fs::write(edited.join(checkpoint::SUBSPACE_FILE), &bad).unwrap();
+    let err = checkpoint::load(&edited).unwrap_err().to_string();
+    assert!(err.contains("subspace_rank"), "{err}");
+}

@@ -58,7 +58,20 @@ fn loss_falls_on_repetitive_text() {
 
 #[test]
 fn resume_from_checkpoint_is_exact() {
-    let cfg = tiny_run(6);
+    resume_is_exact(tiny_run(6));
+}
+
+/// A subspace model resumes exactly too: its checkpoint is the plain model plus the subspace
+/// parameters and their moments (a materialized `U·A` alone would lose both).
+#[test]
+fn resume_of_a_subspace_model_is_exact() {
+    let mut cfg = tiny_run(6);
+    cfg.model.subspace_rank = 8;
+    cfg.model.subspace_seed = 5;
+    resume_is_exact(cfg);
+}
+
+fn resume_is_exact(cfg: RunConfig) {
     let data = corpus();
     let mut straight = LocalTrainer::new(&cfg).unwrap();
     for _ in 0..6 {
@@ -78,8 +91,9 @@ fn resume_from_checkpoint_is_exact() {
     )
     .unwrap();
     let loaded = checkpoint::load(&ck).unwrap();
-    let mut resumed =
-        LocalTrainer::from_tensors(&cfg, &loaded.tensors, loaded.state.as_ref()).unwrap();
+    let (model, tensors) = loaded.trained_model();
+    assert_eq!(*model, cfg.model);
+    let mut resumed = LocalTrainer::from_tensors(&cfg, &tensors, loaded.state.as_ref()).unwrap();
     assert_eq!(resumed.step(), 3);
     assert_eq!(
         resumed.weights_digest().unwrap(),
@@ -93,7 +107,7 @@ fn resume_from_checkpoint_is_exact() {
         straight.weights_digest().unwrap()
     );
     // Without the optimizer state the continuation differs (the test can tell).
-    let mut no_state = LocalTrainer::from_tensors(&cfg, &loaded.tensors, None).unwrap();
+    let mut no_state = LocalTrainer::from_tensors(&cfg, &tensors, None).unwrap();
     for _ in 0..3 {
         no_state.train_step(&data).unwrap();
     }

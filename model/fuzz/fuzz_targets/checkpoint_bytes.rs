@@ -1,19 +1,20 @@
-//! The checkpoint loader on hostile bytes: `config.json` and safetensors weights must give typed
-//! errors, never panic or allocate from unchecked lengths.
+//! The checkpoint loader on hostile bytes: `config.json`, safetensors weights and a subspace
+//! model's `subspace.safetensors` must give typed errors, never panic or allocate from unchecked
+//! lengths.
 #![no_main]
 
 use std::collections::HashMap;
 
 use libfuzzer_sys::fuzz_target;
 use swarm_model::ModelConfig;
-use swarm_model::checkpoint::{parse_config, read_safetensors};
+use swarm_model::checkpoint::{parse_config, read_safetensors, read_subspace};
 
 fuzz_target!(|data: &[u8]| {
     // First byte picks the decoder; the rest is its input.
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
-    if which % 2 == 0 {
+    if which % 3 == 0 {
         let _ = parse_config(rest);
         return;
     }
@@ -34,5 +35,10 @@ fuzz_target!(|data: &[u8]| {
         subspace_seed: 0,
     };
     let mut out = HashMap::new();
-    let _ = read_safetensors(rest, &cfg, &mut out);
+    if which % 3 == 1 {
+        let _ = read_safetensors(rest, &cfg, &mut out);
+    } else {
+        // The rank and seed come from the file's own metadata.
+        let _ = read_subspace(rest, &cfg, &out);
+    }
 });

@@ -223,7 +223,8 @@ pub fn ledger_head(dir: &Path) -> Result<Option<Head>> {
 /// Reads the checkpoint in `dir` back into per-shard states for a run of `cfg`.
 pub fn restore(dir: &Path, cfg: &RunConfig, _device: &Device) -> Result<Restored> {
     let c = ckpt::load(dir)?;
-    if c.config != cfg.model {
+    let (model, tensors) = c.trained_model();
+    if *model != cfg.model {
         return Err(bad(format!(
             "{}: the checkpoint's model differs from the run config's",
             dir.display()
@@ -245,13 +246,13 @@ pub fn restore(dir: &Path, cfg: &RunConfig, _device: &Device) -> Result<Restored
     let (ends_state, _) = export_for(
         cfg,
         &[Piece::Embedding, Piece::Head],
-        &c.tensors,
+        &tensors,
         &state.optimizer,
         state.step,
     )?;
     let mut stages = Vec::new();
     for piece in Piece::stages(&cfg.stages) {
-        let (bytes, digest) = export_for(cfg, &[piece], &c.tensors, &state.optimizer, state.step)?;
+        let (bytes, digest) = export_for(cfg, &[piece], &tensors, &state.optimizer, state.step)?;
         stages.push(StageState { bytes, digest });
     }
     Ok(Restored {
@@ -279,11 +280,24 @@ mod tests {
 
     #[test]
     fn save_then_restore_gives_back_every_shard_bitwise() {
+        save_then_restore(0);
+    }
+
+    /// A subspace model's checkpoint restores its factors and their moments, not the
+    /// materialized matrices (which could not continue bitwise).
+    #[test]
+    fn save_then_restore_of_a_subspace_model_gives_back_every_shard_bitwise() {
+        save_then_restore(8);
+    }
+
+    fn save_then_restore(rank: usize) {
         let mut cfg = RunConfig::default();
         cfg.model.hidden_size = 32;
         cfg.model.intermediate_size = 64;
         cfg.model.num_attention_heads = 4;
         cfg.model.num_key_value_heads = Some(2);
+        cfg.model.subspace_rank = rank;
+        cfg.model.subspace_seed = 3;
         cfg.stages = vec![0, 1, 2];
         let dev = Device::Cpu;
         let mut shards: Vec<Shard> = Vec::new();

@@ -88,13 +88,14 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
         Some(dir) if dir.join(checkpoint::STATE_FILE).exists() => {
             let ck = checkpoint::load(dir)
                 .with_context(|| format!("resuming from {}", dir.display()))?;
-            if ck.config != cfg.model {
+            let (model, tensors) = ck.trained_model();
+            if *model != cfg.model {
                 bail!(
                     "{} holds a different model than the run config",
                     dir.display()
                 );
             }
-            let t = LocalTrainer::from_tensors(&cfg, &ck.tensors, ck.state.as_ref())?;
+            let t = LocalTrainer::from_tensors(&cfg, &tensors, ck.state.as_ref())?;
             if !args.json {
                 eprintln!("resuming from {} at step {}", dir.display(), t.step());
             }
