@@ -198,6 +198,9 @@ async fn drifting_replicas_are_audited_against_their_own_state() {
     // its own AdamW moments.
     assert_eq!(a.identical, steps * 4 * 2, "{a:?}");
     assert_eq!((a.inner_audits, a.inner_skipped), (16, 0), "{a:?}");
+    // Each settled by hash: the recomputed step is bitwise the replica's, so no state after
+    // the step crossed a link.
+    assert_eq!(a.inner_identical, 16, "{a:?}");
     assert_eq!(a.audits, a.identical + a.inner_audits, "{a:?}");
     assert!(a.max_inner_distance <= 1e-6, "{a:?}");
     assert_eq!((a.audit_failures, a.banned.len()), (0, 0), "{a:?}");

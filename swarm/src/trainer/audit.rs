@@ -152,6 +152,9 @@ pub struct AuditStats {
     /// Inner steps drawn but not audited: the replica's micro-batches were retried (the audit
     /// replays only first attempts) or its next state was unavailable.
     pub inner_skipped: u64,
+    /// Of those, the ones whose recomputed weights hash to the digest the replica signed, so its
+    /// state after the step was not fetched.
+    pub inner_identical: u64,
     /// Largest distance seen in a passed inner-step audit.
     pub max_inner_distance: f32,
     /// Wall time spent in the audit phase.
@@ -176,6 +179,7 @@ impl AuditStats {
         self.new_peer_bytes += t.new_peer_bytes;
         self.inner_audits += t.inner_audits;
         self.inner_skipped += t.inner_skipped;
+        self.inner_identical += t.inner_identical;
         self.max_inner_distance = self.max_inner_distance.max(t.max_inner_distance);
         self.seconds += t.seconds;
         for (p, (a, f)) in &t.per_peer {

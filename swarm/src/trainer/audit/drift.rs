@@ -39,8 +39,8 @@ pub(super) struct InnerCheck {
     before: Vec<f32>,
     /// The state with the recomputed gradient set, until the step's optimizer step is taken.
     shard: Option<Shard>,
-    /// The weights after the trainer's optimizer step, flat.
-    expected: Option<Vec<f32>>,
+    /// The weights after the trainer's optimizer step, flat, and their digest.
+    expected: Option<(Vec<f32>, [u8; 32])>,
 }
 
 /// `|after - expected| / |expected - before|`: how far a replica's update is from the one
@@ -277,7 +277,9 @@ impl Auditor {
             if c.step + 1 != v.step {
                 continue;
             }
-            let Some(expected) = c.expected else { continue };
+            let Some((expected, expected_digest)) = c.expected else {
+                continue;
+            };
             let addr = v.replicas[c.stage as usize]
                 .iter()
                 .find(|(q, _)| *q == c.peer)
@@ -288,6 +290,14 @@ impl Auditor {
                 continue;
             };
             if self.banned.contains(&c.peer) {
+                continue;
+            }
+            // Hash first: the recomputed step is bitwise the honest replica's (same code, same
+            // order), so a replica whose signed digest is the recomputed weights' passed without
+            // its state crossing its uplink; only a mismatch fetches the state, for the distance.
+            if digest == expected_digest {
+                self.stats.inner_identical += 1;
+                self.inner_passed(c.peer, c.step, c.stage, 0.0);
                 continue;
             }
             let after = match self.own_state(v, c.stage, c.peer, addr, digest).await {
@@ -311,11 +321,7 @@ impl Auditor {
             };
             let d = update_distance(&c.before, &expected, &after);
             if d <= self.cfg.tolerance {
-                self.stats.audits += 1;
-                self.stats.inner_audits += 1;
-                self.stats.per_peer.entry(c.peer).or_default().0 += 1;
-                self.stats.max_inner_distance = self.stats.max_inner_distance.max(d);
-                self.log_inner(c.peer, c.step, c.stage, true, d);
+                self.inner_passed(c.peer, c.step, c.stage, d);
                 continue;
             }
             let reason = format!(
@@ -326,6 +332,14 @@ impl Auditor {
             bans.push(self.inner_failed(c.peer, c.step, c.stage, reason, ev));
         }
         bans
+    }
+
+    fn inner_passed(&mut self, p: PeerId, step: u64, k: u32, distance: f32) {
+        self.stats.audits += 1;
+        self.stats.inner_audits += 1;
+        self.stats.per_peer.entry(p).or_default().0 += 1;
+        self.stats.max_inner_distance = self.stats.max_inner_distance.max(distance);
+        self.log_inner(p, step, k, true, distance);
     }
 
     fn inner_failed(
@@ -478,7 +492,7 @@ impl Auditor {
             if let Some(mut s) = c.shard.take() {
                 match s
                     .optimizer_step(&hp, lr, clip)
-                    .and_then(|()| s.weights_flat())
+                    .and_then(|()| Ok((s.weights_flat()?, s.weights_digest()?)))
                 {
                     Ok(w) => c.expected = Some(w),
                     Err(e) => tracing::warn!(error = %e, "inner-step audit: optimizer step failed"),
