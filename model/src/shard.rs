@@ -874,6 +874,16 @@ impl Shard {
     /// all f32, and metadata `format` = [`STATE_FORMAT`], `step`. A replica sends this to a peer
     /// joining mid-run; [`Shard::import_state`] restores it exactly.
     pub fn export_state(&self) -> Result<Vec<u8>> {
+        self.export(true)
+    }
+
+    /// [`Shard::export_state`] without the moments (metadata `moments` = `0`): what a
+    /// recomputation of the passes needs, a third of the bytes. [`Shard::import_weights`] reads it.
+    pub fn export_weights(&self) -> Result<Vec<u8>> {
+        self.export(false)
+    }
+
+    fn export(&self, moments: bool) -> Result<Vec<u8>> {
         let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> =
             Vec::with_capacity(3 * self.params.len());
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -884,6 +894,9 @@ impl Shard {
                 .to_dtype(DType::F32)?
                 .to_vec1::<f32>()?;
             bufs.push((p.name.clone(), p.shape.clone(), bytes(&w)));
+            if !moments {
+                continue;
+            }
             let zeros;
             let (m, v) = if p.m.is_empty() {
                 zeros = vec![0f32; w.len()];
@@ -911,10 +924,13 @@ impl Shard {
                 Ok((n.clone(), view))
             })
             .collect::<Result<Vec<_>>>()?;
-        let meta = HashMap::from([
+        let mut meta = HashMap::from([
             ("format".to_string(), STATE_FORMAT.to_string()),
             ("step".to_string(), self.step.to_string()),
         ]);
+        if !moments {
+            meta.insert("moments".to_string(), "0".to_string());
+        }
         safetensors::serialize(views, Some(meta)).map_err(|e| Error::State(e.to_string()))
     }
 
@@ -923,6 +939,18 @@ impl Shard {
     /// no extra), shapes and dtype (f32) must match, values must be finite; on any error the
     /// shard is unchanged. Gradients are cleared; earlier contexts become stale.
     pub fn import_state(&mut self, bytes: &[u8]) -> Result<()> {
+        self.import(bytes, true)
+    }
+
+    /// Replaces weights and step with `bytes` from [`Shard::export_weights`], checked as in
+    /// [`Shard::import_state`]; the moments are cleared (such a shard recomputes passes; its
+    /// optimizer state is not the exporter's). A full export is refused: the caller asked for
+    /// weights, and the two must not be confused.
+    pub fn import_weights(&mut self, bytes: &[u8]) -> Result<()> {
+        self.import(bytes, false)
+    }
+
+    fn import(&mut self, bytes: &[u8], moments: bool) -> Result<()> {
         use safetensors::SafeTensors;
         let bad = |m: String| Error::State(m);
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
@@ -937,12 +965,25 @@ impl Shard {
             .get("step")
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad("missing or invalid step".into()))?;
+        let weights_only = info.get("moments").map(String::as_str) == Some("0");
+        if weights_only == moments {
+            return Err(bad(format!(
+                "a {} export where {} was expected",
+                if weights_only { "weights-only" } else { "full" },
+                if moments {
+                    "the full state"
+                } else {
+                    "weights only"
+                }
+            )));
+        }
+        let per_param = if moments { 3 } else { 1 };
         let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
-        if st.len() != 3 * self.params.len() {
+        if st.len() != per_param * self.params.len() {
             return Err(bad(format!(
                 "{} tensors, expected {}",
                 st.len(),
-                3 * self.params.len()
+                per_param * self.params.len()
             )));
         }
         let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
@@ -970,8 +1011,14 @@ impl Shard {
         let mut new = Vec::with_capacity(self.params.len());
         for p in &self.params {
             let w = read(&p.name, &p.shape)?;
-            let m = read(&format!("optimizer.exp_avg.{}", p.name), &p.shape)?;
-            let v = read(&format!("optimizer.exp_avg_sq.{}", p.name), &p.shape)?;
+            let (m, v) = if moments {
+                (
+                    read(&format!("optimizer.exp_avg.{}", p.name), &p.shape)?,
+                    read(&format!("optimizer.exp_avg_sq.{}", p.name), &p.shape)?,
+                )
+            } else {
+                (Vec::new(), Vec::new())
+            };
             if v.iter().any(|&x| x < 0.0) {
                 return Err(bad(format!("{}: negative second moment", p.name)));
             }

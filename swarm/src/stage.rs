@@ -282,6 +282,8 @@ struct State {
     /// Shares that arrived before their SyncStart: (step, from) -> (round, frame).
     early: HashMap<(u64, PeerId), (u32, Vec<u8>)>,
     export: Option<Arc<Export>>,
+    /// The weights-only export of the same step (audits of drifting replicas fetch it).
+    weights_export: Option<Arc<Export>>,
     trainer: Option<Endpoint>,
     /// Bumped by every new sync round and every state reset.
     generation: u64,
@@ -512,6 +514,7 @@ impl StageWorker {
                     round: None,
                     early: HashMap::new(),
                     export: None,
+                    weights_export: None,
                     trainer: None,
                     generation: 0,
                     dropped_shares: Traffic::default(),
@@ -633,6 +636,7 @@ impl StageWorker {
         st.early.clear();
         st.sent.clear();
         st.export = None;
+        st.weights_export = None;
         st.generation += 1;
         Ok(())
     }

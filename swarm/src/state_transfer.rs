@@ -34,6 +34,8 @@ pub struct StateRequest {
     pub step: u64,
     /// Bytes asked per chunk (capped by [`MAX_CHUNK_BYTES`]).
     pub chunk_bytes: u32,
+    /// The weights only (`FetchState::weights_only`): the fetched shard has no moments.
+    pub weights_only: bool,
 }
 
 /// A source that served a state failing verification: it answered, so this is its fault.
@@ -143,6 +145,7 @@ async fn download(
             step: req.step,
             offset: buf.len() as u64,
             max_len: chunk,
+            weights_only: req.weights_only,
         };
         let c: StateChunk = match peer.call(src.addr, Some(src.peer), &ask).await {
             Ok((_, c)) => c,
@@ -226,9 +229,9 @@ pub async fn fetch_verified(
                 continue;
             }
         };
-        let (cfg, stage, step) = (config.clone(), req.stage, req.step);
+        let (cfg, stage, step, full) = (config.clone(), req.stage, req.step, !req.weights_only);
         let checked = tokio::task::spawn_blocking(move || {
-            let verdict = check_state(&cfg, stage, step, &bytes, digest);
+            let verdict = check_state(&cfg, stage, step, full, &bytes, digest);
             (verdict, bytes)
         })
         .await;
@@ -271,19 +274,23 @@ fn blame(bad: &mut Vec<BadState>, peer: PeerId, reason: String, evidence: [u8; 3
     });
 }
 
-/// Imports `bytes` into a fresh shard of `stage` and checks its step and weights digest.
-/// `Err` is the reason the state is refused.
+/// Imports `bytes` (the full state, or the weights only) into a fresh shard of `stage` and
+/// checks its step and weights digest. `Err` is the reason the state is refused.
 fn check_state(
     config: &RunConfig,
     stage: u32,
     step: u64,
+    full: bool,
     bytes: &[u8],
     digest: [u8; 32],
 ) -> std::result::Result<Shard, String> {
     let mut shard = crate::stage::init_shard(config, stage).map_err(|e| e.to_string())?;
-    shard
-        .import_state(bytes)
-        .map_err(|e| format!("state does not import: {e}"))?;
+    let imported = if full {
+        shard.import_state(bytes)
+    } else {
+        shard.import_weights(bytes)
+    };
+    imported.map_err(|e| format!("state does not import: {e}"))?;
     if shard.step() != step {
         return Err(format!("state at step {}, not {step}", shard.step()));
     }

@@ -201,6 +201,16 @@ async fn drifting_replicas_are_audited_against_their_own_state() {
     // Each settled by hash: the recomputed step is bitwise the replica's, so no state after
     // the step crossed a link.
     assert_eq!(a.inner_identical, 16, "{a:?}");
+    // Own states crossed the replicas' uplinks whole only where an inner step was audited
+    // (steps 1, 3, 4; step 0 is the seed's), as weights alone for the passes of the others
+    // (steps 2, 5, 6): each replica once per step.
+    let (mut full, mut weights) = (0, 0);
+    for k in 0..2 {
+        let s = swarm_core::stage::init_shard(&cfg, k).unwrap();
+        full += 2 * s.export_state().unwrap().len() as u64;
+        weights += 2 * s.export_weights().unwrap().len() as u64;
+    }
+    assert_eq!(a.state_bytes, 3 * full + 3 * weights, "{a:?}");
     assert_eq!(a.audits, a.identical + a.inner_audits, "{a:?}");
     assert!(a.max_inner_distance <= 1e-6, "{a:?}");
     assert_eq!((a.audit_failures, a.banned.len()), (0, 0), "{a:?}");

@@ -618,6 +618,7 @@ async fn sync_two_replicas(sync: &str) -> ([u8; 32], [u8; 32], f64, [u8; 32], Ve
         step: 0,
         offset: 0,
         max_len: 1024,
+        weights_only: false,
     };
     assert!(
         bounded(

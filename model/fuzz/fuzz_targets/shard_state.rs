@@ -50,4 +50,11 @@ fuzz_target!(|data: &[u8]| {
         other.import_state(&again).unwrap();
         assert_eq!(other.weights_digest().unwrap(), shard.weights_digest().unwrap());
     }
+    // The weights-only reader (audits) on the same bytes: an error or a shard that round-trips.
+    if shard.import_weights(&bytes).is_ok() {
+        let again = shard.export_weights().unwrap();
+        let mut other = Shard::new(&cfg(), &pieces, 2, DType::F32, &dev).unwrap();
+        other.import_weights(&again).unwrap();
+        assert_eq!(other.weights_digest().unwrap(), shard.weights_digest().unwrap());
+    }
 });

@@ -21,6 +21,9 @@ pub struct FetchState {
     pub offset: u64,
     /// Most bytes wanted (the server may send fewer).
     pub max_len: u32,
+    /// The weights without the moments (`Shard::export_weights`, a third of the bytes): what an
+    /// audit's recomputation of passes needs. Replicas only; the trainer serves full states.
+    pub weights_only: bool,
 }
 
 impl WireMessage for FetchState {
@@ -30,7 +33,8 @@ impl WireMessage for FetchState {
         w.u32(self.stage)
             .varint(self.step)
             .varint(self.offset)
-            .u32(self.max_len);
+            .u32(self.max_len)
+            .bool(self.weights_only);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let (run, epoch) = get_run(r)?;
@@ -47,6 +51,7 @@ impl WireMessage for FetchState {
             step,
             offset,
             max_len: r.u32()?,
+            weights_only: r.bool()?,
         })
     }
 }

@@ -274,6 +274,7 @@ fn samples() -> Vec<(u16, Vec<u8>)> {
             step: 17,
             offset: 1 << 20,
             max_len: 1 << 20,
+            weights_only: true,
         }),
         e(&StateChunk {
             run: RUN,

@@ -4,9 +4,19 @@
 use super::*;
 
 impl StageWorker {
-    pub(super) async fn export(&self) -> Result<Arc<Export>> {
+    /// The export served to `FetchState`: the full state, or the weights only (an audit's);
+    /// each cached for the current step.
+    pub(super) async fn export(&self, weights_only: bool) -> Result<Arc<Export>> {
         let epoch = self.epoch();
-        if let Some(e) = lock(&self.inner.state).export.clone()
+        let cached = |st: &mut State| {
+            if weights_only {
+                &mut st.weights_export
+            } else {
+                &mut st.export
+            }
+            .clone()
+        };
+        if let Some(e) = cached(&mut lock(&self.inner.state))
             && e.epoch == epoch
             && Some(e.step) == self.step()
         {
@@ -16,7 +26,11 @@ impl StageWorker {
         let e = tokio::task::spawn_blocking(move || -> Result<Export> {
             let g = lock(&shard);
             let s = g.as_ref().ok_or_else(|| Error::NoState)?;
-            let bytes = s.export_state()?;
+            let bytes = if weights_only {
+                s.export_weights()?
+            } else {
+                s.export_state()?
+            };
             Ok(Export {
                 epoch,
                 step: s.step(),
@@ -27,7 +41,12 @@ impl StageWorker {
         })
         .await??;
         let e = Arc::new(e);
-        lock(&self.inner.state).export = Some(e.clone());
+        let mut st = lock(&self.inner.state);
+        if weights_only {
+            st.weights_export = Some(e.clone());
+        } else {
+            st.export = Some(e.clone());
+        }
         Ok(e)
     }
 
@@ -46,7 +65,7 @@ impl StageWorker {
             ));
         }
         let e = self
-            .export()
+            .export(f.weights_only)
             .await
             .map_err(|e| refuse(code::INTERNAL, e.to_string()))?;
         let reply = serve_chunk(&f, &e.bytes, e.hash, e.digest)?;
@@ -144,6 +163,7 @@ pub async fn fetch_state(
         stage: opts.stage,
         step,
         chunk_bytes: opts.chunk_bytes,
+        weights_only: false,
     };
     Ok(fetch_verified(peer, &opts.config, &req, from, digest)
         .await?

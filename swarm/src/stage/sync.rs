@@ -512,6 +512,7 @@ impl StageWorker {
             st.contexts.retain(|k, _| k.step > a.step);
             st.sent.retain(|k, _| k.step > a.step);
             st.export = None;
+            st.weights_export = None;
         }
         rpc::reply(&Applied {
             run: a.run,
@@ -604,6 +605,7 @@ impl StageWorker {
             let mut st = lock(&self.inner.state);
             st.round = None;
             st.export = None;
+            st.weights_export = None;
         }
         rpc::reply(&Applied {
             run: a.run,

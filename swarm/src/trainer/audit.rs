@@ -199,6 +199,9 @@ fn ser_peers<S: serde::Serializer>(v: &[PeerId], s: S) -> std::result::Result<S:
     seq.end()
 }
 
+/// An audited peer's own state: (stage, peer, weights digest).
+type StateKey = (u32, PeerId, [u8; 32]);
+
 /// The hashes the trainer saw for one attempt, and its route.
 #[derive(Default, Clone)]
 struct Seen {
@@ -281,7 +284,8 @@ pub struct Auditor {
     /// Audited peers' own states fetched this step (drifting replicas), by (stage, peer,
     /// digest): per peer, because replicas that share weights (just after an outer sync) still
     /// keep their own AdamW moments, which the inner-step audit uses.
-    states: HashMap<(u32, PeerId, [u8; 32]), Arc<Shard>>,
+    /// With whether the shard holds the moments too (the full state) or the weights only.
+    states: HashMap<StateKey, (Arc<Shard>, bool)>,
     /// Audited peers that served a state other than the one they signed this step (reason,
     /// evidence), by (stage, peer).
     state_lies: HashMap<(u32, PeerId), (String, [u8; 32])>,

@@ -150,10 +150,6 @@ impl Auditor {
     pub(super) async fn draw_inner(&mut self, v: &StepView<'_>, bans: &[Ban]) -> Vec<Ban> {
         self.inner.retain(|c| c.step < v.step);
         let mut out = Vec::new();
-        let every = v.config.sync.every.max(1);
-        if (v.step + 1).is_multiple_of(every) || v.step + 1 >= v.config.train.steps {
-            return out;
-        }
         let total = v.config.train.micro_batches;
         for (k, reps) in v.replicas.iter().enumerate() {
             for &(p, addr) in reps {
@@ -166,7 +162,7 @@ impl Auditor {
                     .filter(|(_, h)| **h == Some(p))
                     .map(|(mb, _)| mb as u32)
                     .collect();
-                if mbs.is_empty() || !self.draw_peer(v.step, k as u32, &p) {
+                if mbs.is_empty() || !self.inner_due(v, k as u32, &p) {
                     continue;
                 }
                 if mbs
@@ -189,10 +185,16 @@ impl Auditor {
         out
     }
 
-    fn draw_peer(&self, step: u64, stage: u32, peer: &PeerId) -> bool {
+    /// Whether `peer`'s inner step of this step is drawn for an audit. Steps followed by an
+    /// outer sync are not: the next state is then the outer step's, not this one's.
+    fn inner_due(&self, v: &StepView<'_>, stage: u32, peer: &PeerId) -> bool {
+        let every = v.config.sync.every.max(1);
+        if (v.step + 1).is_multiple_of(every) || v.step + 1 >= v.config.train.steps {
+            return false;
+        }
         let parts: [&[u8]; 4] = [
             b"inner-step",
-            &step.to_le_bytes(),
+            &v.step.to_le_bytes(),
             &stage.to_le_bytes(),
             &peer.0,
         ];
@@ -211,7 +213,7 @@ impl Auditor {
         let Some(&digest) = v.own.get(&p) else {
             return Err(Error::NoState);
         };
-        let state = match self.own_state(v, k, p, addr, digest).await {
+        let state = match self.own_state(v, k, p, addr, digest, true).await {
             Ok(s) => s,
             Err(OwnState::Lied(reason, evidence)) => {
                 return Ok(Err(self.inner_failed(p, v.step, k, reason, evidence)));
@@ -300,7 +302,10 @@ impl Auditor {
                 self.inner_passed(c.peer, c.step, c.stage, 0.0);
                 continue;
             }
-            let after = match self.own_state(v, c.stage, c.peer, addr, digest).await {
+            let after = match self
+                .own_state(v, c.stage, c.peer, addr, digest, false)
+                .await
+            {
                 Ok(s) => s,
                 Err(OwnState::Lied(reason, evidence)) => {
                     bans.push(self.inner_failed(c.peer, c.step, c.stage, reason, evidence));
@@ -387,7 +392,9 @@ impl Auditor {
             if self.state_lies.contains_key(&(k, hop.peer)) {
                 continue;
             }
-            match self.own_state(v, k, hop.peer, hop.addr, digest).await {
+            // Whole when its inner step is audited too (one fetch serves both), else the weights.
+            let full = self.inner_due(v, k, &hop.peer);
+            match self.own_state(v, k, hop.peer, hop.addr, digest, full).await {
                 Ok(_) => {}
                 Err(OwnState::Lied(reason, evidence)) => {
                     self.state_lies.insert((k, hop.peer), (reason, evidence));
@@ -411,7 +418,7 @@ impl Auditor {
             .get(&(k, p, digest))
             .filter(|_| self.states_step == self.step)
         {
-            return Ok(s.clone());
+            return Ok(s.0.clone());
         }
         match self.state_lies.get(&(k, p)) {
             Some((reason, evidence)) => Err(OwnState::Lied(reason.clone(), *evidence)),
@@ -419,7 +426,9 @@ impl Auditor {
         }
     }
 
-    /// The audited peer's own state at this step, pinned by `digest` (cached per step).
+    /// The audited peer's own state at this step, pinned by `digest` (cached per step): `full`
+    /// with its moments (an inner step's recomputation needs them), else its weights only (a
+    /// pass's recomputation; a third of the bytes over the replica's uplink).
     async fn own_state(
         &mut self,
         v: &StepView<'_>,
@@ -427,13 +436,16 @@ impl Auditor {
         p: PeerId,
         addr: SocketAddr,
         digest: [u8; 32],
+        full: bool,
     ) -> std::result::Result<Arc<Shard>, OwnState> {
         if self.states_step != v.step {
             self.states.clear();
             self.state_lies.clear();
             self.states_step = v.step;
         }
-        if let Some(s) = self.states.get(&(k, p, digest)) {
+        if let Some((s, has_moments)) = self.states.get(&(k, p, digest))
+            && (*has_moments || !full)
+        {
             return Ok(s.clone());
         }
         let shard = if v.step == 0 {
@@ -460,6 +472,7 @@ impl Auditor {
                 stage: k,
                 step: v.step,
                 chunk_bytes: opts.chunk_bytes,
+                weights_only: !full,
             };
             let from = [Endpoint { peer: p, addr }];
             match fetch_verified(v.peer, v.config, &req, &from, digest).await {
@@ -480,7 +493,9 @@ impl Auditor {
             }
         };
         let shard = Arc::new(shard);
-        self.states.insert((k, p, digest), shard.clone());
+        // At step 0 the seed's state is whole (its moments are zero).
+        let whole = full || v.step == 0;
+        self.states.insert((k, p, digest), (shard.clone(), whole));
         Ok(shard)
     }
 

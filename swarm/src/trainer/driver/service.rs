@@ -301,6 +301,12 @@ pub(super) fn register_handlers(peer: &Peer, shared: &Arc<Shared>) {
         peer,
         shared,
         |s: Arc<Shared>, _ctx: RequestCtx, f: FetchState| async move {
+            if f.weights_only {
+                return Err(RpcError::refused(
+                    code::BAD_REQUEST,
+                    "the trainer serves full states only",
+                ));
+            }
             s.reg(|r| {
                 let Some(st) = r.served.get(&f.stage) else {
                     return Err(RpcError::refused(

@@ -307,6 +307,7 @@ impl Trainer {
             stage: k as u32,
             step,
             chunk_bytes: 4 << 20,
+            weights_only: false,
         };
         let cfg = self.cfg().clone();
         let got = fetch_verified(self.peer.shared(), &cfg, &req, &endpoints(sources), digest).await;
