@@ -236,10 +236,14 @@ fn run_vs_torch(args: &BenchModelArgs, cfg: &RunConfig) -> anyhow::Result<()> {
 
 pub(crate) fn run(args: BenchModelArgs) -> anyhow::Result<()> {
     short_candle_spin();
-    let cfg = match &args.config {
+    let mut cfg = match &args.config {
         Some(p) => RunConfig::from_file(p)?,
         None => RunConfig::default(),
     };
+    // The standard Llama, whatever the config's subspace rank: this measures our step against
+    // PyTorch + HF transformers' LlamaForCausalLM on the same shape, which has no subspace form.
+    cfg.model.subspace_rank = 0;
+    cfg.model.subspace_seed = 0;
     if args.vs_torch {
         return run_vs_torch(&args, &cfg);
     }
