@@ -105,6 +105,15 @@ fn parameter_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     crate::subspace::reparametrize(cfg, expected_tensors(cfg))
 }
 
+/// A subspace model's own parameters (`*.subspace`, what [`SUBSPACE_FILE`] holds) with their
+/// shapes; empty for a plain model.
+fn subspace_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    parameter_tensors(cfg)
+        .into_iter()
+        .filter(|(n, _)| crate::subspace::hf_name(n).is_some())
+        .collect()
+}
+
 #[derive(Serialize, Deserialize)]
 struct StateJson {
     step: u64,
@@ -392,14 +401,11 @@ pub fn read_subspace(
         return Err(bad("subspace_rank 0".into()));
     }
     config.validate()?;
-    let expected: HashMap<String, Vec<usize>> = parameter_tensors(&config)
-        .into_iter()
-        .filter(|(n, _)| crate::subspace::hf_name(n).is_some())
-        .collect();
+    let own = subspace_tensors(&config);
+    let expected: HashMap<String, Vec<usize>> = own.iter().cloned().collect();
     let mut params = HashMap::new();
     read_checked(bytes, &expected, &mut params, |_| false)?;
-    let complete: Vec<(String, Vec<usize>)> = expected.into_iter().collect();
-    check_complete(&complete, &params)?;
+    check_complete(&own, &params)?;
     // The factors must be the ones the plain weights came from: bitwise for the f32 we save, up
     // to the rounding of a 16-bit copy otherwise.
     for (name, w) in crate::subspace::materialize(&config, &params)? {
@@ -535,30 +541,27 @@ pub fn save_with_tokenizer(
 ) -> Result<(), Error> {
     cfg.validate()?;
     // A subspace model: the plain model it computes, plus its own parameters (module docs).
+    // The moments are the trained model's, by its parameter names.
     let trained = cfg;
     let params = parameter_tensors(trained);
-    let subspace = if trained.subspace_rank > 0 {
-        let own: Vec<(String, Vec<usize>)> = params
-            .iter()
-            .filter(|(n, _)| crate::subspace::hf_name(n).is_some())
-            .cloned()
-            .collect();
-        Some(checked_for_save(&own, &subspace_params(tensors, &own))?)
-    } else {
-        None
-    };
     let plain;
     let materialized;
-    let (cfg, tensors) = if trained.subspace_rank > 0 {
+    let (cfg, tensors, subspace) = if trained.subspace_rank > 0 {
+        let own = subspace_tensors(trained);
+        let picked: HashMap<String, Tensor> = own
+            .iter()
+            .filter_map(|(n, _)| tensors.get(n).map(|t| (n.clone(), t.clone())))
+            .collect();
+        let subspace = checked_for_save(&own, &picked)?;
         plain = ModelConfig {
             subspace_rank: 0,
             subspace_seed: 0,
             ..trained.clone()
         };
         materialized = crate::subspace::materialize(trained, tensors)?;
-        (&plain, &materialized)
+        (&plain, &materialized, Some(subspace))
     } else {
-        (cfg, tensors)
+        (cfg, tensors, None)
     };
     let tokenizer = match tokenizer {
         Some(p) => {
@@ -663,16 +666,6 @@ pub fn save_with_tokenizer(
     sync_dir(&parent)?;
     tracing::debug!(dir = %dir.display(), tensors = tensors.len(), "checkpoint saved");
     Ok(())
-}
-
-/// The tensors of `tensors` named in `own` (a subspace model's own parameters).
-fn subspace_params(
-    tensors: &HashMap<String, Tensor>,
-    own: &[(String, Vec<usize>)],
-) -> HashMap<String, Tensor> {
-    own.iter()
-        .filter_map(|(n, _)| tensors.get(n).map(|t| (n.clone(), t.clone())))
-        .collect()
 }
 
 /// Tensors in `expected` order, each checked and converted to a storable dtype.

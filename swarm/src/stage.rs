@@ -281,9 +281,9 @@ struct State {
     round: Option<Round>,
     /// Shares that arrived before their SyncStart: (step, from) -> (round, frame).
     early: HashMap<(u64, PeerId), (u32, Vec<u8>)>,
-    export: Option<Arc<Export>>,
-    /// The weights-only export of the same step (audits of drifting replicas fetch it).
-    weights_export: Option<Arc<Export>>,
+    /// The state served to `FetchState`, by kind: `[full, weights only]` (audits of drifting
+    /// replicas fetch the weights), each of the current step.
+    exports: [Option<Arc<Export>>; 2],
     trainer: Option<Endpoint>,
     /// Bumped by every new sync round and every state reset.
     generation: u64,
@@ -513,8 +513,7 @@ impl StageWorker {
                     acc_step: 0,
                     round: None,
                     early: HashMap::new(),
-                    export: None,
-                    weights_export: None,
+                    exports: Default::default(),
                     trainer: None,
                     generation: 0,
                     dropped_shares: Traffic::default(),
@@ -635,8 +634,7 @@ impl StageWorker {
         st.end_round();
         st.early.clear();
         st.sent.clear();
-        st.export = None;
-        st.weights_export = None;
+        st.exports = Default::default();
         st.generation += 1;
         Ok(())
     }

@@ -8,15 +8,8 @@ impl StageWorker {
     /// each cached for the current step.
     pub(super) async fn export(&self, weights_only: bool) -> Result<Arc<Export>> {
         let epoch = self.epoch();
-        let cached = |st: &mut State| {
-            if weights_only {
-                &mut st.weights_export
-            } else {
-                &mut st.export
-            }
-            .clone()
-        };
-        if let Some(e) = cached(&mut lock(&self.inner.state))
+        let kind = usize::from(weights_only);
+        if let Some(e) = lock(&self.inner.state).exports[kind].clone()
             && e.epoch == epoch
             && Some(e.step) == self.step()
         {
@@ -41,12 +34,7 @@ impl StageWorker {
         })
         .await??;
         let e = Arc::new(e);
-        let mut st = lock(&self.inner.state);
-        if weights_only {
-            st.weights_export = Some(e.clone());
-        } else {
-            st.export = Some(e.clone());
-        }
+        lock(&self.inner.state).exports[kind] = Some(e.clone());
         Ok(e)
     }
 

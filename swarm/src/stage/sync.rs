@@ -511,8 +511,7 @@ impl StageWorker {
             st.acc_step = a.step + 1;
             st.contexts.retain(|k, _| k.step > a.step);
             st.sent.retain(|k, _| k.step > a.step);
-            st.export = None;
-            st.weights_export = None;
+            st.exports = Default::default();
         }
         rpc::reply(&Applied {
             run: a.run,
@@ -604,8 +603,7 @@ impl StageWorker {
         {
             let mut st = lock(&self.inner.state);
             st.round = None;
-            st.export = None;
-            st.weights_export = None;
+            st.exports = Default::default();
         }
         rpc::reply(&Applied {
             run: a.run,
