@@ -50,6 +50,11 @@ fn main() {
         "topk:0.1+q8+zstd:3",
         "topk-row:0.1+q8+zstd:3",
         "topk:0.01+q8+zstd:3",
+        // The home and subspace frontier paths (issue #13's codec-speed target).
+        "dedup+rht+q6:256+zstd:3",
+        "dedup+rht+q4:256+zstd:3",
+        "rht+q4:1024+zstd:3",
+        "topk-row:0.02+q2",
     ] {
         if filter.as_ref().is_some_and(|f| !codec.contains(f.as_str())) {
             continue;

@@ -39,9 +39,11 @@ impl Decoder {
         out: &mut Vec<f32>,
     ) -> Result<FrameInfo> {
         let info = self.check(frame, limits)?;
-        out.clear();
+        // A reused buffer is not cleared first: every path below writes all of it (a sparse
+        // frame zero-fills what it does not keep), so a 4 MB memset per frame is saved.
+        out.truncate(info.elements);
         out.resize(info.elements, 0.0);
-        self.decode_checked(frame, &info, out, true)?;
+        self.decode_checked(frame, &info, out, false)?;
         Ok(info)
     }
 
@@ -96,7 +98,8 @@ impl Decoder {
             }
             let z = self.zstd.as_mut().expect("set above");
             // Sized from validated lengths (a few bytes per element under the caller's cap).
-            self.raw.clear();
+            // Not cleared first: zstd fills all of it (the lengths are checked below).
+            self.raw.truncate(raw_len);
             self.raw.resize(raw_len, 0);
             let (zidx, zrest) = payload.split_at(info.zstd_index_len);
             let (idx, rest) = self.raw.split_at_mut(info.index_len);

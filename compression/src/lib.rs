@@ -59,6 +59,7 @@ mod index;
 pub mod outer;
 mod quant;
 mod rotate;
+mod simd;
 pub mod tokens;
 mod topk;
 

@@ -17,7 +17,7 @@ fn round_i32(v: f32) -> i32 {
 }
 
 /// Largest magnitude of `v` as bits (non-finite values give `>= 0x7f80_0000`).
-#[inline]
+#[inline(always)]
 fn absmax_bits(v: &[f32]) -> u32 {
     let mut m = 0u32;
     for &x in v {
@@ -45,7 +45,8 @@ pub(crate) struct NonFiniteInput;
 
 /// Writes the scales and values sections for `vals`. `scales` and `out` have exactly the lengths
 /// of [`crate::frame`]'s formulas; `codes` is scratch for 4- and 2-bit packing.
-pub(crate) fn encode(
+#[inline(always)]
+fn encode_impl(
     vals: &[f32],
     coding: Values,
     scales: &mut [u8],
@@ -87,6 +88,24 @@ pub(crate) fn encode(
                     let inv = block_scale(chunk, qm, s)?;
                     for (d, &x) in dst.iter_mut().zip(chunk) {
                         *d = round_i32(x * inv) as i8 as u8;
+                    }
+                }
+            } else if bits == 4 && block.is_multiple_of(2) {
+                // Two codes per byte straight from the values: every block starts on a byte.
+                for ((chunk, s), dst) in vals
+                    .chunks(block)
+                    .zip(scales.chunks_exact_mut(4))
+                    .zip(out.chunks_mut(block / 2))
+                {
+                    let inv = block_scale(chunk, qm, s)?;
+                    let code = |x: f32| (round_i32(x * inv) + 8) as u8;
+                    let pairs = chunk.chunks_exact(2);
+                    let tail = pairs.remainder();
+                    for (d, p) in dst.iter_mut().zip(pairs) {
+                        *d = code(p[0]) | (code(p[1]) << 4);
+                    }
+                    if let (Some(&x), Some(d)) = (tail.first(), dst.get_mut(chunk.len() / 2)) {
+                        *d = code(x);
                     }
                 }
             } else {
@@ -133,7 +152,7 @@ pub(crate) fn encode(
 }
 
 /// Writes the block's scale to `s` and returns the multiplier to quantization levels.
-#[inline]
+#[inline(always)]
 fn block_scale(chunk: &[f32], qm: f32, s: &mut [u8]) -> std::result::Result<f32, NonFiniteInput> {
     let m = absmax_bits(chunk);
     if m >= 0x7f80_0000 {
@@ -155,28 +174,45 @@ fn block_scale(chunk: &[f32], qm: f32, s: &mut [u8]) -> std::result::Result<f32,
 /// the two has the smaller squared error. The decoder is unchanged: the unit is the block scale.
 const Q2_GAUSS_UNIT: f32 = 0.4979;
 
+/// `sum f(x)` over `chunk` in 16 interleaved partial sums: a fixed order (the same bits on every
+/// CPU) that vectorizes, where one running sum is a chain of dependent adds.
+#[inline(always)]
+fn lane_sum(chunk: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let groups = chunk.chunks_exact(16);
+    let tail = groups.remainder();
+    for q in groups {
+        for (a, &x) in acc.iter_mut().zip(q) {
+            *a += f(x);
+        }
+    }
+    let mut t = 0f32;
+    for &x in tail {
+        t += f(x);
+    }
+    acc.iter().fold(t, |s, &a| s + a)
+}
+
 /// Squared error of 2-bit quantization of `chunk` with the multiplier `inv = 1/u`.
-#[inline]
+#[inline(always)]
 fn q2_sse(chunk: &[f32], inv: f32) -> f32 {
     let u = 1.0 / inv;
-    let mut e = 0f32;
-    for &x in chunk {
+    lane_sum(chunk, |x| {
         let c = round_i32((x * inv + 3.0) * 0.5).clamp(0, 3);
         let d = x - (2 * c - 3) as f32 * u;
-        e += d * d;
-    }
-    e
+        d * d
+    })
 }
 
 /// [`block_scale`] for 2-bit blocks: the unit of smaller squared error of `absmax/3` and
 /// `0.498·rms` (see [`Q2_GAUSS_UNIT`]).
-#[inline]
+#[inline(always)]
 fn q2_block_scale(chunk: &[f32], s: &mut [u8]) -> std::result::Result<f32, NonFiniteInput> {
     let inv_absmax = block_scale(chunk, 3.0, s)?;
     if inv_absmax == 0.0 || chunk.is_empty() {
         return Ok(inv_absmax);
     }
-    let sq: f32 = chunk.iter().map(|x| x * x).sum();
+    let sq = lane_sum(chunk, |x| x * x);
     let unit = Q2_GAUSS_UNIT * (sq / chunk.len() as f32).sqrt();
     if !(unit.is_finite() && unit > 0.0) {
         return Ok(inv_absmax);
@@ -199,7 +235,8 @@ pub(crate) fn non_finite_error(vals: &[f32], codec: &crate::Codec) -> Error {
 }
 
 /// Decodes the values section (and scales) into `out`, whose length is the kept count.
-pub(crate) fn decode(coding: Values, scales: &[u8], values: &[u8], out: &mut [f32]) -> Result<()> {
+#[inline(always)]
+fn decode_impl(coding: Values, scales: &[u8], values: &[u8], out: &mut [f32]) -> Result<()> {
     match coding {
         Values::F32 => {
             for (o, s) in out.iter_mut().zip(values.chunks_exact(4)) {
@@ -246,6 +283,20 @@ pub(crate) fn decode(coding: Values, scales: &[u8], values: &[u8], out: &mut [f3
                 }
                 let start = bi * block;
                 match bits {
+                    4 if block.is_multiple_of(2) => {
+                        // Two values per byte; every block starts on a byte.
+                        let bytes = &values[start / 2..];
+                        let v = |q: u8| (q as i32 - 8) as f32 * scale;
+                        let half = chunk.len() / 2;
+                        let mut pairs = chunk.chunks_exact_mut(2);
+                        for (o, &b) in (&mut pairs).zip(bytes) {
+                            o[0] = v(b & 0xf);
+                            o[1] = v(b >> 4);
+                        }
+                        if let Some(o) = pairs.into_remainder().first_mut() {
+                            *o = v(bytes[half] & 0xf);
+                        }
+                    }
                     4 => {
                         for (j, o) in chunk.iter_mut().enumerate() {
                             let i = start + j;
@@ -277,6 +328,27 @@ pub(crate) fn decode(coding: Values, scales: &[u8], values: &[u8], out: &mut [f3
         }
     }
     Ok(())
+}
+
+crate::simd::multiversion! {
+    /// Writes the scales and values sections for `vals`. `scales` and `out` have exactly the
+    /// lengths of [`crate::frame`]'s formulas; `codes` is scratch for 4- and 2-bit packing.
+    pub(crate) fn encode(
+        vals: &[f32],
+        coding: Values,
+        scales: &mut [u8],
+        out: &mut [u8],
+        codes: &mut Vec<u8>,
+    ) -> std::result::Result<(), NonFiniteInput> {
+        encode_impl(vals, coding, scales, out, codes)
+    }
+}
+
+crate::simd::multiversion! {
+    /// Decodes the values section (and scales) into `out`, whose length is the kept count.
+    pub(crate) fn decode(coding: Values, scales: &[u8], values: &[u8], out: &mut [f32]) -> Result<()> {
+        decode_impl(coding, scales, values, out)
+    }
 }
 
 /// fp32 to bfloat16 bits, rounding to nearest even; NaN stays NaN (quiet).
@@ -356,6 +428,47 @@ mod tests {
         assert_eq!(q2_roundtrip(&w), w);
         // A zero block stays zero.
         assert_eq!(q2_roundtrip(&[0.0; 8]), vec![0.0; 8]);
+    }
+
+    #[test]
+    fn q4_byte_pairs_match_per_value_codes() {
+        // The byte-pair paths (even blocks) against codes computed and packed one value at a time.
+        for n in [1usize, 2, 3, 63, 64, 65, 255, 256, 257, 1001] {
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+                .collect();
+            for block in [2usize, 4, 64, 256] {
+                let coding = Values::Quant {
+                    bits: 4,
+                    block: block as u32,
+                };
+                let blocks = n.div_ceil(block);
+                let (mut scales, mut out) = (vec![0u8; 4 * blocks], vec![0u8; n.div_ceil(2)]);
+                encode(&v, coding, &mut scales, &mut out, &mut Vec::new()).unwrap();
+                let mut want = vec![0u8; n.div_ceil(2)];
+                let mut back_want = vec![0f32; n];
+                for (b, chunk) in v.chunks(block).enumerate() {
+                    let absmax = chunk.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let scale = absmax / 7.0;
+                    assert_eq!(
+                        scales[4 * b..4 * b + 4],
+                        scale.to_le_bytes(),
+                        "n {n} block {block}"
+                    );
+                    let inv = if absmax > 0.0 { 7.0 / absmax } else { 0.0 };
+                    for (j, &x) in chunk.iter().enumerate() {
+                        let i = b * block + j;
+                        let c = (round_i32(x * inv) + 8) as u8;
+                        want[i / 2] |= c << ((i & 1) * 4);
+                        back_want[i] = (c as i32 - 8) as f32 * scale;
+                    }
+                }
+                assert_eq!(out, want, "n {n} block {block}");
+                let mut back = vec![0f32; n];
+                decode(coding, &scales, &out, &mut back).unwrap();
+                assert_eq!(back, back_want, "n {n} block {block}");
+            }
+        }
     }
 
     #[test]

@@ -13,33 +13,86 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Flips the sign of element `i` of `v` when bit `i % 64` of the seeded word `i / 64` is set.
-fn apply_signs(v: &mut [f32], seed: u64) {
+/// Sign masks by byte: lane `j` of entry `b` is the f32 sign bit when bit `j` of `b` is set, so
+/// eight signs are one table load and one XOR (a per-bit shift does not vectorize).
+const SIGN_LUT: [[u32; 8]; 256] = {
+    let mut t = [[0u32; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut j = 0;
+        while j < 8 {
+            if (b >> j) & 1 == 1 {
+                t[b][j] = 0x8000_0000;
+            }
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// Flips the sign of element `i` of `v` (at absolute position `at + i`, `at` a multiple of 64)
+/// when bit `i % 64` of the seeded word `i / 64` is set.
+#[inline(always)]
+fn apply_signs(v: &mut [f32], at: usize, seed: u64) {
+    debug_assert!(at.is_multiple_of(64));
     for (w, chunk) in v.chunks_mut(64).enumerate() {
-        let word = mix(seed ^ (w as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        for (j, x) in chunk.iter_mut().enumerate() {
-            let bit = ((word >> j) & 1) as u32;
-            *x = f32::from_bits(x.to_bits() ^ (bit << 31));
+        let word = sign_word(seed, at / 64 + w);
+        for (b, c8) in chunk.chunks_mut(8).enumerate() {
+            let m = &SIGN_LUT[((word >> (8 * b)) & 0xff) as usize];
+            for (x, &m) in c8.iter_mut().zip(m) {
+                *x = f32::from_bits(x.to_bits() ^ m);
+            }
         }
     }
 }
 
-/// In-place unnormalized fast Walsh-Hadamard transform; `a.len()` is a power of two.
-fn fwht(a: &mut [f32]) {
+/// The sign word of the 64 elements at absolute position `64 * w`.
+#[inline(always)]
+fn sign_word(seed: u64, w: usize) -> u64 {
+    mix(seed ^ (w as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+/// Spans 1, 2 and 4 of the transform on eight values in registers (the strided loop of
+/// [`fwht_from`] is slow for spans shorter than a vector).
+#[inline(always)]
+fn first_three(x: [f32; 8]) -> [f32; 8] {
+    let y = [
+        x[0] + x[1],
+        x[0] - x[1],
+        x[2] + x[3],
+        x[2] - x[3],
+        x[4] + x[5],
+        x[4] - x[5],
+        x[6] + x[7],
+        x[6] - x[7],
+    ];
+    let z = [
+        y[0] + y[2],
+        y[1] + y[3],
+        y[0] - y[2],
+        y[1] - y[3],
+        y[4] + y[6],
+        y[5] + y[7],
+        y[4] - y[6],
+        y[5] - y[7],
+    ];
+    [
+        z[0] + z[4],
+        z[1] + z[5],
+        z[2] + z[6],
+        z[3] + z[7],
+        z[0] - z[4],
+        z[1] - z[5],
+        z[2] - z[6],
+        z[3] - z[7],
+    ]
+}
+
+/// The spans from `h` up of the unnormalized transform of `a` (a power of two long).
+#[inline(always)]
+fn fwht_from(a: &mut [f32], mut h: usize) {
     let n = a.len();
-    let mut h = 1;
-    if n >= 4 {
-        // The first two stages together on groups of four: the generic loop below is slow for
-        // spans of 1 and 2.
-        for q in a.chunks_exact_mut(4) {
-            let (a0, a1, a2, a3) = (q[0] + q[1], q[0] - q[1], q[2] + q[3], q[2] - q[3]);
-            q[0] = a0 + a2;
-            q[1] = a1 + a3;
-            q[2] = a0 - a2;
-            q[3] = a1 - a3;
-        }
-        h = 4;
-    }
     while h < n {
         for pair in a.chunks_exact_mut(2 * h) {
             let (lo, hi) = pair.split_at_mut(h);
@@ -53,6 +106,33 @@ fn fwht(a: &mut [f32]) {
     }
 }
 
+/// In-place unnormalized fast Walsh-Hadamard transform; `a.len()` is a power of two. Stages run
+/// in the order of span 1, 2, 4, ..., each element's sums in the same order whatever the vector
+/// width, so the bits are the same on every CPU (the audits compare frames by hash).
+#[inline(always)]
+fn fwht(a: &mut [f32]) {
+    let n = a.len();
+    if n >= 8 {
+        for q in a.chunks_exact_mut(8) {
+            let x: [f32; 8] = q.try_into().expect("8");
+            q.copy_from_slice(&first_three(x));
+        }
+        fwht_from(a, 8);
+    } else if n >= 4 {
+        for q in a.chunks_exact_mut(4) {
+            let (a0, a1, a2, a3) = (q[0] + q[1], q[0] - q[1], q[2] + q[3], q[2] - q[3]);
+            q[0] = a0 + a2;
+            q[1] = a1 + a3;
+            q[2] = a0 - a2;
+            q[3] = a1 - a3;
+        }
+        fwht_from(a, 4);
+    } else {
+        fwht_from(a, 1);
+    }
+}
+
+#[inline(always)]
 fn scale(a: &mut [f32]) {
     let s = 1.0 / (a.len() as f32).sqrt();
     for x in a {
@@ -60,24 +140,79 @@ fn scale(a: &mut [f32]) {
     }
 }
 
-/// Rotates every full block of `v` in place; a short last block is left as is.
-pub(crate) fn forward(v: &mut [f32], block: usize, seed: u64) {
+/// One block of 64 or more values (a multiple of 64) at absolute position `at` (a multiple of
+/// 64), forward or back, in two passes over the block while it is in cache: the signs ride on
+/// the first three spans (forward) or on the scaling (inverse).
+#[inline(always)]
+fn block_pass(chunk: &mut [f32], at: usize, seed: u64, inverse: bool) {
+    let flip = |x: f32, m: u32| f32::from_bits(x.to_bits() ^ m);
+    let s = 1.0 / (chunk.len() as f32).sqrt();
+    if inverse {
+        fwht(chunk);
+    } else {
+        for (w, c64) in chunk.chunks_exact_mut(64).enumerate() {
+            let word = sign_word(seed, at / 64 + w);
+            for (b, q) in c64.chunks_exact_mut(8).enumerate() {
+                let m = &SIGN_LUT[((word >> (8 * b)) & 0xff) as usize];
+                let x: [f32; 8] = std::array::from_fn(|j| flip(q[j], m[j]));
+                q.copy_from_slice(&first_three(x));
+            }
+        }
+        fwht_from(chunk, 8);
+    }
+    for (w, c64) in chunk.chunks_exact_mut(64).enumerate() {
+        let word = if inverse {
+            sign_word(seed, at / 64 + w)
+        } else {
+            0
+        };
+        for (b, q) in c64.chunks_exact_mut(8).enumerate() {
+            let m = &SIGN_LUT[((word >> (8 * b)) & 0xff) as usize];
+            for (x, &m) in q.iter_mut().zip(m) {
+                *x = flip(*x * s, m);
+            }
+        }
+    }
+}
+
+/// Every full block of `v` in place, forward or back.
+#[inline(always)]
+fn blocks(v: &mut [f32], block: usize, seed: u64, inverse: bool) {
     let full = v.len() / block * block;
-    apply_signs(&mut v[..full], seed);
+    if block >= 64 {
+        for (b, chunk) in v[..full].chunks_exact_mut(block).enumerate() {
+            block_pass(chunk, b * block, seed, inverse);
+        }
+        return;
+    }
+    // Blocks smaller than a sign word: the signs in a pass of their own.
+    if !inverse {
+        apply_signs(&mut v[..full], 0, seed);
+    }
     for chunk in v[..full].chunks_exact_mut(block) {
         fwht(chunk);
         scale(chunk);
     }
+    if inverse {
+        apply_signs(&mut v[..full], 0, seed);
+    }
+}
+
+crate::simd::multiversion! {
+    /// [`blocks`] on the widest vectors this CPU has.
+    fn dispatch(v: &mut [f32], block: usize, seed: u64, inverse: bool) {
+        blocks(v, block, seed, inverse)
+    }
+}
+
+/// Rotates every full block of `v` in place; a short last block is left as is.
+pub(crate) fn forward(v: &mut [f32], block: usize, seed: u64) {
+    dispatch(v, block, seed, false)
 }
 
 /// Undoes [`forward`] (H is symmetric and H·H = n·I).
 pub(crate) fn inverse(v: &mut [f32], block: usize, seed: u64) {
-    let full = v.len() / block * block;
-    for chunk in v[..full].chunks_exact_mut(block) {
-        fwht(chunk);
-        scale(chunk);
-    }
-    apply_signs(&mut v[..full], seed);
+    dispatch(v, block, seed, true)
 }
 
 #[cfg(test)]
@@ -140,6 +275,70 @@ mod tests {
         forward(&mut v, 64, 7);
         let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
         assert!(max < 100.0 / 8.0 + 1.0, "max {max}");
+    }
+
+    /// The original per-bit signs and span-by-span transform: the faster paths must give the
+    /// same bits (frames from peers on different CPUs and versions hash alike).
+    fn reference(v: &mut [f32], block: usize, seed: u64, inverse: bool) {
+        let full = v.len() / block * block;
+        let signs = |v: &mut [f32]| {
+            for (w, chunk) in v.chunks_mut(64).enumerate() {
+                let word = mix(seed ^ (w as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                for (j, x) in chunk.iter_mut().enumerate() {
+                    let bit = ((word >> j) & 1) as u32;
+                    *x = f32::from_bits(x.to_bits() ^ (bit << 31));
+                }
+            }
+        };
+        if !inverse {
+            signs(&mut v[..full]);
+        }
+        for chunk in v[..full].chunks_exact_mut(block) {
+            let n = chunk.len();
+            let mut h = 1;
+            while h < n {
+                for pair in chunk.chunks_exact_mut(2 * h) {
+                    let (lo, hi) = pair.split_at_mut(h);
+                    for (x, y) in lo.iter_mut().zip(hi.iter_mut()) {
+                        let (a, b) = (*x, *y);
+                        *x = a + b;
+                        *y = a - b;
+                    }
+                }
+                h *= 2;
+            }
+            let s = 1.0 / (n as f32).sqrt();
+            for x in chunk {
+                *x *= s;
+            }
+        }
+        if inverse {
+            signs(&mut v[..full]);
+        }
+    }
+
+    #[test]
+    fn every_path_gives_the_reference_bits() {
+        let orig: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919 % 2003) as f32 - 1000.0) * 1.37e-3)
+            .collect();
+        for block in [1usize, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096] {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for inv in [false, true] {
+                let mut want = orig.clone();
+                reference(&mut want, block, 99, inv);
+                let mut fast = orig.clone();
+                dispatch(&mut fast, block, 99, inv);
+                let mut portable = orig.clone();
+                blocks(&mut portable, block, 99, inv);
+                assert_eq!(bits(&fast), bits(&want), "block {block}, inverse {inv}");
+                assert_eq!(
+                    bits(&portable),
+                    bits(&want),
+                    "block {block}, inverse {inv}, portable"
+                );
+            }
+        }
     }
 
     #[test]

@@ -21,7 +21,8 @@ const BASELINES: [(&str, &str); 2] = [
 ];
 
 const DEFAULT_CODECS: &str = "none,fp16,bf16,q8:4096,q8,q4,rht+q4,q2,rht+q2,q8+zstd:1,\
-topk:0.1+q8+zstd:3,topk:0.1+q8+zstd:1,topk-row:0.1+q8+zstd:3,topk:0.01+q8+zstd:3,topk:0.1+rht+q4+zstd:3";
+topk:0.1+q8+zstd:3,topk:0.1+q8+zstd:1,topk-row:0.1+q8+zstd:3,topk:0.01+q8+zstd:3,topk:0.1+rht+q4+zstd:3,\
+dedup+rht+q6:256+zstd:3,rht+q4:1024+zstd:3,topk:0.9+rht+q2:1024+zstd:3,dedup+rht+q4:256+zstd:3,topk-row:0.02+q2";
 
 #[derive(clap::Args)]
 pub(crate) struct BenchCodecArgs {
