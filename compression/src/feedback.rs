@@ -58,6 +58,13 @@ impl ErrorFeedback {
         &self.residual
     }
 
+    /// The tensor of the last frame [`accumulate`](Self::accumulate)d (or
+    /// [`encode`](Self::encode)d), decoded exactly as its receivers decode it: a sender that sums
+    /// its own frame with theirs can take it from here instead of decoding the frame again.
+    pub fn decoded(&self) -> &[f32] {
+        &self.decoded
+    }
+
     /// Forgets the residual (on a resync), keeping the length.
     pub fn reset(&mut self) {
         self.residual.fill(0.0);

@@ -862,9 +862,7 @@ impl Shard {
                 .flatten_all()?
                 .to_dtype(DType::F32)?
                 .to_vec1::<f32>()?;
-            for x in w {
-                h.update(&x.to_le_bytes());
-            }
+            hash_f32(&mut h, &w);
         }
         Ok(*h.finalize().as_bytes())
     }
@@ -1099,3 +1097,37 @@ impl Shard {
 
 /// The `format` metadata of [`Shard::export_state`] bytes.
 pub const STATE_FORMAT: &str = "swarm-shard-state/1";
+
+/// Feeds `v` to `h` as little-endian bytes, in blocks: the same digest as one `update` per value,
+/// which cost ~20 ns a value (a hasher call per 4 bytes), 16 ms a digest for a 0.8 M-parameter
+/// stage, several times a step on every replica.
+pub fn hash_f32(h: &mut blake3::Hasher, v: &[f32]) {
+    const BLOCK: usize = 4096;
+    let mut buf = [0u8; 4 * BLOCK];
+    for chunk in v.chunks(BLOCK) {
+        for (b, x) in buf.chunks_exact_mut(4).zip(chunk) {
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        h.update(&buf[..4 * chunk.len()]);
+    }
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::hash_f32;
+
+    #[test]
+    fn hash_f32_is_the_per_value_digest() {
+        // Lengths around the block size, with values whose bytes differ.
+        for n in [0usize, 1, 7, 4095, 4096, 4097, 10_000] {
+            let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+            let mut one = blake3::Hasher::new();
+            for x in &v {
+                one.update(&x.to_le_bytes());
+            }
+            let mut blocks = blake3::Hasher::new();
+            hash_f32(&mut blocks, &v);
+            assert_eq!(one.finalize(), blocks.finalize(), "n = {n}");
+        }
+    }
+}

@@ -200,6 +200,9 @@ struct Round {
     participants: Vec<PeerId>,
     me: usize,
     shares: Vec<Option<Vec<u8>>>,
+    /// Our own share decoded (by the error feedback, which decodes it as the receivers do):
+    /// summed in its place instead of decoding our frame a second time.
+    own_decoded: Option<Vec<f32>>,
     trainer: SocketAddr,
     trainer_id: PeerId,
     phase: crate::protocol::SyncPhase,
@@ -454,9 +457,7 @@ pub fn init_shard(config: &RunConfig, stage: u32) -> Result<Shard> {
 /// BLAKE3 of f32 values (little-endian), for comparing summed gradients across replicas.
 pub fn f32_digest(v: &[f32]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
-    for x in v {
-        h.update(&x.to_le_bytes());
-    }
+    swarm_model::shard::hash_f32(&mut h, v);
     *h.finalize().as_bytes()
 }
 
@@ -625,6 +626,7 @@ impl StageWorker {
             lock(d).reset_to(shard.weights_flat()?);
         }
         *lock(&self.inner.shard) = Some(shard);
+        self.forget_step_digest();
         lock(&self.inner.feedback).reset();
         let mut st = lock(&self.inner.state);
         st.epoch = epoch;

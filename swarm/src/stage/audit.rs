@@ -91,6 +91,17 @@ impl StageWorker {
         Ok(d)
     }
 
+    /// The weights digest of `step`, known already (the `Apply` that made the weights computed
+    /// it); [`StageWorker::install`] forgets it.
+    pub(super) fn remember_step_digest(&self, step: u64, digest: [u8; 32]) {
+        lock(&self.inner.audit).digest = Some((step, digest));
+    }
+
+    /// Forgets the cached weights digest (the weights were replaced).
+    pub(super) fn forget_step_digest(&self) {
+        lock(&self.inner.audit).digest = None;
+    }
+
     /// Signs and keeps the receipt and frames of one pass just served, with the sender's
     /// receipt for `input`; returns our receipt, to send on with `output`.
     #[allow(clippy::too_many_arguments)]

@@ -123,6 +123,7 @@ impl StageWorker {
             participants: s.participants.clone(),
             me,
             shares,
+            own_decoded: None,
             trainer: ctx.remote_addr,
             trainer_id: ctx.from,
             phase: s.phase,
@@ -197,23 +198,25 @@ impl StageWorker {
             let seed = self.inner.opts.config.seed;
             let (outer, w) = (s.phase == SyncPhase::Outer, self.clone());
             let step = s.step;
-            let enc = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-                if outer {
-                    return w.encode_pseudo_gradient(step);
-                }
-                let g = lock(&shard)
-                    .as_ref()
-                    .ok_or_else(|| Error::NoState)?
-                    .grads_flat()?;
-                let mut out = Vec::new();
-                let mut enc = Encoder::new(sync_codec)?.with_seed(seed);
-                lock(&fb).encode(&mut enc, &g, &[g.len()], &mut out)?;
-                Ok(out)
-            })
-            .await
-            .map_err(Error::from)
-            .and_then(|r| r);
-            let frame = match enc {
+            let enc =
+                tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Option<Vec<f32>>)> {
+                    if outer {
+                        return Ok((w.encode_pseudo_gradient(step)?, None));
+                    }
+                    let g = lock(&shard)
+                        .as_ref()
+                        .ok_or_else(|| Error::NoState)?
+                        .grads_flat()?;
+                    let mut out = Vec::new();
+                    let mut enc = Encoder::new(sync_codec)?.with_seed(seed);
+                    let mut fb = lock(&fb);
+                    fb.encode(&mut enc, &g, &[g.len()], &mut out)?;
+                    Ok((out, Some(fb.decoded().to_vec())))
+                })
+                .await
+                .map_err(Error::from)
+                .and_then(|r| r);
+            let (frame, own_decoded) = match enc {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::warn!(error = %e, "encoding the grad share failed");
@@ -230,6 +233,7 @@ impl StageWorker {
                     return;
                 };
                 r.shares[r.me] = Some(frame.clone());
+                r.own_decoded = own_decoded;
                 r.share_bytes = (frame.len() * (n - 1)) as u64;
                 // A pseudo-gradient's fp32 baseline was counted at every inner step.
                 if !outer {
@@ -340,7 +344,16 @@ impl StageWorker {
     /// When every share of the round is in: decode all in participant order, sum, set the shard's
     /// gradients and report SyncDone.
     pub(super) async fn try_finish_sync(&self, step: u64) {
-        let (frames, trainer, trainer_id, share_bytes, share_dense, generation, phase, round) = {
+        let (
+            (frames, own),
+            trainer,
+            trainer_id,
+            share_bytes,
+            share_dense,
+            generation,
+            phase,
+            round,
+        ) = {
             let mut st = lock(&self.inner.state);
             let Some(r) = st.round.as_mut().filter(|r| r.step == step) else {
                 return;
@@ -356,8 +369,13 @@ impl StageWorker {
             }
             r.summing = true;
             let frames: Vec<Vec<u8>> = r.shares.iter().flatten().cloned().collect();
+            let own = r
+                .own_decoded
+                .take()
+                .filter(|_| r.phase == SyncPhase::Gradient)
+                .map(|d| (r.me, d));
             (
-                frames,
+                (frames, own),
                 r.trainer,
                 r.trainer_id,
                 r.share_bytes,
@@ -385,17 +403,24 @@ impl StageWorker {
                 let mut sum: Vec<f32> = Vec::new();
                 let mut buf = Vec::new();
                 for (i, f) in frames.iter().enumerate() {
-                    let info = dec.decode(f, &limits, &mut buf)?;
-                    if info.elements != n_params {
-                        return Err(Error::ShareSize {
-                            got: info.elements,
-                            expected: n_params,
-                        });
-                    }
+                    let vals: &[f32] = match &own {
+                        Some((me, d)) if *me == i && d.len() == n_params => d,
+                        _ => {
+                            let info = dec.decode(f, &limits, &mut buf)?;
+                            if info.elements != n_params {
+                                return Err(Error::ShareSize {
+                                    got: info.elements,
+                                    expected: n_params,
+                                });
+                            }
+                            &buf
+                        }
+                    };
                     if i == 0 {
-                        sum.clone_from(&buf);
+                        sum.clear();
+                        sum.extend_from_slice(vals);
                     } else {
-                        sum.iter_mut().zip(&buf).for_each(|(a, b)| *a += *b);
+                        sum.iter_mut().zip(vals).for_each(|(a, b)| *a += *b);
                     }
                 }
                 s.set_grads_flat(&sum)?;
@@ -493,17 +518,19 @@ impl StageWorker {
         let shard = self.inner.shard.clone();
         let hp = self.inner.adamw;
         let fault = self.inner.fault.clone();
-        let digest = tokio::task::spawn_blocking(move || -> Result<[u8; 32]> {
+        let (at, digest) = tokio::task::spawn_blocking(move || -> Result<(u64, [u8; 32])> {
             let mut g = lock(&shard);
             let s = g.as_mut().ok_or_else(|| Error::NoState)?;
             fault.before_apply(a.step, s)?;
             s.optimizer_step(&hp, fault.step_lr(a.step, a.lr), a.clip_scale)?;
             s.zero_grads();
-            Ok(s.weights_digest()?)
+            Ok((s.step(), s.weights_digest()?))
         })
         .await
         .map_err(|e| refuse(code::INTERNAL, e.to_string()))?
         .map_err(|e| refuse(code::INTERNAL, e.to_string()))?;
+        // The next step's receipts sign this digest: not computed a second time.
+        self.remember_step_digest(at, digest);
         {
             let mut st = lock(&self.inner.state);
             st.round = None;
@@ -584,7 +611,7 @@ impl StageWorker {
             .ok_or_else(|| refuse(code::BAD_REQUEST, "no multi-step sync in this run"))?;
         let shard = self.inner.shard.clone();
         let step = a.step;
-        let digest = tokio::task::spawn_blocking(move || -> Result<[u8; 32]> {
+        let (at, digest) = tokio::task::spawn_blocking(move || -> Result<(u64, [u8; 32])> {
             let mut d = lock(&drift);
             let anchor = match d.pending.take() {
                 Some((s, r, anchor)) if s == step && Some(r) == round => anchor,
@@ -595,11 +622,13 @@ impl StageWorker {
             s.set_weights_flat(&anchor)?;
             d.anchor = anchor;
             d.backup = None;
-            Ok(s.weights_digest()?)
+            Ok((s.step(), s.weights_digest()?))
         })
         .await
         .map_err(|e| refuse(code::INTERNAL, e.to_string()))?
         .map_err(|e| refuse(code::INTERNAL, e.to_string()))?;
+        // The weights changed at the same step: the step's receipts sign the new digest.
+        self.remember_step_digest(at, digest);
         {
             let mut st = lock(&self.inner.state);
             st.round = None;
