@@ -88,23 +88,28 @@ pub(crate) fn head_forward<T: Float>(
         .par_chunks_mut(vocab * ROW_BLOCK)
         .zip(targets.par_chunks(ROW_BLOCK))
         .map(|(d, targets)| {
-            let mut total = 0f64;
-            for (row, &t) in d.chunks_exact_mut(vocab).zip(targets) {
-                let t = t as usize;
-                let max = layer::max(row);
-                let target = row[t];
-                for a in row.iter_mut() {
-                    *a = (*a - max).exp_();
-                }
-                let sum = layer::sum(row);
-                total += (sum.ln_() + max - target).to_f64();
-                let k = inv_n / sum;
-                for a in row.iter_mut() {
-                    *a *= k;
-                }
-                row[t] -= inv_n;
-            }
-            total
+            crate::ops::simd(
+                #[inline(always)]
+                || {
+                    let mut total = 0f64;
+                    for (row, &t) in d.chunks_exact_mut(vocab).zip(targets) {
+                        let t = t as usize;
+                        let max = layer::max(row);
+                        let target = row[t];
+                        for a in row.iter_mut() {
+                            *a = (*a - max).exp_();
+                        }
+                        let sum = layer::sum(row);
+                        total += (sum.ln_() + max - target).to_f64();
+                        let k = inv_n / sum;
+                        for a in row.iter_mut() {
+                            *a *= k;
+                        }
+                        row[t] -= inv_n;
+                    }
+                    total
+                },
+            )
         })
         .collect();
     let loss = partials.iter().sum::<f64>() / targets.len() as f64;

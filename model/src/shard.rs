@@ -831,13 +831,18 @@ impl Shard {
                 .zip(p.v.par_chunks_mut(CHUNK))
                 .zip(g.par_chunks(CHUNK))
                 .for_each(|(((w, m), v), g)| {
-                    for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(g) {
-                        let gi = g * scale;
-                        *m = b1 * *m + (1.0 - b1) * gi;
-                        *v = b2 * *v + (1.0 - b2) * gi * gi;
-                        let denom = v.sqrt() / bc2_sqrt + eps;
-                        *w = *w * decay - step_size * *m / denom;
-                    }
+                    crate::ops::simd(
+                        #[inline(always)]
+                        || {
+                            for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(g) {
+                                let gi = g * scale;
+                                *m = b1 * *m + (1.0 - b1) * gi;
+                                *v = b2 * *v + (1.0 - b2) * gi * gi;
+                                let denom = v.sqrt() / bc2_sqrt + eps;
+                                *w = *w * decay - step_size * *m / denom;
+                            }
+                        },
+                    )
                 });
             let t = Tensor::from_vec(w, p.shape.as_slice(), &self.device)?.to_dtype(self.dtype)?;
             // A new variable rather than an in-place write: outstanding contexts keep the
