@@ -405,7 +405,9 @@ struct Inner {
     adamw: AdamW,
     act_codec: Codec,
     grad_codec: Codec,
-    sync_codec: Codec,
+    /// The sync codec's encoder, kept across steps: its scratch (positions, values, zstd
+    /// context) is reused rather than allocated and faulted in at every sync.
+    sync_encoder: Arc<Mutex<Encoder>>,
     /// Elements of one boundary tensor: micro_batch_size x seq_len x hidden.
     boundary_elems: usize,
     num_params: usize,
@@ -500,7 +502,9 @@ impl StageWorker {
                 adamw: cfg.adamw(),
                 act_codec: codec(&cfg.codec.activations)?,
                 grad_codec: codec(&cfg.codec.gradients)?,
-                sync_codec: codec(&cfg.codec.sync)?,
+                sync_encoder: Arc::new(Mutex::new(
+                    Encoder::new(codec(&cfg.codec.sync)?)?.with_seed(cfg.seed),
+                )),
                 boundary_elems,
                 num_params,
                 pieces,

@@ -194,8 +194,7 @@ impl StageWorker {
             // Encode our accumulated gradient (or pseudo-gradient) with error feedback.
             let shard = self.inner.shard.clone();
             let fb = self.inner.feedback.clone();
-            let sync_codec = self.inner.sync_codec;
-            let seed = self.inner.opts.config.seed;
+            let encoder = self.inner.sync_encoder.clone();
             let (outer, w) = (s.phase == SyncPhase::Outer, self.clone());
             let step = s.step;
             let enc =
@@ -208,7 +207,7 @@ impl StageWorker {
                         .ok_or_else(|| Error::NoState)?
                         .grads_flat()?;
                     let mut out = Vec::new();
-                    let mut enc = Encoder::new(sync_codec)?.with_seed(seed);
+                    let mut enc = lock(&encoder);
                     let mut fb = lock(&fb);
                     fb.encode(&mut enc, &g, &[g.len()], &mut out)?;
                     Ok((out, Some(fb.decoded().to_vec())))
