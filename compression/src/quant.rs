@@ -212,7 +212,11 @@ fn q2_block_scale(chunk: &[f32], s: &mut [u8]) -> std::result::Result<f32, NonFi
     if inv_absmax == 0.0 || chunk.is_empty() {
         return Ok(inv_absmax);
     }
-    let sq = lane_sum(chunk, |x| x * x);
+    // One running sum, as before the SSEs were vectorized: the unit's bits are the scale sent,
+    // and the sync's 2-bit frames (so a run's trajectory) stay those of earlier versions. Only
+    // the comparison of the two SSEs below takes the vectorized sums, which moves a choice
+    // only at an exact near-tie (none in 20,000 Gaussian blocks).
+    let sq: f32 = chunk.iter().map(|x| x * x).sum();
     let unit = Q2_GAUSS_UNIT * (sq / chunk.len() as f32).sqrt();
     if !(unit.is_finite() && unit > 0.0) {
         return Ok(inv_absmax);
@@ -330,25 +334,27 @@ fn decode_impl(coding: Values, scales: &[u8], values: &[u8], out: &mut [f32]) ->
     Ok(())
 }
 
-crate::simd::multiversion! {
-    /// Writes the scales and values sections for `vals`. `scales` and `out` have exactly the
-    /// lengths of [`crate::frame`]'s formulas; `codes` is scratch for 4- and 2-bit packing.
-    pub(crate) fn encode(
-        vals: &[f32],
-        coding: Values,
-        scales: &mut [u8],
-        out: &mut [u8],
-        codes: &mut Vec<u8>,
-    ) -> std::result::Result<(), NonFiniteInput> {
-        encode_impl(vals, coding, scales, out, codes)
-    }
+/// Writes the scales and values sections for `vals`. `scales` and `out` have exactly the lengths
+/// of [`crate::frame`]'s formulas; `codes` is scratch for 4- and 2-bit packing.
+pub(crate) fn encode(
+    vals: &[f32],
+    coding: Values,
+    scales: &mut [u8],
+    out: &mut [u8],
+    codes: &mut Vec<u8>,
+) -> std::result::Result<(), NonFiniteInput> {
+    crate::simd::widest(
+        #[inline(always)]
+        || encode_impl(vals, coding, scales, out, codes),
+    )
 }
 
-crate::simd::multiversion! {
-    /// Decodes the values section (and scales) into `out`, whose length is the kept count.
-    pub(crate) fn decode(coding: Values, scales: &[u8], values: &[u8], out: &mut [f32]) -> Result<()> {
-        decode_impl(coding, scales, values, out)
-    }
+/// Decodes the values section (and scales) into `out`, whose length is the kept count.
+pub(crate) fn decode(coding: Values, scales: &[u8], values: &[u8], out: &mut [f32]) -> Result<()> {
+    crate::simd::widest(
+        #[inline(always)]
+        || decode_impl(coding, scales, values, out),
+    )
 }
 
 /// fp32 to bfloat16 bits, rounding to nearest even; NaN stays NaN (quiet).

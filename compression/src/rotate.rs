@@ -198,11 +198,12 @@ fn blocks(v: &mut [f32], block: usize, seed: u64, inverse: bool) {
     }
 }
 
-crate::simd::multiversion! {
-    /// [`blocks`] on the widest vectors this CPU has.
-    fn dispatch(v: &mut [f32], block: usize, seed: u64, inverse: bool) {
-        blocks(v, block, seed, inverse)
-    }
+/// [`blocks`] on the widest vectors this CPU has.
+fn dispatch(v: &mut [f32], block: usize, seed: u64, inverse: bool) {
+    crate::simd::widest(
+        #[inline(always)]
+        || blocks(v, block, seed, inverse),
+    )
 }
 
 /// Rotates every full block of `v` in place; a short last block is left as is.
