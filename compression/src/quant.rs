@@ -44,111 +44,118 @@ fn qmax(bits: u8) -> f32 {
 pub(crate) struct NonFiniteInput;
 
 /// Writes the scales and values sections for `vals`. `scales` and `out` have exactly the lengths
-/// of [`crate::frame`]'s formulas; `codes` is scratch for 4- and 2-bit packing.
-#[inline(always)]
-fn encode_impl(
+/// of [`crate::frame`]'s formulas; `codes` is scratch for 4- and 2-bit packing. Runs on the
+/// widest vectors the CPU has ([`crate::simd::widest`]).
+pub(crate) fn encode(
     vals: &[f32],
     coding: Values,
     scales: &mut [u8],
     out: &mut [u8],
     codes: &mut Vec<u8>,
 ) -> std::result::Result<(), NonFiniteInput> {
-    match coding {
-        Values::F32 => {
-            for (d, &v) in out.chunks_exact_mut(4).zip(vals) {
-                d.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        Values::Bf16 => {
-            for (d, &v) in out.chunks_exact_mut(2).zip(vals) {
-                d.copy_from_slice(&f32_to_bf16(v).to_le_bytes());
-            }
-        }
-        Values::F16 => {
-            // Through a stack buffer so that `half` can use F16C when the CPU has it.
-            let mut buf = [half::f16::ZERO; 256];
-            for (dst, src) in out.chunks_mut(512).zip(vals.chunks(256)) {
-                let b = &mut buf[..src.len()];
-                half::slice::HalfFloatSliceExt::convert_from_f32_slice(b, src);
-                for (d, h) in dst.chunks_exact_mut(2).zip(b.iter()) {
-                    d.copy_from_slice(&h.to_bits().to_le_bytes());
-                }
-            }
-        }
-        Values::Quant { bits, block } => {
-            let block = block as usize;
-            let qm = qmax(bits);
-            if !matches!(bits, 2 | 4) {
-                // One code per byte (q3, q5..q8): |x·inv| <= qm by the absmax scale.
-                for ((chunk, s), dst) in vals
-                    .chunks(block)
-                    .zip(scales.chunks_exact_mut(4))
-                    .zip(out.chunks_mut(block))
-                {
-                    let inv = block_scale(chunk, qm, s)?;
-                    for (d, &x) in dst.iter_mut().zip(chunk) {
-                        *d = round_i32(x * inv) as i8 as u8;
+    crate::simd::widest(
+        #[inline(always)]
+        || {
+            match coding {
+                Values::F32 => {
+                    for (d, &v) in out.chunks_exact_mut(4).zip(vals) {
+                        d.copy_from_slice(&v.to_le_bytes());
                     }
                 }
-            } else if bits == 4 && block.is_multiple_of(2) {
-                // Two codes per byte straight from the values: every block starts on a byte.
-                for ((chunk, s), dst) in vals
-                    .chunks(block)
-                    .zip(scales.chunks_exact_mut(4))
-                    .zip(out.chunks_mut(block / 2))
-                {
-                    let inv = block_scale(chunk, qm, s)?;
-                    let code = |x: f32| (round_i32(x * inv) + 8) as u8;
-                    let pairs = chunk.chunks_exact(2);
-                    let tail = pairs.remainder();
-                    for (d, p) in dst.iter_mut().zip(pairs) {
-                        *d = code(p[0]) | (code(p[1]) << 4);
-                    }
-                    if let (Some(&x), Some(d)) = (tail.first(), dst.get_mut(chunk.len() / 2)) {
-                        *d = code(x);
+                Values::Bf16 => {
+                    for (d, &v) in out.chunks_exact_mut(2).zip(vals) {
+                        d.copy_from_slice(&f32_to_bf16(v).to_le_bytes());
                     }
                 }
-            } else {
-                codes.clear();
-                codes.resize(vals.len(), 0);
-                for ((chunk, s), dst) in vals
-                    .chunks(block)
-                    .zip(scales.chunks_exact_mut(4))
-                    .zip(codes.chunks_mut(block))
-                {
-                    let inv = if bits == 4 {
-                        block_scale(chunk, qm, s)?
-                    } else {
-                        q2_block_scale(chunk, s)?
-                    };
-                    if bits == 4 {
-                        for (d, &x) in dst.iter_mut().zip(chunk) {
-                            *d = (round_i32(x * inv) + 8) as u8;
+                Values::F16 => {
+                    // Through a stack buffer so that `half` can use F16C when the CPU has it.
+                    let mut buf = [half::f16::ZERO; 256];
+                    for (dst, src) in out.chunks_mut(512).zip(vals.chunks(256)) {
+                        let b = &mut buf[..src.len()];
+                        half::slice::HalfFloatSliceExt::convert_from_f32_slice(b, src);
+                        for (d, h) in dst.chunks_exact_mut(2).zip(b.iter()) {
+                            d.copy_from_slice(&h.to_bits().to_le_bytes());
+                        }
+                    }
+                }
+                Values::Quant { bits, block } => {
+                    let block = block as usize;
+                    let qm = qmax(bits);
+                    if !matches!(bits, 2 | 4) {
+                        // One code per byte (q3, q5..q8): |x·inv| <= qm by the absmax scale.
+                        for ((chunk, s), dst) in vals
+                            .chunks(block)
+                            .zip(scales.chunks_exact_mut(4))
+                            .zip(out.chunks_mut(block))
+                        {
+                            let inv = block_scale(chunk, qm, s)?;
+                            for (d, &x) in dst.iter_mut().zip(chunk) {
+                                *d = round_i32(x * inv) as i8 as u8;
+                            }
+                        }
+                    } else if bits == 4 && block.is_multiple_of(2) {
+                        // Two codes per byte straight from the values: every block starts on a byte.
+                        for ((chunk, s), dst) in vals
+                            .chunks(block)
+                            .zip(scales.chunks_exact_mut(4))
+                            .zip(out.chunks_mut(block / 2))
+                        {
+                            let inv = block_scale(chunk, qm, s)?;
+                            let code = |x: f32| (round_i32(x * inv) + 8) as u8;
+                            let pairs = chunk.chunks_exact(2);
+                            let tail = pairs.remainder();
+                            for (d, p) in dst.iter_mut().zip(pairs) {
+                                *d = code(p[0]) | (code(p[1]) << 4);
+                            }
+                            if let (Some(&x), Some(d)) =
+                                (tail.first(), dst.get_mut(chunk.len() / 2))
+                            {
+                                *d = code(x);
+                            }
                         }
                     } else {
-                        for (d, &x) in dst.iter_mut().zip(chunk) {
-                            // x·inv in [-3, 3] -> code in {0, 1, 2, 3} for levels -3, -1, 1, 3.
-                            *d = round_i32((x * inv + 3.0) * 0.5).clamp(0, 3) as u8;
+                        codes.clear();
+                        codes.resize(vals.len(), 0);
+                        for ((chunk, s), dst) in vals
+                            .chunks(block)
+                            .zip(scales.chunks_exact_mut(4))
+                            .zip(codes.chunks_mut(block))
+                        {
+                            let inv = if bits == 4 {
+                                block_scale(chunk, qm, s)?
+                            } else {
+                                q2_block_scale(chunk, s)?
+                            };
+                            if bits == 4 {
+                                for (d, &x) in dst.iter_mut().zip(chunk) {
+                                    *d = (round_i32(x * inv) + 8) as u8;
+                                }
+                            } else {
+                                for (d, &x) in dst.iter_mut().zip(chunk) {
+                                    // x·inv in [-3, 3] -> code in {0, 1, 2, 3} for levels -3, -1, 1, 3.
+                                    *d = round_i32((x * inv + 3.0) * 0.5).clamp(0, 3) as u8;
+                                }
+                            }
                         }
-                    }
-                }
-                if bits == 4 {
-                    for (d, c) in out.iter_mut().zip(codes.chunks(2)) {
-                        *d = c[0] | (c.get(1).copied().unwrap_or(0) << 4);
-                    }
-                } else {
-                    for (d, c) in out.iter_mut().zip(codes.chunks(4)) {
-                        let mut b = 0u8;
-                        for (j, &x) in c.iter().enumerate() {
-                            b |= x << (2 * j);
+                        if bits == 4 {
+                            for (d, c) in out.iter_mut().zip(codes.chunks(2)) {
+                                *d = c[0] | (c.get(1).copied().unwrap_or(0) << 4);
+                            }
+                        } else {
+                            for (d, c) in out.iter_mut().zip(codes.chunks(4)) {
+                                let mut b = 0u8;
+                                for (j, &x) in c.iter().enumerate() {
+                                    b |= x << (2 * j);
+                                }
+                                *d = b;
+                            }
                         }
-                        *d = b;
                     }
                 }
             }
-        }
-    }
-    Ok(())
+            Ok(())
+        },
+    )
 }
 
 /// Writes the block's scale to `s` and returns the multiplier to quantization levels.
@@ -238,122 +245,104 @@ pub(crate) fn non_finite_error(vals: &[f32], codec: &crate::Codec) -> Error {
     }
 }
 
-/// Decodes the values section (and scales) into `out`, whose length is the kept count.
-#[inline(always)]
-fn decode_impl(coding: Values, scales: &[u8], values: &[u8], out: &mut [f32]) -> Result<()> {
-    match coding {
-        Values::F32 => {
-            for (o, s) in out.iter_mut().zip(values.chunks_exact(4)) {
-                *o = f32::from_le_bytes(s.try_into().expect("4 bytes"));
-            }
-        }
-        Values::Bf16 => {
-            for (o, s) in out.iter_mut().zip(values.chunks_exact(2)) {
-                *o = f32::from_bits((u16::from_le_bytes([s[0], s[1]]) as u32) << 16);
-            }
-        }
-        Values::F16 => {
-            let mut buf = [half::f16::ZERO; 256];
-            for (dst, src) in out.chunks_mut(256).zip(values.chunks(512)) {
-                let b = &mut buf[..dst.len()];
-                for (h, s) in b.iter_mut().zip(src.chunks_exact(2)) {
-                    *h = half::f16::from_bits(u16::from_le_bytes([s[0], s[1]]));
-                }
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(b, dst);
-            }
-        }
-        Values::Quant { bits, block } => {
-            let block = block as usize;
-            let stored = crate::codec::stored_bits(bits) as usize;
-            let per_byte = 8 / stored;
-            let n = out.len();
-            // Padding bits of the last byte must be zero: one canonical frame per tensor.
-            if !n.is_multiple_of(per_byte) {
-                let used = (n % per_byte) * stored;
-                if values.last().copied().unwrap_or(0) >> used != 0 {
-                    return Err(Error::Corrupt(
-                        "padding bits of the last value byte are set",
-                    ));
-                }
-            }
-            for (bi, (chunk, s)) in out
-                .chunks_mut(block)
-                .zip(scales.chunks_exact(4))
-                .enumerate()
-            {
-                let scale = f32::from_le_bytes(s.try_into().expect("4 bytes"));
-                if !(scale.is_finite() && scale >= 0.0) {
-                    return Err(Error::Corrupt("a block scale is negative or not finite"));
-                }
-                let start = bi * block;
-                match bits {
-                    4 if block.is_multiple_of(2) => {
-                        // Two values per byte; every block starts on a byte.
-                        let bytes = &values[start / 2..];
-                        let v = |q: u8| (q as i32 - 8) as f32 * scale;
-                        let half = chunk.len() / 2;
-                        let mut pairs = chunk.chunks_exact_mut(2);
-                        for (o, &b) in (&mut pairs).zip(bytes) {
-                            o[0] = v(b & 0xf);
-                            o[1] = v(b >> 4);
-                        }
-                        if let Some(o) = pairs.into_remainder().first_mut() {
-                            *o = v(bytes[half] & 0xf);
-                        }
-                    }
-                    4 => {
-                        for (j, o) in chunk.iter_mut().enumerate() {
-                            let i = start + j;
-                            let q = (values[i / 2] >> ((i & 1) * 4)) & 0xf;
-                            *o = (q as i32 - 8) as f32 * scale;
-                        }
-                    }
-                    2 => {
-                        for (j, o) in chunk.iter_mut().enumerate() {
-                            let i = start + j;
-                            let c = (values[i / 4] >> ((i & 3) * 2)) & 3;
-                            *o = (2 * c as i32 - 3) as f32 * scale;
-                        }
-                    }
-                    _ => {
-                        let qm = qmax(bits) as i32;
-                        let mut bad = false;
-                        for (o, &q) in chunk.iter_mut().zip(&values[start..]) {
-                            let q = q as i8 as i32;
-                            bad |= q.abs() > qm;
-                            *o = q as f32 * scale;
-                        }
-                        if bad {
-                            return Err(Error::Corrupt("a quantized code is out of range"));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Writes the scales and values sections for `vals`. `scales` and `out` have exactly the lengths
-/// of [`crate::frame`]'s formulas; `codes` is scratch for 4- and 2-bit packing.
-pub(crate) fn encode(
-    vals: &[f32],
-    coding: Values,
-    scales: &mut [u8],
-    out: &mut [u8],
-    codes: &mut Vec<u8>,
-) -> std::result::Result<(), NonFiniteInput> {
-    crate::simd::widest(
-        #[inline(always)]
-        || encode_impl(vals, coding, scales, out, codes),
-    )
-}
-
-/// Decodes the values section (and scales) into `out`, whose length is the kept count.
+/// Decodes the values section (and scales) into `out`, whose length is the kept count, on the
+/// widest vectors the CPU has.
 pub(crate) fn decode(coding: Values, scales: &[u8], values: &[u8], out: &mut [f32]) -> Result<()> {
     crate::simd::widest(
         #[inline(always)]
-        || decode_impl(coding, scales, values, out),
+        || {
+            match coding {
+                Values::F32 => {
+                    for (o, s) in out.iter_mut().zip(values.chunks_exact(4)) {
+                        *o = f32::from_le_bytes(s.try_into().expect("4 bytes"));
+                    }
+                }
+                Values::Bf16 => {
+                    for (o, s) in out.iter_mut().zip(values.chunks_exact(2)) {
+                        *o = f32::from_bits((u16::from_le_bytes([s[0], s[1]]) as u32) << 16);
+                    }
+                }
+                Values::F16 => {
+                    let mut buf = [half::f16::ZERO; 256];
+                    for (dst, src) in out.chunks_mut(256).zip(values.chunks(512)) {
+                        let b = &mut buf[..dst.len()];
+                        for (h, s) in b.iter_mut().zip(src.chunks_exact(2)) {
+                            *h = half::f16::from_bits(u16::from_le_bytes([s[0], s[1]]));
+                        }
+                        half::slice::HalfFloatSliceExt::convert_to_f32_slice(b, dst);
+                    }
+                }
+                Values::Quant { bits, block } => {
+                    let block = block as usize;
+                    let stored = crate::codec::stored_bits(bits) as usize;
+                    let per_byte = 8 / stored;
+                    let n = out.len();
+                    // Padding bits of the last byte must be zero: one canonical frame per tensor.
+                    if !n.is_multiple_of(per_byte) {
+                        let used = (n % per_byte) * stored;
+                        if values.last().copied().unwrap_or(0) >> used != 0 {
+                            return Err(Error::Corrupt(
+                                "padding bits of the last value byte are set",
+                            ));
+                        }
+                    }
+                    for (bi, (chunk, s)) in out
+                        .chunks_mut(block)
+                        .zip(scales.chunks_exact(4))
+                        .enumerate()
+                    {
+                        let scale = f32::from_le_bytes(s.try_into().expect("4 bytes"));
+                        if !(scale.is_finite() && scale >= 0.0) {
+                            return Err(Error::Corrupt("a block scale is negative or not finite"));
+                        }
+                        let start = bi * block;
+                        match bits {
+                            4 if block.is_multiple_of(2) => {
+                                // Two values per byte; every block starts on a byte.
+                                let bytes = &values[start / 2..];
+                                let v = |q: u8| (q as i32 - 8) as f32 * scale;
+                                let half = chunk.len() / 2;
+                                let mut pairs = chunk.chunks_exact_mut(2);
+                                for (o, &b) in (&mut pairs).zip(bytes) {
+                                    o[0] = v(b & 0xf);
+                                    o[1] = v(b >> 4);
+                                }
+                                if let Some(o) = pairs.into_remainder().first_mut() {
+                                    *o = v(bytes[half] & 0xf);
+                                }
+                            }
+                            4 => {
+                                for (j, o) in chunk.iter_mut().enumerate() {
+                                    let i = start + j;
+                                    let q = (values[i / 2] >> ((i & 1) * 4)) & 0xf;
+                                    *o = (q as i32 - 8) as f32 * scale;
+                                }
+                            }
+                            2 => {
+                                for (j, o) in chunk.iter_mut().enumerate() {
+                                    let i = start + j;
+                                    let c = (values[i / 4] >> ((i & 3) * 2)) & 3;
+                                    *o = (2 * c as i32 - 3) as f32 * scale;
+                                }
+                            }
+                            _ => {
+                                let qm = qmax(bits) as i32;
+                                let mut bad = false;
+                                for (o, &q) in chunk.iter_mut().zip(&values[start..]) {
+                                    let q = q as i8 as i32;
+                                    bad |= q.abs() > qm;
+                                    *o = q as f32 * scale;
+                                }
+                                if bad {
+                                    return Err(Error::Corrupt("a quantized code is out of range"));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        },
     )
 }
 
