@@ -56,10 +56,10 @@ pub(crate) fn select(
     if s.cand.len() < n {
         s.cand.resize(n, 0);
     }
-    let mut c = collect(data, lo, &mut s.cand[..n]);
+    let mut c = collect(data, |x| x >= lo, &mut s.cand[..n]);
     if c < k {
         // The sample overestimated the threshold (rare, or adversarial data): take everything.
-        c = collect(data, 0, &mut s.cand[..n]);
+        c = collect(data, |_| true, &mut s.cand[..n]);
     }
     let cand = &s.cand[..c];
     s.keys.clear();
@@ -99,10 +99,10 @@ fn select_by_dropping(
     if s.cand.len() < n {
         s.cand.resize(n, 0);
     }
-    let mut c = collect_below(data, hi, &mut s.cand[..n]);
+    let mut c = collect(data, |x| x <= hi, &mut s.cand[..n]);
     if c < m {
         // The sample underestimated the threshold: every element is a candidate.
-        c = collect_below(data, u32::MAX, &mut s.cand[..n]);
+        c = collect(data, |_| true, &mut s.cand[..n]);
     }
     let cand = &s.cand[..c];
     s.keys.clear();
@@ -118,17 +118,14 @@ fn select_by_dropping(
     let mut next = 0u32;
     for &p in cand {
         let kk = key(data[p as usize]);
-        let drop = if kk < t {
-            true
-        } else if kk == t {
-            if keep_ties > 0 {
+        let drop = match kk.cmp(&t) {
+            std::cmp::Ordering::Less => true,
+            std::cmp::Ordering::Greater => false,
+            std::cmp::Ordering::Equal if keep_ties > 0 => {
                 keep_ties -= 1;
                 false
-            } else {
-                true
             }
-        } else {
-            false
+            std::cmp::Ordering::Equal => true,
         };
         if drop {
             out.extend((next..p).map(|i| offset + i));
@@ -148,32 +145,27 @@ fn select_by_dropping(
     }
 }
 
-/// Writes the positions of elements with `key <= hi` to the front of `cand`; returns how many.
-fn collect_below(data: &[f32], hi: u32, cand: &mut [u32]) -> usize {
-    let mut c = 0usize;
-    let last = cand.len() - 1;
-    for (i, &x) in data.iter().enumerate() {
-        cand[c.min(last)] = i as u32;
-        c += (key(x) <= hi) as usize;
-    }
-    c
-}
-
 /// A key that at least `m` elements very likely stay at or below: [`sampled_threshold`] from the
 /// bottom of the sample.
 fn sampled_floor(data: &[f32], m: usize, keys: &mut Vec<u32>) -> u32 {
-    let n = data.len();
-    sample_keys(data, keys);
-    let q = m as f64 / n as f64;
-    let expected = q * SAMPLES as f64;
-    let margin = 3.0 * (expected * (1.0 - q)).sqrt() + 8.0;
-    let rank = (expected + margin).ceil() as usize;
-    if rank >= SAMPLES {
+    let Some(rank) = sample_rank(data, m, keys) else {
         return u32::MAX;
-    }
+    };
     // rank-th smallest of the sample.
     let (_, &mut t, _) = keys.select_nth_unstable(rank);
     t
+}
+
+/// Samples `data`'s keys into `keys` and returns the sample rank that at least `m` of the `n`
+/// elements very likely reach: the rank `m/n` of the sample moved by three standard deviations of
+/// the sample count. `None` when that is past the sample (then every element is a candidate).
+fn sample_rank(data: &[f32], m: usize, keys: &mut Vec<u32>) -> Option<usize> {
+    sample_keys(data, keys);
+    let q = m as f64 / data.len() as f64;
+    let expected = q * SAMPLES as f64;
+    let margin = 3.0 * (expected * (1.0 - q)).sqrt() + 8.0;
+    let rank = (expected + margin).ceil() as usize;
+    (rank < SAMPLES).then_some(rank)
 }
 
 /// The keys of [`SAMPLES`] fixed pseudo-random positions of `data`, into `keys`.
@@ -200,14 +192,16 @@ pub(crate) fn next_hint(t: u32) -> u32 {
     key(f32::from_bits(t) * 0.8)
 }
 
-/// Writes the positions of elements with `key >= lo` to the front of `cand`; returns how many.
-fn collect(data: &[f32], lo: u32, cand: &mut [u32]) -> usize {
+/// Writes the positions of elements whose key passes `take` to the front of `cand`; returns how
+/// many.
+#[inline(always)]
+fn collect(data: &[f32], take: impl Fn(u32) -> bool, cand: &mut [u32]) -> usize {
     let mut c = 0usize;
     let last = cand.len() - 1;
     for (i, &x) in data.iter().enumerate() {
         // Branch-free: always write, advance only when kept (at ~10% density a branch mispredicts).
         cand[c.min(last)] = i as u32;
-        c += (key(x) >= lo) as usize;
+        c += take(key(x)) as usize;
     }
     c
 }
@@ -215,15 +209,9 @@ fn collect(data: &[f32], lo: u32, cand: &mut [u32]) -> usize {
 /// A key that at least `k` elements are very likely to reach: the sample's quantile at rank
 /// `k/n`, moved down by three standard deviations of the sample count.
 fn sampled_threshold(data: &[f32], k: usize, keys: &mut Vec<u32>) -> u32 {
-    let n = data.len();
-    sample_keys(data, keys);
-    let q = k as f64 / n as f64;
-    let expected = q * SAMPLES as f64;
-    let margin = 3.0 * (expected * (1.0 - q)).sqrt() + 8.0;
-    let rank = (expected + margin).ceil() as usize;
-    if rank >= SAMPLES {
+    let Some(rank) = sample_rank(data, k, keys) else {
         return 0;
-    }
+    };
     // rank-th largest of the sample.
     let (_, &mut t, _) = keys.select_nth_unstable(SAMPLES - 1 - rank);
     t
