@@ -4,7 +4,9 @@
 //! referee) and the audit bench all call these, because audits compare a peer's frames with a
 //! recomputation bitwise: any second copy of this code could drift from the first.
 
-use candle_core::{DType, Device, Tensor};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Storage, Tensor};
 use swarm_compression::{Codec, Decoder, Encoder, Limits};
 use swarm_model::Shard;
 use swarm_model::subspace::Subspace;
@@ -57,13 +59,92 @@ pub fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
     )
 }
 
+/// Encoders and decoders kept across frames. A fresh encoder allocates its scratch and a zstd
+/// context (whose tables are zeroed, about a megabyte at level 3) for every frame, and a fresh
+/// decoder its zstd context and buffers; kept, they allocate nothing once warm. A frame is a pure
+/// function of (codec, seed, data), and every encoder here has the default seed, so which one
+/// encodes changes no byte. Callers on several threads each take their own (a few are kept).
+#[derive(Debug, Default)]
+pub struct Codecs {
+    encoders: Mutex<Vec<Encoder>>,
+    decoders: Mutex<Vec<Decoder>>,
+}
+
+/// Kept per kind beyond which returned encoders and decoders are dropped (passes in flight at
+/// once on one process are few).
+const KEPT: usize = 4;
+
+impl Codecs {
+    /// Runs `f` with an encoder of `codec` (the default rotation seed), kept for the next frame.
+    fn with_encoder<R>(
+        &self,
+        codec: Codec,
+        f: impl FnOnce(&mut Encoder) -> Result<R>,
+    ) -> Result<R> {
+        let kept = {
+            let mut v = lock(&self.encoders);
+            let at = v.iter().rposition(|e| *e.codec() == codec);
+            at.map(|i| v.swap_remove(i))
+        };
+        let mut enc = match kept {
+            Some(e) => e,
+            None => Encoder::new(codec)?,
+        };
+        let r = f(&mut enc);
+        let mut v = lock(&self.encoders);
+        if v.len() < KEPT {
+            v.push(enc);
+        }
+        r
+    }
+
+    /// Runs `f` with a decoder, kept for the next frame.
+    pub fn with_decoder<R>(&self, f: impl FnOnce(&mut Decoder) -> R) -> R {
+        let mut dec = lock(&self.decoders).pop().unwrap_or_default();
+        let r = f(&mut dec);
+        let mut v = lock(&self.decoders);
+        if v.len() < KEPT {
+            v.push(dec);
+        }
+        r
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Encodes `t` with `codec` as one frame of its shape; returns the frame and its element count.
-pub fn encode(codec: Codec, t: &Tensor) -> Result<(Vec<u8>, usize)> {
+/// A contiguous f32 tensor is encoded in place (no flat copy of it).
+pub fn encode(codecs: &Codecs, codec: Codec, t: &Tensor) -> Result<(Vec<u8>, usize)> {
     let dims = t.dims().to_vec();
-    let values = tensor_f32(t)?;
     let mut frame = Vec::new();
-    Encoder::new(codec)?.encode(&values, &dims, &mut frame)?;
-    Ok((frame, values.len()))
+    let n = codecs.with_encoder(codec, |enc| {
+        if let Some(n) = with_f32(t, |values| {
+            enc.encode(values, &dims, &mut frame).map(|()| values.len())
+        }) {
+            return Ok(n?);
+        }
+        let values = tensor_f32(t)?;
+        enc.encode(&values, &dims, &mut frame)?;
+        Ok(values.len())
+    })?;
+    Ok((frame, n))
+}
+
+/// `f` on the values of `t` when they are contiguous f32 on the CPU, read in place; `None`
+/// otherwise.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let (a, b) = layout.contiguous_offsets()?;
+    let values = cpu.as_slice::<f32>().ok()?.get(a..b)?;
+    Some(f(values))
 }
 
 /// A hidden state at a stage boundary as it travels: plain, one frame of `[batch, seq, hidden]`;
@@ -72,17 +153,18 @@ pub fn encode(codec: Codec, t: &Tensor) -> Result<(Vec<u8>, usize)> {
 /// `[batch, seq, k]`. Returns the bytes and the element count of the standard model's hidden
 /// state (what `dense_bytes` counts, 4 bytes each, whatever crosses).
 pub fn encode_hidden(
+    codecs: &Codecs,
     codec: Codec,
     sub: Option<&Subspace>,
     h: &Tensor,
     tokens: &[u32],
 ) -> Result<(Vec<u8>, usize)> {
     let Some(sub) = sub else {
-        return encode(codec, h);
+        return encode(codecs, codec, h);
     };
     let mut out = Vec::new();
     swarm_compression::encode_tokens(tokens, &mut out)?;
-    let (frame, _) = encode(codec, &sub.project(h, tokens)?)?;
+    let (frame, _) = encode(codecs, codec, &sub.project(h, tokens)?)?;
     out.extend_from_slice(&frame);
     Ok((out, h.elem_count()))
 }
@@ -122,10 +204,18 @@ pub fn decode_hidden(
 /// A hidden-state gradient at a stage boundary as it travels: plain, one frame; in a subspace
 /// model one frame of `Uᵀ·g` (`[batch, seq, k]`: exact, see [`swarm_model::subspace`]). Returns
 /// the bytes and the standard model's element count.
-pub fn encode_grad(codec: Codec, sub: Option<&Subspace>, g: &Tensor) -> Result<(Vec<u8>, usize)> {
+pub fn encode_grad(
+    codecs: &Codecs,
+    codec: Codec,
+    sub: Option<&Subspace>,
+    g: &Tensor,
+) -> Result<(Vec<u8>, usize)> {
     match sub {
-        None => encode(codec, g),
-        Some(sub) => Ok((encode(codec, &sub.project_grad(g)?)?.0, g.elem_count())),
+        None => encode(codecs, codec, g),
+        Some(sub) => Ok((
+            encode(codecs, codec, &sub.project_grad(g)?)?.0,
+            g.elem_count(),
+        )),
     }
 }
 
@@ -201,14 +291,15 @@ pub fn recompute(
     let sub = shard.subspace();
     let sub = sub.as_deref();
     let mut dec = Decoder::new();
+    let codecs = Codecs::default();
     let (x, tokens, _) = decode_hidden(&mut dec, fwd_in, limits, hidden, vocab, sub)?;
     let (y, ctx) = shard.stage_forward(index, &x)?;
-    let (fwd_out, _) = encode_hidden(act, sub, &y, &tokens)?;
+    let (fwd_out, _) = encode_hidden(&codecs, act, sub, &y, &tokens)?;
     let (g, _) = decode_grad(&mut dec, bwd_in, limits, Some(y.dims()), sub)?;
     let dx = shard
         .backward_input_only(ctx, &g)?
         .ok_or_else(|| Error::NoInputGradient)?;
-    let (bwd_out, _) = encode_grad(grad, sub, &dx)?;
+    let (bwd_out, _) = encode_grad(&codecs, grad, sub, &dx)?;
     Ok((fwd_out, bwd_out))
 }
 

@@ -405,9 +405,14 @@ struct Inner {
     adamw: AdamW,
     act_codec: Codec,
     grad_codec: Codec,
+    /// Boundary encoders and decoders, kept across passes.
+    codecs: Arc<crate::compute::Codecs>,
     /// The sync codec's encoder, kept across steps: its scratch (positions, values, zstd
     /// context) is reused rather than allocated and faulted in at every sync.
     sync_encoder: Arc<Mutex<Encoder>>,
+    /// Stage-sized f32 buffers of the sync (our share as decoded, the sum, a decoded share),
+    /// reused across steps rather than allocated and faulted in at every sync.
+    sync_bufs: Arc<Mutex<Vec<Vec<f32>>>>,
     /// Elements of one boundary tensor: micro_batch_size x seq_len x hidden.
     boundary_elems: usize,
     num_params: usize,
@@ -502,6 +507,8 @@ impl StageWorker {
                 adamw: cfg.adamw(),
                 act_codec: codec(&cfg.codec.activations)?,
                 grad_codec: codec(&cfg.codec.gradients)?,
+                codecs: Arc::default(),
+                sync_bufs: Arc::default(),
                 sync_encoder: Arc::new(Mutex::new(
                     Encoder::new(codec(&cfg.codec.sync)?)?.with_seed(cfg.seed),
                 )),

@@ -93,6 +93,7 @@ impl StageWorker {
         let limits = self.limits();
         let shard = self.inner.shard.clone();
         let act_codec = self.inner.act_codec;
+        let codecs = self.inner.codecs.clone();
         let frame = f.activations;
         let in_len = frame.len();
         let (kept_in, fault) = (frame.clone(), self.inner.fault.clone());
@@ -102,14 +103,9 @@ impl StageWorker {
             move || -> Result<(ForwardCtx, Vec<u8>, usize, usize, HopClock)> {
                 clock.queued();
                 let sub = lock(&shard).as_ref().and_then(|s| s.subspace());
-                let (x, tokens, in_elems) = compute::decode_hidden(
-                    &mut Decoder::new(),
-                    &frame,
-                    &limits,
-                    hidden,
-                    vocab,
-                    sub.as_deref(),
-                )?;
+                let (x, tokens, in_elems) = codecs.with_decoder(|dec| {
+                    compute::decode_hidden(dec, &frame, &limits, hidden, vocab, sub.as_deref())
+                })?;
                 clock.codec();
                 let g = lock(&shard);
                 clock.queued();
@@ -118,7 +114,8 @@ impl StageWorker {
                 let y = fault.forward(key, stage, &x, y)?;
                 drop(g);
                 clock.compute();
-                let (out, elems) = compute::encode_hidden(act_codec, sub.as_deref(), &y, &tokens)?;
+                let (out, elems) =
+                    compute::encode_hidden(&codecs, act_codec, sub.as_deref(), &y, &tokens)?;
                 clock.codec();
                 Ok((c, out, elems, in_elems, clock))
             },
@@ -378,6 +375,7 @@ impl StageWorker {
         let limits = self.limits();
         let shard = self.inner.shard.clone();
         let grad_codec = self.inner.grad_codec;
+        let codecs = self.inner.codecs.clone();
         let accumulate = entry.accumulate;
         let ctx = entry.ctx.take().expect("held context");
         let frame = b.grad;
@@ -389,13 +387,9 @@ impl StageWorker {
             tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, usize, usize, HopClock)> {
                 clock.queued();
                 let sub = lock(&shard).as_ref().and_then(|s| s.subspace());
-                let (g, in_elems) = compute::decode_grad(
-                    &mut Decoder::new(),
-                    &frame,
-                    &limits,
-                    None,
-                    sub.as_deref(),
-                )?;
+                let (g, in_elems) = codecs.with_decoder(|dec| {
+                    compute::decode_grad(dec, &frame, &limits, None, sub.as_deref())
+                })?;
                 clock.codec();
                 let mut guard = lock(&shard);
                 clock.queued();
@@ -410,7 +404,7 @@ impl StageWorker {
                 let dx = dx.ok_or_else(|| Error::NoInputGradient)?;
                 let dx = fault.backward(key, &g, dx)?;
                 clock.compute();
-                let (out, elems) = compute::encode_grad(grad_codec, sub.as_deref(), &dx)?;
+                let (out, elems) = compute::encode_grad(&codecs, grad_codec, sub.as_deref(), &dx)?;
                 clock.codec();
                 Ok((out, elems, in_elems, clock))
             })

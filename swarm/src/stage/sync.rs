@@ -195,6 +195,7 @@ impl StageWorker {
             let shard = self.inner.shard.clone();
             let fb = self.inner.feedback.clone();
             let encoder = self.inner.sync_encoder.clone();
+            let bufs = self.inner.sync_bufs.clone();
             let (outer, w) = (s.phase == SyncPhase::Outer, self.clone());
             let step = s.step;
             let enc =
@@ -210,7 +211,9 @@ impl StageWorker {
                     let mut enc = lock(&encoder);
                     let mut fb = lock(&fb);
                     fb.encode(&mut enc, &g, &[g.len()], &mut out)?;
-                    Ok((out, Some(fb.decoded().to_vec())))
+                    let mut own = take_buf(&bufs);
+                    own.extend_from_slice(fb.decoded());
+                    Ok((out, Some(own)))
                 })
                 .await
                 .map_err(Error::from)
@@ -387,6 +390,7 @@ impl StageWorker {
         let shard = self.inner.shard.clone();
         let feedback = self.inner.feedback.clone();
         let n_params = self.inner.num_params;
+        let (codecs, bufs) = (self.inner.codecs.clone(), self.inner.sync_bufs.clone());
         let w = self.clone();
         let done = tokio::task::spawn_blocking(move || -> Result<(f64, [u8; 32])> {
             match phase {
@@ -398,32 +402,42 @@ impl StageWorker {
             let s = g.as_mut().ok_or_else(|| Error::NoState)?;
             if frames.len() > 1 {
                 let limits = Limits::new(n_params);
-                let mut dec = Decoder::new();
-                let mut sum: Vec<f32> = Vec::new();
-                let mut buf = Vec::new();
-                for (i, f) in frames.iter().enumerate() {
-                    let vals: &[f32] = match &own {
-                        Some((me, d)) if *me == i && d.len() == n_params => d,
-                        _ => {
-                            let info = dec.decode(f, &limits, &mut buf)?;
-                            if info.elements != n_params {
-                                return Err(Error::ShareSize {
-                                    got: info.elements,
-                                    expected: n_params,
-                                });
+                let (mut sum, mut buf) = (take_buf(&bufs), take_buf(&bufs));
+                let summed = codecs.with_decoder(|dec| -> Result<()> {
+                    for (i, f) in frames.iter().enumerate() {
+                        let vals: &[f32] = match &own {
+                            Some((me, d)) if *me == i && d.len() == n_params => d,
+                            _ => {
+                                let info = dec.decode(f, &limits, &mut buf)?;
+                                if info.elements != n_params {
+                                    return Err(Error::ShareSize {
+                                        got: info.elements,
+                                        expected: n_params,
+                                    });
+                                }
+                                &buf
                             }
-                            &buf
+                        };
+                        if i == 0 {
+                            sum.clear();
+                            sum.extend_from_slice(vals);
+                        } else {
+                            sum.iter_mut().zip(vals).for_each(|(a, b)| *a += *b);
                         }
-                    };
-                    if i == 0 {
-                        sum.clear();
-                        sum.extend_from_slice(vals);
-                    } else {
-                        sum.iter_mut().zip(vals).for_each(|(a, b)| *a += *b);
                     }
+                    Ok(())
+                });
+                let done = summed.and_then(|()| {
+                    s.set_grads_flat(&sum)?;
+                    let norm = flat_sq_norm(s, &sum)?;
+                    Ok((norm, f32_digest(&sum)))
+                });
+                give_buf(&bufs, sum);
+                give_buf(&bufs, buf);
+                if let Some((_, d)) = own {
+                    give_buf(&bufs, d);
                 }
-                s.set_grads_flat(&sum)?;
-                Ok((s.grad_sq_norm()?, f32_digest(&sum)))
+                done
             } else {
                 // Alone, nothing is compressed: what earlier shares left in the error-feedback
                 // residual is delivered now, in full, rather than steps later when a second
@@ -435,7 +449,7 @@ impl StageWorker {
                     s.set_grads_flat(&flat)?;
                 }
                 fb.reset();
-                Ok((s.grad_sq_norm()?, f32_digest(&flat)))
+                Ok((flat_sq_norm(s, &flat)?, f32_digest(&flat)))
             }
         })
         .await
@@ -550,6 +564,41 @@ impl StageWorker {
     }
 }
 
+/// A stage-sized f32 buffer from `bufs` (empty, its capacity kept), or a new one.
+fn take_buf(bufs: &Mutex<Vec<Vec<f32>>>) -> Vec<f32> {
+    let mut b = lock(bufs).pop().unwrap_or_default();
+    b.clear();
+    b
+}
+
+/// Returns a buffer taken with [`take_buf`] (a few are kept).
+fn give_buf(bufs: &Mutex<Vec<Vec<f32>>>, b: Vec<f32>) {
+    let mut v = lock(bufs);
+    if v.len() < 4 {
+        v.push(b);
+    }
+}
+
+/// What [`Shard::grad_sq_norm`] reports once `flat` is the shard's gradient: each parameter's
+/// f64 sum of squares, added in parameter order, so the same bits; without the f64 copy of
+/// every gradient it makes.
+fn flat_sq_norm(s: &Shard, flat: &[f32]) -> Result<f64> {
+    let mut total = 0f64;
+    let mut off = 0;
+    for (_, shape) in s.parameter_names() {
+        let n: usize = shape.iter().product();
+        let Some(g) = flat.get(off..off + n) else {
+            return Err(Error::ShareSize {
+                got: flat.len(),
+                expected: s.num_parameters(),
+            });
+        };
+        total += g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+        off += n;
+    }
+    Ok(total)
+}
+
 impl StageWorker {
     /// Local phase: the mean gradient of this replica's own micro-batches (the shard holds their
     /// sum, each scaled by 1/micro_batches), set as its gradient; its norm and digest.
@@ -641,5 +690,34 @@ impl StageWorker {
             digest,
             sent: self.inner.stats.sent(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sync's squared norm from the flat sum is the shard's own, bit for bit (the global
+    /// clip, and so every weight, depends on it), for a stage and for the ends.
+    #[test]
+    fn flat_sq_norm_is_the_shards() {
+        let cfg = swarm_testkit::micro_config(5);
+        let mut pieces: Vec<Vec<Piece>> = Piece::stages(&cfg.stages)
+            .into_iter()
+            .map(|p| vec![p])
+            .collect();
+        pieces.push(vec![Piece::Embedding, Piece::Head]);
+        for p in &pieces {
+            let mut s = Shard::new(&cfg.model, p, 3, DType::F32, &Device::Cpu).unwrap();
+            let n = s.num_parameters();
+            // Values of very different magnitudes, so the summation order shows in the bits.
+            let g: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 10f32.powi((i % 9) as i32 - 6))
+                .collect();
+            s.set_grads_flat(&g).unwrap();
+            let want = s.grad_sq_norm().unwrap();
+            assert_eq!(flat_sq_norm(&s, &g).unwrap().to_bits(), want.to_bits());
+            assert!(flat_sq_norm(&s, &g[1..]).is_err());
+        }
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use swarm_compression::{Codec, Decoder, Limits};
+use swarm_compression::{Codec, Limits};
 use swarm_model::{Corpus, ForwardCtx, Piece, RunConfig, Shard, clip_scale};
 use swarm_router as router;
 use tokio::sync::mpsc;
@@ -329,6 +329,8 @@ pub struct Trainer {
     metrics: Metrics,
     act_codec: Codec,
     grad_codec: Codec,
+    /// Boundary encoders and decoders, kept across passes.
+    codecs: Arc<crate::compute::Codecs>,
     limits: Limits,
     pinger: Option<tokio::task::JoinHandle<()>>,
     /// A stage lost its last replica and nobody holds its state: the run restores every stage
@@ -500,6 +502,7 @@ impl Trainer {
             metrics: Metrics::default(),
             act_codec,
             grad_codec,
+            codecs: Arc::default(),
             limits: Limits::new(elems),
             pinger: None,
             restore_pending: false,

@@ -266,6 +266,7 @@ impl Trainer {
         )?;
         let ends = self.ends.clone();
         let codec = self.act_codec;
+        let codecs = self.codecs.clone();
         let inputs = batch.inputs.clone();
         let (bsz, seq) = (batch.batch_size, batch.seq_len);
         let prev = self.metrics.enter(Part::Compute);
@@ -275,7 +276,7 @@ impl Trainer {
             let sub = e.subspace();
             drop(e);
             let t = Instant::now();
-            let (frame, n) = compute::encode_hidden(codec, sub.as_deref(), &x, &inputs)?;
+            let (frame, n) = compute::encode_hidden(&codecs, codec, sub.as_deref(), &x, &inputs)?;
             let dense = 4 * n as u64;
             Ok((ctx, frame, dense, t.elapsed()))
         })
@@ -379,6 +380,7 @@ impl Trainer {
         let scale = 1.0 / self.cfg().train.micro_batches as f64;
         let mb = w.key.mb;
         let codec = self.grad_codec;
+        let codecs = self.codecs.clone();
         let (bsz, seq, hidden, vocab) = (
             self.cfg().train.micro_batch_size,
             self.cfg().train.seq_len,
@@ -390,14 +392,9 @@ impl Trainer {
             let dims = [bsz, seq, hidden];
             let sub = ends.lock().unwrap_or_else(|e| e.into_inner()).subspace();
             let t = Instant::now();
-            let (x, tokens, _) = compute::decode_hidden(
-                &mut Decoder::new(),
-                &frame,
-                &limits,
-                hidden,
-                vocab,
-                sub.as_deref(),
-            )?;
+            let (x, tokens, _) = codecs.with_decoder(|dec| {
+                compute::decode_hidden(dec, &frame, &limits, hidden, vocab, sub.as_deref())
+            })?;
             if x.dims() != dims {
                 return Err(Error::FrameShape {
                     got: x.dims().to_vec(),
@@ -416,7 +413,7 @@ impl Trainer {
             };
             drop(e);
             let t = Instant::now();
-            let (frame, n) = compute::encode_grad(codec, sub.as_deref(), &grad)?;
+            let (frame, n) = compute::encode_grad(&codecs, codec, sub.as_deref(), &grad)?;
             let dense = 4 * n as u64;
             coding += t.elapsed();
             Ok((loss, frame, dense, coding))
@@ -485,6 +482,7 @@ impl Trainer {
         let hidden = self.cfg().model.hidden_size;
         let res = embed_backward(
             &self.ends,
+            &self.codecs,
             &self.limits,
             w,
             &out,
@@ -566,8 +564,10 @@ impl Received<'_> {
 }
 
 /// Embedding backward for a returned attempt (accumulating if the embedding has not counted).
+#[allow(clippy::too_many_arguments)]
 async fn embed_backward(
     ends: &Arc<Mutex<Shard>>,
+    codecs: &Arc<compute::Codecs>,
     limits: &Limits,
     w: &mut Work,
     out: &BackwardOut,
@@ -590,7 +590,7 @@ async fn embed_backward(
     let Some(ctx) = w.embed_ctx.take() else {
         return Err(run_err("embedding context already used"));
     };
-    let (ends, mb) = (ends.clone(), w.key.mb);
+    let (ends, codecs, mb) = (ends.clone(), codecs.clone(), w.key.mb);
     let frame = out.grad.clone();
     let limits = *limits;
     let shape = info.shape().to_vec();
@@ -603,13 +603,9 @@ async fn embed_backward(
             *last = hidden;
         }
         let t = Instant::now();
-        let (g, _) = compute::decode_grad(
-            &mut Decoder::new(),
-            &frame,
-            &limits,
-            Some(&dims),
-            sub.as_deref(),
-        )?;
+        let (g, _) = codecs.with_decoder(|dec| {
+            compute::decode_grad(dec, &frame, &limits, Some(&dims), sub.as_deref())
+        })?;
         let coding = t.elapsed();
         let mut e = ends.lock().unwrap_or_else(|e| e.into_inner());
         e.backward(ctx.micro_batch(u64::from(mb)), &g)?;

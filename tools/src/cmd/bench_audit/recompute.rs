@@ -124,14 +124,15 @@ pub(super) fn measure_recompute(
         let sub = shard.subspace();
         let sub = sub.as_deref();
         let (hidden, vocab) = (cfg.model.hidden_size, cfg.model.vocab_size);
+        let codecs = compute::Codecs::default();
         for mb in 0..micro_batches {
             let x = random_hidden(&mut rng, &dims, 1.0)?;
             let g = random_hidden(&mut rng, &dims, 1e-3)?;
             let tokens: Vec<u32> = (0..dims[0] * dims[1])
                 .map(|_| rng.random_range(0..vocab as u32))
                 .collect();
-            let (fwd_in, _) = compute::encode_hidden(act, sub, &x, &tokens)?;
-            let (bwd_in, _) = compute::encode_grad(grad, sub, &g)?;
+            let (fwd_in, _) = compute::encode_hidden(&codecs, act, sub, &x, &tokens)?;
+            let (bwd_in, _) = compute::encode_grad(&codecs, grad, sub, &g)?;
             // The faulty and the own passes see what a stage sees: the decoded frames.
             let mut dec = Decoder::new();
             let (xt, _, _) =
@@ -189,8 +190,8 @@ pub(super) fn measure_recompute(
                     .backward_input_only(ctx, &gt)?
                     .ok_or_else(|| anyhow!("stage input gradient"))?;
                 let dx = fault.backward(1, mb as u32, &gt, dx)?;
-                let (fo, _) = compute::encode_hidden(act, sub, &y, &tokens)?;
-                let (bo, _) = compute::encode_grad(grad, sub, &dx)?;
+                let (fo, _) = compute::encode_hidden(&codecs, act, sub, &y, &tokens)?;
+                let (bo, _) = compute::encode_grad(&codecs, grad, sub, &dx)?;
                 let d = hidden_distance(&fo, honest_f, &limits, sub.is_some())
                     .max(frame_distance(&bo, honest_b, &limits));
                 *min = min.min(d);
