@@ -64,12 +64,15 @@ impl Trainer {
             let event = match action {
                 FlowAction::MicroBatches => {
                     self.metrics.enter(Part::Pipeline);
-                    self.micro_batches(flow.machine_mut(), &mut work, epoch, on_event)
+                    let mut heard = HashSet::new();
+                    self.micro_batches(flow.machine_mut(), &mut work, epoch, &mut heard, on_event)
                         .await?;
                     if self.restore_pending {
                         continue;
                     }
-                    FlowEvent::MicroBatchesDone
+                    FlowEvent::MicroBatchesDone {
+                        all_heard: self.all_heard(&heard),
+                    }
                 }
                 FlowAction::Probe { stages } => {
                     let dead = self.probe_replicas(&stages).await;
@@ -255,7 +258,7 @@ impl Trainer {
                 FlowAction::Abandon => return Ok(self.abandon_step(flow.machine_mut(), &mut work)),
                 FlowAction::Finish => break,
             };
-            let closes = matches!(event, FlowEvent::MicroBatchesDone);
+            let closes = matches!(event, FlowEvent::MicroBatchesDone { .. });
             flow.handle(event, Instant::now());
             if closes {
                 // The attempts still in flight, released (a closed machine asks for no route;
@@ -305,13 +308,26 @@ impl Trainer {
         Ok(Some(report))
     }
 
+    /// Whether every replica serving a stage (joiners aside) is in `heard`.
+    fn all_heard(&self, heard: &HashSet<PeerId>) -> bool {
+        self.shared.reg(|r| {
+            r.stages
+                .iter()
+                .flat_map(|s| s.iter())
+                .filter(|(_, rep)| rep.state != ReplicaState::Joining)
+                .all(|(p, _)| heard.contains(p))
+        })
+    }
+
     /// The micro-batch phase: performs the machine's actions and feeds it what arrives, until
-    /// every micro-batch is counted or a stage's state is lost.
+    /// every micro-batch is counted or a stage's state is lost. The peers a pipeline message
+    /// came from are added to `heard`.
     async fn micro_batches(
         &mut self,
         sm: &mut StepMachine,
         work: &mut HashMap<usize, Work>,
         epoch: u32,
+        heard: &mut HashSet<PeerId>,
         on_event: &mut dyn FnMut(&TrainerEvent),
     ) -> Result<()> {
         while !sm.micro_batches_done() {
@@ -334,6 +350,15 @@ impl Trainer {
                 Err(_) => None,
             };
             let now = Instant::now();
+            if let Some(
+                Inbound::ForwardOut(from, _)
+                | Inbound::BackwardOut(from, _)
+                | Inbound::Counted(from, _)
+                | Inbound::HopFailed(from, _),
+            ) = &msg
+            {
+                heard.insert(*from);
+            }
             match msg {
                 None => {}
                 Some(Inbound::ForwardOut(from, out)) => {

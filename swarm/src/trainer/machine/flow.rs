@@ -12,7 +12,9 @@
 //! 1. Micro-batches until every one is counted exactly once.
 //! 2. A probe of the replicas still to sync: one that died after counting must not be asked to
 //!    sync (a crash during the sync costs a redo). A death makes micro-batches incomplete: back
-//!    to 1.
+//!    to 1. Skipped when every replica of the run sent something in the micro-batch phase just
+//!    ended (each was alive moments ago, as a probe would show; the probe's round trip was on
+//!    every step's critical path).
 //! 3. Audits, while the first sync round of every stage runs (nobody applies before both are
 //!    done, so the replicas still hold the step's weights, receipts and frames, and the audits'
 //!    round trips hide behind the sync's). A ban discards the step's gradients everywhere, the
@@ -62,7 +64,8 @@ pub struct FlowConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub enum FlowAction {
     /// Drive the [`StepMachine`] ([`StepFlow::machine_mut`]) until every micro-batch is counted
-    /// (or a stage's state is lost); answer [`FlowEvent::MicroBatchesDone`].
+    /// (or a stage's state is lost); answer [`FlowEvent::MicroBatchesDone`], saying whether every
+    /// replica was heard from meanwhile.
     MicroBatches,
     /// Ping the replicas of these stages; answer [`FlowEvent::Probed`].
     Probe {
@@ -137,7 +140,11 @@ pub enum FlowAction {
 #[derive(Debug)]
 pub enum FlowEvent {
     /// Every micro-batch is counted (the driver stopped driving the machine).
-    MicroBatchesDone,
+    MicroBatchesDone {
+        /// Every replica of every stage sent a message during this micro-batch phase: none needs
+        /// a probe.
+        all_heard: bool,
+    },
     /// These replicas did not answer the probe (the driver already took them out of the run).
     Probed {
         /// The replicas that did not answer.
@@ -326,10 +333,14 @@ impl StepFlow {
             return;
         }
         let next = match (self.state, event) {
-            (State::MicroBatches, FlowEvent::MicroBatchesDone) => {
+            (State::MicroBatches, FlowEvent::MicroBatchesDone { all_heard }) => {
                 // Attempts still in flight are complete: their late messages are ignored.
                 self.sm.close_micro_batches();
-                State::Probe
+                if all_heard && self.sm.micro_batches_done() {
+                    self.after_probe()
+                } else {
+                    State::Probe
+                }
             }
             (State::Probe, FlowEvent::Probed { dead }) => {
                 for p in &dead {

@@ -108,7 +108,7 @@ fn probed(drifts: bool, outer_boundary: bool, now: Instant) -> StepFlow {
     let mut f = flow(drifts, outer_boundary);
     next(&mut f, now);
     drive(&mut f, now);
-    f.handle(FlowEvent::MicroBatchesDone, now);
+    f.handle(FlowEvent::MicroBatchesDone { all_heard: false }, now);
     next(&mut f, now);
     f.handle(FlowEvent::Probed { dead: vec![] }, now);
     let phase = if drifts {
@@ -170,7 +170,7 @@ fn a_clean_step_runs_the_phases_in_order() {
     assert_eq!(next(&mut f, now), FlowAction::MicroBatches);
     assert_eq!(f.poll_action(now), None, "one action at a time");
     assert_eq!(drive(&mut f, now).len(), 4);
-    f.handle(FlowEvent::MicroBatchesDone, now);
+    f.handle(FlowEvent::MicroBatchesDone { all_heard: false }, now);
     assert_eq!(next(&mut f, now), FlowAction::Probe { stages: vec![0, 1] });
     f.handle(FlowEvent::Probed { dead: vec![] }, now);
     assert_eq!(
@@ -210,7 +210,7 @@ fn a_death_found_by_the_probe_reruns_its_counts_before_any_sync() {
     let mut f = flow(false, false);
     next(&mut f, now);
     drive(&mut f, now);
-    f.handle(FlowEvent::MicroBatchesDone, now);
+    f.handle(FlowEvent::MicroBatchesDone { all_heard: false }, now);
     next(&mut f, now);
     f.handle(FlowEvent::Probed { dead: vec![p(1)] }, now);
     assert!(!f.machine().micro_batches_done());
@@ -221,7 +221,7 @@ fn a_death_found_by_the_probe_reruns_its_counts_before_any_sync() {
         rerun.iter().map(|(k, m)| (k.mb, *m)).collect::<Vec<_>>(),
         vec![(0, 0b01), (2, 0b01)]
     );
-    f.handle(FlowEvent::MicroBatchesDone, now);
+    f.handle(FlowEvent::MicroBatchesDone { all_heard: false }, now);
     assert_eq!(next(&mut f, now), FlowAction::Probe { stages: vec![0, 1] });
     f.handle(FlowEvent::Probed { dead: vec![] }, now);
     assert!(matches!(next(&mut f, now), FlowAction::AuditAndSync { .. }));
@@ -269,7 +269,7 @@ fn a_death_mid_sync_resets_and_redoes_only_the_broken_stage() {
         rerun.iter().all(|(_, m)| *m == 0b01),
         "stage 1 synced: {rerun:?}"
     );
-    f.handle(FlowEvent::MicroBatchesDone, now);
+    f.handle(FlowEvent::MicroBatchesDone { all_heard: false }, now);
     assert_eq!(next(&mut f, now), FlowAction::Probe { stages: vec![0] });
     f.handle(FlowEvent::Probed { dead: vec![] }, now);
     assert_eq!(
@@ -289,6 +289,39 @@ fn a_death_mid_sync_resets_and_redoes_only_the_broken_stage() {
     );
 }
 
+/// Every replica heard from during the micro-batches: no probe, the audits and the first round
+/// at once; after a redo, the broken stage's sync at once (no audit: a stage already synced).
+#[test]
+fn replicas_heard_from_during_the_micro_batches_are_not_probed() {
+    let now = Instant::now();
+    let mut f = flow(false, false);
+    assert_eq!(next(&mut f, now), FlowAction::MicroBatches);
+    drive(&mut f, now);
+    f.handle(FlowEvent::MicroBatchesDone { all_heard: true }, now);
+    assert_eq!(
+        next(&mut f, now),
+        FlowAction::AuditAndSync {
+            stages: vec![0, 1],
+            rounds: vec![0, 0],
+            phase: SyncPhase::Gradient
+        }
+    );
+    f.handle(audited_and_synced(synced(&[(1, 2.5)], &[p(2)])), now);
+    assert_eq!(next(&mut f, now), FlowAction::Reset { stages: vec![0] });
+    f.handle(FlowEvent::Reset, now);
+    assert_eq!(next(&mut f, now), FlowAction::MicroBatches);
+    drive_on(&mut f, now, &|mb| vec![p(1), p(3 + (mb % 2) as u8)]);
+    f.handle(FlowEvent::MicroBatchesDone { all_heard: true }, now);
+    assert_eq!(
+        next(&mut f, now),
+        FlowAction::Sync {
+            stages: vec![0],
+            rounds: vec![1, 0],
+            phase: SyncPhase::Gradient
+        }
+    );
+}
+
 /// A stage's state lost while micro-batches run abandons the step; lost after the apply, the
 /// step finishes without its outer round (the run restores and the step does not count).
 #[test]
@@ -304,7 +337,7 @@ fn a_lost_state_abandons_before_work_and_skips_the_outer_round() {
     let mut f = flow(true, true);
     next(&mut f, now);
     drive(&mut f, now);
-    f.handle(FlowEvent::MicroBatchesDone, now);
+    f.handle(FlowEvent::MicroBatchesDone { all_heard: false }, now);
     next(&mut f, now);
     f.handle(FlowEvent::Probed { dead: vec![] }, now);
     f.state_lost();
@@ -375,7 +408,7 @@ fn outer_rounds_are_redone_for_the_stages_that_lost_a_participant() {
 fn events_out_of_order_are_ignored() {
     let now = Instant::now();
     let mut f = flow(false, false);
-    f.handle(FlowEvent::MicroBatchesDone, now);
+    f.handle(FlowEvent::MicroBatchesDone { all_heard: false }, now);
     assert_eq!(
         next(&mut f, now),
         FlowAction::MicroBatches,
@@ -388,6 +421,6 @@ fn events_out_of_order_are_ignored() {
         "still waiting for the micro-batches"
     );
     drive(&mut f, now);
-    f.handle(FlowEvent::MicroBatchesDone, now);
+    f.handle(FlowEvent::MicroBatchesDone { all_heard: false }, now);
     assert_eq!(next(&mut f, now), FlowAction::Probe { stages: vec![0, 1] });
 }
