@@ -4,6 +4,7 @@
 //! Business logic lives in the library crates; this binary parses arguments, shows progress and
 //! prints results.
 
+mod alloc;
 mod cluster;
 mod cmd;
 mod fault;
@@ -85,6 +86,7 @@ enum BenchCommand {
 }
 
 fn main() {
+    alloc::tune();
     let cli = Cli::parse();
     ui::init_tracing(&cli.log);
     // Before anything starts: SIGTERM then stops a command the way Ctrl-C does (issue #16).
