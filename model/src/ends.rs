@@ -58,8 +58,7 @@ impl IntoHead for f64 {
 fn logits_of<T: Float>(x: &[T], norm: &[T], lm: &[T], vocab: usize, eps: f64) -> [Vec<T>; 3] {
     let h = norm.len();
     let (xn, r) = layer::rms_forward(x, norm, eps);
-    let mut logits = vec![T::f(0.0); x.len() / h * vocab];
-    layer::linear(&xn, lm, h, vocab, &mut logits, false);
+    let logits = layer::linear_new(&xn, lm, h, vocab);
     [logits, xn, r]
 }
 
@@ -153,10 +152,10 @@ pub(crate) fn head_backward<T: Float>(
 
 /// Embedding forward: the rows of `table` (`vocab x hidden`) for `tokens` (each `< vocab`).
 pub(crate) fn embed_forward<T: Float>(table: &[T], h: usize, tokens: &[u32]) -> Vec<T> {
-    let mut out = vec![T::f(0.0); tokens.len() * h];
-    for (row, &t) in out.chunks_exact_mut(h).zip(tokens) {
+    let mut out = Vec::with_capacity(tokens.len() * h);
+    for &t in tokens {
         let t = t as usize;
-        row.copy_from_slice(&table[t * h..(t + 1) * h]);
+        out.extend_from_slice(&table[t * h..(t + 1) * h]);
     }
     out
 }

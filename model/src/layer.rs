@@ -20,6 +20,7 @@
 //! weight gradients) add fixed blocks of rows in a fixed order. So the bits depend neither on the
 //! thread count nor on how layers are split into stages, and the swarm equals the local run.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use gemm::Parallelism;
@@ -132,15 +133,95 @@ fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     }
 }
 
+/// Slots a pass writes before anything reads them.
+///
+/// Why: every activation and gradient buffer of a pass is written in full by the GEMM or the
+/// loop that produces it, so zero-filling it first (`vec![0.0; n]`) was a wasted pass over
+/// memory: about 7% of a training step. Buffers are allocated with capacity only, filled through
+/// these slots, and given their length once written (`Vec::set_len`, under a SAFETY comment
+/// that names the writer).
+pub(crate) type Slots<T> = [MaybeUninit<T>];
+
+/// The first `len` slots of `v`'s spare capacity (`v` empty, with capacity `len` or more).
+pub(crate) fn slots<T>(v: &mut Vec<T>, len: usize) -> &mut Slots<T> {
+    &mut v.spare_capacity_mut()[..len]
+}
+
+/// A vector of `len` values that `fill` writes into its slots.
+///
+/// # Safety
+/// `fill` must write every one of the `len` slots it is given.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn filled<T>(len: usize, fill: impl FnOnce(&mut Slots<T>)) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    fill(slots(&mut v, len));
+    // SAFETY: the caller's contract, `fill` initialised slots 0..len.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// The slots as values once all of them are written.
+///
+/// # Safety
+/// Every slot of `s` must be initialised.
+#[allow(unsafe_code)]
+unsafe fn written<T>(s: &mut Slots<T>) -> &mut [T] {
+    // SAFETY: same layout; the caller's contract makes every element a valid `T`.
+    unsafe { &mut *(s as *mut Slots<T> as *mut [T]) }
+}
+
+/// Writes `src` into `dst` element by element (`MaybeUninit::copy_from_slice` needs Rust 1.93).
+#[inline(always)]
+fn put<T: Copy>(dst: &mut Slots<T>, src: &[T]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(s);
+    }
+}
+
 /// `dst (m x n, row stride drs) = [dst +] a (m x k) b (k x n)`, with `acc` choosing whether the
 /// old contents of `dst` are added.
 #[allow(clippy::too_many_arguments)]
-#[allow(unsafe_code)] // the gemm call on checked strides: see the SAFETY comment inside
 pub(crate) fn matmul<T: Float>(
     m: usize,
     n: usize,
     k: usize,
     dst: &mut [T],
+    drs: usize,
+    acc: bool,
+    a: View<'_, T>,
+    b: View<'_, T>,
+    par: Parallelism,
+) {
+    // SAFETY of the cast: `[T]` and `[MaybeUninit<T>]` have one layout, and gemm only writes
+    // initialised values through it.
+    #[allow(unsafe_code)]
+    let dst = unsafe { &mut *(dst as *mut [T] as *mut Slots<T>) };
+    gemm_into(m, n, k, dst, drs, acc, a, b, par);
+}
+
+/// [`matmul`] without `acc` into slots: gemm writes every element of the `m x n` block (with
+/// `read_dst` false it reads none), so the block is initialised afterwards.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_into<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut Slots<T>,
+    drs: usize,
+    a: View<'_, T>,
+    b: View<'_, T>,
+    par: Parallelism,
+) {
+    gemm_into(m, n, k, dst, drs, false, a, b, par);
+}
+
+#[allow(clippy::too_many_arguments)]
+#[allow(unsafe_code)] // the gemm call on checked strides: see the SAFETY comment inside
+fn gemm_into<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut Slots<T>,
     drs: usize,
     acc: bool,
     a: View<'_, T>,
@@ -160,13 +241,14 @@ pub(crate) fn matmul<T: Float>(
         return;
     }
     // SAFETY: the three slices hold every element the strides address (checked above), and
-    // `dst` is a unique borrow that neither input aliases.
+    // `dst` is a unique borrow that neither input aliases. With `acc` false gemm does not read
+    // `dst` (`read_dst`), so its slots may be uninitialised.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr().cast::<T>(),
             1,
             drs as isize,
             acc,
@@ -200,6 +282,15 @@ pub(crate) fn linear<T: Float>(x: &[T], w: &[T], k: usize, n: usize, dst: &mut [
         view(w, 1, k),
         threads(),
     );
+}
+
+/// [`linear`] into a new `rows x n` buffer.
+#[allow(unsafe_code)]
+pub(crate) fn linear_new<T: Float>(x: &[T], w: &[T], k: usize, n: usize) -> Vec<T> {
+    let rows = x.len() / k;
+    let (a, b) = (view(x, k, 1), view(w, 1, k));
+    // SAFETY: the GEMM writes all `rows x n` elements (row stride n).
+    unsafe { filled(rows * n, |d| matmul_into(rows, n, k, d, n, a, b, threads())) }
 }
 
 /// Rows per parallel task for per-row passes (keeps task overhead small against the work).
@@ -294,28 +385,32 @@ pub(crate) fn max<T: Float>(a: &[T]) -> T {
 }
 
 /// RMSNorm with weight: returns `(x * r) * w` per row and `r = 1 / rms(row)`.
+#[allow(unsafe_code)]
 pub(crate) fn rms_forward<T: Float>(x: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
     let h = w.len();
     let rows = x.len() / h;
-    let mut xn = vec![T::f(0.0); x.len()];
     let mut r = vec![T::f(0.0); rows];
-    xn.par_chunks_mut(h * ROW_BLOCK)
-        .zip(r.par_chunks_mut(ROW_BLOCK))
-        .zip(x.par_chunks(h * ROW_BLOCK))
-        .for_each(|((xn, r), x)| {
-            simd(
-                #[inline(always)]
-                || {
-                    for ((xn, r), x) in xn.chunks_exact_mut(h).zip(r).zip(x.chunks_exact(h)) {
-                        let ss = sq_sum_f64(x);
-                        *r = T::f(1.0 / (ss / h as f64 + eps).sqrt());
-                        for ((o, &v), &wi) in xn.iter_mut().zip(x).zip(w) {
-                            *o = v * *r * wi;
+    let fill = |xn: &mut Slots<T>| {
+        xn.par_chunks_mut(h * ROW_BLOCK)
+            .zip(r.par_chunks_mut(ROW_BLOCK))
+            .zip(x.par_chunks(h * ROW_BLOCK))
+            .for_each(|((xn, r), x)| {
+                simd(
+                    #[inline(always)]
+                    || {
+                        for ((xn, r), x) in xn.chunks_exact_mut(h).zip(r).zip(x.chunks_exact(h)) {
+                            let ss = sq_sum_f64(x);
+                            *r = T::f(1.0 / (ss / h as f64 + eps).sqrt());
+                            for ((o, &v), &wi) in xn.iter_mut().zip(x).zip(w) {
+                                o.write(v * *r * wi);
+                            }
                         }
-                    }
-                },
-            )
-        });
+                    },
+                )
+            })
+    };
+    // SAFETY: every row of `x` writes its whole row of slots.
+    let xn = unsafe { filled(x.len(), fill) };
     (xn, r)
 }
 
@@ -382,26 +477,31 @@ impl<T: Float> Rope<T> {
 
 /// Rotates one head row (HF "rotate halves"); `sign` -1 rotates back (the VJP).
 #[inline(always)]
-fn rotate<T: Float>(src: &[T], dst: &mut [T], cos: &[T], sin: &[T], inverse: bool) {
+fn rotate<T: Float>(src: &[T], dst: &mut Slots<T>, cos: &[T], sin: &[T], inverse: bool) {
     let half = cos.len();
     for i in 0..half {
         let (c, s) = (cos[i], if inverse { T::f(0.0) - sin[i] } else { sin[i] });
         let (x1, x2) = (src[i], src[i + half]);
-        dst[i] = x1 * c - x2 * s;
-        dst[i + half] = x2 * c + x1 * s;
+        dst[i].write(x1 * c - x2 * s);
+        dst[i + half].write(x2 * c + x1 * s);
     }
 }
 
 /// Splits the stacked `q|k|v` rows into head-major buffers, rotating q and k.
+#[allow(unsafe_code)]
 fn split_heads<T: Float>(g: &Geom, qkv: &[T], rope: &Rope<T>) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (t, h, hd, kv, w) = (g.seq, g.hidden, g.head_dim, g.kv(), g.qkv());
     let half = hd / 2;
-    let mut q = vec![T::f(0.0); g.rows() * h];
-    let mut k = vec![T::f(0.0); g.rows() * kv];
-    let mut v = vec![T::f(0.0); g.rows() * kv];
-    q.par_chunks_mut(t * h)
-        .zip(k.par_chunks_mut(t * kv))
-        .zip(v.par_chunks_mut(t * kv))
+    let (nq, nkv) = (g.rows() * h, g.rows() * kv);
+    let (mut q, mut k, mut v) = (
+        Vec::with_capacity(nq),
+        Vec::with_capacity(nkv),
+        Vec::with_capacity(nkv),
+    );
+    slots(&mut q, nq)
+        .par_chunks_mut(t * h)
+        .zip(slots(&mut k, nkv).par_chunks_mut(t * kv))
+        .zip(slots(&mut v, nkv).par_chunks_mut(t * kv))
         .zip(qkv.par_chunks(t * w))
         .for_each(|(((q, k), v), src)| {
             simd(
@@ -421,81 +521,100 @@ fn split_heads<T: Float>(g: &Geom, qkv: &[T], rope: &Rope<T>) -> (Vec<T>, Vec<T>
                             let o = (gi * t + ti) * hd;
                             rotate(&row[h + gi * hd..], &mut k[o..o + hd], cos, sin, false);
                             let src = &row[h + kv + gi * hd..h + kv + (gi + 1) * hd];
-                            v[o..o + hd].copy_from_slice(src);
+                            put(&mut v[o..o + hd], src);
                         }
                     }
                 },
             )
         });
+    // SAFETY: each sequence's rows write every (head, position) row of q, k and v once: query
+    // heads cover `heads * hd = hidden` columns, KV heads `kv` columns.
+    unsafe {
+        q.set_len(nq);
+        k.set_len(nkv);
+        v.set_len(nkv);
+    }
     (q, k, v)
 }
 
 /// The inverse of [`split_heads`] for gradients: rotates back and interleaves into `q|k|v` rows.
+#[allow(unsafe_code)]
 fn merge_heads<T: Float>(g: &Geom, dq: &[T], dk: &[T], dv: &[T], rope: &Rope<T>) -> Vec<T> {
     let (t, h, hd, kv, w) = (g.seq, g.hidden, g.head_dim, g.kv(), g.qkv());
     let half = hd / 2;
-    let mut out = vec![T::f(0.0); g.rows() * w];
-    out.par_chunks_mut(t * w)
-        .zip(dq.par_chunks(t * h))
-        .zip(dk.par_chunks(t * kv))
-        .zip(dv.par_chunks(t * kv))
-        .for_each(|(((out, dq), dk), dv)| {
-            simd(
-                #[inline(always)]
-                || {
-                    for (ti, row) in out.chunks_exact_mut(w).enumerate() {
-                        let (cos, sin) = (
-                            &rope.cos[ti * half..(ti + 1) * half],
-                            &rope.sin[ti * half..(ti + 1) * half],
-                        );
-                        for hh in 0..g.heads {
-                            let o = (hh * t + ti) * hd;
-                            rotate(&dq[o..o + hd], &mut row[hh * hd..], cos, sin, true);
+    let fill = |out: &mut Slots<T>| {
+        out.par_chunks_mut(t * w)
+            .zip(dq.par_chunks(t * h))
+            .zip(dk.par_chunks(t * kv))
+            .zip(dv.par_chunks(t * kv))
+            .for_each(|(((out, dq), dk), dv)| {
+                simd(
+                    #[inline(always)]
+                    || {
+                        for (ti, row) in out.chunks_exact_mut(w).enumerate() {
+                            let (cos, sin) = (
+                                &rope.cos[ti * half..(ti + 1) * half],
+                                &rope.sin[ti * half..(ti + 1) * half],
+                            );
+                            for hh in 0..g.heads {
+                                let o = (hh * t + ti) * hd;
+                                rotate(&dq[o..o + hd], &mut row[hh * hd..], cos, sin, true);
+                            }
+                            for gi in 0..g.kv_heads {
+                                let o = (gi * t + ti) * hd;
+                                rotate(&dk[o..o + hd], &mut row[h + gi * hd..], cos, sin, true);
+                                put(
+                                    &mut row[h + kv + gi * hd..h + kv + (gi + 1) * hd],
+                                    &dv[o..o + hd],
+                                );
+                            }
                         }
-                        for gi in 0..g.kv_heads {
-                            let o = (gi * t + ti) * hd;
-                            rotate(&dk[o..o + hd], &mut row[h + gi * hd..], cos, sin, true);
-                            row[h + kv + gi * hd..h + kv + (gi + 1) * hd]
-                                .copy_from_slice(&dv[o..o + hd]);
-                        }
-                    }
-                },
-            )
-        });
-    out
+                    },
+                )
+            })
+    };
+    // SAFETY: every row of `w = hidden + 2 kv` columns is written: the query heads' `hidden`
+    // columns, then each KV head's key and value columns.
+    unsafe { filled(g.rows() * w, fill) }
 }
 
 /// Head-major `(batch, heads, seq, head_dim)` <-> rows `(batch * seq, heads * head_dim)`.
+#[allow(unsafe_code)]
 fn heads_to_rows<T: Float>(g: &Geom, src: &[T]) -> Vec<T> {
     let (t, h, hd) = (g.seq, g.hidden, g.head_dim);
-    let mut out = vec![T::f(0.0); src.len()];
-    out.par_chunks_mut(t * h)
-        .zip(src.par_chunks(t * h))
-        .for_each(|(out, src)| {
-            for (ti, row) in out.chunks_exact_mut(h).enumerate() {
-                for hh in 0..g.heads {
-                    let o = (hh * t + ti) * hd;
-                    row[hh * hd..(hh + 1) * hd].copy_from_slice(&src[o..o + hd]);
+    let fill = |out: &mut Slots<T>| {
+        out.par_chunks_mut(t * h)
+            .zip(src.par_chunks(t * h))
+            .for_each(|(out, src)| {
+                for (ti, row) in out.chunks_exact_mut(h).enumerate() {
+                    for hh in 0..g.heads {
+                        let o = (hh * t + ti) * hd;
+                        put(&mut row[hh * hd..(hh + 1) * hd], &src[o..o + hd]);
+                    }
                 }
-            }
-        });
-    out
+            })
+    };
+    // SAFETY: every (position, head) block of `hd` values is written once.
+    unsafe { filled(src.len(), fill) }
 }
 
+#[allow(unsafe_code)]
 fn rows_to_heads<T: Float>(g: &Geom, src: &[T]) -> Vec<T> {
     let (t, h, hd) = (g.seq, g.hidden, g.head_dim);
-    let mut out = vec![T::f(0.0); src.len()];
-    out.par_chunks_mut(t * h)
-        .zip(src.par_chunks(t * h))
-        .for_each(|(out, src)| {
-            for (ti, row) in src.chunks_exact(h).enumerate() {
-                for hh in 0..g.heads {
-                    let o = (hh * t + ti) * hd;
-                    out[o..o + hd].copy_from_slice(&row[hh * hd..(hh + 1) * hd]);
+    let fill = |out: &mut Slots<T>| {
+        out.par_chunks_mut(t * h)
+            .zip(src.par_chunks(t * h))
+            .for_each(|(out, src)| {
+                for (ti, row) in src.chunks_exact(h).enumerate() {
+                    for hh in 0..g.heads {
+                        let o = (hh * t + ti) * hd;
+                        put(&mut out[o..o + hd], &row[hh * hd..(hh + 1) * hd]);
+                    }
                 }
-            }
-        });
-    out
+            })
+    };
+    // SAFETY: every (head, position) block of `hd` values is written once.
+    unsafe { filled(src.len(), fill) }
 }
 
 /// Causal softmax of `scale * s` in place; row `r` is position `r % t` and sees keys `0..=r % t`.
@@ -521,49 +640,41 @@ fn causal_softmax_rows<T: Float>(s: &mut [T], t: usize, scale: T) {
 /// Attention for one (sequence, KV head): `q` is `rep * t x hd`, `k`, `v` are `t x hd`.
 /// Writes probabilities into `p` (`rep * t x t`) and the output into `y` (`rep * t x hd`).
 #[inline(always)]
-fn attention_block<T: Float>(q: &[T], k: &[T], v: &[T], p: &mut [T], y: &mut [T], t: usize) {
+#[allow(unsafe_code)]
+fn attention_block<T: Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    p: &mut Slots<T>,
+    y: &mut Slots<T>,
+    t: usize,
+) {
     let hd = k.len() / t;
     let rows = q.len() / hd;
     let scale = T::f(1.0 / (hd as f64).sqrt());
     let none = Parallelism::None;
-    matmul(
-        rows,
-        t,
-        hd,
-        p,
-        t,
-        false,
-        view(q, hd, 1),
-        view(k, 1, hd),
-        none,
-    );
+    matmul_into(rows, t, hd, p, t, view(q, hd, 1), view(k, 1, hd), none);
+    // SAFETY: the GEMM wrote all `rows x t` scores.
+    let p = unsafe { written(p) };
     causal_softmax_rows(p, t, scale);
-    matmul(
-        rows,
-        hd,
-        t,
-        y,
-        hd,
-        false,
-        view(p, t, 1),
-        view(v, hd, 1),
-        none,
-    );
+    matmul_into(rows, hd, t, y, hd, view(p, t, 1), view(v, hd, 1), none);
 }
 
-/// Backward of [`attention_block`] given `dy`; `ds` is scratch of `p`'s size.
+/// Backward of [`attention_block`] given `dy`; `ds` is scratch of `p`'s size. Writes every
+/// slot of `ds`, `dq`, `dk` and `dv`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
+#[allow(unsafe_code)]
 fn attention_block_backward<T: Float>(
     q: &[T],
     k: &[T],
     v: &[T],
     p: &[T],
     dy: &[T],
-    ds: &mut [T],
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
+    ds: &mut Slots<T>,
+    dq: &mut Slots<T>,
+    dk: &mut Slots<T>,
+    dv: &mut Slots<T>,
     t: usize,
 ) {
     let hd = k.len() / t;
@@ -571,28 +682,10 @@ fn attention_block_backward<T: Float>(
     let scale = T::f(1.0 / (hd as f64).sqrt());
     let none = Parallelism::None;
     // dP = dY V^T; dV = P^T dY
-    matmul(
-        rows,
-        t,
-        hd,
-        ds,
-        t,
-        false,
-        view(dy, hd, 1),
-        view(v, 1, hd),
-        none,
-    );
-    matmul(
-        t,
-        hd,
-        rows,
-        dv,
-        hd,
-        false,
-        view(p, 1, t),
-        view(dy, hd, 1),
-        none,
-    );
+    matmul_into(rows, t, hd, ds, t, view(dy, hd, 1), view(v, 1, hd), none);
+    // SAFETY: the GEMM wrote all `rows x t` elements of dP.
+    let ds = unsafe { written(ds) };
+    matmul_into(t, hd, rows, dv, hd, view(p, 1, t), view(dy, hd, 1), none);
     // dS = scale * P * (dP - rowsum(P * dP)); masked entries have P = 0.
     let mut prod = vec![T::f(0.0); t];
     for (pr, dr) in p.chunks_exact(t).zip(ds.chunks_exact_mut(t)) {
@@ -605,28 +698,8 @@ fn attention_block_backward<T: Float>(
         }
     }
     // dQ = dS K; dK = dS^T Q
-    matmul(
-        rows,
-        hd,
-        t,
-        dq,
-        hd,
-        false,
-        view(ds, t, 1),
-        view(k, hd, 1),
-        none,
-    );
-    matmul(
-        t,
-        hd,
-        rows,
-        dk,
-        hd,
-        false,
-        view(ds, 1, t),
-        view(q, hd, 1),
-        none,
-    );
+    matmul_into(rows, hd, t, dq, hd, view(ds, t, 1), view(k, hd, 1), none);
+    matmul_into(t, hd, rows, dk, hd, view(ds, 1, t), view(q, hd, 1), none);
 }
 
 #[inline(always)]
@@ -642,17 +715,17 @@ const VB: usize = 16;
 
 /// `a = silu(gate) * up` elementwise.
 #[inline(always)]
-fn swiglu_row<T: Float>(a: &mut [T], gate: &[T], up: &[T]) {
-    let one = |a: &mut T, g: T, u: T| *a = g * sigmoid(g) * u;
+fn swiglu_row<T: Float>(a: &mut Slots<T>, gate: &[T], up: &[T]) {
+    let one = |g: T, u: T| g * sigmoid(g) * u;
     let mut ab = a.chunks_exact_mut(VB);
     let (mut gb, mut ub) = (gate.chunks_exact(VB), up.chunks_exact(VB));
     for ((a, g), u) in (&mut ab).zip(&mut gb).zip(&mut ub) {
         let (g, u): ([T; VB], [T; VB]) = (g.try_into().unwrap(), u.try_into().unwrap());
         let mut o = [T::f(0.0); VB];
         for j in 0..VB {
-            one(&mut o[j], g[j], u[j]);
+            o[j] = one(g[j], u[j]);
         }
-        a.copy_from_slice(&o);
+        put(a, &o);
     }
     for ((a, &g), &u) in ab
         .into_remainder()
@@ -660,13 +733,19 @@ fn swiglu_row<T: Float>(a: &mut [T], gate: &[T], up: &[T]) {
         .zip(gb.remainder())
         .zip(ub.remainder())
     {
-        one(a, g, u);
+        a.write(one(g, u));
     }
 }
 
 /// Backward of [`swiglu_row`] for output gradient `d`: the gate's and up's gradients.
 #[inline(always)]
-fn swiglu_row_backward<T: Float>(dg: &mut [T], du: &mut [T], gate: &[T], up: &[T], d: &[T]) {
+fn swiglu_row_backward<T: Float>(
+    dg: &mut Slots<T>,
+    du: &mut Slots<T>,
+    gate: &[T],
+    up: &[T],
+    d: &[T],
+) {
     let one = |dg: &mut T, du: &mut T, g: T, u: T, d: T| {
         let s = sigmoid(g);
         *dg = d * u * s * (T::f(1.0) + g * (T::f(1.0) - s));
@@ -691,8 +770,8 @@ fn swiglu_row_backward<T: Float>(dg: &mut [T], du: &mut [T], gate: &[T], up: &[T
         for j in 0..VB {
             one(&mut a[j], &mut b[j], g[j], u[j], d[j]);
         }
-        dgo.copy_from_slice(&a);
-        duo.copy_from_slice(&b);
+        put(dgo, &a);
+        put(duo, &b);
     }
     for ((((dg, du), &g), &u), &d) in dgb
         .into_remainder()
@@ -702,12 +781,16 @@ fn swiglu_row_backward<T: Float>(dg: &mut [T], du: &mut [T], gate: &[T], up: &[T
         .zip(ub.remainder())
         .zip(db.remainder())
     {
-        one(dg, du, g, u, d);
+        let (mut a, mut b) = (T::f(0.0), T::f(0.0));
+        one(&mut a, &mut b, g, u, d);
+        dg.write(a);
+        du.write(b);
     }
 }
 
 /// One decoder layer forward on the residual stream `x` (`rows x hidden`): returns the output
 /// and what backward needs (which keeps `x`).
+#[allow(unsafe_code)]
 pub(crate) fn forward<T: Float>(
     g: &Geom,
     w: &LayerWeights<T>,
@@ -716,19 +799,17 @@ pub(crate) fn forward<T: Float>(
 ) -> (Vec<T>, LayerActs<T>) {
     let (rows, h, i) = (g.rows(), g.hidden, g.inter);
     let (xn1, r1) = timed("fwd.norm", || rms_forward(&x, &w.norm1, g.eps));
-    let mut qkv = vec![T::f(0.0); rows * g.qkv()];
-    timed("fwd.gemm.qkv", || {
-        linear(&xn1, &w.qkv, h, g.qkv(), &mut qkv, false)
-    });
+    let qkv = timed("fwd.gemm.qkv", || linear_new(&xn1, &w.qkv, h, g.qkv()));
     let (q, k, v) = timed("fwd.rope", || split_heads(g, &qkv, rope));
     drop(qkv);
 
     let (t, hd, rep) = (g.seq, g.head_dim, g.rep());
-    let mut p = vec![T::f(0.0); g.batch * g.heads * t * t];
-    let mut yh = vec![T::f(0.0); rows * h];
+    let np = g.batch * g.heads * t * t;
+    let (mut p, mut yh) = (Vec::with_capacity(np), Vec::with_capacity(rows * h));
     timed("fwd.attention", || {
-        p.par_chunks_mut(rep * t * t)
-            .zip(yh.par_chunks_mut(rep * t * hd))
+        slots(&mut p, np)
+            .par_chunks_mut(rep * t * t)
+            .zip(slots(&mut yh, rows * h).par_chunks_mut(rep * t * hd))
             .zip(q.par_chunks(rep * t * hd))
             .zip(k.par_chunks(t * hd).zip(v.par_chunks(t * hd)))
             .for_each(|(((p, y), q), (k, v))| {
@@ -738,19 +819,25 @@ pub(crate) fn forward<T: Float>(
                 )
             })
     });
+    // SAFETY: one attention block per (sequence, KV head) writes its `rep * t x t` scores and
+    // `rep * t x hd` outputs in full, and the blocks tile both buffers.
+    unsafe {
+        p.set_len(np);
+        yh.set_len(rows * h);
+    }
     let y = timed("fwd.heads", || heads_to_rows(g, &yh));
     drop(yh);
 
     let mut xm = timed("fwd.copy", || x.clone());
     timed("fwd.gemm.o", || linear(&y, &w.o, h, h, &mut xm, true));
     let (xn2, r2) = timed("fwd.norm", || rms_forward(&xm, &w.norm2, g.eps));
-    let mut gu = vec![T::f(0.0); rows * 2 * i];
-    timed("fwd.gemm.gate_up", || {
-        linear(&xn2, &w.gate_up, h, 2 * i, &mut gu, false)
+    let gu = timed("fwd.gemm.gate_up", || {
+        linear_new(&xn2, &w.gate_up, h, 2 * i)
     });
-    let mut act = vec![T::f(0.0); rows * i];
+    let mut act = Vec::with_capacity(rows * i);
     timed("fwd.swiglu", || {
-        act.par_chunks_mut(i * ROW_BLOCK)
+        slots(&mut act, rows * i)
+            .par_chunks_mut(i * ROW_BLOCK)
             .zip(gu.par_chunks(2 * i * ROW_BLOCK))
             .for_each(|(act, gu)| {
                 simd(
@@ -764,6 +851,8 @@ pub(crate) fn forward<T: Float>(
                 )
             })
     });
+    // SAFETY: every row of `act` is written by `swiglu_row` (rows of `gu` pair up one to one).
+    unsafe { act.set_len(rows * i) };
     let mut out = timed("fwd.copy", || xm.clone());
     timed("fwd.gemm.down", || {
         linear(&act, &w.down, i, h, &mut out, true)
@@ -787,44 +876,27 @@ pub(crate) fn forward<T: Float>(
 }
 
 /// `src^T x` for `src` (`rows x m`) and `x` (`rows x n`): a weight gradient, `m x n`.
+#[allow(unsafe_code)]
 pub(crate) fn weight_grad<T: Float>(src: &[T], m: usize, x: &[T], n: usize) -> Vec<T> {
     let rows = x.len() / n;
-    let mut dw = vec![T::f(0.0); m * n];
-    matmul(
-        m,
-        n,
-        rows,
-        &mut dw,
-        n,
-        false,
-        view(src, 1, m),
-        view(x, n, 1),
-        threads(),
-    );
-    dw
+    let (a, b) = (view(src, 1, m), view(x, n, 1));
+    // SAFETY: the GEMM writes all `m x n` elements (row stride n).
+    unsafe { filled(m * n, |d| matmul_into(m, n, rows, d, n, a, b, threads())) }
 }
 
 /// `src w` for `src` (`rows x n`) and a weight `w` (`n x k`): a linear layer's input gradient,
 /// `rows x k`.
+#[allow(unsafe_code)]
 pub(crate) fn input_grad<T: Float>(src: &[T], n: usize, w: &[T], k: usize) -> Vec<T> {
     let rows = src.len() / n;
-    let mut dx = vec![T::f(0.0); rows * k];
-    matmul(
-        rows,
-        k,
-        n,
-        &mut dx,
-        k,
-        false,
-        view(src, n, 1),
-        view(w, k, 1),
-        threads(),
-    );
-    dx
+    let (a, b) = (view(src, n, 1), view(w, k, 1));
+    // SAFETY: the GEMM writes all `rows x k` elements (row stride k).
+    unsafe { filled(rows * k, |d| matmul_into(rows, k, n, d, k, a, b, threads())) }
 }
 
 /// Backward of [`forward`] for output gradient `dout`: returns the input gradient and, when
 /// `weights` is set, the parameter gradients (else the weight GEMMs are skipped).
+#[allow(unsafe_code)]
 pub(crate) fn backward<T: Float>(
     g: &Geom,
     w: &LayerWeights<T>,
@@ -838,9 +910,10 @@ pub(crate) fn backward<T: Float>(
     // MLP: out = xm + act Wd^T, act = silu(gate) * up, [gate|up] = xn2 Wgu^T.
     let d_down = weights.then(|| timed("bwd.gemm.dw", || weight_grad(&dout, h, &a.act, i)));
     let dact = timed("bwd.gemm.dx", || input_grad(&dout, h, &w.down, i));
-    let mut dgu = vec![T::f(0.0); rows * 2 * i];
+    let mut dgu = Vec::with_capacity(rows * 2 * i);
     timed("bwd.swiglu", || {
-        dgu.par_chunks_mut(2 * i * ROW_BLOCK)
+        slots(&mut dgu, rows * 2 * i)
+            .par_chunks_mut(2 * i * ROW_BLOCK)
             .zip(a.gu.par_chunks(2 * i * ROW_BLOCK))
             .zip(dact.par_chunks(i * ROW_BLOCK))
             .for_each(|((dgu, gu), dact)| {
@@ -860,6 +933,8 @@ pub(crate) fn backward<T: Float>(
                 )
             })
     });
+    // SAFETY: every row's gate and up halves are written by `swiglu_row_backward`.
+    unsafe { dgu.set_len(rows * 2 * i) };
     drop(dact);
     let d_gate_up = weights.then(|| timed("bwd.gemm.dw", || weight_grad(&dgu, 2 * i, &a.xn2, h)));
     let dxn2 = timed("bwd.gemm.dx", || input_grad(&dgu, 2 * i, &w.gate_up, h));
@@ -875,24 +950,40 @@ pub(crate) fn backward<T: Float>(
     let dy = timed("bwd.gemm.dx", || input_grad(&dxm, h, &w.o, h));
     let dyh = timed("bwd.heads", || rows_to_heads(g, &dy));
     drop(dy);
-    let mut dq = vec![T::f(0.0); rows * h];
-    let mut dk = vec![T::f(0.0); rows * kv];
-    let mut dv = vec![T::f(0.0); rows * kv];
+    let (nq, nkv) = (rows * h, rows * kv);
+    let (mut dq, mut dk, mut dv) = (
+        Vec::with_capacity(nq),
+        Vec::with_capacity(nkv),
+        Vec::with_capacity(nkv),
+    );
     let blk = rep * t * hd;
     timed("bwd.attention", || {
-        dq.par_chunks_mut(blk)
-            .zip(dk.par_chunks_mut(t * hd).zip(dv.par_chunks_mut(t * hd)))
+        slots(&mut dq, nq)
+            .par_chunks_mut(blk)
+            .zip(
+                slots(&mut dk, nkv)
+                    .par_chunks_mut(t * hd)
+                    .zip(slots(&mut dv, nkv).par_chunks_mut(t * hd)),
+            )
             .zip(a.q.par_chunks(blk).zip(dyh.par_chunks(blk)))
             .zip(a.k.par_chunks(t * hd).zip(a.v.par_chunks(t * hd)))
             .zip(a.p.par_chunks(rep * t * t))
             .for_each(|((((dq, (dk, dv)), (q, dy)), (k, v)), p)| {
-                let mut ds = vec![T::f(0.0); p.len()];
+                let mut ds = Vec::with_capacity(p.len());
+                let ds = slots(&mut ds, p.len());
                 simd(
                     #[inline(always)]
-                    || attention_block_backward(q, k, v, p, dy, &mut ds, dq, dk, dv, t),
+                    || attention_block_backward(q, k, v, p, dy, ds, dq, dk, dv, t),
                 );
             })
     });
+    // SAFETY: one block per (sequence, KV head) writes its dq, dk and dv in full, and the blocks
+    // tile the three buffers.
+    unsafe {
+        dq.set_len(nq);
+        dk.set_len(nkv);
+        dv.set_len(nkv);
+    }
     drop(dyh);
     let dqkv = timed("bwd.rope", || merge_heads(g, &dq, &dk, &dv, rope));
     drop((dq, dk, dv));
@@ -1061,6 +1152,7 @@ mod tests {
     /// The blocked SwiGLU kernels give bitwise what the formula gives element by element, in
     /// the blocks and in the remainder (37 = 2 blocks + 5), inside and outside [`simd`].
     #[test]
+    #[allow(unsafe_code)]
     fn swiglu_kernels_match_the_formula_bitwise() {
         let n = 37;
         let g: Vec<f32> = (0..n).map(|j| j as f32 * 0.61 - 11.0).collect();
@@ -1068,15 +1160,26 @@ mod tests {
         let d: Vec<f32> = (0..n).map(|j| (j as f32 * 0.37).sin()).collect();
         let sig = |x: f32| 1.0 / (1.0 + crate::ops::expf(-x));
         for wide in [false, true] {
-            let (mut a, mut dg, mut du) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            let (mut a, mut dg, mut du) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            let (sa, sg, su) = (slots(&mut a, n), slots(&mut dg, n), slots(&mut du, n));
             let mut run = || {
-                swiglu_row(&mut a, &g, &u);
-                swiglu_row_backward(&mut dg, &mut du, &g, &u, &d);
+                swiglu_row(sa, &g, &u);
+                swiglu_row_backward(sg, su, &g, &u, &d);
             };
             if wide {
                 simd(run);
             } else {
                 run();
+            }
+            // SAFETY: the kernels write every slot of their outputs (what the test checks).
+            unsafe {
+                a.set_len(n);
+                dg.set_len(n);
+                du.set_len(n);
             }
             for j in 0..n {
                 let s = sig(g[j]);
