@@ -22,7 +22,7 @@ fn cfg(kv_heads: usize) -> ModelConfig {
         vocab_size: 11,
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
-        max_position_embeddings: 16,
+        max_position_embeddings: 80,
         tie_word_embeddings: false,
         subspace_rank: 0,
         subspace_seed: 0,
@@ -30,7 +30,8 @@ fn cfg(kv_heads: usize) -> ModelConfig {
 }
 
 const B: usize = 2;
-const T: usize = 7;
+/// Three of the attention's causal blocks of 32 positions, the last one partial.
+const T: usize = 70;
 
 fn random(rng: &mut ChaCha8Rng, shape: &[usize], base: f64) -> Tensor {
     let n = shape.iter().product();
