@@ -73,6 +73,28 @@ fn causal_scores<T: Float>(a: &[T], b: &[T], dst: &mut Slots<T>, t: usize) {
     }
 }
 
+/// `dst (rows x hd) = s x` for causal `s` (`rows x t`, the rows of `rep` heads of `t` positions,
+/// 0 right of each block's end) and `x` (`t x hd`): each block of rows over the keys it sees.
+#[inline(always)]
+fn causal_rows<T: Float>(s: &[T], x: &[T], dst: &mut Slots<T>, t: usize) {
+    let hd = x.len() / t;
+    for r0 in (0..s.len() / (t * t)).map(|j| j * t) {
+        for (lo, hi) in causal_blocks(t) {
+            let r = r0 + lo;
+            matmul_into(
+                hi - lo,
+                hd,
+                hi,
+                &mut dst[r * hd..],
+                hd,
+                view(&s[r * t..], t, 1),
+                view(x, hd, 1),
+                Parallelism::None,
+            );
+        }
+    }
+}
+
 /// Attention for one (sequence, KV head): `q` is `rep * t x hd`, `k`, `v` are `t x hd`.
 /// Writes probabilities into `p` (`rep * t x t`) and the output into `y` (`rep * t x hd`).
 #[inline(always)]
@@ -91,22 +113,7 @@ pub(super) fn attention_block<T: Float>(
     // SAFETY: `causal_scores` wrote all `rows x t` scores (the masked tail as 0).
     let p = unsafe { written(p) };
     causal_softmax_rows(p, t, scale);
-    // Y = P V, each block over the keys it sees.
-    for r0 in (0..q.len() / (t * hd)).map(|j| j * t) {
-        for (lo, hi) in causal_blocks(t) {
-            let r = r0 + lo;
-            matmul_into(
-                hi - lo,
-                hd,
-                hi,
-                &mut y[r * hd..],
-                hd,
-                view(&p[r * t..], t, 1),
-                view(v, hd, 1),
-                Parallelism::None,
-            );
-        }
-    }
+    causal_rows(p, v, y, t);
 }
 
 /// Backward of [`attention_block`] given `dy`; `ds` is scratch of `p`'s size. Writes every
@@ -167,21 +174,7 @@ pub(super) fn attention_block_backward<T: Float>(
             *d = T::f(0.0);
         }
     }
-    // dQ = dS K, each block over the keys it sees; dK = dS^T Q as dV.
-    for r0 in (0..rows / t).map(|j| j * t) {
-        for (lo, hi) in causal_blocks(t) {
-            let r = r0 + lo;
-            matmul_into(
-                hi - lo,
-                hd,
-                hi,
-                &mut dq[r * hd..],
-                hd,
-                view(&ds[r * t..], t, 1),
-                view(k, hd, 1),
-                none,
-            );
-        }
-    }
+    // dQ = dS K; dK = dS^T Q.
+    causal_rows(ds, k, dq, t);
     key_grads(ds, q, dk);
 }
