@@ -3,6 +3,10 @@
 
 use std::f64::consts::PI;
 
+use rayon::prelude::*;
+
+use crate::layer::{Slots, filled};
+
 /// AdamW hyper-parameters (the learning rate is passed per step, from [`LrSchedule`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamW {
@@ -25,6 +29,78 @@ impl Default for AdamW {
             eps: 1e-8,
             weight_decay: 0.1,
         }
+    }
+}
+
+/// One AdamW step's per-element constants, for one parameter (`Shard::optimizer_step` derives
+/// them from [`AdamW`], the learning rate, the step count and the clip factor).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamWStep {
+    pub b1: f32,
+    pub b2: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    /// The gradient clip factor.
+    pub scale: f32,
+    /// `1 - lr * weight_decay` for matrices, 1 for norm weights.
+    pub decay: f32,
+}
+
+impl AdamWStep {
+    /// The weights after the step from `w` and gradient `g` (`None`: zero), the moments `m` and
+    /// `v` updated in place. Reads the old weights where they lie and writes the new ones once
+    /// (no copies of weights or gradients). Fixed-size chunks on the thread pool, element by
+    /// element the same operations in f32: the bits depend neither on the thread count nor on
+    /// the vector width.
+    #[allow(unsafe_code)]
+    pub(crate) fn apply(
+        &self,
+        w: &[f32],
+        g: Option<&[f32]>,
+        m: &mut [f32],
+        v: &mut [f32],
+    ) -> Vec<f32> {
+        const CHUNK: usize = 1 << 14;
+        let n = w.len();
+        assert!(m.len() == n && v.len() == n && g.is_none_or(|g| g.len() == n));
+        let zeros;
+        let g = match g {
+            Some(g) => g,
+            None => {
+                zeros = vec![0.0; n];
+                &zeros
+            }
+        };
+        let s = *self;
+        let fill = |out: &mut Slots<f32>| {
+            out.par_chunks_mut(CHUNK)
+                .zip(w.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|((((out, w), m), v), g)| {
+                    crate::ops::simd(
+                        #[inline(always)]
+                        || {
+                            for ((((o, &w), m), v), &g) in
+                                out.iter_mut().zip(w).zip(m).zip(v).zip(g)
+                            {
+                                let gi = g * s.scale;
+                                *m = s.b1 * *m + (1.0 - s.b1) * gi;
+                                *v = s.b2 * *v + (1.0 - s.b2) * gi * gi;
+                                let denom = v.sqrt() / s.bc2_sqrt + s.eps;
+                                o.write(w * s.decay - s.step_size * *m / denom);
+                            }
+                        },
+                    )
+                })
+        };
+        // SAFETY: the chunks of `out` pair up one to one with those of `w` (same length and
+        // chunk size), and every element of each is written.
+        unsafe { filled(n, fill) }
     }
 }
 

@@ -30,12 +30,11 @@ use candle_core::{DType, Device, Tensor, TensorId, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Normal};
-use rayon::prelude::*;
 
 use crate::ends::HeadPass;
 use crate::layer::{self, Float, Geom, IntoPass, LayerWeights, StagePass, StageWeights};
 use crate::ops::RopeTables;
-use crate::optim::AdamW;
+use crate::optim::{AdamW, AdamWStep};
 use crate::profile::timed;
 use crate::subspace::Subspace;
 use crate::{Error, ModelConfig, Result};
@@ -810,40 +809,25 @@ impl Shard {
             } else {
                 1.0
             };
-            let mut w = p
-                .var
-                .flatten_all()?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?;
-            let g = match self.grads.get(i)? {
-                Some(g) => g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-                None => vec![0.0; n],
-            };
             if p.m.is_empty() {
                 p.m = vec![0.0; n];
                 p.v = vec![0.0; n];
             }
-            // Fixed-size chunks on the thread pool; zipped slices let the compiler vectorize.
-            // Element by element the same operations, so the bits do not depend on threads.
-            const CHUNK: usize = 1 << 14;
-            w.par_chunks_mut(CHUNK)
-                .zip(p.m.par_chunks_mut(CHUNK))
-                .zip(p.v.par_chunks_mut(CHUNK))
-                .zip(g.par_chunks(CHUNK))
-                .for_each(|(((w, m), v), g)| {
-                    crate::ops::simd(
-                        #[inline(always)]
-                        || {
-                            for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(g) {
-                                let gi = g * scale;
-                                *m = b1 * *m + (1.0 - b1) * gi;
-                                *v = b2 * *v + (1.0 - b2) * gi * gi;
-                                let denom = v.sqrt() / bc2_sqrt + eps;
-                                *w = *w * decay - step_size * *m / denom;
-                            }
-                        },
-                    )
-                });
+            let step = AdamWStep {
+                b1,
+                b2,
+                step_size,
+                bc2_sqrt,
+                eps,
+                scale,
+                decay,
+            };
+            let g = self.grads.get(i)?;
+            let (m, v) = (&mut p.m, &mut p.v);
+            let w = with_f32(p.var.as_tensor(), |w| match &g {
+                Some(g) => with_f32(g, |g| step.apply(w, Some(g), m, v)),
+                None => Ok(step.apply(w, None, m, v)),
+            })??;
             let t = Tensor::from_vec(w, p.shape.as_slice(), &self.device)?.to_dtype(self.dtype)?;
             // A new variable rather than an in-place write: outstanding contexts keep the
             // weights they were computed with and are detected as stale.
@@ -1114,6 +1098,19 @@ pub fn hash_f32(h: &mut blake3::Hasher, v: &[f32]) {
             b.copy_from_slice(&x.to_le_bytes());
         }
         h.update(&buf[..4 * chunk.len()]);
+    }
+}
+
+/// Runs `f` on the f32 values of `t`: borrowed where they lie for a contiguous f32 CPU tensor
+/// (the optimizer's weights and gradients), else a converted copy (f64 shards).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.dtype() == DType::F32 && t.is_contiguous() && t.device().is_cpu() {
+        head::with_slice::<f32, _>(t, f)
+    } else {
+        Ok(f(&t
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?))
     }
 }
 

@@ -175,8 +175,19 @@ impl Shard {
         let mut total = 0f64;
         for i in 0..self.params.len() {
             if let Some(g) = self.grad(i)? {
-                let g = g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                total += g.iter().map(|x| x * x).sum::<f64>();
+                // Summed where the values lie (no f64 copy of every gradient), in the same order
+                // and precision as before: the norm and the clip factor keep their bits.
+                total += match g.dtype() {
+                    DType::F64 => g
+                        .flatten_all()?
+                        .to_vec1::<f64>()?
+                        .iter()
+                        .map(|x| x * x)
+                        .sum(),
+                    _ => super::with_f32(&g, |g| {
+                        g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>()
+                    })?,
+                };
             }
         }
         Ok(total)

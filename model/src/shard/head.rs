@@ -14,7 +14,7 @@ const EMBED: &str = "model.embed_tokens.weight";
 const EMBED_SUB: &str = "model.embed_tokens.subspace";
 
 /// Runs `f` on the contiguous data of CPU tensor `t` (of float type `T`) without copying it.
-fn with_slice<T: Float, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+pub(super) fn with_slice<T: Float, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
     let (s, l) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*s else {
         return Err(Error::Input("tensor not on the CPU".into()));
