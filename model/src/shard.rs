@@ -1101,6 +1101,13 @@ pub fn hash_f32(h: &mut blake3::Hasher, v: &[f32]) {
     }
 }
 
+/// `sum_i x[i]^2` in f64, one running sum in index order: a parameter's share of
+/// [`Shard::grad_sq_norm`]. The sync's norm from a flat gradient uses it too, so both give the
+/// same bits (the global clip, and so every weight, depends on them).
+pub fn sq_sum_f64(v: &[f32]) -> f64 {
+    v.iter().map(|&x| f64::from(x) * f64::from(x)).sum()
+}
+
 /// Runs `f` on the f32 values of `t`: borrowed where they lie for a contiguous f32 CPU tensor
 /// (the optimizer's weights and gradients), else a converted copy (f64 shards).
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {

@@ -184,9 +184,7 @@ impl Shard {
                         .iter()
                         .map(|x| x * x)
                         .sum(),
-                    _ => super::with_f32(&g, |g| {
-                        g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>()
-                    })?,
+                    _ => super::with_f32(&g, super::sq_sum_f64)?,
                 };
             }
         }

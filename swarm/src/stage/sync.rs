@@ -593,7 +593,7 @@ fn flat_sq_norm(s: &Shard, flat: &[f32]) -> Result<f64> {
                 expected: s.num_parameters(),
             });
         };
-        total += g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+        total += swarm_model::shard::sq_sum_f64(g);
         off += n;
     }
     Ok(total)
