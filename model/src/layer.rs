@@ -181,29 +181,8 @@ fn put<T: Copy>(dst: &mut Slots<T>, src: &[T]) {
     }
 }
 
-/// `dst (m x n, row stride drs) = [dst +] a (m x k) b (k x n)`, with `acc` choosing whether the
-/// old contents of `dst` are added.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul<T: Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [T],
-    drs: usize,
-    acc: bool,
-    a: View<'_, T>,
-    b: View<'_, T>,
-    par: Parallelism,
-) {
-    // SAFETY of the cast: `[T]` and `[MaybeUninit<T>]` have one layout, and gemm only writes
-    // initialised values through it.
-    #[allow(unsafe_code)]
-    let dst = unsafe { &mut *(dst as *mut [T] as *mut Slots<T>) };
-    gemm_into(m, n, k, dst, drs, acc, a, b, par);
-}
-
-/// [`matmul`] without `acc` into slots: gemm writes every element of the `m x n` block (with
-/// `read_dst` false it reads none), so the block is initialised afterwards.
+/// `dst (m x n, row stride drs) = a (m x k) b (k x n)` into slots: gemm writes every element of
+/// the `m x n` block (with `read_dst` false it reads none), so the block is initialised afterwards.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_into<T: Float>(
     m: usize,
@@ -218,6 +197,8 @@ pub(crate) fn matmul_into<T: Float>(
     gemm_into(m, n, k, dst, drs, false, a, b, par);
 }
 
+/// `dst = [dst +] a b`, with `acc` choosing whether the old contents of `dst` are added (then
+/// they must be initialised).
 #[allow(clippy::too_many_arguments)]
 #[allow(unsafe_code)] // the gemm call on checked strides: see the SAFETY comment inside
 fn gemm_into<T: Float>(
@@ -271,23 +252,19 @@ fn gemm_into<T: Float>(
     }
 }
 
-/// `x @ w^T` for `x` (`rows x k`, contiguous) and `w` (`n x k`, row-major) into `dst` (`rows x n`).
-pub(crate) fn linear<T: Float>(x: &[T], w: &[T], k: usize, n: usize, dst: &mut [T], acc: bool) {
+/// `dst += x @ w^T` for `x` (`rows x k`, contiguous) and `w` (`n x k`, row-major), `dst`
+/// (`rows x n`): a projection added into the residual stream inside the GEMM.
+pub(crate) fn linear_add<T: Float>(x: &[T], w: &[T], k: usize, n: usize, dst: &mut [T]) {
     let rows = x.len() / k;
-    matmul(
-        rows,
-        n,
-        k,
-        dst,
-        n,
-        acc,
-        view(x, k, 1),
-        view(w, 1, k),
-        threads(),
-    );
+    // SAFETY of the cast: `[T]` and `[MaybeUninit<T>]` have one layout, and gemm only writes
+    // initialised values through it.
+    #[allow(unsafe_code)]
+    let dst = unsafe { &mut *(dst as *mut [T] as *mut Slots<T>) };
+    let (a, b) = (view(x, k, 1), view(w, 1, k));
+    gemm_into(rows, n, k, dst, n, true, a, b, threads());
 }
 
-/// [`linear`] into a new `rows x n` buffer.
+/// `x @ w^T` (as [`linear_add`]) into a new `rows x n` buffer.
 #[allow(unsafe_code)]
 pub(crate) fn linear_new<T: Float>(x: &[T], w: &[T], k: usize, n: usize) -> Vec<T> {
     let rows = x.len() / k;
@@ -747,7 +724,7 @@ pub(crate) fn forward<T: Float>(
     drop(yh);
 
     let mut xm = timed("fwd.copy", || x.clone());
-    timed("fwd.gemm.o", || linear(&y, &w.o, h, h, &mut xm, true));
+    timed("fwd.gemm.o", || linear_add(&y, &w.o, h, h, &mut xm));
     let (xn2, r2) = timed("fwd.norm", || rms_forward(&xm, &w.norm2, g.eps));
     let gu = timed("fwd.gemm.gate_up", || {
         linear_new(&xn2, &w.gate_up, h, 2 * i)
@@ -773,7 +750,7 @@ pub(crate) fn forward<T: Float>(
     unsafe { act.set_len(rows * i) };
     let mut out = timed("fwd.copy", || xm.clone());
     timed("fwd.gemm.down", || {
-        linear(&act, &w.down, i, h, &mut out, true)
+        linear_add(&act, &w.down, i, h, &mut out)
     });
     let acts = LayerActs {
         x,
