@@ -1109,8 +1109,8 @@ pub fn sq_sum_f64(v: &[f32]) -> f64 {
 }
 
 /// Runs `f` on the f32 values of `t`: borrowed where they lie for a contiguous f32 CPU tensor
-/// (the optimizer's weights and gradients), else a converted copy (f64 shards).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+/// (the optimizer's weights and gradients, the frames a stage encodes), else a converted copy.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     if t.dtype() == DType::F32 && t.is_contiguous() && t.device().is_cpu() {
         head::with_slice::<f32, _>(t, f)
     } else {

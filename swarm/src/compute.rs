@@ -6,7 +6,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 use swarm_compression::{Codec, Decoder, Encoder, Limits};
 use swarm_model::Shard;
 use swarm_model::subspace::Subspace;
@@ -120,31 +120,12 @@ pub fn encode(codecs: &Codecs, codec: Codec, t: &Tensor) -> Result<(Vec<u8>, usi
     let dims = t.dims().to_vec();
     let mut frame = Vec::new();
     let n = codecs.with_encoder(codec, |enc| {
-        if let Some(n) = with_f32(t, |values| {
+        let n = swarm_model::shard::with_f32(t, |values| {
             enc.encode(values, &dims, &mut frame).map(|()| values.len())
-        }) {
-            return Ok(n?);
-        }
-        let values = tensor_f32(t)?;
-        enc.encode(&values, &dims, &mut frame)?;
-        Ok(values.len())
+        })??;
+        Ok(n)
     })?;
     Ok((frame, n))
-}
-
-/// `f` on the values of `t` when they are contiguous f32 on the CPU, read in place; `None`
-/// otherwise.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if t.dtype() != DType::F32 {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return None;
-    };
-    let (a, b) = layout.contiguous_offsets()?;
-    let values = cpu.as_slice::<f32>().ok()?.get(a..b)?;
-    Some(f(values))
 }
 
 /// A hidden state at a stage boundary as it travels: plain, one frame of `[batch, seq, hidden]`;
