@@ -1,6 +1,6 @@
 //! [`Decoder`]: validates a frame from an untrusted peer and writes its tensor into a caller's buffer.
 
-use crate::codec::Values;
+use crate::codec::{Codec, Values};
 use crate::error::{Error, Result};
 use crate::frame::{self, FrameInfo, IndexCoding, Limits};
 use crate::{index, quant, rotate};
@@ -13,8 +13,7 @@ use crate::{index, quant, rotate};
 #[derive(Default)]
 pub struct Decoder {
     raw: Vec<u8>,
-    positions: Vec<u32>,
-    vals: Vec<f32>,
+    scratch: Scratch,
     zstd: Option<zstd::bulk::Decompressor<'static>>,
 }
 
@@ -122,48 +121,96 @@ impl Decoder {
         };
         let (idx, rest) = raw.split_at(info.index_len);
         let (scales, values) = rest.split_at(info.scales_len);
-        let block = match info.codec.values {
+        let sections = Sections {
+            codec: &info.codec,
+            seed: info.seed,
+            shape: info.shape(),
+            kept: info.kept,
+            index: info.index,
+            idx,
+            scales,
+            values,
+        };
+        sections.decode(&mut self.scratch, out, zeroed)
+    }
+}
+
+/// A frame's sections after zstd, with what the header says about them: what [`Decoder`] decodes
+/// a frame from, and what [`crate::Encoder::encode_decoded`] decodes its own frame from before
+/// zstd (the same code on the same bytes, so the same bits).
+pub(crate) struct Sections<'a> {
+    pub codec: &'a Codec,
+    pub seed: u64,
+    pub shape: &'a [usize],
+    pub kept: usize,
+    pub index: IndexCoding,
+    pub idx: &'a [u8],
+    pub scales: &'a [u8],
+    pub values: &'a [u8],
+}
+
+/// Positions and kept values of a sparse frame while it is decoded (capacities reused).
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    positions: Vec<u32>,
+    vals: Vec<f32>,
+}
+
+impl Sections<'_> {
+    /// Writes the tensor into `out` (its element count long). `zeroed`: `out` is known to be all
+    /// zeros already (skips a fill for sparse frames).
+    pub(crate) fn decode(
+        &self,
+        scratch: &mut Scratch,
+        out: &mut [f32],
+        zeroed: bool,
+    ) -> Result<()> {
+        let Scratch { positions, vals } = scratch;
+        let (idx, scales, values) = (self.idx, self.scales, self.values);
+        let coding = self.codec.values;
+        let block = match coding {
             Values::Quant { block, .. } => block as usize,
             _ => 0,
         };
-        match info.index {
+        let rotate = self.codec.rotate;
+        match self.index {
             IndexCoding::Dense => {
-                quant::decode(info.codec.values, scales, values, out)?;
-                if info.codec.rotate {
-                    rotate::inverse(out, block, info.seed);
+                quant::decode(coding, scales, values, out)?;
+                if rotate {
+                    rotate::inverse(out, block, self.seed);
                 }
             }
             IndexCoding::RowMap => {
-                let w = info.shape().last().copied().unwrap_or(1);
-                let distinct = info.kept / w;
-                read_row_map(idx, distinct, &mut self.positions)?;
-                self.vals.clear();
-                self.vals.resize(info.kept, 0.0);
-                quant::decode(info.codec.values, scales, values, &mut self.vals)?;
-                if info.codec.rotate {
-                    rotate::inverse(&mut self.vals, block, info.seed);
+                let w = self.shape.last().copied().unwrap_or(1);
+                let distinct = self.kept / w;
+                read_row_map(idx, distinct, positions)?;
+                vals.clear();
+                vals.resize(self.kept, 0.0);
+                quant::decode(coding, scales, values, vals)?;
+                if rotate {
+                    rotate::inverse(vals, block, self.seed);
                 }
-                for (dst, &d) in out.chunks_exact_mut(w).zip(&self.positions) {
+                for (dst, &d) in out.chunks_exact_mut(w).zip(positions.iter()) {
                     let d = d as usize;
-                    dst.copy_from_slice(&self.vals[d * w..(d + 1) * w]);
+                    dst.copy_from_slice(&vals[d * w..(d + 1) * w]);
                 }
             }
-            coding => {
-                if coding == IndexCoding::Bitmap {
-                    index::read_bitmap(idx, info.elements, info.kept, &mut self.positions)?;
+            coding_ => {
+                if coding_ == IndexCoding::Bitmap {
+                    index::read_bitmap(idx, out.len(), self.kept, positions)?;
                 } else {
-                    index::read_varint(idx, info.elements, info.kept, &mut self.positions)?;
+                    index::read_varint(idx, out.len(), self.kept, positions)?;
                 }
-                self.vals.clear();
-                self.vals.resize(info.kept, 0.0);
-                quant::decode(info.codec.values, scales, values, &mut self.vals)?;
-                if info.codec.rotate {
-                    rotate::inverse(&mut self.vals, block, info.seed);
+                vals.clear();
+                vals.resize(self.kept, 0.0);
+                quant::decode(coding, scales, values, vals)?;
+                if rotate {
+                    rotate::inverse(vals, block, self.seed);
                 }
                 if !zeroed {
                     out.fill(0.0);
                 }
-                for (&p, &v) in self.positions.iter().zip(&self.vals) {
+                for (&p, &v) in positions.iter().zip(vals.iter()) {
                     // Positions were checked to be increasing and below the element count.
                     out[p as usize] = v;
                 }

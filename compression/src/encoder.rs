@@ -1,6 +1,7 @@
 //! [`Encoder`]: runs a [`Codec`] over `&[f32]`, writing a frame into a reusable buffer.
 
 use crate::codec::{Codec, Values};
+use crate::decoder::{self, Sections};
 use crate::error::{Error, Result};
 use crate::frame::{self, HeaderFields, IndexCoding, MAX_DIMS};
 use crate::{index, quant, rotate, topk};
@@ -24,6 +25,8 @@ pub struct Encoder {
     /// (capacities reused).
     rows: std::collections::HashMap<u64, u32>,
     firsts: Vec<u32>,
+    /// Scratch of [`Encoder::encode_decoded`].
+    decode: decoder::Scratch,
     zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
@@ -56,6 +59,7 @@ impl Encoder {
             raw: Vec::new(),
             rows: std::collections::HashMap::new(),
             firsts: Vec::new(),
+            decode: decoder::Scratch::default(),
             zstd,
         })
     }
@@ -80,6 +84,31 @@ impl Encoder {
     /// if a quantizer (q8/q4/q2) meets NaN or infinity. fp32/fp16/bf16 carry non-finite values
     /// through (fp16 saturates above 65504 to infinity).
     pub fn encode(&mut self, data: &[f32], shape: &[usize], out: &mut Vec<u8>) -> Result<()> {
+        self.encode_inner(data, shape, out, None)
+    }
+
+    /// [`encode`](Self::encode), and also writes into `decoded` (resized, its capacity reused) the
+    /// tensor the frame decodes to, bit for bit what [`crate::Decoder`] makes of it: decoded by
+    /// the decoder's own code from the sections before zstd, which saves error feedback the
+    /// decompression, the checksum and a copy of the frame. `decoded` is unspecified after an
+    /// error.
+    pub fn encode_decoded(
+        &mut self,
+        data: &[f32],
+        shape: &[usize],
+        out: &mut Vec<u8>,
+        decoded: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.encode_inner(data, shape, out, Some(decoded))
+    }
+
+    fn encode_inner(
+        &mut self,
+        data: &[f32],
+        shape: &[usize],
+        out: &mut Vec<u8>,
+        decoded: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
         let n = data.len();
         let product = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         if shape.len() > MAX_DIMS
@@ -208,6 +237,21 @@ impl Encoder {
         }
         if quant::encode(vals, codec.values, scales, values, &mut self.codes).is_err() {
             return Err(quant::non_finite_error(vals, &codec));
+        }
+        if let Some(decoded) = decoded {
+            decoded.truncate(n);
+            decoded.resize(n, 0.0);
+            let sections = Sections {
+                codec: &codec,
+                seed: self.seed,
+                shape,
+                kept,
+                index: index_coding,
+                idx,
+                scales,
+                values,
+            };
+            sections.decode(&mut self.decode, decoded, false)?;
         }
 
         // 4. zstd: the index, then scales and values, as two frames (see the frame docs).

@@ -13,8 +13,9 @@
 //! refers to gradients of a state the receivers no longer share.
 //!
 //! Accounting invariant: after any number of sends, `sum(decoded frames) + residual ==
-//! sum(gradients)` up to fp32 rounding. The residual is computed from the frame itself (decoded
-//! here exactly as receivers decode it), so it is what the receivers actually missed.
+//! sum(gradients)` up to fp32 rounding. The residual is computed from what the frame decodes to,
+//! bit for bit as receivers decode it (the encoder hands it back, see
+//! [`Encoder::encode_decoded`]), so it is what the receivers actually missed.
 
 use crate::decoder::Decoder;
 use crate::encoder::Encoder;
@@ -103,6 +104,11 @@ impl ErrorFeedback {
         }
         let limits = Limits::new(self.residual.len());
         self.decoder.decode(frame, &limits, &mut self.decoded)?;
+        self.keep_dropped()
+    }
+
+    /// `residual = compensated - decoded`, ending the pending send.
+    fn keep_dropped(&mut self) -> Result<()> {
         if self.decoded.len() != self.residual.len() {
             return Err(Error::FeedbackLength {
                 residual: self.residual.len(),
@@ -130,11 +136,12 @@ impl ErrorFeedback {
         out: &mut Vec<u8>,
     ) -> Result<()> {
         self.compensate(grad)?;
-        if let Err(e) = encoder.encode(&self.compensated, shape, out) {
+        // The encoder hands back what the frame decodes to, so the frame is not decoded again.
+        if let Err(e) = encoder.encode_decoded(&self.compensated, shape, out, &mut self.decoded) {
             // Nothing was sent, so the residual stays as it was.
             self.pending = false;
             return Err(e);
         }
-        self.accumulate(out)
+        self.keep_dropped()
     }
 }

@@ -43,7 +43,6 @@ pub struct SparseFeedback {
     beta: f32,
     residual: Vec<f32>,
     decoded: Vec<f32>,
-    decoder: Decoder,
 }
 
 impl SparseFeedback {
@@ -57,7 +56,6 @@ impl SparseFeedback {
             beta: beta.clamp(0.0, 1.0),
             residual: vec![0.0; len.div_ceil(chunk) * chunk],
             decoded: Vec::new(),
-            decoder: Decoder::new(),
         }
     }
 
@@ -117,9 +115,7 @@ impl SparseFeedback {
         for (e, d) in self.residual.iter_mut().zip(delta) {
             *e = beta * *e + d;
         }
-        encoder.encode(&self.residual, &self.shape(), out)?;
-        self.decoder
-            .decode(out, &Limits::new(self.residual.len()), &mut self.decoded)?;
+        encoder.encode_decoded(&self.residual, &self.shape(), out, &mut self.decoded)?;
         if self.decoded.len() != self.residual.len() {
             return Err(Error::FeedbackLength {
                 residual: self.residual.len(),

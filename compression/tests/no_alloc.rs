@@ -77,18 +77,23 @@ fn warm_encode_and_decode_do_not_allocate() {
         assert_eq!(count, 0, "{codec}: {count} allocations once warm");
     }
 
-    // Error feedback too.
-    let mut enc = Encoder::new("topk:0.1+q8+zstd".parse().unwrap()).unwrap();
-    let mut ef = ErrorFeedback::new(n);
-    let mut frame = Vec::new();
-    ef.encode(&mut enc, &batches[0], &[n], &mut frame).unwrap();
-    frame.reserve(frame.len());
-    let count = allocations(|| {
-        for data in &batches {
-            ef.encode(&mut enc, data, &[n], &mut frame).unwrap();
-        }
-    });
-    assert_eq!(count, 0, "error feedback: {count} allocations once warm");
+    // Error feedback too, with the sync's codec (the encoder hands back the decoded tensor).
+    for codec in ["topk:0.1+q8+zstd", "topk:0.9+rht+q2:1024+zstd:3"] {
+        let mut enc = Encoder::new(codec.parse().unwrap()).unwrap();
+        let mut ef = ErrorFeedback::new(n);
+        let mut frame = Vec::new();
+        ef.encode(&mut enc, &batches[0], &[n], &mut frame).unwrap();
+        frame.reserve(frame.len());
+        let count = allocations(|| {
+            for data in &batches {
+                ef.encode(&mut enc, data, &[n], &mut frame).unwrap();
+            }
+        });
+        assert_eq!(
+            count, 0,
+            "error feedback, {codec}: {count} allocations once warm"
+        );
+    }
 
     // The counter works: a positive control.
     assert!(allocations(|| drop(std::hint::black_box(vec![1u8; 10]))) > 0);
