@@ -780,9 +780,12 @@ impl Shard {
         let mut off = 0;
         for p in &mut self.params {
             let n = p.var.elem_count();
-            let t = Tensor::from_slice(&flat[off..off + n], p.shape.as_slice(), &self.device)?
-                .to_dtype(self.dtype)?;
-            p.var = Var::from_tensor(&t)?;
+            p.var = new_var(
+                flat[off..off + n].to_vec(),
+                &p.shape,
+                &self.device,
+                self.dtype,
+            )?;
             off += n;
         }
         Ok(())
@@ -828,10 +831,9 @@ impl Shard {
                 Some(g) => with_f32(g, |g| step.apply(w, Some(g), m, v)),
                 None => Ok(step.apply(w, None, m, v)),
             })??;
-            let t = Tensor::from_vec(w, p.shape.as_slice(), &self.device)?.to_dtype(self.dtype)?;
             // A new variable rather than an in-place write: outstanding contexts keep the
             // weights they were computed with and are detected as stale.
-            p.var = Var::from_tensor(&t)?;
+            p.var = new_var(w, &p.shape, &self.device, self.dtype)?;
         }
         Ok(())
     }
@@ -1009,8 +1011,7 @@ impl Shard {
             if v.iter().any(|&x| x < 0.0) {
                 return Err(bad(format!("{}: negative second moment", p.name)));
             }
-            let t = Tensor::from_vec(w, p.shape.as_slice(), &self.device)?.to_dtype(self.dtype)?;
-            new.push((Var::from_tensor(&t)?, m, v));
+            new.push((new_var(w, &p.shape, &self.device, self.dtype)?, m, v));
         }
         self.forget_stage_weights();
         for (p, (var, m, v)) in self.params.iter_mut().zip(new) {
@@ -1099,6 +1100,17 @@ pub fn hash_f32(h: &mut blake3::Hasher, v: &[f32]) {
         }
         h.update(&buf[..4 * chunk.len()]);
     }
+}
+
+/// A variable holding `w` (f32 values of a parameter of shape `shape`) in `dtype`. In f32 the
+/// vector becomes the variable's storage: `Var::from_tensor` would copy it once more (the
+/// optimizer step made one such copy of every weight per step).
+fn new_var(w: Vec<f32>, shape: &[usize], device: &Device, dtype: DType) -> Result<Var> {
+    Ok(if dtype == DType::F32 {
+        Var::from_vec(w, shape, device)?
+    } else {
+        Var::from_tensor(&Tensor::from_vec(w, shape, device)?.to_dtype(dtype)?)?
+    })
 }
 
 /// `sum_i x[i]^2` in f64, one running sum in index order: a parameter's share of
