@@ -128,6 +128,8 @@ impl Encoder {
         let sparse = match codec.topk {
             Some(t) => {
                 self.positions.clear();
+                self.vals.clear();
+                let (s, pos, vals) = (&mut self.topk, &mut self.positions, &mut self.vals);
                 if t.per_row {
                     let row = shape.last().copied().unwrap_or(n);
                     if row > 0 {
@@ -137,18 +139,14 @@ impl Encoder {
                         let mut hint = 0;
                         for (r, chunk) in data.chunks_exact(row).enumerate() {
                             let off = (r * row) as u32;
-                            let (s, pos) = (&mut self.topk, &mut self.positions);
-                            let kth = topk::select(chunk, k, off, hint, s, pos);
+                            let kth = topk::select(chunk, k, off, hint, s, pos, vals);
                             hint = topk::next_hint(kth);
                         }
                     }
                 } else {
-                    topk::select(data, t.k_of(n), 0, 0, &mut self.topk, &mut self.positions);
+                    topk::select(data, t.k_of(n), 0, 0, s, pos, vals);
                 }
                 debug_assert_eq!(self.positions.len(), frame::kept_count(&t, n, shape));
-                self.vals.clear();
-                self.vals
-                    .extend(self.positions.iter().map(|&p| data[p as usize]));
                 true
             }
             None if codec.dedup => self.dedup_rows(data, shape),

@@ -24,7 +24,8 @@ pub(crate) struct Scratch {
 }
 
 /// Appends to `out`, in increasing order, `offset +` the positions of the `k` elements of `data`
-/// with the largest magnitudes (ties: lower index first).
+/// with the largest magnitudes (ties: lower index first), and their values to `vals` (gathered
+/// where the positions are found, which saves a pass).
 ///
 /// `hint` is a magnitude key that probably at least `k` elements reach (0 for none), e.g. from the
 /// previous row of the same tensor; it only affects speed. Returns the key of the k-th largest
@@ -36,6 +37,7 @@ pub(crate) fn select(
     hint: u32,
     s: &mut Scratch,
     out: &mut Vec<u32>,
+    vals: &mut Vec<f32>,
 ) -> u32 {
     let n = data.len();
     if k == 0 {
@@ -43,10 +45,11 @@ pub(crate) fn select(
     }
     if k >= n {
         out.extend((0..n as u32).map(|i| offset + i));
+        vals.extend_from_slice(data);
         return 0;
     }
     if n >= SAMPLE_FROM && 2 * k > n {
-        return select_by_dropping(data, k, offset, s, out);
+        return select_by_dropping(data, k, offset, s, out, vals);
     }
     let lo = if n >= SAMPLE_FROM {
         sampled_threshold(data, k, &mut s.keys)
@@ -56,10 +59,10 @@ pub(crate) fn select(
     if s.cand.len() < n {
         s.cand.resize(n, 0);
     }
-    let mut c = collect(data, |x| x >= lo, &mut s.cand[..n]);
+    let mut c = collect(data, |x| x >= lo, |i, _| i, &mut s.cand[..n]);
     if c < k {
         // The sample overestimated the threshold (rare, or adversarial data): take everything.
-        c = collect(data, |_| true, &mut s.cand[..n]);
+        c = collect(data, |_| true, |i, _| i, &mut s.cand[..n]);
     }
     let cand = &s.cand[..c];
     s.keys.clear();
@@ -70,13 +73,14 @@ pub(crate) fn select(
     let greater = s.keys.iter().filter(|&&x| x > t).count();
     let mut ties_left = k - greater;
     out.reserve(k);
+    vals.reserve(k);
     for &p in cand {
-        let kk = key(data[p as usize]);
-        if kk > t {
+        let x = data[p as usize];
+        let kk = key(x);
+        if kk > t || (kk == t && ties_left > 0) {
+            ties_left -= (kk == t) as usize;
             out.push(offset + p);
-        } else if kk == t && ties_left > 0 {
-            ties_left -= 1;
-            out.push(offset + p);
+            vals.push(x);
         }
     }
     t
@@ -92,6 +96,7 @@ fn select_by_dropping(
     offset: u32,
     s: &mut Scratch,
     out: &mut Vec<u32>,
+    vals: &mut Vec<f32>,
 ) -> u32 {
     let n = data.len();
     let m = n - k;
@@ -99,50 +104,57 @@ fn select_by_dropping(
     if s.cand.len() < n {
         s.cand.resize(n, 0);
     }
-    let mut c = collect(data, |x| x <= hi, &mut s.cand[..n]);
+    // The candidates' keys, not their positions: the pass below finds the positions again.
+    let mut c = collect(data, |x| x <= hi, |_, x| x, &mut s.cand[..n]);
     if c < m {
         // The sample underestimated the threshold: every element is a candidate.
-        c = collect(data, |_| true, &mut s.cand[..n]);
+        c = collect(data, |_| true, |_, x| x, &mut s.cand[..n]);
     }
-    let cand = &s.cand[..c];
-    s.keys.clear();
-    s.keys.extend(cand.iter().map(|&p| key(data[p as usize])));
+    let keys = &mut s.cand[..c];
     // The m-th smallest key among candidates is the m-th smallest overall: every element that is
     // not a candidate is above `hi` >= every candidate.
-    let (_, &mut t, _) = s.keys.select_nth_unstable(m - 1);
-    let less = s.keys.iter().filter(|&&x| x < t).count();
-    let equal = s.keys.iter().filter(|&&x| x == t).count();
+    let (_, &mut t, _) = keys.select_nth_unstable(m - 1);
+    let less = keys.iter().filter(|&&x| x < t).count();
+    let equal = keys.iter().filter(|&&x| x == t).count();
     // Of the elements at `t`, the lowest indices are kept (as `select` keeps them).
-    let mut keep_ties = equal - (m - less);
-    out.reserve(k);
-    let mut next = 0u32;
-    for &p in cand {
-        let kk = key(data[p as usize]);
-        let drop = match kk.cmp(&t) {
-            std::cmp::Ordering::Less => true,
-            std::cmp::Ordering::Greater => false,
-            std::cmp::Ordering::Equal if keep_ties > 0 => {
-                keep_ties -= 1;
-                false
-            }
-            std::cmp::Ordering::Equal => true,
-        };
-        if drop {
-            out.extend((next..p).map(|i| offset + i));
-            next = p + 1;
-        }
-    }
-    out.extend((next..n as u32).map(|i| offset + i));
-    // The k-th largest magnitude is the smallest kept one.
-    if equal > m - less {
+    let mut ties = equal - (m - less);
+    let keep_ties = ties;
+    // The k-th largest magnitude is the smallest kept one: `t` if a tie at `t` is kept, else the
+    // smallest candidate above `t`, which is below every element that is not a candidate.
+    let kth = if keep_ties > 0 {
         t
     } else {
-        data.iter()
-            .map(|&x| key(x))
-            .filter(|&x| x > t)
-            .min()
-            .unwrap_or(t)
+        match keys.iter().filter(|&&x| x > t).min() {
+            Some(&x) => x,
+            None => data
+                .iter()
+                .map(|&x| key(x))
+                .filter(|&x| x > t)
+                .min()
+                .unwrap_or(t),
+        }
+    };
+    // One branch-free pass over the data writes the kept positions and values: every slot is
+    // written and the cursor moves only past a kept one (emitting the ranges between dropped
+    // candidates cost a call per range, and gathering the values another pass). The cursor
+    // never passes `k`, so one slot of slack takes the writes after the last kept element.
+    let (start, vstart) = (out.len(), vals.len());
+    out.resize(start + k + 1, 0);
+    vals.resize(vstart + k + 1, 0.0);
+    let (dst, vdst) = (&mut out[start..], &mut vals[vstart..]);
+    let mut c = 0usize;
+    for (i, &x) in data.iter().enumerate() {
+        let kk = key(x);
+        let tie = (kk == t && ties > 0) as usize;
+        ties -= tie;
+        dst[c] = offset + i as u32;
+        vdst[c] = x;
+        c += ((kk > t) as usize) | tie;
     }
+    debug_assert_eq!(c, k);
+    out.truncate(start + k);
+    vals.truncate(vstart + k);
+    kth
 }
 
 /// A key that at least `m` elements very likely stay at or below: [`sampled_threshold`] from the
@@ -192,16 +204,22 @@ pub(crate) fn next_hint(t: u32) -> u32 {
     key(f32::from_bits(t) * 0.8)
 }
 
-/// Writes the positions of elements whose key passes `take` to the front of `cand`; returns how
-/// many.
+/// Writes `emit(position, key)` of the elements whose key passes `take` to the front of `dst`;
+/// returns how many.
 #[inline(always)]
-fn collect(data: &[f32], take: impl Fn(u32) -> bool, cand: &mut [u32]) -> usize {
+fn collect(
+    data: &[f32],
+    take: impl Fn(u32) -> bool,
+    emit: impl Fn(u32, u32) -> u32,
+    dst: &mut [u32],
+) -> usize {
     let mut c = 0usize;
-    let last = cand.len() - 1;
+    let last = dst.len() - 1;
     for (i, &x) in data.iter().enumerate() {
         // Branch-free: always write, advance only when kept (at ~10% density a branch mispredicts).
-        cand[c.min(last)] = i as u32;
-        c += take(key(x)) as usize;
+        let k = key(x);
+        dst[c.min(last)] = emit(i as u32, k);
+        c += take(k) as usize;
     }
     c
 }
@@ -220,6 +238,27 @@ fn sampled_threshold(data: &[f32], k: usize, keys: &mut Vec<u32>) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`select`], checking that the values it gathers are those at its positions.
+    fn select_checked(
+        data: &[f32],
+        k: usize,
+        offset: u32,
+        hint: u32,
+        s: &mut Scratch,
+        out: &mut Vec<u32>,
+    ) -> u32 {
+        let (start, mut vals) = (out.len(), vec![7.0]);
+        let t = select(data, k, offset, hint, s, out, &mut vals);
+        let want: Vec<u32> = out[start..]
+            .iter()
+            .map(|&p| data[(p - offset) as usize].to_bits())
+            .collect();
+        let got: Vec<u32> = vals[1..].iter().map(|x| x.to_bits()).collect();
+        assert_eq!(got, want, "values of the kept positions");
+        assert_eq!(vals[0], 7.0);
+        t
+    }
 
     /// The definition: sort by (magnitude desc, index asc), take k, sort positions.
     fn reference(data: &[f32], k: usize) -> Vec<u32> {
@@ -262,7 +301,7 @@ mod tests {
             for frac in [0.001, 0.01, 0.1, 0.5, 0.99] {
                 let k = ((n as f64 * frac).round() as usize).max(1);
                 let mut out = Vec::new();
-                select(&data, k, 0, 0, &mut s, &mut out);
+                select_checked(&data, k, 0, 0, &mut s, &mut out);
                 assert_eq!(out, reference(&data, k), "n={n} k={k}");
             }
         }
@@ -272,12 +311,12 @@ mod tests {
     fn offset_and_edge_cases() {
         let mut s = Scratch::default();
         let mut out = vec![99];
-        select(&[1.0, -3.0, 2.0], 0, 10, 0, &mut s, &mut out);
+        select_checked(&[1.0, -3.0, 2.0], 0, 10, 0, &mut s, &mut out);
         assert_eq!(out, vec![99]);
-        select(&[1.0, -3.0, 2.0], 2, 10, 0, &mut s, &mut out);
+        select_checked(&[1.0, -3.0, 2.0], 2, 10, 0, &mut s, &mut out);
         assert_eq!(out, vec![99, 11, 12]);
         out.clear();
-        select(&[1.0, -3.0], 5, 0, 0, &mut s, &mut out);
+        select_checked(&[1.0, -3.0], 5, 0, 0, &mut s, &mut out);
         assert_eq!(out, vec![0, 1]);
     }
 
@@ -287,7 +326,7 @@ mod tests {
         let mut s = Scratch::default();
         for hint in [0u32, 1, key(1.0), key(5.0), key(1e9), u32::MAX] {
             let mut out = Vec::new();
-            let t = select(&data, 300, 0, hint, &mut s, &mut out);
+            let t = select_checked(&data, 300, 0, hint, &mut s, &mut out);
             assert_eq!(out, reference(&data, 300), "hint {hint}");
             assert_eq!(
                 t,
@@ -314,7 +353,7 @@ mod tests {
             for frac in [0.5001, 0.6, 0.9, 0.999] {
                 let k = (n as f64 * frac).round() as usize;
                 let mut out = vec![42];
-                let t = select(&data, k, 5, 0, &mut s, &mut out);
+                let t = select_checked(&data, k, 5, 0, &mut s, &mut out);
                 assert_eq!(out[0], 42);
                 let want: Vec<u32> = reference(&data, k).iter().map(|p| p + 5).collect();
                 assert_eq!(out[1..], want[..], "n={n} k={k}");
@@ -329,11 +368,11 @@ mod tests {
         }
         let k = data.len() - 2000;
         let mut out = Vec::new();
-        select(&data, k, 0, 0, &mut s, &mut out);
+        select_checked(&data, k, 0, 0, &mut s, &mut out);
         assert_eq!(out, reference(&data, k));
         let flat = vec![1.5f32; 50_000];
         out.clear();
-        select(&flat, 45_000, 0, 0, &mut s, &mut out);
+        select_checked(&flat, 45_000, 0, 0, &mut s, &mut out);
         assert_eq!(out, (0..45_000).collect::<Vec<u32>>());
     }
 
@@ -347,7 +386,7 @@ mod tests {
         let mut s = Scratch::default();
         for k in [100, 2048, 2049, 100_000] {
             let mut out = Vec::new();
-            select(&data, k, 0, 0, &mut s, &mut out);
+            select_checked(&data, k, 0, 0, &mut s, &mut out);
             assert_eq!(out, reference(&data, k), "k={k}");
         }
     }
