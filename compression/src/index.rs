@@ -27,10 +27,29 @@ pub(crate) fn bitmap_size(n: usize) -> usize {
     n.div_ceil(8)
 }
 
-/// Writes the bitmap of `positions` into `dst` (which must be zeroed and `bitmap_size(n)` long).
+/// Writes the bitmap of increasing `positions` into `dst` (which must be zeroed and
+/// `bitmap_size(n)` long). Each 64-bit word is assembled in a register and stored once: setting
+/// bits in memory made every position a read-modify-write of the byte the previous one wrote.
 pub(crate) fn write_bitmap(positions: &[u32], dst: &mut [u8]) {
+    let store = |dst: &mut [u8], w: usize, word: u64| {
+        let end = (8 * w + 8).min(dst.len());
+        let bytes = &mut dst[8 * w..end];
+        let n = bytes.len();
+        bytes.copy_from_slice(&word.to_le_bytes()[..n]);
+    };
+    let (mut at, mut word) = (0usize, 0u64);
     for &p in positions {
-        dst[(p >> 3) as usize] |= 1 << (p & 7);
+        let w = (p >> 6) as usize;
+        if w != at {
+            if word != 0 {
+                store(dst, at, word);
+            }
+            (at, word) = (w, 0);
+        }
+        word |= 1 << (p & 63);
+    }
+    if word != 0 {
+        store(dst, at, word);
     }
 }
 
