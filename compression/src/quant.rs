@@ -116,15 +116,21 @@ pub(crate) fn encode(
                     } else {
                         codes.clear();
                         codes.resize(vals.len(), 0);
-                        for ((chunk, s), dst) in vals
+                        // 2-bit: the sums of squares of the next eight blocks.
+                        let mut sq = [0f32; 8];
+                        for (bi, ((chunk, s), dst)) in vals
                             .chunks(block)
                             .zip(scales.chunks_exact_mut(4))
                             .zip(codes.chunks_mut(block))
+                            .enumerate()
                         {
                             let inv = if bits == 4 {
                                 block_scale(chunk, qm, s)?
                             } else {
-                                q2_block_scale(chunk, s)?
+                                if bi % 8 == 0 {
+                                    running_sq_sums(&vals[bi * block..], block, &mut sq);
+                                }
+                                q2_block_scale(chunk, sq[bi % 8], s)?
                             };
                             if bits == 4 {
                                 for (d, &x) in dst.iter_mut().zip(chunk) {
@@ -142,12 +148,13 @@ pub(crate) fn encode(
                                 *d = c[0] | (c.get(1).copied().unwrap_or(0) << 4);
                             }
                         } else {
-                            for (d, c) in out.iter_mut().zip(codes.chunks(4)) {
-                                let mut b = 0u8;
-                                for (j, &x) in c.iter().enumerate() {
-                                    b |= x << (2 * j);
-                                }
-                                *d = b;
+                            let quads = codes.chunks_exact(4);
+                            let tail = quads.remainder();
+                            for (d, c) in out.iter_mut().zip(quads) {
+                                *d = c[0] | (c[1] << 2) | (c[2] << 4) | (c[3] << 6);
+                            }
+                            if let Some(d) = out.get_mut(codes.len() / 4) {
+                                *d = tail.iter().rev().fold(0, |b, &x| (b << 2) | x);
                             }
                         }
                     }
@@ -211,10 +218,38 @@ fn q2_sse(chunk: &[f32], inv: f32) -> f32 {
     })
 }
 
-/// [`block_scale`] for 2-bit blocks: the unit of smaller squared error of `absmax/3` and
-/// `0.498·rms` (see [`Q2_GAUSS_UNIT`]).
+/// Each block's `sum x²` as one running sum in element order, for the next eight blocks of `v`
+/// (fewer at its end): the sum sets the 2-bit unit, which is the scale sent, so it keeps the
+/// bits of earlier versions (see [`q2_block_scale`]). Eight full blocks advance as eight
+/// independent chains, where one chain waited on each add's latency.
 #[inline(always)]
-fn q2_block_scale(chunk: &[f32], s: &mut [u8]) -> std::result::Result<f32, NonFiniteInput> {
+fn running_sq_sums(v: &[f32], block: usize, sq: &mut [f32; 8]) {
+    let running = |chunk: &[f32]| chunk.iter().fold(0f32, |a, x| a + x * x);
+    if v.len() >= 8 * block {
+        let lanes: [&[f32]; 8] = std::array::from_fn(|l| &v[l * block..(l + 1) * block]);
+        let mut acc = [0f32; 8];
+        for i in 0..block {
+            for (a, lane) in acc.iter_mut().zip(&lanes) {
+                *a += lane[i] * lane[i];
+            }
+        }
+        *sq = acc;
+    } else {
+        for (s, chunk) in sq.iter_mut().zip(v.chunks(block)) {
+            *s = running(chunk);
+        }
+    }
+}
+
+/// [`block_scale`] for 2-bit blocks: the unit of smaller squared error of `absmax/3` and
+/// `0.498·rms` (see [`Q2_GAUSS_UNIT`]); `sq` is the block's running sum of squares from
+/// [`running_sq_sums`].
+#[inline(always)]
+fn q2_block_scale(
+    chunk: &[f32],
+    sq: f32,
+    s: &mut [u8],
+) -> std::result::Result<f32, NonFiniteInput> {
     let inv_absmax = block_scale(chunk, 3.0, s)?;
     if inv_absmax == 0.0 || chunk.is_empty() {
         return Ok(inv_absmax);
@@ -223,7 +258,6 @@ fn q2_block_scale(chunk: &[f32], s: &mut [u8]) -> std::result::Result<f32, NonFi
     // and the sync's 2-bit frames (so a run's trajectory) stay those of earlier versions. Only
     // the comparison of the two SSEs below takes the vectorized sums, which moves a choice
     // only at an exact near-tie (none in 20,000 Gaussian blocks).
-    let sq: f32 = chunk.iter().map(|x| x * x).sum();
     let unit = Q2_GAUSS_UNIT * (sq / chunk.len() as f32).sqrt();
     if !(unit.is_finite() && unit > 0.0) {
         return Ok(inv_absmax);
@@ -423,6 +457,24 @@ mod tests {
         assert_eq!(q2_roundtrip(&w), w);
         // A zero block stays zero.
         assert_eq!(q2_roundtrip(&[0.0; 8]), vec![0.0; 8]);
+    }
+
+    #[test]
+    fn running_sq_sums_are_the_plain_running_sums() {
+        let v: Vec<f32> = (0..10 * 64 + 5)
+            .map(|i| ((i * 7919 % 2003) as f32 - 1000.0) * 1.37e-3)
+            .collect();
+        for block in [1usize, 3, 64, 100] {
+            let blocks: Vec<&[f32]> = v.chunks(block).collect();
+            for (g, group) in blocks.chunks(8).enumerate() {
+                let mut sq = [f32::NAN; 8];
+                running_sq_sums(&v[g * 8 * block..], block, &mut sq);
+                for (s, chunk) in sq.iter().zip(group) {
+                    let want: f32 = chunk.iter().map(|x| x * x).sum();
+                    assert_eq!(s.to_bits(), want.to_bits(), "block {block} group {g}");
+                }
+            }
+        }
     }
 
     #[test]
