@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, StudentT};
-use swarm_compression::{Decoder, Encoder, Limits};
+use swarm_compression::{Decoder, Encoder, ErrorFeedback, Limits};
 
 fn best(reps: usize, mut f: impl FnMut()) -> Duration {
     f();
@@ -54,6 +54,7 @@ fn main() {
         "dedup+rht+q6:256+zstd:3",
         "dedup+rht+q4:256+zstd:3",
         "rht+q4:1024+zstd:3",
+        "topk:0.9+rht+q2:1024+zstd:3",
         "topk-row:0.02+q2",
     ] {
         if filter.as_ref().is_some_and(|f| !codec.contains(f.as_str())) {
@@ -80,5 +81,23 @@ fn main() {
                 mb / td.as_secs_f64()
             );
         }
+    }
+    // The replica sync's send: error feedback around its codec (compensate, encode, keep what
+    // the frame dropped).
+    let sync = "topk:0.9+rht+q2:1024+zstd:3";
+    if filter.as_ref().is_none_or(|f| sync.contains(f.as_str())) {
+        let mut enc = Encoder::new(sync.parse().unwrap()).unwrap();
+        let mut fb = ErrorFeedback::new(n);
+        let mut frame = Vec::new();
+        let t = best(15, || {
+            fb.encode(&mut enc, black_box(&grad), &[n], &mut frame)
+                .unwrap()
+        });
+        println!(
+            "{:<24} {:<12} feedback encode {:>6.0} MB/s",
+            sync,
+            "gradients",
+            mb / t.as_secs_f64()
+        );
     }
 }
