@@ -13,23 +13,12 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Sign masks by byte: lane `j` of entry `b` is the f32 sign bit when bit `j` of `b` is set, so
-/// eight signs are one table load and one XOR (a per-bit shift does not vectorize).
-const SIGN_LUT: [[u32; 8]; 256] = {
-    let mut t = [[0u32; 8]; 256];
-    let mut b = 0;
-    while b < 256 {
-        let mut j = 0;
-        while j < 8 {
-            if (b >> j) & 1 == 1 {
-                t[b][j] = 0x8000_0000;
-            }
-            j += 1;
-        }
-        b += 1;
-    }
-    t
-};
+/// The f32 sign-bit masks of a sign word's 64 elements, as one array so that the XOR with them
+/// runs on whole vectors (per-byte table rows made it a scalar loop).
+#[inline(always)]
+fn sign_masks(word: u64) -> [u32; 64] {
+    std::array::from_fn(|j| ((word >> j) as u32) << 31)
+}
 
 /// Flips the sign of element `i` of `v` (at absolute position `at + i`, `at` a multiple of 64)
 /// when bit `i % 64` of the seeded word `i / 64` is set.
@@ -38,11 +27,9 @@ fn apply_signs(v: &mut [f32], at: usize, seed: u64) {
     debug_assert!(at.is_multiple_of(64));
     for (w, chunk) in v.chunks_mut(64).enumerate() {
         let word = sign_word(seed, at / 64 + w);
-        for (b, c8) in chunk.chunks_mut(8).enumerate() {
-            let m = &SIGN_LUT[((word >> (8 * b)) & 0xff) as usize];
-            for (x, &m) in c8.iter_mut().zip(m) {
-                *x = f32::from_bits(x.to_bits() ^ m);
-            }
+        let m = sign_masks(word);
+        for (x, &m) in chunk.iter_mut().zip(&m) {
+            *x = f32::from_bits(x.to_bits() ^ m);
         }
     }
 }
@@ -89,11 +76,30 @@ fn first_three(x: [f32; 8]) -> [f32; 8] {
     ]
 }
 
-/// The spans from `h` up of the unnormalized transform of `a` (a power of two long).
+/// The spans from `h` up of the unnormalized transform of `a` (a power of two long). Two spans
+/// per pass over the block while two remain (each element gets the same operations in the same
+/// order as span by span, so the same bits), which loads and stores the block half as often.
 #[inline(always)]
 fn fwht_from(a: &mut [f32], mut h: usize) {
     let n = a.len();
-    while h < n {
+    while 4 * h <= n {
+        for quad in a.chunks_exact_mut(4 * h) {
+            let (q01, q23) = quad.split_at_mut(2 * h);
+            let (q0, q1) = q01.split_at_mut(h);
+            let (q2, q3) = q23.split_at_mut(h);
+            for (((x0, x1), x2), x3) in q0.iter_mut().zip(q1).zip(q2).zip(q3) {
+                // Span h, then span 2h.
+                let (a0, a1) = (*x0 + *x1, *x0 - *x1);
+                let (a2, a3) = (*x2 + *x3, *x2 - *x3);
+                *x0 = a0 + a2;
+                *x1 = a1 + a3;
+                *x2 = a0 - a2;
+                *x3 = a1 - a3;
+            }
+        }
+        h *= 4;
+    }
+    if h < n {
         for pair in a.chunks_exact_mut(2 * h) {
             let (lo, hi) = pair.split_at_mut(h);
             for (x, y) in lo.iter_mut().zip(hi.iter_mut()) {
@@ -102,7 +108,6 @@ fn fwht_from(a: &mut [f32], mut h: usize) {
                 *y = a - b;
             }
         }
-        h *= 2;
     }
 }
 
@@ -141,36 +146,24 @@ fn scale(a: &mut [f32]) {
 }
 
 /// One block of 64 or more values (a multiple of 64) at absolute position `at` (a multiple of
-/// 64), forward or back, in two passes over the block while it is in cache: the signs ride on
-/// the first three spans (forward) or on the scaling (inverse).
+/// 64), forward or back, while it is in cache: the inverse's signs ride on the scaling.
 #[inline(always)]
 fn block_pass(chunk: &mut [f32], at: usize, seed: u64, inverse: bool) {
     let flip = |x: f32, m: u32| f32::from_bits(x.to_bits() ^ m);
     let s = 1.0 / (chunk.len() as f32).sqrt();
-    if inverse {
-        fwht(chunk);
-    } else {
-        for (w, c64) in chunk.chunks_exact_mut(64).enumerate() {
-            let word = sign_word(seed, at / 64 + w);
-            for (b, q) in c64.chunks_exact_mut(8).enumerate() {
-                let m = &SIGN_LUT[((word >> (8 * b)) & 0xff) as usize];
-                let x: [f32; 8] = std::array::from_fn(|j| flip(q[j], m[j]));
-                q.copy_from_slice(&first_three(x));
-            }
-        }
-        fwht_from(chunk, 8);
+    if !inverse {
+        apply_signs(chunk, at, seed);
     }
+    fwht(chunk);
     for (w, c64) in chunk.chunks_exact_mut(64).enumerate() {
         let word = if inverse {
             sign_word(seed, at / 64 + w)
         } else {
             0
         };
-        for (b, q) in c64.chunks_exact_mut(8).enumerate() {
-            let m = &SIGN_LUT[((word >> (8 * b)) & 0xff) as usize];
-            for (x, &m) in q.iter_mut().zip(m) {
-                *x = flip(*x * s, m);
-            }
+        let m = sign_masks(word);
+        for (x, &m) in c64.iter_mut().zip(&m) {
+            *x = flip(*x * s, m);
         }
     }
 }
