@@ -352,6 +352,26 @@ pub(crate) fn decode(coding: Values, scales: &[u8], values: &[u8], out: &mut [f3
                                     *o = (q as i32 - 8) as f32 * scale;
                                 }
                             }
+                            2 if block.is_multiple_of(4) => {
+                                // Four values per byte; every block starts on a byte. Constant
+                                // shifts per lane vectorize, where a shift by `i & 3` did not.
+                                let bytes = &values[start / 4..];
+                                let whole = chunk.len() / 4;
+                                let v =
+                                    |b: u8, j: u32| (2 * ((b >> (2 * j)) & 3) as i32 - 3) as f32;
+                                let mut quads = chunk.chunks_exact_mut(4);
+                                for (o, &b) in (&mut quads).zip(bytes) {
+                                    for (j, o) in o.iter_mut().enumerate() {
+                                        *o = v(b, j as u32) * scale;
+                                    }
+                                }
+                                let tail = quads.into_remainder();
+                                if let Some(&b) = bytes.get(whole) {
+                                    for (j, o) in tail.iter_mut().enumerate() {
+                                        *o = v(b, j as u32) * scale;
+                                    }
+                                }
+                            }
                             2 => {
                                 for (j, o) in chunk.iter_mut().enumerate() {
                                     let i = start + j;
@@ -472,6 +492,39 @@ mod tests {
                 for (s, chunk) in sq.iter().zip(group) {
                     let want: f32 = chunk.iter().map(|x| x * x).sum();
                     assert_eq!(s.to_bits(), want.to_bits(), "block {block} group {g}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q2_decode_matches_per_value_codes() {
+        // Every byte value and odd lengths: the four-per-byte path against code `i` read alone.
+        let values: Vec<u8> = (0..=255u8)
+            .chain((0..200).map(|i| (i * 37 + 11) as u8))
+            .collect();
+        for n in [1usize, 4, 7, 64, 1001, 4 * values.len() - 3] {
+            let vals = &values[..n.div_ceil(4)];
+            let mut vals = vals.to_vec();
+            if !n.is_multiple_of(4) {
+                *vals.last_mut().unwrap() &= (1u8 << (2 * (n % 4))) - 1;
+            }
+            for block in [1usize, 3, 4, 64, 1024] {
+                let blocks = n.div_ceil(block);
+                let scales: Vec<u8> = (0..blocks)
+                    .flat_map(|b| (0.37f32 * (b + 1) as f32).to_le_bytes())
+                    .collect();
+                let coding = Values::Quant {
+                    bits: 2,
+                    block: block as u32,
+                };
+                let mut out = vec![0f32; n];
+                decode(coding, &scales, &vals, &mut out).unwrap();
+                for (i, o) in out.iter().enumerate() {
+                    let c = (vals[i / 4] >> ((i & 3) * 2)) & 3;
+                    let scale = 0.37f32 * (i / block + 1) as f32;
+                    let want = (2 * c as i32 - 3) as f32 * scale;
+                    assert_eq!(o.to_bits(), want.to_bits(), "n {n} block {block} i {i}");
                 }
             }
         }
