@@ -82,28 +82,41 @@ pub(crate) fn read_bitmap(src: &[u8], n: usize, kept: usize, out: &mut Vec<u32>)
     if !n.is_multiple_of(8) && src.last().copied().unwrap_or(0) >> (n % 8) != 0 {
         return Err(Error::Corrupt("bitmap bits set past the last element"));
     }
+    // Eight positions per byte from a table, written whole and kept as far as the byte's
+    // population: a vector add per byte instead of a loop per set bit. The population check
+    // above bounds the cursor by `kept`, so eight slots of slack take the last byte's writes.
     out.clear();
-    out.reserve(kept);
-    let mut words = src.chunks_exact(8);
-    let mut base = 0u32;
-    for w in &mut words {
-        let mut w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-        while w != 0 {
-            out.push(base + w.trailing_zeros());
-            w &= w - 1;
+    out.resize(kept + 8, 0);
+    let mut c = 0usize;
+    for (i, &b) in src.iter().enumerate() {
+        let base = 8 * i as u32;
+        let dst: &mut [u32; 8] = (&mut out[c..c + 8]).try_into().expect("8 slots");
+        for (d, &j) in dst.iter_mut().zip(&BYTE_POSITIONS[b as usize]) {
+            *d = base + j as u32;
         }
-        base += 64;
+        c += b.count_ones() as usize;
     }
-    for &b in words.remainder() {
-        let mut b = b;
-        while b != 0 {
-            out.push(base + b.trailing_zeros());
-            b &= b - 1;
-        }
-        base += 8;
-    }
+    out.truncate(kept);
     Ok(())
 }
+
+/// The positions of the set bits of each byte, in increasing order (the rest zero).
+const BYTE_POSITIONS: [[u8; 8]; 256] = {
+    let mut t = [[0u8; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let (mut j, mut c) = (0, 0);
+        while j < 8 {
+            if (b >> j) & 1 == 1 {
+                t[b][c] = j as u8;
+                c += 1;
+            }
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+};
 
 /// Reads exactly `kept` gaps from `src` (consuming all of it) into increasing positions `< n`.
 pub(crate) fn read_varint(src: &[u8], n: usize, kept: usize, out: &mut Vec<u32>) -> Result<()> {
