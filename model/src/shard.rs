@@ -756,12 +756,7 @@ impl Shard {
     pub fn weights_flat(&self) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(self.num_parameters());
         for p in &self.params {
-            out.extend(
-                p.var
-                    .flatten_all()?
-                    .to_dtype(DType::F32)?
-                    .to_vec1::<f32>()?,
-            );
+            with_f32(p.var.as_tensor(), |w| out.extend_from_slice(w))?;
         }
         Ok(out)
     }
@@ -848,12 +843,7 @@ impl Shard {
             for d in &p.shape {
                 h.update(&(*d as u64).to_le_bytes());
             }
-            let w = p
-                .var
-                .flatten_all()?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?;
-            hash_f32(&mut h, &w);
+            with_f32(p.var.as_tensor(), |w| hash_f32(&mut h, w))?;
         }
         Ok(*h.finalize().as_bytes())
     }

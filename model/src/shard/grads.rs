@@ -138,7 +138,7 @@ impl Shard {
         let mut out = Vec::with_capacity(self.num_parameters());
         for (i, p) in self.params.iter().enumerate() {
             match self.grad(i)? {
-                Some(g) => out.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                Some(g) => super::with_f32(&g, |g| out.extend_from_slice(g))?,
                 None => out.resize(out.len() + p.var.elem_count(), 0.0),
             }
         }
