@@ -12,12 +12,12 @@ pub mod lowdelay;
 
 use std::any::Any;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
 use quinn_proto::RttEstimator;
 
-pub use lowdelay::{LowDelay, LowDelayConfig, Phase};
+pub use lowdelay::{LowDelay, LowDelayConfig, Phase, RoundReport};
 
 /// Builds a [`LowDelay`] controller per connection.
 #[derive(Debug, Clone, Default)]
@@ -28,20 +28,29 @@ pub struct LowDelayFactory {
 
 impl ControllerFactory for LowDelayFactory {
     fn build(self: Arc<Self>, _now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(QuinnLowDelay(LowDelay::new(
-            self.config.clone(),
-            current_mtu,
-        )))
+        Box::new(QuinnLowDelay {
+            cc: LowDelay::new(self.config.clone(), current_mtu),
+            srtt: Duration::ZERO,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        })
     }
 }
 
 /// [`LowDelay`] behind quinn's trait.
 #[derive(Debug, Clone)]
-struct QuinnLowDelay(LowDelay);
+struct QuinnLowDelay {
+    cc: LowDelay,
+    /// quinn's smoothed RTT at the last ACK (its pacer's rate is 1.25 x window / srtt).
+    srtt: Duration,
+    /// Names the connection in traces.
+    id: u64,
+}
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Controller for QuinnLowDelay {
-    fn on_sent(&mut self, now: Instant, _bytes: u64, last_packet_number: u64) {
-        self.0.on_sent(now, last_packet_number);
+    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
+        self.cc.on_sent(now, bytes, last_packet_number);
     }
 
     fn on_ack(
@@ -50,19 +59,44 @@ impl Controller for QuinnLowDelay {
         sent: Instant,
         bytes: u64,
         app_limited: bool,
-        _rtt: &RttEstimator,
+        rtt: &RttEstimator,
     ) {
-        self.0.on_ack(now, sent, bytes, app_limited);
+        self.srtt = rtt.get();
+        self.cc.on_ack(now, sent, bytes, app_limited);
     }
 
     fn on_end_acks(
         &mut self,
         now: Instant,
-        _in_flight: u64,
+        in_flight: u64,
         _app_limited: bool,
         largest_packet_num_acked: Option<u64>,
     ) {
-        self.0.on_end_acks(now, largest_packet_num_acked);
+        if let Some(r) = self
+            .cc
+            .on_end_acks(now, in_flight, largest_packet_num_acked)
+        {
+            let window = self.cc.window();
+            tracing::trace!(
+                conn = self.id,
+                pid = std::process::id(),
+                round = r.round,
+                phase = ?self.cc.phase(),
+                acked = r.acked,
+                lost = r.lost,
+                span_us = r.span.as_micros() as u64,
+                rate_mbit = r.rate * 8e-6,
+                round_min_rtt_us = r.min_rtt.map_or(0, |d| d.as_micros() as u64),
+                app_limited = r.app_limited,
+                bw_mbit = self.cc.bandwidth() * 8e-6,
+                min_rtt_us = self.cc.min_rtt().map_or(0, |d| d.as_micros() as u64),
+                srtt_us = self.srtt.as_micros() as u64,
+                window,
+                in_flight,
+                pacing_mbit = window as f64 * 1.25 / self.srtt.as_secs_f64().max(1e-6) * 8e-6,
+                "low-delay round"
+            );
+        }
     }
 
     fn on_congestion_event(
@@ -72,22 +106,22 @@ impl Controller for QuinnLowDelay {
         is_persistent_congestion: bool,
         lost_bytes: u64,
     ) {
-        self.0
+        self.cc
             .on_congestion_event(lost_bytes, is_persistent_congestion);
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
-        self.0.on_mtu_update(new_mtu);
+        self.cc.on_mtu_update(new_mtu);
     }
 
     fn window(&self) -> u64 {
-        self.0.window()
+        self.cc.window()
     }
 
     fn metrics(&self) -> ControllerMetrics {
         let mut m = ControllerMetrics::default();
-        m.congestion_window = self.0.window();
-        m.pacing_rate = Some((self.0.bandwidth() * 8.0) as u64);
+        m.congestion_window = self.cc.window();
+        m.pacing_rate = Some((self.cc.bandwidth() * 8.0) as u64);
         m
     }
 
@@ -96,7 +130,7 @@ impl Controller for QuinnLowDelay {
     }
 
     fn initial_window(&self) -> u64 {
-        self.0.initial_window()
+        self.cc.initial_window()
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
