@@ -164,6 +164,27 @@ impl TransportConfig {
     }
 }
 
+/// Receive buffer asked of the kernel for a node's UDP socket (which carries all its
+/// connections): a peer busy computing is not reading when a 374 KB activation frame arrives, and
+/// at Linux's default of 208 KB (less than 100 full-size datagrams) the rest of the burst is
+/// dropped. quic-go asks for 7 MB for the same reason. The kernel caps the request at
+/// `net.core.rmem_max` (often 208 KB itself: then the congestion controller's loss cap does the
+/// work).
+const RECV_BUFFER: usize = 4 << 20;
+
+/// Asks for [`RECV_BUFFER`]; a refusal only costs drops, so it is logged, not an error.
+fn set_recv_buffer(socket: &std::net::UdpSocket) {
+    let sock = socket2::SockRef::from(socket);
+    if let Err(e) = sock.set_recv_buffer_size(RECV_BUFFER) {
+        tracing::debug!(error = %e, "could not enlarge the UDP receive buffer");
+    }
+    tracing::debug!(
+        asked = RECV_BUFFER,
+        got = sock.recv_buffer_size().ok(),
+        "UDP receive buffer"
+    );
+}
+
 /// One peer's QUIC endpoint: listens, dials, and authenticates every connection.
 #[derive(Clone)]
 pub struct Node {
@@ -223,6 +244,7 @@ impl Node {
             }
             Err(e) => return Err(Error::Socket(e)),
         };
+        set_recv_buffer(&socket);
         let runtime: Arc<dyn Runtime> = Arc::new(TokioRuntime);
         let (socket, stats): (Arc<dyn quinn::AsyncUdpSocket>, _) = match shape {
             Some(shape) => {
@@ -440,4 +462,21 @@ impl PeerConn {
 /// and one an IPv4-only peer can dial. quinn maps it back when a dual-stack socket sends.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_receive_buffer_is_enlarged_as_far_as_the_kernel_allows() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        set_recv_buffer(&socket);
+        let got = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        // Linux caps the request at rmem_max and reports twice what it grants (bookkeeping).
+        if let Ok(max) = std::fs::read_to_string("/proc/sys/net/core/rmem_max") {
+            let max: usize = max.trim().parse().unwrap();
+            assert!(got >= RECV_BUFFER.min(max), "got {got}, rmem_max {max}");
+        }
+    }
 }
