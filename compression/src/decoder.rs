@@ -195,8 +195,8 @@ impl Sections<'_> {
                     dst.copy_from_slice(&vals[d * w..(d + 1) * w]);
                 }
             }
-            coding_ => {
-                if coding_ == IndexCoding::Bitmap {
+            sparse => {
+                if sparse == IndexCoding::Bitmap {
                     index::read_bitmap(idx, out.len(), self.kept, positions)?;
                 } else {
                     index::read_varint(idx, out.len(), self.kept, positions)?;

@@ -867,18 +867,14 @@ impl Shard {
             Vec::with_capacity(3 * self.params.len());
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         for p in &self.params {
-            let w = p
-                .var
-                .flatten_all()?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?;
-            bufs.push((p.name.clone(), p.shape.clone(), bytes(&w)));
+            let w = with_f32(p.var.as_tensor(), bytes)?;
+            bufs.push((p.name.clone(), p.shape.clone(), w));
             if !moments {
                 continue;
             }
             let zeros;
             let (m, v) = if p.m.is_empty() {
-                zeros = vec![0f32; w.len()];
+                zeros = vec![0f32; p.var.elem_count()];
                 (&zeros, &zeros)
             } else {
                 (&p.m, &p.v)

@@ -6,7 +6,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use swarm_compression::{Codec, Decoder, Encoder, Limits};
 use swarm_model::Shard;
 use swarm_model::subspace::Subspace;
@@ -48,15 +48,6 @@ pub fn decode(
     }
     let t = cand(Tensor::from_vec(values, shape.as_slice(), &Device::Cpu))?;
     Ok((t, info.elements))
-}
-
-/// The values of `t` as flat f32, in row-major order.
-pub fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
-    cand(
-        t.flatten_all()
-            .and_then(|t| t.to_dtype(DType::F32))
-            .and_then(|t| t.to_vec1::<f32>()),
-    )
 }
 
 /// Encoders and decoders kept across frames. A fresh encoder allocates its scratch and a zstd
