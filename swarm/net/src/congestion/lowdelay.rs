@@ -73,7 +73,7 @@ pub struct LowDelayConfig {
     /// A round losing more than this fraction of its bytes is congestion, not noise.
     pub loss_threshold: f64,
     /// Bandwidth samples (rounds that measured the link) the max filter holds.
-    pub bw_window_rounds: u64,
+    pub bw_window_samples: u64,
     /// A min RTT older than this is re-measured (probe RTT).
     pub min_rtt_window: Duration,
     /// How long probe RTT holds the window down (plus one round).
@@ -89,7 +89,7 @@ impl Default for LowDelayConfig {
             min_queue: Duration::from_millis(4),
             max_queue: Duration::from_millis(20),
             loss_threshold: 0.1,
-            bw_window_rounds: 10,
+            bw_window_samples: 10,
             min_rtt_window: Duration::from_secs(10),
             probe_rtt_time: Duration::from_millis(200),
         }
@@ -157,8 +157,8 @@ pub struct LowDelay {
     round: Round,
     rounds: u64,
     last_sent_pn: u64,
-    /// (round, bytes/s) samples; the estimate is their maximum.
-    bw: VecDeque<(u64, f64)>,
+    /// The last bandwidth samples, bytes/s; the estimate is their maximum.
+    bw: VecDeque<f64>,
     min_rtt: Option<Duration>,
     min_rtt_at: Option<Instant>,
     startup_best_bw: f64,
@@ -217,7 +217,7 @@ impl LowDelay {
 
     /// The bandwidth estimate, bytes/s (0 before the first round ends).
     pub fn bandwidth(&self) -> f64 {
-        self.bw.iter().map(|&(_, b)| b).fold(0.0, f64::max)
+        self.bw.iter().copied().fold(0.0, f64::max)
     }
 
     /// The smallest RTT seen in the current window, if any.
@@ -453,8 +453,8 @@ impl LowDelay {
             // estimate: aged by rounds, the first sample after a spell of small messages (one
             // that waited for a busy receiver, say) replaced the whole filter.
             if !r.app_limited || rate > self.bandwidth() {
-                self.bw.push_back((self.rounds, rate));
-                while self.bw.len() as u64 > self.cfg.bw_window_rounds.max(1) {
+                self.bw.push_back(rate);
+                while self.bw.len() as u64 > self.cfg.bw_window_samples.max(1) {
                     self.bw.pop_front();
                 }
             }
