@@ -90,6 +90,10 @@ pub struct SimOptions {
     pub sync_feedback: bool,
     /// Multi-step sync (DiLoCo / SparseLoCo) instead of the per-step gradient sync.
     pub outer: Option<OuterSync>,
+    /// The head and loss run on the last stage's peers (issue #13's "every boundary counts"):
+    /// the last stage's output and the head's gradient never cross a link, so neither is coded
+    /// nor counted. Off: the trainer holds the head, as the swarm does today.
+    pub head_on_last_stage: bool,
 }
 
 /// A multi-step sync: replicas take `every` inner AdamW steps on their own micro-batches, then
@@ -140,6 +144,7 @@ impl SimOptions {
             replicas,
             sync_feedback: true,
             outer,
+            head_on_last_stage: false,
         })
     }
 }
@@ -363,7 +368,13 @@ impl SimTrainer {
                 let (mut frame, mut buf) = (Vec::new(), Vec::new());
                 let hidden = self.cfg.model.hidden_size;
                 let ids = self.ends.subspace().map(|_| batch.inputs.clone());
+                // Boundaries in order: embedding, then after each stage; the last feeds the head.
+                let (mut at, head_local) = (0, self.opts.head_on_last_stage);
                 let mut link = |x: &Tensor| {
+                    at += 1;
+                    if head_local && at == ns + 1 {
+                        return Ok(x.clone());
+                    }
                     cross(
                         enc,
                         dec,
@@ -384,7 +395,12 @@ impl SimTrainer {
                     (&mut self.grad_enc, &mut self.dec, &mut self.bytes.gradients);
                 let (mut frame, mut buf) = (Vec::new(), Vec::new());
                 let hidden = self.cfg.model.hidden_size;
+                // The first gradient boundary is the head's.
+                let mut head_grad = self.opts.head_on_last_stage;
                 let mut link = |g: &Tensor| {
+                    if std::mem::take(&mut head_grad) {
+                        return Ok(g.clone());
+                    }
                     cross(enc, dec, g, hidden, None, bytes, &mut frame, &mut buf).map_err(model_err)
                 };
                 backward_micro_batch_with(
@@ -634,6 +650,49 @@ mod tests {
             sim.eval(&corpus, 2).unwrap(),
         );
         assert!((a - s).abs() <= 1e-4 * a, "{a} vs {s}");
+    }
+
+    #[test]
+    fn the_head_on_the_last_stage_skips_the_head_boundary() {
+        let cfg = tiny();
+        let corpus = Corpus::builtin();
+        let head = |codec: &str| SimOptions {
+            head_on_last_stage: true,
+            ..opts(&cfg, codec, 2)
+        };
+        // Exact: still bitwise the local run (the skipped boundary was an fp32 round trip).
+        let mut local = LocalTrainer::new(&cfg).unwrap();
+        let mut exact = SimTrainer::new(&cfg, head("none")).unwrap();
+        let mut trainer_head = SimTrainer::new(&cfg, opts(&cfg, "rht+q4+zstd:3", 2)).unwrap();
+        let mut stage_head = SimTrainer::new(&cfg, head("rht+q4+zstd:3")).unwrap();
+        let mut differ = false;
+        for _ in 0..cfg.train.steps {
+            local.train_step(&corpus).unwrap();
+            exact.train_step(&corpus).unwrap();
+            let a = trainer_head.train_step(&corpus).unwrap();
+            let b = stage_head.train_step(&corpus).unwrap();
+            differ |= a.loss != b.loss;
+        }
+        let (ends, stages) = exact.shards();
+        let mut h = blake3::Hasher::new();
+        h.update(&ends.weights_digest().unwrap());
+        for s in stages {
+            h.update(&s.weights_digest().unwrap());
+        }
+        assert_eq!(*h.finalize().as_bytes(), local.weights_digest().unwrap());
+        // Lossy: the head boundary's quantization is gone, and two of the three boundaries per
+        // direction cross (two stages).
+        assert!(differ);
+        let (a, b) = (trainer_head.bytes(), stage_head.bytes());
+        assert_eq!(cfg.stages.len(), 3, "two stages");
+        assert_eq!(
+            3 * b.activations.dense,
+            2 * a.activations.dense,
+            "{a:?} {b:?}"
+        );
+        assert_eq!(3 * b.gradients.dense, 2 * a.gradients.dense, "{a:?} {b:?}");
+        assert!(b.activations.wire < a.activations.wire && b.gradients.wire < a.gradients.wire);
+        assert_eq!(a.sync.dense, b.sync.dense);
     }
 
     #[test]

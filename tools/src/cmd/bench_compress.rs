@@ -68,6 +68,11 @@ pub(crate) struct BenchCompressArgs {
     /// Skip the local baseline (the standard model, `subspace_rank` 0, of the same config).
     #[arg(long)]
     pub no_baseline: bool,
+    /// Run the head and loss on the last stage's peers: the last stage's output and the head's
+    /// gradient stay on that peer (not coded, not counted). Default: the trainer holds the
+    /// head, as the swarm does.
+    #[arg(long)]
+    pub head_on_last_stage: bool,
     /// Print the result as one JSON object on the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -79,6 +84,8 @@ struct Summary {
     codecs: [String; 3],
     replicas: usize,
     outer_every: Option<u64>,
+    /// The head and loss ran on the last stage (its boundary neither coded nor counted).
+    head_on_last_stage: bool,
     /// The multi-step sync's codec within the LR warmup.
     warmup_sync: String,
     loss: Vec<f64>,
@@ -128,6 +135,7 @@ pub(crate) fn run(args: BenchCompressArgs) -> anyhow::Result<()> {
     let corpus = load_corpus(&cfg.data).context("loading training data")?;
     let mut opts = SimOptions::from_config(&cfg, args.replicas)?;
     opts.sync_feedback = !args.no_sync_feedback;
+    opts.head_on_last_stage = args.head_on_last_stage;
     // A config in a multi-step sync mode brings its own (`[sync]`); the flags override it.
     let mut sync_label = cfg.codec.sync.clone();
     if cfg.sync.drifts() {
@@ -201,6 +209,7 @@ pub(crate) fn run(args: BenchCompressArgs) -> anyhow::Result<()> {
         ],
         replicas: args.replicas,
         outer_every,
+        head_on_last_stage: args.head_on_last_stage,
         warmup_sync,
         val_penalty: local_val_loss.map(|l| val_loss / l - 1.0),
         loss,
