@@ -25,6 +25,60 @@ fn stat_cpu_seconds(stat: &str) -> Option<f64> {
     Some((ticks(11)? + ticks(12)?) / 100.0)
 }
 
+/// CPU seconds a group of processes used over a span: this process and child processes, each
+/// counted from when the span started (or from its own start, if it started later); a process
+/// gone before the end is left out (its share cannot be read any more).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CpuSpan {
+    own: Option<f64>,
+    children: std::collections::HashMap<u32, f64>,
+}
+
+/// What a [`CpuSpan`] measured, in CPU seconds (user + system, all threads).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub(crate) struct CpuUsed {
+    /// This process.
+    pub own_s: f64,
+    /// The child processes still running at the end.
+    pub children_s: f64,
+    /// Both.
+    pub total_s: f64,
+}
+
+impl CpuSpan {
+    /// Starts the span for this process and `children`.
+    pub(crate) fn start(children: &[u32]) -> CpuSpan {
+        CpuSpan {
+            own: process_cpu_seconds(std::process::id()),
+            children: children
+                .iter()
+                .filter_map(|&p| Some((p, process_cpu_seconds(p)?)))
+                .collect(),
+        }
+    }
+
+    /// The CPU time used since [`Self::start`] by this process and `children` (those started
+    /// since count in full).
+    pub(crate) fn used(&self, children: &[u32]) -> CpuUsed {
+        let own_s = match (self.own, process_cpu_seconds(std::process::id())) {
+            (Some(a), Some(b)) => (b - a).max(0.0),
+            _ => 0.0,
+        };
+        let children_s: f64 = children
+            .iter()
+            .filter_map(|&p| {
+                let now = process_cpu_seconds(p)?;
+                Some((now - self.children.get(&p).copied().unwrap_or(0.0)).max(0.0))
+            })
+            .sum();
+        CpuUsed {
+            own_s,
+            children_s,
+            total_s: own_s + children_s,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,5 +102,21 @@ mod tests {
         let s = process_cpu_seconds(std::process::id()).expect("/proc/self/stat");
         assert!(s > 0.0, "{s}");
         assert!(process_cpu_seconds(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn a_span_counts_the_work_done_within_it() {
+        let span = CpuSpan::start(&[u32::MAX]);
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(200) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        }
+        let used = span.used(&[u32::MAX]);
+        // 200 ms of spinning: at least a few ticks, and not more than the wall time on all cores.
+        assert!(used.own_s >= 0.05 && used.own_s < 200.0, "{used:?}");
+        // A child that does not exist counts nothing.
+        assert_eq!(used.children_s, 0.0);
+        assert_eq!(used.total_s, used.own_s);
     }
 }

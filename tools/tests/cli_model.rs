@@ -81,6 +81,14 @@ fn trained_checkpoint(c: &ModelConfig, dir: &Path) {
         dir.to_str().unwrap(),
     ]);
     assert_eq!(out["steps"], 4, "{out}");
+    // The training loop's CPU time (10 ms ticks; a tiny run may round to 0): no more than every
+    // core for the loop's wall time, so start-up and the final evaluation are not in it.
+    let (cpu, wall) = (
+        out["cpu_s"].as_f64().unwrap(),
+        out["wall_s"].as_f64().unwrap(),
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    assert!((0.0..=cores * wall + 0.02).contains(&cpu), "{out}");
     assert_eq!(checkpoint::load(dir).unwrap().config, *c);
 }
 

@@ -125,6 +125,21 @@ fn demo_with_codec_none_matches_the_local_run() {
         "{json}"
     );
     assert!(part("compute_s") > 0.0 && part("sync_s") > 0.0, "{t}");
+    // CPU while training (10 ms ticks): some in all, and no more than the machine's cores could
+    // give in the demo's wall time.
+    let cpu = &json["cpu"];
+    let (trainer, peers, total) = (
+        cpu["trainer_s"].as_f64().unwrap(),
+        cpu["peers_s"].as_f64().unwrap(),
+        cpu["total_s"].as_f64().unwrap(),
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    assert!(trainer >= 0.0 && peers >= 0.0 && total > 0.0, "{cpu}");
+    assert!((trainer + peers - total).abs() < 1e-9, "{cpu}");
+    assert!(
+        total <= cores * json["wall_s"].as_f64().unwrap() + 0.1,
+        "{cpu} {json}"
+    );
 }
 
 #[test]

@@ -9,10 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use swarm_core::shaping::LinkShape;
-use swarm_core::trainer::{Trainer, TrainerOptions};
+use swarm_core::trainer::{Trainer, TrainerEvent, TrainerOptions};
 
 use super::train_swarm::{Progress, load_config, print_summary, report};
 use crate::cluster::{Action, Cluster, Timed, When, lock, run_with_events};
+use crate::procfs::CpuSpan;
 use crate::ui;
 
 // Codecs of the demo unless `--config` sets them: see `swarm_core::trainer::HOME_ACTIVATIONS`.
@@ -215,11 +216,26 @@ async fn demo(
     }
     let mut progress = Progress::new(steps, args.json);
     let started = Instant::now();
-    let (result, fired) =
-        run_with_events(&mut trainer, &cluster, &events, |e, _| progress.on_event(e)).await;
+    // CPU time of the trainer and the peers while training: on one machine, what the swarm's
+    // machinery costs over the same compute shows as CPU seconds above `swarm train --local`'s.
+    // The span restarts at each join before the first step, so the peers' start-up is left out.
+    let mut cpu = CpuSpan::start(&lock(&cluster).pids());
+    let mut training = false;
+    let (result, fired) = run_with_events(&mut trainer, &cluster, &events, |e, _| {
+        progress.on_event(e);
+        match e {
+            TrainerEvent::Step(_) => training = true,
+            TrainerEvent::Waiting { .. } | TrainerEvent::Joined { .. } if !training => {
+                cpu = CpuSpan::start(&lock(&cluster).pids());
+            }
+            _ => {}
+        }
+    })
+    .await;
     progress.bar.finish_and_clear();
     let metrics = result?;
     let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu.used(&lock(&cluster).pids());
     trainer.shutdown().await;
     // The faulty peer's id, from its key file (written when it started).
     let faulty = match &args.faulty_peer {
@@ -240,6 +256,13 @@ async fn demo(
         .count();
     if !args.json {
         print_summary(&metrics, wall);
+        println!(
+            "CPU while training: trainer {:.1} s, peers {:.1} s, total {:.1} s ({:.2} cores busy on average)",
+            cpu.own_s,
+            cpu.children_s,
+            cpu.total_s,
+            cpu.total_s / wall.max(1e-9)
+        );
         for f in &fired {
             println!("{}: {} (during step {})", f.label, f.outcome, f.step);
         }
@@ -266,6 +289,11 @@ async fn demo(
         j["faulty_peer"] = faulty.into();
         j["audit"] = serde_json::to_value(&metrics.audit)?;
         j["monitor"] = monitor.as_ref().map(|m| m.url()).into();
+        j["cpu"] = serde_json::json!({
+            "trainer_s": cpu.own_s,
+            "peers_s": cpu.children_s,
+            "total_s": cpu.total_s,
+        });
         ui::print_json(&j)?;
     }
     Ok(())

@@ -54,6 +54,9 @@ struct Summary {
     val_loss: f64,
     tokens_per_s: f64,
     wall_s: f64,
+    /// CPU seconds (user + system, all threads) the training loop used: with `swarm demo`'s
+    /// `cpu.total_s`, what the swarm's machinery costs over the same compute.
+    cpu_s: f64,
 }
 
 pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -134,6 +137,7 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
     let bar = ui::progress(t.steps, args.json);
     bar.set_position(trainer.step().min(t.steps));
     let start = Instant::now();
+    let cpu = crate::procfs::CpuSpan::start(&[]);
     let (mut initial_loss, mut final_loss) = (None, None);
     let mut tokens: u64 = 0;
     while trainer.step() < t.steps {
@@ -173,6 +177,7 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
     }
     let wall = start.elapsed().as_secs_f64();
+    let cpu_s = cpu.used(&[]).own_s;
     bar.finish_and_clear();
     let v = trainer.eval(&corpus, t.eval_batches)?;
     save(&trainer)?;
@@ -189,18 +194,20 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
             0.0
         },
         wall_s: wall,
+        cpu_s,
     };
     if args.json {
         ui::print_json(&summary)?;
     } else {
         let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.4}"));
         println!(
-            "trained to step {}: {} tokens in {:.1} s ({:.0} tokens/s); train loss {} -> {}; \
+            "trained to step {}: {} tokens in {:.1} s ({:.0} tokens/s, {:.1} CPU s); train loss {} -> {}; \
              val loss {:.4} nats/token{}",
             summary.steps,
             summary.tokens,
             summary.wall_s,
             summary.tokens_per_s,
+            summary.cpu_s,
             fmt(initial_loss),
             fmt(final_loss),
             summary.val_loss,
