@@ -612,6 +612,17 @@ mod tests {
         }
     }
 
+    /// The whole model's weights digest, as `LocalTrainer::weights_digest` computes it.
+    fn digest(sim: &SimTrainer) -> [u8; 32] {
+        let (ends, stages) = sim.shards();
+        let mut h = blake3::Hasher::new();
+        h.update(&ends.weights_digest().unwrap());
+        for s in stages {
+            h.update(&s.weights_digest().unwrap());
+        }
+        *h.finalize().as_bytes()
+    }
+
     #[test]
     fn codec_none_is_the_local_run() {
         let cfg = tiny();
@@ -626,15 +637,9 @@ mod tests {
                 "{a:?} vs {b:?}"
             );
         }
-        let (ends, stages) = sim.shards();
-        let mut h = blake3::Hasher::new();
-        h.update(&ends.weights_digest().unwrap());
-        for s in stages {
-            h.update(&s.weights_digest().unwrap());
-        }
         // Bitwise the local run: fp32 frames decode to the same bits, and the sum of two
         // replicas' gradients is the local accumulation.
-        assert_eq!(*h.finalize().as_bytes(), local.weights_digest().unwrap());
+        assert_eq!(digest(&sim), local.weights_digest().unwrap());
         let b = sim.bytes();
         // Codec none: every channel sends fp32 plus a frame header.
         assert!(
@@ -673,13 +678,7 @@ mod tests {
             let b = stage_head.train_step(&corpus).unwrap();
             differ |= a.loss != b.loss;
         }
-        let (ends, stages) = exact.shards();
-        let mut h = blake3::Hasher::new();
-        h.update(&ends.weights_digest().unwrap());
-        for s in stages {
-            h.update(&s.weights_digest().unwrap());
-        }
-        assert_eq!(*h.finalize().as_bytes(), local.weights_digest().unwrap());
+        assert_eq!(digest(&exact), local.weights_digest().unwrap());
         // Lossy: the head boundary's quantization is gone, and two of the three boundaries per
         // direction cross (two stages).
         assert!(differ);
