@@ -261,7 +261,8 @@ async fn demo(
             cpu.own_s,
             cpu.children_s,
             cpu.total_s,
-            cpu.total_s / wall.max(1e-9)
+            // Over the training time (the wait for the first replicas excluded, as the span).
+            cpu.total_s / metrics.time_breakdown.wall_s.max(1e-9)
         );
         for f in &fired {
             println!("{}: {} (during step {})", f.label, f.outcome, f.step);
