@@ -260,9 +260,9 @@ async fn demo(
             "CPU while training: trainer {:.1} s, peers {:.1} s, total {:.1} s ({:.2} cores busy on average)",
             cpu.own_s,
             cpu.children_s,
-            cpu.total_s,
+            cpu.total_s(),
             // Over the training time (the wait for the first replicas excluded, as the span).
-            cpu.total_s / metrics.time_breakdown.wall_s.max(1e-9)
+            cpu.total_s() / metrics.time_breakdown.wall_s.max(1e-9)
         );
         for f in &fired {
             println!("{}: {} (during step {})", f.label, f.outcome, f.step);
@@ -293,7 +293,7 @@ async fn demo(
         j["cpu"] = serde_json::json!({
             "trainer_s": cpu.own_s,
             "peers_s": cpu.children_s,
-            "total_s": cpu.total_s,
+            "total_s": cpu.total_s(),
         });
         ui::print_json(&j)?;
     }
